@@ -1,0 +1,17 @@
+# The README's two commands: `make demo` (main job) and `make test` (the test suite).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test test-gpu bench
+
+setup:
+	bash scripts/bootstrap.sh $(VENV)
+
+demo: setup
+	$(PY) -m services.demo
+
+test: setup
+	$(PY) -m pytest -m "not gpu" tests
+
+bench: setup
+	$(PY) -m benchmarks.run

@@ -1,0 +1,92 @@
+"""Configuration: frozen values both ends share, and the one place env vars are read.
+
+``TransferConfig`` and ``EngineSpec`` are frozen and travel with every call, so the sender and
+the receivers can never disagree on wire parameters. ``Settings`` reads ``WEIGHTSYNC_*``
+environment variables; only entrypoints (services/, the CLI) construct it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1 << 20
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Deadlines(_Frozen):
+    """Seconds each phase may take before the coordinator gives up on that engine."""
+
+    pause: float = Field(60.0, gt=0)
+    sleep: float = Field(60.0, gt=0)
+    wake: float = Field(60.0, gt=0)
+    rendezvous: float = Field(60.0, gt=0)
+    transfer: float = Field(120.0, gt=0)
+    reload: float = Field(300.0, gt=0)
+    verify: float = Field(60.0, gt=0)
+    resume: float = Field(60.0, gt=0)
+
+
+class TransferConfig(_Frozen):
+    """Wire parameters shared by sender and receivers.
+
+    ``apply``: ``staged`` receives every bucket, checks checksums on all engines, and only then
+    calls ``reload_weights`` everywhere — a failed transfer leaves every engine on its old
+    weights (fleet all-or-nothing) at the cost of one model-sized staging copy.
+    ``streaming`` feeds buckets into ``reload_weights`` as they arrive (no staging memory);
+    an engine whose transfer breaks midway is fenced until a resync verifies.
+    """
+
+    backend: Literal["gloo", "nccl"] = "gloo"
+    bucket_bytes: int = Field(64 * MiB, ge=1 * MiB)
+    apply: Literal["staged", "streaming"] = "staged"
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)  # 0: pick a free port per session
+    deadlines: Deadlines = Deadlines()
+
+
+class EngineSpec(_Frozen):
+    """How to start one vLLM engine. The same spec starts it on CPU or GPU."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    model: str
+    dtype: str = "auto"
+    max_model_len: int = Field(512, ge=16)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    enforce_eager: bool = True
+    tensor_parallel_size: int = Field(1, ge=1)
+    cpu_kvcache_gib: int = Field(1, ge=1)
+    num_gpus: float = Field(0.0, ge=0)  # Ray resource; >0 for a GPU engine of its own
+    limit_mm_per_prompt: dict[str, int] | None = None
+    load_roots: tuple[str, ...] = ()  # directories /reload may read checkpoints from
+
+    @model_validator(mode="after")
+    def _gpu_consistent(self) -> EngineSpec:
+        if self.device == "cpu" and self.num_gpus:
+            raise ValueError("a cpu engine asks for no GPUs")
+        return self
+
+
+class Settings(BaseSettings):
+    """Process settings for entrypoints (``WEIGHTSYNC_*``). Library code takes values, not this."""
+
+    model_config = SettingsConfigDict(env_prefix="WEIGHTSYNC_", env_file=None, extra="ignore")
+
+    ray_address: str | None = None
+    namespace: str = "weightsync"
+    host: str = "127.0.0.1"
+    port: int = 8765
+    token: str | None = None
+    model: str | None = None
+    engines: int = Field(1, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bucket_mib: int = Field(64, ge=1)
+    load_roots: tuple[str, ...] = ()
+    workdir: str = "runs"

@@ -1,0 +1,392 @@
+"""Trainer-side sync coordinator: the fleet protocol, deadlines, verification and fencing.
+
+One ``sync()`` call moves a model's weights into every engine:
+
+    pause -> sleep (GPU) -> wake weights -> transfer -> reload_weights -> reset caches
+          -> verify -> wake kv_cache -> resume
+
+It is all-or-nothing: with ``apply="staged"`` no engine reloads until every engine received
+every bucket with matching checksums, so a dead peer leaves the whole fleet on its old
+version. An engine that fails after its weights were touched is fenced (not routable) and
+only unfenced by a resync that verifies. Every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import ray
+
+from weightsync.config import TransferConfig
+from weightsync.errors import (ConfigError, DeadlineExceeded, EngineError, ManifestError,
+                               SyncFailedError, SyncInProgressError, TransferError,
+                               VerificationError, WeightSyncError)
+from weightsync.metrics import SyncMetrics
+from weightsync.transport.broadcast import BroadcastSender, open_group, reserve_port
+from weightsync.transport.packing import named_tensors, pack_bucket, plan_buckets, spec_of
+from weightsync.types import EngineState, EngineStatus, EngineSyncReport, PauseMode, SyncResult, TransferPlan
+
+logger = logging.getLogger(__name__)
+
+PhaseHook = Callable[[str, str | None], None]  # (phase, engine or None)
+
+
+def _unwrap(e: BaseException) -> WeightSyncError:
+    """Ray wraps remote exceptions; surface our typed error (or a typed stand-in)."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, WeightSyncError):
+        return cause
+    if isinstance(e, WeightSyncError):
+        return e
+    if isinstance(e, ray.exceptions.RayActorError):
+        return EngineError(f"engine actor died: {type(e).__name__}")
+    text = str(cause or e)
+    if "ManifestError" in text:
+        return ManifestError(text.splitlines()[-1])
+    return EngineError(f"{type(e).__name__}: {text.splitlines()[-1] if text else ''}")
+
+
+class _Engine:
+    def __init__(self, name: str, actor: Any) -> None:
+        self.name, self.actor = name, actor
+        self.report: dict[str, Any] = {}
+
+
+class SyncCoordinator:
+    """Drives weight syncs over a fixed set of engine actors. Thread-safe; one sync at a time."""
+
+    def __init__(self, engines: Sequence[Any], transfer: TransferConfig | None = None, *,
+                 metrics: SyncMetrics | None = None, on_phase: PhaseHook | None = None) -> None:
+        if not engines:
+            raise ConfigError("a coordinator needs at least one engine")
+        self.transfer = transfer or TransferConfig()
+        self.metrics = metrics or SyncMetrics()
+        self.on_phase = on_phase
+        statuses = ray.get([a.status.remote() for a in engines], timeout=self.transfer.deadlines.verify)
+        self.engines = {s.name: a for s, a in zip(statuses, engines, strict=True)}
+        self.version = max(s.version for s in statuses)
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ws-coord")
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _phase(self, phase: str, engine: str | None = None) -> None:
+        if self.on_phase is not None:
+            self.on_phase(phase, engine)
+
+    def _gather(self, refs: dict[str, Any], timeout: float) -> tuple[dict, dict]:
+        """Wait for one ref per engine; returns (results, errors) — never raises, never hangs."""
+        ok: dict[str, Any] = {}
+        bad: dict[str, WeightSyncError] = {}
+        end = time.monotonic() + timeout
+        for name, ref in refs.items():
+            try:
+                ok[name] = ray.get(ref, timeout=max(0.0, end - time.monotonic()))
+            except ray.exceptions.GetTimeoutError:
+                bad[name] = DeadlineExceeded(f"no answer within {timeout:.1f}s", engine=name)
+            except Exception as e:  # noqa: BLE001 - classified by _unwrap
+                err = _unwrap(e)
+                err.engine = err.engine or name
+                bad[name] = err
+        return ok, bad
+
+    def statuses(self) -> list[EngineStatus]:
+        refs = {n: a.status.remote() for n, a in self.engines.items()}
+        ok, bad = self._gather(refs, self.transfer.deadlines.verify)
+        out = list(ok.values())
+        for n, e in bad.items():
+            out.append(EngineStatus(name=n, state=EngineState.STOPPED, version=-1, device="?",
+                                    sleep_supported=False, fenced_reason=str(e), model="?"))
+        return out
+
+    def replace_engine(self, name: str, actor: Any) -> None:
+        """Swap in a restarted actor for ``name``; it stays unrouted until a sync verifies it."""
+        self.engines[name] = actor
+
+    # ---- public API ------------------------------------------------------------------------
+    def sync(self, weights: Any, *, pause_mode: PauseMode = "abort", sleep_level: int = 0,
+             engines: Sequence[str] | None = None, wave_size: int | None = None,
+             ipc: bool = False) -> SyncResult:
+        """Sync ``weights`` (module, state dict or iterable of ``(name, tensor)``) to the fleet.
+
+        ``wave_size`` turns on rolling mode: engines update a wave at a time while the others
+        keep serving. ``ipc=True`` shares CUDA buckets with colocated engines instead of
+        broadcasting. Raises ``SyncFailedError`` (with ``.result``) if any engine failed,
+        ``ManifestError`` if the weights do not fit the model (nothing changed anywhere).
+        """
+        if sleep_level not in (0, 1, 2):
+            raise ConfigError(f"sleep_level must be 0, 1 or 2, not {sleep_level}")
+        if not self._lock.acquire(blocking=False):
+            raise SyncInProgressError("a sync is already running on this fleet")
+        try:
+            return self._sync(weights, pause_mode, sleep_level, engines, wave_size, ipc)
+        finally:
+            self._lock.release()
+
+    def reload_checkpoint(self, path: str | None, *, pause_mode: PauseMode = "abort",
+                          engines: Sequence[str] | None = None) -> SyncResult:
+        """Reload every engine from a safetensors directory (``None``: the original model)."""
+        if not self._lock.acquire(blocking=False):
+            raise SyncInProgressError("a sync is already running on this fleet")
+        try:
+            version = self.version + 1
+            targets = self._targets(engines)
+            t0 = time.perf_counter()
+            fleet = {n: _Engine(n, self.engines[n]) for n in targets}
+            self._begin(fleet, None, pause_mode, 0)
+            dl = self.transfer.deadlines
+            refs = {n: e.actor.reload_from_path.remote(path, dl.reload) for n, e in fleet.items()}
+            ok, bad = self._gather(refs, dl.reload * 1.2)
+            for n, s in ok.items():
+                fleet[n].report.setdefault("seconds", {})["reload"] = s
+            result = self._finish(fleet, bad, version, "checkpoint", 0, (), t0)
+            if not result.ok:
+                raise SyncFailedError(f"reload to version {version} failed on {result.failed}",
+                                      result=result)
+            return result
+        finally:
+            self._lock.release()
+
+    # ---- the protocol ------------------------------------------------------------------------
+    def _targets(self, engines: Sequence[str] | None) -> list[str]:
+        names = list(engines) if engines else list(self.engines)
+        unknown = [n for n in names if n not in self.engines]
+        if unknown:
+            raise ConfigError(f"unknown engine(s): {unknown}")
+        return names
+
+    def _sync(self, weights, pause_mode, sleep_level, engines, wave_size, ipc) -> SyncResult:
+        t0 = time.perf_counter()
+        tensors = dict(named_tensors(weights))
+        if not tensors:
+            raise ConfigError("no tensors to sync")
+        version = self.version + 1
+        plan = plan_buckets([spec_of(n, t) for n, t in tensors.items()],
+                            self.transfer.bucket_bytes, version)
+        targets = self._targets(engines)
+        waves = [targets] if not wave_size else [targets[i:i + wave_size]
+                                                 for i in range(0, len(targets), wave_size)]
+        results = [self._sync_wave(w, plan, tensors, pause_mode, sleep_level, ipc, t0)
+                   for w in waves]
+        reports = tuple(r for res in results for r in res.engines)
+        result = SyncResult(version=version, ok=all(r.ok for r in reports),
+                            mode="ipc" if ipc else "broadcast", nbytes=plan.total_bytes,
+                            sender_checksums=results[0].sender_checksums, engines=reports,
+                            seconds={"total": time.perf_counter() - t0})
+        if not result.ok:
+            raise SyncFailedError(f"sync to version {version} failed on {result.failed}",
+                                  result=result)
+        return result
+
+    def _sync_wave(self, names, plan: TransferPlan, tensors, pause_mode, sleep_level, ipc,
+                   t0) -> SyncResult:
+        fleet = {n: _Engine(n, self.engines[n]) for n in names}
+        plan_json = plan.model_dump_json()
+        self._begin(fleet, plan_json, pause_mode, sleep_level)
+        dl = self.transfer.deadlines
+        self._phase("transfer")
+        t = time.perf_counter()
+        if ipc:
+            sums, bad = self._transfer_ipc(fleet, plan, plan_json, tensors)
+        else:
+            sums, bad = self._transfer_broadcast(fleet, plan, plan_json, tensors)
+        transfer_s = time.perf_counter() - t
+        for e in fleet.values():
+            e.report.setdefault("seconds", {})["transfer"] = transfer_s
+        # verify checksums before anything is applied
+        for n, e in fleet.items():
+            if n in bad:
+                continue
+            got = tuple(e.report.get("checksums", ()))
+            e.report["checksum_ok"] = got == tuple(sums)
+            if got != tuple(sums):
+                bad[n] = VerificationError(
+                    f"checksums differ from the sender's in bucket(s) "
+                    f"{[i for i, (a, b) in enumerate(zip(got, sums)) if a != b] or 'count'}",
+                    engine=n)
+        if bad and self.transfer.apply == "staged":
+            # all-or-nothing: nobody applies; intact engines resume their old version
+            return self._fail_all(fleet, bad, plan.version, "ipc" if ipc else "broadcast", sums)
+        staged = [n for n in fleet if n not in bad and not fleet[n].report.get("applied")]
+        if staged:
+            self._phase("reload")
+            refs = {n: fleet[n].actor.apply_staged.remote(dl.reload) for n in staged}
+            ok, bad2 = self._gather(refs, dl.reload * 1.2)
+            bad.update(bad2)
+            for n, s in ok.items():
+                fleet[n].report["seconds"]["reload"] = s
+        return self._finish(fleet, bad, plan.version, "ipc" if ipc else "broadcast",
+                            sleep_level, tuple(sums), t0)
+
+    def _begin(self, fleet: dict[str, _Engine], plan_json, pause_mode, sleep_level) -> None:
+        """Validate + pause (+ sleep/wake weights) everywhere; a bad manifest changes nothing."""
+        dl = self.transfer.deadlines
+        if plan_json is not None:  # validate everywhere before touching any engine
+            self._phase("validate")
+            refs = {n: e.actor.validate.remote(plan_json) for n, e in fleet.items()}
+            _, bad = self._gather(refs, dl.verify)
+            manifest = [e for e in bad.values() if isinstance(e, ManifestError)]
+            if manifest:
+                raise manifest[0]
+        self._phase("pause")
+        refs = {n: e.actor.begin_sync.remote(plan_json=None, pause_mode=pause_mode,
+                                             sleep_level=sleep_level,
+                                             deadline_s=max(dl.pause, dl.sleep))
+                for n, e in fleet.items()}
+        ok, bad = self._gather(refs, dl.pause + 2 * dl.sleep)
+        for n, r in ok.items():
+            fleet[n].report.update(seconds=dict(r["seconds"]), skipped=tuple(r["skipped"]))
+        if bad:
+            self._abort(fleet, bad, "begin", rollback=set(ok))
+            raise SyncFailedError(f"could not begin the sync on {sorted(bad)}: "
+                                  + "; ".join(str(e) for e in bad.values()),
+                                  engine=next(iter(bad)))
+
+    def _transfer_broadcast(self, fleet, plan, plan_json, tensors) -> tuple[list[int], dict]:
+        dl, cfg = self.transfer.deadlines, self.transfer
+        world = 1 + len(fleet)
+        sock = reserve_port(cfg.host, cfg.port)
+        port = sock.getsockname()[1]
+        joins = {n: e.actor.join_group.remote(cfg.backend, cfg.host, port, 1 + i, world,
+                                              dl.rendezvous)
+                 for i, (n, e) in enumerate(fleet.items())}
+        sender = None
+        bad: dict[str, WeightSyncError] = {}
+        sums: list[int] = []
+        try:
+            try:
+                sender = BroadcastSender(open_group(cfg.backend, cfg.host, port, 0, world,
+                                                    dl.rendezvous, listen_socket=sock))
+            except WeightSyncError as e:
+                _, bad = self._gather(joins, dl.rendezvous * 0.5)
+                if not bad:
+                    bad = {n: TransferError(f"rendezvous failed: {e}", engine=n) for n in fleet}
+                return sums, bad
+            _, bad = self._gather(joins, dl.rendezvous)
+            if bad:
+                return sums, bad
+            recvs = {n: e.actor.receive.remote(plan_json, cfg.apply, dl.transfer)
+                     for n, e in fleet.items()}
+            send_error: WeightSyncError | None = None
+            try:
+                sums = sender.send(plan, tensors, dl.transfer)
+            except WeightSyncError as e:
+                send_error = e
+                sender.close()  # break the group so receivers fail fast instead of waiting
+                sender = None
+            ok, bad = self._gather(recvs, dl.transfer * 1.6)
+            for n, r in ok.items():
+                fleet[n].report.update(checksums=r["checksums"], applied=r["applied"],
+                                       nbytes=r["nbytes"])
+            if send_error is not None:
+                logger.error("broadcast of version %d failed: %s; engines at fault: %s",
+                             plan.version, send_error, sorted(bad) or "unknown")
+                if not bad:  # nobody else failed: the sender itself is at fault
+                    bad = {n: TransferError(f"sender failed: {send_error}", engine=n) for n in fleet}
+            return sums, bad
+        finally:
+            if sender is not None:
+                sender.close()
+
+    def _transfer_ipc(self, fleet, plan, plan_json, tensors) -> tuple[list[int], dict]:
+        import json
+
+        import torch
+
+        from weightsync.transport.ipc import share_bucket
+        from weightsync.transport.packing import checksum
+
+        device = torch.device("cuda", torch.cuda.current_device())
+        bufs = [pack_bucket(b, tensors, device) for b in plan.buckets]
+        torch.cuda.synchronize(device)
+        sums = [checksum(b) for b in bufs]
+        handles = json.dumps([share_bucket(i, b).model_dump(mode="json") for i, b in enumerate(bufs)])
+        refs = {n: e.actor.receive.remote(plan_json, self.transfer.apply,
+                                          self.transfer.deadlines.transfer, handles)
+                for n, e in fleet.items()}
+        ok, bad = self._gather(refs, self.transfer.deadlines.transfer * 1.6)
+        for n, r in ok.items():
+            fleet[n].report.update(checksums=r["checksums"], applied=r["applied"], nbytes=r["nbytes"])
+        if self.transfer.apply == "staged" and not bad:
+            # staged IPC views point at our buffers: keep them alive until applied
+            self._ipc_keepalive = bufs
+        return sums, bad
+
+    def _finish(self, fleet, bad, version, mode, sleep_level, sums, t0) -> SyncResult:
+        """Reset caches + fingerprint on engines that loaded, verify agreement, commit."""
+        dl = self.transfer.deadlines
+        live = {n: e for n, e in fleet.items() if n not in bad}
+        self._phase("verify")
+        refs = {n: e.actor.finish_load.remote(dl.verify) for n, e in live.items()}
+        ok, bad2 = self._gather(refs, dl.verify * 1.5)
+        bad.update(bad2)
+        for n, r in ok.items():
+            fleet[n].report["seconds"].update(r["seconds"])
+            fleet[n].report["fingerprint"] = r["fingerprint"]
+        prints = {n: r["fingerprint"] for n, r in ok.items()}
+        if len(set(prints.values())) > 1:  # engines disagree: fence all but the majority
+            values = list(prints.values())
+            major = max(set(values), key=values.count)
+            for n, p in prints.items():
+                if p != major:
+                    bad[n] = VerificationError("loaded weights differ from the rest of the fleet",
+                                               engine=n)
+        self._phase("resume")
+        refs = {n: fleet[n].actor.commit.remote(version, dl.resume) for n in fleet if n not in bad}
+        ok, bad3 = self._gather(refs, dl.resume + dl.wake)
+        bad.update(bad3)
+        for n, s in ok.items():
+            fleet[n].report["seconds"].update(s)
+        self._abort(fleet, bad, "finish")
+        return self._result(fleet, bad, set(), version, mode, sums, t0)
+
+    def _fail_all(self, fleet, bad, version, mode, sums) -> SyncResult:
+        """Staged all-or-nothing: failed engines are fenced, the rest roll back and resume."""
+        innocent = {n for n in fleet if n not in bad}
+        self._abort(fleet, bad, "transfer", rollback=innocent)
+        return self._result(fleet, bad, innocent, version, mode, tuple(sums), None)
+
+    def _abort(self, fleet, bad: dict, stage: str, rollback: set[str] = frozenset()) -> None:
+        """Fence engines in ``bad``; engines in ``rollback`` resume on their old weights."""
+        refs = {n: fleet[n].actor.abort_sync.remote(f"{stage}: {err}", self.transfer.deadlines.resume,
+                                                   fence=True)
+                for n, err in bad.items()}
+        refs.update({n: fleet[n].actor.abort_sync.remote(f"{stage}: another engine failed",
+                                                          self.transfer.deadlines.resume,
+                                                          fence=False)
+                     for n in rollback})
+        if refs:
+            self._gather(refs, self.transfer.deadlines.resume * 1.5)
+
+    def _result(self, fleet, bad, rolled_back, version, mode, sums, t0) -> SyncResult:
+        reports = []
+        for n, e in fleet.items():
+            r, err = e.report, bad.get(n)
+            took = n not in bad and n not in rolled_back
+            reports.append(EngineSyncReport(
+                engine=n, ok=took, version=version if took else self._engine_version(n),
+                seconds=r.get("seconds", {}), skipped=tuple(r.get("skipped", ())),
+                nbytes=r.get("nbytes", 0), checksum_ok=r.get("checksum_ok"),
+                fingerprint=r.get("fingerprint"),
+                error=str(err) if err else ("rolled back: another engine failed"
+                                            if n in rolled_back else None),
+                fenced=err is not None,
+            ))
+        for rep in reports:
+            self.metrics.observe(rep, mode)
+        if any(r.ok for r in reports):  # every routable engine that took it verified it
+            self.version = max(self.version, version)
+        return SyncResult(version=version, ok=all(r.ok for r in reports), mode=mode,
+                          nbytes=max((r.nbytes for r in reports), default=0),
+                          sender_checksums=tuple(sums), engines=tuple(reports),
+                          seconds={"total": time.perf_counter() - t0} if t0 else {})
+
+    def _engine_version(self, name: str) -> int:
+        try:
+            return ray.get(self.engines[name].status.remote(), timeout=5).version
+        except Exception:  # noqa: BLE001 - dead engine
+            return -1

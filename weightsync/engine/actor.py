@@ -1,0 +1,53 @@
+"""The Ray actor that hosts one engine, and how to start or find one.
+
+A thin wrapper: ``EngineHost`` holds the logic; Ray gives it a process, a name in a namespace
+and (on GPU) a device. It is an async actor, so status and health calls interleave with a
+running sync instead of queueing behind it.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from weightsync.config import EngineSpec
+from weightsync.engine.host import EngineHost
+
+EngineActor = ray.remote(EngineHost)
+
+
+def spawn_engine(spec: EngineSpec, *, namespace: str | None = None, detached: bool = False,
+                 num_cpus: float = 0.0, runtime_env: dict | None = None) -> ray.actor.ActorHandle:
+    """Start an engine actor named ``spec.name``; call ``.start.remote()`` to boot vLLM.
+
+    ``num_cpus`` defaults to 0: vLLM's own processes do the work, the actor only steers them.
+    """
+    opts: dict = dict(name=spec.name, num_cpus=num_cpus, num_gpus=spec.num_gpus,
+                      max_concurrency=64)
+    if namespace:
+        opts["namespace"] = namespace
+    if detached:
+        opts["lifetime"] = "detached"
+    if runtime_env:
+        opts["runtime_env"] = runtime_env
+    return EngineActor.options(**opts).remote(spec)
+
+
+def start_engines(specs: list[EngineSpec], *, timeout_s: float = 600.0, **kw) -> list:
+    """Spawn and boot several engines in parallel; returns their handles once all serve."""
+    actors = [spawn_engine(s, **kw) for s in specs]
+    ray.get([a.start.remote() for a in actors], timeout=timeout_s)
+    return actors
+
+
+def find_engines(namespace: str) -> dict[str, ray.actor.ActorHandle]:
+    """Named engine actors alive in ``namespace`` (for the control plane and CLI)."""
+    from ray.util.state import list_actors
+
+    out = {}
+    for a in list_actors(filters=[("state", "=", "ALIVE")]):
+        if a.get("ray_namespace", namespace) != namespace or not a.get("name"):
+            continue
+        if a.get("class_name") not in ("EngineHost", "EngineActor"):
+            continue
+        out[a["name"]] = ray.get_actor(a["name"], namespace=namespace)
+    return out

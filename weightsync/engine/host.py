@@ -1,0 +1,312 @@
+"""One vLLM engine (``AsyncLLM``) and the per-engine half of the sync protocol.
+
+The host owns the engine's state machine. The coordinator drives it with coarse steps —
+``begin_sync`` -> ``receive``/``receive_ipc`` -> ``apply_staged`` -> ``finish_load`` -> ``commit``
+(or ``abort_sync``) — and every step checks that it is legal now, so a confused caller gets an
+``IllegalStateError`` instead of an engine in an undefined state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from weightsync.config import EngineSpec
+from weightsync.engine import vllm_compat
+from weightsync.errors import (DeadlineExceeded, EngineError, FencedError, IllegalStateError,
+                               UnsupportedError, WeightSyncError)
+from weightsync.types import EngineState, EngineStatus, GenerationResult, PauseMode
+
+logger = logging.getLogger(__name__)
+
+WORKER_EXTENSION = "weightsync.engine.worker_ext.WeightSyncWorkerExtension"
+_IN_SYNC = {EngineState.PAUSED, EngineState.ASLEEP, EngineState.WEIGHTS_AWAKE, EngineState.LOADING}
+
+
+class EngineHost:
+    """Hosts one engine. All methods are coroutines; none blocks the event loop for long."""
+
+    def __init__(self, spec: EngineSpec) -> None:
+        self.spec = spec
+        self.device = vllm_compat.resolve_device(spec.device)
+        self.engine: Any = None
+        self.state = EngineState.STARTING
+        self.version = 0
+        self.sleep_level = 0
+        self.weights_intact = True  # False once weights were discarded or partly overwritten
+        self.fenced_reason: str | None = None
+        self.last_sync: dict[str, float] = {}
+        self._serving = asyncio.Event()
+        self._sync_started = 0.0
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> EngineStatus:
+        vllm_compat.prepare_process_env(self.device, self.spec.cpu_kvcache_gib)
+        sleep = self.device == "cuda" and vllm_compat.sleep_mode_available()
+        t0 = time.perf_counter()
+        self.engine = vllm_compat.make_async_engine(
+            model=self.spec.model, dtype=self.spec.dtype, max_model_len=self.spec.max_model_len,
+            seed=self.spec.seed, enforce_eager=self.spec.enforce_eager,
+            tensor_parallel_size=self.spec.tensor_parallel_size,
+            gpu_memory_utilization=self.spec.gpu_memory_utilization, enable_sleep_mode=sleep,
+            worker_extension_cls=WORKER_EXTENSION,
+            limit_mm_per_prompt=self.spec.limit_mm_per_prompt,
+        )
+        self.sleep_supported = sleep
+        self.info = json.loads((await self.engine.collective_rpc("ws_info"))[0])
+        self.state = EngineState.SERVING
+        self._serving.set()
+        logger.info("engine %s up in %.1fs on %s (runner %s)", self.spec.name,
+                    time.perf_counter() - t0, self.device, self.info["runner"])
+        return self.status()
+
+    def status(self) -> EngineStatus:
+        return EngineStatus(
+            name=self.spec.name, state=self.state, version=self.version, device=self.device,
+            sleep_supported=getattr(self, "sleep_supported", False), sleep_level=self.sleep_level,
+            fenced_reason=self.fenced_reason, last_sync=self.last_sync, model=self.spec.model,
+        )
+
+    async def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+        self.state = EngineState.STOPPED
+
+    # ---- serving -------------------------------------------------------------------------
+    async def generate(self, prompts: list[Any], *, max_tokens: int = 16,
+                       temperature: float = 0.0, logprobs: bool = False, seed: int | None = None,
+                       wait_s: float = 300.0) -> list[GenerationResult]:
+        """Generate for each prompt (a string, or a vLLM prompt dict with multimodal data).
+
+        Requests that arrive during a sync wait for it and run on the new weights; each result
+        names the version(s) that produced it.
+        """
+        self._require_routable()
+        try:
+            await asyncio.wait_for(self._serving.wait(), wait_s)
+        except TimeoutError as e:
+            raise EngineError(f"engine not serving after {wait_s}s (state {self.state.value})",
+                              engine=self.spec.name) from e
+        self._require_routable()
+        params = vllm_compat.sampling_params(max_tokens=max_tokens, temperature=temperature,
+                                             logprobs=0 if logprobs else None, seed=seed)
+        return list(await asyncio.gather(*(self._one(p, params) for p in prompts)))
+
+    async def _one(self, prompt: Any, params: Any) -> GenerationResult:
+        v0 = self.version
+        final = None
+        async for out in self.engine.generate(prompt, params, request_id=uuid.uuid4().hex):
+            final = out
+        v1 = self.version
+        c = final.outputs[0]
+        lps = tuple(float(step[t].logprob) for step, t in zip(c.logprobs, c.token_ids,
+                                                                strict=True)) if c.logprobs else ()
+        return GenerationResult(
+            prompt=prompt if isinstance(prompt, str) else None, text=c.text,
+            token_ids=tuple(c.token_ids), logprobs=lps, finish_reason=c.finish_reason,
+            version=v0 if v0 == v1 else None, versions=(v0, v1),
+            aborted=c.finish_reason == "abort",
+        )
+
+    def _require_routable(self) -> None:
+        if self.state == EngineState.FENCED:
+            raise FencedError(f"fenced: {self.fenced_reason}", engine=self.spec.name)
+        if self.state in (EngineState.STARTING, EngineState.STOPPED):
+            raise EngineError(f"engine is {self.state.value}", engine=self.spec.name)
+
+    # ---- sync protocol (engine half) -------------------------------------------------------
+    def _expect(self, *states: EngineState, op: str) -> None:
+        if self.state not in states:
+            raise IllegalStateError(
+                f"cannot {op} while {self.state.value} (needs {'/'.join(s.value for s in states)})",
+                engine=self.spec.name)
+
+    async def _rpc(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
+        try:
+            return await asyncio.wait_for(self.engine.collective_rpc(method, args=args), timeout)
+        except WeightSyncError as e:
+            e.engine = e.engine or self.spec.name
+            raise
+        except TimeoutError as e:
+            raise DeadlineExceeded(f"{method} exceeded {timeout}s", engine=self.spec.name) from e
+
+    async def validate(self, plan_json: str) -> None:
+        """Check a plan against the model before anything changes (raises ManifestError)."""
+        await self._rpc("ws_validate", plan_json, timeout=60)
+
+    async def begin_sync(self, *, plan_json: str | None, pause_mode: PauseMode,
+                         sleep_level: int, deadline_s: float) -> dict:
+        """Validate, pause, and (GPU) sleep + wake the weights. Returns timings and skips."""
+        self._expect(EngineState.SERVING, EngineState.FENCED, op="begin a sync")
+        if plan_json is not None:
+            await self.validate(plan_json)  # bad manifest: nothing has changed yet
+        seconds: dict[str, float] = {}
+        skipped: list[str] = []
+        self._serving.clear()
+        self._sync_started = time.perf_counter()
+        t = time.perf_counter()
+        await asyncio.wait_for(self.engine.pause_generation(mode=pause_mode), deadline_s)
+        seconds["pause"] = time.perf_counter() - t
+        if self.state != EngineState.FENCED:
+            self.state = EngineState.PAUSED
+        if sleep_level:
+            if not self.sleep_supported:
+                skipped.append(f"sleep/wake: sleep mode is CUDA-only; engine {self.spec.name} "
+                               f"runs on {self.device}")
+            else:
+                t = time.perf_counter()
+                await asyncio.wait_for(self.engine.sleep(level=sleep_level, mode=pause_mode),
+                                       deadline_s)
+                seconds["sleep"] = time.perf_counter() - t
+                self.sleep_level = sleep_level
+                self.weights_intact = sleep_level == 1
+                t = time.perf_counter()
+                await asyncio.wait_for(self.engine.wake_up(tags=["weights"]), deadline_s)
+                seconds["wake_weights"] = time.perf_counter() - t
+                if self.state != EngineState.FENCED:
+                    self.state = EngineState.WEIGHTS_AWAKE
+        return {"seconds": seconds, "skipped": skipped}
+
+    async def join_group(self, backend: str, host: str, port: int, rank_offset: int,
+                         world_size: int, timeout_s: float) -> None:
+        self._expect(*_IN_SYNC, EngineState.FENCED, op="join a transfer group")
+        await self._rpc("ws_join_group", backend, host, port, rank_offset, world_size,
+                        timeout_s, timeout=timeout_s * 1.5)
+
+    async def receive(self, plan_json: str, apply: str, deadline_s: float,
+                      ipc_handles_json: str | None = None) -> dict:
+        """Receive a plan (broadcast group, or colocated IPC handles); stage or stream-apply."""
+        self._expect(*_IN_SYNC, EngineState.FENCED, op="receive weights")
+        prev = self.state
+        self.state = EngineState.LOADING if prev != EngineState.FENCED else prev
+        if apply == "streaming":
+            self.weights_intact = False  # from the first byte on, until commit
+        if ipc_handles_json is None:
+            out = await self._rpc("ws_receive", plan_json, apply, deadline_s, timeout=deadline_s * 1.5)
+        else:
+            out = await self._rpc("ws_receive_ipc", plan_json, ipc_handles_json, apply,
+                                  timeout=deadline_s * 1.5)
+        reports = [json.loads(o) for o in out]
+        return reports[0]
+
+    async def apply_staged(self, deadline_s: float) -> float:
+        self._expect(EngineState.LOADING, EngineState.FENCED, op="apply staged weights")
+        self.weights_intact = False
+        out = await self._rpc("ws_apply_staged", timeout=deadline_s)
+        return json.loads(out[0])["reload"]
+
+    async def reload_from_path(self, path: str | None, deadline_s: float) -> float:
+        """Reload weights from a safetensors directory (or the original model when None)."""
+        self._expect(*_IN_SYNC, EngineState.FENCED, op="reload from a checkpoint")
+        if self.state != EngineState.FENCED:
+            self.state = EngineState.LOADING
+        self.weights_intact = False
+        out = await self._rpc("ws_reload_from_path", path, timeout=deadline_s)
+        return json.loads(out[0])["reload"]
+
+    async def finish_load(self, deadline_s: float) -> dict:
+        """Reset prefix, encoder and multimodal caches; return a fingerprint of the weights."""
+        t = time.perf_counter()
+        await asyncio.wait_for(self._reset_caches(), deadline_s)
+        reset = time.perf_counter() - t
+        t = time.perf_counter()
+        prints = await self._rpc("ws_fingerprint", timeout=deadline_s)
+        return {"fingerprint": "|".join(prints),
+                "seconds": {"reset_caches": reset, "fingerprint": time.perf_counter() - t}}
+
+    async def _reset_caches(self) -> None:
+        await self.engine.reset_prefix_cache()
+        await self.engine.reset_mm_cache()
+        await self.engine.reset_encoder_cache()
+
+    async def commit(self, version: int, deadline_s: float) -> dict:
+        """Wake the KV cache, resume, and serve ``version``. Unfences a resynced engine."""
+        self._expect(*_IN_SYNC, EngineState.FENCED, op="commit")
+        seconds = await self._wake_and_resume(deadline_s)
+        self.version = version
+        self.weights_intact = True
+        self.fenced_reason = None
+        seconds["total"] = time.perf_counter() - self._sync_started
+        self.last_sync = seconds
+        self.state = EngineState.SERVING
+        self._serving.set()
+        return seconds
+
+    async def _wake_and_resume(self, deadline_s: float) -> dict[str, float]:
+        seconds: dict[str, float] = {}
+        await self.engine.collective_rpc("ws_leave_group")
+        if self.sleep_level:
+            t = time.perf_counter()
+            await asyncio.wait_for(self.engine.wake_up(tags=["kv_cache"]), deadline_s)
+            seconds["wake_kv"] = time.perf_counter() - t
+            self.sleep_level = 0
+        t = time.perf_counter()
+        await asyncio.wait_for(self.engine.resume_generation(), deadline_s)
+        seconds["resume"] = time.perf_counter() - t
+        return seconds
+
+    async def abort_sync(self, reason: str, deadline_s: float = 60.0, *,
+                         fence: bool = False) -> EngineStatus:
+        """Undo a sync that will not commit. With ``fence`` (this engine failed), or when its
+        weights were touched, the engine is fenced (not routable) until a resync verifies;
+        otherwise it resumes serving its old version."""
+        if fence:
+            self.fence(reason)
+        if self.state not in _IN_SYNC and self.state != EngineState.FENCED:
+            return self.status()
+        try:
+            await self._rpc("ws_drop_staged", timeout=deadline_s)
+            await self._rpc("ws_leave_group", timeout=deadline_s)
+        except WeightSyncError:
+            logger.warning("engine %s: cleanup after failed sync raised", self.spec.name,
+                           exc_info=True)
+        if self.weights_intact and self.state != EngineState.FENCED:
+            await self._wake_and_resume(deadline_s)
+            self.state = EngineState.SERVING
+            self._serving.set()
+            logger.warning("engine %s: sync aborted (%s); still serving version %d",
+                           self.spec.name, reason, self.version)
+        else:
+            self.fence(reason)
+        return self.status()
+
+    def fence(self, reason: str) -> None:
+        self.state = EngineState.FENCED
+        self.fenced_reason = reason
+        self._serving.clear()
+        logger.error("engine %s fenced: %s", self.spec.name, reason)
+
+    async def runner_class(self) -> str:
+        return self.info["runner"]
+
+    async def sleep(self, level: int) -> None:
+        if not self.sleep_supported:
+            raise UnsupportedError(f"sleep mode is CUDA-only; engine runs on {self.device}",
+                                   engine=self.spec.name)
+        self._expect(EngineState.SERVING, EngineState.PAUSED, op="sleep")
+        self._serving.clear()
+        await self.engine.sleep(level=level)
+        self.sleep_level = level
+        self.weights_intact = level == 1
+        self.state = EngineState.ASLEEP
+
+    async def wake_up(self, tags: list[str] | None) -> None:
+        self._expect(EngineState.ASLEEP, EngineState.WEIGHTS_AWAKE, op="wake up")
+        if not self.weights_intact and (tags is None or "weights" in tags):
+            await self.engine.wake_up(tags=tags)
+            self.fence("woken after sleep level 2 without new weights: weights undefined")
+            return
+        await self.engine.wake_up(tags=tags)
+        if tags is None or set(tags) >= {"weights", "kv_cache"} or tags == ["kv_cache"]:
+            self.sleep_level = 0
+            await self.engine.resume_generation()
+            self.state = EngineState.SERVING
+            self._serving.set()
+        else:
+            self.state = EngineState.WEIGHTS_AWAKE
+

@@ -1,0 +1,151 @@
+"""The only module that imports vLLM internals or sets vLLM's environment.
+
+vLLM renames internal APIs between releases; everything version-dependent lives here so the
+rest of weightsync targets one stable surface. Tested against vLLM 0.24 (GPU) and 0.32 (CPU).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import socket
+from datetime import timedelta
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    return device
+
+
+def prepare_process_env(device: str, cpu_kvcache_gib: int) -> None:
+    """Set vLLM's environment for the engine process (before vLLM is imported there).
+
+    Must run in the process that builds the engine; its workers inherit it.
+    """
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # fork hangs with CUDA/Ray
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    if device == "cuda":
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "1")
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    else:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kvcache_gib))
+        # Several engines share few cores in tests and small hosts: do not pin threads.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
+
+
+def make_async_engine(*, model: str, dtype: str, max_model_len: int, seed: int,
+                      enforce_eager: bool, tensor_parallel_size: int,
+                      gpu_memory_utilization: float, enable_sleep_mode: bool,
+                      worker_extension_cls: str,
+                      limit_mm_per_prompt: dict[str, int] | None) -> Any:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    kwargs: dict[str, Any] = dict(
+        model=model,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        seed=seed,
+        enforce_eager=enforce_eager,
+        tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization,
+        enable_sleep_mode=enable_sleep_mode,
+        worker_extension_cls=worker_extension_cls,
+        enable_prefix_caching=True,
+    )
+    if limit_mm_per_prompt:
+        kwargs["limit_mm_per_prompt"] = limit_mm_per_prompt
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+
+
+def sampling_params(**kw: Any) -> Any:
+    from vllm import SamplingParams
+
+    return SamplingParams(**kw)
+
+
+def sleep_mode_available() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_sleep_mode_available())
+
+
+def model_runner_class(worker: Any) -> str:
+    r = worker.model_runner
+    return f"{type(r).__module__}.{type(r).__qualname__}"
+
+
+def reload_weights(worker: Any, weights_iterator: Any, is_checkpoint_format: bool = True) -> None:
+    """``model_runner.reload_weights`` (same signature in 0.24 and 0.32)."""
+    worker.model_runner.reload_weights(
+        weights_iterator=weights_iterator, is_checkpoint_format=is_checkpoint_format
+    )
+
+
+def reload_weights_from_path(worker: Any, weights_path: str | None) -> None:
+    worker.model_runner.reload_weights(weights_path=weights_path, is_checkpoint_format=True)
+
+
+def stateless_group(host: str, port: int, rank: int, world_size: int, backend: str,
+                    timeout_s: float, listen_socket: socket.socket | None = None) -> Any:
+    """A process group outside torch.distributed's global state (rank 0 hosts the store).
+
+    gloo: returns a torch ProcessGroup (call ``pg.broadcast(t, root).wait(timeout)``).
+    nccl: returns vLLM's ``PyNcclCommunicator`` over a ``StatelessProcessGroup``.
+    """
+    if backend == "gloo":
+        from vllm.distributed.utils import stateless_init_torch_distributed_process_group as init
+
+        kw: dict[str, Any] = {}
+        if listen_socket is not None:
+            kw["listen_socket"] = listen_socket
+        if "timeout" in inspect.signature(init).parameters:
+            kw["timeout"] = timedelta(seconds=timeout_s)
+        return init(host, port, rank, world_size, backend="gloo", **kw)
+    if backend == "nccl":
+        import torch
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        kw = {}
+        params = inspect.signature(StatelessProcessGroup.create).parameters
+        if "store_timeout" in params:
+            kw["store_timeout"] = int(timeout_s)
+        if listen_socket is not None and "listen_socket" in params:
+            kw["listen_socket"] = listen_socket
+        elif listen_socket is not None:
+            listen_socket.close()
+        spg = StatelessProcessGroup.create(host=host, port=port, rank=rank,
+                                           world_size=world_size, **kw)
+        return PyNcclCommunicator(spg, device=torch.cuda.current_device())
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def destroy_group(group: Any) -> None:
+    """Best-effort teardown so a failed group never lingers (and never blocks a rebuild)."""
+    try:
+        if hasattr(group, "destroy"):  # PyNcclCommunicator: aborts the NCCL comm
+            group.destroy()
+        elif hasattr(group, "abort"):
+            group.abort()
+        elif hasattr(group, "shutdown"):
+            group.shutdown()
+    except Exception:  # noqa: BLE001 - teardown of a possibly broken group
+        logger.debug("group teardown raised", exc_info=True)

@@ -1,0 +1,208 @@
+"""Runs inside vLLM's workers (``worker_extension_cls``): receive, stage, apply, fingerprint.
+
+vLLM mixes this class into its Worker, so ``self.model_runner``, ``self.rank`` and
+``self.device`` are the worker's own. Methods are called through ``collective_rpc`` with JSON
+strings (parsed here, at the boundary) and return JSON strings: nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+
+import torch
+
+from weightsync.engine import vllm_compat
+from weightsync.errors import ManifestError, ReloadError, TransferError
+from weightsync.transport.broadcast import BroadcastReceiver, open_group
+from weightsync.transport.ipc import IpcBucketHandle, open_bucket
+from weightsync.transport.packing import checksum, dtype_name, unpack_bucket
+from weightsync.types import Bucket, TensorSpec, TransferPlan
+
+logger = logging.getLogger(__name__)
+
+_FLOATS = {"float32", "float16", "bfloat16", "float64"}
+
+
+def checkpoint_specs(model_dir: str) -> dict[str, TensorSpec]:
+    """Names, dtypes and shapes of a safetensors checkpoint, read from headers only."""
+    from safetensors import safe_open
+
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        raise ManifestError(f"no *.safetensors under {model_dir}: cannot validate a manifest")
+    specs: dict[str, TensorSpec] = {}
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            for k in st.keys():
+                sl = st.get_slice(k)
+                dt = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
+                      "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                      "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}[sl.get_dtype()]
+                specs[k] = TensorSpec(name=k, dtype=dt, shape=tuple(sl.get_shape()))
+    return specs
+
+
+def validate_plan(plan: TransferPlan, expected: dict[str, TensorSpec], serving_dtype: str,
+                  tied_names: set[str]) -> None:
+    """Raise ``ManifestError`` listing every tensor that does not fit the engine's model."""
+    problems: list[str] = []
+    for spec in plan.specs:
+        want = expected.get(spec.name)
+        if want is None:
+            if spec.name in tied_names:
+                continue
+            problems.append(f"unknown parameter {spec.name!r}")
+        elif tuple(want.shape) != tuple(spec.shape):
+            problems.append(f"{spec.name}: shape {list(spec.shape)} != engine's {list(want.shape)}")
+        elif spec.dtype != want.dtype and not (
+            want.dtype in _FLOATS and spec.dtype in {serving_dtype, "float32"}
+        ):
+            # Floats may arrive in the serving dtype or as fp32 master weights (vLLM casts);
+            # anything else is a mistake worth stopping for.
+            problems.append(f"{spec.name}: dtype {spec.dtype} != engine's {want.dtype} "
+                            f"(serving {serving_dtype})")
+    if problems:
+        more = f" (+{len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise ManifestError(f"{len(problems)} tensor(s) do not fit the model: "
+                            + "; ".join(problems[:10]) + more)
+
+
+class WeightSyncWorkerExtension:
+    """Mixed into vLLM's Worker. State lives in ``_ws`` so it never collides with vLLM's."""
+
+    def _ws_state(self) -> dict:
+        if not hasattr(self, "_ws"):
+            self._ws = {"receiver": None, "staged": [], "expected": None}
+        return self._ws
+
+    # ---- introspection -------------------------------------------------------------------
+    def ws_info(self) -> str:
+        mc = self.model_runner.model_config
+        return json.dumps({
+            "runner": vllm_compat.model_runner_class(self),
+            "rank": int(getattr(self, "rank", 0)),
+            "device": str(getattr(self, "device", "cpu")),
+            "dtype": dtype_name(mc.dtype),
+            "model": str(mc.model),
+        })
+
+    def _expected(self) -> dict[str, TensorSpec]:
+        st = self._ws_state()
+        if st["expected"] is None:
+            st["expected"] = checkpoint_specs(str(self.model_runner.model_config.model))
+        return st["expected"]
+
+    def ws_validate(self, plan_json: str) -> str:
+        plan = TransferPlan.model_validate_json(plan_json)
+        mc = self.model_runner.model_config
+        hf = mc.hf_text_config if hasattr(mc, "hf_text_config") else mc.hf_config
+        tied = {"lm_head.weight"} if getattr(hf, "tie_word_embeddings", False) else set()
+        validate_plan(plan, self._expected(), dtype_name(mc.dtype), tied)
+        return "ok"
+
+    def ws_fingerprint(self) -> str:
+        """Digest of every parameter as loaded (vLLM layout). Equal across a verified fleet."""
+        h = hashlib.sha256()
+        with torch.no_grad():
+            for name, p in sorted(self.model_runner.get_model().named_parameters()):
+                flat = p.detach().contiguous().view(-1).view(torch.uint8)
+                h.update(f"{name}:{checksum(flat)};".encode())
+        return h.hexdigest()[:32]
+
+    # ---- transport -----------------------------------------------------------------------
+    def ws_join_group(self, backend: str, host: str, port: int, rank_offset: int,
+                      world_size: int, timeout_s: float) -> str:
+        self.ws_leave_group()
+        rank = rank_offset + int(getattr(self, "rank", 0))
+        group = open_group(backend, host, port, rank, world_size, timeout_s)
+        self._ws_state()["receiver"] = BroadcastReceiver(group)
+        return json.dumps({"rank": rank})
+
+    def ws_leave_group(self) -> str:
+        st = self._ws_state()
+        if st["receiver"] is not None:
+            st["receiver"].close()
+            st["receiver"] = None
+        return "ok"
+
+    def ws_receive(self, plan_json: str, apply: str, deadline_s: float) -> str:
+        """Receive a plan over the group; stage it, or stream it into reload_weights."""
+        plan = TransferPlan.model_validate_json(plan_json)
+        receiver = self._ws_state()["receiver"]
+        if receiver is None:
+            raise TransferError("no transfer group: join_group first")
+        t0 = time.perf_counter()
+        try:
+            stream = receiver.receive(plan, deadline_s)
+            report = self._consume(plan, stream, apply)
+        except BaseException:
+            self.ws_leave_group()  # a broken group is never reused
+            raise
+        report["seconds"]["transfer_total"] = time.perf_counter() - t0
+        return json.dumps(report)
+
+    def ws_receive_ipc(self, plan_json: str, handles_json: str, apply: str) -> str:
+        """Map colocated CUDA-IPC buckets; stage them or apply them at once."""
+        plan = TransferPlan.model_validate_json(plan_json)
+        handles = [IpcBucketHandle.model_validate(h) for h in json.loads(handles_json)]
+        if [h.index for h in handles] != [b.index for b in plan.buckets]:
+            raise TransferError("IPC handles do not match the plan's buckets")
+        stream = ((b, open_bucket(h)) for b, h in zip(plan.buckets, handles, strict=True))
+        return json.dumps(self._consume(plan, stream, apply))
+
+    def _consume(self, plan: TransferPlan, stream: Iterator[tuple[Bucket, torch.Tensor]],
+                 apply: str) -> dict:
+        sums: list[int] = []
+        seconds: dict[str, float] = {}
+        nbytes = 0
+
+        def checked() -> Iterator[tuple[Bucket, torch.Tensor]]:
+            nonlocal nbytes
+            for bucket, buf in stream:
+                sums.append(checksum(buf))
+                nbytes += buf.numel()
+                yield bucket, buf
+
+        st = self._ws_state()
+        st["staged"] = []
+        if apply == "streaming":
+            self._reload(t for b, buf in checked() for t in unpack_bucket(b, buf))
+            applied = True
+        else:
+            st["staged"] = list(checked())
+            applied = False
+        if len(sums) != len(plan.buckets):
+            raise TransferError(f"received {len(sums)} of {len(plan.buckets)} buckets")
+        return {"nbytes": nbytes, "checksums": sums, "applied": applied, "seconds": seconds}
+
+    def ws_apply_staged(self) -> str:
+        st = self._ws_state()
+        staged, st["staged"] = st["staged"], []
+        if not staged:
+            raise ReloadError("nothing staged to apply")
+        t0 = time.perf_counter()
+        self._reload(t for b, buf in staged for t in unpack_bucket(b, buf))
+        return json.dumps({"reload": time.perf_counter() - t0})
+
+    def ws_drop_staged(self) -> str:
+        self._ws_state()["staged"] = []
+        return "ok"
+
+    def _reload(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        with torch.no_grad():
+            vllm_compat.reload_weights(self, weights, is_checkpoint_format=True)
+        if getattr(self, "device", torch.device("cpu")).type == "cuda":
+            torch.cuda.synchronize()
+
+    def ws_reload_from_path(self, path: str) -> str:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            vllm_compat.reload_weights_from_path(self, path)
+        self._ws_state()["expected"] = None
+        return json.dumps({"reload": time.perf_counter() - t0})

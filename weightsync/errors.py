@@ -1,0 +1,114 @@
+"""One exception hierarchy for the whole library.
+
+Every error carries the engine it concerns (when there is one) and a stable ``code`` so the
+HTTP layer maps it exactly once (see ``weightsync.api.errors``) and callers can branch on type.
+"""
+
+from __future__ import annotations
+
+
+class WeightSyncError(Exception):
+    """Base class. ``code`` is stable and machine-readable; ``engine`` names the engine."""
+
+    code = "weightsync_error"
+
+    def __init__(self, message: str, *, engine: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.engine = engine
+
+    def __str__(self) -> str:
+        return f"[{self.engine}] {self.message}" if self.engine else self.message
+
+    def __reduce__(self):  # keep type, message and engine across Ray's serialisation
+        return (_rebuild, (type(self), self.message, self.engine))
+
+
+def _rebuild(cls, message, engine):
+    return cls(message, engine=engine)
+
+
+class ConfigError(WeightSyncError):
+    """Bad configuration or bad user input (HTTP 422)."""
+
+    code = "config_error"
+
+
+class ManifestError(ConfigError):
+    """The weights offered do not fit the engine's model: unknown names, shapes or dtypes.
+
+    Raised before any byte moves; the engine is untouched and keeps serving.
+    """
+
+    code = "manifest_error"
+
+
+class EngineError(WeightSyncError):
+    """The engine is unavailable or failed an operation (HTTP 503)."""
+
+    code = "engine_error"
+
+
+class UnsupportedError(EngineError):
+    """The engine's platform cannot do this (e.g. sleep mode on CPU)."""
+
+    code = "unsupported"
+
+
+class IllegalStateError(WeightSyncError):
+    """The operation is not allowed in the engine's current state (HTTP 409)."""
+
+    code = "illegal_state"
+
+
+class SyncInProgressError(IllegalStateError):
+    """Another sync holds the fleet (HTTP 409)."""
+
+    code = "sync_in_progress"
+
+
+class FencedError(IllegalStateError):
+    """The engine is fenced: it failed a sync and must be resynced before it serves again."""
+
+    code = "fenced"
+
+
+class TransferError(WeightSyncError):
+    """Moving bytes failed: broken group, dead peer, checksum mismatch."""
+
+    code = "transfer_error"
+
+
+class VerificationError(TransferError):
+    """Bytes arrived but do not match what was sent, or engines disagree after loading."""
+
+    code = "verification_error"
+
+
+class ReloadError(EngineError):
+    """vLLM's reload_weights failed; the engine's weights are undefined until resynced."""
+
+    code = "reload_error"
+
+
+class DeadlineExceeded(WeightSyncError):
+    """A phase did not finish within its deadline (HTTP 504)."""
+
+    code = "deadline_exceeded"
+
+
+class SyncFailedError(WeightSyncError):
+    """A fleet sync failed. ``result`` holds the per-engine outcome (who failed, who is fenced)."""
+
+    code = "sync_failed"
+
+    def __init__(self, message: str, *, engine: str | None = None, result=None) -> None:
+        super().__init__(message, engine=engine)
+        self.result = result
+
+    def __reduce__(self):
+        return (_rebuild_failed, (self.message, self.engine, self.result))
+
+
+def _rebuild_failed(message, engine, result):
+    return SyncFailedError(message, engine=engine, result=result)

@@ -1,0 +1,137 @@
+"""Tiny random-weight models built locally — no model hub — for tests, demos and benchmarks.
+
+``build_text_model`` makes a Qwen2-style causal LM (head_dim 64, the minimum vLLM's CPU
+attention handles well) with a BPE tokenizer trained here with ``tokenizers``.
+``build_vl_model`` makes a tiny Qwen2-VL for encoder / multimodal-cache tests.
+Both are cached by directory: a second call with the same arguments returns at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "weights move from the trainer to the engine and the engine serves them",
+    "reward rises when the policy learns to say yes",
+    "one two three four five six seven eight nine ten",
+    "a b c d e f g h i j k l m n o p q r s t u v w x y z",
+    "0 1 2 3 4 5 6 7 8 9 + - * / = ( ) [ ] { } < > . , ; : ! ? ' \"",
+    "hello world, this is a tiny model for testing weight synchronisation",
+    "yes no maybe true false up down left right",
+]
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+           "<|image_pad|>", "<|video_pad|>"]
+
+
+def _train_tokenizer(out: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", bos_token=None)
+    fast.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+        "{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+        "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    fast.save_pretrained(out)
+
+
+def _done(out: Path, key: dict) -> bool:
+    marker = out / ".weightsync-tiny.json"
+    return marker.exists() and json.loads(marker.read_text()) == key
+
+
+def _mark(out: Path, key: dict) -> None:
+    (out / ".weightsync-tiny.json").write_text(json.dumps(key))
+
+
+def build_text_model(out: str | os.PathLike, *, hidden: int = 128, layers: int = 2,
+                     heads: int = 2, kv_heads: int = 1, vocab_size: int = 512,
+                     intermediate: int = 256, tie_word_embeddings: bool = False,
+                     dtype: str = "float32", seed: int = 0) -> Path:
+    """A Qwen2-style causal LM with random weights, saved as safetensors + tokenizer."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out = Path(out)
+    key = dict(kind="qwen2", hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,
+               vocab=vocab_size, inter=intermediate, tie=tie_word_embeddings, dtype=dtype, seed=seed)
+    if _done(out, key):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    _train_tokenizer(out, vocab_size)
+    from transformers import AutoTokenizer
+
+    n_vocab = len(AutoTokenizer.from_pretrained(out))
+    cfg = Qwen2Config(
+        vocab_size=max(vocab_size, n_vocab), hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+        intermediate_size=intermediate, max_position_embeddings=2048,
+        tie_word_embeddings=tie_word_embeddings, torch_dtype=dtype,
+        eos_token_id=0, pad_token_id=0, bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg).to(getattr(torch, dtype))
+    with torch.no_grad():  # larger-than-default init so greedy output depends on weights
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(out, safe_serialization=True)
+    _mark(out, key)
+    return out
+
+
+def build_vl_model(out: str | os.PathLike, *, hidden: int = 128, layers: int = 2,
+                   vocab_size: int = 512, dtype: str = "float32", seed: int = 0) -> Path:
+    """A tiny Qwen2-VL (vision tower + text model) with random weights and a processor."""
+    import torch
+    from transformers import (AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                              Qwen2VLImageProcessor, Qwen2VLProcessor)
+
+    out = Path(out)
+    key = dict(kind="qwen2vl", hidden=hidden, layers=layers, vocab=vocab_size, dtype=dtype, seed=seed)
+    if _done(out, key):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    _train_tokenizer(out, vocab_size)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
+    text = dict(vocab_size=max(vocab_size, len(tok)), hidden_size=hidden,
+                num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                intermediate_size=2 * hidden, max_position_embeddings=4096,
+                rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]},
+                tie_word_embeddings=False, torch_dtype=dtype)
+    vision = dict(depth=1, embed_dim=64, hidden_size=hidden, num_heads=1, mlp_ratio=2,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_chans=3)
+    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **text,
+                        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                        vision_start_token_id=ids["<|vision_start|>"],
+                        vision_end_token_id=ids["<|vision_end|>"], eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(cfg).to(getattr(torch, dtype))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(out, safe_serialization=True)
+    proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(
+        min_pixels=56 * 56, max_pixels=112 * 112), tokenizer=tok,
+        chat_template=tok.chat_template)
+    proc.save_pretrained(out)
+    _mark(out, key)
+    return out

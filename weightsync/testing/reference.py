@@ -1,0 +1,37 @@
+"""HF transformers references: what a model with given weights should generate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def load_trainer_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """The 'trainer' policy: the HF model from ``model_dir`` (random tiny weights)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+
+
+def perturb_(model: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> None:
+    """Stand-in for an optimizer step: add seeded noise to every weight, in place."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * scale)
+
+
+@torch.no_grad()
+def greedy(model, tokenizer, prompts: list[str], max_tokens: int) -> list[tuple[list[int], list[float]]]:
+    """Greedy continuation token ids and their logprobs, one prompt at a time (no padding)."""
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer(prompt).input_ids])
+        gen = model.generate(ids, max_new_tokens=max_tokens, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True,
+                             eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+        toks = gen.sequences[0, ids.shape[1]:].tolist()
+        lps = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(gen.scores, toks)]
+        out.append((toks, lps))
+    return out

@@ -1,0 +1,163 @@
+"""Bucketed broadcast from the trainer (rank 0) to every engine worker (ranks 1..N).
+
+gloo on CPU, NCCL (vLLM's ``PyNcclCommunicator``) between GPUs. Every collective waits with a
+deadline: a dead peer surfaces as ``TransferError``/``DeadlineExceeded``, never a hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+
+import torch
+
+from weightsync.engine import vllm_compat
+from weightsync.errors import DeadlineExceeded, TransferError
+from weightsync.transport.packing import checksum, named_tensors, pack_bucket
+from weightsync.types import Bucket, TransferPlan
+
+logger = logging.getLogger(__name__)
+
+
+def reserve_port(host: str, port: int = 0) -> socket.socket:
+    """Bind a listening socket now, so the port cannot be taken before the store uses it."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, port))
+    s.listen(128)
+    return s
+
+
+class _Group:
+    """A gloo group or NCCL communicator with deadline-bounded broadcast."""
+
+    def __init__(self, backend: str, group, device: torch.device) -> None:
+        self.backend = backend
+        self.group = group
+        self.device = device
+
+    def broadcast(self, buf: torch.Tensor, deadline_s: float, what: str) -> None:
+        self.start(buf).wait(deadline_s, what)
+
+    def start(self, buf: torch.Tensor) -> _Pending:
+        if self.backend == "gloo":
+            return _Pending(work=self.group.broadcast(buf, 0))
+        stream = torch.cuda.current_stream(self.device)
+        self.group.broadcast(buf, src=0, stream=stream)
+        event = torch.cuda.Event()
+        event.record(stream)
+        return _Pending(event=event)
+
+    def close(self) -> None:
+        vllm_compat.destroy_group(self.group)
+
+
+class _Pending:
+    def __init__(self, work=None, event=None) -> None:
+        self.work, self.event = work, event
+
+    def wait(self, deadline_s: float, what: str) -> None:
+        if self.work is not None:
+            try:
+                ok = self.work.wait(timedelta(seconds=deadline_s))
+            except RuntimeError as e:  # gloo raises on timeout and on a dead peer
+                if "timed out" in str(e).lower() or "timeout" in str(e).lower():
+                    raise DeadlineExceeded(f"{what}: no progress within {deadline_s:.1f}s ({e})") from e
+                raise TransferError(f"{what}: {e}") from e
+            if ok is False:
+                raise DeadlineExceeded(f"{what}: no progress within {deadline_s:.1f}s")
+            return
+        end = time.monotonic() + deadline_s  # NCCL: poll the event; never block the host forever
+        while not self.event.query():
+            if time.monotonic() > end:
+                raise DeadlineExceeded(f"{what}: NCCL broadcast stuck for {deadline_s:.1f}s")
+            time.sleep(0.0005)
+
+
+def open_group(backend: str, host: str, port: int, rank: int, world_size: int,
+               timeout_s: float, listen_socket: socket.socket | None = None) -> _Group:
+    """Join (rank > 0) or host (rank 0) a stateless group; raises within ``timeout_s``."""
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    result: dict = {}
+
+    def target() -> None:
+        try:
+            result["g"] = vllm_compat.stateless_group(host, port, rank, world_size, backend,
+                                                      timeout_s, listen_socket)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            result["e"] = e
+
+    # The rendezvous of older vLLM has no timeout argument: bound it from outside.
+    t = threading.Thread(target=target, name=f"ws-rendezvous-r{rank}", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        raise DeadlineExceeded(f"rendezvous {host}:{port} rank {rank}/{world_size} "
+                               f"incomplete after {timeout_s:.1f}s")
+    if "e" in result:
+        raise TransferError(f"rendezvous {host}:{port} rank {rank}/{world_size} failed: {result['e']}")
+    return _Group(backend, result["g"], device)
+
+
+class BroadcastSender:
+    """Trainer side: rank 0 of a group with every engine worker."""
+
+    def __init__(self, group: _Group) -> None:
+        self.group = group
+
+    def send(self, plan: TransferPlan, weights, deadline_s: float) -> list[int]:
+        """Broadcast every bucket of ``plan``; returns the per-bucket checksums.
+
+        Packing bucket k+1 overlaps the broadcast of bucket k (two buffers in flight at most).
+        """
+        tensors = dict(named_tensors(weights))
+        sums: list[int] = []
+        # (op, bucket, buffer): the buffer stays referenced until its broadcast completes
+        pending: tuple[_Pending, Bucket, torch.Tensor] | None = None
+        for bucket in plan.buckets:
+            buf = pack_bucket(bucket, tensors, self.group.device)
+            sums.append(checksum(buf))
+            op = self.group.start(buf)
+            if pending is not None:
+                pending[0].wait(deadline_s, f"broadcast bucket {pending[1].index}")
+            pending = (op, bucket, buf)
+        if pending is not None:
+            pending[0].wait(deadline_s, f"broadcast bucket {pending[1].index}")
+        return sums
+
+    def close(self) -> None:
+        self.group.close()
+
+
+class BroadcastReceiver:
+    """Engine-worker side: receives buckets into fresh buffers, one bucket ahead.
+
+    Each bucket gets a new buffer rather than a reused one: vLLM's layer-wise reload keeps
+    references to loaded tensors until a layer is complete, so reusing memory would corrupt
+    weights still waiting to be processed.
+    """
+
+    def __init__(self, group: _Group) -> None:
+        self.group = group
+
+    def receive(self, plan: TransferPlan, deadline_s: float) -> Iterator[tuple[Bucket, torch.Tensor]]:
+        def post(b: Bucket) -> tuple[Bucket, torch.Tensor, _Pending]:
+            buf = torch.empty(b.nbytes, dtype=torch.uint8, device=self.group.device)
+            return b, buf, self.group.start(buf)
+
+        queue = [post(b) for b in plan.buckets[:1]]
+        nxt = 1
+        while queue:
+            bucket, buf, op = queue.pop(0)
+            op.wait(deadline_s, f"receive bucket {bucket.index}")
+            if nxt < len(plan.buckets):
+                queue.append(post(plan.buckets[nxt]))
+                nxt += 1
+            yield bucket, buf
+
+    def close(self) -> None:
+        self.group.close()

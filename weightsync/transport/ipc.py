@@ -1,0 +1,75 @@
+"""CUDA IPC for a trainer and an engine sharing one GPU (colocated mode).
+
+The trainer packs buckets on its GPU and shares each as a typed ``IpcBucketHandle`` — plain
+fields, no pickle — that travels through Ray to the colocated engine actor and on to its
+worker, which maps the same memory without a copy. A handle cannot be opened in the process
+that made it, so trainer and vLLM worker must be different processes.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from weightsync.errors import TransferError
+
+
+class IpcBucketHandle(BaseModel):
+    """Everything ``rebuild_cuda_tensor`` needs for a flat uint8 buffer, as plain values."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_bytes="base64",
+                              val_json_bytes="base64")
+
+    index: int
+    nbytes: int
+    device_uuid: str
+    tensor_offset: int
+    storage_cls: str  # "TypedStorage" | "UntypedStorage", as reduce_tensor reported it
+    handle: bytes
+    storage_size: int
+    storage_offset: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+
+
+def device_uuid(device: torch.device | int) -> str:
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+def share_bucket(index: int, buf: torch.Tensor) -> IpcBucketHandle:
+    """Describe ``buf`` (a flat uint8 CUDA tensor) for another process on the same GPU."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    if buf.device.type != "cuda" or buf.dtype != torch.uint8 or buf.dim() != 1:
+        raise TransferError("IPC shares flat uint8 CUDA buffers only")
+    _, args = reduce_tensor(buf)
+    # args: (cls, size, stride, offset, storage_cls, dtype, device, handle, storage_size,
+    #        storage_offset, requires_grad, ref_counter_handle, ref_counter_offset,
+    #        event_handle, event_sync_required)
+    return IpcBucketHandle(
+        index=index, nbytes=buf.numel(), device_uuid=device_uuid(buf.device),
+        tensor_offset=args[3], storage_cls=args[4].__name__, handle=args[7], storage_size=args[8], storage_offset=args[9],
+        ref_counter_handle=args[11], ref_counter_offset=args[12],
+        event_handle=args[13], event_sync_required=args[14],
+    )
+
+
+_STORAGE = {"TypedStorage": torch.storage.TypedStorage, "UntypedStorage": torch.UntypedStorage}
+
+
+def open_bucket(h: IpcBucketHandle) -> torch.Tensor:
+    """Map a shared buffer in this process, on the local device with the same UUID."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    local = {device_uuid(i): i for i in range(torch.cuda.device_count())}
+    if h.device_uuid not in local:
+        raise TransferError(f"IPC bucket {h.index} lives on GPU {h.device_uuid}, "
+                            "which this process cannot see (not colocated)")
+    return rebuild_cuda_tensor(
+        torch.Tensor, torch.Size((h.nbytes,)), (1,), h.tensor_offset, _STORAGE[h.storage_cls],
+        torch.uint8, local[h.device_uuid], h.handle, h.storage_size, h.storage_offset,
+        False, h.ref_counter_handle, h.ref_counter_offset, h.event_handle,
+        h.event_sync_required,
+    )

@@ -1,0 +1,141 @@
+"""Pure bucket planning, packing, unpacking and checksums. No I/O, no process groups.
+
+Tensors are packed back to back into flat ``uint8`` buffers at ``ALIGN``-byte offsets, so
+every tensor in a received bucket is a zero-copy view of it. Padding is zero on the sender, so
+sender and receiver checksum identical bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+
+from weightsync.errors import ConfigError
+from weightsync.types import Bucket, ParamSlot, TensorSpec, TransferPlan
+
+ALIGN = 256  # bytes; a multiple of every dtype's size and of the CUDA allocator's granularity
+_MOD = (1 << 61) - 1  # Mersenne prime for folding per-row sums on the host
+_ROW_WORDS = 1 << 15  # 32-bit words per checksum row: row sums stay below 2**62
+_BLOCK_ROWS = 128  # rows converted to int64 at once (16 MiB of input)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ConfigError(f"unknown dtype {name!r}")
+    return dt
+
+
+def spec_of(name: str, tensor: torch.Tensor) -> TensorSpec:
+    return TensorSpec(name=name, dtype=dtype_name(tensor.dtype), shape=tuple(tensor.shape))
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def plan_buckets(specs: Sequence[TensorSpec], bucket_bytes: int, version: int) -> TransferPlan:
+    """Group tensors, in the given order, into buckets of about ``bucket_bytes``.
+
+    A tensor larger than ``bucket_bytes`` gets a bucket of its own; nothing is split, so a
+    receiver can hand out whole tensors as soon as their bucket lands.
+    """
+    buckets: list[Bucket] = []
+    slots: list[ParamSlot] = []
+    used = 0
+
+    def close() -> None:
+        nonlocal slots, used
+        if slots:
+            buckets.append(Bucket(index=len(buckets), nbytes=_align(used), slots=tuple(slots)))
+        slots, used = [], 0
+
+    for spec in specs:
+        size = spec.nbytes
+        if slots and used + size > bucket_bytes:
+            close()
+        slots.append(ParamSlot(**spec.model_dump(), offset=used))
+        used = _align(used + size)
+    close()
+    return TransferPlan(version=version, buckets=tuple(buckets))
+
+
+def pack_bucket(bucket: Bucket, tensors: dict[str, torch.Tensor], device: torch.device | str) -> torch.Tensor:
+    """Copy the bucket's tensors into one new flat uint8 buffer on ``device``."""
+    buf = torch.zeros(bucket.nbytes, dtype=torch.uint8, device=device)
+    for slot in bucket.slots:
+        src = tensors[slot.name].detach()
+        if dtype_name(src.dtype) != slot.dtype or tuple(src.shape) != slot.shape:
+            raise ConfigError(
+                f"tensor {slot.name} is {dtype_name(src.dtype)}{tuple(src.shape)}, "
+                f"plan says {slot.dtype}{slot.shape}"
+            )
+        view = buf[slot.offset : slot.offset + slot.nbytes].view(src.dtype).view(src.shape)
+        view.copy_(src, non_blocking=True)
+    return buf
+
+
+def unpack_bucket(bucket: Bucket, buf: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, view)`` for each tensor in ``buf``. Views share ``buf``'s memory."""
+    for slot in bucket.slots:
+        raw = buf[slot.offset : slot.offset + slot.nbytes]
+        yield slot.name, raw.view(torch_dtype(slot.dtype)).view(slot.shape)
+
+
+def checksum(buf: torch.Tensor) -> int:
+    """Position-sensitive checksum of a flat uint8 buffer, identical on CPU and GPU.
+
+    Integer sums are exact and order-independent, so the value does not depend on the device
+    or on reduction order. Cost: one pass over the bytes plus one small host transfer.
+    """
+    if buf.dtype != torch.uint8 or buf.dim() != 1:
+        raise ConfigError("checksum takes a flat uint8 buffer")
+    n = buf.numel()
+    if n == 0:
+        return 0
+    pad = (-n) % (4 * _ROW_WORDS)
+    if pad:
+        buf = torch.cat([buf, torch.zeros(pad, dtype=torch.uint8, device=buf.device)])
+    rows = buf.view(torch.int32).view(-1, _ROW_WORDS)
+    weights = torch.arange(1, _ROW_WORDS + 1, dtype=torch.int64, device=buf.device)
+    plain, weighted = [], []
+    for start in range(0, rows.shape[0], _BLOCK_ROWS):
+        block = rows[start : start + _BLOCK_ROWS].to(torch.int64)
+        plain.append(block.sum(dim=1))
+        weighted.append((block * weights).sum(dim=1))
+    p = torch.cat(plain).tolist()
+    w = torch.cat(weighted).tolist()
+    acc = n
+    for i, (a, b) in enumerate(zip(p, w, strict=True)):
+        acc = (acc * 1_000_003 + (a % _MOD) * (i + 1) + (b % _MOD)) % _MOD
+    return acc
+
+
+def named_tensors(weights) -> Iterable[tuple[str, torch.Tensor]]:
+    """Accept a ``torch.nn.Module``, a mapping of name -> tensor, or an iterable of pairs.
+
+    For a module, ``named_parameters()`` plus persistent buffers are used; tied parameters
+    appear once (PyTorch de-duplicates shared storage).
+    """
+    if isinstance(weights, torch.nn.Module):
+        yield from weights.named_parameters()
+        persistent = {n for n, _ in weights.named_buffers() if _is_persistent(weights, n)}
+        for n, b in weights.named_buffers():
+            if n in persistent:
+                yield n, b
+        return
+    if hasattr(weights, "items"):
+        yield from weights.items()
+        return
+    yield from weights
+
+
+def _is_persistent(module: torch.nn.Module, name: str) -> bool:
+    mod_name, _, buf_name = name.rpartition(".")
+    mod = module.get_submodule(mod_name) if mod_name else module
+    return buf_name not in mod._non_persistent_buffers_set

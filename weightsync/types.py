@@ -1,0 +1,211 @@
+"""Typed values that cross process boundaries: manifests, plans, states, results.
+
+Everything here is a frozen pydantic model, so wire data is parsed and validated at exactly one
+boundary (``Model.model_validate_json``) and never travels as ``dict[str, Any]``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# dtype names as torch spells them (``str(torch.float32).removeprefix("torch.")``).
+DTYPE_ITEMSIZE: dict[str, int] = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float64": 8,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "int8": 1,
+    "uint8": 1,
+    "int16": 2,
+    "int32": 4,
+    "int64": 8,
+    "bool": 1,
+}
+
+PauseMode = Literal["abort", "wait", "keep"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TensorSpec(_Frozen):
+    """Name, dtype and shape of one checkpoint-format tensor."""
+
+    name: str = Field(min_length=1)
+    dtype: str
+    shape: tuple[int, ...]
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, v: str) -> str:
+        v = v.removeprefix("torch.")
+        if v not in DTYPE_ITEMSIZE:
+            raise ValueError(f"unsupported dtype {v!r}; known: {sorted(DTYPE_ITEMSIZE)}")
+        return v
+
+    @field_validator("shape")
+    @classmethod
+    def _non_negative(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(d < 0 for d in v):
+            raise ValueError(f"negative dimension in shape {v}")
+        return v
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_ITEMSIZE[self.dtype]
+
+
+class ParamSlot(TensorSpec):
+    """A tensor's place inside a bucket: bytes ``[offset, offset + nbytes)``."""
+
+    offset: int = Field(ge=0)
+
+
+class Bucket(_Frozen):
+    """One flat byte buffer carrying several tensors back to back (aligned offsets)."""
+
+    index: int = Field(ge=0)
+    nbytes: int = Field(ge=0)
+    slots: tuple[ParamSlot, ...]
+
+    @model_validator(mode="after")
+    def _slots_fit(self) -> Bucket:
+        end = 0
+        for s in self.slots:
+            if s.offset < end:
+                raise ValueError(f"slot {s.name} overlaps the previous one in bucket {self.index}")
+            end = s.offset + s.nbytes
+        if end > self.nbytes:
+            raise ValueError(f"bucket {self.index}: slots need {end} bytes, bucket has {self.nbytes}")
+        return self
+
+
+class TransferPlan(_Frozen):
+    """What the sender will send, in order. Both ends derive their work from this one value."""
+
+    version: int = Field(ge=1)
+    buckets: tuple[Bucket, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(b.nbytes for b in self.buckets)
+
+    @property
+    def specs(self) -> list[TensorSpec]:
+        return [TensorSpec(name=s.name, dtype=s.dtype, shape=s.shape)
+                for b in self.buckets for s in b.slots]
+
+    @model_validator(mode="after")
+    def _unique(self) -> TransferPlan:
+        names = [s.name for b in self.buckets for s in b.slots]
+        if len(names) != len(set(names)):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"tensor names sent twice: {dup[:5]}")
+        if [b.index for b in self.buckets] != list(range(len(self.buckets))):
+            raise ValueError("bucket indices must be 0..n-1 in order")
+        return self
+
+
+class EngineState(str, enum.Enum):
+    """Where an engine is in the sync protocol. ``FENCED`` engines are not routable."""
+
+    STARTING = "starting"
+    SERVING = "serving"
+    PAUSED = "paused"
+    ASLEEP = "asleep"
+    WEIGHTS_AWAKE = "weights_awake"
+    LOADING = "loading"
+    FENCED = "fenced"
+    STOPPED = "stopped"
+
+
+class Phase(str, enum.Enum):
+    PAUSE = "pause"
+    SLEEP = "sleep"
+    WAKE_WEIGHTS = "wake_weights"
+    TRANSFER = "transfer"
+    RELOAD = "reload"
+    RESET_CACHES = "reset_caches"
+    VERIFY = "verify"
+    WAKE_KV = "wake_kv"
+    RESUME = "resume"
+
+
+class ReceiveReport(_Frozen):
+    """What an engine's workers say after receiving (and, when streaming, applying) a plan."""
+
+    engine: str
+    version: int
+    nbytes: int
+    checksums: tuple[int, ...]  # one per bucket, rank 0 of the engine
+    applied: bool  # True once reload_weights consumed every tensor
+    seconds: dict[str, float] = Field(default_factory=dict)
+
+
+class EngineSyncReport(_Frozen):
+    """One engine's outcome in one fleet sync."""
+
+    engine: str
+    ok: bool
+    version: int  # the version the engine serves after this sync
+    seconds: dict[str, float] = Field(default_factory=dict)
+    skipped: tuple[str, ...] = ()  # phases skipped and why, e.g. "sleep: unsupported on cpu"
+    nbytes: int = 0
+    checksum_ok: bool | None = None
+    fingerprint: str | None = None
+    error: str | None = None
+    fenced: bool = False
+
+
+class SyncResult(_Frozen):
+    """A fleet sync's result: the version it published and what every engine did."""
+
+    version: int
+    ok: bool
+    mode: Literal["broadcast", "ipc", "checkpoint"]
+    nbytes: int
+    sender_checksums: tuple[int, ...] = ()
+    engines: tuple[EngineSyncReport, ...]
+    seconds: dict[str, float] = Field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[str]:
+        return [e.engine for e in self.engines if not e.ok]
+
+
+class EngineStatus(_Frozen):
+    """What an engine reports about itself (status page, /status, coordinator)."""
+
+    name: str
+    state: EngineState
+    version: int
+    device: str
+    sleep_supported: bool
+    sleep_level: int = 0
+    fenced_reason: str | None = None
+    last_sync: dict[str, float] = Field(default_factory=dict)
+    model: str
+
+
+class GenerationResult(_Frozen):
+    """One finished request, stamped with the weight version(s) that produced it.
+
+    ``version`` is set when one version produced every token; a request that lived across a
+    sync in ``keep`` mode has ``version=None`` and the two versions in ``versions``.
+    """
+
+    prompt: str | None = None
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...] = ()
+    finish_reason: str | None = None
+    version: int | None
+    versions: tuple[int, int]
+    aborted: bool = False
