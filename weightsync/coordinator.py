@@ -27,7 +27,7 @@ from weightsync.errors import (ConfigError, DeadlineExceeded, EngineError, Manif
                                SyncFailedError, SyncInProgressError, TransferError,
                                VerificationError, WeightSyncError)
 from weightsync.metrics import SyncMetrics
-from weightsync.transport.broadcast import BroadcastSender, open_group, reserve_port
+from weightsync.transport.broadcast import BroadcastSender, free_port, open_group
 from weightsync.transport.packing import named_tensors, pack_bucket, plan_buckets, spec_of
 from weightsync.types import EngineState, EngineStatus, EngineSyncReport, PauseMode, SyncResult, TransferPlan
 
@@ -229,9 +229,9 @@ class SyncCoordinator:
             self._phase("validate")
             refs = {n: e.actor.validate.remote(plan_json) for n, e in fleet.items()}
             _, bad = self._gather(refs, dl.verify)
-            manifest = [e for e in bad.values() if isinstance(e, ManifestError)]
-            if manifest:
-                raise manifest[0]
+            if bad:  # nothing was touched anywhere: report the most specific error
+                manifest = [e for e in bad.values() if isinstance(e, ManifestError)]
+                raise manifest[0] if manifest else next(iter(bad.values()))
         self._phase("pause")
         refs = {n: e.actor.begin_sync.remote(plan_json=None, pause_mode=pause_mode,
                                              sleep_level=sleep_level,
@@ -249,8 +249,7 @@ class SyncCoordinator:
     def _transfer_broadcast(self, fleet, plan, plan_json, tensors) -> tuple[list[int], dict]:
         dl, cfg = self.transfer.deadlines, self.transfer
         world = 1 + len(fleet)
-        sock = reserve_port(cfg.host, cfg.port)
-        port = sock.getsockname()[1]
+        port = free_port(cfg.host, cfg.port)
         joins = {n: e.actor.join_group.remote(cfg.backend, cfg.host, port, 1 + i, world,
                                               dl.rendezvous)
                  for i, (n, e) in enumerate(fleet.items())}
@@ -260,7 +259,7 @@ class SyncCoordinator:
         try:
             try:
                 sender = BroadcastSender(open_group(cfg.backend, cfg.host, port, 0, world,
-                                                    dl.rendezvous, listen_socket=sock))
+                                                    dl.rendezvous))
             except WeightSyncError as e:
                 _, bad = self._gather(joins, dl.rendezvous * 0.5)
                 if not bad:

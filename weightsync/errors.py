@@ -112,3 +112,13 @@ class SyncFailedError(WeightSyncError):
 
 def _rebuild_failed(message, engine, result):
     return SyncFailedError(message, engine=engine, result=result)
+
+
+def error_class(code: str) -> type[WeightSyncError]:
+    """The error class for a ``code`` (for errors that crossed a process boundary as data)."""
+    todo, seen = [WeightSyncError], {}
+    while todo:
+        cls = todo.pop()
+        seen[cls.code] = cls
+        todo.extend(cls.__subclasses__())
+    return seen.get(code, WeightSyncError)

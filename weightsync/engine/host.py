@@ -17,8 +17,9 @@ from typing import Any
 
 from weightsync.config import EngineSpec
 from weightsync.engine import vllm_compat
+from weightsync.engine.worker_ext import ERROR_KEY
 from weightsync.errors import (DeadlineExceeded, EngineError, FencedError, IllegalStateError,
-                               UnsupportedError, WeightSyncError)
+                               UnsupportedError, WeightSyncError, error_class)
 from weightsync.types import EngineState, EngineStatus, GenerationResult, PauseMode
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class EngineHost:
     # ---- serving -------------------------------------------------------------------------
     async def generate(self, prompts: list[Any], *, max_tokens: int = 16,
                        temperature: float = 0.0, logprobs: bool = False, seed: int | None = None,
+                       ignore_eos: bool = False, n: int = 1,
                        wait_s: float = 300.0) -> list[GenerationResult]:
         """Generate for each prompt (a string, or a vLLM prompt dict with multimodal data).
 
@@ -94,8 +96,9 @@ class EngineHost:
                               engine=self.spec.name) from e
         self._require_routable()
         params = vllm_compat.sampling_params(max_tokens=max_tokens, temperature=temperature,
-                                             logprobs=0 if logprobs else None, seed=seed)
-        return list(await asyncio.gather(*(self._one(p, params) for p in prompts)))
+                                             logprobs=0 if logprobs else None, seed=seed,
+                                             ignore_eos=ignore_eos)
+        return list(await asyncio.gather(*(self._one(p, params) for p in prompts for _ in range(n))))
 
     async def _one(self, prompt: Any, params: Any) -> GenerationResult:
         v0 = self.version
@@ -127,13 +130,18 @@ class EngineHost:
                 engine=self.spec.name)
 
     async def _rpc(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
+        """collective_rpc with a deadline; worker errors come back as the same typed errors."""
         try:
-            return await asyncio.wait_for(self.engine.collective_rpc(method, args=args), timeout)
-        except WeightSyncError as e:
-            e.engine = e.engine or self.spec.name
-            raise
+            out = await asyncio.wait_for(self.engine.collective_rpc(method, args=args), timeout)
         except TimeoutError as e:
             raise DeadlineExceeded(f"{method} exceeded {timeout}s", engine=self.spec.name) from e
+        except Exception as e:  # noqa: BLE001 - vLLM reports worker crashes as plain Exception
+            raise EngineError(f"{method} failed in the worker: {e}", engine=self.spec.name) from e
+        for o in out:
+            if isinstance(o, str) and o.startswith('{"' + ERROR_KEY):
+                err = json.loads(o)
+                raise error_class(err[ERROR_KEY])(err["message"], engine=self.spec.name)
+        return out
 
     async def validate(self, plan_json: str) -> None:
         """Check a plan against the model before anything changes (raises ManifestError)."""
@@ -280,6 +288,21 @@ class EngineHost:
         self.fenced_reason = reason
         self._serving.clear()
         logger.error("engine %s fenced: %s", self.spec.name, reason)
+
+    async def pause(self, mode: PauseMode = "abort") -> EngineStatus:
+        """Manual pause (control plane). New requests wait until ``resume``."""
+        self._expect(EngineState.SERVING, op="pause")
+        self._serving.clear()
+        await self.engine.pause_generation(mode=mode)
+        self.state = EngineState.PAUSED
+        return self.status()
+
+    async def resume(self) -> EngineStatus:
+        self._expect(EngineState.PAUSED, op="resume")
+        await self.engine.resume_generation()
+        self.state = EngineState.SERVING
+        self._serving.set()
+        return self.status()
 
     async def runner_class(self) -> str:
         return self.info["runner"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import socket
 from datetime import timedelta
 from typing import Any
 
@@ -104,7 +103,7 @@ def reload_weights_from_path(worker: Any, weights_path: str | None) -> None:
 
 
 def stateless_group(host: str, port: int, rank: int, world_size: int, backend: str,
-                    timeout_s: float, listen_socket: socket.socket | None = None) -> Any:
+                    timeout_s: float) -> Any:
     """A process group outside torch.distributed's global state (rank 0 hosts the store).
 
     gloo: returns a torch ProcessGroup (call ``pg.broadcast(t, root).wait(timeout)``).
@@ -114,8 +113,6 @@ def stateless_group(host: str, port: int, rank: int, world_size: int, backend: s
         from vllm.distributed.utils import stateless_init_torch_distributed_process_group as init
 
         kw: dict[str, Any] = {}
-        if listen_socket is not None:
-            kw["listen_socket"] = listen_socket
         if "timeout" in inspect.signature(init).parameters:
             kw["timeout"] = timedelta(seconds=timeout_s)
         return init(host, port, rank, world_size, backend="gloo", **kw)
@@ -128,10 +125,6 @@ def stateless_group(host: str, port: int, rank: int, world_size: int, backend: s
         params = inspect.signature(StatelessProcessGroup.create).parameters
         if "store_timeout" in params:
             kw["store_timeout"] = int(timeout_s)
-        if listen_socket is not None and "listen_socket" in params:
-            kw["listen_socket"] = listen_socket
-        elif listen_socket is not None:
-            listen_socket.close()
         spg = StatelessProcessGroup.create(host=host, port=port, rank=rank,
                                            world_size=world_size, **kw)
         return PyNcclCommunicator(spg, device=torch.cuda.current_device())

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import torch
 
 from weightsync.engine import vllm_compat
-from weightsync.errors import ManifestError, ReloadError, TransferError
+from weightsync.errors import ManifestError, ReloadError, TransferError, WeightSyncError
 from weightsync.transport.broadcast import BroadcastReceiver, open_group
 from weightsync.transport.ipc import IpcBucketHandle, open_bucket
 from weightsync.transport.packing import checksum, dtype_name, unpack_bucket
@@ -27,6 +27,23 @@ from weightsync.types import Bucket, TensorSpec, TransferPlan
 logger = logging.getLogger(__name__)
 
 _FLOATS = {"float32", "float16", "bfloat16", "float64"}
+ERROR_KEY = "__weightsync_error__"
+
+
+def typed_errors(fn):
+    """vLLM turns worker exceptions into plain strings; return ours as data so the host can
+    re-raise the same typed error (``EngineHost._rpc``)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except WeightSyncError as e:
+            logger.warning("worker: %s failed: %s", fn.__name__, e)
+            return json.dumps({ERROR_KEY: e.code, "message": e.message})
+
+    return wrapper
 
 
 def checkpoint_specs(model_dir: str) -> dict[str, TensorSpec]:
@@ -82,6 +99,7 @@ class WeightSyncWorkerExtension:
         return self._ws
 
     # ---- introspection -------------------------------------------------------------------
+    @typed_errors
     def ws_info(self) -> str:
         mc = self.model_runner.model_config
         return json.dumps({
@@ -98,6 +116,7 @@ class WeightSyncWorkerExtension:
             st["expected"] = checkpoint_specs(str(self.model_runner.model_config.model))
         return st["expected"]
 
+    @typed_errors
     def ws_validate(self, plan_json: str) -> str:
         plan = TransferPlan.model_validate_json(plan_json)
         mc = self.model_runner.model_config
@@ -106,6 +125,7 @@ class WeightSyncWorkerExtension:
         validate_plan(plan, self._expected(), dtype_name(mc.dtype), tied)
         return "ok"
 
+    @typed_errors
     def ws_fingerprint(self) -> str:
         """Digest of every parameter as loaded (vLLM layout). Equal across a verified fleet."""
         h = hashlib.sha256()
@@ -116,6 +136,7 @@ class WeightSyncWorkerExtension:
         return h.hexdigest()[:32]
 
     # ---- transport -----------------------------------------------------------------------
+    @typed_errors
     def ws_join_group(self, backend: str, host: str, port: int, rank_offset: int,
                       world_size: int, timeout_s: float) -> str:
         self.ws_leave_group()
@@ -124,6 +145,7 @@ class WeightSyncWorkerExtension:
         self._ws_state()["receiver"] = BroadcastReceiver(group)
         return json.dumps({"rank": rank})
 
+    @typed_errors
     def ws_leave_group(self) -> str:
         st = self._ws_state()
         if st["receiver"] is not None:
@@ -131,6 +153,7 @@ class WeightSyncWorkerExtension:
             st["receiver"] = None
         return "ok"
 
+    @typed_errors
     def ws_receive(self, plan_json: str, apply: str, deadline_s: float) -> str:
         """Receive a plan over the group; stage it, or stream it into reload_weights."""
         plan = TransferPlan.model_validate_json(plan_json)
@@ -147,6 +170,7 @@ class WeightSyncWorkerExtension:
         report["seconds"]["transfer_total"] = time.perf_counter() - t0
         return json.dumps(report)
 
+    @typed_errors
     def ws_receive_ipc(self, plan_json: str, handles_json: str, apply: str) -> str:
         """Map colocated CUDA-IPC buckets; stage them or apply them at once."""
         plan = TransferPlan.model_validate_json(plan_json)
@@ -181,6 +205,7 @@ class WeightSyncWorkerExtension:
             raise TransferError(f"received {len(sums)} of {len(plan.buckets)} buckets")
         return {"nbytes": nbytes, "checksums": sums, "applied": applied, "seconds": seconds}
 
+    @typed_errors
     def ws_apply_staged(self) -> str:
         st = self._ws_state()
         staged, st["staged"] = st["staged"], []
@@ -190,6 +215,7 @@ class WeightSyncWorkerExtension:
         self._reload(t for b, buf in staged for t in unpack_bucket(b, buf))
         return json.dumps({"reload": time.perf_counter() - t0})
 
+    @typed_errors
     def ws_drop_staged(self) -> str:
         self._ws_state()["staged"] = []
         return "ok"
@@ -200,6 +226,7 @@ class WeightSyncWorkerExtension:
         if getattr(self, "device", torch.device("cpu")).type == "cuda":
             torch.cuda.synchronize()
 
+    @typed_errors
     def ws_reload_from_path(self, path: str) -> str:
         t0 = time.perf_counter()
         with torch.no_grad():

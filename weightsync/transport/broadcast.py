@@ -23,13 +23,18 @@ from weightsync.types import Bucket, TransferPlan
 logger = logging.getLogger(__name__)
 
 
-def reserve_port(host: str, port: int = 0) -> socket.socket:
-    """Bind a listening socket now, so the port cannot be taken before the store uses it."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((host, port))
-    s.listen(128)
-    return s
+def free_port(host: str, port: int = 0) -> int:
+    """A port for the group's store (``port`` itself when non-zero).
+
+    The store is created by the rendezvous from a port number, not from a pre-bound socket:
+    handing a socket's fd to torch's TCPStore double-closes it when the rendezvous times out,
+    which can close an unrelated file opened meanwhile.
+    """
+    if port:
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 class _Group:
@@ -79,7 +84,7 @@ class _Pending:
 
 
 def open_group(backend: str, host: str, port: int, rank: int, world_size: int,
-               timeout_s: float, listen_socket: socket.socket | None = None) -> _Group:
+               timeout_s: float) -> _Group:
     """Join (rank > 0) or host (rank 0) a stateless group; raises within ``timeout_s``."""
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     result: dict = {}
@@ -87,7 +92,7 @@ def open_group(backend: str, host: str, port: int, rank: int, world_size: int,
     def target() -> None:
         try:
             result["g"] = vllm_compat.stateless_group(host, port, rank, world_size, backend,
-                                                      timeout_s, listen_socket)
+                                                      timeout_s)
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller
             result["e"] = e
 

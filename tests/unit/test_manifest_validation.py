@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from weightsync.engine.worker_ext import checkpoint_specs, validate_plan
+from weightsync.errors import ManifestError
+from weightsync.transport.packing import plan_buckets, spec_of
+from weightsync.types import TensorSpec
+
+
+def _expected():
+    return {
+        "w": TensorSpec(name="w", dtype="bfloat16", shape=(4, 4)),
+        "ids": TensorSpec(name="ids", dtype="int64", shape=(3,)),
+    }
+
+
+def _plan(**ts):
+    return plan_buckets([spec_of(n, t) for n, t in ts.items()], 1 << 20, 1)
+
+
+def test_accepts_serving_dtype_and_fp32_master_weights():
+    validate_plan(_plan(w=torch.zeros(4, 4, dtype=torch.bfloat16)), _expected(), "bfloat16", set())
+    validate_plan(_plan(w=torch.zeros(4, 4)), _expected(), "bfloat16", set())
+
+
+def test_rejects_unknown_shape_and_dtype_with_every_problem_listed():
+    plan = _plan(w=torch.zeros(4, 5, dtype=torch.bfloat16), ids=torch.zeros(3, dtype=torch.int32),
+                 nope=torch.zeros(1))
+    with pytest.raises(ManifestError) as e:
+        validate_plan(plan, _expected(), "bfloat16", set())
+    msg = str(e.value)
+    assert "3 tensor(s)" in msg and "'nope'" in msg and "shape [4, 5]" in msg and "int32" in msg
+
+
+def test_tied_names_are_allowed():
+    validate_plan(_plan(**{"lm_head.weight": torch.zeros(2)}), _expected(), "bfloat16",
+                  {"lm_head.weight"})
+
+
+def test_checkpoint_specs_reads_headers(tiny_model):
+    specs = checkpoint_specs(str(tiny_model))
+    assert "model.embed_tokens.weight" in specs
+    assert specs["model.embed_tokens.weight"].dtype == "float32"
+    with pytest.raises(ManifestError, match="no \\*.safetensors"):
+        checkpoint_specs("/nonexistent")
