@@ -43,7 +43,7 @@ class TransferConfig(_Frozen):
     """
 
     backend: Literal["gloo", "nccl"] = "gloo"
-    bucket_bytes: int = Field(64 * MiB, ge=1 * MiB)
+    bucket_bytes: int = Field(64 * MiB, ge=64 * 1024)
     apply: Literal["staged", "streaming"] = "staged"
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)  # 0: pick a free port per session

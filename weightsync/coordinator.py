@@ -18,22 +18,37 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 import ray
 
 from weightsync.config import TransferConfig
-from weightsync.errors import (ConfigError, DeadlineExceeded, EngineError, ManifestError,
-                               SyncFailedError, SyncInProgressError, TransferError,
-                               VerificationError, WeightSyncError)
+from weightsync.errors import (ConfigError, EngineDeadError, EngineError, EngineUnresponsive,
+                               ManifestError, SyncFailedError, SyncInProgressError,
+                               TransferError, VerificationError, WeightSyncError)
 from weightsync.metrics import SyncMetrics
 from weightsync.transport.broadcast import BroadcastSender, free_port, open_group
 from weightsync.transport.packing import named_tensors, pack_bucket, plan_buckets, spec_of
-from weightsync.types import EngineState, EngineStatus, EngineSyncReport, PauseMode, SyncResult, TransferPlan
+from weightsync.types import (EngineState, EngineStatus, EngineSyncReport, PauseMode, SyncResult,
+                              TensorSpec, TransferPlan)
 
 logger = logging.getLogger(__name__)
 
 PhaseHook = Callable[[str, str | None], None]  # (phase, engine or None)
+
+
+class ExternalSender(Protocol):
+    """The far end of ``SyncCoordinator.sync_external``: a sender in another process (a trainer
+    outside the Ray cluster) that hosts the group as rank 0 and broadcasts the plan."""
+
+    address: tuple[str, int]  # where rank 0 hosts the group's store
+
+    def ready(self, plan: TransferPlan, world_size: int) -> None:
+        """The engines are joining ``address``: the sender may open the group and send."""
+
+    def wait_checksums(self, timeout: float) -> list[int]:
+        """The sender's per-bucket checksums once it sent everything; raises a
+        ``WeightSyncError`` if it failed, aborted, or did not finish within ``timeout``."""
 
 
 def _unwrap(e: BaseException) -> WeightSyncError:
@@ -44,7 +59,7 @@ def _unwrap(e: BaseException) -> WeightSyncError:
     if isinstance(e, WeightSyncError):
         return e
     if isinstance(e, ray.exceptions.RayActorError):
-        return EngineError(f"engine actor died: {type(e).__name__}")
+        return EngineDeadError(f"engine actor died: {type(e).__name__}")
     text = str(cause or e)
     if "ManifestError" in text:
         return ManifestError(text.splitlines()[-1])
@@ -72,6 +87,7 @@ class SyncCoordinator:
         self.version = max(s.version for s in statuses)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ws-coord")
+        self._ipc_keepalive: list[Any] | None = None  # this sync's CUDA-IPC buckets
 
     # ---- helpers ---------------------------------------------------------------------------
     def _phase(self, phase: str, engine: str | None = None) -> None:
@@ -87,7 +103,7 @@ class SyncCoordinator:
             try:
                 ok[name] = ray.get(ref, timeout=max(0.0, end - time.monotonic()))
             except ray.exceptions.GetTimeoutError:
-                bad[name] = DeadlineExceeded(f"no answer within {timeout:.1f}s", engine=name)
+                bad[name] = EngineUnresponsive(f"no answer within {timeout:.1f}s", engine=name)
             except Exception as e:  # noqa: BLE001 - classified by _unwrap
                 err = _unwrap(e)
                 err.engine = err.engine or name
@@ -104,7 +120,10 @@ class SyncCoordinator:
         return out
 
     def replace_engine(self, name: str, actor: Any) -> None:
-        """Swap in a restarted actor for ``name``; it stays unrouted until a sync verifies it."""
+        """Swap in a restarted actor for ``name``. It is fenced (it serves the original
+        checkpoint, not the fleet's version) until the next sync verifies it."""
+        ray.get(actor.fence.remote(f"restarted: awaiting a resync to version {self.version}"),
+                timeout=self.transfer.deadlines.verify)
         self.engines[name] = actor
 
     # ---- public API ------------------------------------------------------------------------
@@ -133,7 +152,7 @@ class SyncCoordinator:
         if not self._lock.acquire(blocking=False):
             raise SyncInProgressError("a sync is already running on this fleet")
         try:
-            version = self.version + 1
+            version = self._next_version()
             targets = self._targets(engines)
             t0 = time.perf_counter()
             fleet = {n: _Engine(n, self.engines[n]) for n in targets}
@@ -151,7 +170,42 @@ class SyncCoordinator:
         finally:
             self._lock.release()
 
+    def sync_external(self, specs: Sequence[TensorSpec], sender: ExternalSender, *,
+                      pause_mode: PauseMode = "abort", sleep_level: int = 0,
+                      engines: Sequence[str] | None = None) -> SyncResult:
+        """Sync weights that ``sender`` broadcasts from outside this process (e.g. a trainer
+        reaching the fleet through the control plane).
+
+        Same protocol as ``sync``: the plan is derived here from ``specs``, validated on every
+        engine before anything changes, and everything after the transfer (checksums against
+        the sender's, staged apply, fingerprints, commit or rollback) is the ``sync`` path.
+        """
+        if sleep_level not in (0, 1, 2):
+            raise ConfigError(f"sleep_level must be 0, 1 or 2, not {sleep_level}")
+        if not specs:
+            raise ConfigError("no tensors to sync")
+        if not self._lock.acquire(blocking=False):
+            raise SyncInProgressError("a sync is already running on this fleet")
+        try:
+            t0 = time.perf_counter()
+            plan = plan_buckets(list(specs), self.transfer.bucket_bytes, self.version + 1)
+            result = self._sync_wave(self._targets(engines), plan, None, pause_mode, sleep_level,
+                                     False, t0, external=sender)
+            if not result.ok:
+                raise SyncFailedError(f"sync to version {plan.version} failed on {result.failed}",
+                                      result=result)
+            return result
+        finally:
+            self._lock.release()
+
     # ---- the protocol ------------------------------------------------------------------------
+    def _next_version(self) -> int:
+        """One past the highest version any engine or this coordinator has seen, so another
+        coordinator (or a restarted trainer) over the same engines never reuses a number."""
+        seen = [s.version for s in self.statuses()]
+        self.version = max([self.version, *seen])
+        return self.version + 1
+
     def _targets(self, engines: Sequence[str] | None) -> list[str]:
         names = list(engines) if engines else list(self.engines)
         unknown = [n for n in names if n not in self.engines]
@@ -164,7 +218,7 @@ class SyncCoordinator:
         tensors = dict(named_tensors(weights))
         if not tensors:
             raise ConfigError("no tensors to sync")
-        version = self.version + 1
+        version = self._next_version()
         plan = plan_buckets([spec_of(n, t) for n, t in tensors.items()],
                             self.transfer.bucket_bytes, version)
         targets = self._targets(engines)
@@ -183,14 +237,16 @@ class SyncCoordinator:
         return result
 
     def _sync_wave(self, names, plan: TransferPlan, tensors, pause_mode, sleep_level, ipc,
-                   t0) -> SyncResult:
+                   t0, external: ExternalSender | None = None) -> SyncResult:
         fleet = {n: _Engine(n, self.engines[n]) for n in names}
         plan_json = plan.model_dump_json()
         self._begin(fleet, plan_json, pause_mode, sleep_level)
         dl = self.transfer.deadlines
         self._phase("transfer")
         t = time.perf_counter()
-        if ipc:
+        if external is not None:
+            sums, bad = self._transfer_external(fleet, plan, plan_json, external)
+        elif ipc:
             sums, bad = self._transfer_ipc(fleet, plan, plan_json, tensors)
         else:
             sums, bad = self._transfer_broadcast(fleet, plan, plan_json, tensors)
@@ -272,7 +328,8 @@ class SyncCoordinator:
                      for n, e in fleet.items()}
             send_error: WeightSyncError | None = None
             try:
-                sums = sender.send(plan, tensors, dl.transfer)
+                sums = sender.send(plan, tensors, dl.transfer,
+                                   on_bucket=lambda i: self._phase(f"bucket:{i}"))
             except WeightSyncError as e:
                 send_error = e
                 sender.close()  # break the group so receivers fail fast instead of waiting
@@ -299,6 +356,7 @@ class SyncCoordinator:
         from weightsync.transport.ipc import share_bucket
         from weightsync.transport.packing import checksum
 
+        self._release_ipc_buffers()  # left over from a sync that failed
         device = torch.device("cuda", torch.cuda.current_device())
         bufs = [pack_bucket(b, tensors, device) for b in plan.buckets]
         torch.cuda.synchronize(device)
@@ -310,13 +368,51 @@ class SyncCoordinator:
         ok, bad = self._gather(refs, self.transfer.deadlines.transfer * 1.6)
         for n, r in ok.items():
             fleet[n].report.update(checksums=r["checksums"], applied=r["applied"], nbytes=r["nbytes"])
-        if self.transfer.apply == "staged" and not bad:
-            # staged IPC views point at our buffers: keep them alive until applied
-            self._ipc_keepalive = bufs
+        # staged IPC views point at our buffers: keep them alive until applied or dropped
+        self._ipc_keepalive = bufs
         return sums, bad
+
+    def _release_ipc_buffers(self) -> None:
+        """Hand this sync's IPC buckets back to the device once every engine applied (or
+        dropped) them — before any engine wakes its KV cache into the same GPU."""
+        if self._ipc_keepalive is None:
+            return
+        import torch
+
+        self._ipc_keepalive = None
+        torch.cuda.ipc_collect()  # blocks the engines released are freed only now
+        torch.cuda.empty_cache()
+
+    def _transfer_external(self, fleet, plan, plan_json, sender: ExternalSender
+                           ) -> tuple[list[int], dict]:
+        """Engines join the group an outside sender hosts; its checksums come back by call."""
+        dl, cfg = self.transfer.deadlines, self.transfer
+        world = 1 + len(fleet)
+        host, port = sender.address
+        joins = {n: e.actor.join_group.remote(cfg.backend, host, port, 1 + i, world,
+                                              dl.rendezvous)
+                 for i, (n, e) in enumerate(fleet.items())}
+        sender.ready(plan, world)
+        _, bad = self._gather(joins, dl.rendezvous * 1.2)
+        if bad:  # the sync fails whatever the sender says: do not wait for it
+            return [], bad
+        recvs = {n: e.actor.receive.remote(plan_json, cfg.apply, dl.transfer)
+                 for n, e in fleet.items()}
+        ok, bad = self._gather(recvs, dl.transfer * 1.6)
+        for n, r in ok.items():
+            fleet[n].report.update(checksums=r["checksums"], applied=r["applied"],
+                                   nbytes=r["nbytes"])
+        if bad:
+            return [], bad
+        try:
+            return sender.wait_checksums(dl.transfer), bad
+        except WeightSyncError as e:
+            logger.error("external sender of version %d failed: %s", plan.version, e)
+            return [], {n: TransferError(f"sender failed: {e}", engine=n) for n in fleet}
 
     def _finish(self, fleet, bad, version, mode, sleep_level, sums, t0) -> SyncResult:
         """Reset caches + fingerprint on engines that loaded, verify agreement, commit."""
+        self._release_ipc_buffers()  # every engine has applied: free them before wake_kv
         dl = self.transfer.deadlines
         live = {n: e for n, e in fleet.items() if n not in bad}
         self._phase("verify")
@@ -344,10 +440,26 @@ class SyncCoordinator:
         return self._result(fleet, bad, set(), version, mode, sums, t0)
 
     def _fail_all(self, fleet, bad, version, mode, sums) -> SyncResult:
-        """Staged all-or-nothing: failed engines are fenced, the rest roll back and resume."""
-        innocent = {n for n in fleet if n not in bad}
-        self._abort(fleet, bad, "transfer", rollback=innocent)
-        return self._result(fleet, bad, innocent, version, mode, tuple(sums), None)
+        """Staged all-or-nothing: nobody applies. A broken group fails every receiver, so the
+        engines cannot be blamed one by one here; each host rolls back if its weights are
+        intact and fences itself otherwise. Engines that died or cannot answer stay failed."""
+        # engines that are gone or silent are at fault; the others answered with the error
+        # they saw (a broken group, a timed-out bucket) and decide their own fate
+        culprits = {n: e for n, e in bad.items()
+                    if isinstance(e, (EngineDeadError, EngineUnresponsive))}
+        refs = {n: fleet[n].actor.abort_sync.remote(
+                    f"transfer: {bad.get(n) or 'another engine failed'}",
+                    self.transfer.deadlines.resume, fence=False)
+                for n in fleet}
+        ok, unreachable = self._gather(refs, self.transfer.deadlines.resume * 1.5)
+        failed = {**culprits, **unreachable}
+        failed.update({n: bad[n] for n, st in ok.items()
+                       if st.state == EngineState.FENCED and n in bad})
+        rolled_back = {n for n in fleet if n not in failed}
+        for n in rolled_back:
+            if n in bad:
+                fleet[n].report["error"] = str(bad[n])
+        return self._result(fleet, failed, rolled_back, version, mode, tuple(sums), None)
 
     def _abort(self, fleet, bad: dict, stage: str, rollback: set[str] = frozenset()) -> None:
         """Fence engines in ``bad``; engines in ``rollback`` resume on their old weights."""
@@ -371,7 +483,7 @@ class SyncCoordinator:
                 seconds=r.get("seconds", {}), skipped=tuple(r.get("skipped", ())),
                 nbytes=r.get("nbytes", 0), checksum_ok=r.get("checksum_ok"),
                 fingerprint=r.get("fingerprint"),
-                error=str(err) if err else ("rolled back: another engine failed"
+                error=str(err) if err else (f"rolled back: {r.get('error', 'another engine failed')}"
                                             if n in rolled_back else None),
                 fenced=err is not None,
             ))

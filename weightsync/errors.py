@@ -49,6 +49,12 @@ class EngineError(WeightSyncError):
     code = "engine_error"
 
 
+class EngineDeadError(EngineError):
+    """The engine's actor or process is gone."""
+
+    code = "engine_dead"
+
+
 class UnsupportedError(EngineError):
     """The engine's platform cannot do this (e.g. sleep mode on CPU)."""
 
@@ -95,6 +101,12 @@ class DeadlineExceeded(WeightSyncError):
     """A phase did not finish within its deadline (HTTP 504)."""
 
     code = "deadline_exceeded"
+
+
+class EngineUnresponsive(DeadlineExceeded):
+    """The engine did not answer a call within its deadline (stuck, or its host is gone)."""
+
+    code = "engine_unresponsive"
 
 
 class SyncFailedError(WeightSyncError):

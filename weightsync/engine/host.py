@@ -43,6 +43,8 @@ class EngineHost:
         self.last_sync: dict[str, float] = {}
         self._serving = asyncio.Event()
         self._sync_started = 0.0
+        self.last_sleep_memory: dict[str, int] | None = None  # GPU memory right after a sync's sleep
+        self._testing_keep_caches = False  # TEST ONLY: see testing_keep_caches()
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> EngineStatus:
@@ -158,7 +160,8 @@ class EngineHost:
         self._serving.clear()
         self._sync_started = time.perf_counter()
         t = time.perf_counter()
-        await asyncio.wait_for(self.engine.pause_generation(mode=pause_mode), deadline_s)
+        await asyncio.wait_for(vllm_compat.pause_generation(
+            self.engine, pause_mode, clear_cache=not self._testing_keep_caches), deadline_s)
         seconds["pause"] = time.perf_counter() - t
         if self.state != EngineState.FENCED:
             self.state = EngineState.PAUSED
@@ -171,6 +174,7 @@ class EngineHost:
                 await asyncio.wait_for(self.engine.sleep(level=sleep_level, mode=pause_mode),
                                        deadline_s)
                 seconds["sleep"] = time.perf_counter() - t
+                self.last_sleep_memory = await self.gpu_memory()
                 self.sleep_level = sleep_level
                 self.weights_intact = sleep_level == 1
                 t = time.perf_counter()
@@ -220,7 +224,8 @@ class EngineHost:
     async def finish_load(self, deadline_s: float) -> dict:
         """Reset prefix, encoder and multimodal caches; return a fingerprint of the weights."""
         t = time.perf_counter()
-        await asyncio.wait_for(self._reset_caches(), deadline_s)
+        if not self._testing_keep_caches:
+            await asyncio.wait_for(self._reset_caches(), deadline_s)
         reset = time.perf_counter() - t
         t = time.perf_counter()
         prints = await self._rpc("ws_fingerprint", timeout=deadline_s)
@@ -228,13 +233,20 @@ class EngineHost:
                 "seconds": {"reset_caches": reset, "fingerprint": time.perf_counter() - t}}
 
     async def _reset_caches(self) -> None:
-        await self.engine.reset_prefix_cache()
+        # Requests frozen by pause mode "keep" hold KV blocks computed with the old weights:
+        # preempt them so they recompute on the new ones, and insist the reset succeeded.
+        if not await self.engine.reset_prefix_cache(reset_running_requests=True):
+            raise EngineError("prefix cache could not be reset: stale KV would be served",
+                              engine=self.spec.name)
         await self.engine.reset_mm_cache()
         await self.engine.reset_encoder_cache()
 
     async def commit(self, version: int, deadline_s: float) -> dict:
         """Wake the KV cache, resume, and serve ``version``. Unfences a resynced engine."""
         self._expect(*_IN_SYNC, EngineState.FENCED, op="commit")
+        if version <= self.version:
+            raise IllegalStateError(f"version {version} is not newer than {self.version}",
+                                    engine=self.spec.name)
         seconds = await self._wake_and_resume(deadline_s)
         self.version = version
         self.weights_intact = True
@@ -306,6 +318,27 @@ class EngineHost:
 
     async def runner_class(self) -> str:
         return self.info["runner"]
+
+    async def gpu_memory(self) -> dict[str, int]:
+        """Device memory as the worker sees it now (``free``/``total`` are device-wide, so a
+        colocated trainer counts too); empty on CPU."""
+        return json.loads((await self._rpc("ws_gpu_memory", timeout=30))[0])
+
+    async def memory_after_sleep(self) -> dict[str, int] | None:
+        """``gpu_memory()`` as read right after the last sync's sleep (None if none slept)."""
+        return self.last_sleep_memory
+
+    async def reset_caches(self) -> None:
+        """Drop prefix, multimodal and encoder caches (a sync does this after every load)."""
+        await self._reset_caches()
+
+    async def testing_keep_caches(self, keep: bool) -> None:
+        """TEST ONLY — never in production. With ``keep``, a sync neither clears caches at pause
+        nor resets them after the load, so tests can show that stale encoder / prefix caches are
+        real. Sleep levels 1 and 2 still clear caches inside vLLM, so use sleep_level=0."""
+        logger.warning("engine %s: TEST ONLY cache resets %s", self.spec.name,
+                       "DISABLED" if keep else "enabled")
+        self._testing_keep_caches = keep
 
     async def sleep(self, level: int) -> None:
         if not self.sleep_supported:

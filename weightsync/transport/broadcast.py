@@ -10,7 +10,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import torch
@@ -114,16 +114,20 @@ class BroadcastSender:
     def __init__(self, group: _Group) -> None:
         self.group = group
 
-    def send(self, plan: TransferPlan, weights, deadline_s: float) -> list[int]:
+    def send(self, plan: TransferPlan, weights, deadline_s: float,
+             on_bucket: Callable[[int], None] | None = None) -> list[int]:
         """Broadcast every bucket of ``plan``; returns the per-bucket checksums.
 
         Packing bucket k+1 overlaps the broadcast of bucket k (two buffers in flight at most).
+        ``on_bucket(k)`` is called before bucket k is sent (progress bars, fault injection).
         """
         tensors = dict(named_tensors(weights))
         sums: list[int] = []
         # (op, bucket, buffer): the buffer stays referenced until its broadcast completes
         pending: tuple[_Pending, Bucket, torch.Tensor] | None = None
         for bucket in plan.buckets:
+            if on_bucket is not None:
+                on_bucket(bucket.index)
             buf = pack_bucket(bucket, tensors, self.group.device)
             sums.append(checksum(buf))
             op = self.group.start(buf)
