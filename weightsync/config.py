@@ -43,6 +43,10 @@ class TransferConfig(_Frozen):
     """
 
     backend: Literal["gloo", "nccl"] = "gloo"
+    # "auto": send buckets in vLLM's kernel layout once every engine has verified it (see
+    # transport.layout), else checkpoint format; "checkpoint": always checkpoint format;
+    # "kernel": kernel layout or a ConfigError saying why not.
+    layout: Literal["auto", "checkpoint", "kernel"] = "auto"
     bucket_bytes: int = Field(64 * MiB, ge=64 * 1024)
     apply: Literal["staged", "streaming"] = "staged"
     host: str = "127.0.0.1"

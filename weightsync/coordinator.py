@@ -206,6 +206,32 @@ class SyncCoordinator:
         self.version = max([self.version, *seen])
         return self.version + 1
 
+    def _kernel_layout(self, names: list[str], tensors: dict) -> tuple[Any, str | None]:
+        """The verified kernel layout every target shares, or (None, why not)."""
+        from weightsync.transport.layout import KernelLayout
+
+        mode = self.transfer.layout
+        if mode == "checkpoint":
+            return None, "checkpoint format requested"
+        refs = {n: self.engines[n].kernel_layout.remote() for n in names}
+        ok, bad = self._gather(refs, self.transfer.deadlines.verify)
+        note = None
+        if bad:
+            note = f"layout query failed on {sorted(bad)}"
+        elif not all(r["verified"] for r in ok.values()):
+            note = "; ".join(sorted({r["reason"] for r in ok.values() if not r["verified"]}))
+        elif len({r["signature"] for r in ok.values()}) != 1:
+            note = "engines report different kernel layouts"
+        else:
+            layout = KernelLayout.model_validate(next(iter(ok.values()))["layout"])
+            missing = {n for p in layout.params for n, _ in p.parts} - set(tensors)
+            if not missing:
+                return layout, None
+            note = f"partial update ({len(missing)} checkpoint tensors not sent)"
+        if mode == "kernel":
+            raise ConfigError(f"kernel layout unavailable: {note}")
+        return None, note
+
     def _targets(self, engines: Sequence[str] | None) -> list[str]:
         names = list(engines) if engines else list(self.engines)
         unknown = [n for n in names if n not in self.engines]
@@ -219,16 +245,25 @@ class SyncCoordinator:
         if not tensors:
             raise ConfigError("no tensors to sync")
         version = self._next_version()
-        plan = plan_buckets([spec_of(n, t) for n, t in tensors.items()],
-                            self.transfer.bucket_bytes, version)
         targets = self._targets(engines)
+        layout, note = self._kernel_layout(targets, tensors)
+        if layout is not None:
+            sources = {p.name: [tensors[n] for n, _ in p.parts] for p in layout.params}
+            plan = plan_buckets([layout.spec(p) for p in layout.params],
+                                self.transfer.bucket_bytes, version).model_copy(
+                                    update={"format": "kernel"})
+            tensors = sources
+        else:
+            plan = plan_buckets([spec_of(n, t) for n, t in tensors.items()],
+                                self.transfer.bucket_bytes, version)
         waves = [targets] if not wave_size else [targets[i:i + wave_size]
                                                  for i in range(0, len(targets), wave_size)]
         results = [self._sync_wave(w, plan, tensors, pause_mode, sleep_level, ipc, t0)
                    for w in waves]
         reports = tuple(r for res in results for r in res.engines)
         result = SyncResult(version=version, ok=all(r.ok for r in reports),
-                            mode="ipc" if ipc else "broadcast", nbytes=plan.total_bytes,
+                            mode="ipc" if ipc else "broadcast", layout=plan.format,
+                            layout_note=note, nbytes=plan.total_bytes,
                             sender_checksums=results[0].sender_checksums, engines=reports,
                             seconds={"total": time.perf_counter() - t0})
         if not result.ok:

@@ -92,6 +92,9 @@ class TransferPlan(_Frozen):
 
     version: int = Field(ge=1)
     buckets: tuple[Bucket, ...]
+    # "checkpoint": HF names, applied by vLLM's weight loaders; "kernel": vLLM parameter
+    # names and fused layout, copied straight into the parameters (see transport.layout)
+    format: Literal["checkpoint", "kernel"] = "checkpoint"
 
     @property
     def total_bytes(self) -> int:
@@ -170,6 +173,8 @@ class SyncResult(_Frozen):
     version: int
     ok: bool
     mode: Literal["broadcast", "ipc", "checkpoint"]
+    layout: Literal["checkpoint", "kernel"] = "checkpoint"
+    layout_note: str | None = None  # why the kernel layout was not used, when it was not
     nbytes: int
     sender_checksums: tuple[int, ...] = ()
     engines: tuple[EngineSyncReport, ...]

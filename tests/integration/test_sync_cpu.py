@@ -49,6 +49,9 @@ def test_sync_matches_hf_on_both_engines_and_changes_output(fleet, coord, policy
     # one broadcast fed both engines: same bytes, same loaded weights
     assert len({e.fingerprint for e in res.engines}) == 1
     assert all("sleep mode is CUDA-only" in e.skipped[0] for e in res.engines)
+    # vLLM's CPU backend repacks linear weights, so the kernel-layout fast path cannot apply:
+    # the result says so and the checkpoint-format path was used
+    assert res.layout == "checkpoint" and "repacked" in res.layout_note
 
 
 def test_checksums_agree_and_version_increments_once_per_sync(fleet, coord, policy):

@@ -218,7 +218,9 @@ class EngineHost:
         if self.state != EngineState.FENCED:
             self.state = EngineState.LOADING
         self.weights_intact = False
-        out = await self._rpc("ws_reload_from_path", path, timeout=deadline_s)
+        # vLLM reads None as "the last weights_path" (it repoints model_config.model at each
+        # path it loads), so the original model is named explicitly.
+        out = await self._rpc("ws_reload_from_path", path or self.spec.model, timeout=deadline_s)
         return json.loads(out[0])["reload"]
 
     async def finish_load(self, deadline_s: float) -> dict:
@@ -315,6 +317,10 @@ class EngineHost:
         self.state = EngineState.SERVING
         self._serving.set()
         return self.status()
+
+    async def kernel_layout(self) -> dict:
+        """The engine's kernel layout (fast path) and whether it has been verified."""
+        return json.loads((await self._rpc("ws_kernel_layout", timeout=120))[0])
 
     async def runner_class(self) -> str:
         return self.info["runner"]

@@ -95,7 +95,8 @@ class WeightSyncWorkerExtension:
 
     def _ws_state(self) -> dict:
         if not hasattr(self, "_ws"):
-            self._ws = {"receiver": None, "staged": [], "expected": None}
+            self._ws = {"receiver": None, "staged": [], "staged_format": "checkpoint",
+                        "expected": None, "layout": None, "layout_status": None}
         return self._ws
 
     # ---- introspection -------------------------------------------------------------------
@@ -110,15 +111,36 @@ class WeightSyncWorkerExtension:
             "model": str(mc.model),
         })
 
+    @typed_errors
+    def ws_gpu_memory(self) -> str:
+        """``torch.cuda.mem_get_info`` (device-wide) plus this process's allocator counters."""
+        if getattr(self, "device", torch.device("cpu")).type != "cuda":
+            return json.dumps({})
+        free, total = torch.cuda.mem_get_info(self.device)
+        return json.dumps({"free": int(free), "total": int(total),
+                           "allocated": int(torch.cuda.memory_allocated(self.device)),
+                           "reserved": int(torch.cuda.memory_reserved(self.device))})
+
     def _expected(self) -> dict[str, TensorSpec]:
         st = self._ws_state()
         if st["expected"] is None:
             st["expected"] = checkpoint_specs(str(self.model_runner.model_config.model))
         return st["expected"]
 
+    def _vllm_specs(self) -> dict[str, TensorSpec]:
+        return {n: TensorSpec(name=n, dtype=dtype_name(p.dtype), shape=tuple(p.shape))
+                for n, p in self.model_runner.get_model().named_parameters()}
+
     @typed_errors
     def ws_validate(self, plan_json: str) -> str:
         plan = TransferPlan.model_validate_json(plan_json)
+        if plan.format == "kernel":
+            live = self._vllm_specs()
+            validate_plan(plan, live, "", set())
+            bad = [s.name for s in plan.specs if s.dtype != live[s.name].dtype]
+            if bad:
+                raise ManifestError(f"kernel-layout dtypes differ from the engine's: {bad[:5]}")
+            return "ok"
         mc = self.model_runner.model_config
         hf = mc.hf_text_config if hasattr(mc, "hf_text_config") else mc.hf_config
         tied = {"lm_head.weight"} if getattr(hf, "tie_word_embeddings", False) else set()
@@ -180,6 +202,56 @@ class WeightSyncWorkerExtension:
         stream = ((b, open_bucket(h)) for b, h in zip(plan.buckets, handles, strict=True))
         return json.dumps(self._consume(plan, stream, apply))
 
+    # ---- kernel layout (fast path) ----------------------------------------------------------
+    def _tied(self) -> set[str]:
+        mc = self.model_runner.model_config
+        hf = mc.hf_text_config if hasattr(mc, "hf_text_config") else mc.hf_config
+        return {"lm_head.weight"} if getattr(hf, "tie_word_embeddings", False) else set()
+
+    @typed_errors
+    def ws_kernel_layout(self) -> str:
+        """The derived kernel layout and whether a checkpoint-format load has verified it."""
+        from weightsync.transport.layout import LayoutUnavailable, derive_layout
+
+        st = self._ws_state()
+        if st["layout_status"] is None:
+            model = self.model_runner.get_model()
+            packed = dict(getattr(model, "packed_modules_mapping", {}) or {})
+            try:
+                st["layout"] = derive_layout(self._vllm_specs(), self._expected(), packed,
+                                             self._tied())
+                st["layout_status"] = {"candidate": True, "verified": False,
+                                       "reason": "not yet verified by a checkpoint-format load"}
+            except LayoutUnavailable as e:
+                st["layout_status"] = {"candidate": False, "verified": False, "reason": str(e)}
+        out = dict(st["layout_status"])
+        if st["layout"] is not None and out["verified"]:
+            out["layout"] = st["layout"].model_dump(mode="json")
+            out["signature"] = st["layout"].signature
+        return json.dumps(out)
+
+    def _calibrate_layout(self, staged: list[tuple[Bucket, torch.Tensor]]) -> None:
+        """Compare vLLM's own load of ``staged`` with our stacking of it, bit for bit."""
+        st = self._ws_state()
+        if st["layout_status"] is None:
+            self.ws_kernel_layout()
+        status, layout = st["layout_status"], st["layout"]
+        if not status["candidate"] or status["verified"] or layout is None:
+            return
+        sent = {n: t for b, buf in staged for n, t in unpack_bucket(b, buf)}
+        live = dict(self.model_runner.get_model().named_parameters())
+        for p in layout.params:
+            if any(name not in sent for name, _ in p.parts):
+                return  # a partial sync cannot verify every parameter; wait for a full one
+            stacked = torch.cat([sent[name].to(live[p.name].dtype) for name, _ in p.parts]) \
+                if len(p.parts) > 1 else sent[p.parts[0][0]].to(live[p.name].dtype)
+            if not torch.equal(stacked.view(live[p.name].shape), live[p.name].data):
+                st["layout_status"] = {"candidate": False, "verified": False,
+                                       "reason": f"{p.name}: vLLM's loader does not produce a "
+                                                 "plain row stack of the checkpoint tensors"}
+                return
+        st["layout_status"] = {"candidate": True, "verified": True, "reason": "verified"}
+
     def _consume(self, plan: TransferPlan, stream: Iterator[tuple[Bucket, torch.Tensor]],
                  apply: str) -> dict:
         sums: list[int] = []
@@ -195,11 +267,13 @@ class WeightSyncWorkerExtension:
 
         st = self._ws_state()
         st["staged"] = []
+        kernel = plan.format == "kernel"
         if apply == "streaming":
-            self._reload(t for b, buf in checked() for t in unpack_bucket(b, buf))
+            self._reload((t for b, buf in checked() for t in unpack_bucket(b, buf)), kernel)
             applied = True
         else:
             st["staged"] = list(checked())
+            st["staged_format"] = plan.format
             applied = False
         if len(sums) != len(plan.buckets):
             raise TransferError(f"received {len(sums)} of {len(plan.buckets)} buckets")
@@ -211,18 +285,22 @@ class WeightSyncWorkerExtension:
         staged, st["staged"] = st["staged"], []
         if not staged:
             raise ReloadError("nothing staged to apply")
+        kernel = st["staged_format"] == "kernel"
         t0 = time.perf_counter()
-        self._reload(t for b, buf in staged for t in unpack_bucket(b, buf))
-        return json.dumps({"reload": time.perf_counter() - t0})
+        self._reload((t for b, buf in staged for t in unpack_bucket(b, buf)), kernel)
+        reload_s = time.perf_counter() - t0
+        if not kernel:
+            self._calibrate_layout(staged)
+        return json.dumps({"reload": reload_s, "layout": st["staged_format"]})
 
     @typed_errors
     def ws_drop_staged(self) -> str:
         self._ws_state()["staged"] = []
         return "ok"
 
-    def _reload(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+    def _reload(self, weights: Iterator[tuple[str, torch.Tensor]], kernel: bool = False) -> None:
         with torch.no_grad():
-            vllm_compat.reload_weights(self, weights, is_checkpoint_format=True)
+            vllm_compat.reload_weights(self, weights, is_checkpoint_format=not kernel)
         if getattr(self, "device", torch.device("cpu")).type == "cuda":
             torch.cuda.synchronize()
 
@@ -231,5 +309,6 @@ class WeightSyncWorkerExtension:
         t0 = time.perf_counter()
         with torch.no_grad():
             vllm_compat.reload_weights_from_path(self, path)
-        self._ws_state()["expected"] = None
+        st = self._ws_state()
+        st["expected"] = st["layout"] = st["layout_status"] = None  # a new checkpoint
         return json.dumps({"reload": time.perf_counter() - t0})

@@ -65,18 +65,32 @@ def plan_buckets(specs: Sequence[TensorSpec], bucket_bytes: int, version: int) -
     return TransferPlan(version=version, buckets=tuple(buckets))
 
 
-def pack_bucket(bucket: Bucket, tensors: dict[str, torch.Tensor], device: torch.device | str) -> torch.Tensor:
-    """Copy the bucket's tensors into one new flat uint8 buffer on ``device``."""
+def pack_bucket(bucket: Bucket, tensors: dict[str, torch.Tensor | Sequence[torch.Tensor]],
+                device: torch.device | str) -> torch.Tensor:
+    """Copy the bucket's tensors into one new flat uint8 buffer on ``device``.
+
+    A value may be a sequence of tensors: they are stacked along dim 0 straight into the slot
+    (kernel layout: ``q``/``k``/``v`` into ``qkv``) with no intermediate concatenation.
+    Sources in another dtype are cast by the copy (e.g. fp32 master weights to bf16).
+    """
     buf = torch.zeros(bucket.nbytes, dtype=torch.uint8, device=device)
     for slot in bucket.slots:
-        src = tensors[slot.name].detach()
-        if dtype_name(src.dtype) != slot.dtype or tuple(src.shape) != slot.shape:
-            raise ConfigError(
-                f"tensor {slot.name} is {dtype_name(src.dtype)}{tuple(src.shape)}, "
-                f"plan says {slot.dtype}{slot.shape}"
-            )
-        view = buf[slot.offset : slot.offset + slot.nbytes].view(src.dtype).view(src.shape)
-        view.copy_(src, non_blocking=True)
+        value = tensors[slot.name]
+        parts = [value] if isinstance(value, torch.Tensor) else list(value)
+        view = buf[slot.offset : slot.offset + slot.nbytes].view(torch_dtype(slot.dtype)).view(slot.shape)
+        rows = sum(p.shape[0] if p.dim() else 1 for p in parts)
+        if len(parts) == 1:
+            if tuple(parts[0].shape) != slot.shape:
+                raise ConfigError(f"tensor {slot.name} has shape {tuple(parts[0].shape)}, "
+                                  f"plan says {slot.shape}")
+            view.copy_(parts[0].detach(), non_blocking=True)
+            continue
+        if rows != slot.shape[0]:
+            raise ConfigError(f"parts of {slot.name} have {rows} rows, plan says {slot.shape}")
+        r = 0
+        for p in parts:
+            view[r : r + p.shape[0]].copy_(p.detach(), non_blocking=True)
+            r += p.shape[0]
     return buf
 
 
