@@ -74,6 +74,14 @@ def make_async_engine(*, model: str, dtype: str, max_model_len: int, seed: int,
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
 
 
+def pause_generation(engine: Any, mode: str, *, clear_cache: bool = True) -> Any:
+    """``AsyncLLM.pause_generation`` (a coroutine). vLLM 0.24 also clears the prefix, multimodal
+    and encoder caches here unless ``clear_cache=False``; older releases have no such switch."""
+    if clear_cache or "clear_cache" not in inspect.signature(engine.pause_generation).parameters:
+        return engine.pause_generation(mode=mode)
+    return engine.pause_generation(mode=mode, clear_cache=False)
+
+
 def sampling_params(**kw: Any) -> Any:
     from vllm import SamplingParams
 

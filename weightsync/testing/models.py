@@ -129,9 +129,13 @@ def build_vl_model(out: str | os.PathLike, *, hidden: int = 128, layers: int = 2
             if p.dim() >= 2:
                 p.normal_(0.0, 0.08)
     model.save_pretrained(out, safe_serialization=True)
-    proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(
-        min_pixels=56 * 56, max_pixels=112 * 112), tokenizer=tok,
-        chat_template=tok.chat_template)
+    # transformers 5 requires every sub-processor (None is rejected); vLLM loads them all.
+    from transformers import Qwen2VLVideoProcessor
+
+    pixels = dict(min_pixels=56 * 56, max_pixels=112 * 112)
+    proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tok,
+                            video_processor=Qwen2VLVideoProcessor(**pixels),
+                            chat_template=tok.chat_template)
     proc.save_pretrained(out)
     _mark(out, key)
     return out

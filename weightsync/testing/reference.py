@@ -16,10 +16,14 @@ def load_trainer_model(model_dir: str | Path, dtype: torch.dtype = torch.float32
 
 def perturb_(model: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> None:
     """Stand-in for an optimizer step: add seeded noise to every weight, in place."""
-    g = torch.Generator().manual_seed(seed)
+    gens: dict[torch.device, torch.Generator] = {}  # one per device: noise made where p lives
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * scale)
+            g = gens.get(p.device)
+            if g is None:
+                g = gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+            p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32,
+                               device=p.device).to(p.dtype) * scale)
 
 
 @torch.no_grad()
@@ -27,7 +31,7 @@ def greedy(model, tokenizer, prompts: list[str], max_tokens: int) -> list[tuple[
     """Greedy continuation token ids and their logprobs, one prompt at a time (no padding)."""
     out = []
     for prompt in prompts:
-        ids = torch.tensor([tokenizer(prompt).input_ids])
+        ids = torch.tensor([tokenizer(prompt).input_ids], device=model.device)
         gen = model.generate(ids, max_new_tokens=max_tokens, do_sample=False,
                              output_scores=True, return_dict_in_generate=True,
                              eos_token_id=None, pad_token_id=tokenizer.pad_token_id)

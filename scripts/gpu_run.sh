@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Run the GPU suite (tests/gpu, `-m gpu`) on the lent GPU machine, in one command.
+#
+#   bash scripts/gpu_run.sh [--install] [pytest args...]
+#
+# --install first installs the wheels staged in /tmp/wheelstage (vLLM 0.24.0 + Ray, see
+# ../shared/gpu/README.md: carry .whl/c01..c08 with `install.sh add`, then this). Logs and
+# results go to $OUT (the device tool's folder) or runs/gpu: pytest.log, gpu-results.json
+# (device, versions, per-test outcome, per-phase timings, memory per cycle, parity), and
+# the engines' Ray logs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-runs/gpu}
+mkdir -p "$out"
+if [ "${1:-}" = "--install" ]; then
+  shift
+  bash /tmp/wheelstage/install.sh install 2>&1 | tail -n 5 || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+export VLLM_WORKER_MULTIPROC_METHOD=spawn  # fork hangs after "Using V2 Model Runner"
+export VLLM_USE_FLASHINFER_SAMPLER=0       # flashinfer is not staged
+export VLLM_USE_V2_MODEL_RUNNER=1
+export TRITON_F32_DEFAULT=ieee              # fp32 parity tests: no TF32 in Triton attention
+export WS_GPU_RESULTS=$out/gpu-results.json
+nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv || true
+files=(tests/gpu/test_text_gpu.py tests/gpu/test_vl_gpu.py tests/gpu/test_timing_bf16_gpu.py)
+timeout --signal=INT "${WS_GPU_TIMEOUT:-540}" python3 -m pytest -m gpu -p no:cacheprovider \
+  -s -v -rA --timeout 300 "${files[@]}" "$@" 2>&1 | tee "$out/pytest.log"
+rc=${PIPESTATUS[0]}
+# The engines' own logs (vLLM in Ray actors), for whatever failed.
+logs=$(ls -d /tmp/ray/session_latest/logs 2>/dev/null) && \
+  tar czf "$out/ray-logs.tgz" -C "$logs" . 2>/dev/null && \
+  [ "$(stat -c %s "$out/ray-logs.tgz")" -lt 15000000 ] || rm -f "$out/ray-logs.tgz"
+echo "gpu suite exit code: $rc"
+exit "$rc"

@@ -1,0 +1,62 @@
+"""Shared steps of the GPU tests: generate on an engine, compare with HF transformers."""
+
+from __future__ import annotations
+
+import torch
+
+PROMPTS = ["hello world", "the quick brown fox", "one two three"]
+N_TOK = 8
+LOGPROB_TOL = 1e-2  # |engine - HF| per generated token, same weights
+
+
+def stop_engine(actor) -> None:
+    import ray
+
+    try:
+        ray.get(actor.shutdown.remote(), timeout=60)
+    except Exception:  # noqa: BLE001 - best-effort teardown
+        pass
+    ray.kill(actor)
+
+
+def engine_generate(actor, prompts, max_tokens: int = N_TOK):
+    import ray
+
+    return ray.get(actor.generate.remote(prompts, max_tokens=max_tokens, logprobs=True,
+                                         ignore_eos=True), timeout=300)
+
+
+def compare_with_hf(logprobs_of, outs) -> list[dict]:
+    """Greedy parity, teacher-forced: at every generated position HF's argmax must be the
+    engine's token (so HF's greedy continuation is the same sequence) and its logprob must
+    be within LOGPROB_TOL of the engine's. ``logprobs_of(i, tokens)`` returns HF's
+    log-softmax rows (one per generated token) for output ``i`` continued with ``tokens``."""
+    rows = []
+    for i, o in enumerate(outs):
+        lp = logprobs_of(i, list(o.token_ids))
+        toks = list(o.token_ids)
+        hf_argmax = lp.argmax(-1).tolist()
+        hf_lp = lp.gather(-1, torch.tensor(toks, device=lp.device)[:, None])[:, 0].tolist()
+        diffs = [abs(a - b) for a, b in zip(o.logprobs, hf_lp, strict=True)]
+        rows.append({"tokens": toks, "hf_argmax": hf_argmax,
+                     "tokens_equal": hf_argmax == toks, "max_logprob_diff": max(diffs)})
+    return rows
+
+
+def parity_ok(rows: list[dict]) -> bool:
+    return all(r["tokens_equal"] and r["max_logprob_diff"] <= LOGPROB_TOL for r in rows)
+
+
+def summary(rows: list[dict]) -> dict:
+    return {"tokens_equal": all(r["tokens_equal"] for r in rows),
+            "max_logprob_diff": max(r["max_logprob_diff"] for r in rows)}
+
+
+def changed(before, after) -> bool:
+    """Different tokens, or (same tokens) logprobs that moved: the weights reached the output."""
+    for b, a in zip(before, after, strict=True):
+        if b.token_ids != a.token_ids:
+            return True
+        if max(abs(x - y) for x, y in zip(b.logprobs, a.logprobs, strict=True)) > 1e-3:
+            return True
+    return False

@@ -1,0 +1,186 @@
+"""Encoder / multimodal caches across a sync of the vision tower (tiny Qwen2-VL, fp32, v2 runner).
+
+The same image prompt before and after the vision tower changes: with the sync's cache resets
+the engine follows the new weights (HF parity); with them switched off (a test-only knob on the
+engine host) it keeps serving what the old vision tower produced, and resetting the caches is
+what brings it back. The sync uses sleep_level=0 on purpose: sleeping clears caches inside vLLM.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from tests.gpu.parity import (changed, compare_with_hf, engine_generate, parity_ok, stop_engine,
+                              summary)
+from weightsync.config import EngineSpec, TransferConfig
+from weightsync.coordinator import SyncCoordinator
+from weightsync.engine.actor import start_engines
+from weightsync.testing.models import CORPUS
+from weightsync.testing.reference import perturb_
+
+pytestmark = pytest.mark.gpu
+
+N_TOK = 12
+# Long text after the image: the image tokens then sit in full KV blocks that the prefix cache
+# keeps, which is how a stale cache would serve them.
+IMAGE_PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+                + " ".join(CORPUS) + "<|im_end|>\n<|im_start|>assistant\n")
+TEXT_PROMPT = "the quick brown fox jumps over the lazy dog"
+
+
+@pytest.fixture(scope="module")
+def vl_model(model_root):
+    from weightsync.testing.models import build_vl_model
+
+    return build_vl_model(model_root / "tiny-qwen2-vl", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def image():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)  # 112x112: no resize anywhere, so HF and vLLM see one image
+    return Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def processor(vl_model):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(vl_model)
+
+
+@pytest.fixture(scope="module")
+def vl_trainer(vl_model):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    return Qwen2VLForConditionalGeneration.from_pretrained(
+        vl_model, dtype=torch.float32).cuda().eval()
+
+
+@pytest.fixture(scope="module")
+def vl_engine(gpu_ray, vl_model, vl_trainer):
+    spec = EngineSpec(name="gpu-vl", model=str(vl_model), dtype="float32", num_gpus=0.5,
+                      gpu_memory_utilization=0.25, limit_mm_per_prompt={"image": 1, "video": 0})
+    (actor,) = start_engines([spec])
+    yield actor
+    stop_engine(actor)
+
+
+@pytest.fixture(scope="module")
+def vl_coord(vl_engine):
+    return SyncCoordinator([vl_engine], TransferConfig(bucket_bytes=64 << 20))
+
+
+def _tower(trainer) -> torch.nn.Module:
+    for name in ("model.visual", "visual"):  # transformers 5 / 4 layouts
+        try:
+            return trainer.get_submodule(name)
+        except AttributeError:
+            continue
+    raise AttributeError("no vision tower found")
+
+
+def vision_tower_weights(trainer, model_dir) -> dict[str, torch.Tensor]:
+    """The vision tower under the checkpoint's names. transformers 5 renames Qwen2-VL modules
+    on load (``visual.`` -> ``model.visual.``); the engine validates against the checkpoint."""
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for f in glob.glob(os.path.join(model_dir, "*.safetensors")):
+        with safe_open(f, framework="pt") as st:
+            keys.update(st.keys())
+    out = {}
+    for name, p in trainer.named_parameters():
+        if ".visual." not in f".{name}":
+            continue
+        for cand in (name, name.replace("model.visual.", "visual.", 1)):
+            if cand in keys:
+                out[cand] = p
+                break
+        else:
+            raise KeyError(f"{name} is not in the checkpoint")
+    return out
+
+
+@torch.no_grad()
+def _hf(trainer, processor, image):
+    """HF log-softmax rows for the image prompt continued with ``tokens``."""
+    def logprobs_of(_i: int, tokens: list[int]) -> torch.Tensor:
+        inputs = processor(text=[IMAGE_PROMPT], images=[image], return_tensors="pt")
+        n = inputs["input_ids"].shape[1]
+        gen = torch.tensor([tokens])
+        for k, v in list(inputs.items()):  # extend every per-token tensor by the continuation
+            if torch.is_tensor(v) and v.dim() == 2 and v.shape == (1, n):
+                fill = gen if k == "input_ids" else (torch.ones_like(gen) if k == "attention_mask"
+                                                     else torch.zeros_like(gen))
+                inputs[k] = torch.cat([v, fill.to(v.dtype)], dim=1)
+        inputs = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in inputs.items()}
+        logits = trainer(**inputs).logits[0, n - 1: n - 1 + len(tokens)].float()
+        return torch.log_softmax(logits, -1)
+
+    return logprobs_of
+
+
+def _run(engine, image):
+    img, txt = engine_generate(engine, [{"prompt": IMAGE_PROMPT,
+                                         "multi_modal_data": {"image": image}}, TEXT_PROMPT],
+                               max_tokens=N_TOK)
+    return img, txt
+
+
+def test_image_prompt_follows_a_vision_tower_sync(vl_engine, vl_coord, vl_trainer, vl_model,
+                                                  processor, image, gpu_results):
+    hf = _hf(vl_trainer, processor, image)
+    img0, txt0 = _run(vl_engine, image)
+    rows0 = compare_with_hf(hf, [img0])
+    perturb_(_tower(vl_trainer), scale=0.5, seed=7)
+    tower = vision_tower_weights(vl_trainer, str(vl_model))
+    res = vl_coord.sync(tower, sleep_level=0, ipc=True)
+    img1, txt1 = _run(vl_engine, image)
+    rows1 = compare_with_hf(hf, [img1])
+    gpu_results["vl_sync"] = {
+        "tensors": len(tower), "nbytes": res.nbytes, "seconds": res.engines[0].seconds,
+        "parity_before": summary(rows0), "parity_after": summary(rows1),
+        "image_output_changed": changed([img0], [img1]),
+        "text_output_unchanged": txt0.token_ids == txt1.token_ids,
+    }
+    assert parity_ok(rows0), rows0  # engine == HF on the original weights
+    assert res.ok
+    assert parity_ok(rows1), rows1  # ... and on the new vision tower
+    assert changed([img0], [img1])
+    assert txt0.token_ids == txt1.token_ids  # only the vision tower moved
+
+
+def test_stale_caches_are_real_and_the_reset_fixes_them(vl_engine, vl_coord, vl_trainer,
+                                                        vl_model, processor, image,
+                                                        gpu_results):
+    hf = _hf(vl_trainer, processor, image)
+    prev, _ = _run(vl_engine, image)  # fills the prefix and encoder caches
+    ray.get(vl_engine.testing_keep_caches.remote(True))
+    try:
+        perturb_(_tower(vl_trainer), scale=0.5, seed=8)
+        res = vl_coord.sync(vision_tower_weights(vl_trainer, str(vl_model)), sleep_level=0,
+                            ipc=True)
+        stale, _ = _run(vl_engine, image)
+        ray.get(vl_engine.reset_caches.remote())
+        fixed, _ = _run(vl_engine, image)
+    finally:
+        ray.get(vl_engine.testing_keep_caches.remote(False))
+    rows_stale, rows_fixed = compare_with_hf(hf, [stale]), compare_with_hf(hf, [fixed])
+    gpu_results["vl_stale_cache"] = {
+        "stale_equals_previous_output": not changed([prev], [stale]),
+        "stale_parity_with_new_weights": summary(rows_stale),
+        "after_reset_parity": summary(rows_fixed),
+    }
+    assert res.ok
+    assert not changed([prev], [stale])  # without resets: the old vision tower's output ...
+    assert not parity_ok(rows_stale)     # ... which is not what the new weights produce
+    assert parity_ok(rows_fixed), rows_fixed  # the reset alone brings the new weights in
+    assert changed([stale], [fixed])
