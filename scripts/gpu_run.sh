@@ -23,8 +23,10 @@ export VLLM_USE_V2_MODEL_RUNNER=1
 export TRITON_F32_DEFAULT=ieee              # fp32 parity tests: no TF32 in Triton attention
 export WS_GPU_RESULTS=$out/gpu-results.json
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv || true
+# The core proofs first, then every other test file under tests/gpu.
 files=(tests/gpu/test_text_gpu.py tests/gpu/test_vl_gpu.py tests/gpu/test_timing_bf16_gpu.py)
-timeout --signal=INT "${WS_GPU_TIMEOUT:-540}" python3 -m pytest -m gpu -p no:cacheprovider \
+for f in tests/gpu/test_*.py; do [[ " ${files[*]} " == *" $f "* ]] || files+=("$f"); done
+timeout --signal=INT "${WS_GPU_TIMEOUT:-$((570 - SECONDS))}" python3 -m pytest -m gpu -p no:cacheprovider \
   -s -v -rA --timeout 300 "${files[@]}" "$@" 2>&1 | tee "$out/pytest.log"
 rc=${PIPESTATUS[0]}
 # The engines' own logs (vLLM in Ray actors), for whatever failed.

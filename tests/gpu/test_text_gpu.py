@@ -39,14 +39,18 @@ def trainer(text_model):
 def engine(gpu_ray, text_model, trainer):
     spec = EngineSpec(name="gpu-text", model=str(text_model), dtype="float32",
                       num_gpus=0.5, gpu_memory_utilization=0.4)
-    (actor,) = start_engines([spec])
+    (actor,) = start_engines([spec], timeout_s=240)
     yield actor
     stop_engine(actor)
 
 
 @pytest.fixture(scope="module")
-def coord(engine):
-    return SyncCoordinator([engine], TransferConfig(bucket_bytes=256 << 20))
+def coords(engine):
+    """Both load paths: checkpoint format through vLLM's loaders (``reload_weights``), and the
+    kernel-layout fast path, which needs one checkpoint-format load to verify it first."""
+    return {layout: SyncCoordinator([engine], TransferConfig(bucket_bytes=256 << 20,
+                                                             layout=layout))
+            for layout in ("checkpoint", "kernel")}
 
 
 @torch.no_grad()
@@ -77,21 +81,24 @@ def test_engine_matches_hf_before_any_sync(engine, trainer, tokenizer, gpu_resul
     assert parity_ok(rows), rows
 
 
-@pytest.mark.parametrize("level", [1, 2])
-def test_colocated_ipc_sync_with_sleep(level, engine, coord, trainer, tokenizer, gpu_results):
+@pytest.mark.parametrize(("level", "layout"), [(1, "checkpoint"), (2, "checkpoint"),
+                                               (1, "kernel"), (2, "kernel")])
+def test_colocated_ipc_sync_with_sleep(level, layout, engine, coords, trainer, tokenizer,
+                                       gpu_results):
     before = engine_generate(engine, PROMPTS)
     perturb_(trainer, scale=0.02, seed=10 + level)
     torch.cuda.empty_cache()
-    res = coord.sync(trainer, sleep_level=level, ipc=True)
+    res = coords[layout].sync(trainer, sleep_level=level, ipc=True)
     after, rows = _parity(engine, trainer, tokenizer)
     rep = res.engines[0]
-    gpu_results[f"sync_sleep_level_{level}"] = {
+    gpu_results[f"sync_sleep_level_{level}_{layout}"] = {
+        "layout": res.layout, "layout_note": res.layout_note,
         "version": res.version, "nbytes": res.nbytes, "buckets": len(res.sender_checksums),
         "seconds": rep.seconds, "coordinator_total_s": res.seconds.get("total"),
         "parity": summary(rows), "changed": changed(before, after),
         "memory_after_sleep": ray.get(engine.memory_after_sleep.remote()),
     }
-    assert res.ok and res.mode == "ipc" and rep.checksum_ok
+    assert res.ok and res.mode == "ipc" and rep.checksum_ok and res.layout == layout
     assert rep.skipped == ()  # sleep and wake really ran (CPU engines skip them)
     assert {"sleep", "wake_weights", "transfer", "reload", "wake_kv"} <= set(rep.seconds)
     assert parity_ok(rows), rows
@@ -99,22 +106,24 @@ def test_colocated_ipc_sync_with_sleep(level, engine, coord, trainer, tokenizer,
     assert all(o.version == res.version for o in after)
 
 
-def test_twenty_sleep_sync_wake_cycles(engine, coord, trainer, tokenizer, gpu_results):
-    """Sleep (1 and 2 alternating) -> IPC sync -> wake, 20 times: the memory freed by each
-    sleep must not drift (a leak in the engine, the IPC path or sleep mode would show as less
-    free memory every cycle), and the engine must match HF every cycle."""
+def test_twenty_sleep_sync_wake_cycles(engine, coords, trainer, tokenizer, gpu_results):
+    """Sleep -> IPC sync -> wake, 20 times (sleep levels 1/2 and both load paths in turn):
+    the memory freed by each sleep must not drift (a leak in the engine, the IPC path or sleep
+    mode would show as less free memory every cycle), and the engine must match HF every
+    cycle."""
     cycles = []
     gpu_results["cycles"] = cycles
     for i in range(CYCLES):
-        level = 1 + i % 2
+        level, layout = 1 + i % 2, ("checkpoint", "kernel")[(i // 2) % 2]
         before = engine_generate(engine, PROMPTS)
         perturb_(trainer, scale=0.01, seed=100 + i)
         torch.cuda.empty_cache()  # the trainer holds the same memory at every sleep
-        res = coord.sync(trainer, sleep_level=level, ipc=True)
+        res = coords[layout].sync(trainer, sleep_level=level, ipc=True)
         mem = ray.get(engine.memory_after_sleep.remote())
         after, rows = _parity(engine, trainer, tokenizer)
         cycles.append({
-            "cycle": i, "sleep_level": level, "ok": res.ok, "version": res.version,
+            "cycle": i, "sleep_level": level, "layout": res.layout, "ok": res.ok,
+            "version": res.version,
             "free_after_sleep": mem["free"], "total": mem["total"],
             "free_after_wake": ray.get(engine.gpu_memory.remote())["free"],
             "seconds": res.engines[0].seconds, "parity": summary(rows),

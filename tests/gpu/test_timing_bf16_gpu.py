@@ -31,7 +31,7 @@ def bf16_trainer(text_model):
 def bf16_engine(gpu_ray, text_model, bf16_trainer):
     spec = EngineSpec(name="gpu-bf16", model=str(text_model), dtype="bfloat16",
                       num_gpus=0.5, gpu_memory_utilization=0.4)
-    (actor,) = start_engines([spec])
+    (actor,) = start_engines([spec], timeout_s=240)
     yield actor
     stop_engine(actor)
 
