@@ -8,7 +8,7 @@ setup:
 	bash scripts/bootstrap.sh $(VENV)
 
 demo: setup
-	$(PY) -m services.demo
+	$(PY) -m services.grpo
 
 test: setup
 	$(PY) -m pytest -m "not gpu" tests

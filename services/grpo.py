@@ -1,0 +1,441 @@
+"""GRPO on real vLLM engines: sample groups through the fleet, learn, sync after every step.
+
+    python -m services.grpo                      # local Ray, CPU by default, a few minutes
+    python -m services.grpo --steps 60 --engines 2 --run-dir runs/grpo
+    ray job submit --working-dir . --runtime-env deploy/runtime_env.yaml -- python -m services.grpo
+
+The policy is an HF transformers Qwen2-style model from the tiny-model factory. Each step
+samples ``group_size`` completions per prompt from the engines (temperature 1), scores them
+with a verifiable reward (the fraction of completion tokens that are numerals, or that are
+" yes"), normalises rewards within each group, takes clipped-ratio policy-gradient steps with
+a k3 KL to the frozen initial policy, and syncs the new weights into every engine through
+``SyncCoordinator.sync``. Every sync must verify, and every sample must carry the version that
+was synced just before it: the reward can only rise if new weights really reach the engines.
+
+Writes ``<run-dir>/<name>.json`` (config, per-step records, summary) and ``<name>.png``
+(reward and sync time per step). Runs unchanged on GPU (``--device auto``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import typer
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                           TimeElapsedColumn)
+
+logger = logging.getLogger(__name__)
+
+PROMPTS = (
+    "the answer is", "one two three", "hello world", "the quick brown fox",
+    "weights move from", "reward rises when", "yes no maybe", "a b c d",
+)
+Task = Literal["digits", "yes"]
+
+
+class GrpoConfig(BaseModel):
+    """Everything that defines a run (written into the JSON log)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int = Field(40, ge=1)
+    engines: int = Field(2, ge=1)
+    prompts_per_step: int = Field(4, ge=1)
+    group_size: int = Field(8, ge=2)
+    max_tokens: int = Field(16, ge=1)
+    task: Task = "digits"
+    lr: float = Field(2e-3, gt=0)
+    beta: float = Field(0.04, ge=0)
+    clip_eps: float = Field(0.2, gt=0)
+    epochs: int = Field(2, ge=1)  # optimizer steps per batch; >1 makes the ratio clip bite
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["gloo", "nccl"] = "gloo"
+    sync_host: str = "127.0.0.1"  # address the engines reach the trainer at (rendezvous)
+    ipc: bool = False
+    sleep_level: int = Field(1, ge=0, le=2)
+    bucket_mib: int = Field(16, ge=1)
+    hidden: int = Field(128, ge=64)
+    layers: int = Field(2, ge=1)
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    max_logprob_gap: float = Field(0.05, gt=0)  # engine vs trainer logprobs on the same weights
+
+
+class StepRecord(BaseModel):
+    """One training step: what was sampled, how it scored, and how the sync after it went."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    step: int
+    sampled_version: int
+    reward_mean: float
+    reward_std: float
+    loss: float
+    kl: float
+    clip_fraction: float
+    logprob_gap: float  # mean |engine logprob - trainer logprob| on the sampled tokens
+    sync_version: int
+    sync_ok: bool
+    sync_seconds: float
+    engine_seconds: dict[str, dict[str, float]]  # engine -> phase -> seconds
+    skipped: tuple[str, ...] = ()
+    sample_seconds: float
+    train_seconds: float
+
+
+# ---- task ------------------------------------------------------------------------------------
+def target_ids(tokenizer: Any, task: Task) -> frozenset[int]:
+    """Token ids the reward counts: numerals (``digits``) or the word " yes" (``yes``)."""
+    if task == "digits":
+        ids = {i for i in range(len(tokenizer)) if tokenizer.decode([i]).strip().isdigit()}
+    else:
+        ids = {i for i in range(len(tokenizer)) if tokenizer.decode([i]).strip() == "yes"}
+    if not ids:
+        raise ValueError(f"the tokenizer has no token for task {task!r}")
+    return frozenset(ids)
+
+
+# ---- trainer side ----------------------------------------------------------------------------
+class Policy:
+    """The trainer's model, its frozen reference copy and the optimizer."""
+
+    def __init__(self, model_dir: Path, cfg: GrpoConfig, device: str) -> None:
+        import copy
+
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg, self.device = cfg, torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        self.model.to(self.device).train()
+        self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt).input_ids)
+
+    def _logprobs(self, model: Any, batch: Any) -> Any:
+        from weightsync.rl.grpo_math import sequence_logprobs
+
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return sequence_logprobs(logits, batch.input_ids)
+
+    def update(self, batch: Any, advantages: Any) -> tuple[Any, Any]:
+        """``epochs`` clipped policy-gradient steps on one sampled batch.
+
+        Returns the trainer's logprobs of the sampled tokens before the update (to compare with
+        the engines') and the last step's ``LossStats``.
+        """
+        import torch
+
+        from weightsync.rl.grpo_math import grpo_loss
+
+        batch = batch.to(self.device)
+        advantages = advantages.to(self.device)
+        with torch.no_grad():
+            old = self._logprobs(self.model, batch)
+            ref = self._logprobs(self.ref, batch)
+        stats = None
+        for _ in range(self.cfg.epochs):
+            logp = self._logprobs(self.model, batch)
+            loss, stats = grpo_loss(logp, old, ref, advantages, batch.completion_mask,
+                                    clip_eps=self.cfg.clip_eps, beta=self.cfg.beta)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+        return old.cpu(), stats
+
+
+# ---- engine side -----------------------------------------------------------------------------
+def sample_groups(actors: list, prompts: list[str], cfg: GrpoConfig, expect_version: int,
+                  timeout_s: float = 600.0) -> list[list[Any]]:
+    """``group_size`` completions per prompt, prompts spread round-robin over the engines.
+
+    Raises ``VerificationError`` unless every completion was produced by ``expect_version``.
+    """
+    import ray
+
+    from weightsync.errors import VerificationError
+
+    shards = [list(range(len(prompts)))[i::len(actors)] for i in range(len(actors))]
+    refs = {i: actors[i].generate.remote([prompts[j] for j in shard], max_tokens=cfg.max_tokens,
+                                         temperature=1.0, n=cfg.group_size, logprobs=True,
+                                         ignore_eos=True)
+            for i, shard in enumerate(shards) if shard}
+    groups: list[list[Any]] = [[] for _ in prompts]
+    for i, ref in refs.items():
+        out = ray.get(ref, timeout=timeout_s)
+        for k, j in enumerate(shards[i]):
+            groups[j] = out[k * cfg.group_size:(k + 1) * cfg.group_size]
+    for g in groups:
+        for r in g:
+            if r.version != expect_version:
+                raise VerificationError(f"a sample came from weight version {r.version} "
+                                        f"(spanning {r.versions}), expected {expect_version}")
+    return groups
+
+
+def engine_gpus(device: str, engines: int) -> float:
+    """Ray GPU share per engine: none on CPU; a whole GPU each when the cluster has enough,
+    else an equal share of what it has (engines colocated with each other and the trainer)."""
+    import ray
+
+    if device != "cuda":
+        return 0.0
+    gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    if gpus <= 0:
+        raise RuntimeError("device is cuda but the Ray cluster advertises no GPU")
+    return min(1.0, gpus / engines)
+
+
+# ---- outputs ---------------------------------------------------------------------------------
+def write_plot(records: list[StepRecord], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r.step for r in records]
+    mean = [r.reward_mean for r in records]
+    std = [r.reward_std for r in records]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    top.plot(steps, mean, marker="o", ms=3, label="mean reward (all groups)")
+    top.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                     alpha=0.2, label="± std")
+    top.set_ylabel("reward")
+    top.set_ylim(bottom=min(0.0, min(mean)))
+    top.grid(alpha=0.3)
+    top.legend(loc="upper left")
+    top.set_title(title)
+    first = next(iter(records[0].engine_seconds))
+    phases = [p for p in records[0].engine_seconds[first] if p != "total"]
+    stack = [[r.engine_seconds.get(first, {}).get(p, 0.0) * 1e3 for r in records] for p in phases]
+    bottom.stackplot(steps, stack, labels=[f"{first}: {p}" for p in phases], alpha=0.7)
+    bottom.plot(steps, [r.sync_seconds * 1e3 for r in records], color="black", lw=1.5,
+                label="coordinator total")
+    first, rest = records[0].sync_seconds * 1e3, [r.sync_seconds * 1e3 for r in records[1:]]
+    if rest and first > 1.2 * max(rest):  # the first sync also sets up the transfer group
+        bottom.set_ylim(0, 1.2 * max(rest))
+        bottom.annotate(f"step 1: {first:.0f} ms (off scale: first sync)", xy=(1, 1.2 * max(rest)),
+                        xytext=(4, -12), textcoords="offset points", fontsize=8)
+    bottom.set_xlabel("step (sync after each; version = step)")
+    bottom.set_ylabel("sync time (ms)")
+    bottom.grid(alpha=0.3)
+    bottom.legend(loc="upper right", fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _say(console: Console, text: str) -> None:
+    """Print a plain line: no wrapping (logs are parsed), no markup (phases use brackets)."""
+    console.print(text, soft_wrap=True, highlight=False, markup=False)
+
+
+def _step_line(r: StepRecord, total_steps: int) -> str:
+    phases = " ".join(f"{p} {s:.3f}" for p, s in next(iter(r.engine_seconds.values())).items()
+                      if p != "total")
+    return (f"step {r.step}/{total_steps} reward {r.reward_mean:.3f}±{r.reward_std:.3f} "
+            f"sampled@v{r.sampled_version} gap {r.logprob_gap:.1e} kl {r.kl:.4f} | "
+            f"sync v{r.sync_version} {'verified' if r.sync_ok else 'FAILED'} "
+            f"{r.sync_seconds:.3f}s on {len(r.engine_seconds)} engine(s) [{phases}]")
+
+
+def grpo_step(step: int, cfg: GrpoConfig, actors: list, coord: Any, policy: Policy,
+              targets: frozenset[int]) -> StepRecord:
+    """Sample groups on the current version, score, update the policy, sync, verify."""
+    import torch
+
+    from weightsync.errors import VerificationError
+    from weightsync.rl.grpo_math import group_advantages, pack_sequences, token_fraction_reward
+
+    prompts = [PROMPTS[(step + i) % len(PROMPTS)] for i in range(cfg.prompts_per_step)]
+    t = time.perf_counter()
+    sampled_version = coord.version
+    groups = sample_groups(actors, prompts, cfg, sampled_version)
+    sample_s = time.perf_counter() - t
+    rewards = torch.tensor([[token_fraction_reward(r.token_ids, targets) for r in g]
+                            for g in groups])
+    flat = [(policy.prompt_ids(p), r) for p, g in zip(prompts, groups, strict=True) for r in g]
+    batch = pack_sequences([p for p, _ in flat], [r.token_ids for _, r in flat],
+                           pad_id=policy.tokenizer.pad_token_id)
+    t = time.perf_counter()
+    old, stats = policy.update(batch, group_advantages(rewards).flatten())
+    train_s = time.perf_counter() - t
+    # the engines' logprobs of what they sampled vs the trainer's, same weights: must agree
+    mask = batch.completion_mask.bool()
+    engine_lp = torch.zeros_like(old)
+    engine_lp[mask] = torch.tensor([lp for _, r in flat for lp in r.logprobs])
+    gap = float((engine_lp - old)[mask].abs().mean())
+    if gap > cfg.max_logprob_gap:
+        raise VerificationError(f"engines sampled v{sampled_version} with logprobs {gap:.3g} "
+                                f"away from the trainer's: they do not serve its weights")
+    result = coord.sync(policy.model, pause_mode="abort", sleep_level=cfg.sleep_level,
+                        ipc=cfg.ipc)
+    if not (result.ok and all(e.ok and e.checksum_ok and e.version == result.version
+                              for e in result.engines)):
+        raise VerificationError(f"sync to version {result.version} did not verify: "
+                                f"{result.failed}")
+    return StepRecord(
+        step=step, sampled_version=sampled_version,
+        reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
+        loss=stats.loss, kl=stats.kl, clip_fraction=stats.clip_fraction,
+        logprob_gap=gap, sync_version=result.version, sync_ok=result.ok,
+        sync_seconds=result.seconds.get("total", 0.0),
+        engine_seconds={e.engine: dict(e.seconds) for e in result.engines},
+        skipped=result.engines[0].skipped, sample_seconds=sample_s, train_seconds=train_s)
+
+
+# ---- the loop --------------------------------------------------------------------------------
+def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Console) -> dict:
+    """Train for ``cfg.steps`` steps on already-initialised Ray; returns the JSON summary."""
+    import ray
+    import torch
+
+    from weightsync.config import EngineSpec, TransferConfig
+    from weightsync.coordinator import SyncCoordinator
+    from weightsync.engine.actor import start_engines
+    from weightsync.engine.vllm_compat import resolve_device
+    from weightsync.rl.grpo_math import token_fraction_reward
+    from weightsync.testing.models import build_text_model
+
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    model_dir = build_text_model(model_dir, hidden=cfg.hidden, layers=cfg.layers,
+                                 heads=max(1, cfg.hidden // 64), seed=cfg.seed).resolve()
+    policy = Policy(model_dir, cfg, device)
+    targets = target_ids(policy.tokenizer, cfg.task)
+    gpus = engine_gpus(device, cfg.engines)
+    specs = [EngineSpec(name=f"grpo-engine-{i}", model=str(model_dir), dtype="float32",
+                        seed=cfg.seed + i, device=device,
+                        num_gpus=gpus, gpu_memory_utilization=cfg.gpu_memory_utilization)
+             for i in range(cfg.engines)]
+    _say(console, f"starting {cfg.engines} vLLM engine(s) on {device} "
+                  f"(model {model_dir}, task {cfg.task!r}: {len(targets)} target tokens) ...")
+    t = time.perf_counter()
+    actors = start_engines(specs)
+    started_s = time.perf_counter() - t
+    _say(console, f"engines up in {started_s:.1f}s")
+    records: list[StepRecord] = []
+    try:
+        coord = SyncCoordinator(actors, TransferConfig(backend=cfg.backend, host=cfg.sync_host,
+                                                       bucket_bytes=cfg.bucket_mib << 20))
+        columns = (SpinnerColumn(), TextColumn("[bold]GRPO"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TextColumn("{task.fields[status]}"))
+        with Progress(*columns, console=console) as progress:
+            bar = progress.add_task("grpo", total=cfg.steps, status="sampling ...")
+            for step in range(1, cfg.steps + 1):
+                rec = grpo_step(step, cfg, actors, coord, policy, targets)
+                records.append(rec)
+                _say(progress.console, _step_line(rec, cfg.steps))
+                progress.update(bar, advance=1,
+                                status=f"reward {rec.reward_mean:.3f}  sync v{rec.sync_version} "
+                                       f"{rec.sync_seconds * 1e3:.0f} ms")
+        # the last sync must reach the engines too: sample once more on its version
+        final = sample_groups(actors, list(PROMPTS), cfg, coord.version)
+        final_reward = float(torch.tensor([[token_fraction_reward(r.token_ids, targets) for r in g]
+                                           for g in final]).mean())
+    finally:
+        for a in actors:
+            try:
+                ray.get(a.shutdown.remote(), timeout=60)
+            except Exception:  # noqa: BLE001 - best-effort teardown; the actor is killed next
+                logger.warning("engine shutdown raised", exc_info=True)
+            ray.kill(a)
+    k = max(1, cfg.steps // 5)
+    summary = dict(
+        first_steps=k, first_reward_mean=sum(r.reward_mean for r in records[:k]) / k,
+        last_reward_mean=sum(r.reward_mean for r in records[-k:]) / k,
+        final_eval_reward=final_reward, final_version=coord.version,
+        all_syncs_verified=all(r.sync_ok for r in records),
+        versions=[r.sync_version for r in records],
+        sync_seconds_median=sorted(r.sync_seconds for r in records)[len(records) // 2],
+        engine_start_seconds=started_s, device=device,
+        skipped=list(records[0].skipped) if records else [],
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = dict(command=" ".join(["python -m services.grpo", *sys.argv[1:]]),
+               config=cfg.model_dump(), summary=summary,
+               steps=[r.model_dump() for r in records])
+    (run_dir / f"{name}.json").write_text(json.dumps(log, indent=1))
+    write_plot(records, run_dir / f"{name}.png",
+               f"GRPO on {cfg.engines} vLLM engine(s), {device}, task {cfg.task!r}: "
+               f"reward {summary['first_reward_mean']:.2f} -> {summary['last_reward_mean']:.2f}")
+    return summary
+
+
+app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
+
+
+@app.command()
+def main(
+    steps: int = typer.Option(40, min=1, help="training steps (one sync after each)"),
+    engines: int = typer.Option(2, min=1, help="vLLM engines (Ray actors)"),
+    prompts_per_step: int = typer.Option(4, min=1),
+    group_size: int = typer.Option(8, min=2, help="completions per prompt (the GRPO group)"),
+    max_tokens: int = typer.Option(16, min=1),
+    task: str = typer.Option("digits", help="reward: 'digits' (numeral tokens) or 'yes'"),
+    lr: float = typer.Option(2e-3),
+    beta: float = typer.Option(0.04, help="KL weight"),
+    clip_eps: float = typer.Option(0.2),
+    epochs: int = typer.Option(2, min=1, help="optimizer steps per sampled batch"),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto | cpu | cuda (trainer and engines)"),
+    backend: str = typer.Option("gloo", help="broadcast backend: gloo | nccl"),
+    sync_host: str = typer.Option("auto", help="trainer address for the transfer rendezvous; "
+                                  "auto: 127.0.0.1 on a local Ray, this node's IP on a cluster"),
+    ipc: bool = typer.Option(False, help="CUDA IPC to colocated engines instead of broadcast"),
+    sleep_level: int = typer.Option(1, min=0, max=2, help="engine sleep level during a sync (GPU)"),
+    bucket_mib: int = typer.Option(16, min=1),
+    run_dir: Path = typer.Option(Path("runs/grpo"), help="where the JSON log and PNG go"),
+    name: str = typer.Option("grpo", help="file stem of the JSON log and PNG"),
+    model_dir: Path = typer.Option(Path("runs/models/tiny-qwen2-grpo")),
+    ray_address: str | None = typer.Option(
+        None, envvar="RAY_ADDRESS", help="join this Ray cluster (set by `ray job submit`)"),
+    num_cpus: int = typer.Option(2, min=1, help="CPUs for a local Ray (no address)"),
+    engine_logs: bool = typer.Option(False, help="forward engine actor logs to this console"),
+) -> None:
+    import warnings
+
+    import ray
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\.")
+    console = Console()
+    if ray_address:
+        ray.init(address=ray_address, log_to_driver=engine_logs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=engine_logs)
+    if sync_host == "auto":
+        sync_host = ray.util.get_node_ip_address() if ray_address else "127.0.0.1"
+    try:
+        cfg = GrpoConfig(steps=steps, engines=engines, prompts_per_step=prompts_per_step,
+                         group_size=group_size, max_tokens=max_tokens, task=task, lr=lr,
+                         beta=beta, clip_eps=clip_eps, epochs=epochs, seed=seed, device=device,
+                         backend=backend, sync_host=sync_host, ipc=ipc, sleep_level=sleep_level,
+                         bucket_mib=bucket_mib)
+        summary = run(cfg, run_dir, name, model_dir, console)
+    finally:
+        ray.shutdown()
+    _say(console, f"reward: first {summary['first_steps']} steps {summary['first_reward_mean']:.3f}"
+                  f" -> last {summary['first_steps']} steps {summary['last_reward_mean']:.3f}"
+                  f" (final eval on v{summary['final_version']}: "
+                  f"{summary['final_eval_reward']:.3f})")
+    _say(console, f"all {len(summary['versions'])} syncs verified "
+                  f"(versions 1..{summary['final_version']}), median sync "
+                  f"{summary['sync_seconds_median'] * 1e3:.0f} ms")
+    _say(console, f"log:  {(run_dir / f'{name}.json').resolve()}")
+    _say(console, f"plot: {(run_dir / f'{name}.png').resolve()}")
+
+
+if __name__ == "__main__":
+    app()

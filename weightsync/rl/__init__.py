@@ -1,0 +1,1 @@
+"""RL pieces the example trainers share (pure torch; no Ray, no vLLM)."""
