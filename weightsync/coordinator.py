@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import ray
@@ -86,7 +86,7 @@ class SyncCoordinator:
         self.engines = {s.name: a for s, a in zip(statuses, engines, strict=True)}
         self.version = max(s.version for s in statuses)
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ws-coord")
+        self._group: tuple[tuple[str, ...], str, BroadcastSender] | None = None
         self._ipc_keepalive: list[Any] | None = None  # this sync's CUDA-IPC buckets
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -125,6 +125,7 @@ class SyncCoordinator:
         ray.get(actor.fence.remote(f"restarted: awaiting a resync to version {self.version}"),
                 timeout=self.transfer.deadlines.verify)
         self.engines[name] = actor
+        self.close_group()
 
     # ---- public API ------------------------------------------------------------------------
     def sync(self, weights: Any, *, pause_mode: PauseMode = "abort", sleep_level: int = 0,
@@ -330,58 +331,77 @@ class SyncCoordinator:
                 for n, e in fleet.items()}
         ok, bad = self._gather(refs, dl.pause + 2 * dl.sleep)
         for n, r in ok.items():
-            fleet[n].report.update(seconds=dict(r["seconds"]), skipped=tuple(r["skipped"]))
+            fleet[n].report.update(seconds=dict(r["seconds"]), skipped=tuple(r["skipped"]),
+                                   group_id=r.get("group_id"))
         if bad:
             self._abort(fleet, bad, "begin", rollback=set(ok))
             raise SyncFailedError(f"could not begin the sync on {sorted(bad)}: "
                                   + "; ".join(str(e) for e in bad.values()),
                                   engine=next(iter(bad)))
 
-    def _transfer_broadcast(self, fleet, plan, plan_json, tensors) -> tuple[list[int], dict]:
+    def _group_for(self, fleet) -> tuple[BroadcastSender | None, dict]:
+        """The broadcast group for ``fleet``: the open one when every member still reports it
+        (saves a rendezvous, and NCCL communicator setup, per sync), else a new one."""
         dl, cfg = self.transfer.deadlines, self.transfer
+        members = tuple(fleet)
+        cached = self._group
+        if cached and cached[0] == members and all(
+                fleet[n].report.get("group_id") == cached[1] for n in fleet):
+            return cached[2], {}
+        self.close_group()
+        group_id = uuid.uuid4().hex
         world = 1 + len(fleet)
         port = free_port(cfg.host, cfg.port)
         joins = {n: e.actor.join_group.remote(cfg.backend, cfg.host, port, 1 + i, world,
-                                              dl.rendezvous)
+                                              dl.rendezvous, group_id)
                  for i, (n, e) in enumerate(fleet.items())}
-        sender = None
-        bad: dict[str, WeightSyncError] = {}
-        sums: list[int] = []
         try:
-            try:
-                sender = BroadcastSender(open_group(cfg.backend, cfg.host, port, 0, world,
-                                                    dl.rendezvous))
-            except WeightSyncError as e:
-                _, bad = self._gather(joins, dl.rendezvous * 0.5)
-                if not bad:
-                    bad = {n: TransferError(f"rendezvous failed: {e}", engine=n) for n in fleet}
-                return sums, bad
-            _, bad = self._gather(joins, dl.rendezvous)
-            if bad:
-                return sums, bad
-            recvs = {n: e.actor.receive.remote(plan_json, cfg.apply, dl.transfer)
-                     for n, e in fleet.items()}
-            send_error: WeightSyncError | None = None
-            try:
-                sums = sender.send(plan, tensors, dl.transfer,
-                                   on_bucket=lambda i: self._phase(f"bucket:{i}"))
-            except WeightSyncError as e:
-                send_error = e
-                sender.close()  # break the group so receivers fail fast instead of waiting
-                sender = None
-            ok, bad = self._gather(recvs, dl.transfer * 1.6)
-            for n, r in ok.items():
-                fleet[n].report.update(checksums=r["checksums"], applied=r["applied"],
-                                       nbytes=r["nbytes"])
-            if send_error is not None:
-                logger.error("broadcast of version %d failed: %s; engines at fault: %s",
-                             plan.version, send_error, sorted(bad) or "unknown")
-                if not bad:  # nobody else failed: the sender itself is at fault
-                    bad = {n: TransferError(f"sender failed: {send_error}", engine=n) for n in fleet}
+            sender = BroadcastSender(open_group(cfg.backend, cfg.host, port, 0, world,
+                                                dl.rendezvous))
+        except WeightSyncError as e:
+            _, bad = self._gather(joins, dl.rendezvous * 0.5)
+            return None, bad or {n: TransferError(f"rendezvous failed: {e}", engine=n)
+                                 for n in fleet}
+        _, bad = self._gather(joins, dl.rendezvous)
+        if bad:
+            sender.close()
+            return None, bad
+        self._group = (members, group_id, sender)
+        return sender, {}
+
+    def close_group(self) -> None:
+        """Tear down the open broadcast group (engines leave theirs on their next sync)."""
+        if self._group is not None:
+            self._group[2].close()
+            self._group = None
+
+    def _transfer_broadcast(self, fleet, plan, plan_json, tensors) -> tuple[list[int], dict]:
+        dl, cfg = self.transfer.deadlines, self.transfer
+        sender, bad = self._group_for(fleet)
+        sums: list[int] = []
+        if sender is None:
             return sums, bad
-        finally:
-            if sender is not None:
-                sender.close()
+        recvs = {n: e.actor.receive.remote(plan_json, cfg.apply, dl.transfer)
+                 for n, e in fleet.items()}
+        send_error: WeightSyncError | None = None
+        try:
+            sums = sender.send(plan, tensors, dl.transfer,
+                               on_bucket=lambda i: self._phase(f"bucket:{i}"))
+        except WeightSyncError as e:
+            send_error = e
+            self.close_group()  # break the group so receivers fail fast instead of waiting
+        ok, bad = self._gather(recvs, dl.transfer * 1.6)
+        for n, r in ok.items():
+            fleet[n].report.update(checksums=r["checksums"], applied=r["applied"],
+                                   nbytes=r["nbytes"])
+        if bad:
+            self.close_group()  # never reuse a group that failed anyone
+        if send_error is not None:
+            logger.error("broadcast of version %d failed: %s; engines at fault: %s",
+                         plan.version, send_error, sorted(bad) or "unknown")
+            if not bad:  # nobody else failed: the sender itself is at fault
+                bad = {n: TransferError(f"sender failed: {send_error}", engine=n) for n in fleet}
+        return sums, bad
 
     def _transfer_ipc(self, fleet, plan, plan_json, tensors) -> tuple[list[int], dict]:
         import json

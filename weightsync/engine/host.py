@@ -43,6 +43,7 @@ class EngineHost:
         self.last_sync: dict[str, float] = {}
         self._serving = asyncio.Event()
         self._sync_started = 0.0
+        self.group_id: str | None = None  # the broadcast group this engine is in, if any
         self.last_sleep_memory: dict[str, int] | None = None  # GPU memory right after a sync's sleep
         self._testing_keep_caches = False  # TEST ONLY: see testing_keep_caches()
 
@@ -97,10 +98,14 @@ class EngineHost:
             raise EngineError(f"engine not serving after {wait_s}s (state {self.state.value})",
                               engine=self.spec.name) from e
         self._require_routable()
-        params = vllm_compat.sampling_params(max_tokens=max_tokens, temperature=temperature,
-                                             logprobs=0 if logprobs else None, seed=seed,
-                                             ignore_eos=ignore_eos)
-        return list(await asyncio.gather(*(self._one(p, params) for p in prompts for _ in range(n))))
+
+        def params(i: int):  # a seeded request with n copies: copy i uses seed + i
+            return vllm_compat.sampling_params(
+                max_tokens=max_tokens, temperature=temperature, logprobs=0 if logprobs else None,
+                seed=None if seed is None else seed + i, ignore_eos=ignore_eos)
+
+        return list(await asyncio.gather(*(self._one(p, params(i))
+                                           for p in prompts for i in range(n))))
 
     async def _one(self, prompt: Any, params: Any) -> GenerationResult:
         v0 = self.version
@@ -182,13 +187,21 @@ class EngineHost:
                 seconds["wake_weights"] = time.perf_counter() - t
                 if self.state != EngineState.FENCED:
                     self.state = EngineState.WEIGHTS_AWAKE
-        return {"seconds": seconds, "skipped": skipped}
+        return {"seconds": seconds, "skipped": skipped, "group_id": self.group_id}
 
     async def join_group(self, backend: str, host: str, port: int, rank_offset: int,
-                         world_size: int, timeout_s: float) -> None:
+                         world_size: int, timeout_s: float, group_id: str = "") -> None:
+        """Join the trainer's broadcast group. It stays open across syncs (rebuilding NCCL
+        communicators every sync is expensive) until a failure or ``leave_group``."""
         self._expect(*_IN_SYNC, EngineState.FENCED, op="join a transfer group")
+        self.group_id = None
         await self._rpc("ws_join_group", backend, host, port, rank_offset, world_size,
                         timeout_s, timeout=timeout_s * 1.5)
+        self.group_id = group_id or None
+
+    async def leave_group(self) -> None:
+        self.group_id = None
+        await self._rpc("ws_leave_group", timeout=60)
 
     async def receive(self, plan_json: str, apply: str, deadline_s: float,
                       ipc_handles_json: str | None = None) -> dict:
@@ -199,7 +212,12 @@ class EngineHost:
         if apply == "streaming":
             self.weights_intact = False  # from the first byte on, until commit
         if ipc_handles_json is None:
-            out = await self._rpc("ws_receive", plan_json, apply, deadline_s, timeout=deadline_s * 1.5)
+            try:
+                out = await self._rpc("ws_receive", plan_json, apply, deadline_s,
+                                      timeout=deadline_s * 1.5)
+            except WeightSyncError:
+                self.group_id = None  # the worker left the broken group
+                raise
         else:
             out = await self._rpc("ws_receive_ipc", plan_json, ipc_handles_json, apply,
                                   timeout=deadline_s * 1.5)
@@ -261,7 +279,6 @@ class EngineHost:
 
     async def _wake_and_resume(self, deadline_s: float) -> dict[str, float]:
         seconds: dict[str, float] = {}
-        await self.engine.collective_rpc("ws_leave_group")
         if self.sleep_level:
             t = time.perf_counter()
             await asyncio.wait_for(self.engine.wake_up(tags=["kv_cache"]), deadline_s)
@@ -283,6 +300,7 @@ class EngineHost:
             return self.status()
         try:
             await self._rpc("ws_drop_staged", timeout=deadline_s)
+            self.group_id = None  # a failed sync never reuses its group
             await self._rpc("ws_leave_group", timeout=deadline_s)
         except WeightSyncError:
             logger.warning("engine %s: cleanup after failed sync raised", self.spec.name,

@@ -21,7 +21,7 @@ from weightsync.engine import vllm_compat
 from weightsync.errors import ManifestError, ReloadError, TransferError, WeightSyncError
 from weightsync.transport.broadcast import BroadcastReceiver, open_group
 from weightsync.transport.ipc import IpcBucketHandle, open_bucket
-from weightsync.transport.packing import checksum, dtype_name, unpack_bucket
+from weightsync.transport.packing import checksum, checksums, dtype_name, unpack_bucket
 from weightsync.types import Bucket, TensorSpec, TransferPlan
 
 logger = logging.getLogger(__name__)
@@ -152,9 +152,10 @@ class WeightSyncWorkerExtension:
         """Digest of every parameter as loaded (vLLM layout). Equal across a verified fleet."""
         h = hashlib.sha256()
         with torch.no_grad():
-            for name, p in sorted(self.model_runner.get_model().named_parameters()):
-                flat = p.detach().contiguous().view(-1).view(torch.uint8)
-                h.update(f"{name}:{checksum(flat)};".encode())
+            params = sorted(self.model_runner.get_model().named_parameters())
+            flats = [p.detach().contiguous().view(-1).view(torch.uint8) for _, p in params]
+            for (name, _), c in zip(params, checksums(flats), strict=True):
+                h.update(f"{name}:{c};".encode())
         return h.hexdigest()[:32]
 
     # ---- transport -----------------------------------------------------------------------

@@ -129,8 +129,8 @@ class BroadcastSender:
             if on_bucket is not None:
                 on_bucket(bucket.index)
             buf = pack_bucket(bucket, tensors, self.group.device)
-            sums.append(checksum(buf))
             op = self.group.start(buf)
+            sums.append(checksum(buf))  # read-only, overlaps this bucket's broadcast
             if pending is not None:
                 pending[0].wait(deadline_s, f"broadcast bucket {pending[1].index}")
             pending = (op, bucket, buf)

@@ -7,6 +7,7 @@ sender and receiver checksum identical bytes.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -102,32 +103,57 @@ def unpack_bucket(bucket: Bucket, buf: torch.Tensor) -> Iterator[tuple[str, torc
 
 
 def checksum(buf: torch.Tensor) -> int:
-    """Position-sensitive checksum of a flat uint8 buffer, identical on CPU and GPU.
+    """Checksum of a flat uint8 buffer, computed where the buffer lives.
 
-    Integer sums are exact and order-independent, so the value does not depend on the device
-    or on reduction order. Cost: one pass over the bytes plus one small host transfer.
+    CPU: CRC-32 (zlib, GIL released, ~1.5 GB/s per core) with the length.
+    CUDA: a position-weighted integer reduction on the device — integer sums are exact and
+    order-independent, so it is deterministic — plus one small host transfer.
+    Both ends of a transfer hold buckets on the same kind of device (gloo: CPU; NCCL and
+    CUDA IPC: GPU), so they always run the same function.
     """
-    if buf.dtype != torch.uint8 or buf.dim() != 1:
-        raise ConfigError("checksum takes a flat uint8 buffer")
-    n = buf.numel()
-    if n == 0:
-        return 0
-    pad = (-n) % (4 * _ROW_WORDS)
+    return checksums([buf])[0]
+
+
+def checksums(bufs: Sequence[torch.Tensor]) -> list[int]:
+    """``checksum`` of many buffers; CUDA buffers share one device-to-host transfer."""
+    out: list[int | None] = [None] * len(bufs)
+    partial: list[tuple[int, int, torch.Tensor]] = []
+    for i, buf in enumerate(bufs):
+        if buf.dtype != torch.uint8 or buf.dim() != 1:
+            raise ConfigError("checksum takes a flat uint8 buffer")
+        n = buf.numel()
+        if n == 0:
+            out[i] = 0
+        elif buf.device.type == "cpu":
+            out[i] = (n << 32) | zlib.crc32(memoryview(buf.contiguous().numpy()))
+        else:
+            partial.append((i, n, _device_row_sums(buf)))
+    if partial:
+        host = torch.cat([p for _, _, p in partial], dim=1).tolist()
+        col = 0
+        for i, n, p in partial:
+            rows = p.shape[1]
+            acc = n
+            for r in range(rows):
+                a, b = host[0][col + r], host[1][col + r]
+                acc = (acc * 1_000_003 + (a % _MOD) * (r + 1) + (b % _MOD)) % _MOD
+            out[i] = acc
+            col += rows
+    return out  # type: ignore[return-value]
+
+
+def _device_row_sums(buf: torch.Tensor) -> torch.Tensor:
+    """[2, rows] int64 on the device: plain and position-weighted sums of 32-bit words."""
+    pad = (-buf.numel()) % (4 * _ROW_WORDS)
     if pad:
         buf = torch.cat([buf, torch.zeros(pad, dtype=torch.uint8, device=buf.device)])
     rows = buf.view(torch.int32).view(-1, _ROW_WORDS)
     weights = torch.arange(1, _ROW_WORDS + 1, dtype=torch.int64, device=buf.device)
-    plain, weighted = [], []
+    parts = []
     for start in range(0, rows.shape[0], _BLOCK_ROWS):
         block = rows[start : start + _BLOCK_ROWS].to(torch.int64)
-        plain.append(block.sum(dim=1))
-        weighted.append((block * weights).sum(dim=1))
-    p = torch.cat(plain).tolist()
-    w = torch.cat(weighted).tolist()
-    acc = n
-    for i, (a, b) in enumerate(zip(p, w, strict=True)):
-        acc = (acc * 1_000_003 + (a % _MOD) * (i + 1) + (b % _MOD)) % _MOD
-    return acc
+        parts.append(torch.stack([block.sum(dim=1), (block * weights).sum(dim=1)]))
+    return torch.cat(parts, dim=1)
 
 
 def named_tensors(weights) -> Iterable[tuple[str, torch.Tensor]]:

@@ -1,0 +1,179 @@
+"""Sync benchmark: N syncs per fleet size, every phase's p50/p95, bytes, GB/s, and floors
+measured in the same run. Writes JSON + PNG under benchmarks/results/.
+
+    python -m benchmarks.run --shape small --engines 1,2,4,8 --syncs 5          # CPU
+    python -m benchmarks.run --shape 0.5b --ipc --sleep-level 1 --syncs 10     # one GPU
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import time
+from pathlib import Path
+
+import typer
+
+from benchmarks.baselines import raw_device_copy, raw_gloo_broadcast, summary
+
+app = typer.Typer(add_completion=False)
+
+SHAPES = {  # Qwen2-style; "tiny" and "small" are for CPU, the rest mirror Qwen2.5 sizes
+    "tiny": dict(hidden=128, layers=2, heads=2, kv_heads=1, intermediate=256, vocab_size=512),
+    "small": dict(hidden=512, layers=8, heads=8, kv_heads=2, intermediate=1536, vocab_size=8192),
+    "0.5b": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab_size=151936,
+                 tie_word_embeddings=True),
+    "1.5b": dict(hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960,
+                 vocab_size=151936, tie_word_embeddings=True),
+    "7b": dict(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vocab_size=152064),
+}
+PHASES = ["pause", "sleep", "wake_weights", "transfer", "reload", "reset_caches", "fingerprint",
+          "wake_kv", "resume"]
+
+
+def _versions() -> dict:
+    import ray
+    import torch
+    import vllm
+
+    out = {"torch": torch.__version__, "vllm": vllm.__version__, "ray": ray.__version__,
+           "python": platform.python_version(), "machine": platform.machine(),
+           "cpus": __import__("os").cpu_count()}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
+@app.command()
+def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"),
+         syncs: int = typer.Option(5, min=1), bucket_mib: int = typer.Option(32, min=1),
+         ipc: bool = typer.Option(False), sleep_level: int = typer.Option(0),
+         apply: str = typer.Option("staged"), dtype: str = typer.Option("auto"),
+         native: bool = typer.Option(False, help="GPU: also time vLLM's native IPC API"),
+         out: Path = typer.Option(None), workdir: Path = typer.Option(Path("runs/bench"))) -> None:
+    import ray
+    import torch
+
+    from weightsync.config import EngineSpec, TransferConfig
+    from weightsync.coordinator import SyncCoordinator
+    from weightsync.engine.actor import start_engines
+    from weightsync.testing.models import build_text_model
+    from weightsync.testing.reference import load_trainer_model, perturb_
+
+    gpu = torch.cuda.is_available()
+    dtype = dtype if dtype != "auto" else ("bfloat16" if gpu else "float32")
+    sizes = sorted({int(x) for x in engines.split(",")})
+    model_dir = build_text_model(workdir / f"qwen2-{shape}-{dtype}", dtype=dtype, **SHAPES[shape])
+    ray.init(num_cpus=max(2, sizes[-1]), num_gpus=1 if gpu else 0, include_dashboard=False,
+             log_to_driver=False)
+    per_gpu = 1.0 / (sizes[-1] + (1 if ipc else 0)) if gpu else 0.0
+    specs = [EngineSpec(name=f"bench-{i}", model=str(model_dir), dtype=dtype, num_gpus=per_gpu,
+                        gpu_memory_utilization=min(0.9, 0.8 / sizes[-1]) if gpu else 0.5)
+             for i in range(sizes[-1])]
+    t = time.perf_counter()
+    actors = start_engines(specs)
+    boot = time.perf_counter() - t
+    device = "cuda" if gpu else "cpu"
+    policy = load_trainer_model(model_dir, dtype=getattr(torch, dtype)).to(device)
+    cfg = TransferConfig(bucket_bytes=bucket_mib << 20, apply=apply,
+                         backend="nccl" if gpu and not ipc else "gloo")
+    runs = []
+    for k in sizes:
+        coord = SyncCoordinator(actors[:k], cfg)
+        totals, phases, nbytes = [], {p: [] for p in PHASES}, 0
+        for i in range(syncs + 1):  # sync 0 warms up (first reload, allocator)
+            perturb_(policy, scale=1e-3, seed=i)
+            res = coord.sync(policy, ipc=ipc, sleep_level=sleep_level)
+            nbytes = res.nbytes
+            if i == 0:
+                continue
+            totals.append(res.seconds["total"])
+            for p in PHASES:
+                vals = [e.seconds[p] for e in res.engines if p in e.seconds]
+                if vals:
+                    phases[p].append(max(vals))
+        run = {"engines": k, "bytes": nbytes, "total": summary(totals), "layout": res.layout,
+               "layout_note": res.layout_note,
+               "phases": {p: summary(v) for p, v in phases.items() if v},
+               "skipped": list(res.engines[0].skipped)}
+        tr = run["phases"]["transfer"]["p50"]
+        run["transfer_GBps"] = nbytes / tr / 1e9 if tr else None
+        if gpu:
+            run["floor_device_copy"] = summary(raw_device_copy(nbytes, syncs))
+        else:
+            from weightsync.transport.packing import plan_buckets, spec_of
+            from weightsync.transport.packing import named_tensors
+
+            plan = plan_buckets([spec_of(n, t) for n, t in named_tensors(policy)],
+                                cfg.bucket_bytes, 1)
+            run["floor_raw_broadcast"] = summary(raw_gloo_broadcast(plan, k, syncs))
+            run["ratio_transfer_vs_raw"] = tr / run["floor_raw_broadcast"]["p50"]
+            run["ratio_total_vs_raw"] = run["total"]["p50"] / run["floor_raw_broadcast"]["p50"]
+        runs.append(run)
+        typer.echo(json.dumps({k2: v for k2, v in run.items() if k2 != "phases"}))
+    native_result = None
+    if native and gpu:
+        from benchmarks.native_vllm import native_ipc_syncs
+
+        for a in actors:
+            ray.get(a.shutdown.remote(), timeout=120)
+            ray.kill(a)
+        native_result = {m: summary(native_ipc_syncs(str(model_dir), dtype, policy, syncs,
+                                                     packed=m == "packed"))
+                         for m in ("packed", "unpacked")}
+        ours = runs[0]["phases"]["transfer"]["p50"] + runs[0]["phases"]["reload"]["p50"]
+        native_result["ours_transfer_plus_reload_p50"] = ours
+        native_result["speedup_vs_packed"] = native_result["packed"]["p50"] / ours
+        typer.echo(json.dumps(native_result))
+    base = runs[0]["total"]["p50"]
+    for r in runs:
+        r["scaling_vs_1"] = r["total"]["p50"] / base
+    result = {"date": dt.date.today().isoformat(), "versions": _versions(), "device": device,
+              "shape": shape, "model": SHAPES[shape], "dtype": dtype, "ipc": ipc,
+              "sleep_level": sleep_level, "apply": apply, "bucket_mib": bucket_mib,
+              "syncs": syncs, "engine_boot_s": boot, "runs": runs,
+              "baseline_vllm_native_ipc": native_result}
+    out = out or Path("benchmarks/results") / f"sync-{device}-{shape}-{result['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    plot(result, out.with_suffix(".png"))
+    typer.echo(f"wrote {out} and {out.with_suffix('.png')}")
+    ray.shutdown()
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ks = [str(r["engines"]) for r in runs]
+    bottom = [0.0] * len(runs)
+    for p in PHASES:
+        vals = [r["phases"].get(p, {}).get("p50", 0.0) * 1e3 for r in runs]
+        if any(vals):
+            a.bar(ks, vals, bottom=bottom, label=p)
+            bottom = [x + y for x, y in zip(bottom, vals)]
+    a.set_xlabel("engines")
+    a.set_ylabel("ms (p50, slowest engine)")
+    a.set_title(f"sync phases — {result['shape']} ({runs[0]['bytes'] / 1e6:.1f} MB)")
+    a.legend(fontsize=8)
+    xs = [r["engines"] for r in runs]
+    b.plot(xs, [r["total"]["p50"] * 1e3 for r in runs], "o-", label="sync total (p50)")
+    b.plot(xs, [r["phases"]["transfer"]["p50"] * 1e3 for r in runs], "s-", label="transfer phase")
+    floor = "floor_raw_broadcast" if "floor_raw_broadcast" in runs[0] else "floor_device_copy"
+    b.plot(xs, [r[floor]["p50"] * 1e3 for r in runs], "^--", label=floor.replace("_", " "))
+    b.set_xlabel("engines")
+    b.set_ylabel("ms")
+    b.set_xscale("log", base=2)
+    b.set_title(f"fleet scaling on {result['device']}")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    app()
