@@ -13,5 +13,8 @@ demo: setup
 test: setup
 	$(PY) -m pytest -m "not gpu" tests
 
+test-gpu:  # on the lent GPU machine, wheels staged per ../shared/gpu/README.md
+	bash scripts/gpu_run.sh --install
+
 bench: setup
 	$(PY) -m benchmarks.run

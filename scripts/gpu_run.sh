@@ -22,6 +22,8 @@ export VLLM_USE_FLASHINFER_SAMPLER=0       # flashinfer is not staged
 export VLLM_USE_V2_MODEL_RUNNER=1
 export TRITON_F32_DEFAULT=ieee              # fp32 parity tests: no TF32 in Triton attention
 export WS_GPU_RESULTS=$out/gpu-results.json
+# the commit under test (a `git archive` copy carries it in a COMMIT file)
+export WS_GPU_COMMIT=${WS_GPU_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || cat COMMIT 2>/dev/null)}
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv || true
 # The core proofs first, then every other test file under tests/gpu.
 files=(tests/gpu/test_text_gpu.py tests/gpu/test_vl_gpu.py tests/gpu/test_timing_bf16_gpu.py)

@@ -37,6 +37,7 @@ def pytest_sessionstart(session):
 
     RESULTS["meta"] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "commit": os.environ.get("WS_GPU_COMMIT"),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__, "cuda": torch.version.cuda,
         "vllm": _version("vllm"), "ray": _version("ray"),
@@ -57,6 +58,13 @@ def pytest_runtest_logreport(report):
             if report.outcome == "failed":
                 entry["error"] = str(report.longrepr)[-2000:]
         _flush()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from tests.gpu.report import summarize
+
+    RESULTS["summary"] = summarize(RESULTS)
+    _flush()
 
 
 @pytest.fixture(scope="session")
