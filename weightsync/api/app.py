@@ -1,0 +1,88 @@
+"""``create_app``: the control plane's FastAPI application.
+
+The app fronts one fleet: engine actors handed in by the caller, or found as named actors in
+the settings' Ray namespace at startup (lifespan). It never starts or stops engines itself —
+they are detached and outlive it (``weightsync.api.server`` starts missing ones).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from weightsync.api.errors import install_error_handlers
+from weightsync.api.fleet import Fleet
+from weightsync.api.routes import engines as engine_routes
+from weightsync.api.routes import health, page, sync
+from weightsync.api.sessions import SessionRegistry
+from weightsync.config import MiB, Settings, TransferConfig
+from weightsync.coordinator import SyncCoordinator
+from weightsync.errors import ConfigError
+from weightsync.metrics import SyncMetrics
+
+logger = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(settings: Settings) -> None:
+    """Refuse settings that would expose an unauthenticated control plane."""
+    if settings.token is not None and not settings.token.strip():
+        raise ConfigError("WEIGHTSYNC_TOKEN is set but empty")
+    if not is_loopback(settings.host) and settings.token is None:
+        raise ConfigError(f"refusing to bind {settings.host!r} without a token: anyone who can "
+                          "reach it could drive the fleet. Set WEIGHTSYNC_TOKEN, or bind "
+                          "127.0.0.1")
+
+
+def create_app(settings: Settings, *, engines: Sequence[Any] | Mapping[str, Any] | None = None,
+               transfer: TransferConfig | None = None) -> FastAPI:
+    """The control plane over ``engines`` (actor handles), or over the named engine actors in
+    ``settings.namespace`` when omitted. Raises ``ConfigError`` for unsafe settings."""
+    check_bind(settings)
+    wire = transfer or TransferConfig(bucket_bytes=settings.bucket_mib * MiB)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if engines is None:
+            from weightsync.engine.actor import find_engines
+
+            actors = list((await asyncio.to_thread(find_engines, settings.namespace)).values())
+        else:
+            actors = list(engines.values() if isinstance(engines, Mapping) else engines)
+        if not actors:
+            raise ConfigError(f"no engine actors in Ray namespace {settings.namespace!r}")
+        metrics = app.state.metrics
+        app.state.fleet = await Fleet.connect(
+            actors, lambda a: SyncCoordinator(a, wire, metrics=metrics))
+        logger.info("control plane up over %s (version %d)", app.state.fleet.names,
+                    app.state.fleet.coordinator.version)
+        yield
+        app.state.fleet = None  # engines are detached: they keep serving without us
+
+    from weightsync import __version__
+
+    app = FastAPI(title="weightsync control plane", version=__version__, lifespan=lifespan,
+                  description="Drive a fleet of vLLM engines: sleep, wake, pause, resume, "
+                              "reload, and sync sessions for trainers outside the Ray cluster.")
+    app.state.settings = settings
+    app.state.metrics = SyncMetrics()
+    app.state.sessions = SessionRegistry()
+    app.state.fleet = None
+    install_error_handlers(app)
+    for module in (health, engine_routes, sync, page):
+        app.include_router(module.router)
+    return app

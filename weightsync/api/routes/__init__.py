@@ -1,0 +1,1 @@
+"""Routers, one per concern: health, engines, syncs, the status page."""

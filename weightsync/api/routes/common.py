@@ -1,0 +1,31 @@
+"""What every router shares: the documented error responses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from weightsync.api.schemas import ErrorBody
+
+_WHY = {
+    401: "No or wrong bearer token",
+    404: "Unknown engine or session",
+    409: "Illegal engine state, or a sync is in progress",
+    422: "Bad input (validation, path outside the load roots, unsupported on this engine)",
+    503: "An engine is unavailable or failed",
+    504: "A phase ran past its deadline",
+}
+
+
+def error_responses(*statuses: int, json_route: bool = True) -> dict[int | str, dict[str, Any]]:
+    """Documented error answers. Errors are JSON even on text/HTML routes, whose media type
+    FastAPI would otherwise give them, so those name the schema explicitly."""
+    if json_route:
+        return {s: {"model": ErrorBody, "description": _WHY[s]} for s in statuses}
+    ref = {"$ref": "#/components/schemas/ErrorBody"}
+    return {s: {"description": _WHY[s], "content": {"application/json": {"schema": ref}}}
+            for s in statuses}
+
+
+READ_ERRORS = error_responses(401, 503, 504)
+WRITE_ERRORS = error_responses(401, 404, 409, 422, 503, 504)
+PAGE_ERRORS = error_responses(401, 422, 503, 504, json_route=False)

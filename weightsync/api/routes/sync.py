@@ -1,0 +1,99 @@
+"""Fleet-wide weight changes: reload from a checkpoint, and sync sessions for outside trainers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path
+
+from weightsync.api.checkpoints import read_specs, resolve_checkpoint
+from weightsync.api.deps import get_fleet, get_sessions, get_settings, require_token
+from weightsync.api.fleet import Fleet
+from weightsync.api.routes.common import WRITE_ERRORS
+from weightsync.api.schemas import (AbortRequest, CommitRequest, ReloadRequest, SessionClosed,
+                                    SessionInfo, SessionRequest)
+from weightsync.api.sessions import SessionRegistry
+from weightsync.config import Settings
+from weightsync.errors import SyncFailedError
+from weightsync.transport.packing import plan_buckets
+from weightsync.types import SyncResult
+
+logger = logging.getLogger(__name__)
+
+SessionPath = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[a-f0-9]+$",
+                                  description="The id POST /sessions returned")]
+
+router = APIRouter(tags=["sync"], dependencies=[Depends(require_token)], responses=WRITE_ERRORS)
+
+
+@router.post("/reload", response_model=SyncResult)
+async def reload(req: ReloadRequest | None = None, fleet: Fleet = Depends(get_fleet),
+                 settings: Settings = Depends(get_settings)) -> SyncResult:
+    """Reload weights from a safetensors directory on the engine hosts (or the original model),
+    reset caches, verify fingerprints agree, and publish a new version.
+
+    The checkpoint's headers are checked against every engine's model before any engine is
+    touched: a checkpoint that does not fit is a 422 and the fleet keeps serving.
+    """
+    req = req or ReloadRequest()
+    targets = fleet.resolve(req.engines)
+    coord = fleet.coordinator
+    with fleet.exclusive():
+        version = await fleet.published_version()
+        path = None
+        if req.path is not None:
+            path = resolve_checkpoint(req.path, settings.load_roots)
+            specs = await asyncio.to_thread(read_specs, path)
+            plan = plan_buckets(specs, coord.transfer.bucket_bytes, version + 1)
+            await fleet.each(targets, "validate", plan.model_dump_json(),
+                             timeout=coord.transfer.deadlines.verify)
+        try:
+            result = await asyncio.to_thread(coord.reload_checkpoint, path,
+                                             pause_mode=req.pause_mode, engines=targets)
+        except SyncFailedError as e:
+            if e.result is not None:
+                fleet.record(e.result)
+            raise
+    fleet.record(result)
+    logger.info("reloaded %s from %s: version %d", targets, path or "the original model",
+                result.version)
+    return result
+
+
+@router.post("/sessions", response_model=SessionInfo, status_code=201)
+async def open_session(req: SessionRequest, fleet: Fleet = Depends(get_fleet),
+                       sessions: SessionRegistry = Depends(get_sessions)) -> SessionInfo:
+    """Open a sync for a trainer outside the Ray cluster.
+
+    The engines are validated against ``tensors``, paused, and dialling ``host:port`` when this
+    returns; the trainer then hosts the group as rank 0 (``world_size`` ranks), broadcasts
+    ``plan`` bucket by bucket, and commits its checksums. ``WeightSyncClient.push_weights`` is
+    that whole trainer side in one call.
+    """
+    return await sessions.open(fleet, req)
+
+
+@router.post("/sessions/{session}/commit", response_model=SyncResult)
+async def commit_session(session: SessionPath, req: CommitRequest,
+                         fleet: Fleet = Depends(get_fleet),
+                         sessions: SessionRegistry = Depends(get_sessions)) -> SyncResult:
+    """The trainer sent every bucket: verify, apply everywhere, publish. Returns the result."""
+    out = await sessions.close(session, fleet, checksums=req.checksums)
+    if isinstance(out, BaseException):
+        raise out
+    return out
+
+
+@router.post("/sessions/{session}/abort", response_model=SessionClosed)
+async def abort_session(session: SessionPath, req: AbortRequest | None = None,
+                        fleet: Fleet = Depends(get_fleet),
+                        sessions: SessionRegistry = Depends(get_sessions)) -> SessionClosed:
+    """The trainer gave up: the fleet rolls back to (and keeps serving) its old version."""
+    req = req or AbortRequest()
+    out = await sessions.close(session, fleet, reason=req.reason)
+    if isinstance(out, BaseException):
+        return SessionClosed(session=session, ok=False, message=str(out),
+                             result=getattr(out, "result", None))
+    return SessionClosed(session=session, ok=out.ok, message="the sync completed", result=out)
