@@ -78,7 +78,14 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
     policy = load_trainer_model(model_dir, dtype=getattr(torch, dtype)).to(device)
     cfg = TransferConfig(bucket_bytes=bucket_mib << 20, apply=apply,
                          backend="nccl" if gpu and not ipc else "gloo")
-    runs = []
+    runs: list[dict] = []
+    result = {"date": dt.date.today().isoformat(), "versions": _versions(), "device": device,
+              "shape": shape, "model": SHAPES[shape], "dtype": dtype, "ipc": ipc,
+              "sleep_level": sleep_level, "apply": apply, "bucket_mib": bucket_mib,
+              "syncs": syncs, "engine_boot_s": boot, "runs": runs,
+              "baseline_vllm_native_ipc": None}
+    out = out or Path("benchmarks/results") / f"sync-{device}-{shape}-{result['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     for k in sizes:
         coord = SyncCoordinator(actors[:k], cfg)
         totals, phases, nbytes = [], {p: [] for p in PHASES}, 0
@@ -110,7 +117,10 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
             run["floor_raw_broadcast"] = summary(raw_gloo_broadcast(plan, k, syncs))
             run["ratio_transfer_vs_raw"] = tr / run["floor_raw_broadcast"]["p50"]
             run["ratio_total_vs_raw"] = run["total"]["p50"] / run["floor_raw_broadcast"]["p50"]
+        run["scaling_vs_1"] = run["total"]["p50"] / (runs[0] if runs else run)["total"]["p50"]
         runs.append(run)
+        coord.close_group()
+        out.write_text(json.dumps(result, indent=2))  # a later failure keeps what ran
         typer.echo(json.dumps({k2: v for k2, v in run.items() if k2 != "phases"}))
     native_result = None
     if native and gpu:
@@ -125,17 +135,8 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
         ours = runs[0]["phases"]["transfer"]["p50"] + runs[0]["phases"]["reload"]["p50"]
         native_result["ours_transfer_plus_reload_p50"] = ours
         native_result["speedup_vs_packed"] = native_result["packed"]["p50"] / ours
+        result["baseline_vllm_native_ipc"] = native_result
         typer.echo(json.dumps(native_result))
-    base = runs[0]["total"]["p50"]
-    for r in runs:
-        r["scaling_vs_1"] = r["total"]["p50"] / base
-    result = {"date": dt.date.today().isoformat(), "versions": _versions(), "device": device,
-              "shape": shape, "model": SHAPES[shape], "dtype": dtype, "ipc": ipc,
-              "sleep_level": sleep_level, "apply": apply, "bucket_mib": bucket_mib,
-              "syncs": syncs, "engine_boot_s": boot, "runs": runs,
-              "baseline_vllm_native_ipc": native_result}
-    out = out or Path("benchmarks/results") / f"sync-{device}-{shape}-{result['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     plot(result, out.with_suffix(".png"))
     typer.echo(f"wrote {out} and {out.with_suffix('.png')}")

@@ -80,3 +80,19 @@ def test_plan_validation_rejects_duplicates_and_bad_dtypes():
         type(plan.buckets[0].slots[0]).model_validate(spec)
     # JSON round trip is exact: the plan is the wire format
     assert TransferPlan.model_validate_json(plan.model_dump_json()) == plan
+
+
+def test_device_digest_arithmetic_detects_flips_and_swaps():
+    """The CUDA checksum's reduction, run on CPU tensors (same int64 wraparound rules)."""
+    from weightsync.transport.packing import _device_digest
+
+    buf = torch.randint(0, 255, (3_000_003,), dtype=torch.uint8)
+    d = _device_digest(buf).tolist()
+    flipped = buf.clone()
+    flipped[777] ^= 4
+    swapped = buf.clone()
+    swapped[:4], swapped[4:8] = buf[4:8].clone(), buf[:4].clone()
+    assert _device_digest(flipped).tolist() != d
+    if not torch.equal(swapped, buf):
+        assert _device_digest(swapped).tolist() != d
+    assert _device_digest(buf.clone()).tolist() == d

@@ -16,9 +16,9 @@ from weightsync.errors import ConfigError
 from weightsync.types import Bucket, ParamSlot, TensorSpec, TransferPlan
 
 ALIGN = 256  # bytes; a multiple of every dtype's size and of the CUDA allocator's granularity
-_MOD = (1 << 61) - 1  # Mersenne prime for folding per-row sums on the host
-_ROW_WORDS = 1 << 15  # 32-bit words per checksum row: row sums stay below 2**62
-_BLOCK_ROWS = 128  # rows converted to int64 at once (16 MiB of input)
+_MOD = (1 << 61) - 1  # Mersenne prime folding (length, sums) into one int
+_ROW_WORDS = 1 << 15  # 32-bit words per checksum row
+_DEVICE_BLOCK_ROWS = 1024  # rows converted to int64 at once (128 MiB of input)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -127,33 +127,33 @@ def checksums(bufs: Sequence[torch.Tensor]) -> list[int]:
         elif buf.device.type == "cpu":
             out[i] = (n << 32) | zlib.crc32(memoryview(buf.contiguous().numpy()))
         else:
-            partial.append((i, n, _device_row_sums(buf)))
-    if partial:
-        host = torch.cat([p for _, _, p in partial], dim=1).tolist()
-        col = 0
-        for i, n, p in partial:
-            rows = p.shape[1]
-            acc = n
-            for r in range(rows):
-                a, b = host[0][col + r], host[1][col + r]
-                acc = (acc * 1_000_003 + (a % _MOD) * (r + 1) + (b % _MOD)) % _MOD
-            out[i] = acc
-            col += rows
+            partial.append((i, n, _device_digest(buf)))
+    if partial:  # one device-to-host transfer for every CUDA buffer
+        host = torch.stack([d for _, _, d in partial]).tolist()
+        for (i, n, _), (a, b) in zip(partial, host, strict=True):
+            out[i] = (n * 1_000_003 + (a % (1 << 64)) * 31 + (b % (1 << 64))) % _MOD
     return out  # type: ignore[return-value]
 
 
-def _device_row_sums(buf: torch.Tensor) -> torch.Tensor:
-    """[2, rows] int64 on the device: plain and position-weighted sums of 32-bit words."""
+def _device_digest(buf: torch.Tensor) -> torch.Tensor:
+    """Two int64 on the device: the sum of the buffer's 32-bit words, and their sum weighted
+    by position (word index within a row times row index). int64 arithmetic wraps modulo
+    2**64, which is associative and commutative, so the result is independent of reduction
+    order — deterministic — and no per-row data leaves the device."""
     pad = (-buf.numel()) % (4 * _ROW_WORDS)
     if pad:
         buf = torch.cat([buf, torch.zeros(pad, dtype=torch.uint8, device=buf.device)])
     rows = buf.view(torch.int32).view(-1, _ROW_WORDS)
     weights = torch.arange(1, _ROW_WORDS + 1, dtype=torch.int64, device=buf.device)
-    parts = []
-    for start in range(0, rows.shape[0], _BLOCK_ROWS):
-        block = rows[start : start + _BLOCK_ROWS].to(torch.int64)
-        parts.append(torch.stack([block.sum(dim=1), (block * weights).sum(dim=1)]))
-    return torch.cat(parts, dim=1)
+    plain = torch.zeros((), dtype=torch.int64, device=buf.device)
+    weighted = torch.zeros((), dtype=torch.int64, device=buf.device)
+    for start in range(0, rows.shape[0], _DEVICE_BLOCK_ROWS):
+        block = rows[start : start + _DEVICE_BLOCK_ROWS].to(torch.int64)
+        idx = torch.arange(start + 1, start + 1 + block.shape[0], dtype=torch.int64,
+                           device=buf.device)
+        plain += block.sum()
+        weighted += ((block * weights).sum(dim=1) * idx).sum()
+    return torch.stack([plain, weighted])
 
 
 def named_tensors(weights) -> Iterable[tuple[str, torch.Tensor]]:
