@@ -51,6 +51,7 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
          ipc: bool = typer.Option(False), sleep_level: int = typer.Option(0),
          apply: str = typer.Option("staged"), dtype: str = typer.Option("auto"),
          native: bool = typer.Option(False, help="GPU: also time vLLM's native IPC API"),
+         gpu_util: float = typer.Option(0.4, help="GPU: vLLM memory share for all engines"),
          out: Path = typer.Option(None), workdir: Path = typer.Option(Path("runs/bench"))) -> None:
     import ray
     import torch
@@ -64,12 +65,13 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
     gpu = torch.cuda.is_available()
     dtype = dtype if dtype != "auto" else ("bfloat16" if gpu else "float32")
     sizes = sorted({int(x) for x in engines.split(",")})
-    model_dir = build_text_model(workdir / f"qwen2-{shape}-{dtype}", dtype=dtype, **SHAPES[shape])
+    model_dir = build_text_model(workdir / f"qwen2-{shape}-{dtype}", dtype=dtype,
+                                 device="cuda" if gpu else "cpu", **SHAPES[shape])
     ray.init(num_cpus=max(2, sizes[-1]), num_gpus=1 if gpu else 0, include_dashboard=False,
              log_to_driver=False)
     per_gpu = 1.0 / (sizes[-1] + (1 if ipc else 0)) if gpu else 0.0
     specs = [EngineSpec(name=f"bench-{i}", model=str(model_dir), dtype=dtype, num_gpus=per_gpu,
-                        gpu_memory_utilization=min(0.9, 0.8 / sizes[-1]) if gpu else 0.5)
+                        gpu_memory_utilization=gpu_util / sizes[-1] if gpu else 0.5)
              for i in range(sizes[-1])]
     t = time.perf_counter()
     actors = start_engines(specs)
@@ -130,7 +132,8 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
             ray.get(a.shutdown.remote(), timeout=120)
             ray.kill(a)
         native_result = {m: summary(native_ipc_syncs(str(model_dir), dtype, policy, syncs,
-                                                     packed=m == "packed"))
+                                                     packed=m == "packed",
+                                                     gpu_memory_utilization=gpu_util))
                          for m in ("packed", "unpacked")}
         ours = runs[0]["phases"]["transfer"]["p50"] + runs[0]["phases"]["reload"]["p50"]
         native_result["ours_transfer_plus_reload_p50"] = ours

@@ -63,8 +63,13 @@ def _mark(out: Path, key: dict) -> None:
 def build_text_model(out: str | os.PathLike, *, hidden: int = 128, layers: int = 2,
                      heads: int = 2, kv_heads: int = 1, vocab_size: int = 512,
                      intermediate: int = 256, tie_word_embeddings: bool = False,
-                     dtype: str = "float32", seed: int = 0) -> Path:
-    """A Qwen2-style causal LM with random weights, saved as safetensors + tokenizer."""
+                     dtype: str = "float32", seed: int = 0, device: str = "cpu") -> Path:
+    """A Qwen2-style causal LM with random weights, saved as safetensors + tokenizer.
+
+    The model is built directly in ``dtype`` on ``device`` (``"cuda"`` builds 7B-sized
+    models in seconds instead of minutes); the weights do not depend on the device's RNG
+    being the CPU's, only on ``seed``.
+    """
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -86,11 +91,18 @@ def build_text_model(out: str | os.PathLike, *, hidden: int = 128, layers: int =
         eos_token_id=0, pad_token_id=0, bos_token_id=None,
     )
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(cfg).to(getattr(torch, dtype))
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            model = Qwen2ForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():  # larger-than-default init so greedy output depends on weights
         for p in model.parameters():
             if p.dim() >= 2:
-                p.normal_(0.0, 0.08)
+                p.normal_(0.0, 0.08, generator=g)
     model.save_pretrained(out, safe_serialization=True)
     _mark(out, key)
     return out
