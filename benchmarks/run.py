@@ -121,7 +121,7 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
             run["ratio_total_vs_raw"] = run["total"]["p50"] / run["floor_raw_broadcast"]["p50"]
         run["scaling_vs_1"] = run["total"]["p50"] / (runs[0] if runs else run)["total"]["p50"]
         runs.append(run)
-        coord.close_group()
+        coord.close()
         out.write_text(json.dumps(result, indent=2))  # a later failure keeps what ran
         typer.echo(json.dumps({k2: v for k2, v in run.items() if k2 != "phases"}))
     native_result = None

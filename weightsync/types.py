@@ -142,13 +142,11 @@ class Phase(str, enum.Enum):
 
 
 class ReceiveReport(_Frozen):
-    """What an engine's workers say after receiving (and, when streaming, applying) a plan."""
+    """What an engine's worker says after receiving (and, when streaming, applying) a plan."""
 
-    engine: str
-    version: int
     nbytes: int
-    checksums: tuple[int, ...]  # one per bucket, rank 0 of the engine
-    applied: bool  # True once reload_weights consumed every tensor
+    checksums: tuple[int, ...]  # one per bucket, as received
+    applied: bool  # True once reload_weights consumed every tensor (streaming)
     seconds: dict[str, float] = Field(default_factory=dict)
 
 

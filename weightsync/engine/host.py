@@ -20,7 +20,8 @@ from weightsync.engine import vllm_compat
 from weightsync.engine.worker_ext import ERROR_KEY
 from weightsync.errors import (DeadlineExceeded, EngineError, FencedError, IllegalStateError,
                                UnsupportedError, WeightSyncError, error_class)
-from weightsync.types import EngineState, EngineStatus, GenerationResult, PauseMode
+from weightsync.types import (EngineState, EngineStatus, GenerationResult, PauseMode,
+                              ReceiveReport)
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ class EngineHost:
         await self._rpc("ws_leave_group", timeout=60)
 
     async def receive(self, plan_json: str, apply: str, deadline_s: float,
-                      ipc_handles_json: str | None = None) -> dict:
+                      ipc_handles_json: str | None = None) -> ReceiveReport:
         """Receive a plan (broadcast group, or colocated IPC handles); stage or stream-apply."""
         self._expect(*_IN_SYNC, EngineState.FENCED, op="receive weights")
         prev = self.state
@@ -221,8 +222,7 @@ class EngineHost:
         else:
             out = await self._rpc("ws_receive_ipc", plan_json, ipc_handles_json, apply,
                                   timeout=deadline_s * 1.5)
-        reports = [json.loads(o) for o in out]
-        return reports[0]
+        return ReceiveReport.model_validate_json(out[0])
 
     async def apply_staged(self, deadline_s: float) -> float:
         self._expect(EngineState.LOADING, EngineState.FENCED, op="apply staged weights")

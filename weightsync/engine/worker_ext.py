@@ -22,7 +22,7 @@ from weightsync.errors import ManifestError, ReloadError, TransferError, WeightS
 from weightsync.transport.broadcast import BroadcastReceiver, open_group
 from weightsync.transport.ipc import IpcBucketHandle, open_bucket
 from weightsync.transport.packing import checksum, checksums, dtype_name, unpack_bucket
-from weightsync.types import Bucket, TensorSpec, TransferPlan
+from weightsync.types import Bucket, ReceiveReport, TensorSpec, TransferPlan
 
 logger = logging.getLogger(__name__)
 
@@ -190,8 +190,8 @@ class WeightSyncWorkerExtension:
         except BaseException:
             self.ws_leave_group()  # a broken group is never reused
             raise
-        report["seconds"]["transfer_total"] = time.perf_counter() - t0
-        return json.dumps(report)
+        report.seconds["receive"] = time.perf_counter() - t0
+        return report.model_dump_json()
 
     @typed_errors
     def ws_receive_ipc(self, plan_json: str, handles_json: str, apply: str) -> str:
@@ -201,7 +201,7 @@ class WeightSyncWorkerExtension:
         if [h.index for h in handles] != [b.index for b in plan.buckets]:
             raise TransferError("IPC handles do not match the plan's buckets")
         stream = ((b, open_bucket(h)) for b, h in zip(plan.buckets, handles, strict=True))
-        return json.dumps(self._consume(plan, stream, apply))
+        return self._consume(plan, stream, apply).model_dump_json()
 
     # ---- kernel layout (fast path) ----------------------------------------------------------
     def _tied(self) -> set[str]:
@@ -254,7 +254,7 @@ class WeightSyncWorkerExtension:
         st["layout_status"] = {"candidate": True, "verified": True, "reason": "verified"}
 
     def _consume(self, plan: TransferPlan, stream: Iterator[tuple[Bucket, torch.Tensor]],
-                 apply: str) -> dict:
+                 apply: str) -> ReceiveReport:
         sums: list[int] = []
         seconds: dict[str, float] = {}
         nbytes = 0
@@ -278,7 +278,8 @@ class WeightSyncWorkerExtension:
             applied = False
         if len(sums) != len(plan.buckets):
             raise TransferError(f"received {len(sums)} of {len(plan.buckets)} buckets")
-        return {"nbytes": nbytes, "checksums": sums, "applied": applied, "seconds": seconds}
+        return ReceiveReport(nbytes=nbytes, checksums=tuple(sums), applied=applied,
+                             seconds=seconds)
 
     @typed_errors
     def ws_apply_staged(self) -> str:

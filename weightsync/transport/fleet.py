@@ -1,0 +1,172 @@
+"""Moves one plan's buckets from the trainer to a set of engine actors.
+
+Three legs, one contract — each returns the sender's per-bucket checksums, every engine's
+``ReceiveReport``, and the engines that failed (typed errors), and none of them hangs:
+
+- ``broadcast``: rank 0 of a gloo/NCCL group with the engines' workers. The group stays open
+  across syncs while its members are unchanged and report it; any failure tears it down.
+- ``ipc``: colocated engines map the trainer's CUDA buckets (no copy, no group).
+- ``external``: a sender outside this process (a trainer reaching the fleet through the
+  control plane) hosts the group; the engines join it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from weightsync.config import TransferConfig
+from weightsync.errors import TransferError, WeightSyncError
+from weightsync.remote import gather
+from weightsync.transport.broadcast import BroadcastSender, free_port, open_group
+from weightsync.transport.packing import checksums, pack_bucket
+from weightsync.types import ReceiveReport, TransferPlan
+
+logger = logging.getLogger(__name__)
+
+Outcome = tuple[list[int], dict[str, ReceiveReport], dict[str, WeightSyncError]]
+
+
+class ExternalSender(Protocol):
+    """The far end of ``SyncCoordinator.sync_external``: a sender in another process (a trainer
+    outside the Ray cluster) that hosts the group as rank 0 and broadcasts the plan."""
+
+    address: tuple[str, int]  # where rank 0 hosts the group's store
+
+    def ready(self, plan: TransferPlan, world_size: int) -> None:
+        """The engines are joining ``address``: the sender may open the group and send."""
+
+    def wait_checksums(self, timeout: float) -> list[int]:
+        """The sender's per-bucket checksums once it sent everything; raises a
+        ``WeightSyncError`` if it failed, aborted, or did not finish within ``timeout``."""
+
+
+class FleetTransfer:
+    """The trainer's side of every transfer leg; owns the open group and IPC buffers."""
+
+    def __init__(self, cfg: TransferConfig, on_bucket: Callable[[int], None]) -> None:
+        self.cfg = cfg
+        self.on_bucket = on_bucket
+        self._group: tuple[tuple[str, ...], str, BroadcastSender] | None = None
+        self._ipc_keepalive: list[Any] | None = None  # this sync's CUDA-IPC buckets
+
+    # ---- broadcast -------------------------------------------------------------------------
+    def broadcast(self, actors: dict[str, Any], group_ids: dict[str, str | None],
+                  plan: TransferPlan, plan_json: str, tensors) -> Outcome:
+        dl = self.cfg.deadlines
+        sender, bad = self._group_for(actors, group_ids)
+        if sender is None:
+            return [], {}, bad
+        recvs = {n: a.receive.remote(plan_json, self.cfg.apply, dl.transfer)
+                 for n, a in actors.items()}
+        sums: list[int] = []
+        send_error: WeightSyncError | None = None
+        try:
+            sums = sender.send(plan, tensors, dl.transfer, on_bucket=self.on_bucket)
+        except WeightSyncError as e:
+            send_error = e
+            self.close_group()  # break the group so receivers fail fast instead of waiting
+        ok, bad = gather(recvs, dl.transfer * 1.6)
+        if bad:
+            self.close_group()  # never reuse a group that failed anyone
+        if send_error is not None:
+            logger.error("broadcast of version %d failed: %s; engines at fault: %s",
+                         plan.version, send_error, sorted(bad) or "unknown")
+            if not bad:  # nobody else failed: the sender itself is at fault
+                bad = {n: TransferError(f"sender failed: {send_error}", engine=n) for n in actors}
+        return sums, ok, bad
+
+    def _group_for(self, actors, group_ids) -> tuple[BroadcastSender | None, dict]:
+        """The open group when every member still reports it (saves a rendezvous, and NCCL
+        communicator setup, per sync), else a new one."""
+        dl = self.cfg.deadlines
+        members = tuple(actors)
+        cached = self._group
+        if cached and cached[0] == members and all(group_ids.get(n) == cached[1] for n in actors):
+            return cached[2], {}
+        self.close_group()
+        group_id = uuid.uuid4().hex
+        world = 1 + len(actors)
+        port = free_port(self.cfg.host, self.cfg.port)
+        joins = {n: a.join_group.remote(self.cfg.backend, self.cfg.host, port, 1 + i, world,
+                                        dl.rendezvous, group_id)
+                 for i, (n, a) in enumerate(actors.items())}
+        try:
+            sender = BroadcastSender(open_group(self.cfg.backend, self.cfg.host, port, 0, world,
+                                                dl.rendezvous))
+        except WeightSyncError as e:
+            _, bad = gather(joins, dl.rendezvous * 0.5)
+            return None, bad or {n: TransferError(f"rendezvous failed: {e}", engine=n)
+                                 for n in actors}
+        _, bad = gather(joins, dl.rendezvous)
+        if bad:
+            sender.close()
+            return None, bad
+        self._group = (members, group_id, sender)
+        return sender, {}
+
+    def close_group(self) -> None:
+        """Tear down the open broadcast group (engines leave theirs on their next join)."""
+        if self._group is not None:
+            self._group[2].close()
+            self._group = None
+
+    # ---- colocated CUDA IPC -----------------------------------------------------------------
+    def ipc(self, actors: dict[str, Any], plan: TransferPlan, plan_json: str, tensors) -> Outcome:
+        import torch
+
+        from weightsync.transport.ipc import share_bucket
+
+        self.release_ipc_buffers()  # left over from a sync that failed
+        device = torch.device("cuda", torch.cuda.current_device())
+        bufs = [pack_bucket(b, tensors, device) for b in plan.buckets]
+        torch.cuda.synchronize(device)  # the engine reads these through another process
+        sums = checksums(bufs)
+        handles = json.dumps([share_bucket(i, b).model_dump(mode="json")
+                              for i, b in enumerate(bufs)])
+        refs = {n: a.receive.remote(plan_json, self.cfg.apply, self.cfg.deadlines.transfer,
+                                    handles)
+                for n, a in actors.items()}
+        ok, bad = gather(refs, self.cfg.deadlines.transfer * 1.6)
+        # staged IPC views point at our buffers: keep them alive until applied or dropped
+        self._ipc_keepalive = bufs
+        return sums, ok, bad
+
+    def release_ipc_buffers(self) -> None:
+        """Hand this sync's IPC buckets back to the device once every engine applied (or
+        dropped) them — before any engine wakes its KV cache into the same GPU."""
+        if self._ipc_keepalive is None:
+            return
+        import torch
+
+        self._ipc_keepalive = None
+        torch.cuda.ipc_collect()  # blocks the engines released are freed only now
+        torch.cuda.empty_cache()
+
+    # ---- a sender outside this process -------------------------------------------------------
+    def external(self, actors: dict[str, Any], plan: TransferPlan, plan_json: str,
+                 sender: ExternalSender) -> Outcome:
+        """Engines join the group an outside sender hosts; its checksums come back by call."""
+        dl = self.cfg.deadlines
+        world = 1 + len(actors)
+        host, port = sender.address
+        joins = {n: a.join_group.remote(self.cfg.backend, host, port, 1 + i, world,
+                                        dl.rendezvous)
+                 for i, (n, a) in enumerate(actors.items())}
+        sender.ready(plan, world)
+        _, bad = gather(joins, dl.rendezvous * 1.2)
+        if bad:  # the sync fails whatever the sender says: do not wait for it
+            return [], {}, bad
+        recvs = {n: a.receive.remote(plan_json, self.cfg.apply, dl.transfer)
+                 for n, a in actors.items()}
+        ok, bad = gather(recvs, dl.transfer * 1.6)
+        if bad:
+            return [], ok, bad
+        try:
+            return sender.wait_checksums(dl.transfer), ok, bad
+        except WeightSyncError as e:
+            logger.error("external sender of version %d failed: %s", plan.version, e)
+            return [], ok, {n: TransferError(f"sender failed: {e}", engine=n) for n in actors}
