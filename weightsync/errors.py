@@ -131,6 +131,7 @@ def error_class(code: str) -> type[WeightSyncError]:
     todo, seen = [WeightSyncError], {}
     while todo:
         cls = todo.pop()
-        seen[cls.code] = cls
+        if cls.__module__ == __name__:  # not Ray's dynamic RayTaskError(X) subclasses
+            seen[cls.code] = cls
         todo.extend(cls.__subclasses__())
     return seen.get(code, WeightSyncError)

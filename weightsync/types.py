@@ -129,18 +129,6 @@ class EngineState(str, enum.Enum):
     STOPPED = "stopped"
 
 
-class Phase(str, enum.Enum):
-    PAUSE = "pause"
-    SLEEP = "sleep"
-    WAKE_WEIGHTS = "wake_weights"
-    TRANSFER = "transfer"
-    RELOAD = "reload"
-    RESET_CACHES = "reset_caches"
-    VERIFY = "verify"
-    WAKE_KV = "wake_kv"
-    RESUME = "resume"
-
-
 class ReceiveReport(_Frozen):
     """What an engine's worker says after receiving (and, when streaming, applying) a plan."""
 

@@ -9,6 +9,17 @@ N_TOK = 8
 LOGPROB_TOL = 1e-2  # |engine - HF| per generated token, same weights
 
 
+def start_colocated(name: str, model, dtype: str, **spec_kw):
+    """One engine sharing the GPU with the trainer (this process), v2 runner, half the GPU."""
+    from weightsync.config import EngineSpec
+    from weightsync.engine.actor import start_engines
+
+    spec_kw.setdefault("gpu_memory_utilization", 0.4)
+    spec = EngineSpec(name=name, model=str(model), dtype=dtype, num_gpus=0.5, **spec_kw)
+    (actor,) = start_engines([spec], timeout_s=240)
+    return actor
+
+
 def stop_engine(actor) -> None:
     import ray
 

@@ -7,10 +7,9 @@ import pytest
 import ray
 import torch
 
-from tests.gpu.parity import PROMPTS, changed, engine_generate, stop_engine
-from weightsync.config import EngineSpec, TransferConfig
+from tests.gpu.parity import PROMPTS, changed, engine_generate, start_colocated, stop_engine
+from weightsync.config import TransferConfig
 from weightsync.coordinator import SyncCoordinator
-from weightsync.engine.actor import start_engines
 from weightsync.testing.reference import load_trainer_model, perturb_
 
 pytestmark = pytest.mark.gpu
@@ -18,9 +17,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="module")
 def fast_engine(gpu_ray, text_model):
-    spec = EngineSpec(name="gpu-fast", model=str(text_model), dtype="bfloat16",
-                      num_gpus=0.5, gpu_memory_utilization=0.4)
-    (actor,) = start_engines([spec])
+    actor = start_colocated("gpu-fast", text_model, "bfloat16")
     yield actor
     stop_engine(actor)
 

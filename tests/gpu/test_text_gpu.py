@@ -14,10 +14,9 @@ import ray
 import torch
 
 from tests.gpu.parity import (PROMPTS, changed, compare_with_hf, engine_generate, parity_ok,
-                              stop_engine, summary)
-from weightsync.config import EngineSpec, TransferConfig
+                              start_colocated, stop_engine, summary)
+from weightsync.config import TransferConfig
 from weightsync.coordinator import SyncCoordinator
-from weightsync.engine.actor import start_engines
 from weightsync.testing.reference import perturb_
 
 pytestmark = pytest.mark.gpu
@@ -37,9 +36,7 @@ def trainer(text_model):
 
 @pytest.fixture(scope="module")
 def engine(gpu_ray, text_model, trainer):
-    spec = EngineSpec(name="gpu-text", model=str(text_model), dtype="float32",
-                      num_gpus=0.5, gpu_memory_utilization=0.4)
-    (actor,) = start_engines([spec], timeout_s=240)
+    actor = start_colocated("gpu-text", text_model, "float32")
     yield actor
     stop_engine(actor)
 

@@ -9,10 +9,9 @@ import pytest
 import ray
 import torch
 
-from tests.gpu.parity import PROMPTS, changed, engine_generate, stop_engine
-from weightsync.config import EngineSpec, TransferConfig
+from tests.gpu.parity import PROMPTS, changed, engine_generate, start_colocated, stop_engine
+from weightsync.config import TransferConfig
 from weightsync.coordinator import SyncCoordinator
-from weightsync.engine.actor import start_engines
 from weightsync.testing.reference import perturb_
 
 pytestmark = pytest.mark.gpu
@@ -29,9 +28,7 @@ def bf16_trainer(text_model):
 
 @pytest.fixture(scope="module")
 def bf16_engine(gpu_ray, text_model, bf16_trainer):
-    spec = EngineSpec(name="gpu-bf16", model=str(text_model), dtype="bfloat16",
-                      num_gpus=0.5, gpu_memory_utilization=0.4)
-    (actor,) = start_engines([spec], timeout_s=240)
+    actor = start_colocated("gpu-bf16", text_model, "bfloat16")
     yield actor
     stop_engine(actor)
 

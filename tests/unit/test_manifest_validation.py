@@ -43,3 +43,15 @@ def test_checkpoint_specs_reads_headers(tiny_model):
     assert specs["model.embed_tokens.weight"].dtype == "float32"
     with pytest.raises(ManifestError, match="no \\*.safetensors"):
         checkpoint_specs("/nonexistent")
+
+
+def test_error_class_ignores_foreign_subclasses():
+    from weightsync.errors import ManifestError, WeightSyncError, error_class
+
+    class Wrapped(ManifestError):  # what Ray's RayTaskError(ManifestError) looks like
+        def __init__(self, a, b, c):
+            pass
+
+    assert error_class("manifest_error") is ManifestError
+    assert error_class("no_such_code") is WeightSyncError
+    del Wrapped
