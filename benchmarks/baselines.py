@@ -51,14 +51,23 @@ def raw_gloo_broadcast(plan: TransferPlan, receivers: int, rounds: int) -> list[
 
 
 def raw_device_copy(nbytes: int, rounds: int) -> list[float]:
-    """Seconds for one device-to-device copy of ``nbytes`` (the GPU floor)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    """Seconds for one device-to-device copy of ``nbytes`` (the GPU floor).
+
+    Where two buffers of ``nbytes`` do not fit next to the engine and the trainer (7B on one
+    GPU), the same bytes are copied in equal chunks between two smaller buffers, back to back.
+    """
+    free = torch.cuda.mem_get_info()[0]
+    chunk = min(nbytes, max(1 << 20, int(free * 0.8) // 2))
+    n = -(-nbytes // chunk)
+    chunk = -(-nbytes // n)
+    src = torch.empty(chunk, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     times = []
     for i in range(rounds + 1):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        dst.copy_(src)
+        for _ in range(n):
+            dst.copy_(src)
         torch.cuda.synchronize()
         if i:
             times.append(time.perf_counter() - t)

@@ -21,6 +21,10 @@ class NativeIpcEngine:
 
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "1")
+        # the worker unpickles the IPC handles (``ipc_handles_pickled``, as vLLM's own HTTP
+        # transport sends them): msgspec cannot carry rebuild_cuda_tensor's args (classes,
+        # dtypes) through collective_rpc, and vLLM refuses the pickle without this switch
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -49,14 +53,27 @@ class NativeIpcEngine:
 def native_ipc_syncs(model_dir: str, dtype: str, policy, rounds: int, packed: bool,
                      gpu_memory_utilization: float = 0.4) -> list[float]:
     """Seconds per sync (start + send + finish) through vLLM's native IPC API."""
+    import base64
+    import pickle
+
     import torch
     from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
 
+    # the benchmark's own engines were just shut down: wait until their memory is back, or
+    # vLLM refuses to start (free memory below gpu_memory_utilization)
+    total = torch.cuda.mem_get_info()[1]
+    end = time.monotonic() + 60
+    while torch.cuda.mem_get_info()[0] < (gpu_memory_utilization + 0.02) * total \
+            and time.monotonic() < end:
+        time.sleep(0.5)
     actor = NativeIpcEngine.options(num_gpus=0.5).remote()
     ray.get(actor.start.remote(model_dir, dtype, gpu_memory_utilization))
 
     def send(info) -> None:
-        ray.get(actor.update.remote(asdict(info)))
+        fields = asdict(info)
+        handles = fields.pop("ipc_handles")
+        fields["ipc_handles_pickled"] = base64.b64encode(pickle.dumps(handles)).decode()
+        ray.get(actor.update.remote(fields))
 
     times = []
     try:
