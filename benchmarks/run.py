@@ -52,6 +52,7 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
          apply: str = typer.Option("staged"), dtype: str = typer.Option("auto"),
          native: bool = typer.Option(False, help="GPU: also time vLLM's native IPC API"),
          gpu_util: float = typer.Option(0.4, help="GPU: vLLM memory share for all engines"),
+         ipc_reuse: bool = typer.Option(False, help="keep IPC buckets mapped across syncs"),
          out: Path = typer.Option(None), workdir: Path = typer.Option(Path("runs/bench"))) -> None:
     import ray
     import torch
@@ -78,11 +79,12 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
     boot = time.perf_counter() - t
     device = "cuda" if gpu else "cpu"
     policy = load_trainer_model(model_dir, dtype=getattr(torch, dtype)).to(device)
-    cfg = TransferConfig(bucket_bytes=bucket_mib << 20, apply=apply,
+    cfg = TransferConfig(bucket_bytes=bucket_mib << 20, apply=apply, ipc_reuse_buffers=ipc_reuse,
                          backend="nccl" if gpu and not ipc else "gloo")
     runs: list[dict] = []
     result = {"date": dt.date.today().isoformat(), "versions": _versions(), "device": device,
               "shape": shape, "model": SHAPES[shape], "dtype": dtype, "ipc": ipc,
+              "ipc_reuse_buffers": ipc_reuse,
               "sleep_level": sleep_level, "apply": apply, "bucket_mib": bucket_mib,
               "syncs": syncs, "engine_boot_s": boot, "runs": runs,
               "baseline_vllm_native_ipc": None}
@@ -90,7 +92,8 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
     out.parent.mkdir(parents=True, exist_ok=True)
     for k in sizes:
         coord = SyncCoordinator(actors[:k], cfg)
-        totals, phases, nbytes = [], {p: [] for p in PHASES}, 0
+        totals, nbytes = [], 0
+        phases: dict[str, list[float]] = {p: [] for p in PHASES}
         for i in range(syncs + 1):  # sync 0 warms up (first reload, allocator)
             perturb_(policy, scale=1e-3, seed=i)
             res = coord.sync(policy, ipc=ipc, sleep_level=sleep_level)
@@ -98,10 +101,9 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
             if i == 0:
                 continue
             totals.append(res.seconds["total"])
-            for p in PHASES:
+            for p in sorted({k for e in res.engines for k in e.seconds}):  # sub-phases too
                 vals = [e.seconds[p] for e in res.engines if p in e.seconds]
-                if vals:
-                    phases[p].append(max(vals))
+                phases.setdefault(p, []).append(max(vals))
         run = {"engines": k, "bytes": nbytes, "total": summary(totals), "layout": res.layout,
                "layout_note": res.layout_note,
                "phases": {p: summary(v) for p, v in phases.items() if v},

@@ -51,6 +51,10 @@ class TransferConfig(_Frozen):
     apply: Literal["staged", "streaming"] = "staged"
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)  # 0: pick a free port per session
+    # CUDA IPC: keep the trainer's packed buckets (one model-sized GPU allocation) and the
+    # engine's mapping of them across syncs, instead of allocating, mapping and freeing them
+    # every sync. Faster; costs that memory on the trainer's GPU between syncs.
+    ipc_reuse_buffers: bool = False
     deadlines: Deadlines = Deadlines()
 
 

@@ -149,7 +149,7 @@ class SyncCoordinator:
     def close(self) -> None:
         """Release the open broadcast group and any IPC buffers (the engines keep running)."""
         self.legs.close_group()
-        self.legs.release_ipc_buffers()
+        self.legs.release_ipc_buffers(force=True)
 
     # ---- the protocol ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -252,6 +252,11 @@ class SyncCoordinator:
             if n in receipts:
                 r = receipts[n]
                 e.report.update(checksums=r.checksums, applied=r.applied, nbytes=r.nbytes)
+                # where the transfer went: the trainer's packing/checksums, the engine's
+                # mapping/receiving/checksums (sub-phases, prefixed so totals stay clear)
+                e.report["seconds"].update({f"transfer.{k}": v for k, v in
+                                            {**(self.legs.trainer_seconds if ipc else {}),
+                                             **r.seconds}.items()})
         # verify checksums before anything is applied
         for n, e in fleet.items():
             if n in bad:

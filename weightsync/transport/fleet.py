@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -52,6 +53,7 @@ class FleetTransfer:
         self.on_bucket = on_bucket
         self._group: tuple[tuple[str, ...], str, BroadcastSender] | None = None
         self._ipc_keepalive: list[Any] | None = None  # this sync's CUDA-IPC buckets
+        self.trainer_seconds: dict[str, float] = {}  # the trainer's share of the last transfer
 
     # ---- broadcast -------------------------------------------------------------------------
     def broadcast(self, actors: dict[str, Any], group_ids: dict[str, str | None],
@@ -120,13 +122,23 @@ class FleetTransfer:
 
         from weightsync.transport.ipc import share_bucket
 
-        self.release_ipc_buffers()  # left over from a sync that failed
+        reuse = self.cfg.ipc_reuse_buffers
+        sizes = [b.nbytes for b in plan.buckets]
+        kept = self._ipc_keepalive if reuse and self._ipc_keepalive is not None and \
+            [b.numel() for b in self._ipc_keepalive] == sizes else None
+        if kept is None:
+            self.release_ipc_buffers(force=True)  # left over, or the plan's shape changed
+        t = time.perf_counter()
         device = torch.device("cuda", torch.cuda.current_device())
-        bufs = [pack_bucket(b, tensors, device) for b in plan.buckets]
+        bufs = [pack_bucket(b, tensors, device, out=kept[i] if kept else None)
+                for i, b in enumerate(plan.buckets)]
         torch.cuda.synchronize(device)  # the engine reads these through another process
+        packed = time.perf_counter() - t
         sums = checksums(bufs)
-        handles = json.dumps([share_bucket(i, b).model_dump(mode="json")
+        handles = json.dumps([share_bucket(i, b, reusable=reuse).model_dump(mode="json")
                               for i, b in enumerate(bufs)])
+        self.trainer_seconds = {"trainer_pack": packed,
+                                "trainer_checksum": time.perf_counter() - t - packed}
         refs = {n: a.receive.remote(plan_json, self.cfg.apply, self.cfg.deadlines.transfer,
                                     handles)
                 for n, a in actors.items()}
@@ -135,10 +147,11 @@ class FleetTransfer:
         self._ipc_keepalive = bufs
         return sums, ok, bad
 
-    def release_ipc_buffers(self) -> None:
+    def release_ipc_buffers(self, force: bool = False) -> None:
         """Hand this sync's IPC buckets back to the device once every engine applied (or
-        dropped) them — before any engine wakes its KV cache into the same GPU."""
-        if self._ipc_keepalive is None:
+        dropped) them — before any engine wakes its KV cache into the same GPU. With
+        ``ipc_reuse_buffers`` they are kept for the next sync unless ``force``."""
+        if self._ipc_keepalive is None or (self.cfg.ipc_reuse_buffers and not force):
             return
         import torch
 

@@ -32,13 +32,14 @@ class IpcBucketHandle(BaseModel):
     ref_counter_offset: int
     event_handle: bytes
     event_sync_required: bool
+    reusable: bool = False  # the trainer keeps this allocation for later syncs
 
 
 def device_uuid(device: torch.device | int) -> str:
     return str(torch.cuda.get_device_properties(device).uuid)
 
 
-def share_bucket(index: int, buf: torch.Tensor) -> IpcBucketHandle:
+def share_bucket(index: int, buf: torch.Tensor, reusable: bool = False) -> IpcBucketHandle:
     """Describe ``buf`` (a flat uint8 CUDA tensor) for another process on the same GPU."""
     from torch.multiprocessing.reductions import reduce_tensor
 
@@ -52,7 +53,7 @@ def share_bucket(index: int, buf: torch.Tensor) -> IpcBucketHandle:
         index=index, nbytes=buf.numel(), device_uuid=device_uuid(buf.device),
         tensor_offset=args[3], storage_cls=args[4].__name__, handle=args[7], storage_size=args[8], storage_offset=args[9],
         ref_counter_handle=args[11], ref_counter_offset=args[12],
-        event_handle=args[13], event_sync_required=args[14],
+        event_handle=args[13], event_sync_required=args[14], reusable=reusable,
     )
 
 

@@ -67,14 +67,17 @@ def plan_buckets(specs: Sequence[TensorSpec], bucket_bytes: int, version: int) -
 
 
 def pack_bucket(bucket: Bucket, tensors: dict[str, torch.Tensor | Sequence[torch.Tensor]],
-                device: torch.device | str) -> torch.Tensor:
+                device: torch.device | str, out: torch.Tensor | None = None) -> torch.Tensor:
     """Copy the bucket's tensors into one new flat uint8 buffer on ``device``.
 
     A value may be a sequence of tensors: they are stacked along dim 0 straight into the slot
     (kernel layout: ``q``/``k``/``v`` into ``qkv``) with no intermediate concatenation.
     Sources in another dtype are cast by the copy (e.g. fp32 master weights to bf16).
     """
-    buf = torch.zeros(bucket.nbytes, dtype=torch.uint8, device=device)
+    if out is not None and out.numel() == bucket.nbytes:
+        buf = out  # padding bytes are zero from the first packing and never written since
+    else:
+        buf = torch.zeros(bucket.nbytes, dtype=torch.uint8, device=device)
     for slot in bucket.slots:
         value = tensors[slot.name]
         parts = [value] if isinstance(value, torch.Tensor) else list(value)
