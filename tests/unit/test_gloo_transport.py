@@ -56,4 +56,4 @@ def test_rendezvous_with_missing_peer_fails_within_deadline():
     t = time.monotonic()
     with pytest.raises((DeadlineExceeded, TransferError)):
         open_group("gloo", "127.0.0.1", port, 0, 2, 2.0)
-    assert time.monotonic() - t < 2 * 2.0 + 1
+    assert time.monotonic() - t < 2 * 2.0 + 1  # within 2x the deadline, never a hang

@@ -22,6 +22,8 @@ from weightsync.types import Bucket, TransferPlan
 
 logger = logging.getLogger(__name__)
 
+_RENDEZVOUS_GRACE_S = 5.0
+
 
 def free_port(host: str, port: int = 0) -> int:
     """A port for the group's store (``port`` itself when non-zero).
@@ -96,10 +98,12 @@ def open_group(backend: str, host: str, port: int, rank: int, world_size: int,
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller
             result["e"] = e
 
-    # The rendezvous of older vLLM has no timeout argument: bound it from outside.
+    # The store gets ``timeout_s`` itself (vLLM >= 0.32) and normally ends first; the outer
+    # join bounds older vLLM, whose rendezvous takes no timeout, and leaves a short grace so a
+    # store that timed out finishes cleanly instead of being abandoned mid-teardown.
     t = threading.Thread(target=target, name=f"ws-rendezvous-r{rank}", daemon=True)
     t.start()
-    t.join(timeout_s)
+    t.join(timeout_s + _RENDEZVOUS_GRACE_S)
     if t.is_alive():
         raise DeadlineExceeded(f"rendezvous {host}:{port} rank {rank}/{world_size} "
                                f"incomplete after {timeout_s:.1f}s")

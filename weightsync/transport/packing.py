@@ -78,24 +78,41 @@ def pack_bucket(bucket: Bucket, tensors: dict[str, torch.Tensor | Sequence[torch
         buf = out  # padding bytes are zero from the first packing and never written since
     else:
         buf = torch.zeros(bucket.nbytes, dtype=torch.uint8, device=device)
+    dsts: list[torch.Tensor] = []
+    srcs: list[torch.Tensor] = []
     for slot in bucket.slots:
         value = tensors[slot.name]
         parts = [value] if isinstance(value, torch.Tensor) else list(value)
         view = buf[slot.offset : slot.offset + slot.nbytes].view(torch_dtype(slot.dtype)).view(slot.shape)
-        rows = sum(p.shape[0] if p.dim() else 1 for p in parts)
         if len(parts) == 1:
             if tuple(parts[0].shape) != slot.shape:
                 raise ConfigError(f"tensor {slot.name} has shape {tuple(parts[0].shape)}, "
                                   f"plan says {slot.shape}")
-            view.copy_(parts[0].detach(), non_blocking=True)
+            dsts.append(view)
+            srcs.append(parts[0].detach())
             continue
+        rows = sum(p.shape[0] if p.dim() else 1 for p in parts)
         if rows != slot.shape[0]:
             raise ConfigError(f"parts of {slot.name} have {rows} rows, plan says {slot.shape}")
         r = 0
         for p in parts:
-            view[r : r + p.shape[0]].copy_(p.detach(), non_blocking=True)
+            dsts.append(view[r : r + p.shape[0]])
+            srcs.append(p.detach())
             r += p.shape[0]
+    _copy_all(dsts, srcs)
     return buf
+
+
+def _copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """Batched copies: one multi-tensor launch per group of same dtype and device (hundreds
+    of parameters would otherwise be hundreds of kernel launches); casts go one by one."""
+    same = [(d, s) for d, s in zip(dsts, srcs, strict=True)
+            if d.dtype == s.dtype and d.device == s.device]
+    if same:
+        torch._foreach_copy_([d for d, _ in same], [s for _, s in same], non_blocking=True)
+    for d, s in zip(dsts, srcs, strict=True):
+        if d.dtype != s.dtype or d.device != s.device:
+            d.copy_(s, non_blocking=True)
 
 
 def unpack_bucket(bucket: Bucket, buf: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
