@@ -88,6 +88,9 @@ def ray_head():
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "RAY_DEDUP_LOGS": "0"}
     env.pop("RAY_ADDRESS", None)
+    # a loopback-only throwaway cluster: Ray >= 2.60 would otherwise require a token on the
+    # job API, which neither the readiness probe nor `ray job submit` here carries
+    env["RAY_AUTH_MODE"] = "disabled"
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
