@@ -97,4 +97,3 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bucket_mib: int = Field(64, ge=1)
     load_roots: tuple[str, ...] = ()
-    workdir: str = "runs"

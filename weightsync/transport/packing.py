@@ -18,7 +18,7 @@ from weightsync.types import Bucket, ParamSlot, TensorSpec, TransferPlan
 ALIGN = 256  # bytes; a multiple of every dtype's size and of the CUDA allocator's granularity
 _MOD = (1 << 61) - 1  # Mersenne prime folding (length, sums) into one int
 _ROW_WORDS = 1 << 15  # 32-bit words per checksum row
-_DEVICE_BLOCK_ROWS = 1024  # rows converted to int64 at once (128 MiB of input)
+_DEVICE_BLOCK_ROWS = 1024  # rows reduced per step (128 MiB of input)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -157,22 +157,24 @@ def checksums(bufs: Sequence[torch.Tensor]) -> list[int]:
 
 def _device_digest(buf: torch.Tensor) -> torch.Tensor:
     """Two int64 on the device: the sum of the buffer's 32-bit words, and their sum weighted
-    by position (word index within a row times row index). int64 arithmetic wraps modulo
-    2**64, which is associative and commutative, so the result is independent of reduction
-    order — deterministic — and no per-row data leaves the device."""
+    by position — word w in row r (of ``_ROW_WORDS``) counts ``w * (col + 1)`` (an int32
+    product, wrapping mod 2**32) times ``r + 1``. Sums accumulate in int64 (wrapping mod
+    2**64). Modular arithmetic is associative and commutative, so the result does not depend
+    on reduction order: deterministic. No int64 copy of the buffer is made, and no per-row
+    data leaves the device."""
     pad = (-buf.numel()) % (4 * _ROW_WORDS)
     if pad:
         buf = torch.cat([buf, torch.zeros(pad, dtype=torch.uint8, device=buf.device)])
     rows = buf.view(torch.int32).view(-1, _ROW_WORDS)
-    weights = torch.arange(1, _ROW_WORDS + 1, dtype=torch.int64, device=buf.device)
+    weights = torch.arange(1, _ROW_WORDS + 1, dtype=torch.int32, device=buf.device)
     plain = torch.zeros((), dtype=torch.int64, device=buf.device)
     weighted = torch.zeros((), dtype=torch.int64, device=buf.device)
     for start in range(0, rows.shape[0], _DEVICE_BLOCK_ROWS):
-        block = rows[start : start + _DEVICE_BLOCK_ROWS].to(torch.int64)
+        block = rows[start : start + _DEVICE_BLOCK_ROWS]
         idx = torch.arange(start + 1, start + 1 + block.shape[0], dtype=torch.int64,
                            device=buf.device)
-        plain += block.sum()
-        weighted += ((block * weights).sum(dim=1) * idx).sum()
+        plain += block.sum(dtype=torch.int64)
+        weighted += ((block * weights).sum(dim=1, dtype=torch.int64) * idx).sum()
     return torch.stack([plain, weighted])
 
 
