@@ -45,6 +45,7 @@ class EngineHost:
         self._serving = asyncio.Event()
         self._sync_started = 0.0
         self.group_id: str | None = None  # the broadcast group this engine is in, if any
+        self._asleep: set[str] = set()  # vLLM sleep tags not yet woken (manual sleep/wake)
         self.last_sleep_memory: dict[str, int] | None = None  # GPU memory right after a sync's sleep
         self._testing_keep_caches = False  # TEST ONLY: see testing_keep_caches()
 
@@ -372,21 +373,25 @@ class EngineHost:
         self._serving.clear()
         await self.engine.sleep(level=level)
         self.sleep_level = level
+        self._asleep = {"weights", "kv_cache"}
         self.weights_intact = level == 1
         self.state = EngineState.ASLEEP
 
     async def wake_up(self, tags: list[str] | None) -> None:
+        """Wake what ``tags`` names (None: everything). Serving resumes only once both the
+        weights and the KV cache are awake; weights discarded by sleep level 2 and woken
+        without a sync are undefined, so the engine is fenced until one verifies."""
         self._expect(EngineState.ASLEEP, EngineState.WEIGHTS_AWAKE, op="wake up")
-        if not self.weights_intact and (tags is None or "weights" in tags):
-            await self.engine.wake_up(tags=tags)
+        waking = {"weights", "kv_cache"} if tags is None else set(tags)
+        await self.engine.wake_up(tags=tags)
+        if "weights" in waking and not self.weights_intact:
             self.fence("woken after sleep level 2 without new weights: weights undefined")
             return
-        await self.engine.wake_up(tags=tags)
-        if tags is None or set(tags) >= {"weights", "kv_cache"} or tags == ["kv_cache"]:
+        self._asleep -= waking
+        if not self._asleep:
             self.sleep_level = 0
             await self.engine.resume_generation()
             self.state = EngineState.SERVING
             self._serving.set()
-        else:
+        elif "weights" not in self._asleep:
             self.state = EngineState.WEIGHTS_AWAKE
-
