@@ -71,6 +71,7 @@ class SyncCoordinator:
         self.engines = {s.name: a for s, a in zip(statuses, engines, strict=True)}
         self.version = max(s.version for s in statuses)
         self._lock = threading.Lock()
+        self._layout_cache: dict[tuple[str, ...], Any] = {}  # engine set -> verified layout
         self.legs = FleetTransfer(self.transfer, lambda i: self._phase(f"bucket:{i}"))
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -94,6 +95,7 @@ class SyncCoordinator:
                 timeout=self.transfer.deadlines.verify)
         self.engines[name] = actor
         self.legs.close_group()
+        self._layout_cache.clear()
 
     # ---- public API ------------------------------------------------------------------------
     def sync(self, weights: Any, *, pause_mode: PauseMode = "abort", sleep_level: int = 0,
@@ -114,6 +116,7 @@ class SyncCoordinator:
                           engines: Sequence[str] | None = None) -> SyncResult:
         """Reload every engine from a safetensors directory (``None``: the original model)."""
         with self._exclusive():
+            self._layout_cache.clear()  # a new checkpoint: engines re-derive and re-verify
             version = self._next_version()
             targets = self._targets(engines)
             t0 = time.perf_counter()
@@ -175,6 +178,10 @@ class SyncCoordinator:
         mode = self.transfer.layout
         if mode == "checkpoint":
             return None, "checkpoint format requested"
+        cached = self._layout_cache.get(tuple(sorted(names)))
+        if cached is not None:  # verified once; dropped on any failure, reload or restart
+            if not {n for p in cached.params for n, _ in p.parts} - set(tensors):
+                return cached, None
         refs = {n: self.engines[n].kernel_layout.remote() for n in names}
         ok, bad = gather(refs, self.transfer.deadlines.verify)
         note = None
@@ -186,6 +193,7 @@ class SyncCoordinator:
             note = "engines report different kernel layouts"
         else:
             layout = KernelLayout.model_validate(next(iter(ok.values()))["layout"])
+            self._layout_cache[tuple(sorted(names))] = layout
             missing = {n for p in layout.params for n, _ in p.parts} - set(tensors)
             if not missing:
                 return layout, None
@@ -220,8 +228,12 @@ class SyncCoordinator:
                                 self.transfer.bucket_bytes, version)
         waves = [targets] if not wave_size else [targets[i:i + wave_size]
                                                  for i in range(0, len(targets), wave_size)]
-        results = [self._sync_wave(w, plan, tensors, pause_mode, sleep_level, ipc, t0)
-                   for w in waves]
+        results = []
+        for wave in waves:
+            results.append(self._sync_wave(wave, plan, tensors, pause_mode, sleep_level, ipc, t0))
+            if not results[-1].ok:  # stop the rollout: later waves keep their old version
+                self._layout_cache.clear()
+                break
         reports = tuple(r for res in results for r in res.engines)
         result = SyncResult(version=version, ok=all(r.ok for r in reports),
                             mode="ipc" if ipc else "broadcast", layout=plan.format,
@@ -293,7 +305,7 @@ class SyncCoordinator:
                 manifest = [e for e in bad.values() if isinstance(e, ManifestError)]
                 raise manifest[0] if manifest else next(iter(bad.values()))
         self._phase("pause")
-        refs = {n: e.actor.begin_sync.remote(plan_json=None, pause_mode=pause_mode,
+        refs = {n: e.actor.begin_sync.remote(pause_mode=pause_mode,
                                              sleep_level=sleep_level,
                                              deadline_s=max(dl.pause, dl.sleep))
                 for n, e in fleet.items()}

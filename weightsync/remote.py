@@ -11,8 +11,7 @@ from typing import Any
 
 import ray
 
-from weightsync.errors import (EngineDeadError, EngineError, EngineUnresponsive, ManifestError,
-                               WeightSyncError)
+from weightsync.errors import EngineDeadError, EngineError, EngineUnresponsive, WeightSyncError
 
 
 def unwrap(e: BaseException) -> WeightSyncError:
@@ -25,8 +24,6 @@ def unwrap(e: BaseException) -> WeightSyncError:
     if isinstance(e, ray.exceptions.RayActorError):
         return EngineDeadError(f"engine actor died: {type(e).__name__}")
     text = str(cause or e)
-    if "ManifestError" in text:
-        return ManifestError(text.splitlines()[-1])
     return EngineError(f"{type(e).__name__}: {text.splitlines()[-1] if text else ''}")
 
 

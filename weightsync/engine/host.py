@@ -156,12 +156,11 @@ class EngineHost:
         """Check a plan against the model before anything changes (raises ManifestError)."""
         await self._rpc("ws_validate", plan_json, timeout=60)
 
-    async def begin_sync(self, *, plan_json: str | None, pause_mode: PauseMode,
-                         sleep_level: int, deadline_s: float) -> dict:
-        """Validate, pause, and (GPU) sleep + wake the weights. Returns timings and skips."""
+    async def begin_sync(self, *, pause_mode: PauseMode, sleep_level: int,
+                         deadline_s: float) -> dict:
+        """Pause, and (GPU) sleep + wake the weights. Returns timings and skips. The
+        coordinator validates the plan on every engine (``validate``) before any begins."""
         self._expect(EngineState.SERVING, EngineState.FENCED, op="begin a sync")
-        if plan_json is not None:
-            await self.validate(plan_json)  # bad manifest: nothing has changed yet
         seconds: dict[str, float] = {}
         skipped: list[str] = []
         self._serving.clear()
