@@ -59,6 +59,7 @@ async def status_page(request: Request,
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>weightsync</title>
+<link rel="icon" href="data:,">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
 body{font:14px/1.4 system-ui,sans-serif;margin:2rem;color:#1b1f24;background:#fafbfc}
