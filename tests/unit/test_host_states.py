@@ -68,3 +68,38 @@ def test_wake_weights_then_kv_after_level_1():
         assert h.state == EngineState.SERVING
 
     asyncio.run(run())
+
+
+class _Out:
+    def __init__(self):
+        c = type("C", (), {})()
+        c.text, c.token_ids, c.logprobs, c.finish_reason = "x", [1], None, "length"
+        self.outputs = [c]
+
+
+class _GenEngine(_Engine):
+    async def generate(self, prompt, params, request_id):
+        await asyncio.sleep(0.05)  # the request reaches the engine a little later
+        self.calls.append(("started", request_id))
+        yield _Out()
+
+    async def pause_generation(self, mode="abort", clear_cache=True):
+        self.calls.append(("pause", mode))
+
+
+def test_sync_waits_for_requests_already_past_the_gate():
+    """A request admitted just before begin_sync must reach vLLM before the pause, so it runs
+    (and is stamped) on exactly one version instead of being parked across the sync."""
+    async def run():
+        h = _host()
+        h.engine = _GenEngine()
+        gen = asyncio.create_task(h.generate(["p"], max_tokens=1))
+        while not h._admitted:  # generate passes the gate and is admitted, not yet started
+            await asyncio.sleep(0)
+        await h.begin_sync(pause_mode="wait", sleep_level=0, deadline_s=5)
+        kinds = [c[0] for c in h.engine.calls]
+        assert kinds.index("started") < kinds.index("pause")
+        (res,) = await gen
+        assert res.versions == (0, 0) and res.version == 0
+
+    asyncio.run(run())

@@ -43,6 +43,9 @@ class EngineHost:
         self.fenced_reason: str | None = None
         self.last_sync: dict[str, float] = {}
         self._serving = asyncio.Event()
+        self._admitted = 0  # requests past the serving gate that vLLM has not started yet
+        self._all_in_engine = asyncio.Event()
+        self._all_in_engine.set()
         self._sync_started = 0.0
         self.group_id: str | None = None  # the broadcast group this engine is in, if any
         self._asleep: set[str] = set()  # vLLM sleep tags not yet woken (manual sleep/wake)
@@ -100,6 +103,7 @@ class EngineHost:
             raise EngineError(f"engine not serving after {wait_s}s (state {self.state.value})",
                               engine=self.spec.name) from e
         self._require_routable()
+        self._admit(len(prompts) * n)  # no await since the gate: begin_sync will wait for them
 
         def params(i: int):  # a seeded request with n copies: copy i uses seed + i
             return vllm_compat.sampling_params(
@@ -109,11 +113,27 @@ class EngineHost:
         return list(await asyncio.gather(*(self._one(p, params(i))
                                            for p in prompts for i in range(n))))
 
+    def _admit(self, k: int) -> None:
+        self._admitted += k
+        if self._admitted:
+            self._all_in_engine.clear()
+
+    def _in_engine(self) -> None:
+        self._admitted -= 1
+        if not self._admitted:
+            self._all_in_engine.set()
+
     async def _one(self, prompt: Any, params: Any) -> GenerationResult:
         v0 = self.version
         final = None
-        async for out in self.engine.generate(prompt, params, request_id=uuid.uuid4().hex):
-            final = out
+        try:
+            async for out in self.engine.generate(prompt, params, request_id=uuid.uuid4().hex):
+                if final is None:
+                    self._in_engine()  # its first output: vLLM is running it
+                final = out
+        finally:
+            if final is None:
+                self._in_engine()
         v1 = self.version
         c = final.outputs[0]
         lps = tuple(float(step[t].logprob) for step, t in zip(c.logprobs, c.token_ids,
@@ -166,6 +186,11 @@ class EngineHost:
         self._serving.clear()
         self._sync_started = time.perf_counter()
         t = time.perf_counter()
+        # Requests that passed the gate just before it closed may not have reached vLLM yet:
+        # pausing now would park them unstarted and stamp them with both versions although
+        # the new weights produce all their tokens. Let them in first; the pause mode then
+        # decides their fate like any other request in flight.
+        await asyncio.wait_for(self._all_in_engine.wait(), deadline_s)
         await asyncio.wait_for(vllm_compat.pause_generation(
             self.engine, pause_mode, clear_cache=not self._testing_keep_caches), deadline_s)
         seconds["pause"] = time.perf_counter() - t
