@@ -72,6 +72,7 @@ class SyncCoordinator:
         self.version = max(s.version for s in statuses)
         self._lock = threading.Lock()
         self._layout_cache: dict[tuple[str, ...], Any] = {}  # engine set -> verified layout
+        self._kernel_plans: dict[int, tuple[Any, TransferPlan]] = {}  # id(layout) -> its plan
         self.legs = FleetTransfer(self.transfer, lambda i: self._phase(f"bucket:{i}"))
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -95,6 +96,7 @@ class SyncCoordinator:
                 timeout=self.transfer.deadlines.verify)
         self.engines[name] = actor
         self.legs.close_group()
+        self.legs.release_ipc_buffers(force=True)  # its handles were shared with the old one
         self._layout_cache.clear()
 
     # ---- public API ------------------------------------------------------------------------
@@ -202,6 +204,17 @@ class SyncCoordinator:
             raise ConfigError(f"kernel layout unavailable: {note}")
         return None, note
 
+    def _kernel_plan(self, layout, version: int) -> TransferPlan:
+        """The kernel-layout plan, planned once per layout: the same bucket objects every sync
+        let the IPC leg reuse its packing views (``pack_bucket(views=...)``)."""
+        cached = self._kernel_plans.get(id(layout))
+        if cached is None or cached[0] is not layout:
+            plan = plan_buckets([layout.spec(p) for p in layout.params],
+                                self.transfer.bucket_bytes, version)
+            cached = (layout, plan.model_copy(update={"format": "kernel"}))
+            self._kernel_plans = {id(layout): cached}
+        return cached[1].model_copy(update={"version": version})
+
     def _targets(self, engines: Sequence[str] | None) -> list[str]:
         names = list(engines) if engines else list(self.engines)
         unknown = [n for n in names if n not in self.engines]
@@ -219,9 +232,7 @@ class SyncCoordinator:
         layout, note = self._kernel_layout(targets, tensors)
         if layout is not None:
             sources = {p.name: [tensors[n] for n, _ in p.parts] for p in layout.params}
-            plan = plan_buckets([layout.spec(p) for p in layout.params],
-                                self.transfer.bucket_bytes, version).model_copy(
-                                    update={"format": "kernel"})
+            plan = self._kernel_plan(layout, version)
             tensors = sources
         else:
             plan = plan_buckets([spec_of(n, t) for n, t in tensors.items()],
@@ -264,11 +275,16 @@ class SyncCoordinator:
             if n in receipts:
                 r = receipts[n]
                 e.report.update(checksums=r.checksums, applied=r.applied, nbytes=r.nbytes)
+                sub = dict(r.seconds)
+                if r.applied and "reload" in sub:  # loaded in the same call (atomic IPC)
+                    e.report["seconds"]["reload"] = sub.pop("reload")
+                    e.report["seconds"]["transfer"] = transfer_s - e.report["seconds"]["reload"]
+                    e.report["seconds"]["transfer+reload"] = transfer_s
                 # where the transfer went: the trainer's packing/checksums, the engine's
                 # mapping/receiving/checksums (sub-phases, prefixed so totals stay clear)
                 e.report["seconds"].update({f"transfer.{k}": v for k, v in
                                             {**(self.legs.trainer_seconds if ipc else {}),
-                                             **r.seconds}.items()})
+                                             **sub}.items()})
         # verify checksums before anything is applied
         for n, e in fleet.items():
             if n in bad:
@@ -289,8 +305,10 @@ class SyncCoordinator:
             refs = {n: fleet[n].actor.apply_staged.remote(dl.reload) for n in staged}
             ok, bad2 = gather(refs, dl.reload * 1.2)
             bad.update(bad2)
+            loaded = time.perf_counter() - t  # trainer's wall time: transfer start -> loaded
             for n, s in ok.items():
                 fleet[n].report["seconds"]["reload"] = s
+                fleet[n].report["seconds"]["transfer+reload"] = loaded
         return self._finish(fleet, bad, plan.version, "ipc" if ipc else "broadcast",
                             sleep_level, tuple(sums), t0)
 

@@ -25,7 +25,7 @@ def fast_engine(gpu_ray, text_model):
 def _phases(res):
     s = res.engines[0].seconds
     return {"transfer": s.get("transfer"), "reload": s.get("reload"),
-            "transfer+reload": (s.get("transfer") or 0) + (s.get("reload") or 0),
+            "transfer+reload": s.get("transfer+reload"),
             "total": res.seconds.get("total"), "layout": res.layout}
 
 
@@ -61,3 +61,32 @@ def test_kernel_layout_is_verified_then_used_and_loads_identical_weights(
     gpu_results["fast_path_p50"] = {
         p: {k: med(k, p) for k in ("transfer", "reload", "transfer+reload", "total")}
         for p in ("kernel", "checkpoint")}
+
+
+def test_ipc_bucket_that_differs_from_the_senders_checksum_is_refused_before_loading(
+        fast_engine, text_model, monkeypatch):
+    """One engine in the wave loads in the same call as it maps (atomic): it must still
+    refuse a bucket whose checksum differs from the sender's, load nothing, and go on
+    serving its old version (rolled back, not fenced)."""
+    from weightsync.errors import SyncFailedError
+    from weightsync.transport import fleet
+
+    trainer = load_trainer_model(text_model, torch.bfloat16).cuda()
+    coord = SyncCoordinator([fast_engine], TransferConfig(bucket_bytes=256 << 20))
+    assert coord.sync(trainer, ipc=True).ok
+    before = engine_generate(fast_engine, PROMPTS)
+    version = ray.get(fast_engine.status.remote()).version
+    real = fleet.checksums
+    monkeypatch.setattr(fleet, "checksums", lambda bufs: [c ^ 1 for c in real(bufs)])
+    perturb_(trainer, scale=0.05, seed=4242)
+    with pytest.raises(SyncFailedError) as info:
+        coord.sync(trainer, ipc=True)
+    rep = info.value.result.engines[0]
+    assert not rep.ok and not rep.fenced and "rolled back" in rep.error
+    assert "checksum" in rep.error
+    status = ray.get(fast_engine.status.remote())
+    assert status.state.value == "serving" and status.version == version
+    assert [o.token_ids for o in engine_generate(fast_engine, PROMPTS)] == \
+        [o.token_ids for o in before]
+    monkeypatch.setattr(fleet, "checksums", real)
+    assert coord.sync(trainer, ipc=True).ok  # and the next sync goes through

@@ -4,7 +4,7 @@ import torch
 from weightsync.errors import ConfigError
 from weightsync.transport.packing import (ALIGN, checksum, pack_bucket, plan_buckets, spec_of,
                                           unpack_bucket)
-from weightsync.types import TransferPlan
+from weightsync.types import TensorSpec, TransferPlan
 
 
 def _tensors():
@@ -82,17 +82,73 @@ def test_plan_validation_rejects_duplicates_and_bad_dtypes():
     assert TransferPlan.model_validate_json(plan.model_dump_json()) == plan
 
 
-def test_device_digest_arithmetic_detects_flips_and_swaps():
-    """The CUDA checksum's reduction, run on CPU tensors (same int64 wraparound rules)."""
-    from weightsync.transport.packing import _device_digest
+def _reference_checksum(data: bytes) -> int:
+    """The checksum's definition, word by word in plain Python."""
+    from weightsync.transport.packing import _MOD, _ROW_WORDS
 
-    buf = torch.randint(0, 255, (3_000_003,), dtype=torch.uint8)
-    d = _device_digest(buf).tolist()
+    padded = data + bytes(-len(data) % 8)
+    words = [int.from_bytes(padded[i:i + 8], "little", signed=True)
+             for i in range(0, len(padded), 8)]
+    s = sum(words)
+    r = sum((i // _ROW_WORDS + 1) * w for i, w in enumerate(words))
+    k = sum((i % _ROW_WORDS + 1) * w for i, w in enumerate(words))
+    m = 1 << 64
+    return (len(data) * 1_000_003 + (s % m) * 961 + (r % m) * 31 + (k % m)) % _MOD
+
+
+def test_checksum_matches_its_definition_and_detects_flips_and_swaps():
+    from weightsync.transport.packing import _ROW_BYTES
+
+    buf = torch.randint(0, 255, (2 * _ROW_BYTES + 1000,), dtype=torch.uint8)
+    c = checksum(buf)
+    assert c == _reference_checksum(bytes(buf.numpy()))
+    assert checksum(buf[8:1008]) == _reference_checksum(bytes(buf[8:1008].numpy()))
+    assert checksum(buf[3:1003]) == checksum(buf[3:1003].clone())  # unaligned start
     flipped = buf.clone()
     flipped[777] ^= 4
-    swapped = buf.clone()
-    swapped[:4], swapped[4:8] = buf[4:8].clone(), buf[:4].clone()
-    assert _device_digest(flipped).tolist() != d
-    if not torch.equal(swapped, buf):
-        assert _device_digest(swapped).tolist() != d
-    assert _device_digest(buf.clone()).tolist() == d
+    assert checksum(flipped) != c
+
+    def swapped(i: int, j: int) -> torch.Tensor:  # swap 64-bit words i and j
+        out = buf.clone()
+        out[8 * i:8 * i + 8], out[8 * j:8 * j + 8] = buf[8 * j:8 * j + 8], buf[8 * i:8 * i + 8]
+        return out
+
+    rw = _ROW_BYTES // 8
+    for i, j in [(0, 1), (0, rw), (3, rw + 7), (5, 2 * rw + 5)]:  # same row, same column, neither
+        assert checksum(swapped(i, j)) != c
+    assert checksum(torch.zeros(8, dtype=torch.uint8)) != checksum(torch.zeros(16, dtype=torch.uint8))
+
+
+def test_digest_tensors_groups_by_size_only():
+    from weightsync.transport.packing import digest_tensors
+
+    ts = [torch.randn(10, 10), torch.randn(300, 300), torch.randn(7), torch.randn(200, 200)]
+    a = digest_tensors(ts, scratch_bytes=200_000)
+    assert a == digest_tensors([t.clone() for t in ts], scratch_bytes=200_000)
+    assert len(a) == 3  # [10x10], [300x300] alone (>= scratch), [7 + 200x200]
+    changed = [t.clone() for t in ts]
+    changed[2][3] += 1
+    assert digest_tensors(changed, scratch_bytes=200_000) != a
+
+
+def test_pack_reuses_views_and_copies_large_and_small_tensors():
+    from weightsync.transport import packing
+
+    big = torch.randn(1 << 21)  # 8 MiB: copied on its own
+    parts = [torch.randn(3, 4), torch.randn(5, 4)]  # stacked into one slot
+    ts = {"big": big, "stack": parts, "small": torch.randn(6)}
+    specs = [TensorSpec(name="big", dtype="float32", shape=(1 << 21,)),
+             TensorSpec(name="stack", dtype="float32", shape=(8, 4)),
+             TensorSpec(name="small", dtype="float32", shape=(6,))]
+    plan = plan_buckets(specs, bucket_bytes=1 << 30, version=1)
+    views: dict = {}
+    buf = pack_bucket(plan.buckets[0], ts, "cpu", views=views)
+    got = dict(unpack_bucket(plan.buckets[0], buf))
+    assert torch.equal(got["big"], big) and torch.equal(got["stack"], torch.cat(parts))
+    cached = views["dsts"][2]
+    ts2 = {"big": big * 2, "stack": [p * 3 for p in parts], "small": ts["small"] - 1}
+    buf2 = pack_bucket(plan.buckets[0], ts2, "cpu", out=buf, views=views)
+    assert buf2 is buf and views["dsts"][2] is cached  # same bucket, same buffer: views reused
+    got = dict(unpack_bucket(plan.buckets[0], buf2))
+    assert torch.equal(got["stack"], torch.cat(parts) * 3) and torch.equal(got["big"], big * 2)
+    assert torch.equal(got["small"], ts["small"] - 1)

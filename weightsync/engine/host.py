@@ -19,7 +19,7 @@ from weightsync.config import EngineSpec
 from weightsync.engine import vllm_compat
 from weightsync.engine.worker_ext import ERROR_KEY
 from weightsync.errors import (DeadlineExceeded, EngineError, FencedError, IllegalStateError,
-                               UnsupportedError, WeightSyncError, error_class)
+                               TransferError, UnsupportedError, WeightSyncError, error_class)
 from weightsync.types import (EngineState, EngineStatus, GenerationResult, PauseMode,
                               ReceiveReport)
 
@@ -230,8 +230,14 @@ class EngineHost:
         await self._rpc("ws_leave_group", timeout=60)
 
     async def receive(self, plan_json: str, apply: str, deadline_s: float,
-                      ipc_handles_json: str | None = None) -> ReceiveReport:
-        """Receive a plan (broadcast group, or colocated IPC handles); stage or stream-apply."""
+                      ipc_handles_json: str | None = None,
+                      expected_json: str | None = None) -> ReceiveReport:
+        """Receive a plan (broadcast group, or colocated IPC handles); stage or stream-apply.
+
+        ``apply="atomic"`` (IPC, with the sender's checksums in ``expected_json``): verify every
+        bucket, then load, in one call. A checksum or transfer error leaves the weights
+        untouched; any later failure means they may be half-applied (the engine gets fenced).
+        """
         self._expect(*_IN_SYNC, EngineState.FENCED, op="receive weights")
         prev = self.state
         self.state = EngineState.LOADING if prev != EngineState.FENCED else prev
@@ -245,9 +251,22 @@ class EngineHost:
                 self.group_id = None  # the worker left the broken group
                 raise
         else:
-            out = await self._rpc("ws_receive_ipc", plan_json, ipc_handles_json, apply,
-                                  timeout=deadline_s * 1.5)
-        return ReceiveReport.model_validate_json(out[0])
+            t = time.perf_counter()
+            try:
+                out = await self._rpc("ws_receive_ipc", plan_json, ipc_handles_json, apply,
+                                      expected_json, timeout=deadline_s * 1.5)
+            except TransferError:
+                raise  # refused before anything was applied (VerificationError included)
+            except WeightSyncError:
+                if apply == "atomic":
+                    self.weights_intact = False
+                raise
+        report = ReceiveReport.model_validate_json(out[0])
+        if ipc_handles_json is not None:  # the call as the host saw it (vLLM's RPC included)
+            report.seconds["host_rpc"] = time.perf_counter() - t
+        if report.applied:
+            self.weights_intact = False  # new weights, not yet committed
+        return report
 
     async def apply_staged(self, deadline_s: float) -> float:
         self._expect(EngineState.LOADING, EngineState.FENCED, op="apply staged weights")

@@ -18,17 +18,18 @@ from collections.abc import Iterator
 import torch
 
 from weightsync.engine import vllm_compat
-from weightsync.errors import ManifestError, ReloadError, TransferError, WeightSyncError
+from weightsync.errors import (ManifestError, ReloadError, TransferError, VerificationError,
+                               WeightSyncError)
 from weightsync.transport.broadcast import BroadcastReceiver, open_group
 from weightsync.transport.ipc import IpcBucketHandle, open_bucket
-from weightsync.transport.packing import checksum, checksums, dtype_name, unpack_bucket
+from weightsync.transport.packing import (checksum, copy_tensors, digest_tensors, dtype_name,
+                                          unpack_bucket)
 from weightsync.types import Bucket, ReceiveReport, TensorSpec, TransferPlan
 
 logger = logging.getLogger(__name__)
 
 _FLOATS = {"float32", "float16", "bfloat16", "float64"}
 ERROR_KEY = "__weightsync_error__"
-_FINGERPRINT_GROUP = 256 << 20  # bytes of parameters digested per reduction
 
 
 def typed_errors(fn):
@@ -152,24 +153,15 @@ class WeightSyncWorkerExtension:
     def ws_fingerprint(self) -> str:
         """Digest of every parameter as loaded (vLLM layout). Equal across a verified fleet.
 
-        Parameters are concatenated into ~256 MiB groups and each group digested once: a few
-        large reductions instead of one small one per parameter (hundreds of kernel launches).
+        Small parameters are digested in concatenated groups, large ones in place: a few
+        dozen bandwidth-bound reductions instead of several per parameter.
         """
         h = hashlib.sha256()
-        group: list[torch.Tensor] = []
-        size = 0
-        digests: list[torch.Tensor] = []
         with torch.no_grad():
-            for name, p in sorted(self.model_runner.get_model().named_parameters()):
+            params = sorted(self.model_runner.get_model().named_parameters())
+            for name, p in params:
                 h.update(f"{name}:{dtype_name(p.dtype)}{tuple(p.shape)};".encode())
-                group.append(p.detach().contiguous().view(-1).view(torch.uint8))
-                size += group[-1].numel()
-                if size >= _FINGERPRINT_GROUP:
-                    digests.append(torch.cat(group))
-                    group, size = [], 0
-            if group:
-                digests.append(torch.cat(group))
-            for c in checksums(digests):
+            for c in digest_tensors(p for _, p in params):
                 h.update(f"{c};".encode())
         return h.hexdigest()[:32]
 
@@ -209,8 +201,15 @@ class WeightSyncWorkerExtension:
         return report.model_dump_json()
 
     @typed_errors
-    def ws_receive_ipc(self, plan_json: str, handles_json: str, apply: str) -> str:
-        """Map colocated CUDA-IPC buckets; stage them or apply them at once."""
+    def ws_receive_ipc(self, plan_json: str, handles_json: str, apply: str,
+                       expected_json: str | None = None) -> str:
+        """Map colocated CUDA-IPC buckets; stage them or apply them.
+
+        ``expected_json``: the sender's per-bucket checksums. With them, a bucket that differs
+        raises ``VerificationError`` before anything is applied; ``apply="atomic"`` (one engine
+        in the wave) then applies in this same call: verify everything, then load.
+        """
+        t_call = time.perf_counter()
         plan = TransferPlan.model_validate_json(plan_json)
         handles = [IpcBucketHandle.model_validate(h) for h in json.loads(handles_json)]
         if [h.index for h in handles] != [b.index for b in plan.buckets]:
@@ -230,8 +229,10 @@ class WeightSyncWorkerExtension:
         if not any(h.reusable for h in handles):
             cache.clear()
         opened = time.perf_counter() - t0
-        report = self._consume(plan, zip(plan.buckets, bufs, strict=True), apply)
+        expected = json.loads(expected_json) if expected_json else None
+        report = self._consume(plan, zip(plan.buckets, bufs, strict=True), apply, expected)
         report.seconds["ipc_open"] = opened
+        report.seconds["worker"] = time.perf_counter() - t_call  # this whole call, in the worker
         return report.model_dump_json()
 
     # ---- kernel layout (fast path) ----------------------------------------------------------
@@ -285,7 +286,9 @@ class WeightSyncWorkerExtension:
         st["layout_status"] = {"candidate": True, "verified": True, "reason": "verified"}
 
     def _consume(self, plan: TransferPlan, stream: Iterator[tuple[Bucket, torch.Tensor]],
-                 apply: str) -> ReceiveReport:
+                 apply: str, expected: list[int] | None = None) -> ReceiveReport:
+        if apply == "atomic" and expected is None:
+            raise TransferError("atomic apply needs the sender's checksums")
         sums: list[int] = []
         seconds: dict[str, float] = {}
         nbytes = 0
@@ -296,26 +299,37 @@ class WeightSyncWorkerExtension:
                 t = time.perf_counter()
                 sums.append(checksum(buf))
                 seconds["checksum"] = seconds.get("checksum", 0.0) + time.perf_counter() - t
+                if expected is not None and sums[-1] != expected[bucket.index]:
+                    raise VerificationError(f"bucket {bucket.index}: checksum differs from the "
+                                            "sender's; nothing applied from it")
                 nbytes += buf.numel()
                 yield bucket, buf
 
         st = self._ws_state()
         st["staged"] = []
         kernel = plan.format == "kernel"
+        applied = False
         if apply == "streaming":
             self._reload((t for b, buf in checked() for t in unpack_bucket(b, buf)), kernel)
             applied = True
         else:
             st["staged"] = list(checked())
             st["staged_format"] = plan.format
-            applied = False
         if len(sums) != len(plan.buckets):
+            st["staged"] = []
             raise TransferError(f"received {len(sums)} of {len(plan.buckets)} buckets")
+        if apply == "atomic":  # every bucket is here and verified: load in this call
+            seconds["reload"] = self._apply_staged()
+            applied = True
         return ReceiveReport(nbytes=nbytes, checksums=tuple(sums), applied=applied,
                              seconds=seconds)
 
     @typed_errors
     def ws_apply_staged(self) -> str:
+        reload_s = self._apply_staged()
+        return json.dumps({"reload": reload_s, "layout": self._ws_state()["staged_format"]})
+
+    def _apply_staged(self) -> float:
         st = self._ws_state()
         staged, st["staged"] = st["staged"], []
         if not staged:
@@ -326,7 +340,7 @@ class WeightSyncWorkerExtension:
         reload_s = time.perf_counter() - t0
         if not kernel:
             self._calibrate_layout(staged)
-        return json.dumps({"reload": reload_s, "layout": st["staged_format"]})
+        return reload_s
 
     @typed_errors
     def ws_drop_staged(self) -> str:
@@ -335,9 +349,30 @@ class WeightSyncWorkerExtension:
 
     def _reload(self, weights: Iterator[tuple[str, torch.Tensor]], kernel: bool = False) -> None:
         with torch.no_grad():
-            vllm_compat.reload_weights(self, weights, is_checkpoint_format=not kernel)
+            if kernel:
+                self._copy_kernel(weights)
+            else:
+                vllm_compat.reload_weights(self, weights, is_checkpoint_format=True)
         if getattr(self, "device", torch.device("cpu")).type == "cuda":
             torch.cuda.synchronize()
+
+    def _copy_kernel(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        """Kernel-layout tensors straight into vLLM's parameters: what
+        ``reload_weights(is_checkpoint_format=False)`` does (``param.copy_`` per tensor), as
+        one batched multi-tensor copy. Only used once a checkpoint-format load verified the
+        layout bit for bit (``_calibrate_layout``), and every plan was checked against the live
+        parameters' names, shapes and dtypes (``ws_validate``). Measured on an H100 (0.5B
+        shape, 170 parameters): 0.9 ms batched vs 1.2 ms one ``copy_`` each."""
+        live = dict(self.model_runner.get_model().named_parameters())
+        dsts, srcs = [], []
+        for name, t in weights:
+            p = live.get(name)
+            if p is None or p.shape != t.shape or p.dtype != t.dtype:
+                raise ReloadError(f"kernel-layout tensor {name} {tuple(t.shape)} {t.dtype} does "
+                                  "not match the engine's parameter")
+            dsts.append(p.data)
+            srcs.append(t)
+        copy_tensors(dsts, srcs)
 
     @typed_errors
     def ws_reload_from_path(self, path: str) -> str:

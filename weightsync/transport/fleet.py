@@ -53,6 +53,8 @@ class FleetTransfer:
         self.on_bucket = on_bucket
         self._group: tuple[tuple[str, ...], str, BroadcastSender] | None = None
         self._ipc_keepalive: list[Any] | None = None  # this sync's CUDA-IPC buckets
+        self._ipc_handles: str | None = None  # their handles, as sent (reused with them)
+        self._ipc_views: list[dict] = []  # packing's cached destination views per bucket
         self.trainer_seconds: dict[str, float] = {}  # the trainer's share of the last transfer
 
     # ---- broadcast -------------------------------------------------------------------------
@@ -118,6 +120,12 @@ class FleetTransfer:
 
     # ---- colocated CUDA IPC -----------------------------------------------------------------
     def ipc(self, actors: dict[str, Any], plan: TransferPlan, plan_json: str, tensors) -> Outcome:
+        """Pack, checksum and share the buckets; every engine maps and verifies them.
+
+        The sender's checksums travel with the handles, so each engine refuses a differing
+        bucket before anything is applied. A wave of one engine also applies in the same call
+        (``apply="atomic"``): all-or-nothing holds trivially, and a round trip is saved.
+        """
         import torch
 
         from weightsync.transport.ipc import share_bucket
@@ -128,19 +136,26 @@ class FleetTransfer:
             [b.numel() for b in self._ipc_keepalive] == sizes else None
         if kept is None:
             self.release_ipc_buffers(force=True)  # left over, or the plan's shape changed
+            self._ipc_handles = None
         t = time.perf_counter()
         device = torch.device("cuda", torch.cuda.current_device())
-        bufs = [pack_bucket(b, tensors, device, out=kept[i] if kept else None)
+        if kept is None or len(self._ipc_views) != len(sizes):
+            self._ipc_views = [{} for _ in sizes]
+        bufs = [pack_bucket(b, tensors, device, out=kept[i] if kept else None,
+                            views=self._ipc_views[i])
                 for i, b in enumerate(plan.buckets)]
-        torch.cuda.synchronize(device)  # the engine reads these through another process
+        sums = checksums(bufs)  # reads back to the host: packing has finished on the device
         packed = time.perf_counter() - t
-        sums = checksums(bufs)
-        handles = json.dumps([share_bucket(i, b, reusable=reuse).model_dump(mode="json")
-                              for i, b in enumerate(bufs)])
-        self.trainer_seconds = {"trainer_pack": packed,
-                                "trainer_checksum": time.perf_counter() - t - packed}
-        refs = {n: a.receive.remote(plan_json, self.cfg.apply, self.cfg.deadlines.transfer,
-                                    handles)
+        if self._ipc_handles is None or not reuse:  # a kept allocation keeps its handles
+            self._ipc_handles = json.dumps([share_bucket(i, b, reusable=reuse)
+                                            .model_dump(mode="json")
+                                            for i, b in enumerate(bufs)])
+        self.trainer_seconds = {"trainer_pack_checksum": packed,
+                                "trainer_share": time.perf_counter() - t - packed}
+        apply = "atomic" if self.cfg.apply == "staged" and len(actors) == 1 else self.cfg.apply
+        expected = json.dumps(sums)
+        refs = {n: a.receive.remote(plan_json, apply, self.cfg.deadlines.transfer,
+                                    self._ipc_handles, expected)
                 for n, a in actors.items()}
         ok, bad = gather(refs, self.cfg.deadlines.transfer * 1.6)
         # staged IPC views point at our buffers: keep them alive until applied or dropped
@@ -156,6 +171,7 @@ class FleetTransfer:
         import torch
 
         self._ipc_keepalive = None
+        self._ipc_handles = None
         torch.cuda.ipc_collect()  # blocks the engines released are freed only now
         torch.cuda.empty_cache()
 
