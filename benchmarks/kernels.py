@@ -5,8 +5,8 @@ For a Qwen2-shaped model in vLLM's kernel layout (fused qkv / gate_up), times
 - trainer packing: checkpoint tensors (q, k, v, gate, up, ...) into one flat bucket,
   batched (``pack_bucket``) and one copy per tensor;
 - the bucket checksum (``checksums``) and the parameter fingerprint (``digest_tensors``);
-- the engine's apply: bucket views into the parameters, batched (``_foreach_copy_``, as
-  ``worker_ext._copy_kernel``) and one ``copy_`` per parameter (as vLLM's
+- the engine's apply: bucket views into the parameters, batched (``copy_tensors``, as
+  ``worker_ext`` does) and one ``copy_`` per parameter (as vLLM's
   ``reload_weights(is_checkpoint_format=False)``).
 
     python -m benchmarks.kernels --shape 0.5b --rounds 20      # GPU, or CPU if none
@@ -72,8 +72,9 @@ def main(shape: str = typer.Option("0.5b"), rounds: int = typer.Option(20, min=1
     import torch
 
     from benchmarks.run import SHAPES
-    from weightsync.transport.packing import (checksums, digest_tensors, pack_bucket,
-                                              plan_buckets, unpack_bucket)
+    from weightsync.transport.packing import (checksums, copy_split, copy_tensors,
+                                              digest_tensors, pack_bucket, plan_buckets,
+                                              unpack_bucket)
     from weightsync.types import TensorSpec
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -87,10 +88,12 @@ def main(shape: str = typer.Option("0.5b"), rounds: int = typer.Option(20, min=1
     plan = plan_buckets(specs, 1 << 40, 1)  # one bucket, as the colocated fast path sends
     bucket = plan.buckets[0]
     buf = pack_bucket(bucket, parts, device)
-    views = [t for _, t in unpack_bucket(bucket, buf)]
+    srcs = [t for _, t in unpack_bucket(bucket, buf)]
     dsts = list(params.values())
+    split = copy_split(dsts, srcs)
+    views: dict = {}
     nbytes = buf.numel()
-    assert all(torch.equal(v, p) for v, p in zip(views, dsts, strict=True))
+    assert all(torch.equal(v, p) for v, p in zip(srcs, dsts, strict=True))
 
     def pack_per_tensor() -> None:
         for slot in bucket.slots:
@@ -101,7 +104,7 @@ def main(shape: str = typer.Option("0.5b"), rounds: int = typer.Option(20, min=1
                 r += p.shape[0]
 
     def apply_per_param() -> None:
-        for d, v in zip(dsts, views, strict=True):
+        for d, v in zip(dsts, srcs, strict=True):
             d.copy_(v)
 
     src = torch.empty_like(buf)
@@ -110,10 +113,11 @@ def main(shape: str = typer.Option("0.5b"), rounds: int = typer.Option(20, min=1
         "torch": torch.__version__, "shape": shape, "bytes": nbytes, "params": len(dsts),
         "checkpoint_tensors": sum(len(v) for v in parts.values()), "rounds": rounds,
         "floor_copy": _time(lambda: src.copy_(buf), rounds, device),
-        "pack_batched": _time(lambda: pack_bucket(bucket, parts, device, out=buf), rounds, device),
+        "pack_batched": _time(lambda: pack_bucket(bucket, parts, device, out=buf, views=views),
+                              rounds, device),
         "pack_per_tensor": _time(pack_per_tensor, rounds, device),
         "checksum": _time(lambda: checksums([buf]), rounds, device),
-        "apply_batched": _time(lambda: torch._foreach_copy_(dsts, views), rounds, device),
+        "apply_batched": _time(lambda: copy_tensors(dsts, srcs, split), rounds, device),
         "apply_per_param": _time(apply_per_param, rounds, device),
         "fingerprint": _time(lambda: digest_tensors(dsts), rounds, device),
     }

@@ -32,7 +32,9 @@ def _phases(res):
 def test_kernel_layout_is_verified_then_used_and_loads_identical_weights(
         fast_engine, text_model, gpu_results):
     trainer = load_trainer_model(text_model, torch.bfloat16).cuda()
-    auto = SyncCoordinator([fast_engine], TransferConfig(bucket_bytes=256 << 20))
+    # buffers, mappings and copy targets kept across syncs: the fastest path, checked here
+    auto = SyncCoordinator([fast_engine], TransferConfig(bucket_bytes=256 << 20,
+                                                         ipc_reuse_buffers=True))
     ckpt = SyncCoordinator([fast_engine], TransferConfig(bucket_bytes=256 << 20,
                                                          layout="checkpoint"))
     first = auto.sync(trainer, ipc=True)

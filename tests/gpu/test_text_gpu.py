@@ -45,9 +45,13 @@ def engine(gpu_ray, text_model, trainer):
 def coords(engine):
     """Both load paths: checkpoint format through vLLM's loaders (``reload_weights``), and the
     kernel-layout fast path, which needs one checkpoint-format load to verify it first."""
-    return {layout: SyncCoordinator([engine], TransferConfig(bucket_bytes=256 << 20,
-                                                             layout=layout))
-            for layout in ("checkpoint", "kernel")}
+    coords = {layout: SyncCoordinator([engine], TransferConfig(bucket_bytes=256 << 20,
+                                                               layout=layout))
+              for layout in ("checkpoint", "kernel")}
+    # the trainer keeps its buckets and the engine its mapping and copy targets across syncs
+    coords["kernel-reuse"] = SyncCoordinator([engine], TransferConfig(
+        bucket_bytes=256 << 20, layout="kernel", ipc_reuse_buffers=True))
+    return coords
 
 
 @torch.no_grad()
@@ -79,7 +83,9 @@ def test_engine_matches_hf_before_any_sync(engine, trainer, tokenizer, gpu_resul
 
 
 @pytest.mark.parametrize(("level", "layout"), [(1, "checkpoint"), (2, "checkpoint"),
-                                               (1, "kernel"), (2, "kernel")])
+                                               (1, "kernel"), (2, "kernel"),
+                                               (2, "kernel-reuse"), (1, "kernel-reuse"),
+                                               (2, "kernel-reuse")])
 def test_colocated_ipc_sync_with_sleep(level, layout, engine, coords, trainer, tokenizer,
                                        gpu_results):
     before = engine_generate(engine, PROMPTS)
@@ -88,14 +94,15 @@ def test_colocated_ipc_sync_with_sleep(level, layout, engine, coords, trainer, t
     res = coords[layout].sync(trainer, sleep_level=level, ipc=True)
     after, rows = _parity(engine, trainer, tokenizer)
     rep = res.engines[0]
-    gpu_results[f"sync_sleep_level_{level}_{layout}"] = {
+    gpu_results[f"sync_sleep_level_{level}_{layout}_{res.version}"] = {
         "layout": res.layout, "layout_note": res.layout_note,
         "version": res.version, "nbytes": res.nbytes, "buckets": len(res.sender_checksums),
         "seconds": rep.seconds, "coordinator_total_s": res.seconds.get("total"),
         "parity": summary(rows), "changed": changed(before, after),
         "memory_after_sleep": ray.get(engine.memory_after_sleep.remote()),
     }
-    assert res.ok and res.mode == "ipc" and rep.checksum_ok and res.layout == layout
+    assert res.ok and res.mode == "ipc" and rep.checksum_ok
+    assert res.layout == layout.removesuffix("-reuse")
     assert rep.skipped == ()  # sleep and wake really ran (CPU engines skip them)
     assert {"sleep", "wake_weights", "transfer", "reload", "wake_kv"} <= set(rep.seconds)
     assert parity_ok(rows), rows

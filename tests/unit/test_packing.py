@@ -132,8 +132,6 @@ def test_digest_tensors_groups_by_size_only():
 
 
 def test_pack_reuses_views_and_copies_large_and_small_tensors():
-    from weightsync.transport import packing
-
     big = torch.randn(1 << 21)  # 8 MiB: copied on its own
     parts = [torch.randn(3, 4), torch.randn(5, 4)]  # stacked into one slot
     ts = {"big": big, "stack": parts, "small": torch.randn(6)}

@@ -154,10 +154,12 @@ class FleetTransfer:
                                 "trainer_share": time.perf_counter() - t - packed}
         apply = "atomic" if self.cfg.apply == "staged" and len(actors) == 1 else self.cfg.apply
         expected = json.dumps(sums)
+        t = time.perf_counter()
         refs = {n: a.receive.remote(plan_json, apply, self.cfg.deadlines.transfer,
                                     self._ipc_handles, expected)
                 for n, a in actors.items()}
         ok, bad = gather(refs, self.cfg.deadlines.transfer * 1.6)
+        self.trainer_seconds["trainer_rpc"] = time.perf_counter() - t  # Ray call, as we saw it
         # staged IPC views point at our buffers: keep them alive until applied or dropped
         self._ipc_keepalive = bufs
         return sums, ok, bad

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# GPU benchmarks on the lent machine, one command (after the wheels are installed, see
+# scripts/gpu_run.sh --install). Results (JSON + PNG + log) go to $OUT or runs/gpu-bench.
+#
+#   bash scripts/gpu_bench.sh 0.5b-native 1.5b 7b kernels
+#
+# 0.5b-native: 0.5B-shaped sync benchmark plus vLLM's native IPC API on the same weights;
+# <shape>: that shape's sync benchmark; kernels: the building blocks vs the copy floor.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-runs/gpu-bench}
+mkdir -p "$out"
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+export VLLM_WORKER_MULTIPROC_METHOD=spawn VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_USE_V2_MODEL_RUNNER=1
+common=(--ipc --ipc-reuse --sleep-level 1 --bucket-mib 2048 --engines 1 --workdir /tmp/bench)
+rc=0
+for job in "$@"; do
+  case $job in
+    kernels) python3 -m benchmarks.kernels --shape 0.5b --rounds 20 --out "$out/kernels-0.5b.json" ;;
+    *-native) s=${job%-native}
+      python3 -m benchmarks.run --shape "$s" --syncs 10 --native "${common[@]}" \
+        --out "$out/sync-gpu-$s.json" ;;
+    *) python3 -m benchmarks.run --shape "$job" --syncs 5 "${common[@]}" --out "$out/sync-gpu-$job.json" ;;
+  esac >>"$out/bench.log" 2>&1 || { rc=$?; echo "$job failed ($rc)"; }
+  tail -n 3 "$out/bench.log"
+done
+exit $rc
