@@ -17,8 +17,9 @@ from weightsync.types import Bucket, ParamSlot, TensorSpec, TransferPlan
 ALIGN = 256  # bytes; a multiple of every dtype's size and of the CUDA allocator's granularity
 _MOD = (1 << 61) - 1  # Mersenne prime folding (length, sums) into one int
 _U64 = 1 << 64
-_ROW_WORDS = 4096  # 64-bit words per checksum row
+_ROW_WORDS = 512  # 64-bit words per checksum row
 _ROW_BYTES = 8 * _ROW_WORDS
+_TORCH_SUMS_ONLY = False  # tests flip this to compare the CUDA kernel with torch's reductions
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -216,11 +217,23 @@ def _digest_terms(buf: torch.Tensor) -> torch.Tensor:
         rows.append(tail.view(torch.int64).view(1, _ROW_WORDS))
     if not rows:
         return torch.zeros(3, dtype=torch.int64, device=buf.device)
-    row_sums = torch.cat([m.sum(dim=1) for m in rows])
-    col_sums = rows[0].sum(dim=0) if len(rows) == 1 else rows[0].sum(dim=0) + rows[1].sum(dim=0)
+    sums = [_row_col_sums(m) for m in rows]
+    row_sums = torch.cat([r for r, _ in sums]) if len(sums) > 1 else sums[0][0]
+    col_sums = sums[0][1] if len(sums) == 1 else sums[0][1] + sums[1][1]
     r_idx = torch.arange(1, row_sums.numel() + 1, dtype=torch.int64, device=buf.device)
     c_idx = torch.arange(1, _ROW_WORDS + 1, dtype=torch.int64, device=buf.device)
     return torch.stack([row_sums.sum(), (row_sums * r_idx).sum(), (col_sums * c_idx).sum()])
+
+
+def _row_col_sums(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's and every column's sum of an int64 matrix (wrapping mod 2**64)."""
+    if rows.is_cuda and rows.shape[0] > 1 and not _TORCH_SUMS_ONLY:
+        from weightsync.transport.digest_cuda import row_col_sums
+
+        out = row_col_sums(rows)  # one pass instead of two; the same values
+        if out is not None:
+            return out
+    return rows.sum(dim=1), rows.sum(dim=0)
 
 
 def digest_tensors(tensors: Iterable[torch.Tensor], scratch_bytes: int = 64 << 20) -> list[int]:
