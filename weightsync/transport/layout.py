@@ -5,7 +5,8 @@ vLLM fuses checkpoint tensors at load time (``q_proj``/``k_proj``/``v_proj`` -> 
 ``packed_modules_mapping``. From that mapping, the engine's parameter specs and the checkpoint
 headers we derive, once, which checkpoint tensors make up each vLLM parameter and in which row
 ranges. The trainer then packs buckets already in vLLM's layout and the engine copies them
-straight into its parameters (``reload_weights(is_checkpoint_format=False)``), skipping the
+straight into its parameters (what ``reload_weights(is_checkpoint_format=False)`` does, as
+batched copies: ``worker_ext._kernel_targets``), skipping the
 per-tensor weight loaders.
 
 A derived layout is only a candidate: the engine verifies it bit for bit against what vLLM's
