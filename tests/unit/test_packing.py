@@ -143,10 +143,30 @@ def test_pack_reuses_views_and_copies_large_and_small_tensors():
     buf = pack_bucket(plan.buckets[0], ts, "cpu", views=views)
     got = dict(unpack_bucket(plan.buckets[0], buf))
     assert torch.equal(got["big"], big) and torch.equal(got["stack"], torch.cat(parts))
-    cached = views["dsts"][2]
+    cached = views["dsts"][3]
     ts2 = {"big": big * 2, "stack": [p * 3 for p in parts], "small": ts["small"] - 1}
     buf2 = pack_bucket(plan.buckets[0], ts2, "cpu", out=buf, views=views)
-    assert buf2 is buf and views["dsts"][2] is cached  # same bucket, same buffer: views reused
+    assert buf2 is buf and views["dsts"][3] is cached  # same bucket, same buffer: views reused
     got = dict(unpack_bucket(plan.buckets[0], buf2))
     assert torch.equal(got["stack"], torch.cat(parts) * 3) and torch.equal(got["big"], big * 2)
     assert torch.equal(got["small"], ts["small"] - 1)
+
+
+def test_pack_reuses_views_when_sources_are_cast():
+    """fp32 master weights packed into a bf16 plan: the cached views must still be reused
+    (the cache once compared destination and source dtypes, so casts never hit it)."""
+    ts = {"w": torch.randn(16, 8), "b": torch.randn(8)}
+    specs = [TensorSpec(name=n, dtype="bfloat16", shape=tuple(t.shape)) for n, t in ts.items()]
+    plan = plan_buckets(specs, bucket_bytes=1 << 20, version=1)
+    views: dict = {}
+    buf = pack_bucket(plan.buckets[0], ts, "cpu", views=views)
+    cached = views["dsts"][3]
+    ts2 = {n: t * 2 for n, t in ts.items()}
+    pack_bucket(plan.buckets[0], ts2, "cpu", out=buf, views=views)
+    assert views["dsts"][3] is cached
+    got = dict(unpack_bucket(plan.buckets[0], buf))
+    assert torch.equal(got["w"], (ts["w"] * 2).to(torch.bfloat16))
+    ts3 = {"w": torch.randn(16, 8, dtype=torch.float64), "b": ts["b"]}  # another source dtype
+    pack_bucket(plan.buckets[0], ts3, "cpu", out=buf, views=views)
+    assert views["dsts"][3] is not cached
+    assert torch.equal(dict(unpack_bucket(plan.buckets[0], buf))["w"], ts3["w"].to(torch.bfloat16))

@@ -354,13 +354,8 @@ class WeightSyncWorkerExtension:
             raise ReloadError("nothing staged to apply")
         kernel = st["staged_format"] == "kernel"
         t0 = time.perf_counter()
-        if kernel:
-            with torch.no_grad():
-                copy_tensors(*self._kernel_program(staged, st.get("staged_key")))
-            if getattr(self, "device", torch.device("cpu")).type == "cuda":
-                torch.cuda.synchronize()
-        else:
-            self._reload((t for b, buf in staged for t in unpack_bucket(b, buf)))
+        program = self._kernel_program(staged, st.get("staged_key")) if kernel else None
+        self._reload((t for b, buf in staged for t in unpack_bucket(b, buf)), kernel, program)
         reload_s = time.perf_counter() - t0
         if not kernel:
             self._calibrate_layout(staged)
@@ -371,10 +366,13 @@ class WeightSyncWorkerExtension:
         self._ws_state()["staged"] = []
         return "ok"
 
-    def _reload(self, weights: Iterator[tuple[str, torch.Tensor]], kernel: bool = False) -> None:
+    def _reload(self, weights: Iterator[tuple[str, torch.Tensor]], kernel: bool = False,
+                program: tuple | None = None) -> None:
+        """Load ``weights``: checkpoint format through vLLM's loaders, kernel layout by copying
+        into the parameters (``program``: ``_kernel_program``'s targets, when already known)."""
         with torch.no_grad():
             if kernel:
-                copy_tensors(*self._kernel_targets(weights))
+                copy_tensors(*(program or self._kernel_targets(weights)))
             else:
                 vllm_compat.reload_weights(self, weights, is_checkpoint_format=True)
         if getattr(self, "device", torch.device("cpu")).type == "cuda":

@@ -86,15 +86,15 @@ def pack_bucket(bucket: Bucket, tensors: dict[str, torch.Tensor | Sequence[torch
     for slot in bucket.slots:
         value = tensors[slot.name]
         srcs.extend([value] if isinstance(value, torch.Tensor) else value)
+    kinds = [(s.shape, s.dtype, s.device) for s in srcs]  # what the views and split depend on
     cached = views.get("dsts") if views is not None else None
-    if cached is not None and cached[0] is bucket and cached[1] is buf and \
-            all(d.shape == s.shape and d.dtype == s.dtype for d, s in zip(cached[2], srcs, strict=True)):
-        dsts, split = cached[2], cached[3]
+    if cached is not None and cached[0] is bucket and cached[1] is buf and cached[2] == kinds:
+        dsts, split = cached[3], cached[4]
     else:
         dsts = _destinations(bucket, buf, tensors)
         split = copy_split(dsts, srcs)
         if views is not None:
-            views["dsts"] = (bucket, buf, dsts, split)
+            views["dsts"] = (bucket, buf, kinds, dsts, split)
     with torch.no_grad():
         copy_tensors(dsts, srcs, split)
     return buf
