@@ -78,8 +78,8 @@ def test_ipc_bucket_that_differs_from_the_senders_checksum_is_refused_before_loa
     assert coord.sync(trainer, ipc=True).ok
     before = engine_generate(fast_engine, PROMPTS)
     version = ray.get(fast_engine.status.remote()).version
-    real = fleet.checksums
-    monkeypatch.setattr(fleet, "checksums", lambda bufs: [c ^ 1 for c in real(bufs)])
+    real = fleet.bucket_terms  # what the engine is told the sender's checksums are
+    monkeypatch.setattr(fleet, "bucket_terms", lambda bufs: real(bufs) ^ 1)
     perturb_(trainer, scale=0.05, seed=4242)
     with pytest.raises(SyncFailedError) as info:
         coord.sync(trainer, ipc=True)
@@ -90,5 +90,5 @@ def test_ipc_bucket_that_differs_from_the_senders_checksum_is_refused_before_loa
     assert status.state.value == "serving" and status.version == version
     assert [o.token_ids for o in engine_generate(fast_engine, PROMPTS)] == \
         [o.token_ids for o in before]
-    monkeypatch.setattr(fleet, "checksums", real)
+    monkeypatch.setattr(fleet, "bucket_terms", real)
     assert coord.sync(trainer, ipc=True).ok  # and the next sync goes through

@@ -119,6 +119,17 @@ def test_checksum_matches_its_definition_and_detects_flips_and_swaps():
     assert checksum(torch.zeros(8, dtype=torch.uint8)) != checksum(torch.zeros(16, dtype=torch.uint8))
 
 
+def test_device_terms_fold_to_the_same_checksums():
+    """What an IPC sender publishes (raw terms, left on the device) folds to ``checksums``."""
+    from weightsync.transport.packing import digest_terms, fold_terms
+
+    bufs = [torch.randint(0, 255, (n,), dtype=torch.uint8) for n in (9000, 8, 123_457)]
+    terms = digest_terms(bufs)
+    assert terms.shape == (3, 3) and terms.dtype == torch.int64
+    assert fold_terms([b.numel() for b in bufs], terms.tolist()) == [checksum(b) for b in bufs]
+    assert fold_terms([], digest_terms([]).tolist()) == []
+
+
 def test_digest_tensors_groups_by_size_only():
     from weightsync.transport.packing import digest_tensors
 

@@ -230,20 +230,20 @@ class EngineHost:
         await self._rpc("ws_leave_group", timeout=60)
 
     async def receive(self, plan_json: str, apply: str, deadline_s: float,
-                      ipc_handles_json: str | None = None,
-                      expected_json: str | None = None) -> ReceiveReport:
-        """Receive a plan (broadcast group, or colocated IPC handles); stage or stream-apply.
+                      ipc_share_json: str | None = None) -> ReceiveReport:
+        """Receive a plan (broadcast group, or colocated IPC: an ``IpcShare``, which carries
+        the sender's checksums); stage or stream-apply.
 
-        ``apply="atomic"`` (IPC, with the sender's checksums in ``expected_json``): verify every
-        bucket, then load, in one call. A checksum or transfer error leaves the weights
+        ``apply="atomic"`` (IPC): verify every bucket, then load, in one call. A checksum or transfer error leaves the weights
         untouched; any later failure means they may be half-applied (the engine gets fenced).
         """
+        t_enter = time.perf_counter()
         self._expect(*_IN_SYNC, EngineState.FENCED, op="receive weights")
         prev = self.state
         self.state = EngineState.LOADING if prev != EngineState.FENCED else prev
         if apply == "streaming":
             self.weights_intact = False  # from the first byte on, until commit
-        if ipc_handles_json is None:
+        if ipc_share_json is None:
             try:
                 out = await self._rpc("ws_receive", plan_json, apply, deadline_s,
                                       timeout=deadline_s * 1.5)
@@ -253,8 +253,8 @@ class EngineHost:
         else:
             t = time.perf_counter()
             try:
-                out = await self._rpc("ws_receive_ipc", plan_json, ipc_handles_json, apply,
-                                      expected_json, timeout=deadline_s * 1.5)
+                out = await self._rpc("ws_receive_ipc", plan_json, ipc_share_json, apply,
+                                      timeout=deadline_s * 1.5)
             except TransferError:
                 raise  # refused before anything was applied (VerificationError included)
             except WeightSyncError:
@@ -262,8 +262,9 @@ class EngineHost:
                     self.weights_intact = False
                 raise
         report = ReceiveReport.model_validate_json(out[0])
-        if ipc_handles_json is not None:  # the call as the host saw it (vLLM's RPC included)
+        if ipc_share_json is not None:  # the call as the host saw it (vLLM's RPC included)
             report.seconds["host_rpc"] = time.perf_counter() - t
+            report.seconds["host"] = time.perf_counter() - t_enter  # this whole actor method
         if report.applied:
             self.weights_intact = False  # new weights, not yet committed
         return report

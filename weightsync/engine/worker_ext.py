@@ -22,9 +22,10 @@ from weightsync.engine import vllm_compat
 from weightsync.errors import (ManifestError, ReloadError, TransferError, VerificationError,
                                WeightSyncError)
 from weightsync.transport.broadcast import BroadcastReceiver, open_group
-from weightsync.transport.ipc import IpcBucketHandle, open_bucket
+from weightsync.transport.ipc import IpcShare, open_bucket, open_event
 from weightsync.transport.packing import (checksum, copy_split, copy_tensors, digest_tensors,
-                                          dtype_name, unpack_bucket)
+                                          digest_terms, dtype_name, fold_terms,
+                                          unpack_bucket)
 from weightsync.types import Bucket, ReceiveReport, TensorSpec, TransferPlan
 
 logger = logging.getLogger(__name__)
@@ -193,28 +194,53 @@ class WeightSyncWorkerExtension:
     def ws_receive(self, plan_json: str, apply: str, deadline_s: float) -> str:
         """Receive a plan over the group; stage it, or stream it into reload_weights."""
         plan = TransferPlan.model_validate_json(plan_json)
-        self._ws_state()["staged_key"] = None  # fresh buffers every time: nothing to reuse
-        receiver = self._ws_state()["receiver"]
+        st = self._ws_state()
+        st["staged_key"] = None  # broadcast buffers are ours: no IPC mapping to key on
+        receiver = st["receiver"]
         if receiver is None:
             raise TransferError("no transfer group: join_group first")
+        pool, st["recv_pool"] = st.get("recv_pool"), None
+        received: list[torch.Tensor] = []
+
+        def stream() -> Iterator[tuple[Bucket, torch.Tensor]]:
+            for bucket, buf in receiver.receive(plan, deadline_s, pool):
+                received.append(buf)
+                yield bucket, buf
+
         t0 = time.perf_counter()
         try:
-            stream = receiver.receive(plan, deadline_s)
-            report = self._consume(plan, stream, apply)
+            report = self._consume(plan, stream(), apply)
         except BaseException:
             self.ws_leave_group()  # a broken group is never reused
             raise
         report.seconds["receive"] = time.perf_counter() - t0
+        st["recv_bufs"] = received
+        if report.applied:
+            self._recycle()
         return report.model_dump_json()
 
-    @typed_errors
-    def ws_receive_ipc(self, plan_json: str, handles_json: str, apply: str,
-                       expected_json: str | None = None) -> str:
-        """Map colocated CUDA-IPC buckets; stage them or apply them.
+    def _recycle(self) -> None:
+        """Offer this sync's receive buffers to the next sync, unless the model now holds their
+        memory (a loader may keep a received tensor as a parameter rather than copy it)."""
+        st = self._ws_state()
+        bufs, st["recv_bufs"] = st.get("recv_bufs") or [], []
+        if not bufs:
+            return
+        ours = {b.untyped_storage().data_ptr() for b in bufs}
+        model = self.model_runner.get_model()
+        held = any(t.untyped_storage().data_ptr() in ours
+                   for t in (*model.parameters(), *model.buffers()))
+        st["recv_pool"] = None if held else bufs
 
-        ``expected_json``: the sender's per-bucket checksums. With them, a bucket that differs
-        raises ``VerificationError`` before anything is applied; ``apply="atomic"`` (one engine
-        in the wave) then applies in this same call: verify everything, then load.
+    @typed_errors
+    def ws_receive_ipc(self, plan_json: str, share_json: str, apply: str) -> str:
+        """Map colocated CUDA-IPC buckets (an ``IpcShare``); verify them, then stage or apply.
+
+        This stream first waits (on the GPU) for the sender's event, recorded after its
+        packing and checksum terms. Every bucket's checksum is then compared with the
+        sender's, with one host sync for all of them; a differing bucket raises
+        ``VerificationError`` before anything is applied. ``apply="atomic"`` (one engine in
+        the wave) loads in this same call once everything matched.
         """
         t_call = time.perf_counter()
         st = self._ws_state()
@@ -225,12 +251,15 @@ class WeightSyncWorkerExtension:
         else:
             plan = TransferPlan.model_validate_json(plan_json)
             st["ipc_plan"] = (key, plan)
-        handles = [IpcBucketHandle.model_validate(h) for h in json.loads(handles_json)]
-        if [h.index for h in handles] != [b.index for b in plan.buckets]:
+        share = IpcShare.model_validate_json(share_json)
+        if [h.index for h in share.buckets] != [b.index for b in plan.buckets]:
             raise TransferError("IPC handles do not match the plan's buckets")
+        if share.terms.nbytes != 24 * len(plan.buckets):
+            raise TransferError("the sender's checksum terms do not match the plan's buckets")
         t0 = time.perf_counter()
         cache = st.setdefault("ipc_mapped", {})
-        bufs = []
+        handles = (*share.buckets, share.terms)
+        mapped = []
         for h in handles:
             hk = (h.handle, h.storage_offset, h.nbytes)
             buf = cache.get(hk) if h.reusable else None
@@ -238,19 +267,31 @@ class WeightSyncWorkerExtension:
                 buf = open_bucket(h)
                 if h.reusable:  # the trainer reuses this allocation: keep it mapped
                     cache[hk] = buf
-            bufs.append(buf)
+            mapped.append(buf)
         keys = {(h.handle, h.storage_offset, h.nbytes) for h in handles if h.reusable}
         stale = [k for k in cache if k not in keys]  # the trainer replaced those buffers:
         for k in stale:  # unmap them, or their memory stays held on the trainer's GPU
             del cache[k]
         if stale or not keys:
             st["kernel_program"] = None
+        bufs, sender_terms = mapped[:-1], mapped[-1].view(torch.int64).view(-1, 3)
+        events = st.setdefault("ipc_events", {})
+        if share.event not in events:
+            events.clear()
+            events[share.event] = open_event(share.event, bufs[0].device.index)
+        torch.cuda.current_stream().wait_event(events[share.event])
         opened = time.perf_counter() - t0
-        expected = json.loads(expected_json) if expected_json else None
+        t0 = time.perf_counter()
+        rows = torch.cat([digest_terms(bufs), sender_terms]).tolist()  # the one host sync
+        lengths = [b.numel() for b in bufs]
+        sums = fold_terms(lengths, rows[: len(bufs)])
+        expected = fold_terms(lengths, rows[len(bufs):])
+        verified = time.perf_counter() - t0
         st["staged_key"] = key if all(h.reusable for h in handles) else None
-        report = self._consume(plan, zip(plan.buckets, bufs, strict=True), apply, expected)
-        report.seconds["ipc_open"] = opened
-        report.seconds["worker"] = time.perf_counter() - t_call  # this whole call, in the worker
+        report = self._consume(plan, zip(plan.buckets, bufs, strict=True), apply, expected,
+                               known=sums)
+        report.seconds.update(ipc_open=opened, checksum=verified,
+                              worker=time.perf_counter() - t_call)  # this whole call
         return report.model_dump_json()
 
     # ---- kernel layout (fast path) ----------------------------------------------------------
@@ -304,7 +345,10 @@ class WeightSyncWorkerExtension:
         st["layout_status"] = {"candidate": True, "verified": True, "reason": "verified"}
 
     def _consume(self, plan: TransferPlan, stream: Iterator[tuple[Bucket, torch.Tensor]],
-                 apply: str, expected: list[int] | None = None) -> ReceiveReport:
+                 apply: str, expected: list[int] | None = None,
+                 known: list[int] | None = None) -> ReceiveReport:
+        """Check every bucket of ``stream`` against ``expected`` (the sender's checksums) and
+        stage or apply it. ``known``: the buckets' checksums, already computed by the caller."""
         if apply == "atomic" and expected is None:
             raise TransferError("atomic apply needs the sender's checksums")
         sums: list[int] = []
@@ -314,9 +358,12 @@ class WeightSyncWorkerExtension:
         def checked() -> Iterator[tuple[Bucket, torch.Tensor]]:
             nonlocal nbytes
             for bucket, buf in stream:
-                t = time.perf_counter()
-                sums.append(checksum(buf))
-                seconds["checksum"] = seconds.get("checksum", 0.0) + time.perf_counter() - t
+                if known is not None:
+                    sums.append(known[bucket.index])
+                else:
+                    t = time.perf_counter()
+                    sums.append(checksum(buf))
+                    seconds["checksum"] = seconds.get("checksum", 0.0) + time.perf_counter() - t
                 if expected is not None and sums[-1] != expected[bucket.index]:
                     raise VerificationError(f"bucket {bucket.index}: checksum differs from the "
                                             "sender's; nothing applied from it")
@@ -345,6 +392,7 @@ class WeightSyncWorkerExtension:
     @typed_errors
     def ws_apply_staged(self) -> str:
         reload_s = self._apply_staged()
+        self._recycle()
         return json.dumps({"reload": reload_s, "layout": self._ws_state()["staged_format"]})
 
     def _apply_staged(self) -> float:
@@ -364,6 +412,7 @@ class WeightSyncWorkerExtension:
     @typed_errors
     def ws_drop_staged(self) -> str:
         self._ws_state()["staged"] = []
+        self._recycle()
         return "ok"
 
     def _reload(self, weights: Iterator[tuple[str, torch.Tensor]], kernel: bool = False,

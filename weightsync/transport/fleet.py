@@ -23,12 +23,18 @@ from weightsync.config import TransferConfig
 from weightsync.errors import TransferError, WeightSyncError
 from weightsync.remote import gather
 from weightsync.transport.broadcast import BroadcastSender, free_port, open_group
-from weightsync.transport.packing import checksums, pack_bucket
+from weightsync.transport.packing import digest_terms, fold_terms, pack_bucket
 from weightsync.types import ReceiveReport, TransferPlan
 
 logger = logging.getLogger(__name__)
 
 Outcome = tuple[list[int], dict[str, ReceiveReport], dict[str, WeightSyncError]]
+
+
+def bucket_terms(bufs):
+    """The sender's checksum terms of its IPC buckets, on the device (``digest_terms``; a
+    function of its own so a test can falsify what the engines are told)."""
+    return digest_terms(bufs)
 
 
 class ExternalSender(Protocol):
@@ -53,7 +59,9 @@ class FleetTransfer:
         self.on_bucket = on_bucket
         self._group: tuple[tuple[str, ...], str, BroadcastSender] | None = None
         self._ipc_keepalive: list[Any] | None = None  # this sync's CUDA-IPC buckets
-        self._ipc_handles: str | None = None  # their handles, as sent (reused with them)
+        self._ipc_handles: str | None = None  # their IpcShare, as sent (reused with them)
+        self._ipc_terms: Any = None  # the sender's checksum terms, shared with the engines
+        self._ipc_event: Any = None  # interprocess CUDA event recorded after packing
         self._ipc_views: list[dict] = []  # packing's cached destination views per bucket
         self.trainer_seconds: dict[str, float] = {}  # the trainer's share of the last transfer
 
@@ -122,13 +130,16 @@ class FleetTransfer:
     def ipc(self, actors: dict[str, Any], plan: TransferPlan, plan_json: str, tensors) -> Outcome:
         """Pack, checksum and share the buckets; every engine maps and verifies them.
 
-        The sender's checksums travel with the handles, so each engine refuses a differing
-        bucket before anything is applied. A wave of one engine also applies in the same call
-        (``apply="atomic"``): all-or-nothing holds trivially, and a round trip is saved.
+        Nothing here waits for the device: packing and the sender's checksum terms are queued,
+        an interprocess event is recorded after them, and the handles go out at once; each
+        worker's stream waits on the event, so the GPU work overlaps the calls. Every engine
+        refuses a bucket whose checksum differs from the sender's before anything is applied.
+        A wave of one engine also applies in the same call (``apply="atomic"``):
+        all-or-nothing holds trivially, and a round trip is saved.
         """
         import torch
 
-        from weightsync.transport.ipc import share_bucket
+        from weightsync.transport.ipc import IpcShare, interprocess_event, share_bucket
 
         reuse = self.cfg.ipc_reuse_buffers
         sizes = [b.nbytes for b in plan.buckets]
@@ -136,7 +147,6 @@ class FleetTransfer:
             [b.numel() for b in self._ipc_keepalive] == sizes else None
         if kept is None:
             self.release_ipc_buffers(force=True)  # left over, or the plan's shape changed
-            self._ipc_handles = None
         t = time.perf_counter()
         device = torch.device("cuda", torch.cuda.current_device())
         if kept is None or len(self._ipc_views) != len(sizes):
@@ -144,22 +154,30 @@ class FleetTransfer:
         bufs = [pack_bucket(b, tensors, device, out=kept[i] if kept else None,
                             views=self._ipc_views[i])
                 for i, b in enumerate(plan.buckets)]
-        sums = checksums(bufs)  # reads back to the host: packing has finished on the device
-        packed = time.perf_counter() - t
-        if self._ipc_handles is None or not reuse:  # a kept allocation keeps its handles
-            self._ipc_handles = json.dumps([share_bucket(i, b, reusable=reuse)
-                                            .model_dump(mode="json")
-                                            for i, b in enumerate(bufs)])
-        self.trainer_seconds = {"trainer_pack_checksum": packed,
-                                "trainer_share": time.perf_counter() - t - packed}
+        if self._ipc_terms is None or self._ipc_terms.numel() != 24 * len(bufs):
+            self._ipc_terms = torch.empty(24 * len(bufs), dtype=torch.uint8, device=device)
+            self._ipc_handles = None
+        terms = self._ipc_terms.view(torch.int64).view(len(bufs), 3)
+        terms.copy_(bucket_terms(bufs))
+        if self._ipc_event is None:
+            self._ipc_event = interprocess_event()
+        self._ipc_event.record()
+        queued = time.perf_counter() - t
+        if self._ipc_handles is None or kept is None or not reuse:  # kept: same handles
+            self._ipc_handles = IpcShare(
+                buckets=tuple(share_bucket(i, b, reusable=reuse) for i, b in enumerate(bufs)),
+                terms=share_bucket(-1, self._ipc_terms, reusable=reuse),
+                event=self._ipc_event.ipc_handle()).model_dump_json()
+        self.trainer_seconds = {"trainer_queue": queued,
+                                "trainer_share": time.perf_counter() - t - queued}
         apply = "atomic" if self.cfg.apply == "staged" and len(actors) == 1 else self.cfg.apply
-        expected = json.dumps(sums)
         t = time.perf_counter()
         refs = {n: a.receive.remote(plan_json, apply, self.cfg.deadlines.transfer,
-                                    self._ipc_handles, expected)
+                                    self._ipc_handles)
                 for n, a in actors.items()}
         ok, bad = gather(refs, self.cfg.deadlines.transfer * 1.6)
         self.trainer_seconds["trainer_rpc"] = time.perf_counter() - t  # Ray call, as we saw it
+        sums = fold_terms(sizes, terms.tolist())  # long done: the engines waited for it
         # staged IPC views point at our buffers: keep them alive until applied or dropped
         self._ipc_keepalive = bufs
         return sums, ok, bad
@@ -174,6 +192,7 @@ class FleetTransfer:
 
         self._ipc_keepalive = None
         self._ipc_handles = None
+        self._ipc_terms = None
         torch.cuda.ipc_collect()  # blocks the engines released are freed only now
         torch.cuda.empty_cache()
 

@@ -4,6 +4,11 @@ The trainer packs buckets on its GPU and shares each as a typed ``IpcBucketHandl
 fields, no pickle — that travels through Ray to the colocated engine actor and on to its
 worker, which maps the same memory without a copy. A handle cannot be opened in the process
 that made it, so trainer and vLLM worker must be different processes.
+
+The trainer never waits for its own packing: it records an interprocess CUDA event after the
+packing and its checksums (kept on the device, in a shared buffer), and sends at once. The
+worker's stream waits on that event on the GPU, so the device work overlaps the calls that
+carry the handles, and the worker still reads only finished bytes and finished checksums.
 """
 
 from __future__ import annotations
@@ -55,6 +60,28 @@ def share_bucket(index: int, buf: torch.Tensor, reusable: bool = False) -> IpcBu
         ref_counter_handle=args[11], ref_counter_offset=args[12],
         event_handle=args[13], event_sync_required=args[14], reusable=reusable,
     )
+
+
+class IpcShare(BaseModel):
+    """One sync's colocated transfer: the buckets, the sender's checksum terms (an ``(n, 3)``
+    int64 buffer, ``packing.digest_terms`` of the buckets) and the event that follows both."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_bytes="base64",
+                              val_json_bytes="base64")
+
+    buckets: tuple[IpcBucketHandle, ...]
+    terms: IpcBucketHandle
+    event: bytes  # cudaIpcEventHandle of an interprocess event, recorded after terms
+
+
+def interprocess_event() -> torch.cuda.Event:
+    return torch.cuda.Event(enable_timing=False, blocking=False, interprocess=True)
+
+
+def open_event(handle: bytes, device: int) -> torch.cuda.Event:
+    """The sender's event in this process (open once, wait on it every sync: CUDA lets the
+    exporter record an IPC event again and again)."""
+    return torch.cuda.Event.from_ipc_handle(device, handle)
 
 
 _STORAGE = {"TypedStorage": torch.storage.TypedStorage, "UntypedStorage": torch.UntypedStorage}

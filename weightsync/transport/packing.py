@@ -181,25 +181,32 @@ def checksums(bufs: Sequence[torch.Tensor]) -> list[int]:
     same bytes, and two whole-buffer reductions run at memory bandwidth on either (no
     per-byte loop, no temporary copy of the buffer).
     """
-    out: list[int] = []
-    parts: list[torch.Tensor] = []
     for buf in bufs:
         if buf.dtype != torch.uint8 or buf.dim() != 1:
             raise ConfigError("checksum takes a flat uint8 buffer")
-        parts.append(_digest_terms(buf))
-    if not parts:
-        return out
     by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(parts):
-        by_device.setdefault(t.device, []).append(i)
-    terms: list[list[int]] = [[] for _ in parts]
+    for i, buf in enumerate(bufs):
+        by_device.setdefault(buf.device, []).append(i)
+    terms: list[list[int]] = [[] for _ in bufs]
     for idx in by_device.values():  # one host transfer per device
-        for i, row in zip(idx, torch.stack([parts[i] for i in idx]).tolist(), strict=True):
+        for i, row in zip(idx, digest_terms([bufs[i] for i in idx]).tolist(), strict=True):
             terms[i] = row
-    for buf, (s, r, k) in zip(bufs, terms, strict=True):
-        n = buf.numel()
-        out.append((n * 1_000_003 + (s % _U64) * 961 + (r % _U64) * 31 + (k % _U64)) % _MOD)
-    return out
+    return fold_terms([b.numel() for b in bufs], terms)
+
+
+def digest_terms(bufs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The checksum's raw terms of buffers on one device, left there: an ``(n, 3)`` int64
+    tensor (``_digest_terms`` per row). Nothing waits for the device; ``fold_terms`` of its
+    rows gives ``checksums``. Lets a sender publish its checksums without a host sync."""
+    if not bufs:
+        return torch.zeros((0, 3), dtype=torch.int64)
+    return torch.stack([_digest_terms(b) for b in bufs])
+
+
+def fold_terms(lengths: Sequence[int], terms: Sequence[Sequence[int]]) -> list[int]:
+    """Checksums from buffer lengths and their ``digest_terms`` rows (as Python ints)."""
+    return [(n * 1_000_003 + (s % _U64) * 961 + (r % _U64) * 31 + (k % _U64)) % _MOD
+            for n, (s, r, k) in zip(lengths, terms, strict=True)]
 
 
 def _digest_terms(buf: torch.Tensor) -> torch.Tensor:
