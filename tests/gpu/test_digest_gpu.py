@@ -29,3 +29,34 @@ def test_cuda_checksum_equals_torch_and_cpu(nbytes, monkeypatch):
     monkeypatch.setattr(packing, "_TORCH_SUMS_ONLY", False)
     gpu[nbytes // 2] ^= 1
     assert packing.checksum(gpu) != fast
+
+
+def test_replayed_packing_and_checksum_equal_eager_and_follow_their_key():
+    """A warm IPC sync replays packing + checksum terms as one CUDA graph: the replay writes
+    what the eager launches write, sees new source values, and a new key captures again."""
+    from weightsync.transport.graphs import Replay
+
+    srcs = [torch.randn(n, device="cuda", dtype=torch.bfloat16) for n in (3000, 5 << 20, 17)]
+    plan = packing.plan_buckets([packing.spec_of(f"t{i}", t) for i, t in enumerate(srcs)],
+                                1 << 30, 1)
+    tensors = {f"t{i}": t for i, t in enumerate(srcs)}
+    bucket = plan.buckets[0]
+    buf = packing.pack_bucket(bucket, tensors, "cuda")
+    terms = torch.empty((1, 3), dtype=torch.int64, device="cuda")
+    views: dict = {}
+
+    def program():
+        packing.pack_bucket(bucket, tensors, "cuda", out=buf, views=views)
+        terms.copy_(packing.digest_terms([buf]))
+
+    graph = Replay("test")
+    for step in range(4):
+        for t in srcs:
+            t.normal_()  # new values in the same memory: a replay must see them
+        graph.run(("k", step >= 2), program)  # steps 0, 2: eager + capture; 1, 3: replay
+        torch.cuda.synchronize()
+        want = torch.cat([t.reshape(-1).view(torch.uint8) for t in srcs])
+        got = torch.cat([v.reshape(-1).view(torch.uint8) for _, v in packing.unpack_bucket(bucket, buf)])
+        assert torch.equal(got, want)
+        assert packing.fold_terms([buf.numel()], terms.tolist()) == [packing.checksum(buf)]
+    assert graph._graph is not None, "nothing was captured"

@@ -22,6 +22,7 @@ from weightsync.engine import vllm_compat
 from weightsync.errors import (ManifestError, ReloadError, TransferError, VerificationError,
                                WeightSyncError)
 from weightsync.transport.broadcast import BroadcastReceiver, open_group
+from weightsync.transport.graphs import Replay
 from weightsync.transport.ipc import IpcShare, open_bucket, open_event
 from weightsync.transport.packing import (checksum, copy_split, copy_tensors, digest_tensors,
                                           digest_terms, dtype_name, fold_terms,
@@ -282,7 +283,13 @@ class WeightSyncWorkerExtension:
         torch.cuda.current_stream().wait_event(events[share.event])
         opened = time.perf_counter() - t0
         t0 = time.perf_counter()
-        rows = torch.cat([digest_terms(bufs), sender_terms]).tolist()  # the one host sync
+        if all(h.reusable for h in handles):  # the same buffers every sync: one graph
+            own = self._graph("IPC checksum").run(
+                (tuple((b.data_ptr(), b.numel()) for b in bufs), digest_terms),
+                lambda: digest_terms(bufs))
+        else:
+            own = digest_terms(bufs)
+        rows = torch.cat([own, sender_terms]).tolist()  # the one host sync
         lengths = [b.numel() for b in bufs]
         sums = fold_terms(lengths, rows[: len(bufs)])
         expected = fold_terms(lengths, rows[len(bufs):])
@@ -403,7 +410,11 @@ class WeightSyncWorkerExtension:
         kernel = st["staged_format"] == "kernel"
         t0 = time.perf_counter()
         program = self._kernel_program(staged, st.get("staged_key")) if kernel else None
-        self._reload((t for b, buf in staged for t in unpack_bucket(b, buf)), kernel, program)
+        kept = st.get("kernel_program")
+        graph_key = None if program is None or kept is None else \
+            (kept[0], tuple(d.data_ptr() for d in program[0]))  # and where the params are
+        self._reload((t for b, buf in staged for t in unpack_bucket(b, buf)), kernel, program,
+                     graph_key)
         reload_s = time.perf_counter() - t0
         if not kernel:
             self._calibrate_layout(staged)
@@ -416,16 +427,26 @@ class WeightSyncWorkerExtension:
         return "ok"
 
     def _reload(self, weights: Iterator[tuple[str, torch.Tensor]], kernel: bool = False,
-                program: tuple | None = None) -> None:
+                program: tuple | None = None, graph_key: tuple | None = None) -> None:
         """Load ``weights``: checkpoint format through vLLM's loaders, kernel layout by copying
-        into the parameters (``program``: ``_kernel_program``'s targets, when already known)."""
+        into the parameters (``program``: ``_kernel_program``'s targets, when already known;
+        ``graph_key``: what they depend on, when kept across syncs — replayed as one graph)."""
         with torch.no_grad():
-            if kernel:
+            if kernel and program is not None and graph_key is not None:
+                self._graph("kernel-layout copy").run(graph_key, lambda: copy_tensors(*program))
+            elif kernel:
                 copy_tensors(*(program or self._kernel_targets(weights)))
             else:
                 vllm_compat.reload_weights(self, weights, is_checkpoint_format=True)
         if getattr(self, "device", torch.device("cpu")).type == "cuda":
             torch.cuda.synchronize()
+
+    def _graph(self, name: str) -> Replay:
+        """This worker's ``Replay`` called ``name`` (CUDA only)."""
+        graphs = self._ws_state().setdefault("graphs", {})
+        if name not in graphs:
+            graphs[name] = Replay(name)
+        return graphs[name]
 
     def _kernel_targets(self, weights: Iterator[tuple[str, torch.Tensor]]
                         ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -23,7 +23,8 @@ from weightsync.config import TransferConfig
 from weightsync.errors import TransferError, WeightSyncError
 from weightsync.remote import gather
 from weightsync.transport.broadcast import BroadcastSender, free_port, open_group
-from weightsync.transport.packing import digest_terms, fold_terms, pack_bucket
+from weightsync.transport.graphs import Replay
+from weightsync.transport.packing import bucket_sources, digest_terms, fold_terms, pack_bucket
 from weightsync.types import ReceiveReport, TransferPlan
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class FleetTransfer:
         self._ipc_handles: str | None = None  # their IpcShare, as sent (reused with them)
         self._ipc_terms: Any = None  # the sender's checksum terms, shared with the engines
         self._ipc_event: Any = None  # interprocess CUDA event recorded after packing
+        self._pack_graph = Replay("IPC packing")  # with reused buffers: one launch per sync
         self._ipc_views: list[dict] = []  # packing's cached destination views per bucket
         self.trainer_seconds: dict[str, float] = {}  # the trainer's share of the last transfer
 
@@ -151,14 +153,28 @@ class FleetTransfer:
         device = torch.device("cuda", torch.cuda.current_device())
         if kept is None or len(self._ipc_views) != len(sizes):
             self._ipc_views = [{} for _ in sizes]
-        bufs = [pack_bucket(b, tensors, device, out=kept[i] if kept else None,
-                            views=self._ipc_views[i])
-                for i, b in enumerate(plan.buckets)]
-        if self._ipc_terms is None or self._ipc_terms.numel() != 24 * len(bufs):
-            self._ipc_terms = torch.empty(24 * len(bufs), dtype=torch.uint8, device=device)
+        if self._ipc_terms is None or self._ipc_terms.numel() != 24 * len(sizes):
+            self._ipc_terms = torch.empty(24 * len(sizes), dtype=torch.uint8, device=device)
             self._ipc_handles = None
-        terms = self._ipc_terms.view(torch.int64).view(len(bufs), 3)
-        terms.copy_(bucket_terms(bufs))
+        terms = self._ipc_terms.view(torch.int64).view(len(sizes), 3)
+
+        def pack() -> list:
+            bufs = [pack_bucket(b, tensors, device, out=kept[i] if kept else None,
+                                views=self._ipc_views[i])
+                    for i, b in enumerate(plan.buckets)]
+            terms.copy_(bucket_terms(bufs))
+            return bufs
+
+        if kept is None:  # new buffers: nothing to replay
+            self._pack_graph.reset()
+            bufs = pack()
+        else:  # the same launches on the same memory as last sync: one graph
+            key = (plan.buckets, tuple(b.data_ptr() for b in kept), terms.data_ptr(),
+                   tuple((s.data_ptr(), s.shape, s.stride(), s.dtype)
+                         for b in plan.buckets for s in bucket_sources(b, tensors)),
+                   bucket_terms)
+            self._pack_graph.run(key, pack)
+            bufs = kept
         if self._ipc_event is None:
             self._ipc_event = interprocess_event()
         self._ipc_event.record()
@@ -193,6 +209,7 @@ class FleetTransfer:
         self._ipc_keepalive = None
         self._ipc_handles = None
         self._ipc_terms = None
+        self._pack_graph.reset()  # its launches address the buffers freed here
         torch.cuda.ipc_collect()  # blocks the engines released are freed only now
         torch.cuda.empty_cache()
 

@@ -82,10 +82,7 @@ def pack_bucket(bucket: Bucket, tensors: dict[str, torch.Tensor | Sequence[torch
         buf = out  # padding bytes are zero from the first packing and never written since
     else:
         buf = torch.zeros(bucket.nbytes, dtype=torch.uint8, device=device)
-    srcs: list[torch.Tensor] = []
-    for slot in bucket.slots:
-        value = tensors[slot.name]
-        srcs.extend([value] if isinstance(value, torch.Tensor) else value)
+    srcs = bucket_sources(bucket, tensors)
     kinds = [(s.shape, s.dtype, s.device) for s in srcs]  # what the views and split depend on
     cached = views.get("dsts") if views is not None else None
     if cached is not None and cached[0] is bucket and cached[1] is buf and cached[2] == kinds:
@@ -98,6 +95,15 @@ def pack_bucket(bucket: Bucket, tensors: dict[str, torch.Tensor | Sequence[torch
     with torch.no_grad():
         copy_tensors(dsts, srcs, split)
     return buf
+
+
+def bucket_sources(bucket: Bucket, tensors) -> list[torch.Tensor]:
+    """The source tensors ``pack_bucket`` copies for ``bucket``, in order (parts flattened)."""
+    srcs: list[torch.Tensor] = []
+    for slot in bucket.slots:
+        value = tensors[slot.name]
+        srcs.extend([value] if isinstance(value, torch.Tensor) else value)
+    return srcs
 
 
 def _destinations(bucket: Bucket, buf: torch.Tensor, tensors) -> list[torch.Tensor]:
