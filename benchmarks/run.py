@@ -53,6 +53,8 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
          native: bool = typer.Option(False, help="GPU: also time vLLM's native IPC API"),
          gpu_util: float = typer.Option(0.4, help="GPU: vLLM memory share for all engines"),
          ipc_reuse: bool = typer.Option(False, help="keep IPC buckets mapped across syncs"),
+         cpu_kv_gib: float = typer.Option(1.0, help="CPU: each engine's KV cache (8 engines "
+                                          "of the small shape fit 24 GiB at 0.25)"),
          out: Path = typer.Option(None), workdir: Path = typer.Option(Path("runs/bench"))) -> None:
     import ray
     import torch
@@ -72,7 +74,8 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
              log_to_driver=False)
     per_gpu = 1.0 / (sizes[-1] + (1 if ipc else 0)) if gpu else 0.0
     specs = [EngineSpec(name=f"bench-{i}", model=str(model_dir), dtype=dtype, num_gpus=per_gpu,
-                        gpu_memory_utilization=gpu_util / sizes[-1] if gpu else 0.5)
+                        gpu_memory_utilization=gpu_util / sizes[-1] if gpu else 0.5,
+                        cpu_kvcache_gib=cpu_kv_gib)
              for i in range(sizes[-1])]
     t = time.perf_counter()
     actors = start_engines(specs)

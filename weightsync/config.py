@@ -70,7 +70,7 @@ class EngineSpec(_Frozen):
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     enforce_eager: bool = True
     tensor_parallel_size: int = Field(1, ge=1)
-    cpu_kvcache_gib: int = Field(1, ge=1)
+    cpu_kvcache_gib: float = Field(1.0, gt=0)  # CPU engines' KV cache (fractions allowed)
     num_gpus: float = Field(0.0, ge=0)  # Ray resource; >0 for a GPU engine of its own
     limit_mm_per_prompt: dict[str, int] | None = None
     load_roots: tuple[str, ...] = ()  # directories /reload may read checkpoints from

@@ -54,7 +54,7 @@ class EngineHost:
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> EngineStatus:
-        vllm_compat.prepare_process_env(self.device, self.spec.cpu_kvcache_gib)
+        vllm_compat.prepare_process_env(self.device)
         sleep = self.device == "cuda" and vllm_compat.sleep_mode_available()
         t0 = time.perf_counter()
         self.engine = vllm_compat.make_async_engine(
@@ -64,6 +64,8 @@ class EngineHost:
             gpu_memory_utilization=self.spec.gpu_memory_utilization, enable_sleep_mode=sleep,
             worker_extension_cls=WORKER_EXTENSION,
             limit_mm_per_prompt=self.spec.limit_mm_per_prompt,
+            kv_cache_bytes=int(self.spec.cpu_kvcache_gib * (1 << 30)) if self.device == "cpu"
+            else None,
         )
         self.sleep_supported = sleep
         self.info = json.loads((await self.engine.collective_rpc("ws_info"))[0])

@@ -27,7 +27,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def prepare_process_env(device: str, cpu_kvcache_gib: int) -> None:
+def prepare_process_env(device: str) -> None:
     """Set vLLM's environment for the engine process (before vLLM is imported there).
 
     Must run in the process that builds the engine; its workers inherit it.
@@ -38,7 +38,6 @@ def prepare_process_env(device: str, cpu_kvcache_gib: int) -> None:
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "1")
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     else:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kvcache_gib))
         # Several engines share few cores in tests and small hosts: do not pin threads.
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
@@ -53,7 +52,10 @@ def make_async_engine(*, model: str, dtype: str, max_model_len: int, seed: int,
                       enforce_eager: bool, tensor_parallel_size: int,
                       gpu_memory_utilization: float, enable_sleep_mode: bool,
                       worker_extension_cls: str,
-                      limit_mm_per_prompt: dict[str, int] | None) -> Any:
+                      limit_mm_per_prompt: dict[str, int] | None,
+                      kv_cache_bytes: int | None = None) -> Any:
+    """``AsyncLLM`` with our defaults. ``kv_cache_bytes``: an explicit KV-cache size (CPU
+    engines; vLLM's ``VLLM_CPU_KVCACHE_SPACE``, where set, still overrides it in whole GiB)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -71,6 +73,8 @@ def make_async_engine(*, model: str, dtype: str, max_model_len: int, seed: int,
     )
     if limit_mm_per_prompt:
         kwargs["limit_mm_per_prompt"] = limit_mm_per_prompt
+    if kv_cache_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
 
 
