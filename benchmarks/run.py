@@ -55,6 +55,7 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
          ipc_reuse: bool = typer.Option(False, help="keep IPC buckets mapped across syncs"),
          cpu_kv_gib: float = typer.Option(1.0, help="CPU: each engine's KV cache (8 engines "
                                           "of the small shape fit 24 GiB at 0.25)"),
+         broadcast: str = typer.Option("collective", help="gloo: collective | chain"),
          out: Path = typer.Option(None), workdir: Path = typer.Option(Path("runs/bench"))) -> None:
     import ray
     import torch
@@ -83,12 +84,14 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
     device = "cuda" if gpu else "cpu"
     policy = load_trainer_model(model_dir, dtype=getattr(torch, dtype)).to(device)
     cfg = TransferConfig(bucket_bytes=bucket_mib << 20, apply=apply, ipc_reuse_buffers=ipc_reuse,
-                         backend="nccl" if gpu and not ipc else "gloo")
+                         backend="nccl" if gpu and not ipc else "gloo",
+                         broadcast=broadcast if not gpu else "collective")
     runs: list[dict] = []
     result = {"date": dt.date.today().isoformat(), "versions": _versions(), "device": device,
               "shape": shape, "model": SHAPES[shape], "dtype": dtype, "ipc": ipc,
               "ipc_reuse_buffers": ipc_reuse,
               "sleep_level": sleep_level, "apply": apply, "bucket_mib": bucket_mib,
+              "broadcast": cfg.broadcast,
               "syncs": syncs, "engine_boot_s": boot, "runs": runs,
               "baseline_vllm_native_ipc": None}
     out = out or Path("benchmarks/results") / f"sync-{device}-{shape}-{result['date']}.json"

@@ -4,6 +4,9 @@ process has a core, without vLLM. Writes JSON + PNG under benchmarks/results/.
 
     python -m benchmarks.transport --mib 130 --receivers 1,2,4,8 --rounds 5
 
+``--chain-mib`` sends the leg down a chain (``TransferConfig(broadcast="chain")``); the raw
+baseline stays gloo's own broadcast.
+
 Each round: the sender packs and broadcasts every bucket (``BroadcastSender.send``: packing
 overlaps the previous bucket's broadcast, checksums computed as it goes); every receiver takes
 the buckets into last round's buffers and checksums each one as an engine's worker does
@@ -90,13 +93,18 @@ def _ours(plan, weights, receivers: int, rounds: int) -> tuple[list[float], list
 @app.command()
 def main(mib: int = typer.Option(130), bucket_mib: int = typer.Option(32),
          receivers: str = typer.Option("1,2,4,8"), rounds: int = typer.Option(5, min=1),
+         chain_mib: float = typer.Option(0, help="> 0: a chain broadcast in chunks of this "
+                                         "size instead of gloo's broadcast"),
          out: Path = typer.Option(None)) -> None:
     torch.set_num_threads(1)
     weights = _weights(mib)
     plan = plan_buckets([spec_of(n, t) for n, t in weights.items()], bucket_mib << 20, 1)
+    plan = plan.model_copy(update={"chain_chunk": int(chain_mib * (1 << 20))})
     result = {"date": dt.date.today().isoformat(), "cpus": os.cpu_count(),
               "torch": torch.__version__, "python": platform.python_version(),
-              "bytes": plan.total_bytes, "buckets": len(plan.buckets), "rounds": rounds, "runs": []}
+              "bytes": plan.total_bytes, "buckets": len(plan.buckets), "rounds": rounds,
+              "broadcast": "chain" if plan.chain_chunk else "gloo", "chain_chunk": plan.chain_chunk,
+              "runs": []}
     for k in sorted(int(x) for x in receivers.split(",")):
         raw = summary(raw_gloo_broadcast(plan, k, rounds))
         sender, verified = (summary(x) for x in _ours(plan, weights, k, rounds))
@@ -127,7 +135,8 @@ def _plot(result: dict, path: Path) -> None:
     ax.set_xlabel("receivers")
     ax.set_ylabel("ms per sync (p50)")
     ax.set_xticks(ks)
-    ax.set_title(f"{result['bytes'] / 1e6:.0f} MB over gloo, {result['cpus']} CPUs")
+    how = f"chain, {result['chain_chunk'] >> 20} MiB chunks" if result["chain_chunk"] else "gloo"
+    ax.set_title(f"{result['bytes'] / 1e6:.0f} MB, leg: {how}, {result['cpus']} CPUs")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -95,6 +95,9 @@ class TransferPlan(_Frozen):
     # "checkpoint": HF names, applied by vLLM's weight loaders; "kernel": vLLM parameter
     # names and fused layout, copied straight into the parameters (see transport.layout)
     format: Literal["checkpoint", "kernel"] = "checkpoint"
+    # gloo: 0 = the group's broadcast; > 0 = a chain in chunks of this many bytes (the sender
+    # to rank 1, each rank on to the next as chunks arrive; see transport.broadcast)
+    chain_chunk: int = Field(0, ge=0)
 
     @property
     def total_bytes(self) -> int:

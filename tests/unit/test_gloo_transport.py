@@ -57,3 +57,68 @@ def test_rendezvous_with_missing_peer_fails_within_deadline():
     with pytest.raises((DeadlineExceeded, TransferError)):
         open_group("gloo", "127.0.0.1", port, 0, 2, 2.0)
     assert time.monotonic() - t < 2 * 2.0 + 1  # within 2x the deadline, never a hang
+
+
+def _chain_receiver(port, rank, world, plan_json, q, die=False):
+    from weightsync.types import TransferPlan
+
+    plan = TransferPlan.model_validate_json(plan_json)
+    rx = BroadcastReceiver(open_group("gloo", "127.0.0.1", port, rank, world, 30))
+    if die:  # joined the group, then gone: the chain breaks here
+        import os
+
+        os._exit(0)
+    try:
+        got = [(checksum(buf), {n: t.sum().item() for n, t in unpack_bucket(b, buf)})
+               for b, buf in rx.receive(plan, 5)]
+        q.put((rank, [c for c, _ in got], {k: v for _, d in got for k, v in d.items()}))
+    except (DeadlineExceeded, TransferError) as e:
+        q.put((rank, type(e).__name__, str(e)))
+
+
+def _chain_run(receivers: int, dead: int | None = None):
+    ws = _weights()
+    plan = plan_buckets([spec_of(n, t) for n, t in ws.items()], 100_000, 1)
+    plan = plan.model_copy(update={"chain_chunk": 16_384})  # several chunks per bucket
+    port = free_port("127.0.0.1")
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    world = receivers + 1
+    procs = [ctx.Process(target=_chain_receiver,
+                         args=(port, r, world, plan.model_dump_json(), q, r == dead))
+             for r in range(1, world)]
+    for p in procs:
+        p.start()
+    sender = BroadcastSender(open_group("gloo", "127.0.0.1", port, 0, world, 30))
+    try:
+        sums = sender.send(plan, ws, 5)
+    except (DeadlineExceeded, TransferError) as e:
+        sums = e
+    t = time.monotonic()
+    out = {r: (got, rest) for r, got, rest in
+           (q.get(timeout=60) for _ in range(receivers - (dead is not None)))}
+    waited = time.monotonic() - t
+    sender.close()
+    for p in procs:
+        p.join(30)
+    return ws, plan, sums, out, waited
+
+
+def test_chain_broadcast_reaches_every_rank_intact():
+    """Each rank forwards chunks to the next: all three get the sender's bytes."""
+    ws, plan, sums, out, _ = _chain_run(3)
+    assert len(plan.buckets) > 1 and len(sums) == len(plan.buckets)
+    assert sorted(out) == [1, 2, 3]
+    for got_sums, got in out.values():
+        assert got_sums == sums
+        assert got == pytest.approx({n: t.sum().item() for n, t in ws.items()})
+
+
+def test_chain_broadcast_with_a_dead_middle_rank_fails_after_it_without_hanging():
+    """Rank 2 dies: rank 1 cannot forward, rank 3 gets nothing — both raise typed errors within
+    their deadlines; nobody behind the dead rank reports success."""
+    _, _, _, out, waited = _chain_run(3, dead=2)
+    assert sorted(out) == [1, 3]
+    for rank in (1, 3):
+        assert out[rank][0] in ("DeadlineExceeded", "TransferError"), out[rank]
+    assert waited < 30

@@ -1,6 +1,8 @@
 """Bucketed broadcast from the trainer (rank 0) to every engine worker (ranks 1..N).
 
-gloo on CPU, NCCL (vLLM's ``PyNcclCommunicator``) between GPUs. Every collective waits with a
+gloo on CPU, NCCL (vLLM's ``PyNcclCommunicator``) between GPUs. With gloo, a plan with
+``chain_chunk`` goes down a chain instead of gloo's broadcast: 0 -> 1 -> ... -> N in chunks,
+each rank forwarding a chunk as soon as it has it. Every collective waits with a
 deadline: a dead peer surfaces as ``TransferError``/``DeadlineExceeded``, never a hang.
 """
 
@@ -42,10 +44,13 @@ def free_port(host: str, port: int = 0) -> int:
 class _Group:
     """A gloo group or NCCL communicator with deadline-bounded broadcast."""
 
-    def __init__(self, backend: str, group, device: torch.device) -> None:
+    def __init__(self, backend: str, group, device: torch.device, rank: int = 0,
+                 world_size: int = 1) -> None:
         self.backend = backend
         self.group = group
         self.device = device
+        self.rank = rank
+        self.world_size = world_size
 
     def broadcast(self, buf: torch.Tensor, deadline_s: float, what: str) -> None:
         self.start(buf).wait(deadline_s, what)
@@ -59,8 +64,80 @@ class _Group:
         event.record(stream)
         return _Pending(event=event)
 
+    def chain(self, buf: torch.Tensor, chunk: int, first_tag: int, deadline_s: float) -> _Chain:
+        """This rank's part of sending ``buf`` down the chain 0 -> 1 -> ... (gloo)."""
+        return _Chain(self, buf, chunk, first_tag, deadline_s)
+
     def close(self) -> None:
         vllm_compat.destroy_group(self.group)
+
+
+def _wait_work(work, deadline_s: float, what: str) -> None:
+    """Wait for one gloo operation; a timeout or a dead peer becomes a typed error."""
+    try:
+        ok = work.wait(timedelta(seconds=max(deadline_s, 0.001)))
+    except RuntimeError as e:  # gloo raises on timeout and on a dead peer
+        if "timed out" in str(e).lower() or "timeout" in str(e).lower():
+            raise DeadlineExceeded(f"{what}: no progress within {deadline_s:.1f}s ({e})") from e
+        raise TransferError(f"{what}: {e}") from e
+    if ok is False:
+        raise DeadlineExceeded(f"{what}: no progress within {deadline_s:.1f}s")
+
+
+def chain_tags(plan: TransferPlan) -> list[int]:
+    """The first point-to-point tag of every bucket in a chain broadcast: one tag per chunk,
+    unique within the sync, derived from the plan alone so every rank agrees."""
+    tags, n = [], 0
+    for b in plan.buckets:
+        tags.append(n)
+        n += -(-b.nbytes // plan.chain_chunk)
+    return tags
+
+
+class _Chain:
+    """One bucket down a chain: rank 0 sends its chunks to rank 1; every other rank receives
+    its chunks from the rank before it and forwards each to the next one as soon as it has
+    arrived (a thread per bucket), so the last rank is a chunk behind the first, not a bucket.
+    Every chunk waits at most ``deadline_s``; a dead rank fails the ranks after it."""
+
+    def __init__(self, group: _Group, buf: torch.Tensor, chunk: int, first_tag: int,
+                 deadline_s: float) -> None:
+        pg, rank = group.group, group.rank
+        bounds = [(a, min(a + chunk, buf.numel())) for a in range(0, buf.numel(), chunk)]
+        nxt = rank + 1 if rank + 1 < group.world_size else None
+        self._sends: list = []
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if rank == 0:
+            self._sends = [pg.send([buf[a:b]], 1, first_tag + i) for i, (a, b) in enumerate(bounds)]
+            return
+        recvs = [pg.recv([buf[a:b]], rank - 1, first_tag + i) for i, (a, b) in enumerate(bounds)]
+
+        def forward() -> None:
+            try:
+                for i, work in enumerate(recvs):
+                    _wait_work(work, deadline_s, f"chain chunk {first_tag + i} from rank {rank - 1}")
+                    if nxt is not None:
+                        a, b = bounds[i]
+                        self._sends.append(pg.send([buf[a:b]], nxt, first_tag + i))
+            except BaseException as e:  # noqa: BLE001 - re-raised by wait()
+                self._error = e
+
+        self._thread = threading.Thread(target=forward, name=f"ws-chain-r{rank}", daemon=True)
+        self._thread.start()
+
+    def wait(self, deadline_s: float, what: str) -> None:
+        end = time.monotonic() + deadline_s
+        if self._thread is not None:
+            self._thread.join(deadline_s)  # the whole bucket, as for gloo's broadcast
+            if self._thread.is_alive():
+                raise DeadlineExceeded(f"{what}: no progress within {deadline_s:.1f}s (chain)")
+            if self._error is not None:
+                if isinstance(self._error, (DeadlineExceeded, TransferError)):
+                    raise self._error
+                raise TransferError(f"{what}: {self._error}") from self._error
+        for work in self._sends:
+            _wait_work(work, max(end - time.monotonic(), deadline_s), f"{what} (forward)")
 
 
 class _Pending:
@@ -69,14 +146,7 @@ class _Pending:
 
     def wait(self, deadline_s: float, what: str) -> None:
         if self.work is not None:
-            try:
-                ok = self.work.wait(timedelta(seconds=deadline_s))
-            except RuntimeError as e:  # gloo raises on timeout and on a dead peer
-                if "timed out" in str(e).lower() or "timeout" in str(e).lower():
-                    raise DeadlineExceeded(f"{what}: no progress within {deadline_s:.1f}s ({e})") from e
-                raise TransferError(f"{what}: {e}") from e
-            if ok is False:
-                raise DeadlineExceeded(f"{what}: no progress within {deadline_s:.1f}s")
+            _wait_work(self.work, deadline_s, what)
             return
         end = time.monotonic() + deadline_s  # NCCL: poll the event; never block the host forever
         while not self.event.query():
@@ -109,7 +179,7 @@ def open_group(backend: str, host: str, port: int, rank: int, world_size: int,
                                f"incomplete after {timeout_s:.1f}s")
     if "e" in result:
         raise TransferError(f"rendezvous {host}:{port} rank {rank}/{world_size} failed: {result['e']}")
-    return _Group(backend, result["g"], device)
+    return _Group(backend, result["g"], device, rank, world_size)
 
 
 class BroadcastSender:
@@ -135,14 +205,16 @@ class BroadcastSender:
         if not self._pool or self._pool[0].numel() < largest:
             self._pool = [torch.empty(largest, dtype=torch.uint8, device=self.group.device)
                           for _ in range(2)]
+        tags = chain_tags(plan) if plan.chain_chunk else []
         # (op, bucket, buffer): the buffer stays referenced until its broadcast completes
-        pending: tuple[_Pending, Bucket, torch.Tensor] | None = None
+        pending: tuple[_Pending | _Chain, Bucket, torch.Tensor] | None = None
         for k, bucket in enumerate(plan.buckets):
             if on_bucket is not None:
                 on_bucket(bucket.index)
             buf = pack_bucket(bucket, tensors, self.group.device,
                               out=self._pool[k % 2][: bucket.nbytes])
-            op = self.group.start(buf)
+            op = self.group.chain(buf, plan.chain_chunk, tags[k], deadline_s) if tags \
+                else self.group.start(buf)
             sums.append(checksum(buf))  # read-only, overlaps this bucket's broadcast
             if pending is not None:
                 pending[0].wait(deadline_s, f"broadcast bucket {pending[1].index}")
@@ -170,9 +242,13 @@ class BroadcastReceiver:
     def receive(self, plan: TransferPlan, deadline_s: float,
                 pool: list[torch.Tensor] | None = None
                 ) -> Iterator[tuple[Bucket, torch.Tensor]]:
-        def post(i: int, b: Bucket) -> tuple[Bucket, torch.Tensor, _Pending]:
+        tags = chain_tags(plan) if plan.chain_chunk else []
+
+        def post(i: int, b: Bucket) -> tuple[Bucket, torch.Tensor, _Pending | _Chain]:
             buf = pool[i] if pool and i < len(pool) and pool[i].numel() == b.nbytes else \
                 torch.empty(b.nbytes, dtype=torch.uint8, device=self.group.device)
+            if tags:
+                return b, buf, self.group.chain(buf, plan.chain_chunk, tags[i], deadline_s)
             return b, buf, self.group.start(buf)
 
         queue = [post(0, b) for b in plan.buckets[:1]]

@@ -5,6 +5,7 @@ Three legs, one contract — each returns the sender's per-bucket checksums, eve
 
 - ``broadcast``: rank 0 of a gloo/NCCL group with the engines' workers. The group stays open
   across syncs while its members are unchanged and report it; any failure tears it down.
+  With ``broadcast="chain"`` (gloo) the sender feeds the first engine and each engine forwards.
 - ``ipc``: colocated engines map the trainer's CUDA buckets (no copy, no group).
 - ``external``: a sender outside this process (a trainer reaching the fleet through the
   control plane) hosts the group; the engines join it.
@@ -74,6 +75,9 @@ class FleetTransfer:
         sender, bad = self._group_for(actors, group_ids)
         if sender is None:
             return [], {}, bad
+        if self.cfg.broadcast == "chain":  # engines forward in join (rank) order
+            plan = plan.model_copy(update={"chain_chunk": self.cfg.chain_chunk_bytes})
+            plan_json = plan.model_dump_json()
         recvs = {n: a.receive.remote(plan_json, self.cfg.apply, dl.transfer)
                  for n, a in actors.items()}
         sums: list[int] = []
