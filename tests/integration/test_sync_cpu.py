@@ -67,24 +67,6 @@ def test_checksums_agree_and_version_increments_once_per_sync(fleet, coord, poli
     assert versions == {start + 2}
 
 
-def test_chain_broadcast_feeds_both_engines_the_same_weights(fleet, policy, tokenizer):
-    """broadcast="chain": the trainer sends to the first engine's worker, which forwards every
-    chunk to the second. Both load the trainer's weights, bit for bit the same."""
-    chain = SyncCoordinator(fleet, TransferConfig(bucket_bytes=1 << 20, broadcast="chain",
-                                                  chain_chunk_bytes=256 << 10))
-    try:
-        perturb_(policy, scale=0.2, seed=77)
-        res = chain.sync(policy)
-        assert res.ok and len(res.sender_checksums) > 1
-        assert all(e.checksum_ok is True for e in res.engines)
-        assert len({e.fingerprint for e in res.engines}) == 1
-        ref = greedy(policy, tokenizer, PROMPTS, N_TOK)
-        for actor in fleet:
-            _assert_matches_hf(_engine_outputs(actor), ref)
-    finally:
-        chain.close()
-
-
 @pytest.mark.parametrize("breakage", ["unknown", "shape", "dtype"])
 def test_bad_manifest_is_rejected_and_engines_keep_serving(fleet, coord, policy, breakage):
     before = [_engine_outputs(a) for a in fleet]
@@ -104,3 +86,22 @@ def test_bad_manifest_is_rejected_and_engines_keep_serving(fleet, coord, policy,
         st = ray.get(actor.status.remote())
         assert st.state == EngineState.SERVING and st.version == v0
         assert [o.token_ids for o in _engine_outputs(actor)] == [o.token_ids for o in old]
+
+
+def test_chain_broadcast_feeds_both_engines_the_same_weights(fleet, policy, tokenizer):
+    """broadcast="chain": the trainer sends to the first engine's worker, which forwards every
+    chunk to the second. Both load the trainer's weights, bit for bit the same. (Last in this
+    module: a second coordinator moves the engines' versions past the shared one's.)"""
+    chain = SyncCoordinator(fleet, TransferConfig(bucket_bytes=1 << 20, broadcast="chain",
+                                                  chain_chunk_bytes=256 << 10))
+    try:
+        perturb_(policy, scale=0.2, seed=77)
+        res = chain.sync(policy)
+        assert res.ok and len(res.sender_checksums) > 1
+        assert all(e.checksum_ok is True for e in res.engines)
+        assert len({e.fingerprint for e in res.engines}) == 1
+        ref = greedy(policy, tokenizer, PROMPTS, N_TOK)
+        for actor in fleet:
+            _assert_matches_hf(_engine_outputs(actor), ref)
+    finally:
+        chain.close()
