@@ -236,8 +236,9 @@ class EngineHost:
         """Receive a plan (broadcast group, or colocated IPC: an ``IpcShare``, which carries
         the sender's checksums); stage or stream-apply.
 
-        ``apply="atomic"`` (IPC): verify every bucket, then load, in one call. A checksum or transfer error leaves the weights
-        untouched; any later failure means they may be half-applied (the engine gets fenced).
+        ``apply="atomic"`` (IPC): verify every bucket, then load, in one call. A checksum or
+        transfer error leaves the weights untouched; any later failure means they may be
+        half-applied (the engine gets fenced).
         """
         t_enter = time.perf_counter()
         self._expect(*_IN_SYNC, EngineState.FENCED, op="receive weights")

@@ -260,6 +260,7 @@ class WeightSyncWorkerExtension:
         t0 = time.perf_counter()
         cache = st.setdefault("ipc_mapped", {})
         handles = (*share.buckets, share.terms)
+        reused = all(h.reusable for h in handles)  # the trainer keeps these buffers
         mapped = []
         for h in handles:
             hk = (h.handle, h.storage_offset, h.nbytes)
@@ -283,7 +284,7 @@ class WeightSyncWorkerExtension:
         torch.cuda.current_stream().wait_event(events[share.event])
         opened = time.perf_counter() - t0
         t0 = time.perf_counter()
-        if all(h.reusable for h in handles):  # the same buffers every sync: one graph
+        if reused:  # the same buffers every sync: one graph
             own = self._graph("IPC checksum").run(
                 (tuple((b.data_ptr(), b.numel()) for b in bufs), digest_terms),
                 lambda: digest_terms(bufs))
@@ -294,7 +295,7 @@ class WeightSyncWorkerExtension:
         sums = fold_terms(lengths, rows[: len(bufs)])
         expected = fold_terms(lengths, rows[len(bufs):])
         verified = time.perf_counter() - t0
-        st["staged_key"] = key if all(h.reusable for h in handles) else None
+        st["staged_key"] = key if reused else None
         report = self._consume(plan, zip(plan.buckets, bufs, strict=True), apply, expected,
                                known=sums)
         report.seconds.update(ipc_open=opened, checksum=verified,

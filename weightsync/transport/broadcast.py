@@ -127,7 +127,6 @@ class _Chain:
         self._thread.start()
 
     def wait(self, deadline_s: float, what: str) -> None:
-        end = time.monotonic() + deadline_s
         if self._thread is not None:
             self._thread.join(deadline_s)  # the whole bucket, as for gloo's broadcast
             if self._thread.is_alive():
@@ -137,7 +136,7 @@ class _Chain:
                     raise self._error
                 raise TransferError(f"{what}: {self._error}") from self._error
         for work in self._sends:
-            _wait_work(work, max(end - time.monotonic(), deadline_s), f"{what} (forward)")
+            _wait_work(work, deadline_s, f"{what} (forward)")
 
 
 class _Pending:
@@ -195,15 +194,15 @@ class BroadcastSender:
 
         Packing bucket k+1 overlaps the broadcast of bucket k (two buffers in flight at most,
         the same two every sync: fresh pages cost a page fault each, a third of the wire time
-        for a CPU broadcast). Padding may hold another bucket's bytes; the receivers get and
-        checksum the same bytes, so nothing depends on it. ``on_bucket(k)`` is called before
+        for a CPU broadcast). Padding may hold another bucket's bytes (never uninitialized
+        memory: the buffers start zeroed); the receivers get and checksum the same bytes. ``on_bucket(k)`` is called before
         bucket k is sent (progress bars, fault injection).
         """
         tensors = dict(named_tensors(weights))
         sums: list[int] = []
         largest = max((b.nbytes for b in plan.buckets), default=0)
         if not self._pool or self._pool[0].numel() < largest:
-            self._pool = [torch.empty(largest, dtype=torch.uint8, device=self.group.device)
+            self._pool = [torch.zeros(largest, dtype=torch.uint8, device=self.group.device)
                           for _ in range(2)]
         tags = chain_tags(plan) if plan.chain_chunk else []
         # (op, bucket, buffer): the buffer stays referenced until its broadcast completes

@@ -79,7 +79,7 @@ def pack_bucket(bucket: Bucket, tensors: dict[str, torch.Tensor | Sequence[torch
     keeps with ``out``, where the destination views are cached for the same bucket object.
     """
     if out is not None and out.numel() == bucket.nbytes:
-        buf = out  # padding bytes are zero from the first packing and never written since
+        buf = out  # padding is left as it is: whatever it holds, both ends checksum it
     else:
         buf = torch.zeros(bucket.nbytes, dtype=torch.uint8, device=device)
     srcs = bucket_sources(bucket, tensors)
