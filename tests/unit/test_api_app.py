@@ -49,6 +49,9 @@ def test_cookie_authorises_reads_but_never_writes(http):
 
 def test_healthz_needs_no_token_and_settings_are_overridable(app, http):
     assert http.get("/healthz").json() == {"status": "ok", "engines": 0}
+    icon = http.get("/favicon.ico")  # browsers fetch it for any document, the JSON 401 too
+    assert icon.status_code == 200 and icon.headers["content-type"] == "image/svg+xml"
+    assert icon.content.startswith(b"<svg")
     app.dependency_overrides[get_settings] = lambda: Settings(token="other")
     assert http.post("/pause", json={}, headers={"Authorization": f"Bearer {TOKEN}"}) \
         .status_code == 401

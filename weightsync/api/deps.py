@@ -4,11 +4,11 @@ Settings are read once, by the entrypoint (``services/serve.py``, ``weightsync s
 handed to ``create_app``; ``get_settings`` returns that one instance (FastAPI caches it per
 request) and tests swap it with ``app.dependency_overrides[get_settings]``.
 
-Auth: with a token configured, every route but ``/healthz`` needs it. Mutating routes accept
-only the ``Authorization: Bearer`` header. Read-only GET routes (``/``, ``/status``,
-``/engines``, ``/metrics``) also accept the status page's cookie, which ``/?token=...`` sets
-(HttpOnly, SameSite=Strict) so a browser can show the page; a cookie never authorises a change,
-so a cross-site form cannot drive the fleet.
+Auth: with a token configured, every route but ``/healthz`` and ``/favicon.ico`` needs it.
+Mutating routes accept only the ``Authorization: Bearer`` header. Read-only GET routes (``/``,
+``/status``, ``/engines``, ``/metrics``) also accept the status page's cookie, which
+``/?token=...`` sets (HttpOnly, SameSite=Strict) so a browser can show the page; a cookie never
+authorises a change, so a cross-site form cannot drive the fleet.
 """
 
 from __future__ import annotations

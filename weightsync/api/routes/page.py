@@ -57,9 +57,22 @@ async def status_page(request: Request,
                                        "Cache-Control": "no-store"})
 
 
+@router.get("/favicon.ico", include_in_schema=False)
+async def favicon() -> Response:
+    """The page's icon, public like ``/healthz`` (it says nothing about the fleet). Browsers ask
+    for it on any document, the JSON 401 included; a 404 there is a console error."""
+    return Response(ICON, media_type="image/svg+xml",
+                    headers={"Cache-Control": "public, max-age=86400"})
+
+
+ICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+        b'<rect width="16" height="16" rx="3" fill="#0969da"/>'
+        b'<path d="M3 5l2 7 3-5 3 5 2-7" fill="none" stroke="#fff" stroke-width="1.6"/></svg>')
+
+
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>weightsync</title>
-<link rel="icon" href="data:,">
+<link rel="icon" href="favicon.ico" type="image/svg+xml">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
 body{font:14px/1.4 system-ui,sans-serif;margin:2rem;color:#1b1f24;background:#fafbfc}
