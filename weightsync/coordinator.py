@@ -72,7 +72,7 @@ class SyncCoordinator:
         self.version = max(s.version for s in statuses)
         self._lock = threading.Lock()
         self._layout_cache: dict[tuple[str, ...], Any] = {}  # engine set -> verified layout
-        self._kernel_plans: dict[int, tuple[Any, TransferPlan]] = {}  # id(layout) -> its plan
+        self._kernel_plan_of: tuple[Any, TransferPlan] | None = None  # (layout, its plan)
         self.legs = FleetTransfer(self.transfer, lambda i: self._phase(f"bucket:{i}"))
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -207,12 +207,11 @@ class SyncCoordinator:
     def _kernel_plan(self, layout, version: int) -> TransferPlan:
         """The kernel-layout plan, planned once per layout: the same bucket objects every sync
         let the IPC leg reuse its packing views (``pack_bucket(views=...)``)."""
-        cached = self._kernel_plans.get(id(layout))
+        cached = self._kernel_plan_of
         if cached is None or cached[0] is not layout:
             plan = plan_buckets([layout.spec(p) for p in layout.params],
                                 self.transfer.bucket_bytes, version)
-            cached = (layout, plan.model_copy(update={"format": "kernel"}))
-            self._kernel_plans = {id(layout): cached}
+            cached = self._kernel_plan_of = (layout, plan.model_copy(update={"format": "kernel"}))
         return cached[1].model_copy(update={"version": version})
 
     def _targets(self, engines: Sequence[str] | None) -> list[str]:

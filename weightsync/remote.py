@@ -22,7 +22,7 @@ def unwrap(e: BaseException) -> WeightSyncError:
     if isinstance(e, WeightSyncError):
         return e
     if isinstance(e, ray.exceptions.RayActorError):
-        return EngineDeadError(f"engine actor died: {type(e).__name__}")
+        return EngineDeadError(f"engine actor died or unreachable: {type(e).__name__}")
     text = str(cause or e)
     return EngineError(f"{type(e).__name__}: {text.splitlines()[-1] if text else ''}")
 

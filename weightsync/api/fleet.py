@@ -16,38 +16,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import ray
-
 from weightsync.api.errors import UnknownEngineError
 from weightsync.api.schemas import SyncRecord
 from weightsync.coordinator import SyncCoordinator
-from weightsync.errors import (DeadlineExceeded, EngineError, ManifestError, SyncInProgressError,
-                               WeightSyncError)
+from weightsync.errors import DeadlineExceeded, SyncInProgressError
+from weightsync.remote import unwrap
 from weightsync.types import EngineState, EngineStatus, SyncResult
 
 logger = logging.getLogger(__name__)
 
 STATUS_TIMEOUT_S = 10.0  # a status probe never waits long: the page and /status stay live
-
-
-def as_weightsync_error(e: BaseException, engine: str | None = None) -> WeightSyncError:
-    """Ray wraps remote exceptions; surface our typed error (or a typed stand-in)."""
-    cause = getattr(e, "cause", None)
-    err: WeightSyncError
-    if isinstance(cause, WeightSyncError):
-        err = cause
-    elif isinstance(e, WeightSyncError):
-        err = e
-    elif isinstance(e, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
-        err = EngineError(f"engine actor unavailable: {type(e).__name__}")
-    elif isinstance(e, TimeoutError):
-        err = DeadlineExceeded("no answer within the deadline")
-    else:
-        text = str(cause or e).strip().splitlines()
-        msg = f"{type(e).__name__}: {text[-1] if text else ''}"
-        err = ManifestError(msg) if "ManifestError" in msg else EngineError(msg)
-    err.engine = err.engine or engine
-    return err
 
 
 class Fleet:
@@ -90,7 +68,9 @@ class Fleet:
             raise DeadlineExceeded(f"{method} gave no answer within {timeout:.1f}s",
                                    engine=name) from e
         except Exception as e:  # noqa: BLE001 - classified into the hierarchy
-            raise as_weightsync_error(e, name) from e
+            err = unwrap(e)
+            err.engine = err.engine or name
+            raise err from e
 
     async def each(self, names: Sequence[str], method: str, *args: Any, timeout: float,
                    **kw: Any) -> dict[str, Any]:

@@ -195,8 +195,8 @@ class BroadcastSender:
         Packing bucket k+1 overlaps the broadcast of bucket k (two buffers in flight at most,
         the same two every sync: fresh pages cost a page fault each, a third of the wire time
         for a CPU broadcast). Padding may hold another bucket's bytes (never uninitialized
-        memory: the buffers start zeroed); the receivers get and checksum the same bytes. ``on_bucket(k)`` is called before
-        bucket k is sent (progress bars, fault injection).
+        memory: the buffers start zeroed); the receivers get and checksum the same bytes.
+        ``on_bucket(k)`` is called before bucket k is sent (progress bars, fault injection).
         """
         tensors = dict(named_tensors(weights))
         sums: list[int] = []
