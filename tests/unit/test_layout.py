@@ -80,3 +80,22 @@ def test_tied_checkpoint_names_may_be_ignored():
     vllm, ckpt = _qwen2_like()
     ckpt["lm_head.weight"] = _s("lm_head.weight", (32, 8))
     derive_layout(vllm, ckpt, PACKED, ignored={"lm_head.weight"})
+
+
+def test_kernel_plan_keeps_its_buckets_across_versions():
+    """The IPC leg caches packing views per bucket object: the coordinator must hand out the
+    same buckets every sync of one layout, and plan again for another layout."""
+    from types import SimpleNamespace
+
+    from weightsync.config import TransferConfig
+    from weightsync.coordinator import SyncCoordinator
+
+    layout = derive_layout(*_qwen2_like(), PACKED)
+    coord = SimpleNamespace(_kernel_plan_of=None, transfer=TransferConfig(bucket_bytes=1 << 20))
+    first = SyncCoordinator._kernel_plan(coord, layout, 3)
+    second = SyncCoordinator._kernel_plan(coord, layout, 4)
+    assert (first.version, second.version) == (3, 4)
+    assert first.format == second.format == "kernel"
+    assert second.buckets is first.buckets
+    other = SyncCoordinator._kernel_plan(coord, layout.model_copy(), 5)
+    assert other.buckets is not first.buckets and other.buckets == first.buckets
