@@ -140,9 +140,11 @@ def wake(tag: Annotated[list[str] | None, typer.Option(help="weights | kv_cache 
 @app.command()
 def reload(path: Annotated[str | None,
                            typer.Argument(help="Checkpoint dir; none: original")] = None,
+           partial: Annotated[bool, typer.Option(
+               help="Allow a checkpoint holding only some of the model's tensors")] = False,
            engine: Engines = None, url: Url = None, token: Token = None) -> None:
     """Reload weights from a safetensors checkpoint directory and publish a new version."""
     with _client(url, token) as c:
         result = _run(f"reloading {path or 'the original model'}",
-                      lambda: c.reload(path, engines=engine))
+                      lambda: c.reload(path, engines=engine, partial=partial))
     _print_result(result)

@@ -159,10 +159,11 @@ class WeightSyncClient:
         return self._post("/resume", ResumeRequest(engines=_names(engines)), EngineStates)
 
     def reload(self, path: str | None = None, *, engines: Sequence[str] | None = None,
-               pause_mode: PauseMode = "abort") -> SyncResult:
-        """Reload from a checkpoint directory under a load root (None: the original model)."""
+               pause_mode: PauseMode = "abort", partial: bool = False) -> SyncResult:
+        """Reload from a checkpoint directory under a load root (None: the original model).
+        ``partial``: the checkpoint may hold only some of the model's tensors."""
         return self._post("/reload", ReloadRequest(path=path, engines=_names(engines),
-                                                   pause_mode=pause_mode),
+                                                   pause_mode=pause_mode, partial=partial),
                           SyncResult, timeout=LONG_TIMEOUT_S)
 
     # ---- sync sessions -----------------------------------------------------------------------
@@ -180,7 +181,7 @@ class WeightSyncClient:
 
     def push_weights(self, weights: Any, *, host: str = "127.0.0.1", port: int = 0,
                      pause_mode: PauseMode = "abort", sleep_level: int = 0,
-                     engines: Sequence[str] | None = None) -> SyncResult:
+                     engines: Sequence[str] | None = None, partial: bool = False) -> SyncResult:
         """Sync ``weights`` (module, state dict, or ``(name, tensor)`` pairs) into the fleet.
 
         This process hosts the transfer group as rank 0 on ``host:port`` (``host`` must be
@@ -196,7 +197,8 @@ class WeightSyncClient:
         port = port or free_port(host)
         info = self.open_session(SessionRequest(
             tensors=[spec_of(n, t) for n, t in tensors.items()], host=host, port=port,
-            pause_mode=pause_mode, sleep_level=sleep_level, engines=_names(engines)))
+            pause_mode=pause_mode, sleep_level=sleep_level, engines=_names(engines),
+            partial=partial))
         dl = info.transfer.deadlines
         group = None
         committing = False

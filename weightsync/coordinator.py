@@ -23,8 +23,9 @@ from typing import Any
 import ray
 
 from weightsync.config import TransferConfig
-from weightsync.errors import (ConfigError, EngineDeadError, EngineUnresponsive, ManifestError,
-                               SyncFailedError, SyncInProgressError, VerificationError)
+from weightsync.errors import (ConfigError, EngineDeadError, EngineUnresponsive,
+                               IllegalStateError, ManifestError, SyncFailedError,
+                               SyncInProgressError, VerificationError)
 from weightsync.metrics import SyncMetrics
 from weightsync.remote import gather
 from weightsync.transport.fleet import ExternalSender, FleetTransfer
@@ -42,6 +43,16 @@ PhaseHook = Callable[[str, str | None], None]  # (phase, engine or None)
 def _check_sleep_level(level: int) -> None:
     if level not in (0, 1, 2):
         raise ConfigError(f"sleep_level must be 0, 1 or 2, not {level}")
+
+
+_CAN_BEGIN = {EngineState.SERVING, EngineState.FENCED, EngineState.STOPPED}
+
+
+def _raise_refusal(ok: dict, bad: dict) -> None:
+    """Raise the most specific error of a check that ran everywhere before anything changed."""
+    if bad:
+        specific = [e for e in bad.values() if isinstance(e, (ManifestError, ConfigError))]
+        raise specific[0] if specific else next(iter(bad.values()))
 
 
 def _raise_unless_ok(result: SyncResult) -> SyncResult:
@@ -102,38 +113,58 @@ class SyncCoordinator:
     # ---- public API ------------------------------------------------------------------------
     def sync(self, weights: Any, *, pause_mode: PauseMode = "abort", sleep_level: int = 0,
              engines: Sequence[str] | None = None, wave_size: int | None = None,
-             ipc: bool = False) -> SyncResult:
+             ipc: bool = False, partial: bool = False) -> SyncResult:
         """Sync ``weights`` (module, state dict or iterable of ``(name, tensor)``) to the fleet.
 
         ``wave_size`` turns on rolling mode: engines update a wave at a time while the others
         keep serving. ``ipc=True`` shares CUDA buckets with colocated engines instead of
-        broadcasting. Raises ``SyncFailedError`` (with ``.result``) if any engine failed,
-        ``ManifestError`` if the weights do not fit the model (nothing changed anywhere).
+        broadcasting. ``weights`` must hold every tensor of the engines' model unless
+        ``partial`` (then it may update a subset; the result says so). Raises
+        ``SyncFailedError`` (with ``.result``) if any engine failed, ``ManifestError`` if the
+        weights do not fit the model, ``IllegalStateError`` if an engine is in no state to
+        begin (nothing changed anywhere in either case).
         """
         _check_sleep_level(sleep_level)
         with self._exclusive():
-            return self._sync(weights, pause_mode, sleep_level, engines, wave_size, ipc)
+            return self._sync(weights, pause_mode, sleep_level, engines, wave_size, ipc,
+                              partial)
 
     def reload_checkpoint(self, path: str | None, *, pause_mode: PauseMode = "abort",
-                          engines: Sequence[str] | None = None) -> SyncResult:
-        """Reload every engine from a safetensors directory (``None``: the original model)."""
+                          engines: Sequence[str] | None = None, partial: bool = False,
+                          roots: Sequence[str] | None = None) -> SyncResult:
+        """Reload every engine from a safetensors directory (``None``: the original model).
+
+        Every engine first resolves the directory into its files (inside ``roots`` when given)
+        and checks their headers against its model: a checkpoint that lacks any of the model's
+        tensors is refused unless ``partial``, and nothing changes anywhere (``ManifestError``
+        or ``ConfigError``). Each engine then loads exactly the files it checked.
+        """
         with self._exclusive():
-            self._layout_cache.clear()  # a new checkpoint: engines re-derive and re-verify
-            version = self._next_version()
             targets = self._targets(engines)
+            version = self._next_version(targets)
+            dl = self.transfer.deadlines
+            self._phase("validate")
+            refs = {n: self.engines[n].validate_checkpoint.remote(
+                        path, partial=partial, roots=roots, deadline_s=dl.verify)
+                    for n in targets}
+            _raise_refusal(*gather(refs, dl.verify * 1.5))
+            self._layout_cache.clear()  # a new checkpoint: engines re-derive and re-verify
             t0 = time.perf_counter()
             fleet = {n: _Engine(n, self.engines[n]) for n in targets}
             self._begin(fleet, None, pause_mode, 0)
-            dl = self.transfer.deadlines
-            refs = {n: e.actor.reload_from_path.remote(path, dl.reload) for n, e in fleet.items()}
+            refs = {n: e.actor.reload_from_path.remote(path, dl.reload, partial=partial,
+                                                       roots=roots)
+                    for n, e in fleet.items()}
             ok, bad = gather(refs, dl.reload * 1.2)
             for n, s in ok.items():
                 fleet[n].report.setdefault("seconds", {})["reload"] = s
-            return _raise_unless_ok(self._finish(fleet, bad, version, "checkpoint", 0, (), t0))
+            result = self._finish(fleet, bad, version, "checkpoint", 0, (), t0)
+            return _raise_unless_ok(result.model_copy(update={"partial": partial}))
 
     def sync_external(self, specs: Sequence[TensorSpec], sender: ExternalSender, *,
                       pause_mode: PauseMode = "abort", sleep_level: int = 0,
-                      engines: Sequence[str] | None = None) -> SyncResult:
+                      engines: Sequence[str] | None = None,
+                      partial: bool = False) -> SyncResult:
         """Sync weights that ``sender`` broadcasts from outside this process (e.g. a trainer
         reaching the fleet through the control plane).
 
@@ -146,10 +177,13 @@ class SyncCoordinator:
             raise ConfigError("no tensors to sync")
         with self._exclusive():
             t0 = time.perf_counter()
-            plan = plan_buckets(list(specs), self.transfer.bucket_bytes, self._next_version())
-            return _raise_unless_ok(self._sync_wave(self._targets(engines), plan, None,
-                                                    pause_mode, sleep_level, False, t0,
-                                                    external=sender))
+            targets = self._targets(engines)
+            plan = plan_buckets(list(specs), self.transfer.bucket_bytes,
+                                self._next_version(targets))
+            plan = plan.model_copy(update={"partial": partial})
+            result = self._sync_wave(targets, plan, None, pause_mode, sleep_level, False, t0,
+                                     external=sender)
+            return _raise_unless_ok(result.model_copy(update={"partial": partial}))
 
     def close(self) -> None:
         """Release the open broadcast group and any IPC buffers (the engines keep running)."""
@@ -166,11 +200,20 @@ class SyncCoordinator:
         finally:
             self._lock.release()
 
-    def _next_version(self) -> int:
+    def _next_version(self, targets: Sequence[str]) -> int:
         """One past the highest version any engine or this coordinator has seen, so another
-        coordinator (or a restarted trainer) over the same engines never reuses a number."""
-        seen = [s.version for s in self.statuses()]
-        self.version = max([self.version, *seen])
+        coordinator (or a restarted trainer) over the same engines never reuses a number.
+
+        Also refuses, before anything is touched, a sync whose targets are in no state to
+        begin one (paused, asleep, loading): ``IllegalStateError``, never a fenced engine.
+        """
+        statuses = self.statuses()
+        busy = [s for s in statuses if s.name in targets and s.state not in _CAN_BEGIN]
+        if busy:
+            raise IllegalStateError(
+                f"cannot begin a sync while {busy[0].state.value} (needs serving/fenced); "
+                "no engine was touched", engine=busy[0].name)
+        self.version = max([self.version, *(s.version for s in statuses)])
         return self.version + 1
 
     def _kernel_layout(self, names: list[str], tensors: dict) -> tuple[Any, str | None]:
@@ -221,13 +264,14 @@ class SyncCoordinator:
             raise ConfigError(f"unknown engine(s): {unknown}")
         return names
 
-    def _sync(self, weights, pause_mode, sleep_level, engines, wave_size, ipc) -> SyncResult:
+    def _sync(self, weights, pause_mode, sleep_level, engines, wave_size, ipc,
+              partial) -> SyncResult:
         t0 = time.perf_counter()
         tensors = dict(named_tensors(weights))
         if not tensors:
             raise ConfigError("no tensors to sync")
-        version = self._next_version()
         targets = self._targets(engines)
+        version = self._next_version(targets)
         layout, note = self._kernel_layout(targets, tensors)
         if layout is not None:
             sources = {p.name: [tensors[n] for n, _ in p.parts] for p in layout.params}
@@ -236,6 +280,7 @@ class SyncCoordinator:
         else:
             plan = plan_buckets([spec_of(n, t) for n, t in tensors.items()],
                                 self.transfer.bucket_bytes, version)
+            plan = plan.model_copy(update={"partial": partial})
         waves = [targets] if not wave_size else [targets[i:i + wave_size]
                                                  for i in range(0, len(targets), wave_size)]
         results = []
@@ -247,7 +292,7 @@ class SyncCoordinator:
         reports = tuple(r for res in results for r in res.engines)
         result = SyncResult(version=version, ok=all(r.ok for r in reports),
                             mode="ipc" if ipc else "broadcast", layout=plan.format,
-                            layout_note=note, nbytes=plan.total_bytes,
+                            layout_note=note, nbytes=plan.total_bytes, partial=partial,
                             sender_checksums=results[0].sender_checksums, engines=reports,
                             seconds={"total": time.perf_counter() - t0})
         return _raise_unless_ok(result)
@@ -317,10 +362,7 @@ class SyncCoordinator:
         if plan_json is not None:  # validate everywhere before touching any engine
             self._phase("validate")
             refs = {n: e.actor.validate.remote(plan_json) for n, e in fleet.items()}
-            _, bad = gather(refs, dl.verify)
-            if bad:  # nothing was touched anywhere: report the most specific error
-                manifest = [e for e in bad.values() if isinstance(e, ManifestError)]
-                raise manifest[0] if manifest else next(iter(bad.values()))
+            _raise_refusal(*gather(refs, dl.verify))  # nothing was touched anywhere
         self._phase("pause")
         refs = {n: e.actor.begin_sync.remote(pause_mode=pause_mode,
                                              sleep_level=sleep_level,
@@ -330,6 +372,11 @@ class SyncCoordinator:
         for n, r in ok.items():
             fleet[n].report.update(seconds=dict(r["seconds"]), skipped=tuple(r["skipped"]),
                                    group_id=r.get("group_id"))
+        refused = {n: e for n, e in bad.items() if isinstance(e, IllegalStateError)}
+        if refused:  # those engines were not touched: leave them as they are, undo the rest
+            self._abort(fleet, {n: e for n, e in bad.items() if n not in refused}, "begin",
+                        rollback=set(ok))
+            raise next(iter(refused.values()))
         if bad:
             self._abort(fleet, bad, "begin", rollback=set(ok))
             raise SyncFailedError(f"could not begin the sync on {sorted(bad)}: "

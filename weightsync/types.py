@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Literal
+from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 # dtype names as torch spells them (``str(torch.float32).removeprefix("torch.")``).
 DTYPE_ITEMSIZE: dict[str, int] = {
@@ -35,27 +35,27 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def _dtype_name(v: object) -> object:
+    """An unknown dtype is refused with the list of known ones."""
+    if isinstance(v, str) and v not in DTYPE_ITEMSIZE:
+        raise ValueError(f"unsupported dtype {v!r}; known: {sorted(DTYPE_ITEMSIZE)}")
+    return v
+
+
+# The schema lists the dtypes (an enum), so clients see what the service accepts.
+DtypeName = Annotated[Literal["float32", "float16", "bfloat16", "float64", "float8_e4m3fn",
+                              "float8_e5m2", "int8", "uint8", "int16", "int32", "int64", "bool"],
+                      BeforeValidator(_dtype_name)]
+Dim = Annotated[int, Field(ge=0)]
+assert set(get_args(get_args(DtypeName)[0])) == set(DTYPE_ITEMSIZE)
+
+
 class TensorSpec(_Frozen):
     """Name, dtype and shape of one checkpoint-format tensor."""
 
-    name: str = Field(min_length=1)
-    dtype: str
-    shape: tuple[int, ...]
-
-    @field_validator("dtype")
-    @classmethod
-    def _known_dtype(cls, v: str) -> str:
-        v = v.removeprefix("torch.")
-        if v not in DTYPE_ITEMSIZE:
-            raise ValueError(f"unsupported dtype {v!r}; known: {sorted(DTYPE_ITEMSIZE)}")
-        return v
-
-    @field_validator("shape")
-    @classmethod
-    def _non_negative(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if any(d < 0 for d in v):
-            raise ValueError(f"negative dimension in shape {v}")
-        return v
+    name: str = Field(min_length=1, max_length=1024)
+    dtype: DtypeName
+    shape: tuple[Dim, ...] = Field(max_length=8)
 
     @property
     def nbytes(self) -> int:
@@ -98,6 +98,9 @@ class TransferPlan(_Frozen):
     # gloo: 0 = the group's broadcast; > 0 = a chain in chunks of this many bytes (the sender
     # to rank 1, each rank on to the next as chunks arrive; see transport.broadcast)
     chain_chunk: int = Field(0, ge=0)
+    # The sender updates only some of the model's tensors, and said so. Without it, a plan must
+    # carry every tensor of the engine's model (a partial one would serve mixed weights).
+    partial: bool = False
 
     @property
     def total_bytes(self) -> int:
@@ -117,6 +120,14 @@ class TransferPlan(_Frozen):
         if [b.index for b in self.buckets] != list(range(len(self.buckets))):
             raise ValueError("bucket indices must be 0..n-1 in order")
         return self
+
+
+class CheckpointFiles(_Frozen):
+    """A checkpoint an engine loads: exactly these files (real paths, resolved and checked by
+    ``weightsync.checkpoint``). ``partial``: the caller asked to change only some tensors."""
+
+    files: tuple[str, ...] = Field(min_length=1)
+    partial: bool = False
 
 
 class EngineState(str, enum.Enum):
@@ -164,6 +175,7 @@ class SyncResult(_Frozen):
     mode: Literal["broadcast", "ipc", "checkpoint"]
     layout: Literal["checkpoint", "kernel"] = "checkpoint"
     layout_note: str | None = None  # why the kernel layout was not used, when it was not
+    partial: bool = False  # the caller asked to update only some of the model's tensors
     nbytes: int
     sender_checksums: tuple[int, ...] = ()
     engines: tuple[EngineSyncReport, ...]

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from weightsync.engine.worker_ext import checkpoint_specs, validate_plan
+from weightsync.checkpoint import read_checkpoint
+from weightsync.engine.worker_ext import validate_plan
 from weightsync.errors import ManifestError
 from weightsync.transport.packing import plan_buckets, spec_of
 from weightsync.types import TensorSpec
@@ -14,13 +15,18 @@ def _expected():
     }
 
 
-def _plan(**ts):
-    return plan_buckets([spec_of(n, t) for n, t in ts.items()], 1 << 20, 1)
+def _plan(partial: bool = False, **ts):
+    plan = plan_buckets([spec_of(n, t) for n, t in ts.items()], 1 << 20, 1)
+    return plan.model_copy(update={"partial": partial})
+
+
+IDS = torch.zeros(3, dtype=torch.int64)
 
 
 def test_accepts_serving_dtype_and_fp32_master_weights():
-    validate_plan(_plan(w=torch.zeros(4, 4, dtype=torch.bfloat16)), _expected(), "bfloat16", set())
-    validate_plan(_plan(w=torch.zeros(4, 4)), _expected(), "bfloat16", set())
+    validate_plan(_plan(w=torch.zeros(4, 4, dtype=torch.bfloat16), ids=IDS), _expected(),
+                  "bfloat16", set())
+    validate_plan(_plan(w=torch.zeros(4, 4), ids=IDS), _expected(), "bfloat16", set())
 
 
 def test_rejects_unknown_shape_and_dtype_with_every_problem_listed():
@@ -32,17 +38,34 @@ def test_rejects_unknown_shape_and_dtype_with_every_problem_listed():
     assert "3 tensor(s)" in msg and "'nope'" in msg and "shape [4, 5]" in msg and "int32" in msg
 
 
-def test_tied_names_are_allowed():
-    validate_plan(_plan(**{"lm_head.weight": torch.zeros(2)}), _expected(), "bfloat16",
-                  {"lm_head.weight"})
+def test_a_plan_missing_any_tensor_is_refused_unless_partial():
+    with pytest.raises(ManifestError, match="incomplete update: 1 of the model's 2 tensors are "
+                                            "missing \\(ids\\)"):
+        validate_plan(_plan(w=torch.zeros(4, 4)), _expected(), "bfloat16", set())
+    validate_plan(_plan(True, w=torch.zeros(4, 4)), _expected(), "bfloat16", set())
 
 
-def test_checkpoint_specs_reads_headers(tiny_model):
-    specs = checkpoint_specs(str(tiny_model))
+def test_an_empty_update_is_refused_even_when_partial():
+    from weightsync.engine.worker_ext import validate_specs
+
+    with pytest.raises(ManifestError, match="no tensors"):
+        validate_specs([], _expected(), "bfloat16", set(), partial=True)
+
+
+def test_tied_names_are_allowed_and_not_required():
+    expected = {**_expected(), "lm_head.weight": TensorSpec(name="lm_head.weight",
+                                                            dtype="float32", shape=(2,))}
+    validate_plan(_plan(w=torch.zeros(4, 4), ids=IDS), expected, "bfloat16", {"lm_head.weight"})
+    validate_plan(_plan(**{"lm_head.weight": torch.zeros(2)}, w=torch.zeros(4, 4), ids=IDS),
+                  _expected(), "bfloat16", {"lm_head.weight"})
+
+
+def test_checkpoint_headers_of_the_tiny_model(tiny_model):
+    specs = read_checkpoint(str(tiny_model)).specs
     assert "model.embed_tokens.weight" in specs
     assert specs["model.embed_tokens.weight"].dtype == "float32"
-    with pytest.raises(ManifestError, match="no \\*.safetensors"):
-        checkpoint_specs("/nonexistent")
+    with pytest.raises(Exception, match="not a directory"):
+        read_checkpoint("/nonexistent")
 
 
 def test_error_class_ignores_foreign_subclasses():

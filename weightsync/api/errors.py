@@ -50,6 +50,12 @@ class UnknownSessionError(NotFoundError):
     code = "unknown_session"
 
 
+class ClientGoneError(IllegalStateError):
+    """The client disconnected before a change began; nothing was changed (logged as 409)."""
+
+    code = "client_gone"
+
+
 # Most specific first: the first class an error is an instance of decides its status.
 STATUS: tuple[tuple[type[WeightSyncError], int], ...] = (
     (AuthError, 401),
@@ -65,12 +71,12 @@ STATUS: tuple[tuple[type[WeightSyncError], int], ...] = (
 
 # For clients: a status whose body carries a code this library does not know.
 FALLBACK_BY_STATUS: dict[int, type[WeightSyncError]] = {
-    401: AuthError, 404: NotFoundError, 409: IllegalStateError, 422: ConfigError,
+    401: AuthError, 404: NotFoundError, 409: IllegalStateError, 413: ConfigError, 422: ConfigError,
     503: EngineError, 504: DeadlineExceeded,
 }
 
 API_ERRORS: tuple[type[WeightSyncError], ...] = (AuthError, NotFoundError, UnknownEngineError,
-                                                 UnknownSessionError)
+                                                 UnknownSessionError, ClientGoneError)
 
 
 def status_for(err: WeightSyncError) -> int:
@@ -111,8 +117,22 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
         status = 422
     code = {404: "not_found", 405: "method_not_allowed", 422: "invalid_body"}.get(
         status, "http_error")
-    return JSONResponse(_body(code, str(exc.detail)), status_code=status,
-                        headers=getattr(exc, "headers", None))
+    headers = dict(getattr(exc, "headers", None) or {})
+    if status == 405:  # Starlette names the first route's methods only; a path may have several
+        headers["Allow"] = ", ".join(_methods_for(request))
+    return JSONResponse(_body(code, str(exc.detail)), status_code=status, headers=headers or None)
+
+
+def _methods_for(request: Request) -> list[str]:
+    """Every method some route serves at this request's path."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    probe = {**request.scope, "method": "\x00"}  # matches no route's method: PARTIAL = path only
+    for route in request.app.router.routes:
+        if route.matches(probe)[0] == Match.PARTIAL:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -19,13 +19,14 @@ from typing import Any
 from weightsync.api.errors import UnknownEngineError
 from weightsync.api.schemas import SyncRecord
 from weightsync.coordinator import SyncCoordinator
-from weightsync.errors import DeadlineExceeded, SyncInProgressError
+from weightsync.errors import DeadlineExceeded, IllegalStateError, SyncInProgressError
 from weightsync.remote import unwrap
 from weightsync.types import EngineState, EngineStatus, SyncResult
 
 logger = logging.getLogger(__name__)
 
-STATUS_TIMEOUT_S = 10.0  # a status probe never waits long: the page and /status stay live
+STATUS_TIMEOUT_S = 10.0
+SYNCABLE = {EngineState.SERVING, EngineState.FENCED}  # a reload or sync session may begin  # a status probe never waits long: the page and /status stay live
 
 
 class Fleet:
@@ -96,6 +97,19 @@ class Fleet:
                     name=n, state=EngineState.STOPPED, version=-1, device="?",
                     sleep_supported=False, fenced_reason=str(o), model="?")
                 for n, o in zip(names, outs, strict=True)]
+
+    async def require_states(self, names: Sequence[str], allowed: set[EngineState],
+                             op: str) -> list[EngineStatus]:
+        """Every engine in ``names`` is in an ``allowed`` state, or an ``IllegalStateError``
+        (409) naming the first that is not. Checked before anything is touched."""
+        statuses = await self.statuses(names)
+        for st in statuses:
+            if st.state not in allowed:
+                raise IllegalStateError(
+                    f"cannot {op} while {st.state.value} (needs "
+                    f"{'/'.join(sorted(s.value for s in allowed))}); no engine was touched",
+                    engine=st.name)
+        return statuses
 
     # ---- fleet-wide operations ---------------------------------------------------------------
     @property

@@ -51,17 +51,22 @@ class ResumeRequest(Targeted):
 
 class ReloadRequest(Targeted):
     path: str | None = Field(
-        None, min_length=1, max_length=4096,
+        None, min_length=1, max_length=4096, pattern=r"^/[^\x00]*$",
         description="Absolute path of a safetensors checkpoint directory inside a configured "
                     "load root; the engines' original model when omitted.")
     pause_mode: PauseMode = "abort"
+    partial: bool = Field(False, description="Allow a checkpoint that holds only some of the "
+                                             "model's tensors (the others keep their current "
+                                             "values; the result says partial). Without it, a "
+                                             "checkpoint must hold every tensor of the model.")
 
 
 class SessionRequest(Targeted):
     """Open a sync whose weights a trainer outside the Ray cluster broadcasts as rank 0."""
 
-    tensors: Annotated[list[TensorSpec], Field(min_length=1, max_length=1_000_000)] = Field(
-        description="Every tensor the trainer will send, in order (checkpoint names).")
+    tensors: Annotated[list[TensorSpec], Field(min_length=1, max_length=200_000)] = Field(
+        description="Every tensor the trainer will send, in order (checkpoint names): all of "
+                    "the model's tensors unless ``partial``.")
     host: HostName = Field("127.0.0.1", description="Address the engines dial to reach the "
                                                     "trainer, which hosts the group's store.")
     port: int = Field(0, ge=0, le=65535, description="The trainer's store port; 0 lets the "
@@ -69,10 +74,14 @@ class SessionRequest(Targeted):
                                                      "literal local to the service).")
     pause_mode: PauseMode = "abort"
     sleep_level: Literal[0, 1, 2] = 0
+    partial: bool = Field(False, description="Send only some of the model's tensors")
+
+
+Checksum = Annotated[int, Field(ge=0, lt=1 << 64)]
 
 
 class CommitRequest(_Request):
-    checksums: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1_000_000)] = Field(
+    checksums: Annotated[list[Checksum], Field(max_length=200_000)] = Field(
         description="The trainer's per-bucket checksums, as BroadcastSender.send returned them.")
 
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 
 from weightsync.api.errors import UnknownSessionError
-from weightsync.api.fleet import Fleet
+from weightsync.api.fleet import SYNCABLE, Fleet
 from weightsync.api.schemas import SessionInfo, SessionRequest
 from weightsync.errors import (ConfigError, DeadlineExceeded, EngineError, IllegalStateError,
                                SyncFailedError, TransferError, WeightSyncError)
@@ -84,7 +84,8 @@ class ExternalSession:
         try:
             self.result = fleet.coordinator.sync_external(
                 request.tensors, self, pause_mode=request.pause_mode,
-                sleep_level=request.sleep_level, engines=self.engines)
+                sleep_level=request.sleep_level, engines=self.engines,
+                partial=request.partial)
             fleet.record(self.result)
         except SyncFailedError as e:
             self.error = e
@@ -135,6 +136,7 @@ class SessionRegistry:
         port = request.port or _service_port(request.host)
         fleet.claim()
         try:
+            await fleet.require_states(targets, SYNCABLE, "open a sync session")
             await fleet.published_version()
         except BaseException:
             fleet.release()
@@ -164,6 +166,9 @@ class SessionRegistry:
         Returns the result, or the error the sync ended with (commit re-raises it)."""
         session = self.get(sid)
         if checksums is not None:
+            if session.plan is not None and len(checksums) != len(session.plan.buckets):
+                raise ConfigError(f"session {sid} has {len(session.plan.buckets)} bucket(s); "
+                                  f"the commit carries {len(checksums)} checksum(s)")
             session.commit(checksums)
         else:
             session.abort(reason or "aborted by the trainer")
@@ -171,7 +176,7 @@ class SessionRegistry:
         bound = 2 * (dl.rendezvous + dl.transfer) + dl.reload + dl.verify + dl.resume + dl.wake
         if not await asyncio.to_thread(session.wait_done, bound):
             raise DeadlineExceeded(f"session {sid} did not finish within {bound:.0f}s")
-        self._sessions.pop(sid, None)
+        # kept (KEEP_FINISHED_S): a second commit is a 409 "already committed", not a 404
         if checksums is not None:
             return session.outcome()
         return session.error if session.error is not None else session.outcome()

@@ -13,15 +13,17 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
+from weightsync.checkpoint import read_checkpoint
 from weightsync.config import EngineSpec
 from weightsync.engine import vllm_compat
 from weightsync.engine.worker_ext import ERROR_KEY
 from weightsync.errors import (DeadlineExceeded, EngineError, FencedError, IllegalStateError,
-                               TransferError, UnsupportedError, WeightSyncError, error_class)
-from weightsync.types import (EngineState, EngineStatus, GenerationResult, PauseMode,
-                              ReceiveReport)
+                               ManifestError, TransferError, UnsupportedError, WeightSyncError, error_class)
+from weightsync.types import (CheckpointFiles, EngineState, EngineStatus, GenerationResult,
+                              PauseMode, ReceiveReport)
 
 logger = logging.getLogger(__name__)
 
@@ -278,15 +280,49 @@ class EngineHost:
         out = await self._rpc("ws_apply_staged", timeout=deadline_s)
         return json.loads(out[0])["reload"]
 
-    async def reload_from_path(self, path: str | None, deadline_s: float) -> float:
-        """Reload weights from a safetensors directory (or the original model when None)."""
+    async def _checkpoint(self, path: str | None, partial: bool,
+                          roots: Sequence[str] | None, deadline_s: float) -> CheckpointFiles:
+        """Resolve a checkpoint directory (``None``: the engine's own model) into its files, in
+        a thread and under a deadline (``weightsync.checkpoint``: files one by one, inside
+        ``roots`` when given, regular files only, bounded headers), and check the headers
+        against the model in the worker. Nothing is loaded; ``ManifestError``/``ConfigError``
+        if it does not fit."""
+        def resolve() -> tuple[str, ...]:
+            if path is None:
+                return read_checkpoint(self.spec.model).files
+            return read_checkpoint(path, roots).files
+
+        try:
+            files = await asyncio.wait_for(asyncio.to_thread(resolve), deadline_s)
+        except TimeoutError as e:
+            raise DeadlineExceeded(f"reading checkpoint headers took over {deadline_s:.0f}s",
+                                   engine=self.spec.name) from e
+        ckpt = CheckpointFiles(files=files, partial=partial and path is not None)
+        await self._rpc("ws_check_files", ckpt.model_dump_json(), timeout=deadline_s)
+        return ckpt
+
+    async def validate_checkpoint(self, path: str | None, *, partial: bool = False,
+                                  roots: Sequence[str] | None = None,
+                                  deadline_s: float = 60.0) -> None:
+        """Check a checkpoint against the model before anything changes (any state)."""
+        await self._checkpoint(path, partial, roots, deadline_s)
+
+    async def reload_from_path(self, path: str | None, deadline_s: float, *,
+                               partial: bool = False,
+                               roots: Sequence[str] | None = None) -> float:
+        """Reload weights from a safetensors directory (``None``: the original model), loading
+        exactly the files that were checked. A checkpoint refused before loading leaves the
+        weights as they were."""
         self._expect(*_IN_SYNC, EngineState.FENCED, op="reload from a checkpoint")
+        ckpt = await self._checkpoint(path, partial, roots, deadline_s)
         if self.state != EngineState.FENCED:
             self.state = EngineState.LOADING
-        self.weights_intact = False
-        # vLLM reads None as "the last weights_path" (it repoints model_config.model at each
-        # path it loads), so the original model is named explicitly.
-        out = await self._rpc("ws_reload_from_path", path or self.spec.model, timeout=deadline_s)
+        intact, self.weights_intact = self.weights_intact, False
+        try:
+            out = await self._rpc("ws_reload_files", ckpt.model_dump_json(), timeout=deadline_s)
+        except ManifestError:  # the worker refused the files before loading any of them
+            self.weights_intact = intact
+            raise
         return json.loads(out[0])["reload"]
 
     async def finish_load(self, deadline_s: float) -> dict:

@@ -7,17 +7,16 @@ strings (parsed here, at the boundary) and return JSON strings: nothing is pickl
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Iterator
 
 import torch
 
+from weightsync.checkpoint import iter_tensors, read_checkpoint, read_checkpoint_files
 from weightsync.engine import vllm_compat
 from weightsync.errors import (ManifestError, ReloadError, TransferError, VerificationError,
                                WeightSyncError)
@@ -27,7 +26,7 @@ from weightsync.transport.ipc import IpcShare, open_bucket, open_event
 from weightsync.transport.packing import (checksum, copy_split, copy_tensors, digest_tensors,
                                           digest_terms, dtype_name, fold_terms,
                                           unpack_bucket)
-from weightsync.types import Bucket, ReceiveReport, TensorSpec, TransferPlan
+from weightsync.types import Bucket, CheckpointFiles, ReceiveReport, TensorSpec, TransferPlan
 
 logger = logging.getLogger(__name__)
 
@@ -51,30 +50,25 @@ def typed_errors(fn):
     return wrapper
 
 
-def checkpoint_specs(model_dir: str) -> dict[str, TensorSpec]:
-    """Names, dtypes and shapes of a safetensors checkpoint, read from headers only."""
-    from safetensors import safe_open
-
-    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
-    if not files:
-        raise ManifestError(f"no *.safetensors under {model_dir}: cannot validate a manifest")
-    specs: dict[str, TensorSpec] = {}
-    for f in files:
-        with safe_open(f, framework="pt") as st:
-            for k in st.keys():
-                sl = st.get_slice(k)
-                dt = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
-                      "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-                      "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}[sl.get_dtype()]
-                specs[k] = TensorSpec(name=k, dtype=dt, shape=tuple(sl.get_shape()))
-    return specs
-
-
 def validate_plan(plan: TransferPlan, expected: dict[str, TensorSpec], serving_dtype: str,
                   tied_names: set[str]) -> None:
-    """Raise ``ManifestError`` listing every tensor that does not fit the engine's model."""
+    """Raise ``ManifestError`` listing every tensor that does not fit the engine's model, or
+    every tensor the model needs that the plan lacks (unless ``plan.partial``)."""
+    validate_specs(plan.specs, expected, serving_dtype, tied_names, partial=plan.partial)
+
+
+def validate_specs(specs: list[TensorSpec], expected: dict[str, TensorSpec], serving_dtype: str,
+                   tied_names: set[str], *, partial: bool) -> None:
+    """``validate_plan`` for a list of tensors (a plan's, or a checkpoint's headers).
+
+    ``expected`` is the model as the engine loaded it at start. A complete update carries every
+    tensor of it (tied copies aside); a partial one is only accepted when asked for, and never
+    an empty one.
+    """
+    if not specs:
+        raise ManifestError("no tensors: an update must carry at least one tensor")
     problems: list[str] = []
-    for spec in plan.specs:
+    for spec in specs:
         want = expected.get(spec.name)
         if want is None:
             if spec.name in tied_names:
@@ -93,6 +87,14 @@ def validate_plan(plan: TransferPlan, expected: dict[str, TensorSpec], serving_d
         more = f" (+{len(problems) - 10} more)" if len(problems) > 10 else ""
         raise ManifestError(f"{len(problems)} tensor(s) do not fit the model: "
                             + "; ".join(problems[:10]) + more)
+    if not partial:
+        missing = sorted(set(expected) - tied_names - {s.name for s in specs})
+        if missing:
+            more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise ManifestError(
+                f"incomplete update: {len(missing)} of the model's {len(expected)} tensors are "
+                f"missing ({', '.join(missing[:5])}{more}); ask for a partial update "
+                "explicitly to change only some tensors")
 
 
 def _plan_key(plan_json: str) -> str:
@@ -112,7 +114,16 @@ class WeightSyncWorkerExtension:
     # ---- introspection -------------------------------------------------------------------
     @typed_errors
     def ws_info(self) -> str:
+        """Called once at start: also records the model's tensors as loaded now, which every
+        later update is validated against (vLLM repoints ``model_config.model`` at each path
+        it loads from, so reading it later would validate against the last update)."""
         mc = self.model_runner.model_config
+        st = self._ws_state()
+        if st["expected"] is None and st.get("expected_error") is None:
+            try:
+                st["expected"] = read_checkpoint(str(mc.model)).specs
+            except WeightSyncError as e:
+                st["expected_error"] = f"the model's own checkpoint is unreadable: {e}"
         return json.dumps({
             "runner": vllm_compat.model_runner_class(self),
             "rank": int(getattr(self, "rank", 0)),
@@ -132,9 +143,11 @@ class WeightSyncWorkerExtension:
                            "reserved": int(torch.cuda.memory_reserved(self.device))})
 
     def _expected(self) -> dict[str, TensorSpec]:
+        """The model's checkpoint tensors as recorded at start (``ws_info``)."""
         st = self._ws_state()
         if st["expected"] is None:
-            st["expected"] = checkpoint_specs(str(self.model_runner.model_config.model))
+            raise ManifestError(st.get("expected_error")
+                                or "the engine has not recorded its model's tensors yet")
         return st["expected"]
 
     def _vllm_specs(self) -> dict[str, TensorSpec]:
@@ -152,9 +165,7 @@ class WeightSyncWorkerExtension:
                 raise ManifestError(f"kernel-layout dtypes differ from the engine's: {bad[:5]}")
             return "ok"
         mc = self.model_runner.model_config
-        hf = mc.hf_text_config if hasattr(mc, "hf_text_config") else mc.hf_config
-        tied = {"lm_head.weight"} if getattr(hf, "tie_word_embeddings", False) else set()
-        validate_plan(plan, self._expected(), dtype_name(mc.dtype), tied)
+        validate_plan(plan, self._expected(), dtype_name(mc.dtype), self._tied())
         return "ok"
 
     @typed_errors
@@ -486,12 +497,30 @@ class WeightSyncWorkerExtension:
         st["kernel_program"] = (ck, program) if ck is not None else None
         return program
 
+    def _check_files(self, checkpoint_json: str) -> CheckpointFiles:
+        ckpt = CheckpointFiles.model_validate_json(checkpoint_json)
+        specs = read_checkpoint_files(ckpt.files)
+        validate_specs(list(specs.values()), self._expected(),
+                       dtype_name(self.model_runner.model_config.dtype), self._tied(),
+                       partial=ckpt.partial)
+        return ckpt
+
     @typed_errors
-    def ws_reload_from_path(self, path: str) -> str:
+    def ws_check_files(self, checkpoint_json: str) -> str:
+        """Check a checkpoint's headers against the model (``CheckpointFiles``); load nothing."""
+        self._check_files(checkpoint_json)
+        return "ok"
+
+    @typed_errors
+    def ws_reload_files(self, checkpoint_json: str) -> str:
+        """Load exactly the files of a checkpoint the host resolved (``CheckpointFiles``), after
+        checking their headers against the model again: complete unless asked otherwise."""
+        ckpt = self._check_files(checkpoint_json)
         t0 = time.perf_counter()
-        with torch.no_grad():
-            vllm_compat.reload_weights_from_path(self, path)
+        vllm_compat.reload_weights(self, iter_tensors(ckpt.files), is_checkpoint_format=True)
+        if getattr(self, "device", torch.device("cpu")).type == "cuda":
+            torch.cuda.synchronize()
         st = self._ws_state()
-        st["expected"] = st["layout"] = st["layout_status"] = None  # a new checkpoint
+        st["layout"] = st["layout_status"] = None  # re-derive and re-verify on the next sync
         st["kernel_program"] = st["ipc_plan"] = None
         return json.dumps({"reload": time.perf_counter() - t0})

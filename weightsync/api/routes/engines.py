@@ -15,7 +15,7 @@ from weightsync.api.fleet import Fleet
 from weightsync.api.routes.common import READ_ERRORS, WRITE_ERRORS
 from weightsync.api.schemas import (EngineInfo, EngineList, EngineStates, FleetStatus,
                                     PauseRequest, ResumeRequest, SleepRequest, WakeRequest)
-from weightsync.errors import IllegalStateError, UnsupportedError
+from weightsync.errors import UnsupportedError
 from weightsync.types import EngineState
 
 S = EngineState
@@ -43,15 +43,12 @@ async def _act(fleet: Fleet, names, method: str, *args, allowed: set[EngineState
                timeout: float) -> EngineStates:
     targets = fleet.resolve(names)
     with fleet.exclusive():
-        for st in await fleet.statuses(targets):
-            if method == "sleep" and not st.sleep_supported:
-                raise UnsupportedError(f"sleep mode is CUDA-only; engine runs on {st.device}",
-                                       engine=st.name)
-            if st.state not in allowed:
-                raise IllegalStateError(
-                    f"cannot {method} while {st.state.value} (needs "
-                    f"{'/'.join(sorted(s.value for s in allowed))}); no engine was touched",
-                    engine=st.name)
+        if method == "sleep":
+            for st in await fleet.statuses(targets):
+                if not st.sleep_supported:
+                    raise UnsupportedError(f"sleep mode is CUDA-only; engine runs on "
+                                           f"{st.device}", engine=st.name)
+        await fleet.require_states(targets, allowed, method)
         await fleet.each(targets, method, *args, timeout=timeout)
     return EngineStates(engines=await fleet.statuses(targets))
 

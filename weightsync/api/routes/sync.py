@@ -6,18 +6,17 @@ import asyncio
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Depends, Path, Request
 
-from weightsync.api.checkpoints import read_specs, resolve_checkpoint
 from weightsync.api.deps import get_fleet, get_sessions, get_settings, require_token
-from weightsync.api.fleet import Fleet
+from weightsync.api.errors import ClientGoneError
+from weightsync.api.fleet import SYNCABLE, Fleet
 from weightsync.api.routes.common import WRITE_ERRORS
 from weightsync.api.schemas import (AbortRequest, CommitRequest, ReloadRequest, SessionClosed,
                                     SessionInfo, SessionRequest)
 from weightsync.api.sessions import SessionRegistry
 from weightsync.config import Settings
 from weightsync.errors import SyncFailedError
-from weightsync.transport.packing import plan_buckets
 from weightsync.types import SyncResult
 
 logger = logging.getLogger(__name__)
@@ -29,40 +28,56 @@ router = APIRouter(tags=["sync"], dependencies=[Depends(require_token)], respons
 
 
 @router.post("/reload", response_model=SyncResult)
-async def reload(req: ReloadRequest | None = None, fleet: Fleet = Depends(get_fleet),
+async def reload(request: Request, req: ReloadRequest | None = None,
+                 fleet: Fleet = Depends(get_fleet),
                  settings: Settings = Depends(get_settings)) -> SyncResult:
     """Reload weights from a safetensors directory on the engine hosts (or the original model),
     reset caches, verify fingerprints agree, and publish a new version.
 
-    The checkpoint's headers are checked against every engine's model before any engine is
-    touched: a checkpoint that does not fit is a 422 and the fleet keeps serving.
+    Checked before any engine is touched: every target must be serving or fenced (else 409);
+    every engine resolves the directory's files one by one inside the load roots and checks
+    their headers against the model it started with — a checkpoint that does not fit, or that
+    lacks any of the model's tensors without ``partial``, is a 422 and the fleet keeps serving.
     """
     req = req or ReloadRequest()
     targets = fleet.resolve(req.engines)
     coord = fleet.coordinator
+    roots = settings.load_roots
+    dl = coord.transfer.deadlines
     with fleet.exclusive():
-        version = await fleet.published_version()
-        path = None
-        if req.path is not None:
-            path = resolve_checkpoint(req.path, settings.load_roots)
-            specs = await asyncio.to_thread(read_specs, path)
-            plan = plan_buckets(specs, coord.transfer.bucket_bytes, version + 1)
-            await fleet.each(targets, "validate", plan.model_dump_json(),
-                             timeout=coord.transfer.deadlines.verify)
+        await fleet.require_states(targets, SYNCABLE, "reload")
+        await fleet.published_version()
+        await fleet.each(targets, "validate_checkpoint", req.path, partial=req.partial,
+                         roots=roots, deadline_s=dl.verify, timeout=dl.verify * 1.5)
+        if await request.is_disconnected():  # nobody would learn the outcome: change nothing
+            raise ClientGoneError("the client went away before the reload began; "
+                                  "nothing was changed")
         try:
-            result = await asyncio.to_thread(coord.reload_checkpoint, path,
-                                             pause_mode=req.pause_mode, engines=targets)
+            result = await asyncio.to_thread(coord.reload_checkpoint, req.path,
+                                             pause_mode=req.pause_mode, engines=targets,
+                                             partial=req.partial, roots=roots)
         except SyncFailedError as e:
             if e.result is not None:
                 fleet.record(e.result)
             raise
     fleet.record(result)
-    logger.info("reloaded %s from %s: version %d", targets, path or "the original model",
-                result.version)
+    logger.info("reloaded %s from %s%s: version %d", targets, req.path or "the original model",
+                " (partial)" if req.partial else "", result.version)
     return result
 
 
-@router.post("/sessions", response_model=SessionInfo, status_code=201)
+SESSION_LINKS = {  # OpenAPI links: what a client (or schemathesis) does with a new session
+    "CommitSession": {"operationId": "commit_session",
+                      "parameters": {"session": "$response.body#/session"}},
+    "AbortSession": {"operationId": "abort_session",
+                     "parameters": {"session": "$response.body#/session"}},
+}
+
+
+@router.post("/sessions", response_model=SessionInfo, status_code=201,
+             operation_id="open_session",
+             responses={201: {"description": "The session is open: the engines are paused and "
+                                             "dialling the trainer", "links": SESSION_LINKS}})
 async def open_session(req: SessionRequest, fleet: Fleet = Depends(get_fleet),
                        sessions: SessionRegistry = Depends(get_sessions)) -> SessionInfo:
     """Open a sync for a trainer outside the Ray cluster.
@@ -75,7 +90,8 @@ async def open_session(req: SessionRequest, fleet: Fleet = Depends(get_fleet),
     return await sessions.open(fleet, req)
 
 
-@router.post("/sessions/{session}/commit", response_model=SyncResult)
+@router.post("/sessions/{session}/commit", response_model=SyncResult,
+             operation_id="commit_session")
 async def commit_session(session: SessionPath, req: CommitRequest,
                          fleet: Fleet = Depends(get_fleet),
                          sessions: SessionRegistry = Depends(get_sessions)) -> SyncResult:
@@ -86,7 +102,8 @@ async def commit_session(session: SessionPath, req: CommitRequest,
     return out
 
 
-@router.post("/sessions/{session}/abort", response_model=SessionClosed)
+@router.post("/sessions/{session}/abort", response_model=SessionClosed,
+             operation_id="abort_session")
 async def abort_session(session: SessionPath, req: AbortRequest | None = None,
                         fleet: Fleet = Depends(get_fleet),
                         sessions: SessionRegistry = Depends(get_sessions)) -> SessionClosed:
