@@ -110,3 +110,11 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bucket_mib: int = Field(64, ge=1)
     load_roots: tuple[str, ...] = ()
+    # Request bodies over this are refused (413) before any of it is parsed. A /sessions
+    # tensor list takes ~100 bytes a tensor: 8 MiB is ~80,000 tensors.
+    max_body_mib: int = Field(8, ge=1, le=1024)
+    # What `serve` does with the engines it started when it stops: None keeps them when Ray is
+    # an external cluster (they are detached, and a restarted service finds them) and stops
+    # them when the service starts Ray itself (ray_address unset or "local": they would be
+    # orphans that nobody could find).
+    keep_engines: bool | None = None

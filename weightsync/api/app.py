@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from weightsync.api.errors import install_error_handlers
 from weightsync.api.fleet import Fleet
+from weightsync.api.gate import Gate, PageSessions
 from weightsync.api.routes import engines as engine_routes
 from weightsync.api.routes import health, page, sync
 from weightsync.api.sessions import SessionRegistry
@@ -42,6 +43,9 @@ def check_bind(settings: Settings) -> None:
     """Refuse settings that would expose an unauthenticated control plane."""
     if settings.token is not None and not settings.token.strip():
         raise ConfigError("WEIGHTSYNC_TOKEN is set but empty")
+    if settings.token is not None and settings.token != settings.token.strip():
+        # HTTP strips whitespace around header values: such a token could never match
+        raise ConfigError("WEIGHTSYNC_TOKEN has leading or trailing whitespace")
     if not is_loopback(settings.host) and settings.token is None:
         raise ConfigError(f"refusing to bind {settings.host!r} without a token: anyone who can "
                           "reach it could drive the fleet. Set WEIGHTSYNC_TOKEN, or bind "
@@ -75,13 +79,17 @@ def create_app(settings: Settings, *, engines: Sequence[Any] | Mapping[str, Any]
 
     from weightsync import __version__
 
+    # redirect_slashes off: Starlette builds those redirects from the request's Host header
     app = FastAPI(title="weightsync control plane", version=__version__, lifespan=lifespan,
+                  redirect_slashes=False,
                   description="Drive a fleet of vLLM engines: sleep, wake, pause, resume, "
                               "reload, and sync sessions for trainers outside the Ray cluster.")
     app.state.settings = settings
     app.state.metrics = SyncMetrics()
     app.state.sessions = SessionRegistry()
+    app.state.page_sessions = PageSessions()
     app.state.fleet = None
+    app.add_middleware(Gate, settings=settings, sessions=app.state.page_sessions)
     install_error_handlers(app)
     for module in (health, engine_routes, sync, page):
         app.include_router(module.router)

@@ -4,16 +4,19 @@ Settings are read once, by the entrypoint (``services/serve.py``, ``weightsync s
 handed to ``create_app``; ``get_settings`` returns that one instance (FastAPI caches it per
 request) and tests swap it with ``app.dependency_overrides[get_settings]``.
 
-Auth: with a token configured, every route but ``/healthz`` and ``/favicon.ico`` needs it.
-Mutating routes accept only the ``Authorization: Bearer`` header. Read-only GET routes (``/``,
-``/status``, ``/engines``, ``/metrics``) also accept the status page's cookie, which
-``/?token=...`` sets (HttpOnly, SameSite=Strict) so a browser can show the page; a cookie never
-authorises a change, so a cross-site form cannot drive the fleet.
+Auth: with a token configured, every route but the public ones (``weightsync.api.gate.PUBLIC``)
+needs it. Mutating routes accept only the ``Authorization: Bearer`` header. Read-only GET routes
+(``/``, ``/status``, ``/engines``, ``/metrics``) also accept the status page's cookie, which a
+sign-in at ``POST /login`` sets (HttpOnly, SameSite=Strict, a random session id — never the
+token itself); a cookie never authorises a change, so a cross-site form cannot drive the fleet.
+``weightsync.api.gate.Gate`` applies ``authorized`` before any body is read; the dependencies
+below apply it again per route and declare the scheme in the OpenAPI document.
 """
 
 from __future__ import annotations
 
 import hmac
+from typing import TYPE_CHECKING
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -24,7 +27,10 @@ from weightsync.api.sessions import SessionRegistry
 from weightsync.config import Settings
 from weightsync.errors import EngineError
 
-COOKIE = "weightsync_token"
+if TYPE_CHECKING:
+    from weightsync.api.gate import PageSessions
+
+COOKIE = "weightsync_session"
 bearer_scheme = HTTPBearer(auto_error=False, description="WEIGHTSYNC_TOKEN")
 
 
@@ -47,25 +53,34 @@ def token_matches(presented: str | None, expected: str) -> bool:
     return presented is not None and hmac.compare_digest(presented.encode(), expected.encode())
 
 
-def require_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
+def authorized(authorization: str | None, cookie: str | None, settings: Settings,
+               page_sessions: PageSessions, *, write: bool) -> bool:
+    """Whether a request may pass: the bearer header, or (reads only) a page session."""
+    if settings.token is None:
+        return True
+    scheme, _, credentials = (authorization or "").partition(" ")
+    if scheme.lower() == "bearer" and token_matches(credentials.strip(), settings.token):
+        return True
+    return not write and page_sessions.valid(cookie)
+
+
+def _check(request: Request, credentials: HTTPAuthorizationCredentials | None,
+           settings: Settings, write: bool) -> None:
+    header = f"Bearer {credentials.credentials}" if credentials is not None else None
+    if not authorized(header, request.cookies.get(COOKIE), settings,
+                      request.app.state.page_sessions, write=write):
+        raise AuthError("missing or wrong bearer token (Authorization: Bearer <token>)")
+
+
+def require_token(request: Request,
+                  credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
                   settings: Settings = Depends(get_settings)) -> None:
     """Every route that changes something: the bearer header and nothing else."""
-    if settings.token is None:
-        return
-    if credentials is None:
-        raise AuthError("missing bearer token (Authorization: Bearer <token>)")
-    if not token_matches(credentials.credentials, settings.token):
-        raise AuthError("wrong bearer token")
+    _check(request, credentials, settings, write=True)
 
 
 def require_reader(request: Request,
                    credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
                    settings: Settings = Depends(get_settings)) -> None:
-    """Read-only routes: the bearer header, or the status page's cookie."""
-    if settings.token is None:
-        return
-    presented = credentials.credentials if credentials is not None else request.cookies.get(COOKIE)
-    if presented is None:
-        raise AuthError("missing bearer token (Authorization: Bearer <token>, or open /?token=...)")
-    if not token_matches(presented, settings.token):
-        raise AuthError("wrong bearer token")
+    """Read-only routes: the bearer header, or the status page's session cookie."""
+    _check(request, credentials, settings, write=False)

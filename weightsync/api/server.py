@@ -1,13 +1,19 @@
 """Run the control plane: connect to Ray, start or find the engines, serve with uvicorn.
 
 Engines are detached named actors (``engine-0`` .. ``engine-N-1``) in the settings' Ray
-namespace: they outlive this process, and a restarted service finds them instead of starting
-new ones. Called by ``services/serve.py`` and ``weightsync serve``, which read ``Settings``.
+namespace: in an external Ray cluster they outlive this process, and a restarted service finds
+them instead of starting new ones. When the service started Ray itself, nothing could find them
+after it stops, so it stops the engines it started (``Settings.keep_engines`` overrides either
+way): vLLM's engine-core and worker processes go with them instead of lingering as orphans.
+Called by ``services/serve.py`` and ``weightsync serve``, which read ``Settings``.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import re
+import signal
 from typing import Any
 
 from weightsync.api.app import check_bind, create_app
@@ -16,21 +22,46 @@ from weightsync.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+_URL_CREDENTIAL = re.compile(r"((?:^|[?&;])(?:access_)?token=)[^&;\s\"]*", re.IGNORECASE)
+
+
+class RedactCredentials(logging.Filter):
+    """Blanks ``token=...`` in query strings of log lines (uvicorn's access log prints every
+    request's URL). The service refuses such requests, but the attempt is still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_URL_CREDENTIAL.sub(r"\1[redacted]", a) if isinstance(a, str)
+                                else a for a in record.args)
+        elif isinstance(record.msg, str):
+            record.msg = _URL_CREDENTIAL.sub(r"\1[redacted]", record.msg)
+        return True
+
+
+def log_config() -> dict[str, Any]:
+    """uvicorn's logging config with ``RedactCredentials`` on every handler."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    cfg = copy.deepcopy(LOGGING_CONFIG)
+    cfg.setdefault("filters", {})["redact"] = {"()": f"{__name__}.RedactCredentials"}
+    for handler in cfg["handlers"].values():
+        handler.setdefault("filters", []).append("redact")
+    return cfg
+
 
 def engine_name(i: int) -> str:
     return f"engine-{i}"
 
 
-def ensure_engines(settings: Settings, *, timeout_s: float = 900.0) -> list[Any]:
+def ensure_engines(settings: Settings, *, timeout_s: float = 900.0) -> tuple[list[Any], list[Any]]:
     """The ``settings.engines`` engine actors of this namespace, starting any that are missing.
-
-    Needs ``settings.model`` only when an engine has to be started.
-    """
+    Returns (all of them, the ones started here). Needs ``settings.model`` only when an engine
+    has to be started."""
     import ray
 
     from weightsync.engine.actor import spawn_engine
 
-    actors, booting = [], []
+    actors, started = [], []
     for i in range(settings.engines):
         name = engine_name(i)
         try:
@@ -46,25 +77,62 @@ def ensure_engines(settings: Settings, *, timeout_s: float = 900.0) -> list[Any]
                           load_roots=settings.load_roots)
         actor = spawn_engine(spec, namespace=settings.namespace, detached=True)
         actors.append(actor)
-        booting.append(actor.start.remote())
+        started.append(actor)
         logger.info("starting engine %s (%s) in namespace %s", name, settings.model,
                     settings.namespace)
-    if booting:
-        ray.get(booting, timeout=timeout_s)
-    return actors
+    if started:
+        try:
+            ray.get([a.start.remote() for a in started], timeout=timeout_s)
+        except BaseException:
+            stop_engines(started)
+            raise
+    return actors, started
+
+
+def stop_engines(actors: list[Any], timeout_s: float = 60.0) -> None:
+    """Shut each engine down (vLLM stops its engine-core and worker processes), then end its
+    actor. Best effort: an engine that does not answer is killed."""
+    import ray
+
+    refs = [a.shutdown.remote() for a in actors]
+    try:
+        ray.get(refs, timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - a dead or stuck engine is killed below anyway
+        logger.warning("engine shutdown did not finish cleanly", exc_info=True)
+    for a in actors:
+        try:
+            ray.kill(a)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+    logger.info("stopped %d engine(s)", len(actors))
 
 
 def serve(settings: Settings) -> None:
-    """Blocks until the server stops. Refuses unsafe settings before touching Ray."""
+    """Blocks until the server stops (SIGINT/SIGTERM: uvicorn shuts down gracefully), then
+    stops the engines it started unless they should outlive it. Refuses unsafe settings
+    before touching Ray."""
     import ray
     import uvicorn
 
     check_bind(settings)
     ray.init(address=settings.ray_address, namespace=settings.namespace,
              ignore_reinit_error=True, log_to_driver=False)
-    engines = ensure_engines(settings)
-    app = create_app(settings, engines=engines)
-    logger.info("serving the control plane on http://%s:%d (auth %s)", settings.host,
-                settings.port, "on" if settings.token else "off")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
-                proxy_headers=False, server_header=False)
+    own_ray = settings.ray_address in (None, "local")  # this process starts Ray
+    keep = settings.keep_engines if settings.keep_engines is not None else not own_ray
+    started: list[Any] = []
+    try:
+        engines, started = ensure_engines(settings)
+        app = create_app(settings, engines=engines)
+        logger.info("serving the control plane on http://%s:%d (auth %s)", settings.host,
+                    settings.port, "on" if settings.token else "off")
+        try:
+            uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
+                        log_config=log_config(), proxy_headers=False, server_header=False)
+        except SystemExit as e:  # uvicorn re-raises the signal it stopped on; Ray's driver
+            if e.code not in (signal.SIGTERM, signal.SIGINT):  # handler turns it into exit
+                raise
+            logger.info("stopped by signal %d", e.code)
+    finally:
+        if started and not keep:
+            stop_engines(started)
+        ray.shutdown()

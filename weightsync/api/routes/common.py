@@ -9,8 +9,10 @@ from weightsync.api.schemas import ErrorBody
 _WHY = {
     401: "No or wrong bearer token",
     404: "Unknown engine or session",
-    409: "Illegal engine state, or a sync is in progress",
-    422: "Bad input (validation, path outside the load roots, unsupported on this engine)",
+    409: "Illegal engine state, or a sync is in progress (nothing was changed)",
+    413: "Request body over the service's limit (WEIGHTSYNC_MAX_BODY_MIB)",
+    422: "Bad input (validation, path outside the load roots, a checkpoint or tensor list "
+         "that does not cover the model, unsupported on this engine)",
     503: "An engine is unavailable or failed",
     504: "A phase ran past its deadline",
 }
@@ -27,5 +29,5 @@ def error_responses(*statuses: int, json_route: bool = True) -> dict[int | str, 
 
 
 READ_ERRORS = error_responses(401, 503, 504)
-WRITE_ERRORS = error_responses(401, 404, 409, 422, 503, 504)
+WRITE_ERRORS = error_responses(401, 404, 409, 413, 422, 503, 504)
 PAGE_ERRORS = error_responses(401, 422, 503, 504, json_route=False)

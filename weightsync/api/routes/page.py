@@ -4,47 +4,38 @@ One self-contained HTML document (inline CSS, JS and SVG; no CDN: engines often 
 machines without internet). The current status is embedded as JSON so the page renders without
 a round trip, then refreshes from ``/status`` every 2 s with the page's cookie.
 
-Auth: with a token configured, open ``/?token=<token>`` once; the service sets an HttpOnly,
-SameSite=Strict cookie and redirects to ``/`` (the token leaves the address bar and history).
-The cookie is accepted by read-only GET routes only (see ``weightsync.api.deps``).
+Auth: with a token configured, sign in once at ``/login`` (a form that POSTs the token, so it
+never appears in a URL, an access log or the browser's history). The service answers with an
+HttpOnly, SameSite=Strict cookie holding a random session id (``weightsync.api.gate.
+PageSessions``), never the token, and a 303 to a relative ``./`` (the ``Host`` header is not
+trusted to build it). The cookie is accepted by read-only GET routes only (see
+``weightsync.api.deps``).
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+from urllib.parse import parse_qs
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials
 
-from weightsync.api.deps import (COOKIE, bearer_scheme, get_fleet, get_settings, require_reader,
-                                 token_matches)
+from weightsync.api.deps import COOKIE, get_fleet, get_settings, require_reader, token_matches
 from weightsync.api.errors import AuthError
 from weightsync.api.fleet import Fleet
-from weightsync.api.routes.common import PAGE_ERRORS
+from weightsync.api.routes.common import PAGE_ERRORS, error_responses
 from weightsync.api.schemas import FleetStatus
 from weightsync.config import Settings
 
 router = APIRouter(tags=["page"])
+SECURITY_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer",
+                    "X-Content-Type-Options": "nosniff"}
 
 
 @router.get("/", response_model=str, response_class=HTMLResponse,
-            responses={303: {"description": "Token accepted: sets the page cookie, redirects"},
-                       **PAGE_ERRORS})
-async def status_page(request: Request,
-                      token: str | None = Query(None, max_length=4096,
-                                                description="Sets the page's cookie once"),
-                      credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
-                      settings: Settings = Depends(get_settings),
-                      fleet: Fleet = Depends(get_fleet)) -> Response:
-    if token is not None and settings.token is not None:
-        if not token_matches(token, settings.token):
-            raise AuthError("wrong token")
-        resp = RedirectResponse(str(request.url.remove_query_params("token")), status_code=303)
-        resp.set_cookie(COOKIE, settings.token, httponly=True, samesite="strict", path="/")
-        return resp
-    require_reader(request, credentials, settings)
+            dependencies=[Depends(require_reader)], responses=PAGE_ERRORS)
+async def status_page(fleet: Fleet = Depends(get_fleet)) -> Response:
     status = FleetStatus(version=fleet.coordinator.version, busy=fleet.busy,
                          engines=await fleet.statuses(), recent=list(fleet.recent))
     nonce = secrets.token_urlsafe(16)
@@ -53,8 +44,40 @@ async def status_page(request: Request,
     html = PAGE.replace("__NONCE__", nonce).replace("__DATA__", data)
     csp = (f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; "
            "connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'")
-    return HTMLResponse(html, headers={"Content-Security-Policy": csp,
-                                       "Cache-Control": "no-store"})
+    return HTMLResponse(html, headers={"Content-Security-Policy": csp, **SECURITY_HEADERS})
+
+
+@router.get("/login", response_model=str, response_class=HTMLResponse)
+async def login_form() -> Response:
+    """The status page's sign-in form (public). It POSTs the token to ``/login``."""
+    csp = "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; form-action 'self'; " \
+          "frame-ancestors 'none'"
+    return HTMLResponse(LOGIN, headers={"Content-Security-Policy": csp, **SECURITY_HEADERS})
+
+
+LOGIN_BODY = {"content": {"application/x-www-form-urlencoded": {"schema": {
+    "type": "object", "required": ["token"],
+    "properties": {"token": {"type": "string", "minLength": 1, "maxLength": 4096}}}}},
+    "required": True}
+
+
+@router.post("/login", status_code=303, response_class=Response,
+             openapi_extra={"requestBody": LOGIN_BODY},
+             responses={303: {"description": "Signed in: sets the page's session cookie and "
+                                             "redirects to the page"},
+                        **error_responses(401, 413, 422, json_route=False)})
+async def login(request: Request, settings: Settings = Depends(get_settings)) -> Response:
+    """Sign in to the status page with the bearer token (a form field, never a URL)."""
+    form = parse_qs((await request.body()).decode("utf-8", "replace"))
+    token = (form.get("token") or [None])[0]
+    if settings.token is not None and not token_matches(token, settings.token):
+        raise AuthError("wrong token")
+    resp = RedirectResponse("./", status_code=303)
+    if settings.token is not None:
+        resp.set_cookie(COOKIE, request.app.state.page_sessions.new(), httponly=True,
+                        samesite="strict", path="/",
+                        max_age=int(request.app.state.page_sessions.ttl_s))
+    return resp
 
 
 @router.get("/favicon.ico", include_in_schema=False)
@@ -69,6 +92,16 @@ ICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
         b'<rect width="16" height="16" rx="3" fill="#0969da"/>'
         b'<path d="M3 5l2 7 3-5 3 5 2-7" fill="none" stroke="#fff" stroke-width="1.6"/></svg>')
 
+
+LOGIN = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>weightsync: sign in</title>
+<link rel="icon" href="favicon.ico" type="image/svg+xml">
+<style>body{font:14px/1.4 system-ui,sans-serif;margin:2rem}input{margin:.3rem 0}</style>
+</head><body><h1>weightsync</h1>
+<form method="post" action="login"><label>Token<br>
+<input type="password" name="token" id="token" autocomplete="current-password" required>
+</label><br><button type="submit" id="signin">Sign in</button></form></body></html>
+"""
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>weightsync</title>
