@@ -52,3 +52,41 @@ def save_checkpoint(policy, tokenizer, out: Path, seed: int, scale: float = 0.3)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return model
+
+
+TOKEN = "test-token-3f9a"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+PROMPTS = ["hello world", "the quick brown fox"]
+N_TOK = 8
+
+
+def outputs(actor):
+    import ray
+
+    return ray.get(actor.generate.remote(PROMPTS, max_tokens=N_TOK, logprobs=True), timeout=120)
+
+
+def assert_parity(fleet, model, tokenizer, version: int) -> None:
+    """Every engine's greedy tokens and logprobs equal HF's with ``model``, at ``version``."""
+    from weightsync.testing.reference import greedy
+
+    ref = greedy(model, tokenizer, PROMPTS, N_TOK)
+    for actor in fleet:
+        outs = outputs(actor)
+        assert [list(o.token_ids) for o in outs] == [t for t, _ in ref]
+        for o, (_, lps) in zip(outs, ref, strict=True):
+            assert max(abs(a - b) for a, b in zip(o.logprobs, lps, strict=True)) < 1e-3
+        assert {o.version for o in outs} == {version}
+
+
+def restore(c) -> None:
+    """Every test starts and ends with a serving fleet."""
+    from weightsync.types import EngineState
+
+    st = c.status()
+    paused = [e.name for e in st.engines if e.state == EngineState.PAUSED]
+    if paused:
+        c.resume(paused)
+    if any(e.state == EngineState.FENCED for e in c.status().engines):
+        c.reload(None)
+    assert all(e.state == EngineState.SERVING for e in c.status().engines)
