@@ -135,13 +135,18 @@ def _read_json(path: str, limit: int, roots: Sequence[str] | None) -> dict:
         size = os.fstat(fd).st_size
         if size > limit:
             raise ManifestError(f"{path!r} is {size} bytes (limit {limit})")
-        data = json.loads(_read_exactly(fd, size, path))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{path!r} is not valid JSON: {e}") from None
+        return _json_object(_read_exactly(fd, size, path), f"{path!r}")
     finally:
         os.close(fd)
+
+
+def _json_object(raw: bytes, what: str) -> dict:
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{what}: unreadable JSON: {e}") from None
     if not isinstance(data, dict):
-        raise ManifestError(f"{path!r} is not a JSON object")
+        raise ManifestError(f"{what}: not a JSON object")
     return data
 
 
@@ -159,14 +164,9 @@ def read_header(path: str, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[str
                                 f"{max_header_bytes}")
         if 8 + n > size:
             raise ManifestError(f"{path!r}: header length {n} runs past the end of the file")
-        try:
-            header = json.loads(_read_exactly(fd, n, path))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ManifestError(f"{path!r}: unreadable safetensors header: {e}") from None
+        header = _json_object(_read_exactly(fd, n, path), f"{path!r}: safetensors header")
     finally:
         os.close(fd)
-    if not isinstance(header, dict):
-        raise ManifestError(f"{path!r}: the header is not a JSON object")
     data_bytes = size - 8 - n
     specs: dict[str, TensorSpec] = {}
     for name, entry in header.items():

@@ -114,7 +114,7 @@ def test_headers_are_bounded_checked_and_never_trusted(root):
     bad.mkdir()
     f = bad / "model.safetensors"
     f.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{notjson")
-    with pytest.raises(ManifestError, match="unreadable safetensors header"):
+    with pytest.raises(ManifestError, match="safetensors header: unreadable JSON"):
         read_checkpoint(str(bad), [str(root)])
     f.write_bytes((1 << 40).to_bytes(8, "little") + b"{}")
     with pytest.raises(ManifestError, match="over the limit"):
