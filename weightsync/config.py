@@ -92,6 +92,11 @@ class EngineSpec(_Frozen):
     def _gpu_consistent(self) -> EngineSpec:
         if self.device == "cpu" and self.num_gpus:
             raise ValueError("a cpu engine asks for no GPUs")
+        if self.tensor_parallel_size > 1:
+            # each worker of such an engine would join the transfer group at a rank of its
+            # own, which the group's rank arithmetic does not provide for yet
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: tensor-parallel "
+                             "engines are not supported yet (every engine is one worker)")
         return self
 
 

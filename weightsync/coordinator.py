@@ -9,6 +9,10 @@ It is all-or-nothing: with ``apply="staged"`` no engine reloads until every engi
 every bucket with matching checksums, so a dead peer leaves the whole fleet on its old
 version. An engine that fails after its weights were touched is fenced (not routable) and
 only unfenced by a resync that verifies. Every wait has a deadline.
+
+The coordinator reaches engines only through ``weightsync.remote.Engines`` (Ray actors, or an
+in-process fleet in protocol tests) and moves bytes only through a transfer leg named in
+``weightsync.transport.legs``; it never branches on the kind of either.
 """
 
 from __future__ import annotations
@@ -17,18 +21,20 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
-
-import ray
 
 from weightsync.config import TransferConfig
 from weightsync.errors import (ConfigError, EngineDeadError, EngineUnresponsive,
                                IllegalStateError, ManifestError, SyncFailedError,
                                SyncInProgressError, VerificationError)
+from weightsync.messages import BeginReply, LayoutStatus
 from weightsync.metrics import SyncMetrics
-from weightsync.remote import gather
-from weightsync.transport.fleet import ExternalSender, FleetTransfer
+from weightsync.remote import Engines, RayEngines
+from weightsync.transport.legs import sender_leg
+from weightsync.transport.legs.base import SenderLeg
+from weightsync.transport.legs.external import ExternalSender
 from weightsync.transport.packing import named_tensors, plan_buckets, spec_of
 from weightsync.types import (EngineState, EngineStatus, EngineSyncReport, PauseMode, SyncResult,
                               TensorSpec, TransferPlan)
@@ -38,14 +44,12 @@ __all__ = ["ExternalSender", "SyncCoordinator"]
 logger = logging.getLogger(__name__)
 
 PhaseHook = Callable[[str, str | None], None]  # (phase, engine or None)
+_CAN_BEGIN = {EngineState.SERVING, EngineState.FENCED, EngineState.STOPPED}
 
 
 def _check_sleep_level(level: int) -> None:
     if level not in (0, 1, 2):
         raise ConfigError(f"sleep_level must be 0, 1 or 2, not {level}")
-
-
-_CAN_BEGIN = {EngineState.SERVING, EngineState.FENCED, EngineState.STOPPED}
 
 
 def _raise_refusal(ok: dict, bad: dict) -> None:
@@ -62,38 +66,70 @@ def _raise_unless_ok(result: SyncResult) -> SyncResult:
     return result
 
 
-class _Engine:
-    def __init__(self, name: str, actor: Any) -> None:
-        self.name, self.actor = name, actor
-        self.report: dict[str, Any] = {}
+@dataclass(slots=True)
+class _Run:
+    """One engine's part of one sync, as the coordinator learns it (typed: a misspelt field is
+    an AttributeError, never a silent default)."""
+
+    begun: BeginReply | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    checksums: tuple[int, ...] | None = None
+    applied: bool = False
+    nbytes: int = 0
+    checksum_ok: bool | None = None
+    fingerprint: str | None = None
+    note: str | None = None  # why it rolled back, when it did
 
 
 class SyncCoordinator:
-    """Drives weight syncs over a fixed set of engine actors. Thread-safe; one sync at a time."""
+    """Drives weight syncs over a fixed set of engines. Thread-safe; one sync at a time.
 
-    def __init__(self, engines: Sequence[Any], transfer: TransferConfig | None = None, *,
-                 metrics: SyncMetrics | None = None, on_phase: PhaseHook | None = None) -> None:
-        if not engines:
-            raise ConfigError("a coordinator needs at least one engine")
+    ``engines``: engine actor handles, or any ``weightsync.remote.Engines``.
+    """
+
+    def __init__(self, engines: Sequence[Any] | Engines, transfer: TransferConfig | None = None,
+                 *, metrics: SyncMetrics | None = None, on_phase: PhaseHook | None = None) -> None:
         self.transfer = transfer or TransferConfig()
         self.metrics = metrics or SyncMetrics()
         self.on_phase = on_phase
-        statuses = ray.get([a.status.remote() for a in engines], timeout=self.transfer.deadlines.verify)
-        self.engines = {s.name: a for s, a in zip(statuses, engines, strict=True)}
-        self.version = max(s.version for s in statuses)
+        if isinstance(engines, Sequence):
+            if not engines:
+                raise ConfigError("a coordinator needs at least one engine")
+            self.access, statuses = RayEngines.connect(engines, self.transfer.deadlines.verify)
+        else:
+            self.access = engines
+            statuses = self.statuses()
+        self.version = max(s.version for s in statuses)  # the latest published
+        self._issued = self.version  # the latest handed to a sync, published or not
         self._lock = threading.Lock()
         self._layout_cache: dict[tuple[str, ...], Any] = {}  # engine set -> verified layout
         self._kernel_plan_of: tuple[Any, TransferPlan] | None = None  # (layout, its plan)
-        self.legs = FleetTransfer(self.transfer, lambda i: self._phase(f"bucket:{i}"))
+        self._legs: dict[str, SenderLeg] = {}
+
+    @property
+    def engines(self) -> dict[str, Any]:
+        """Engine name -> handle."""
+        return self.access.handles
 
     # ---- helpers ---------------------------------------------------------------------------
     def _phase(self, phase: str, engine: str | None = None) -> None:
         if self.on_phase is not None:
             self.on_phase(phase, engine)
 
+    def _call(self, method: str, names: Sequence[str] | Mapping[str, tuple], *args: Any,
+              timeout: float, **kwargs: Any) -> tuple[dict[str, Any], dict]:
+        """``method`` on every engine of ``names`` at once; (results, typed errors)."""
+        pending = {n: self.access.submit(n, method, *args, **kwargs) for n in names}
+        return self.access.wait(pending, timeout)
+
+    def _leg(self, name: str) -> SenderLeg:
+        if name not in self._legs:
+            self._legs[name] = sender_leg(name)(self.transfer, self.access,
+                                                lambda i: self._phase(f"bucket:{i}"))
+        return self._legs[name]
+
     def statuses(self) -> list[EngineStatus]:
-        refs = {n: a.status.remote() for n, a in self.engines.items()}
-        ok, bad = gather(refs, self.transfer.deadlines.verify)
+        ok, bad = self._call("status", list(self.engines), timeout=self.transfer.deadlines.verify)
         out = list(ok.values())
         for n, e in bad.items():
             out.append(EngineStatus(name=n, state=EngineState.STOPPED, version=-1, device="?",
@@ -103,31 +139,34 @@ class SyncCoordinator:
     def replace_engine(self, name: str, actor: Any) -> None:
         """Swap in a restarted actor for ``name``. It is fenced (it serves the original
         checkpoint, not the fleet's version) until the next sync verifies it."""
-        ray.get(actor.fence.remote(f"restarted: awaiting a resync to version {self.version}"),
-                timeout=self.transfer.deadlines.verify)
-        self.engines[name] = actor
-        self.legs.close_group()
-        self.legs.release_ipc_buffers(force=True)  # its handles were shared with the old one
+        self.access.replace(name, actor)
+        _, bad = self._call("fence", [name], f"restarted: awaiting a resync to version "
+                            f"{self.version}", timeout=self.transfer.deadlines.verify)
+        if bad:
+            raise bad[name]
+        for leg in self._legs.values():  # groups and IPC handles were shared with the old one
+            leg.close()
         self._layout_cache.clear()
 
     # ---- public API ------------------------------------------------------------------------
     def sync(self, weights: Any, *, pause_mode: PauseMode = "abort", sleep_level: int = 0,
              engines: Sequence[str] | None = None, wave_size: int | None = None,
-             ipc: bool = False, partial: bool = False) -> SyncResult:
+             ipc: bool = False, partial: bool = False, leg: str | None = None) -> SyncResult:
         """Sync ``weights`` (module, state dict or iterable of ``(name, tensor)``) to the fleet.
 
         ``wave_size`` turns on rolling mode: engines update a wave at a time while the others
-        keep serving. ``ipc=True`` shares CUDA buckets with colocated engines instead of
-        broadcasting. ``weights`` must hold every tensor of the engines' model unless
-        ``partial`` (then it may update a subset; the result says so). Raises
-        ``SyncFailedError`` (with ``.result``) if any engine failed, ``ManifestError`` if the
-        weights do not fit the model, ``IllegalStateError`` if an engine is in no state to
-        begin (nothing changed anywhere in either case).
+        keep serving. The transfer leg is ``leg`` by name (``weightsync.transport.legs``),
+        ``"broadcast"`` by default; ``ipc=True`` is ``leg="ipc"`` (colocated engines map CUDA
+        buckets). ``weights`` must hold every tensor of the engines' model unless ``partial``
+        (then it may update a subset; the result says so). Raises ``SyncFailedError`` (with
+        ``.result``) if any engine failed, ``ManifestError`` if the weights do not fit the
+        model, ``IllegalStateError`` if an engine is in no state to begin (nothing changed
+        anywhere in either case).
         """
         _check_sleep_level(sleep_level)
         with self._exclusive():
-            return self._sync(weights, pause_mode, sleep_level, engines, wave_size, ipc,
-                              partial)
+            return self._sync(weights, pause_mode, sleep_level, engines, wave_size,
+                              leg or ("ipc" if ipc else "broadcast"), partial)
 
     def reload_checkpoint(self, path: str | None, *, pause_mode: PauseMode = "abort",
                           engines: Sequence[str] | None = None, partial: bool = False,
@@ -144,29 +183,26 @@ class SyncCoordinator:
             version = self._next_version(targets)
             dl = self.transfer.deadlines
             self._phase("validate")
-            refs = {n: self.engines[n].validate_checkpoint.remote(
-                        path, partial=partial, roots=roots, deadline_s=dl.verify)
-                    for n in targets}
-            _raise_refusal(*gather(refs, dl.verify * 1.5))
+            _raise_refusal(*self._call("validate_checkpoint", targets, path, partial=partial,
+                                       roots=roots, deadline_s=dl.verify,
+                                       timeout=dl.verify * 1.5))
             self._layout_cache.clear()  # a new checkpoint: engines re-derive and re-verify
             t0 = time.perf_counter()
-            fleet = {n: _Engine(n, self.engines[n]) for n in targets}
-            self._begin(fleet, None, pause_mode, 0)
-            refs = {n: e.actor.reload_from_path.remote(path, dl.reload, partial=partial,
-                                                       roots=roots)
-                    for n, e in fleet.items()}
-            ok, bad = gather(refs, dl.reload * 1.2)
-            for n, s in ok.items():
-                fleet[n].report.setdefault("seconds", {})["reload"] = s
-            result = self._finish(fleet, bad, version, "checkpoint", 0, (), t0)
-            return _raise_unless_ok(result.model_copy(update={"partial": partial}))
+            runs = {n: _Run() for n in targets}
+            self._begin(runs, None, pause_mode, 0)
+            ok, bad = self._call("reload_from_path", targets, path, dl.reload, partial=partial,
+                                 roots=roots, timeout=dl.reload * 1.2)
+            for n, r in ok.items():
+                runs[n].seconds["reload"] = r.reload
+            result = self._finish(runs, bad, version, "checkpoint", (), t0, partial)
+            return _raise_unless_ok(result)
 
     def sync_external(self, specs: Sequence[TensorSpec], sender: ExternalSender, *,
                       pause_mode: PauseMode = "abort", sleep_level: int = 0,
                       engines: Sequence[str] | None = None,
                       partial: bool = False) -> SyncResult:
         """Sync weights that ``sender`` broadcasts from outside this process (e.g. a trainer
-        reaching the fleet through the control plane).
+        reaching the fleet through the control plane): the ``external`` leg.
 
         Same protocol as ``sync``: the plan is derived here from ``specs``, validated on every
         engine before anything changes, and everything after the transfer (checksums against
@@ -181,14 +217,14 @@ class SyncCoordinator:
             plan = plan_buckets(list(specs), self.transfer.bucket_bytes,
                                 self._next_version(targets))
             plan = plan.model_copy(update={"partial": partial})
-            result = self._sync_wave(targets, plan, None, pause_mode, sleep_level, False, t0,
-                                     external=sender)
-            return _raise_unless_ok(result.model_copy(update={"partial": partial}))
+            return _raise_unless_ok(self._sync_wave(targets, plan, sender, "external",
+                                                    pause_mode, sleep_level, t0))
 
     def close(self) -> None:
-        """Release the open broadcast group and any IPC buffers (the engines keep running)."""
-        self.legs.close_group()
-        self.legs.release_ipc_buffers(force=True)
+        """Release what the legs keep across syncs (groups, IPC buffers); engines keep
+        running."""
+        for leg in self._legs.values():
+            leg.close()
 
     # ---- the protocol ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -201,8 +237,9 @@ class SyncCoordinator:
             self._lock.release()
 
     def _next_version(self, targets: Sequence[str]) -> int:
-        """One past the highest version any engine or this coordinator has seen, so another
-        coordinator (or a restarted trainer) over the same engines never reuses a number.
+        """One past the highest version any engine or this coordinator has seen or handed
+        out, so a number is never used twice: not by another coordinator (or a restarted
+        trainer) over the same engines, not by a retry after a failed sync.
 
         Also refuses, before anything is touched, a sync whose targets are in no state to
         begin one (paused, asleep, loading): ``IllegalStateError``, never a fenced engine.
@@ -214,12 +251,11 @@ class SyncCoordinator:
                 f"cannot begin a sync while {busy[0].state.value} (needs serving/fenced); "
                 "no engine was touched", engine=busy[0].name)
         self.version = max([self.version, *(s.version for s in statuses)])
-        return self.version + 1
+        self._issued = max(self._issued, self.version) + 1
+        return self._issued
 
     def _kernel_layout(self, names: list[str], tensors: dict) -> tuple[Any, str | None]:
         """The verified kernel layout every target shares, or (None, why not)."""
-        from weightsync.transport.layout import KernelLayout
-
         mode = self.transfer.layout
         if mode == "checkpoint":
             return None, "checkpoint format requested"
@@ -227,17 +263,17 @@ class SyncCoordinator:
         if cached is not None:  # verified once; dropped on any failure, reload or restart
             if not {n for p in cached.params for n, _ in p.parts} - set(tensors):
                 return cached, None
-        refs = {n: self.engines[n].kernel_layout.remote() for n in names}
-        ok, bad = gather(refs, self.transfer.deadlines.verify)
+        ok, bad = self._call("kernel_layout", names, timeout=self.transfer.deadlines.verify)
+        statuses: list[LayoutStatus] = list(ok.values())
         note = None
         if bad:
             note = f"layout query failed on {sorted(bad)}"
-        elif not all(r["verified"] for r in ok.values()):
-            note = "; ".join(sorted({r["reason"] for r in ok.values() if not r["verified"]}))
-        elif len({r["signature"] for r in ok.values()}) != 1:
+        elif not all(s.verified for s in statuses):
+            note = "; ".join(sorted({s.reason for s in statuses if not s.verified}))
+        elif len({s.signature for s in statuses}) != 1 or statuses[0].layout is None:
             note = "engines report different kernel layouts"
         else:
-            layout = KernelLayout.model_validate(next(iter(ok.values()))["layout"])
+            layout = statuses[0].layout
             self._layout_cache[tuple(sorted(names))] = layout
             missing = {n for p in layout.params for n, _ in p.parts} - set(tensors)
             if not missing:
@@ -264,13 +300,14 @@ class SyncCoordinator:
             raise ConfigError(f"unknown engine(s): {unknown}")
         return names
 
-    def _sync(self, weights, pause_mode, sleep_level, engines, wave_size, ipc,
+    def _sync(self, weights, pause_mode, sleep_level, engines, wave_size, leg,
               partial) -> SyncResult:
         t0 = time.perf_counter()
         tensors = dict(named_tensors(weights))
         if not tensors:
             raise ConfigError("no tensors to sync")
         targets = self._targets(engines)
+        self._leg(leg)  # an unknown leg is a ConfigError before anything is touched
         version = self._next_version(targets)
         layout, note = self._kernel_layout(targets, tensors)
         if layout is not None:
@@ -285,117 +322,99 @@ class SyncCoordinator:
                                                  for i in range(0, len(targets), wave_size)]
         results = []
         for wave in waves:
-            results.append(self._sync_wave(wave, plan, tensors, pause_mode, sleep_level, ipc, t0))
+            results.append(self._sync_wave(wave, plan, tensors, leg, pause_mode, sleep_level,
+                                           t0))
             if not results[-1].ok:  # stop the rollout: later waves keep their old version
                 self._layout_cache.clear()
                 break
         reports = tuple(r for res in results for r in res.engines)
-        result = SyncResult(version=version, ok=all(r.ok for r in reports),
-                            mode="ipc" if ipc else "broadcast", layout=plan.format,
-                            layout_note=note, nbytes=plan.total_bytes, partial=partial,
-                            sender_checksums=results[0].sender_checksums, engines=reports,
-                            seconds={"total": time.perf_counter() - t0})
+        result = SyncResult(version=version, ok=all(r.ok for r in reports), mode=leg,
+                            layout=plan.format, layout_note=note, nbytes=plan.total_bytes,
+                            partial=partial, sender_checksums=results[0].sender_checksums,
+                            engines=reports, seconds={"total": time.perf_counter() - t0})
         return _raise_unless_ok(result)
 
-    def _sync_wave(self, names, plan: TransferPlan, tensors, pause_mode, sleep_level, ipc,
-                   t0, external: ExternalSender | None = None) -> SyncResult:
-        fleet = {n: _Engine(n, self.engines[n]) for n in names}
-        plan_json = plan.model_dump_json()
-        self._begin(fleet, plan_json, pause_mode, sleep_level)
+    def _sync_wave(self, names, plan: TransferPlan, source, leg: str, pause_mode, sleep_level,
+                   t0) -> SyncResult:
+        runs = {n: _Run() for n in names}
+        self._begin(runs, plan.model_dump_json(), pause_mode, sleep_level)
         dl = self.transfer.deadlines
         self._phase("transfer")
         t = time.perf_counter()
-        actors = {n: e.actor for n, e in fleet.items()}
-        if external is not None:
-            sums, receipts, bad = self.legs.external(actors, plan, plan_json, external)
-        elif ipc:
-            sums, receipts, bad = self.legs.ipc(actors, plan, plan_json, tensors)
-        else:
-            group_ids = {n: e.report.get("group_id") for n, e in fleet.items()}
-            sums, receipts, bad = self.legs.broadcast(actors, group_ids, plan, plan_json, tensors)
+        out = self._leg(leg).send(list(names), plan, source,
+                                  {n: r.begun for n, r in runs.items()})
         transfer_s = time.perf_counter() - t
-        for n, e in fleet.items():
-            e.report.setdefault("seconds", {})["transfer"] = transfer_s
-            if n in receipts:
-                r = receipts[n]
-                e.report.update(checksums=r.checksums, applied=r.applied, nbytes=r.nbytes)
-                sub = dict(r.seconds)
-                if r.applied and "reload" in sub:  # loaded in the same call (atomic IPC)
-                    e.report["seconds"]["reload"] = sub.pop("reload")
-                    e.report["seconds"]["transfer"] = transfer_s - e.report["seconds"]["reload"]
-                    e.report["seconds"]["transfer+reload"] = transfer_s
-                # where the transfer went: the trainer's packing/checksums, the engine's
-                # mapping/receiving/checksums (sub-phases, prefixed so totals stay clear)
-                e.report["seconds"].update({f"transfer.{k}": v for k, v in
-                                            {**(self.legs.trainer_seconds if ipc else {}),
-                                             **sub}.items()})
-        # verify checksums before anything is applied
-        for n, e in fleet.items():
-            if n in bad:
+        bad = dict(out.failed)
+        for n, run in runs.items():
+            run.seconds["transfer"] = transfer_s
+            receipt = out.receipts.get(n)
+            if receipt is None:
                 continue
-            got = tuple(e.report.get("checksums", ()))
-            e.report["checksum_ok"] = got == tuple(sums)
-            if got != tuple(sums):
+            run.checksums, run.applied, run.nbytes = receipt.checksums, receipt.applied, \
+                receipt.nbytes
+            sub = dict(receipt.seconds)
+            if receipt.applied and "reload" in sub:  # loaded in the same call (atomic)
+                run.seconds["reload"] = sub.pop("reload")
+                run.seconds["transfer"] = transfer_s - run.seconds["reload"]
+                run.seconds["transfer+reload"] = transfer_s
+            # where the transfer went: the trainer's and the engine's sub-phases, prefixed
+            run.seconds.update({f"transfer.{k}": v for k, v in {**out.seconds, **sub}.items()})
+            # verify checksums before anything is applied
+            run.checksum_ok = receipt.checksums == tuple(out.sums)
+            if not run.checksum_ok:
                 bad[n] = VerificationError(
                     f"checksums differ from the sender's in bucket(s) "
-                    f"{[i for i, (a, b) in enumerate(zip(got, sums)) if a != b] or 'count'}",
+                    f"{[i for i, (a, b) in enumerate(zip(receipt.checksums, out.sums)) if a != b] or 'count'}",
                     engine=n)
         if bad and self.transfer.apply == "staged":
             # all-or-nothing: nobody applies; intact engines resume their old version
-            return self._fail_all(fleet, bad, plan.version, "ipc" if ipc else "broadcast", sums)
-        staged = [n for n in fleet if n not in bad and not fleet[n].report.get("applied")]
+            return self._fail_all(runs, bad, plan.version, leg, out.sums)
+        staged = [n for n in runs if n not in bad and not runs[n].applied]
         if staged:
             self._phase("reload")
-            refs = {n: fleet[n].actor.apply_staged.remote(dl.reload) for n in staged}
-            ok, bad2 = gather(refs, dl.reload * 1.2)
+            ok, bad2 = self._call("apply_staged", staged, dl.reload, timeout=dl.reload * 1.2)
             bad.update(bad2)
             loaded = time.perf_counter() - t  # trainer's wall time: transfer start -> loaded
-            for n, s in ok.items():
-                fleet[n].report["seconds"]["reload"] = s
-                fleet[n].report["seconds"]["transfer+reload"] = loaded
-        return self._finish(fleet, bad, plan.version, "ipc" if ipc else "broadcast",
-                            sleep_level, tuple(sums), t0)
+            for n, reply in ok.items():
+                runs[n].seconds["reload"] = reply.reload
+                runs[n].seconds["transfer+reload"] = loaded
+        self._leg(leg).loaded()  # every engine has applied: free buffers before wake_kv
+        return self._finish(runs, bad, plan.version, leg, tuple(out.sums), t0, plan.partial)
 
-    def _begin(self, fleet: dict[str, _Engine], plan_json, pause_mode, sleep_level) -> None:
+    def _begin(self, runs: dict[str, _Run], plan_json, pause_mode, sleep_level) -> None:
         """Validate + pause (+ sleep/wake weights) everywhere; a bad manifest changes nothing."""
         dl = self.transfer.deadlines
         if plan_json is not None:  # validate everywhere before touching any engine
             self._phase("validate")
-            refs = {n: e.actor.validate.remote(plan_json) for n, e in fleet.items()}
-            _raise_refusal(*gather(refs, dl.verify))  # nothing was touched anywhere
+            _raise_refusal(*self._call("validate", runs, plan_json, timeout=dl.verify))
         self._phase("pause")
-        refs = {n: e.actor.begin_sync.remote(pause_mode=pause_mode,
-                                             sleep_level=sleep_level,
-                                             deadline_s=max(dl.pause, dl.sleep))
-                for n, e in fleet.items()}
-        ok, bad = gather(refs, dl.pause + 2 * dl.sleep)
-        for n, r in ok.items():
-            fleet[n].report.update(seconds=dict(r["seconds"]), skipped=tuple(r["skipped"]),
-                                   group_id=r.get("group_id"))
+        ok, bad = self._call("begin_sync", runs, pause_mode=pause_mode, sleep_level=sleep_level,
+                             deadline_s=max(dl.pause, dl.sleep), timeout=dl.pause + 2 * dl.sleep)
+        for n, reply in ok.items():
+            runs[n].begun = reply
+            runs[n].seconds.update(reply.seconds)
         refused = {n: e for n, e in bad.items() if isinstance(e, IllegalStateError)}
         if refused:  # those engines were not touched: leave them as they are, undo the rest
-            self._abort(fleet, {n: e for n, e in bad.items() if n not in refused}, "begin",
+            self._abort({n: e for n, e in bad.items() if n not in refused}, "begin",
                         rollback=set(ok))
             raise next(iter(refused.values()))
         if bad:
-            self._abort(fleet, bad, "begin", rollback=set(ok))
+            self._abort(bad, "begin", rollback=set(ok))
             raise SyncFailedError(f"could not begin the sync on {sorted(bad)}: "
                                   + "; ".join(str(e) for e in bad.values()),
                                   engine=next(iter(bad)))
 
-    def _finish(self, fleet, bad, version, mode, sleep_level, sums, t0) -> SyncResult:
+    def _finish(self, runs, bad, version, mode, sums, t0, partial: bool) -> SyncResult:
         """Reset caches + fingerprint on engines that loaded, verify agreement, commit."""
-        self.legs.release_ipc_buffers()  # every engine has applied: free them before wake_kv
         dl = self.transfer.deadlines
-        live = {n: e for n, e in fleet.items() if n not in bad}
         self._phase("verify")
-        refs = {n: e.actor.finish_load.remote(dl.verify) for n, e in live.items()}
-        ok, bad2 = gather(refs, dl.verify * 1.5)
+        ok, bad2 = self._call("finish_load", [n for n in runs if n not in bad], dl.verify,
+                              timeout=dl.verify * 1.5)
         bad.update(bad2)
-        for n, r in ok.items():
-            fleet[n].report["seconds"].update(r["seconds"])
-            fleet[n].report["fingerprint"] = r["fingerprint"]
-        prints = {n: r["fingerprint"] for n, r in ok.items()}
+        for n, reply in ok.items():
+            runs[n].seconds.update(reply.seconds)
+            runs[n].fingerprint = reply.fingerprint
+        prints = {n: reply.fingerprint for n, reply in ok.items()}
         if len(set(prints.values())) > 1:  # engines disagree: fence all but the majority
             values = list(prints.values())
             major = max(set(values), key=values.count)
@@ -404,15 +423,15 @@ class SyncCoordinator:
                     bad[n] = VerificationError("loaded weights differ from the rest of the fleet",
                                                engine=n)
         self._phase("resume")
-        refs = {n: fleet[n].actor.commit.remote(version, dl.resume) for n in fleet if n not in bad}
-        ok, bad3 = gather(refs, dl.resume + dl.wake)
+        ok, bad3 = self._call("commit", [n for n in runs if n not in bad], version, dl.resume,
+                              timeout=dl.resume + dl.wake)
         bad.update(bad3)
-        for n, s in ok.items():
-            fleet[n].report["seconds"].update(s)
-        self._abort(fleet, bad, "finish")
-        return self._result(fleet, bad, set(), version, mode, sums, t0)
+        for n, reply in ok.items():
+            runs[n].seconds.update(reply.seconds)
+        self._abort(bad, "finish")
+        return self._result(runs, bad, set(), version, mode, sums, t0, partial)
 
-    def _fail_all(self, fleet, bad, version, mode, sums) -> SyncResult:
+    def _fail_all(self, runs, bad, version, mode, sums) -> SyncResult:
         """Staged all-or-nothing: nobody applies. A broken group fails every receiver, so the
         engines cannot be blamed one by one here; each host rolls back if its weights are
         intact and fences itself otherwise. Engines that died or cannot answer stay failed."""
@@ -420,43 +439,42 @@ class SyncCoordinator:
         # they saw (a broken group, a timed-out bucket) and decide their own fate
         culprits = {n: e for n, e in bad.items()
                     if isinstance(e, (EngineDeadError, EngineUnresponsive))}
-        refs = {n: fleet[n].actor.abort_sync.remote(
-                    f"transfer: {bad.get(n) or 'another engine failed'}",
-                    self.transfer.deadlines.resume, fence=False)
-                for n in fleet}
-        ok, unreachable = gather(refs, self.transfer.deadlines.resume * 1.5)
+        pending = {n: self.access.submit(n, "abort_sync",
+                                         f"transfer: {bad.get(n) or 'another engine failed'}",
+                                         self.transfer.deadlines.resume, fence=False)
+                   for n in runs}
+        ok, unreachable = self.access.wait(pending, self.transfer.deadlines.resume * 1.5)
         failed = {**culprits, **unreachable}
         failed.update({n: bad[n] for n, st in ok.items()
                        if st.state == EngineState.FENCED and n in bad})
-        rolled_back = {n for n in fleet if n not in failed}
+        rolled_back = {n for n in runs if n not in failed}
         for n in rolled_back:
             if n in bad:
-                fleet[n].report["error"] = str(bad[n])
-        return self._result(fleet, failed, rolled_back, version, mode, tuple(sums), None)
+                runs[n].note = str(bad[n])
+        return self._result(runs, failed, rolled_back, version, mode, tuple(sums), None, False)
 
-    def _abort(self, fleet, bad: dict, stage: str, rollback: set[str] = frozenset()) -> None:
+    def _abort(self, bad: dict, stage: str, rollback: set[str] = frozenset()) -> None:
         """Fence engines in ``bad``; engines in ``rollback`` resume on their old weights."""
-        refs = {n: fleet[n].actor.abort_sync.remote(f"{stage}: {err}", self.transfer.deadlines.resume,
-                                                   fence=True)
-                for n, err in bad.items()}
-        refs.update({n: fleet[n].actor.abort_sync.remote(f"{stage}: another engine failed",
-                                                          self.transfer.deadlines.resume,
-                                                          fence=False)
-                     for n in rollback})
-        if refs:
-            gather(refs, self.transfer.deadlines.resume * 1.5)
+        resume = self.transfer.deadlines.resume
+        pending = {n: self.access.submit(n, "abort_sync", f"{stage}: {err}", resume, fence=True)
+                   for n, err in bad.items()}
+        pending.update({n: self.access.submit(n, "abort_sync", f"{stage}: another engine failed",
+                                              resume, fence=False)
+                        for n in rollback})
+        if pending:
+            self.access.wait(pending, resume * 1.5)
 
-    def _result(self, fleet, bad, rolled_back, version, mode, sums, t0) -> SyncResult:
+    def _result(self, runs, bad, rolled_back, version, mode, sums, t0, partial) -> SyncResult:
+        versions = {s.name: s.version for s in self.statuses()} if bad or rolled_back else {}
         reports = []
-        for n, e in fleet.items():
-            r, err = e.report, bad.get(n)
+        for n, run in runs.items():
+            err = bad.get(n)
             took = n not in bad and n not in rolled_back
             reports.append(EngineSyncReport(
-                engine=n, ok=took, version=version if took else self._engine_version(n),
-                seconds=r.get("seconds", {}), skipped=tuple(r.get("skipped", ())),
-                nbytes=r.get("nbytes", 0), checksum_ok=r.get("checksum_ok"),
-                fingerprint=r.get("fingerprint"),
-                error=str(err) if err else (f"rolled back: {r.get('error', 'another engine failed')}"
+                engine=n, ok=took, version=version if took else versions.get(n, -1),
+                seconds=run.seconds, skipped=run.begun.skipped if run.begun else (),
+                nbytes=run.nbytes, checksum_ok=run.checksum_ok, fingerprint=run.fingerprint,
+                error=str(err) if err else (f"rolled back: {run.note or 'another engine failed'}"
                                             if n in rolled_back else None),
                 fenced=err is not None,
             ))
@@ -465,12 +483,6 @@ class SyncCoordinator:
         if any(r.ok for r in reports):  # every routable engine that took it verified it
             self.version = max(self.version, version)
         return SyncResult(version=version, ok=all(r.ok for r in reports), mode=mode,
-                          nbytes=max((r.nbytes for r in reports), default=0),
+                          nbytes=max((r.nbytes for r in reports), default=0), partial=partial,
                           sender_checksums=tuple(sums), engines=tuple(reports),
                           seconds={"total": time.perf_counter() - t0} if t0 else {})
-
-    def _engine_version(self, name: str) -> int:
-        try:
-            return ray.get(self.engines[name].status.remote(), timeout=5).version
-        except Exception:  # noqa: BLE001 - dead engine
-            return -1

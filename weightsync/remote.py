@@ -1,4 +1,9 @@
-"""Calls to engine actors with deadlines and typed errors.
+"""How the coordinator reaches its engines: one small protocol, and its Ray implementation.
+
+``Engines`` is all the coordinator and the trainer-side transfer legs know of engines: submit a
+call to a named engine, wait for several under one deadline. ``RayEngines`` does it over engine
+actors; ``weightsync.testing.fleet.LocalEngines`` over in-process hosts, so the real coordinator
+runs in protocol tests without Ray or vLLM.
 
 Ray wraps remote exceptions and has its own timeout type; this module turns both into the
 library's error hierarchy, and waits for many calls at once without ever hanging.
@@ -7,7 +12,8 @@ library's error hierarchy, and waits for many calls at once without ever hanging
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import ray
 
@@ -46,3 +52,49 @@ def gather(refs: dict[str, Any], timeout: float) -> tuple[dict[str, Any], dict[s
             err.engine = err.engine or name
             bad[name] = err
     return ok, bad
+
+
+class Engines(Protocol):
+    """The coordinator's only way to reach engines."""
+
+    @property
+    def handles(self) -> dict[str, Any]:
+        """Engine name -> handle (a Ray actor handle, or an in-process host)."""
+
+    def submit(self, name: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Start ``method(*args, **kwargs)`` on engine ``name``; returns something ``wait``
+        takes."""
+
+    def wait(self, pending: Mapping[str, Any], timeout: float
+             ) -> tuple[dict[str, Any], dict[str, WeightSyncError]]:
+        """(results, typed errors) by engine, within ``timeout``; never raises, never hangs."""
+
+    def replace(self, name: str, handle: Any) -> None:
+        """Swap in a restarted engine's handle."""
+
+
+class RayEngines:
+    """``Engines`` over Ray engine actors (``weightsync.engine.actor``)."""
+
+    def __init__(self, actors: Mapping[str, Any]) -> None:
+        self._actors = dict(actors)
+
+    @classmethod
+    def connect(cls, actors: Sequence[Any], timeout: float) -> tuple[RayEngines, list]:
+        """Name the actors by asking each for its status; returns them and the statuses."""
+        statuses = ray.get([a.status.remote() for a in actors], timeout=timeout)
+        return cls({s.name: a for s, a in zip(statuses, actors, strict=True)}), statuses
+
+    @property
+    def handles(self) -> dict[str, Any]:
+        return dict(self._actors)
+
+    def submit(self, name: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self._actors[name], method).remote(*args, **kwargs)
+
+    def wait(self, pending: Mapping[str, Any], timeout: float
+             ) -> tuple[dict[str, Any], dict[str, WeightSyncError]]:
+        return gather(dict(pending), timeout)
+
+    def replace(self, name: str, handle: Any) -> None:
+        self._actors[name] = handle

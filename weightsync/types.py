@@ -152,6 +152,14 @@ class ReceiveReport(_Frozen):
     seconds: dict[str, float] = Field(default_factory=dict)
 
 
+def exclusive_phases(seconds: dict[str, float]) -> dict[str, float]:
+    """The phases of ``EngineSyncReport.seconds`` that add up to its ``total`` (stacked in
+    plots): without ``total`` itself, sums of other phases (``transfer+reload``) and the
+    transfer's sub-phases (``transfer.*``, parts of ``transfer``)."""
+    return {p: s for p, s in seconds.items()
+            if p != "total" and "+" not in p and "." not in p}
+
+
 class EngineSyncReport(_Frozen):
     """One engine's outcome in one fleet sync."""
 
@@ -172,7 +180,8 @@ class SyncResult(_Frozen):
 
     version: int
     ok: bool
-    mode: Literal["broadcast", "ipc", "checkpoint"]
+    mode: str = Field(description="The transfer leg that moved the weights (broadcast, ipc, "
+                                  "external, ...), or checkpoint for a reload from files")
     layout: Literal["checkpoint", "kernel"] = "checkpoint"
     layout_note: str | None = None  # why the kernel layout was not used, when it was not
     partial: bool = False  # the caller asked to update only some of the model's tensors

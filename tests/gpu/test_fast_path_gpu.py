@@ -40,7 +40,7 @@ def test_kernel_layout_is_verified_then_used_and_loads_identical_weights(
     first = auto.sync(trainer, ipc=True)
     assert first.ok and first.layout == "checkpoint" and "not yet verified" in first.layout_note
     status = ray.get(fast_engine.kernel_layout.remote())
-    assert status["verified"], status["reason"]
+    assert status.verified, status.reason
     rows = []
     for i in range(6):
         perturb_(trainer, scale=0.01, seed=900 + i)
@@ -71,7 +71,7 @@ def test_ipc_bucket_that_differs_from_the_senders_checksum_is_refused_before_loa
     refuse a bucket whose checksum differs from the sender's, load nothing, and go on
     serving its old version (rolled back, not fenced)."""
     from weightsync.errors import SyncFailedError
-    from weightsync.transport import fleet
+    from weightsync.transport.legs import ipc as fleet
 
     trainer = load_trainer_model(text_model, torch.bfloat16).cuda()
     coord = SyncCoordinator([fast_engine], TransferConfig(bucket_bytes=256 << 20))

@@ -99,7 +99,7 @@ def test_colocated_ipc_sync_with_sleep(level, layout, engine, coords, trainer, t
         "version": res.version, "nbytes": res.nbytes, "buckets": len(res.sender_checksums),
         "seconds": rep.seconds, "coordinator_total_s": res.seconds.get("total"),
         "parity": summary(rows), "changed": changed(before, after),
-        "memory_after_sleep": ray.get(engine.memory_after_sleep.remote()),
+        "memory_after_sleep": ray.get(engine.memory_after_sleep.remote()).model_dump(),
     }
     assert res.ok and res.mode == "ipc" and rep.checksum_ok
     assert res.layout == layout.removesuffix("-reuse")
@@ -128,8 +128,8 @@ def test_twenty_sleep_sync_wake_cycles(engine, coords, trainer, tokenizer, gpu_r
         cycles.append({
             "cycle": i, "sleep_level": level, "layout": res.layout, "ok": res.ok,
             "version": res.version,
-            "free_after_sleep": mem["free"], "total": mem["total"],
-            "free_after_wake": ray.get(engine.gpu_memory.remote())["free"],
+            "free_after_sleep": mem.free, "total": mem.total,
+            "free_after_wake": ray.get(engine.gpu_memory.remote()).free,
             "seconds": res.engines[0].seconds, "parity": summary(rows),
             "parity_ok": parity_ok(rows), "changed": changed(before, after),
         })

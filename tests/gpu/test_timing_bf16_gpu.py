@@ -49,7 +49,7 @@ def test_bf16_ipc_sync_phase_timings(bf16_engine, bf16_trainer, gpu_results):
         runs.append({"sleep_level": level, "ok": res.ok, "nbytes": res.nbytes,
                      "seconds": rep.seconds, "coordinator_total_s": res.seconds.get("total"),
                      "changed": changed(before, after),
-                     "free_after_sleep": ray.get(bf16_engine.memory_after_sleep.remote())["free"]})
+                     "free_after_sleep": ray.get(bf16_engine.memory_after_sleep.remote()).free})
     assert all(r["ok"] for r in runs)
     assert len(prints) == len(LEVELS)  # every sync loaded different weights
     assert all(r["changed"] for r in runs)

@@ -6,6 +6,7 @@ runs in ``test_api_fuzz.py``)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -172,7 +173,7 @@ def test_two_concurrent_reloads_one_409_and_no_mixed_weights(service, client, fl
     # both engines serve exactly the winner's checkpoint, at one version
     assert_parity(fleet, models[winner], tokenizer, result["version"])
     fingerprints = ray.get([a.finish_load.remote(30) for a in fleet])
-    assert len({f["fingerprint"] for f in fingerprints}) == 1
+    assert len({f.fingerprint for f in fingerprints}) == 1
 
 
 # ---- a trainer outside the Ray cluster -----------------------------------------------------
@@ -185,10 +186,10 @@ def test_trainer_session_push_weights_matches_hf(service, client, fleet, policy,
     perturb_(model, scale=0.3, seed=61)
     v0 = client.status().version
     result = client.push_weights(model)
-    assert result.ok and result.mode == "broadcast" and result.version == v0 + 1
+    assert result.ok and result.mode == "external" and result.version == v0 + 1
     assert all(e.checksum_ok for e in result.engines) and len(result.sender_checksums) > 1
     assert_parity(fleet, model, tokenizer, result.version)
-    assert client.status().recent[-1].mode == "broadcast"
+    assert client.status().recent[-1].mode == "external"
 
 
 def test_trainer_that_dies_mid_session_leaves_fleet_on_old_version(service, client, fleet,
@@ -237,8 +238,9 @@ def test_cli_status_reload_sleep_against_the_service(service, client, ckpt_root,
     v0 = client.status().version
     out = runner.invoke(app, ["reload", str(ckpt_root / "cli"), *common])
     assert out.exit_code == 0, out.output
-    assert f"version {v0 + 1} (checkpoint) published" in out.output
-    assert [e.version for e in client.status().engines] == [v0 + 1] * 2
+    published = re.search(r"version (\d+) \(checkpoint\) published", out.output)
+    assert published and int(published[1]) > v0, out.output  # numbers of failed syncs skipped
+    assert [e.version for e in client.status().engines] == [int(published[1])] * 2
 
     out = runner.invoke(app, ["sleep", "--level", "1", "-e", "engine-a", *common])
     assert out.exit_code == 1 and "UnsupportedError" in out.output and "CUDA-only" in out.output

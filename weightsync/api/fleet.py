@@ -21,7 +21,7 @@ from weightsync.api.schemas import SyncRecord
 from weightsync.coordinator import SyncCoordinator
 from weightsync.errors import DeadlineExceeded, IllegalStateError, SyncInProgressError
 from weightsync.remote import unwrap
-from weightsync.types import EngineState, EngineStatus, SyncResult
+from weightsync.types import EngineState, EngineStatus, SyncResult, exclusive_phases
 
 logger = logging.getLogger(__name__)
 
@@ -140,9 +140,8 @@ class Fleet:
         """Remember a sync for the status page: per phase, the slowest engine's seconds."""
         phases: dict[str, float] = {}
         for rep in result.engines:
-            for phase, s in rep.seconds.items():
-                if phase != "total":
-                    phases[phase] = max(phases.get(phase, 0.0), s)
+            for phase, s in exclusive_phases(rep.seconds).items():
+                phases[phase] = max(phases.get(phase, 0.0), s)
         self.recent.append(SyncRecord(version=result.version, mode=result.mode, ok=result.ok,
                                       at=time.time(), seconds=phases))
 

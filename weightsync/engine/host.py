@@ -1,27 +1,32 @@
 """One vLLM engine (``AsyncLLM``) and the per-engine half of the sync protocol.
 
 The host owns the engine's state machine. The coordinator drives it with coarse steps —
-``begin_sync`` -> ``receive``/``receive_ipc`` -> ``apply_staged`` -> ``finish_load`` -> ``commit``
-(or ``abort_sync``) — and every step checks that it is legal now, so a confused caller gets an
-``IllegalStateError`` instead of an engine in an undefined state.
+``begin_sync`` -> ``receive`` -> ``apply_staged`` -> ``finish_load`` -> ``commit`` (or
+``abort_sync``) — and every step checks that it is legal now, so a confused caller gets an
+``IllegalStateError`` instead of an engine in an undefined state. Every reply is a frozen model
+(``weightsync.messages``); every call into vLLM goes through ``vllm_compat``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from weightsync.checkpoint import read_checkpoint
 from weightsync.config import EngineSpec
 from weightsync.engine import vllm_compat
-from weightsync.engine.worker_ext import ERROR_KEY
 from weightsync.errors import (DeadlineExceeded, EngineError, FencedError, IllegalStateError,
-                               ManifestError, TransferError, UnsupportedError, WeightSyncError, error_class)
+                               ManifestError, TransferError, UnsupportedError, WeightSyncError,
+                               error_class)
+from weightsync.messages import (Ack, ApplyReply, BeginReply, CommitReply, FinishReply,
+                                 Fingerprint, GpuMemory, JoinReply, LayoutStatus,
+                                 ReceiveRequest, ReloadReply, WorkerInfo, WorkerReply)
 from weightsync.types import (CheckpointFiles, EngineState, EngineStatus, GenerationResult,
                               PauseMode, ReceiveReport)
 
@@ -29,21 +34,30 @@ logger = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "weightsync.engine.worker_ext.WeightSyncWorkerExtension"
 _IN_SYNC = {EngineState.PAUSED, EngineState.ASLEEP, EngineState.WEIGHTS_AWAKE, EngineState.LOADING}
+M = TypeVar("M", bound=BaseModel)
 
 
 class EngineHost:
-    """Hosts one engine. All methods are coroutines; none blocks the event loop for long."""
+    """Hosts one engine. All methods are coroutines; none blocks the event loop for long.
 
-    def __init__(self, spec: EngineSpec) -> None:
+    ``make_engine`` builds the engine from keyword arguments (default: vLLM's ``AsyncLLM``
+    through ``vllm_compat.make_async_engine``); ``weightsync.testing.fleet`` passes a stand-in.
+    """
+
+    def __init__(self, spec: EngineSpec,
+                 make_engine: Callable[..., Any] = vllm_compat.make_async_engine) -> None:
         self.spec = spec
         self.device = vllm_compat.resolve_device(spec.device)
+        self._make_engine = make_engine
         self.engine: Any = None
         self.state = EngineState.STARTING
         self.version = 0
         self.sleep_level = 0
+        self.sleep_supported = False
         self.weights_intact = True  # False once weights were discarded or partly overwritten
         self.fenced_reason: str | None = None
         self.last_sync: dict[str, float] = {}
+        self.info: WorkerInfo | None = None
         self._serving = asyncio.Event()
         self._admitted = 0  # requests past the serving gate that vLLM has not started yet
         self._all_in_engine = asyncio.Event()
@@ -51,7 +65,7 @@ class EngineHost:
         self._sync_started = 0.0
         self.group_id: str | None = None  # the broadcast group this engine is in, if any
         self._asleep: set[str] = set()  # vLLM sleep tags not yet woken (manual sleep/wake)
-        self.last_sleep_memory: dict[str, int] | None = None  # GPU memory right after a sync's sleep
+        self.last_sleep_memory: GpuMemory | None = None  # right after a sync's sleep
         self._testing_keep_caches = False  # TEST ONLY: see testing_keep_caches()
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -59,7 +73,7 @@ class EngineHost:
         vllm_compat.prepare_process_env(self.device)
         sleep = self.device == "cuda" and vllm_compat.sleep_mode_available()
         t0 = time.perf_counter()
-        self.engine = vllm_compat.make_async_engine(
+        self.engine = self._make_engine(
             model=self.spec.model, dtype=self.spec.dtype, max_model_len=self.spec.max_model_len,
             seed=self.spec.seed, enforce_eager=self.spec.enforce_eager,
             tensor_parallel_size=self.spec.tensor_parallel_size,
@@ -70,23 +84,23 @@ class EngineHost:
             else None,
         )
         self.sleep_supported = sleep
-        self.info = json.loads((await self.engine.collective_rpc("ws_info"))[0])
+        self.info = (await self._rpc("ws_info", reply=WorkerInfo, timeout=300))[0]
         self.state = EngineState.SERVING
         self._serving.set()
         logger.info("engine %s up in %.1fs on %s (runner %s)", self.spec.name,
-                    time.perf_counter() - t0, self.device, self.info["runner"])
+                    time.perf_counter() - t0, self.device, self.info.runner)
         return self.status()
 
     def status(self) -> EngineStatus:
         return EngineStatus(
             name=self.spec.name, state=self.state, version=self.version, device=self.device,
-            sleep_supported=getattr(self, "sleep_supported", False), sleep_level=self.sleep_level,
+            sleep_supported=self.sleep_supported, sleep_level=self.sleep_level,
             fenced_reason=self.fenced_reason, last_sync=self.last_sync, model=self.spec.model,
         )
 
     async def shutdown(self) -> None:
         if self.engine is not None:
-            self.engine.shutdown()
+            vllm_compat.shutdown(self.engine)
             self.engine = None
         self.state = EngineState.STOPPED
 
@@ -131,7 +145,8 @@ class EngineHost:
         v0 = self.version
         final = None
         try:
-            async for out in self.engine.generate(prompt, params, request_id=uuid.uuid4().hex):
+            async for out in vllm_compat.generate(self.engine, prompt, params,
+                                                  request_id=uuid.uuid4().hex):
                 if final is None:
                     self._in_engine()  # its first output: vLLM is running it
                 final = out
@@ -139,12 +154,10 @@ class EngineHost:
             if final is None:
                 self._in_engine()
         v1 = self.version
-        c = final.outputs[0]
-        lps = tuple(float(step[t].logprob) for step, t in zip(c.logprobs, c.token_ids,
-                                                                strict=True)) if c.logprobs else ()
+        c = vllm_compat.completion(final)
         return GenerationResult(
             prompt=prompt if isinstance(prompt, str) else None, text=c.text,
-            token_ids=tuple(c.token_ids), logprobs=lps, finish_reason=c.finish_reason,
+            token_ids=c.token_ids, logprobs=c.logprobs, finish_reason=c.finish_reason,
             version=v0 if v0 == v1 else None, versions=(v0, v1),
             aborted=c.finish_reason == "abort",
         )
@@ -162,28 +175,31 @@ class EngineHost:
                 f"cannot {op} while {self.state.value} (needs {'/'.join(s.value for s in states)})",
                 engine=self.spec.name)
 
-    async def _rpc(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
-        """collective_rpc with a deadline; worker errors come back as the same typed errors."""
+    async def _rpc(self, method: str, *args: Any, reply: type[M],
+                   timeout: float | None = None) -> list[M]:
+        """``collective_rpc`` with a deadline; every worker's ``WorkerReply`` parsed once, and
+        a worker's error re-raised as the same typed error."""
         try:
-            out = await asyncio.wait_for(self.engine.collective_rpc(method, args=args), timeout)
+            out = await asyncio.wait_for(vllm_compat.collective_rpc(self.engine, method, args),
+                                         timeout)
         except TimeoutError as e:
             raise DeadlineExceeded(f"{method} exceeded {timeout}s", engine=self.spec.name) from e
         except Exception as e:  # noqa: BLE001 - vLLM reports worker crashes as plain Exception
             raise EngineError(f"{method} failed in the worker: {e}", engine=self.spec.name) from e
-        for o in out:
-            if isinstance(o, str) and o.startswith('{"' + ERROR_KEY):
-                err = json.loads(o)
-                raise error_class(err[ERROR_KEY])(err["message"], engine=self.spec.name)
-        return out
+        replies = [WorkerReply[reply].model_validate_json(o) for o in out]
+        for r in replies:
+            if r.error is not None:
+                raise error_class(r.error.code)(r.error.message, engine=self.spec.name)
+        return [r.reply for r in replies]
 
     async def validate(self, plan_json: str) -> None:
         """Check a plan against the model before anything changes (raises ManifestError)."""
-        await self._rpc("ws_validate", plan_json, timeout=60)
+        await self._rpc("ws_validate", plan_json, reply=Ack, timeout=60)
 
     async def begin_sync(self, *, pause_mode: PauseMode, sleep_level: int,
-                         deadline_s: float) -> dict:
-        """Pause, and (GPU) sleep + wake the weights. Returns timings and skips. The
-        coordinator validates the plan on every engine (``validate``) before any begins."""
+                         deadline_s: float) -> BeginReply:
+        """Pause, and (GPU) sleep + wake the weights. The coordinator validates the plan on
+        every engine (``validate``) before any begins."""
         self._expect(EngineState.SERVING, EngineState.FENCED, op="begin a sync")
         seconds: dict[str, float] = {}
         skipped: list[str] = []
@@ -206,79 +222,67 @@ class EngineHost:
                                f"runs on {self.device}")
             else:
                 t = time.perf_counter()
-                await asyncio.wait_for(self.engine.sleep(level=sleep_level, mode=pause_mode),
+                await asyncio.wait_for(vllm_compat.sleep(self.engine, sleep_level, pause_mode),
                                        deadline_s)
                 seconds["sleep"] = time.perf_counter() - t
                 self.last_sleep_memory = await self.gpu_memory()
                 self.sleep_level = sleep_level
                 self.weights_intact = sleep_level == 1
                 t = time.perf_counter()
-                await asyncio.wait_for(self.engine.wake_up(tags=["weights"]), deadline_s)
+                await asyncio.wait_for(vllm_compat.wake_up(self.engine, ["weights"]), deadline_s)
                 seconds["wake_weights"] = time.perf_counter() - t
                 if self.state != EngineState.FENCED:
                     self.state = EngineState.WEIGHTS_AWAKE
-        return {"seconds": seconds, "skipped": skipped, "group_id": self.group_id}
+        return BeginReply(seconds=seconds, skipped=tuple(skipped), group_id=self.group_id)
 
     async def join_group(self, backend: str, host: str, port: int, rank_offset: int,
-                         world_size: int, timeout_s: float, group_id: str = "") -> None:
-        """Join the trainer's broadcast group. It stays open across syncs (rebuilding NCCL
+                         world_size: int, timeout_s: float, group_id: str = "") -> JoinReply:
+        """Join the trainer's transfer group. It stays open across syncs (rebuilding NCCL
         communicators every sync is expensive) until a failure or ``leave_group``."""
         self._expect(*_IN_SYNC, EngineState.FENCED, op="join a transfer group")
         self.group_id = None
-        await self._rpc("ws_join_group", backend, host, port, rank_offset, world_size,
-                        timeout_s, timeout=timeout_s * 1.5)
+        out = await self._rpc("ws_join_group", backend, host, port, rank_offset, world_size,
+                              timeout_s, reply=JoinReply, timeout=timeout_s * 1.5)
         self.group_id = group_id or None
+        return out[0]
 
     async def leave_group(self) -> None:
         self.group_id = None
-        await self._rpc("ws_leave_group", timeout=60)
+        await self._rpc("ws_leave_group", reply=Ack, timeout=60)
 
-    async def receive(self, plan_json: str, apply: str, deadline_s: float,
-                      ipc_share_json: str | None = None) -> ReceiveReport:
-        """Receive a plan (broadcast group, or colocated IPC: an ``IpcShare``, which carries
-        the sender's checksums); stage or stream-apply.
+    async def receive(self, plan_json: str, request_json: str) -> ReceiveReport:
+        """Receive a plan through the leg ``request_json`` (a ``ReceiveRequest``) names; the
+        worker stages it, streams it into the loader, or verifies and loads it (``atomic``).
 
-        ``apply="atomic"`` (IPC): verify every bucket, then load, in one call. A checksum or
-        transfer error leaves the weights untouched; any later failure means they may be
-        half-applied (the engine gets fenced).
+        A ``TransferError`` (a verification error included) means nothing was applied; any
+        other failure of a streaming or atomic apply may have left the weights half-applied.
         """
         t_enter = time.perf_counter()
         self._expect(*_IN_SYNC, EngineState.FENCED, op="receive weights")
-        prev = self.state
-        self.state = EngineState.LOADING if prev != EngineState.FENCED else prev
-        if apply == "streaming":
+        request = ReceiveRequest.model_validate_json(request_json)
+        if self.state != EngineState.FENCED:
+            self.state = EngineState.LOADING
+        if request.apply == "streaming":
             self.weights_intact = False  # from the first byte on, until commit
-        if ipc_share_json is None:
-            try:
-                out = await self._rpc("ws_receive", plan_json, apply, deadline_s,
-                                      timeout=deadline_s * 1.5)
-            except WeightSyncError:
-                self.group_id = None  # the worker left the broken group
-                raise
-        else:
-            t = time.perf_counter()
-            try:
-                out = await self._rpc("ws_receive_ipc", plan_json, ipc_share_json, apply,
-                                      timeout=deadline_s * 1.5)
-            except TransferError:
-                raise  # refused before anything was applied (VerificationError included)
-            except WeightSyncError:
-                if apply == "atomic":
-                    self.weights_intact = False
-                raise
-        report = ReceiveReport.model_validate_json(out[0])
-        if ipc_share_json is not None:  # the call as the host saw it (vLLM's RPC included)
-            report.seconds["host_rpc"] = time.perf_counter() - t
-            report.seconds["host"] = time.perf_counter() - t_enter  # this whole actor method
+        t = time.perf_counter()
+        try:
+            report = (await self._rpc("ws_receive", plan_json, request_json, reply=ReceiveReport,
+                                      timeout=request.deadline_s * 1.5))[0]
+        except WeightSyncError as e:
+            self.group_id = None  # a worker leaves a group that failed it
+            if request.apply == "atomic" and not isinstance(e, TransferError):
+                self.weights_intact = False
+            raise
         if report.applied:
             self.weights_intact = False  # new weights, not yet committed
-        return report
+        return report.model_copy(update={"seconds": {
+            **report.seconds, "host_rpc": time.perf_counter() - t,  # vLLM's RPC included
+            "host": time.perf_counter() - t_enter}})  # this whole actor method
 
-    async def apply_staged(self, deadline_s: float) -> float:
+    async def apply_staged(self, deadline_s: float) -> ApplyReply:
         self._expect(EngineState.LOADING, EngineState.FENCED, op="apply staged weights")
         self.weights_intact = False
-        out = await self._rpc("ws_apply_staged", timeout=deadline_s)
-        return json.loads(out[0])["reload"]
+        return (await self._rpc("ws_apply_staged", reply=ApplyReply, timeout=deadline_s))[0]
 
     async def _checkpoint(self, path: str | None, partial: bool,
                           roots: Sequence[str] | None, deadline_s: float) -> CheckpointFiles:
@@ -298,7 +302,7 @@ class EngineHost:
             raise DeadlineExceeded(f"reading checkpoint headers took over {deadline_s:.0f}s",
                                    engine=self.spec.name) from e
         ckpt = CheckpointFiles(files=files, partial=partial and path is not None)
-        await self._rpc("ws_check_files", ckpt.model_dump_json(), timeout=deadline_s)
+        await self._rpc("ws_check_files", ckpt.model_dump_json(), reply=Ack, timeout=deadline_s)
         return ckpt
 
     async def validate_checkpoint(self, path: str | None, *, partial: bool = False,
@@ -309,7 +313,7 @@ class EngineHost:
 
     async def reload_from_path(self, path: str | None, deadline_s: float, *,
                                partial: bool = False,
-                               roots: Sequence[str] | None = None) -> float:
+                               roots: Sequence[str] | None = None) -> ReloadReply:
         """Reload weights from a safetensors directory (``None``: the original model), loading
         exactly the files that were checked. A checkpoint refused before loading leaves the
         weights as they were."""
@@ -319,33 +323,33 @@ class EngineHost:
             self.state = EngineState.LOADING
         intact, self.weights_intact = self.weights_intact, False
         try:
-            out = await self._rpc("ws_reload_files", ckpt.model_dump_json(), timeout=deadline_s)
+            out = await self._rpc("ws_reload_files", ckpt.model_dump_json(), reply=ReloadReply,
+                                  timeout=deadline_s)
         except ManifestError:  # the worker refused the files before loading any of them
             self.weights_intact = intact
             raise
-        return json.loads(out[0])["reload"]
+        return out[0]
 
-    async def finish_load(self, deadline_s: float) -> dict:
+    async def finish_load(self, deadline_s: float) -> FinishReply:
         """Reset prefix, encoder and multimodal caches; return a fingerprint of the weights."""
         t = time.perf_counter()
         if not self._testing_keep_caches:
             await asyncio.wait_for(self._reset_caches(), deadline_s)
         reset = time.perf_counter() - t
         t = time.perf_counter()
-        prints = await self._rpc("ws_fingerprint", timeout=deadline_s)
-        return {"fingerprint": "|".join(prints),
-                "seconds": {"reset_caches": reset, "fingerprint": time.perf_counter() - t}}
+        prints = await self._rpc("ws_fingerprint", reply=Fingerprint, timeout=deadline_s)
+        return FinishReply(fingerprint="|".join(p.digest for p in prints),
+                           seconds={"reset_caches": reset,
+                                    "fingerprint": time.perf_counter() - t})
 
     async def _reset_caches(self) -> None:
         # Requests frozen by pause mode "keep" hold KV blocks computed with the old weights:
         # preempt them so they recompute on the new ones, and insist the reset succeeded.
-        if not await self.engine.reset_prefix_cache(reset_running_requests=True):
+        if not await vllm_compat.reset_caches(self.engine):
             raise EngineError("prefix cache could not be reset: stale KV would be served",
                               engine=self.spec.name)
-        await self.engine.reset_mm_cache()
-        await self.engine.reset_encoder_cache()
 
-    async def commit(self, version: int, deadline_s: float) -> dict:
+    async def commit(self, version: int, deadline_s: float) -> CommitReply:
         """Wake the KV cache, resume, and serve ``version``. Unfences a resynced engine."""
         self._expect(*_IN_SYNC, EngineState.FENCED, op="commit")
         if version <= self.version:
@@ -359,17 +363,17 @@ class EngineHost:
         self.last_sync = seconds
         self.state = EngineState.SERVING
         self._serving.set()
-        return seconds
+        return CommitReply(seconds=seconds)
 
     async def _wake_and_resume(self, deadline_s: float) -> dict[str, float]:
         seconds: dict[str, float] = {}
         if self.sleep_level:
             t = time.perf_counter()
-            await asyncio.wait_for(self.engine.wake_up(tags=["kv_cache"]), deadline_s)
+            await asyncio.wait_for(vllm_compat.wake_up(self.engine, ["kv_cache"]), deadline_s)
             seconds["wake_kv"] = time.perf_counter() - t
             self.sleep_level = 0
         t = time.perf_counter()
-        await asyncio.wait_for(self.engine.resume_generation(), deadline_s)
+        await asyncio.wait_for(vllm_compat.resume_generation(self.engine), deadline_s)
         seconds["resume"] = time.perf_counter() - t
         return seconds
 
@@ -383,9 +387,9 @@ class EngineHost:
         if self.state not in _IN_SYNC and self.state != EngineState.FENCED:
             return self.status()
         try:
-            await self._rpc("ws_drop_staged", timeout=deadline_s)
+            await self._rpc("ws_drop_staged", reply=Ack, timeout=deadline_s)
             self.group_id = None  # a failed sync never reuses its group
-            await self._rpc("ws_leave_group", timeout=deadline_s)
+            await self._rpc("ws_leave_group", reply=Ack, timeout=deadline_s)
         except WeightSyncError:
             logger.warning("engine %s: cleanup after failed sync raised", self.spec.name,
                            exc_info=True)
@@ -409,30 +413,30 @@ class EngineHost:
         """Manual pause (control plane). New requests wait until ``resume``."""
         self._expect(EngineState.SERVING, op="pause")
         self._serving.clear()
-        await self.engine.pause_generation(mode=mode)
+        await vllm_compat.pause_generation(self.engine, mode)
         self.state = EngineState.PAUSED
         return self.status()
 
     async def resume(self) -> EngineStatus:
         self._expect(EngineState.PAUSED, op="resume")
-        await self.engine.resume_generation()
+        await vllm_compat.resume_generation(self.engine)
         self.state = EngineState.SERVING
         self._serving.set()
         return self.status()
 
-    async def kernel_layout(self) -> dict:
+    async def kernel_layout(self) -> LayoutStatus:
         """The engine's kernel layout (fast path) and whether it has been verified."""
-        return json.loads((await self._rpc("ws_kernel_layout", timeout=120))[0])
+        return (await self._rpc("ws_kernel_layout", reply=LayoutStatus, timeout=120))[0]
 
     async def runner_class(self) -> str:
-        return self.info["runner"]
+        return self.info.runner if self.info is not None else ""
 
-    async def gpu_memory(self) -> dict[str, int]:
+    async def gpu_memory(self) -> GpuMemory:
         """Device memory as the worker sees it now (``free``/``total`` are device-wide, so a
-        colocated trainer counts too); empty on CPU."""
-        return json.loads((await self._rpc("ws_gpu_memory", timeout=30))[0])
+        colocated trainer counts too); all ``None`` on CPU."""
+        return (await self._rpc("ws_gpu_memory", reply=GpuMemory, timeout=30))[0]
 
-    async def memory_after_sleep(self) -> dict[str, int] | None:
+    async def memory_after_sleep(self) -> GpuMemory | None:
         """``gpu_memory()`` as read right after the last sync's sleep (None if none slept)."""
         return self.last_sleep_memory
 
@@ -454,7 +458,7 @@ class EngineHost:
                                    engine=self.spec.name)
         self._expect(EngineState.SERVING, EngineState.PAUSED, op="sleep")
         self._serving.clear()
-        await self.engine.sleep(level=level)
+        await vllm_compat.sleep(self.engine, level)
         self.sleep_level = level
         self._asleep = {"weights", "kv_cache"}
         self.weights_intact = level == 1
@@ -466,14 +470,14 @@ class EngineHost:
         without a sync are undefined, so the engine is fenced until one verifies."""
         self._expect(EngineState.ASLEEP, EngineState.WEIGHTS_AWAKE, op="wake up")
         waking = {"weights", "kv_cache"} if tags is None else set(tags)
-        await self.engine.wake_up(tags=tags)
+        await vllm_compat.wake_up(self.engine, tags)
         if "weights" in waking and not self.weights_intact:
             self.fence("woken after sleep level 2 without new weights: weights undefined")
             return
         self._asleep -= waking
         if not self._asleep:
             self.sleep_level = 0
-            await self.engine.resume_generation()
+            await vllm_compat.resume_generation(self.engine)
             self.state = EngineState.SERVING
             self._serving.set()
         elif "weights" not in self._asleep:

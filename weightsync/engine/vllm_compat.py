@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -110,10 +111,6 @@ def reload_weights(worker: Any, weights_iterator: Any, is_checkpoint_format: boo
     )
 
 
-def reload_weights_from_path(worker: Any, weights_path: str | None) -> None:
-    worker.model_runner.reload_weights(weights_path=weights_path, is_checkpoint_format=True)
-
-
 def stateless_group(host: str, port: int, rank: int, world_size: int, backend: str,
                     timeout_s: float) -> Any:
     """A process group outside torch.distributed's global state (rank 0 hosts the store).
@@ -154,3 +151,81 @@ def destroy_group(group: Any) -> None:
             group.shutdown()
     except Exception:  # noqa: BLE001 - teardown of a possibly broken group
         logger.debug("group teardown raised", exc_info=True)
+
+
+# ---- the engine (AsyncLLM) ---------------------------------------------------------------------
+def collective_rpc(engine: Any, method: str, args: tuple = ()) -> Any:
+    """``AsyncLLM.collective_rpc`` (a coroutine): one reply per worker."""
+    return engine.collective_rpc(method, args=args)
+
+
+def resume_generation(engine: Any) -> Any:
+    return engine.resume_generation()
+
+
+def sleep(engine: Any, level: int, mode: str | None = None) -> Any:
+    """``AsyncLLM.sleep`` (a coroutine); ``mode`` is how requests in flight are paused."""
+    return engine.sleep(level=level) if mode is None else engine.sleep(level=level, mode=mode)
+
+
+def wake_up(engine: Any, tags: list[str] | None) -> Any:
+    return engine.wake_up(tags=tags)
+
+
+async def reset_caches(engine: Any) -> bool:
+    """Reset the prefix, multimodal and encoder caches. Requests frozen by pause mode "keep"
+    hold KV blocks computed with the old weights: they are preempted to recompute. Returns
+    whether the prefix cache reset succeeded."""
+    ok = await engine.reset_prefix_cache(reset_running_requests=True)
+    await engine.reset_mm_cache()
+    await engine.reset_encoder_cache()
+    return bool(ok)
+
+
+def generate(engine: Any, prompt: Any, params: Any, request_id: str) -> Any:
+    """``AsyncLLM.generate``: an async iterator of ``RequestOutput``."""
+    return engine.generate(prompt, params, request_id=request_id)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What a finished request produced (its first completion)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    finish_reason: str | None
+
+
+def completion(output: Any) -> Completion:
+    """The first completion of a ``RequestOutput``, with the logprob of each sampled token."""
+    c = output.outputs[0]
+    lps = tuple(float(step[t].logprob) for step, t in zip(c.logprobs, c.token_ids, strict=True)) \
+        if c.logprobs else ()
+    return Completion(text=c.text, token_ids=tuple(c.token_ids), logprobs=lps,
+                      finish_reason=c.finish_reason)
+
+
+def shutdown(engine: Any) -> None:
+    """Stop the engine: vLLM ends its engine-core and worker processes."""
+    engine.shutdown()
+
+
+# ---- inside a worker ---------------------------------------------------------------------------
+def model_config(worker: Any) -> Any:
+    return worker.model_runner.model_config
+
+
+def hf_text_config(worker: Any) -> Any:
+    mc = worker.model_runner.model_config
+    return mc.hf_text_config if hasattr(mc, "hf_text_config") else mc.hf_config
+
+
+def model(worker: Any) -> Any:
+    """The worker's ``nn.Module`` as vLLM built it (its parameters in kernel layout)."""
+    return worker.model_runner.get_model()
+
+
+def packed_modules(worker: Any) -> dict[str, list[str]]:
+    """The model's ``packed_modules_mapping`` (fused module -> checkpoint modules)."""
+    return dict(getattr(model(worker), "packed_modules_mapping", {}) or {})

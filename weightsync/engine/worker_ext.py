@@ -1,51 +1,59 @@
 """Runs inside vLLM's workers (``worker_extension_cls``): receive, stage, apply, fingerprint.
 
-vLLM mixes this class into its Worker, so ``self.model_runner``, ``self.rank`` and
-``self.device`` are the worker's own. Methods are called through ``collective_rpc`` with JSON
-strings (parsed here, at the boundary) and return JSON strings: nothing is pickled.
+vLLM mixes this class into its Worker, so ``self.rank`` and ``self.device`` are the worker's
+own; its model runner is reached through ``vllm_compat``. Methods are called through
+``collective_rpc`` with JSON strings (parsed here, at the boundary) and return the JSON of a
+``WorkerReply`` — the method's reply model, or the typed error it raised. Nothing is pickled.
+
+How buckets arrive is a transfer leg's business (``weightsync.transport.legs``): ``ws_receive``
+looks the leg's receiver up by name and consumes what it yields, whatever the leg.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import json
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
+from pydantic import BaseModel
 
 from weightsync.checkpoint import iter_tensors, read_checkpoint, read_checkpoint_files
 from weightsync.engine import vllm_compat
 from weightsync.errors import (ManifestError, ReloadError, TransferError, VerificationError,
                                WeightSyncError)
+from weightsync.messages import (Ack, ApplyMode, ApplyReply, Fingerprint, GpuMemory, JoinReply,
+                                 LayoutStatus, ReceiveRequest, ReloadReply, WorkerError,
+                                 WorkerInfo, WorkerReply)
 from weightsync.transport.broadcast import BroadcastReceiver, open_group
 from weightsync.transport.graphs import Replay
-from weightsync.transport.ipc import IpcShare, open_bucket, open_event
+from weightsync.transport.legs import receiver_leg
 from weightsync.transport.packing import (checksum, copy_split, copy_tensors, digest_tensors,
-                                          digest_terms, dtype_name, fold_terms,
-                                          unpack_bucket)
+                                          dtype_name, unpack_bucket)
 from weightsync.types import Bucket, CheckpointFiles, ReceiveReport, TensorSpec, TransferPlan
 
 logger = logging.getLogger(__name__)
 
 _FLOATS = {"float32", "float16", "bfloat16", "float64"}
-ERROR_KEY = "__weightsync_error__"
 
 
-def typed_errors(fn):
-    """vLLM turns worker exceptions into plain strings; return ours as data so the host can
-    re-raise the same typed error (``EngineHost._rpc``)."""
-    import functools
+def worker_rpc(fn: Callable[..., BaseModel]) -> Callable[..., str]:
+    """A worker method's reply, or the ``WeightSyncError`` it raised, as ``WorkerReply`` JSON
+    (vLLM would flatten an exception to a string; the host re-raises the same typed error)."""
 
     @functools.wraps(fn)
-    def wrapper(self, *args, **kwargs):
+    def wrapper(self, *args, **kwargs) -> str:
         try:
-            return fn(self, *args, **kwargs)
+            reply = fn(self, *args, **kwargs)
         except WeightSyncError as e:
             logger.warning("worker: %s failed: %s", fn.__name__, e)
-            return json.dumps({ERROR_KEY: e.code, "message": e.message})
+            return WorkerReply[Any](error=WorkerError(code=e.code, message=e.message)) \
+                .model_dump_json()
+        return '{"reply":' + reply.model_dump_json() + "}"
 
     return wrapper
 
@@ -107,40 +115,38 @@ class WeightSyncWorkerExtension:
 
     def _ws_state(self) -> dict:
         if not hasattr(self, "_ws"):
-            self._ws = {"receiver": None, "staged": [], "staged_format": "checkpoint",
-                        "expected": None, "layout": None, "layout_status": None}
+            self._ws = {"group": None, "staged": [], "staged_format": "checkpoint",
+                        "expected": None, "layout": None, "layout_status": None,
+                        "legs": {}, "plan": None}
         return self._ws
 
     # ---- introspection -------------------------------------------------------------------
-    @typed_errors
-    def ws_info(self) -> str:
+    @worker_rpc
+    def ws_info(self) -> WorkerInfo:
         """Called once at start: also records the model's tensors as loaded now, which every
         later update is validated against (vLLM repoints ``model_config.model`` at each path
         it loads from, so reading it later would validate against the last update)."""
-        mc = self.model_runner.model_config
+        mc = vllm_compat.model_config(self)
         st = self._ws_state()
         if st["expected"] is None and st.get("expected_error") is None:
             try:
                 st["expected"] = read_checkpoint(str(mc.model)).specs
             except WeightSyncError as e:
                 st["expected_error"] = f"the model's own checkpoint is unreadable: {e}"
-        return json.dumps({
-            "runner": vllm_compat.model_runner_class(self),
-            "rank": int(getattr(self, "rank", 0)),
-            "device": str(getattr(self, "device", "cpu")),
-            "dtype": dtype_name(mc.dtype),
-            "model": str(mc.model),
-        })
+        return WorkerInfo(runner=vllm_compat.model_runner_class(self),
+                          rank=int(getattr(self, "rank", 0)),
+                          device=str(getattr(self, "device", "cpu")),
+                          dtype=dtype_name(mc.dtype), model=str(mc.model))
 
-    @typed_errors
-    def ws_gpu_memory(self) -> str:
+    @worker_rpc
+    def ws_gpu_memory(self) -> GpuMemory:
         """``torch.cuda.mem_get_info`` (device-wide) plus this process's allocator counters."""
         if getattr(self, "device", torch.device("cpu")).type != "cuda":
-            return json.dumps({})
+            return GpuMemory()
         free, total = torch.cuda.mem_get_info(self.device)
-        return json.dumps({"free": int(free), "total": int(total),
-                           "allocated": int(torch.cuda.memory_allocated(self.device)),
-                           "reserved": int(torch.cuda.memory_reserved(self.device))})
+        return GpuMemory(free=int(free), total=int(total),
+                         allocated=int(torch.cuda.memory_allocated(self.device)),
+                         reserved=int(torch.cuda.memory_reserved(self.device)))
 
     def _expected(self) -> dict[str, TensorSpec]:
         """The model's checkpoint tensors as recorded at start (``ws_info``)."""
@@ -150,12 +156,19 @@ class WeightSyncWorkerExtension:
                                 or "the engine has not recorded its model's tensors yet")
         return st["expected"]
 
+    def _params(self) -> dict[str, torch.nn.Parameter]:
+        return dict(vllm_compat.model(self).named_parameters())
+
     def _vllm_specs(self) -> dict[str, TensorSpec]:
         return {n: TensorSpec(name=n, dtype=dtype_name(p.dtype), shape=tuple(p.shape))
-                for n, p in self.model_runner.get_model().named_parameters()}
+                for n, p in self._params().items()}
 
-    @typed_errors
-    def ws_validate(self, plan_json: str) -> str:
+    def _tied(self) -> set[str]:
+        hf = vllm_compat.hf_text_config(self)
+        return {"lm_head.weight"} if getattr(hf, "tie_word_embeddings", False) else set()
+
+    @worker_rpc
+    def ws_validate(self, plan_json: str) -> Ack:
         plan = TransferPlan.model_validate_json(plan_json)
         if plan.format == "kernel":
             live = self._vllm_specs()
@@ -163,13 +176,13 @@ class WeightSyncWorkerExtension:
             bad = [s.name for s in plan.specs if s.dtype != live[s.name].dtype]
             if bad:
                 raise ManifestError(f"kernel-layout dtypes differ from the engine's: {bad[:5]}")
-            return "ok"
-        mc = self.model_runner.model_config
-        validate_plan(plan, self._expected(), dtype_name(mc.dtype), self._tied())
-        return "ok"
+            return Ack()
+        validate_plan(plan, self._expected(), dtype_name(vllm_compat.model_config(self).dtype),
+                      self._tied())
+        return Ack()
 
-    @typed_errors
-    def ws_fingerprint(self) -> str:
+    @worker_rpc
+    def ws_fingerprint(self) -> Fingerprint:
         """Digest of every parameter as loaded (vLLM layout). Equal across a verified fleet.
 
         Small parameters are digested in concatenated groups, large ones in place: a few
@@ -177,197 +190,92 @@ class WeightSyncWorkerExtension:
         """
         h = hashlib.sha256()
         with torch.no_grad():
-            params = sorted(self.model_runner.get_model().named_parameters())
+            params = sorted(self._params().items())
             for name, p in params:
                 h.update(f"{name}:{dtype_name(p.dtype)}{tuple(p.shape)};".encode())
             for c in digest_tensors(p for _, p in params):
                 h.update(f"{c};".encode())
-        return h.hexdigest()[:32]
+        return Fingerprint(digest=h.hexdigest()[:32])
 
     # ---- transport -----------------------------------------------------------------------
-    @typed_errors
+    @worker_rpc
     def ws_join_group(self, backend: str, host: str, port: int, rank_offset: int,
-                      world_size: int, timeout_s: float) -> str:
-        self.ws_leave_group()
+                      world_size: int, timeout_s: float) -> JoinReply:
+        self._leave_group()
         rank = rank_offset + int(getattr(self, "rank", 0))
         group = open_group(backend, host, port, rank, world_size, timeout_s)
-        self._ws_state()["receiver"] = BroadcastReceiver(group)
-        return json.dumps({"rank": rank})
+        self._ws_state()["group"] = BroadcastReceiver(group)
+        return JoinReply(rank=rank)
 
-    @typed_errors
-    def ws_leave_group(self) -> str:
+    @worker_rpc
+    def ws_leave_group(self) -> Ack:
+        self._leave_group()
+        return Ack()
+
+    def _leave_group(self) -> None:
         st = self._ws_state()
-        if st["receiver"] is not None:
-            st["receiver"].close()
-            st["receiver"] = None
-        return "ok"
+        if st["group"] is not None:
+            st["group"].close()
+            st["group"] = None
 
-    @typed_errors
-    def ws_receive(self, plan_json: str, apply: str, deadline_s: float) -> str:
-        """Receive a plan over the group; stage it, or stream it into reload_weights."""
-        plan = TransferPlan.model_validate_json(plan_json)
-        st = self._ws_state()
-        st["staged_key"] = None  # broadcast buffers are ours: no IPC mapping to key on
-        receiver = st["receiver"]
-        if receiver is None:
-            raise TransferError("no transfer group: join_group first")
-        pool, st["recv_pool"] = st.get("recv_pool"), None
-        received: list[torch.Tensor] = []
+    # what receiver legs may use of the worker (weightsync.transport.legs) ------------------
+    def _ws_group(self) -> BroadcastReceiver | None:
+        """The transfer group this worker joined, if any."""
+        return self._ws_state()["group"]
 
-        def stream() -> Iterator[tuple[Bucket, torch.Tensor]]:
-            for bucket, buf in receiver.receive(plan, deadline_s, pool):
-                received.append(buf)
-                yield bucket, buf
-
-        t0 = time.perf_counter()
-        try:
-            report = self._consume(plan, stream(), apply)
-        except BaseException:
-            self.ws_leave_group()  # a broken group is never reused
-            raise
-        report.seconds["receive"] = time.perf_counter() - t0
-        st["recv_bufs"] = received
-        if report.applied:
-            self._recycle()
-        return report.model_dump_json()
-
-    def _recycle(self) -> None:
-        """Offer this sync's receive buffers to the next sync, unless the model now holds their
-        memory (a loader may keep a received tensor as a parameter rather than copy it)."""
-        st = self._ws_state()
-        bufs, st["recv_bufs"] = st.get("recv_bufs") or [], []
-        if not bufs:
-            return
+    def _ws_holds(self, bufs: list[torch.Tensor]) -> bool:
+        """Whether the model holds the memory of any of ``bufs`` (a loader may keep a
+        received tensor as a parameter rather than copy it)."""
         ours = {b.untyped_storage().data_ptr() for b in bufs}
-        model = self.model_runner.get_model()
-        held = any(t.untyped_storage().data_ptr() in ours
+        model = vllm_compat.model(self)
+        return any(t.untyped_storage().data_ptr() in ours
                    for t in (*model.parameters(), *model.buffers()))
-        st["recv_pool"] = None if held else bufs
 
-    @typed_errors
-    def ws_receive_ipc(self, plan_json: str, share_json: str, apply: str) -> str:
-        """Map colocated CUDA-IPC buckets (an ``IpcShare``); verify them, then stage or apply.
+    def _ws_graph(self, name: str) -> Replay:
+        """This worker's ``Replay`` called ``name`` (CUDA only)."""
+        graphs = self._ws_state().setdefault("graphs", {})
+        if name not in graphs:
+            graphs[name] = Replay(name)
+        return graphs[name]
 
-        This stream first waits (on the GPU) for the sender's event, recorded after its
-        packing and checksum terms. Every bucket's checksum is then compared with the
-        sender's, with one host sync for all of them; a differing bucket raises
-        ``VerificationError`` before anything is applied. ``apply="atomic"`` (one engine in
-        the wave) loads in this same call once everything matched.
-        """
+    def _ws_forget_copy_plan(self) -> None:
+        """The buffers the kept kernel-layout copy plan points into are gone."""
+        self._ws_state()["kernel_program"] = None
+
+    @worker_rpc
+    def ws_receive(self, plan_json: str, request_json: str) -> ReceiveReport:
+        """Receive a plan through the leg the request names; stage it, stream it into the
+        loader, or (``atomic``) verify every bucket against the sender's checksums and load."""
         t_call = time.perf_counter()
+        request = ReceiveRequest.model_validate_json(request_json)
         st = self._ws_state()
         key = _plan_key(plan_json)
-        cached = st.get("ipc_plan")
-        if cached is not None and cached[0] == key:  # the same plan as the last sync
-            plan = cached[1]
-        else:
-            plan = TransferPlan.model_validate_json(plan_json)
-            st["ipc_plan"] = (key, plan)
-        share = IpcShare.model_validate_json(share_json)
-        if [h.index for h in share.buckets] != [b.index for b in plan.buckets]:
-            raise TransferError("IPC handles do not match the plan's buckets")
-        if share.terms.nbytes != 24 * len(plan.buckets):
-            raise TransferError("the sender's checksum terms do not match the plan's buckets")
-        t0 = time.perf_counter()
-        cache = st.setdefault("ipc_mapped", {})
-        handles = (*share.buckets, share.terms)
-        reused = all(h.reusable for h in handles)  # the trainer keeps these buffers
-        mapped = []
-        for h in handles:
-            hk = (h.handle, h.storage_offset, h.nbytes)
-            buf = cache.get(hk) if h.reusable else None
-            if buf is None:
-                buf = open_bucket(h)
-                if h.reusable:  # the trainer reuses this allocation: keep it mapped
-                    cache[hk] = buf
-            mapped.append(buf)
-        keys = {(h.handle, h.storage_offset, h.nbytes) for h in handles if h.reusable}
-        stale = [k for k in cache if k not in keys]  # the trainer replaced those buffers:
-        for k in stale:  # unmap them, or their memory stays held on the trainer's GPU
-            del cache[k]
-        if stale or not keys:
-            st["kernel_program"] = None
-        bufs, sender_terms = mapped[:-1], mapped[-1].view(torch.int64).view(-1, 3)
-        events = st.setdefault("ipc_events", {})
-        if share.event not in events:
-            events.clear()
-            events[share.event] = open_event(share.event, bufs[0].device.index)
-        torch.cuda.current_stream().wait_event(events[share.event])
-        opened = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        if reused:  # the same buffers every sync: one graph
-            own = self._graph("IPC checksum").run(
-                (tuple((b.data_ptr(), b.numel()) for b in bufs), digest_terms),
-                lambda: digest_terms(bufs))
-        else:
-            own = digest_terms(bufs)
-        rows = torch.cat([own, sender_terms]).tolist()  # the one host sync
-        lengths = [b.numel() for b in bufs]
-        sums = fold_terms(lengths, rows[: len(bufs)])
-        expected = fold_terms(lengths, rows[len(bufs):])
-        verified = time.perf_counter() - t0
-        st["staged_key"] = key if reused else None
-        report = self._consume(plan, zip(plan.buckets, bufs, strict=True), apply, expected,
-                               known=sums)
-        report.seconds.update(ipc_open=opened, checksum=verified,
-                              worker=time.perf_counter() - t_call)  # this whole call
-        return report.model_dump_json()
-
-    # ---- kernel layout (fast path) ----------------------------------------------------------
-    def _tied(self) -> set[str]:
-        mc = self.model_runner.model_config
-        hf = mc.hf_text_config if hasattr(mc, "hf_text_config") else mc.hf_config
-        return {"lm_head.weight"} if getattr(hf, "tie_word_embeddings", False) else set()
-
-    @typed_errors
-    def ws_kernel_layout(self) -> str:
-        """The derived kernel layout and whether a checkpoint-format load has verified it."""
-        from weightsync.transport.layout import LayoutUnavailable, derive_layout
-
-        st = self._ws_state()
-        if st["layout_status"] is None:
-            model = self.model_runner.get_model()
-            packed = dict(getattr(model, "packed_modules_mapping", {}) or {})
-            try:
-                st["layout"] = derive_layout(self._vllm_specs(), self._expected(), packed,
-                                             self._tied())
-                st["layout_status"] = {"candidate": True, "verified": False,
-                                       "reason": "not yet verified by a checkpoint-format load"}
-            except LayoutUnavailable as e:
-                st["layout_status"] = {"candidate": False, "verified": False, "reason": str(e)}
-        out = dict(st["layout_status"])
-        if st["layout"] is not None and out["verified"]:
-            out["layout"] = st["layout"].model_dump(mode="json")
-            out["signature"] = st["layout"].signature
-        return json.dumps(out)
-
-    def _calibrate_layout(self, staged: list[tuple[Bucket, torch.Tensor]]) -> None:
-        """Compare vLLM's own load of ``staged`` with our stacking of it, bit for bit."""
-        st = self._ws_state()
-        if st["layout_status"] is None:
-            self.ws_kernel_layout()
-        status, layout = st["layout_status"], st["layout"]
-        if not status["candidate"] or status["verified"] or layout is None:
-            return
-        sent = {n: t for b, buf in staged for n, t in unpack_bucket(b, buf)}
-        live = dict(self.model_runner.get_model().named_parameters())
-        for p in layout.params:
-            if any(name not in sent for name, _ in p.parts):
-                return  # a partial sync cannot verify every parameter; wait for a full one
-            stacked = torch.cat([sent[name].to(live[p.name].dtype) for name, _ in p.parts]) \
-                if len(p.parts) > 1 else sent[p.parts[0][0]].to(live[p.name].dtype)
-            if not torch.equal(stacked.view(live[p.name].shape), live[p.name].data):
-                st["layout_status"] = {"candidate": False, "verified": False,
-                                       "reason": f"{p.name}: vLLM's loader does not produce a "
-                                                 "plain row stack of the checkpoint tensors"}
-                return
-        st["layout_status"] = {"candidate": True, "verified": True, "reason": "verified"}
+        if st["plan"] is None or st["plan"][0] != key:  # parse once per plan, not per sync
+            st["plan"] = (key, TransferPlan.model_validate_json(plan_json))
+        plan = st["plan"][1]
+        leg = st["legs"].get(request.leg)
+        if leg is None:
+            leg = st["legs"][request.leg] = receiver_leg(request.leg)(self)
+        st["active_leg"] = leg
+        try:
+            incoming = leg.receive(plan, request)
+            st["staged_key"] = f"{key}:{incoming.cache_key}" if incoming.cache_key else None
+            report = self._consume(plan, incoming.buckets, request.apply, incoming.expected,
+                                   incoming.known)
+        except BaseException:
+            leg.failed()
+            raise
+        if report.applied:
+            leg.done()
+        seconds = {**incoming.seconds, **report.seconds,
+                   "worker": time.perf_counter() - t_call}  # this whole call
+        return report.model_copy(update={"seconds": seconds})
 
     def _consume(self, plan: TransferPlan, stream: Iterator[tuple[Bucket, torch.Tensor]],
-                 apply: str, expected: list[int] | None = None,
+                 apply: ApplyMode, expected: list[int] | None = None,
                  known: list[int] | None = None) -> ReceiveReport:
         """Check every bucket of ``stream`` against ``expected`` (the sender's checksums) and
-        stage or apply it. ``known``: the buckets' checksums, already computed by the caller."""
+        stage or apply it. ``known``: the buckets' checksums, already computed by the leg."""
         if apply == "atomic" and expected is None:
             raise TransferError("atomic apply needs the sender's checksums")
         sums: list[int] = []
@@ -408,11 +316,22 @@ class WeightSyncWorkerExtension:
         return ReceiveReport(nbytes=nbytes, checksums=tuple(sums), applied=applied,
                              seconds=seconds)
 
-    @typed_errors
-    def ws_apply_staged(self) -> str:
+    def _leg_done(self) -> None:
+        leg = self._ws_state().get("active_leg")
+        if leg is not None:
+            leg.done()
+
+    @worker_rpc
+    def ws_apply_staged(self) -> ApplyReply:
         reload_s = self._apply_staged()
-        self._recycle()
-        return json.dumps({"reload": reload_s, "layout": self._ws_state()["staged_format"]})
+        self._leg_done()
+        return ApplyReply(reload=reload_s, layout=self._ws_state()["staged_format"])
+
+    @worker_rpc
+    def ws_drop_staged(self) -> Ack:
+        self._ws_state()["staged"] = []
+        self._leg_done()
+        return Ack()
 
     def _apply_staged(self) -> float:
         st = self._ws_state()
@@ -432,12 +351,6 @@ class WeightSyncWorkerExtension:
             self._calibrate_layout(staged)
         return reload_s
 
-    @typed_errors
-    def ws_drop_staged(self) -> str:
-        self._ws_state()["staged"] = []
-        self._recycle()
-        return "ok"
-
     def _reload(self, weights: Iterator[tuple[str, torch.Tensor]], kernel: bool = False,
                 program: tuple | None = None, graph_key: tuple | None = None) -> None:
         """Load ``weights``: checkpoint format through vLLM's loaders, kernel layout by copying
@@ -445,7 +358,8 @@ class WeightSyncWorkerExtension:
         ``graph_key``: what they depend on, when kept across syncs — replayed as one graph)."""
         with torch.no_grad():
             if kernel and program is not None and graph_key is not None:
-                self._graph("kernel-layout copy").run(graph_key, lambda: copy_tensors(*program))
+                self._ws_graph("kernel-layout copy").run(graph_key,
+                                                         lambda: copy_tensors(*program))
             elif kernel:
                 copy_tensors(*(program or self._kernel_targets(weights)))
             else:
@@ -453,12 +367,52 @@ class WeightSyncWorkerExtension:
         if getattr(self, "device", torch.device("cpu")).type == "cuda":
             torch.cuda.synchronize()
 
-    def _graph(self, name: str) -> Replay:
-        """This worker's ``Replay`` called ``name`` (CUDA only)."""
-        graphs = self._ws_state().setdefault("graphs", {})
-        if name not in graphs:
-            graphs[name] = Replay(name)
-        return graphs[name]
+    # ---- kernel layout (fast path) ----------------------------------------------------------
+    @worker_rpc
+    def ws_kernel_layout(self) -> LayoutStatus:
+        """The derived kernel layout and whether a checkpoint-format load has verified it."""
+        status, layout = self._layout_status()
+        if layout is not None and status.verified:
+            return status.model_copy(update={"layout": layout, "signature": layout.signature})
+        return status
+
+    def _layout_status(self):
+        from weightsync.transport.layout import LayoutUnavailable, derive_layout
+
+        st = self._ws_state()
+        if st["layout_status"] is None:
+            packed = vllm_compat.packed_modules(self)
+            try:
+                st["layout"] = derive_layout(self._vllm_specs(), self._expected(), packed,
+                                             self._tied())
+                st["layout_status"] = LayoutStatus(
+                    candidate=True, verified=False,
+                    reason="not yet verified by a checkpoint-format load")
+            except LayoutUnavailable as e:
+                st["layout_status"] = LayoutStatus(candidate=False, verified=False,
+                                                   reason=str(e))
+        return st["layout_status"], st["layout"]
+
+    def _calibrate_layout(self, staged: list[tuple[Bucket, torch.Tensor]]) -> None:
+        """Compare vLLM's own load of ``staged`` with our stacking of it, bit for bit."""
+        st = self._ws_state()
+        status, layout = self._layout_status()
+        if not status.candidate or status.verified or layout is None:
+            return
+        sent = {n: t for b, buf in staged for n, t in unpack_bucket(b, buf)}
+        live = self._params()
+        for p in layout.params:
+            if any(name not in sent for name, _ in p.parts):
+                return  # a partial sync cannot verify every parameter; wait for a full one
+            stacked = torch.cat([sent[name].to(live[p.name].dtype) for name, _ in p.parts]) \
+                if len(p.parts) > 1 else sent[p.parts[0][0]].to(live[p.name].dtype)
+            if not torch.equal(stacked.view(live[p.name].shape), live[p.name].data):
+                st["layout_status"] = LayoutStatus(
+                    candidate=False, verified=False,
+                    reason=f"{p.name}: vLLM's loader does not produce a plain row stack of "
+                           "the checkpoint tensors")
+                return
+        st["layout_status"] = LayoutStatus(candidate=True, verified=True, reason="verified")
 
     def _kernel_targets(self, weights: Iterator[tuple[str, torch.Tensor]]
                         ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -469,7 +423,7 @@ class WeightSyncWorkerExtension:
         every plan was checked against the live parameters' names, shapes and dtypes
         (``ws_validate``). Measured on an H100 (0.5B shape, 170 parameters): 0.9 ms batched
         vs 1.2 ms one ``copy_`` each."""
-        live = dict(self.model_runner.get_model().named_parameters())
+        live = self._params()
         dsts, srcs = [], []
         for name, t in weights:
             p = live.get(name)
@@ -483,10 +437,10 @@ class WeightSyncWorkerExtension:
     def _kernel_program(self, staged: list[tuple[Bucket, torch.Tensor]], key: str | None
                         ) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple]:
         """``_kernel_targets`` for staged buckets, kept while the plan and the (reused, still
-        mapped) IPC buffers stay the same: resolving ~300 names and views each sync costs
-        more than the copy itself. vLLM keeps its parameter tensors across sleep/wake and
-        reloads (it copies into them), so the kept targets stay valid; any checkpoint reload
-        drops them anyway."""
+        mapped) buffers stay the same: resolving ~300 names and views each sync costs more
+        than the copy itself. vLLM keeps its parameter tensors across sleep/wake and reloads
+        (it copies into them), so the kept targets stay valid; any checkpoint reload drops
+        them anyway."""
         st = self._ws_state()
         ck = (key, tuple(buf.data_ptr() for _, buf in staged)) if key is not None else None
         prog = st.get("kernel_program")
@@ -497,30 +451,30 @@ class WeightSyncWorkerExtension:
         st["kernel_program"] = (ck, program) if ck is not None else None
         return program
 
+    # ---- checkpoints ------------------------------------------------------------------------
     def _check_files(self, checkpoint_json: str) -> CheckpointFiles:
         ckpt = CheckpointFiles.model_validate_json(checkpoint_json)
         specs = read_checkpoint_files(ckpt.files)
         validate_specs(list(specs.values()), self._expected(),
-                       dtype_name(self.model_runner.model_config.dtype), self._tied(),
+                       dtype_name(vllm_compat.model_config(self).dtype), self._tied(),
                        partial=ckpt.partial)
         return ckpt
 
-    @typed_errors
-    def ws_check_files(self, checkpoint_json: str) -> str:
+    @worker_rpc
+    def ws_check_files(self, checkpoint_json: str) -> Ack:
         """Check a checkpoint's headers against the model (``CheckpointFiles``); load nothing."""
         self._check_files(checkpoint_json)
-        return "ok"
+        return Ack()
 
-    @typed_errors
-    def ws_reload_files(self, checkpoint_json: str) -> str:
+    @worker_rpc
+    def ws_reload_files(self, checkpoint_json: str) -> ReloadReply:
         """Load exactly the files of a checkpoint the host resolved (``CheckpointFiles``), after
         checking their headers against the model again: complete unless asked otherwise."""
         ckpt = self._check_files(checkpoint_json)
         t0 = time.perf_counter()
-        vllm_compat.reload_weights(self, iter_tensors(ckpt.files), is_checkpoint_format=True)
-        if getattr(self, "device", torch.device("cpu")).type == "cuda":
-            torch.cuda.synchronize()
+        self._reload(iter_tensors(ckpt.files))
         st = self._ws_state()
         st["layout"] = st["layout_status"] = None  # re-derive and re-verify on the next sync
-        st["kernel_program"] = st["ipc_plan"] = None
-        return json.dumps({"reload": time.perf_counter() - t0})
+        st["kernel_program"] = st["plan"] = None
+        return ReloadReply(reload=time.perf_counter() - t0)
+

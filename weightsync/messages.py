@@ -1,0 +1,137 @@
+"""The sync protocol's messages between the coordinator, the engine host and its workers.
+
+Each is a frozen model parsed once at the boundary it crosses: workers answer ``collective_rpc``
+with ``WorkerReply[...]`` JSON (a reply, or the typed error it raised), hosts answer the
+coordinator with these models through Ray. An unknown or missing field is a validation error,
+never a default. The user-facing values (plans, results, statuses) live in ``weightsync.types``.
+"""
+
+from __future__ import annotations
+
+from typing import Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from weightsync.transport.layout import KernelLayout
+
+ApplyMode = Literal["staged", "streaming", "atomic"]
+"""How a worker applies what it receives. ``staged``: keep every bucket until the coordinator
+says apply (fleet all-or-nothing). ``streaming``: feed buckets into the loader as they arrive.
+``atomic``: verify every bucket against the sender's checksums, then load, in one call (a leg
+that knows the sender's checksums up front, for a wave of one engine)."""
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# ---- worker -> host ----------------------------------------------------------------------------
+class WorkerError(_Message):
+    """A ``WeightSyncError`` raised in a worker, as data (vLLM would flatten it to a string)."""
+
+    code: str
+    message: str
+
+
+R = TypeVar("R")
+
+
+class WorkerReply(_Message, Generic[R]):
+    """What every worker RPC returns: exactly one of its reply and the error it raised."""
+
+    reply: R | None = None
+    error: WorkerError | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> WorkerReply[R]:
+        if (self.reply is None) == (self.error is None):
+            raise ValueError("a worker reply carries a reply or an error, not both or neither")
+        return self
+
+
+class Ack(_Message):
+    ok: Literal[True] = True
+
+
+class WorkerInfo(_Message):
+    runner: str
+    rank: int
+    device: str
+    dtype: str
+    model: str
+
+
+class JoinReply(_Message):
+    rank: int
+
+
+class ApplyReply(_Message):
+    """Staged buckets applied: the load's seconds and the format they were in."""
+
+    reload: float
+    layout: Literal["checkpoint", "kernel"]
+
+
+class ReloadReply(_Message):
+    reload: float
+
+
+class Fingerprint(_Message):
+    digest: str
+
+
+class GpuMemory(_Message):
+    """``torch.cuda.mem_get_info`` (device-wide) and the worker's allocator counters; all
+    ``None`` on CPU."""
+
+    free: int | None = None
+    total: int | None = None
+    allocated: int | None = None
+    reserved: int | None = None
+
+
+class LayoutStatus(_Message):
+    """The engine's kernel layout (fast path): whether one exists and a checkpoint-format load
+    verified it bit for bit; the layout itself once verified."""
+
+    candidate: bool
+    verified: bool
+    reason: str
+    layout: KernelLayout | None = None
+    signature: str | None = None
+
+
+# ---- host -> worker ----------------------------------------------------------------------------
+class ReceiveRequest(_Message):
+    """What a sender leg asks every worker to do with a plan: which receiver to use, how to
+    apply, the deadline per bucket, and the leg's own data (e.g. an ``IpcShare``), which only
+    that leg's receiver parses."""
+
+    leg: str = Field(min_length=1)
+    apply: ApplyMode
+    deadline_s: float = Field(gt=0)
+    payload: str | None = None
+
+
+# ---- host -> coordinator -----------------------------------------------------------------------
+class BeginReply(_Message):
+    """The engine paused (and slept and woke its weights where asked): each phase's seconds,
+    what was skipped and why, and the transfer group it is still in, if any."""
+
+    seconds: dict[str, float]
+    skipped: tuple[str, ...] = ()
+    group_id: str | None = None
+
+
+class FinishReply(_Message):
+    """Caches reset and the loaded weights fingerprinted."""
+
+    fingerprint: str
+    seconds: dict[str, float]
+
+
+class CommitReply(_Message):
+    """The engine serves the new version: the seconds of its last phases and of the whole
+    sync as it saw it."""
+
+    seconds: dict[str, float]

@@ -1,0 +1,100 @@
+"""The two halves of a transfer leg (see ``weightsync.transport.legs``)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from weightsync.config import TransferConfig
+from weightsync.errors import WeightSyncError
+from weightsync.messages import ApplyMode, BeginReply, ReceiveRequest
+from weightsync.types import Bucket, ReceiveReport, TransferPlan
+
+if TYPE_CHECKING:
+    import torch
+
+    from weightsync.remote import Engines
+
+
+@dataclass
+class LegOutcome:
+    """What a sender leg reports: the sender's per-bucket checksums, every engine's receipt,
+    the engines that failed (typed errors), and the trainer's own sub-phases (seconds)."""
+
+    sums: list[int]
+    receipts: dict[str, ReceiveReport]
+    failed: dict[str, WeightSyncError]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class SenderLeg(ABC):
+    """Trainer side: moves one plan's buckets to a set of engines, never hanging (every wait
+    has a deadline). One instance per coordinator and leg; it may keep state across syncs (an
+    open group, shared buffers) and is told when to let it go."""
+
+    name: ClassVar[str]
+    receiver: ClassVar[str]  # the registry name of the worker side it talks to
+
+    def __init__(self, cfg: TransferConfig, engines: Engines,
+                 on_bucket: Callable[[int], None]) -> None:
+        self.cfg, self.engines, self.on_bucket = cfg, engines, on_bucket
+
+    @abstractmethod
+    def send(self, names: Sequence[str], plan: TransferPlan, source: Any,
+             begun: Mapping[str, BeginReply]) -> LegOutcome:
+        """Send ``plan`` from ``source`` (named tensors, or whatever the leg sends from) to
+        the engines ``names``, which have begun the sync (``begun``: their replies)."""
+
+    def loaded(self) -> None:
+        """Every engine applied or dropped this sync's buckets: memory they used may go."""
+
+    def close(self) -> None:
+        """Let go of everything kept across syncs (groups, buffers): an engine was replaced,
+        or the coordinator closes."""
+
+    # ---- helpers for subclasses ---------------------------------------------------------------
+    def request(self, apply: ApplyMode | None = None, payload: str | None = None
+                ) -> ReceiveRequest:
+        return ReceiveRequest(leg=self.receiver, apply=apply or self.cfg.apply,
+                              deadline_s=self.cfg.deadlines.transfer, payload=payload)
+
+    def receive_everywhere(self, names: Sequence[str], plan_json: str,
+                           request: ReceiveRequest) -> tuple[dict, dict]:
+        """Every engine's ``receive`` under the transfer deadline: (receipts, failures)."""
+        pending = {n: self.engines.submit(n, "receive", plan_json, request.model_dump_json())
+                   for n in names}
+        return self.engines.wait(pending, self.cfg.deadlines.transfer * 1.6)
+
+
+@dataclass
+class Incoming:
+    """A plan's buckets as a receiver delivers them. ``expected``: the sender's checksums when
+    the leg knows them up front (then every bucket is verified before anything is applied);
+    ``known``: checksums the receiver already computed; ``cache_key``: stable across syncs
+    while the buffers are (the worker keeps its kernel-layout copy plan under it)."""
+
+    buckets: Iterator[tuple[Bucket, torch.Tensor]]
+    expected: list[int] | None = None
+    known: list[int] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    cache_key: str | None = None
+
+
+class ReceiverLeg(ABC):
+    """Worker side: one instance per worker and leg, kept across syncs (its caches live
+    here). ``worker`` is the vLLM worker (``WeightSyncWorkerExtension``)."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+
+    @abstractmethod
+    def receive(self, plan: TransferPlan, request: ReceiveRequest) -> Incoming:
+        """The plan's buckets, in order, as they arrive."""
+
+    def done(self) -> None:
+        """The buckets were applied or dropped."""
+
+    def failed(self) -> None:
+        """The receive failed: leave nothing half-open (a broken group is never reused)."""

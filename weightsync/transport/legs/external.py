@@ -1,0 +1,57 @@
+"""The external leg: a sender outside this process (a trainer reaching the fleet through the
+control plane) hosts the group as rank 0; the engines join it and receive as in a broadcast.
+The sender's checksums come back by call (``ExternalSender.wait_checksums``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from weightsync.errors import TransferError, WeightSyncError
+from weightsync.messages import BeginReply
+from weightsync.transport.legs.base import LegOutcome, SenderLeg
+from weightsync.types import TransferPlan
+
+logger = logging.getLogger(__name__)
+
+
+class ExternalSender(Protocol):
+    """The far end of ``SyncCoordinator.sync_external``: a sender in another process that
+    hosts the group as rank 0 and broadcasts the plan."""
+
+    address: tuple[str, int]  # where rank 0 hosts the group's store
+
+    def ready(self, plan: TransferPlan, world_size: int) -> None:
+        """The engines are joining ``address``: the sender may open the group and send."""
+
+    def wait_checksums(self, timeout: float) -> list[int]:
+        """The sender's per-bucket checksums once it sent everything; raises a
+        ``WeightSyncError`` if it failed, aborted, or did not finish within ``timeout``."""
+
+
+class ExternalLeg(SenderLeg):
+    name = "external"
+    receiver = "broadcast"  # the engines' side is a group receive like any broadcast
+
+    def send(self, names: Sequence[str], plan: TransferPlan, source: ExternalSender,
+             begun: Mapping[str, BeginReply]) -> LegOutcome:
+        dl = self.cfg.deadlines
+        world = 1 + len(names)
+        host, port = source.address
+        joins = {n: self.engines.submit(n, "join_group", self.cfg.backend, host, port, 1 + i,
+                                        world, dl.rendezvous)
+                 for i, n in enumerate(names)}
+        source.ready(plan, world)
+        _, bad = self.engines.wait(joins, dl.rendezvous * 1.2)
+        if bad:  # the sync fails whatever the sender says: do not wait for it
+            return LegOutcome([], {}, bad)
+        ok, bad = self.receive_everywhere(names, plan.model_dump_json(), self.request())
+        if bad:
+            return LegOutcome([], ok, bad)
+        try:
+            return LegOutcome(source.wait_checksums(dl.transfer), ok, bad)
+        except WeightSyncError as e:
+            logger.error("external sender of version %d failed: %s", plan.version, e)
+            return LegOutcome([], ok, {n: TransferError(f"sender failed: {e}", engine=n)
+                                       for n in names})
