@@ -1,0 +1,144 @@
+"""The fleet protocol, on the real coordinator and real engine hosts and workers, with only
+vLLM stood in for (``weightsync.testing.fleet``): all-or-nothing rollback, fingerprint-majority
+fencing, a broken streaming apply, rolling waves, deadlines, version numbers. Each test runs in
+well under a second; the same behaviours on real vLLM engines are in tests/integration."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from weightsync.config import Deadlines, TransferConfig
+from weightsync.coordinator import SyncCoordinator
+from weightsync.errors import SyncFailedError
+from weightsync.testing.fleet import Faults, LocalEngines, TinyModel, save_tiny_model
+from weightsync.types import EngineState
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture()
+def fleet(model_dir):
+    made: list[LocalEngines] = []
+
+    def make(**faults: Faults) -> LocalEngines:
+        engines = LocalEngines(model_dir, faults)
+        made.append(engines)
+        return engines
+
+    yield make
+    for engines in made:
+        engines.close()
+
+
+def _coord(engines, **cfg) -> SyncCoordinator:
+    return SyncCoordinator(engines, TransferConfig(bucket_bytes=1 << 16, **cfg))
+
+
+def _new_weights(seed: int) -> TinyModel:
+    torch.manual_seed(seed)
+    return TinyModel()
+
+
+def _states(coord) -> dict[str, tuple[EngineState, int]]:
+    return {s.name: (s.state, s.version) for s in coord.statuses()}
+
+
+def _prints(engines) -> dict[str, str]:
+    out = {}
+    for name in engines.handles:
+        ok, bad = engines.wait({name: engines.submit(name, "finish_load", 5.0)}, 5)
+        out[name] = ok[name].fingerprint
+    return out
+
+
+def test_staged_transfer_failure_leaves_every_engine_on_its_old_weights(fleet):
+    engines = fleet(a=Faults(), b=Faults(corrupt_bucket=0), c=Faults())
+    coord = _coord(engines)
+    before, prints = _states(coord), _prints(engines)
+    with pytest.raises(SyncFailedError) as e:
+        coord.sync(_new_weights(1), leg="loopback")
+    res = e.value.result
+    assert [(r.engine, r.ok, r.fenced) for r in res.engines] == \
+        [("a", False, False), ("b", False, False), ("c", False, False)]
+    assert "bucket(s) [0]" in next(r.error for r in res.engines if r.engine == "b")
+    assert _states(coord) == before  # all serving, nobody published
+    assert _prints(engines) == prints  # nobody applied a byte
+
+
+def test_the_engine_whose_weights_differ_from_the_majority_is_fenced(fleet):
+    engines = fleet(a=Faults(), b=Faults(), c=Faults(skew_load=True))
+    coord = _coord(engines)
+    with pytest.raises(SyncFailedError) as e:
+        coord.sync(_new_weights(2), leg="loopback")
+    res = e.value.result
+    assert [(r.engine, r.ok, r.fenced) for r in res.engines] == \
+        [("a", True, False), ("b", True, False), ("c", False, True)]
+    states = _states(coord)
+    assert states["a"] == states["b"] == (EngineState.SERVING, res.version)
+    assert states["c"][0] == EngineState.FENCED
+    assert "differ from the rest of the fleet" in coord.statuses()[2].fenced_reason
+
+
+def test_a_broken_streaming_apply_fences_only_that_engine(fleet):
+    engines = fleet(a=Faults(), b=Faults(fail_load_after=2), c=Faults())
+    coord = _coord(engines, apply="streaming")
+    with pytest.raises(SyncFailedError) as e:
+        coord.sync(_new_weights(3), leg="loopback")
+    res = e.value.result
+    assert [(r.engine, r.ok, r.fenced) for r in res.engines] == \
+        [("a", True, False), ("b", False, True), ("c", True, False)]
+    states = _states(coord)
+    assert states["a"] == states["c"] == (EngineState.SERVING, res.version)
+    assert states["b"] == (EngineState.FENCED, 0)  # half-loaded: never routable
+    assert "loader failed at tensor 2" in coord.statuses()[1].fenced_reason
+
+
+def test_a_rolling_update_stops_at_the_first_failed_wave(fleet):
+    engines = fleet(a=Faults(), b=Faults(corrupt_bucket=0), c=Faults())
+    coord = _coord(engines)
+    prints = _prints(engines)
+    with pytest.raises(SyncFailedError) as e:
+        coord.sync(_new_weights(4), leg="loopback", wave_size=1)
+    res = e.value.result
+    assert [(r.engine, r.ok) for r in res.engines] == [("a", True), ("b", False)]  # c untried
+    states = _states(coord)
+    assert states["a"] == (EngineState.SERVING, res.version)
+    assert states["b"] == states["c"] == (EngineState.SERVING, 0)
+    now = _prints(engines)
+    assert now["a"] != prints["a"] and (now["b"], now["c"]) == (prints["b"], prints["c"])
+
+
+def test_a_phase_past_its_deadline_fails_that_engine_instead_of_hanging(fleet):
+    engines = fleet(a=Faults(), b=Faults(stall={"ws_fingerprint": 5.0}))
+    coord = _coord(engines, deadlines=Deadlines(verify=0.3))
+    t0 = time.monotonic()
+    with pytest.raises(SyncFailedError) as e:
+        coord.sync(_new_weights(5), leg="loopback")
+    took = time.monotonic() - t0
+    res = e.value.result
+    assert [(r.engine, r.ok, r.fenced) for r in res.engines] == \
+        [("a", True, False), ("b", False, True)]
+    assert "exceeded 0.3s" in res.engines[1].error
+    assert took < 5.0  # the stall lasts 5 s: the sync did not wait for it
+
+
+def test_version_numbers_are_never_reused(fleet):
+    engines = fleet(a=Faults(), b=Faults())
+    coord = _coord(engines)
+    assert coord.sync(_new_weights(6), leg="loopback").version == 1
+    engines.faults["b"] = Faults(corrupt_bucket=0)
+    with pytest.raises(SyncFailedError) as e:
+        coord.sync(_new_weights(7), leg="loopback")
+    assert e.value.result.version == 2 and coord.version == 1  # tried, never published
+    engines.faults["b"] = Faults()
+    assert coord.sync(_new_weights(8), leg="loopback").version == 3  # not 2 again
+    other = _coord(engines)  # another trainer over the same engines
+    assert other.sync(_new_weights(9), leg="loopback").version == 4
+    assert coord.sync(_new_weights(10), leg="loopback").version == 5
+    assert {v for _, v in _states(coord).values()} == {5}

@@ -1,0 +1,193 @@
+"""An in-process fleet that drives the real coordinator: protocol tests in milliseconds.
+
+Each engine is a real ``EngineHost`` (its state machine, deadlines and fencing as in
+production) on its own event loop thread, as a Ray async actor would be, over a stand-in for
+vLLM's ``AsyncLLM`` whose one worker is a real ``WeightSyncWorkerExtension`` around a tiny torch
+model saved as a real safetensors checkpoint. Buckets travel by the ``loopback`` leg. What is
+fake is only vLLM: a model runner that loads by name, and an engine that answers pause, sleep,
+wake and cache resets at once.
+
+Faults are passed in per engine (``Faults``), never patched into production code; a test may
+swap an engine's faults between syncs (``LocalEngines.faults[name] = ...``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from weightsync.config import EngineSpec
+from weightsync.engine.host import EngineHost
+from weightsync.engine.worker_ext import WeightSyncWorkerExtension
+from weightsync.errors import EngineDeadError, EngineUnresponsive, WeightSyncError
+
+
+@dataclass(frozen=True)
+class Faults:
+    """What goes wrong in one engine. ``corrupt_bucket``: a byte of that bucket flips on the
+    way in. ``fail_load_after``: the loader raises after that many tensors (a load broken
+    half-way). ``skew_load``: the loader adds a tiny offset to one parameter (its weights no
+    longer match the fleet's). ``stall``: worker RPC name -> seconds it hangs before running
+    (a deadline to expire). ``dead``: the engine does not answer at all."""
+
+    corrupt_bucket: int | None = None
+    fail_load_after: int | None = None
+    skew_load: bool = False
+    stall: Mapping[str, float] = field(default_factory=dict)
+    dead: bool = False
+
+
+class TinyModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 8)
+        self.proj = torch.nn.Linear(8, 8)
+        self.norm = torch.nn.LayerNorm(8)
+
+
+def save_tiny_model(directory: Path, seed: int = 0) -> Path:
+    """A ``TinyModel`` with seeded weights as ``model.safetensors`` in ``directory``."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({n: p.detach().clone() for n, p in TinyModel().named_parameters()},
+              str(directory / "model.safetensors"))
+    return directory
+
+
+class _Runner:
+    """vLLM's model runner, as far as the worker extension uses it."""
+
+    def __init__(self, model_dir: Path, faults: Callable[[], Faults]) -> None:
+        from safetensors.torch import load_file
+
+        self.model = TinyModel()
+        self.model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
+        self.model_config = SimpleNamespace(model=str(model_dir), dtype=torch.float32,
+                                            hf_config=SimpleNamespace(tie_word_embeddings=False))
+        self._faults = faults
+
+    def get_model(self) -> torch.nn.Module:
+        return self.model
+
+    def reload_weights(self, weights_iterator: Iterator[tuple[str, torch.Tensor]] | None = None,
+                       is_checkpoint_format: bool = True, weights_path: str | None = None
+                       ) -> None:
+        params = dict(self.model.named_parameters())
+        faults = self._faults()
+        with torch.no_grad():
+            for i, (name, tensor) in enumerate(weights_iterator or ()):
+                if faults.fail_load_after is not None and i >= faults.fail_load_after:
+                    raise RuntimeError(f"loader failed at tensor {i} ({name})")
+                params[name].copy_(tensor.view(params[name].shape))
+            if faults.skew_load:
+                params["norm.bias"].add_(1e-3)
+
+
+class _Worker(WeightSyncWorkerExtension):
+    def __init__(self, model_dir: Path, faults: Callable[[], Faults]) -> None:
+        self.model_runner = _Runner(model_dir, faults)
+        self.rank, self.device, self._faults = 0, torch.device("cpu"), faults
+
+    @property
+    def faults(self) -> Faults:
+        return self._faults()
+
+
+class _Engine:
+    """``AsyncLLM`` as far as ``vllm_compat`` uses it; its one worker runs in a thread."""
+
+    def __init__(self, worker: _Worker) -> None:
+        self.worker = worker
+
+    async def collective_rpc(self, method: str, args: tuple = ()) -> list[Any]:
+        stall = self.worker.faults.stall.get(method)
+        if stall:
+            await asyncio.sleep(stall)
+        return [await asyncio.to_thread(getattr(self.worker, method), *args)]
+
+    async def pause_generation(self, mode: str = "abort", clear_cache: bool = True) -> None:
+        pass
+
+    async def resume_generation(self) -> None:
+        pass
+
+    async def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        return True
+
+    async def reset_mm_cache(self) -> None:
+        pass
+
+    async def reset_encoder_cache(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
+class LocalEngines:
+    """``weightsync.remote.Engines`` over in-process hosts, each on its own event loop."""
+
+    def __init__(self, model_dir: Path, faults: Mapping[str, Faults]) -> None:
+        self.faults = dict(faults)
+        self._hosts: dict[str, EngineHost] = {}
+        self._loops: dict[str, asyncio.AbstractEventLoop] = {}
+        for name in self.faults:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name=f"fake-{name}", daemon=True).start()
+            faults = functools.partial(self.faults.__getitem__, name)
+            host = EngineHost(EngineSpec(name=name, model=str(model_dir), device="cpu"),
+                              make_engine=lambda f=faults, **_: _Engine(_Worker(model_dir, f)))
+            self._hosts[name], self._loops[name] = host, loop
+            asyncio.run_coroutine_threadsafe(host.start(), loop).result(30)
+
+    @property
+    def handles(self) -> dict[str, EngineHost]:
+        return dict(self._hosts)
+
+    def submit(self, name: str, method: str, *args: Any, **kwargs: Any) -> Future:
+        if self.faults[name].dead:
+            fut: Future = Future()
+            fut.set_exception(EngineDeadError("engine died", engine=name))
+            return fut
+        return asyncio.run_coroutine_threadsafe(
+            _call(getattr(self._hosts[name], method), *args, **kwargs), self._loops[name])
+
+    def wait(self, pending: Mapping[str, Future], timeout: float
+             ) -> tuple[dict[str, Any], dict[str, WeightSyncError]]:
+        ok: dict[str, Any] = {}
+        bad: dict[str, WeightSyncError] = {}
+        end = time.monotonic() + timeout
+        for name, fut in pending.items():
+            try:
+                ok[name] = fut.result(max(0.0, end - time.monotonic()))
+            except FutureTimeout:
+                bad[name] = EngineUnresponsive(f"no answer within {timeout:.1f}s", engine=name)
+            except WeightSyncError as e:
+                e.engine = e.engine or name
+                bad[name] = e
+        return ok, bad
+
+    def replace(self, name: str, handle: Any) -> None:
+        raise NotImplementedError("in-process engines are not restarted")
+
+    def close(self) -> None:
+        for loop in self._loops.values():
+            loop.call_soon_threadsafe(loop.stop)
+
+
+async def _call(fn, *args: Any, **kwargs: Any) -> Any:
+    out = fn(*args, **kwargs)
+    return await out if asyncio.iscoroutine(out) else out

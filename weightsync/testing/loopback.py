@@ -1,0 +1,69 @@
+"""The loopback leg: buckets handed from the trainer to engines in the same process.
+
+A real leg like any other (one module, one registry line in ``weightsync.transport.legs``), for
+engines that live in the trainer's process — the in-process fleet of ``weightsync.testing.fleet``
+that drives the real coordinator in protocol tests. The sender packs and checksums every bucket
+as the broadcast leg does; each receiver gets its own copy, so a fault injected into one engine's
+copy (``Faults.corrupt_bucket``) reaches that engine only.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from weightsync.errors import TransferError
+from weightsync.messages import BeginReply, ReceiveRequest
+from weightsync.transport.legs.base import Incoming, LegOutcome, ReceiverLeg, SenderLeg
+from weightsync.transport.packing import checksum, named_tensors, pack_bucket
+from weightsync.types import TransferPlan
+
+_MAILBOX: dict[str, list[torch.Tensor]] = {}  # one send's packed buckets, by token
+_LOCK = threading.Lock()
+
+
+class LoopbackLeg(SenderLeg):
+    name = "loopback"
+    receiver = "loopback"
+
+    def send(self, names: Sequence[str], plan: TransferPlan, source: Any,
+             begun: Mapping[str, BeginReply]) -> LegOutcome:
+        tensors = dict(named_tensors(source))
+        bufs, sums = [], []
+        for bucket in plan.buckets:
+            self.on_bucket(bucket.index)
+            buf = pack_bucket(bucket, tensors, torch.device("cpu"))
+            bufs.append(buf)
+            sums.append(checksum(buf))
+        token = uuid.uuid4().hex
+        with _LOCK:
+            _MAILBOX[token] = bufs
+        try:
+            ok, bad = self.receive_everywhere(names, plan.model_dump_json(),
+                                              self.request(payload=token))
+        finally:
+            with _LOCK:
+                _MAILBOX.pop(token, None)
+        return LegOutcome(sums, ok, bad)
+
+
+class LoopbackReceiver(ReceiverLeg):
+    def receive(self, plan: TransferPlan, request: ReceiveRequest) -> Incoming:
+        with _LOCK:
+            bufs = _MAILBOX.get(request.payload or "")
+        if bufs is None or len(bufs) != len(plan.buckets):
+            raise TransferError("no loopback buckets for this receive")
+        corrupt = getattr(getattr(self.worker, "faults", None), "corrupt_bucket", None)
+
+        def buckets():
+            for bucket, buf in zip(plan.buckets, bufs, strict=True):
+                own = buf.clone()
+                if corrupt == bucket.index and own.numel():
+                    own[0] ^= 0xFF  # a flipped byte on the way
+                yield bucket, own
+
+        return Incoming(buckets())
