@@ -74,6 +74,19 @@ def raw_device_copy(nbytes: int, rounds: int) -> list[float]:
     return times
 
 
+def commit() -> str | None:
+    """The commit the benchmark ran on (results keep one current file per benchmark and shape;
+    git history keeps the older runs, and each file names its commit)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
 def summary(xs: list[float]) -> dict[str, float]:
     xs = sorted(xs)
     p95 = xs[min(len(xs) - 1, round(0.95 * (len(xs) - 1)))]

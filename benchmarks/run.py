@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from benchmarks.baselines import raw_device_copy, raw_gloo_broadcast, summary
+from benchmarks.baselines import commit, raw_device_copy, raw_gloo_broadcast, summary
 
 app = typer.Typer(add_completion=False)
 
@@ -37,7 +37,8 @@ def _versions() -> dict:
     import torch
     import vllm
 
-    out = {"torch": torch.__version__, "vllm": vllm.__version__, "ray": ray.__version__,
+    out = {"commit": commit(), "torch": torch.__version__, "vllm": vllm.__version__,
+           "ray": ray.__version__,
            "python": platform.python_version(), "machine": platform.machine(),
            "cpus": __import__("os").cpu_count()}
     if torch.cuda.is_available():
@@ -94,7 +95,7 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
               "broadcast": cfg.broadcast,
               "syncs": syncs, "engine_boot_s": boot, "runs": runs,
               "baseline_vllm_native_ipc": None}
-    out = out or Path("benchmarks/results") / f"sync-{device}-{shape}-{result['date']}.json"
+    out = out or Path("benchmarks/results") / f"sync-{device}-{shape}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     for k in sizes:
         coord = SyncCoordinator(actors[:k], cfg)
