@@ -31,6 +31,8 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                            TimeElapsedColumn)
 
+from weightsync.types import exclusive_phases
+
 logger = logging.getLogger(__name__)
 
 PROMPTS = (
@@ -217,7 +219,8 @@ def write_plot(records: list[StepRecord], path: Path, title: str) -> None:
     top.legend(loc="upper left")
     top.set_title(title)
     first = next(iter(records[0].engine_seconds))
-    phases = [p for p in records[0].engine_seconds[first] if p != "total"]
+    phases = list(dict.fromkeys(p for r in records
+                                for p in exclusive_phases(r.engine_seconds.get(first, {}))))
     stack = [[r.engine_seconds.get(first, {}).get(p, 0.0) * 1e3 for r in records] for p in phases]
     bottom.stackplot(steps, stack, labels=[f"{first}: {p}" for p in phases], alpha=0.7)
     bottom.plot(steps, [r.sync_seconds * 1e3 for r in records], color="black", lw=1.5,
@@ -242,8 +245,8 @@ def _say(console: Console, text: str) -> None:
 
 
 def _step_line(r: StepRecord, total_steps: int) -> str:
-    phases = " ".join(f"{p} {s:.3f}" for p, s in next(iter(r.engine_seconds.values())).items()
-                      if p != "total")
+    phases = " ".join(f"{p} {s:.3f}"
+                      for p, s in exclusive_phases(next(iter(r.engine_seconds.values()))).items())
     return (f"step {r.step}/{total_steps} reward {r.reward_mean:.3f}±{r.reward_std:.3f} "
             f"sampled@v{r.sampled_version} gap {r.logprob_gap:.1e} kl {r.kl:.4f} | "
             f"sync v{r.sync_version} {'verified' if r.sync_ok else 'FAILED'} "

@@ -181,3 +181,13 @@ def test_pack_reuses_views_when_sources_are_cast():
     pack_bucket(plan.buckets[0], ts3, "cpu", out=buf, views=views)
     assert views["dsts"][3] is not cached
     assert torch.equal(dict(unpack_bucket(plan.buckets[0], buf))["w"], ts3["w"].to(torch.bfloat16))
+
+
+def test_exclusive_phases_add_up_and_leave_out_sums_and_sub_phases():
+    from weightsync.types import exclusive_phases
+
+    seconds = {"pause": 0.01, "transfer": 0.2, "transfer.checksum": 0.05, "reload": 0.1,
+               "transfer+reload": 0.3, "resume": 0.02, "total": 0.33}
+    assert exclusive_phases(seconds) == {"pause": 0.01, "transfer": 0.2, "reload": 0.1,
+                                         "resume": 0.02}
+    assert abs(sum(exclusive_phases(seconds).values()) - seconds["total"]) < 1e-9
