@@ -8,6 +8,7 @@ never a default. The user-facing values (plans, results, statuses) live in ``wei
 
 from __future__ import annotations
 
+import functools
 from typing import Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -47,6 +48,13 @@ class WorkerReply(_Message, Generic[R]):
         if (self.reply is None) == (self.error is None):
             raise ValueError("a worker reply carries a reply or an error, not both or neither")
         return self
+
+
+@functools.cache
+def reply_of(model: type[BaseModel]) -> type[WorkerReply]:
+    """``WorkerReply[model]``, built once and kept (pydantic keeps parametrized generics only
+    weakly: rebuilt after a garbage collection, each costs a schema build on the sync's path)."""
+    return WorkerReply[model]
 
 
 class Ack(_Message):

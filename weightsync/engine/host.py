@@ -26,7 +26,7 @@ from weightsync.errors import (DeadlineExceeded, EngineError, FencedError, Illeg
                                error_class)
 from weightsync.messages import (Ack, ApplyReply, BeginReply, CommitReply, FinishReply,
                                  Fingerprint, GpuMemory, JoinReply, LayoutStatus,
-                                 ReceiveRequest, ReloadReply, WorkerInfo, WorkerReply)
+                                 ReceiveRequest, ReloadReply, WorkerInfo, reply_of)
 from weightsync.types import (CheckpointFiles, EngineState, EngineStatus, GenerationResult,
                               PauseMode, ReceiveReport)
 
@@ -186,7 +186,7 @@ class EngineHost:
             raise DeadlineExceeded(f"{method} exceeded {timeout}s", engine=self.spec.name) from e
         except Exception as e:  # noqa: BLE001 - vLLM reports worker crashes as plain Exception
             raise EngineError(f"{method} failed in the worker: {e}", engine=self.spec.name) from e
-        replies = [WorkerReply[reply].model_validate_json(o) for o in out]
+        replies = [reply_of(reply).model_validate_json(o) for o in out]
         for r in replies:
             if r.error is not None:
                 raise error_class(r.error.code)(r.error.message, engine=self.spec.name)
