@@ -22,8 +22,9 @@ def _median_phases(runs: list[dict]) -> dict[str, float]:
 def summarize(results: dict) -> dict:
     data, out = results.get("data", {}), {}
     tests = results.get("tests", {})
-    out["tests"] = {"passed": sum(t["outcome"] == "passed" for t in tests.values()),
-                    "failed": sum(t["outcome"] != "passed" for t in tests.values())}
+    outcomes = [t["outcome"] for t in tests.values()]
+    out["tests"] = {k: outcomes.count(k) for k in ("passed", "skipped")}
+    out["tests"]["failed"] = len(outcomes) - out["tests"]["passed"] - out["tests"]["skipped"]
     cycles = data.get("cycles") or []
     if cycles:
         groups: dict[str, list[dict]] = {}
