@@ -30,6 +30,9 @@ class Deadlines(_Frozen):
     reload: float = Field(300.0, gt=0)
     verify: float = Field(60.0, gt=0)
     resume: float = Field(60.0, gt=0)
+    # A sync's lease on each engine: renewed every third of it while the coordinator lives;
+    # if it lapses (the trainer died) the engine ends the sync by itself.
+    lease: float = Field(30.0, gt=0)
 
 
 class TransferConfig(_Frozen):

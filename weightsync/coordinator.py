@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,6 +108,9 @@ class SyncCoordinator:
         self._layout_cache: dict[tuple[str, ...], Any] = {}  # engine set -> verified layout
         self._kernel_plan_of: tuple[Any, TransferPlan] | None = None  # (layout, its plan)
         self._legs: dict[str, SenderLeg] = {}
+        # this coordinator's id on the engines' leases (weightsync.engine.lease)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._takeover = False  # the sync in progress may take engines from a silent owner
 
     @property
     def engines(self) -> dict[str, Any]:
@@ -151,7 +157,8 @@ class SyncCoordinator:
     # ---- public API ------------------------------------------------------------------------
     def sync(self, weights: Any, *, pause_mode: PauseMode = "abort", sleep_level: int = 0,
              engines: Sequence[str] | None = None, wave_size: int | None = None,
-             ipc: bool = False, partial: bool = False, leg: str | None = None) -> SyncResult:
+             ipc: bool = False, partial: bool = False, leg: str | None = None,
+             takeover: bool = False) -> SyncResult:
         """Sync ``weights`` (module, state dict or iterable of ``(name, tensor)``) to the fleet.
 
         ``wave_size`` turns on rolling mode: engines update a wave at a time while the others
@@ -161,16 +168,19 @@ class SyncCoordinator:
         (then it may update a subset; the result says so). Raises ``SyncFailedError`` (with
         ``.result``) if any engine failed, ``ManifestError`` if the weights do not fit the
         model, ``IllegalStateError`` if an engine is in no state to begin (nothing changed
-        anywhere in either case).
+        anywhere in either case). ``takeover``: engines still held by a sync of another
+        coordinator that is gone (a crashed trainer) are taken at once instead of after that
+        sync's lease lapses.
         """
         _check_sleep_level(sleep_level)
-        with self._exclusive():
+        with self._exclusive(takeover):
             return self._sync(weights, pause_mode, sleep_level, engines, wave_size,
                               leg or ("ipc" if ipc else "broadcast"), partial)
 
     def reload_checkpoint(self, path: str | None, *, pause_mode: PauseMode = "abort",
                           engines: Sequence[str] | None = None, partial: bool = False,
-                          roots: Sequence[str] | None = None) -> SyncResult:
+                          roots: Sequence[str] | None = None,
+                          takeover: bool = False) -> SyncResult:
         """Reload every engine from a safetensors directory (``None``: the original model).
 
         Every engine first resolves the directory into its files (inside ``roots`` when given)
@@ -178,7 +188,7 @@ class SyncCoordinator:
         tensors is refused unless ``partial``, and nothing changes anywhere (``ManifestError``
         or ``ConfigError``). Each engine then loads exactly the files it checked.
         """
-        with self._exclusive():
+        with self._exclusive(takeover):
             targets = self._targets(engines)
             version = self._next_version(targets)
             dl = self.transfer.deadlines
@@ -189,18 +199,19 @@ class SyncCoordinator:
             self._layout_cache.clear()  # a new checkpoint: engines re-derive and re-verify
             t0 = time.perf_counter()
             runs = {n: _Run() for n in targets}
-            self._begin(runs, None, pause_mode, 0)
-            ok, bad = self._call("reload_from_path", targets, path, dl.reload, partial=partial,
-                                 roots=roots, timeout=dl.reload * 1.2)
-            for n, r in ok.items():
-                runs[n].seconds["reload"] = r.reload
-            result = self._finish(runs, bad, version, "checkpoint", (), t0, partial)
+            with self._holding(targets):
+                self._begin(runs, None, pause_mode, 0, version)
+                ok, bad = self._call("reload_from_path", targets, path, dl.reload,
+                                     partial=partial, roots=roots, timeout=dl.reload * 1.2)
+                for n, r in ok.items():
+                    runs[n].seconds["reload"] = r.reload
+                result = self._finish(runs, bad, version, "checkpoint", (), t0, partial)
             return _raise_unless_ok(result)
 
     def sync_external(self, specs: Sequence[TensorSpec], sender: ExternalSender, *,
                       pause_mode: PauseMode = "abort", sleep_level: int = 0,
-                      engines: Sequence[str] | None = None,
-                      partial: bool = False) -> SyncResult:
+                      engines: Sequence[str] | None = None, partial: bool = False,
+                      takeover: bool = False) -> SyncResult:
         """Sync weights that ``sender`` broadcasts from outside this process (e.g. a trainer
         reaching the fleet through the control plane): the ``external`` leg.
 
@@ -211,7 +222,7 @@ class SyncCoordinator:
         _check_sleep_level(sleep_level)
         if not specs:
             raise ConfigError("no tensors to sync")
-        with self._exclusive():
+        with self._exclusive(takeover):
             t0 = time.perf_counter()
             targets = self._targets(engines)
             plan = plan_buckets(list(specs), self.transfer.bucket_bytes,
@@ -228,13 +239,36 @@ class SyncCoordinator:
 
     # ---- the protocol ------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _exclusive(self):
+    def _exclusive(self, takeover: bool = False):
         if not self._lock.acquire(blocking=False):
             raise SyncInProgressError("a sync is already running on this fleet")
+        self._takeover = takeover
         try:
             yield
         finally:
+            self._takeover = False
             self._lock.release()
+
+    @contextlib.contextmanager
+    def _holding(self, names: Sequence[str]):
+        """Renew this coordinator's lease on ``names`` every third of it while the body runs:
+        if this process dies, the engines end the sync by themselves."""
+        lease = self.transfer.deadlines.lease
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(lease / 3):
+                pending = {n: self.access.submit(n, "renew_lease", self.owner, lease)
+                           for n in names}
+                self.access.wait(pending, lease / 3)
+
+        thread = threading.Thread(target=beat, name="ws-lease", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def _next_version(self, targets: Sequence[str]) -> int:
         """One past the highest version any engine or this coordinator has seen or handed
@@ -245,14 +279,20 @@ class SyncCoordinator:
         begin one (paused, asleep, loading): ``IllegalStateError``, never a fenced engine.
         """
         statuses = self.statuses()
-        busy = [s for s in statuses if s.name in targets and s.state not in _CAN_BEGIN]
+        busy = [s for s in statuses if s.name in targets and s.state not in _CAN_BEGIN
+                and not self._may_take(s)]
         if busy:
             raise IllegalStateError(
                 f"cannot begin a sync while {busy[0].state.value} (needs serving/fenced); "
                 "no engine was touched", engine=busy[0].name)
         self.version = max([self.version, *(s.version for s in statuses)])
-        self._issued = max(self._issued, self.version) + 1
+        self._issued = max([self._issued, self.version, *(s.version_seen for s in statuses)]) + 1
         return self._issued
+
+    def _may_take(self, status: EngineStatus) -> bool:
+        """An engine held by another coordinator's sync that this one may take over."""
+        return status.owner not in (None, self.owner) and \
+            (self._takeover or (status.lease_left_s is not None and status.lease_left_s < 0))
 
     def _kernel_layout(self, names: list[str], tensors: dict) -> tuple[Any, str | None]:
         """The verified kernel layout every target shares, or (None, why not)."""
@@ -336,8 +376,13 @@ class SyncCoordinator:
 
     def _sync_wave(self, names, plan: TransferPlan, source, leg: str, pause_mode, sleep_level,
                    t0) -> SyncResult:
+        with self._holding(names):
+            return self._wave(names, plan, source, leg, pause_mode, sleep_level, t0)
+
+    def _wave(self, names, plan: TransferPlan, source, leg: str, pause_mode, sleep_level,
+              t0) -> SyncResult:
         runs = {n: _Run() for n in names}
-        self._begin(runs, plan.model_dump_json(), pause_mode, sleep_level)
+        self._begin(runs, plan.model_dump_json(), pause_mode, sleep_level, plan.version)
         dl = self.transfer.deadlines
         self._phase("transfer")
         t = time.perf_counter()
@@ -381,7 +426,8 @@ class SyncCoordinator:
         self._leg(leg).loaded()  # every engine has applied: free buffers before wake_kv
         return self._finish(runs, bad, plan.version, leg, tuple(out.sums), t0, plan.partial)
 
-    def _begin(self, runs: dict[str, _Run], plan_json, pause_mode, sleep_level) -> None:
+    def _begin(self, runs: dict[str, _Run], plan_json, pause_mode, sleep_level,
+               version: int) -> None:
         """Validate + pause (+ sleep/wake weights) everywhere; a bad manifest changes nothing."""
         dl = self.transfer.deadlines
         if plan_json is not None:  # validate everywhere before touching any engine
@@ -389,7 +435,9 @@ class SyncCoordinator:
             _raise_refusal(*self._call("validate", runs, plan_json, timeout=dl.verify))
         self._phase("pause")
         ok, bad = self._call("begin_sync", runs, pause_mode=pause_mode, sleep_level=sleep_level,
-                             deadline_s=max(dl.pause, dl.sleep), timeout=dl.pause + 2 * dl.sleep)
+                             deadline_s=max(dl.pause, dl.sleep), owner=self.owner,
+                             lease_s=dl.lease, takeover=self._takeover, version=version,
+                             timeout=dl.pause + 2 * dl.sleep)
         for n, reply in ok.items():
             runs[n].begun = reply
             runs[n].seconds.update(reply.seconds)

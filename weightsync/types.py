@@ -207,6 +207,9 @@ class EngineStatus(_Frozen):
     fenced_reason: str | None = None
     last_sync: dict[str, float] = Field(default_factory=dict)
     model: str
+    version_seen: int = 0  # the highest version any sync here was for, published or not
+    owner: str | None = None  # the coordinator whose sync holds the engine, if one does
+    lease_left_s: float | None = None  # until its lease lapses (negative: lapsed)
 
 
 class GenerationResult(_Frozen):

@@ -142,3 +142,69 @@ def test_version_numbers_are_never_reused(fleet):
     assert other.sync(_new_weights(9), leg="loopback").version == 4
     assert coord.sync(_new_weights(10), leg="loopback").version == 5
     assert {v for _, v in _states(coord).values()} == {5}
+
+
+# ---- a coordinator that dies mid-sync (its lease lapses) ---------------------------------------
+class _Crash(Exception):
+    """What a trainer dying at a phase looks like from inside: the sync stops mid-way, no
+    cleanup, no more heartbeats."""
+
+
+def _crash_at(phase: str):
+    def hook(p: str, engine) -> None:
+        if p == phase:
+            raise _Crash(p)
+    return hook
+
+
+def _wait_for(coord, want, timeout=5.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        states = _states(coord)
+        if all(want(s) for s in states.values()):
+            return states
+        time.sleep(0.02)
+    raise AssertionError(f"engines did not get there: {_states(coord)}")
+
+
+def test_a_trainer_dying_before_any_weights_moved_costs_one_sync(fleet):
+    engines = fleet(a=Faults(), b=Faults())
+    dying = _coord(engines, deadlines=Deadlines(lease=0.3))
+    dying.on_phase = _crash_at("bucket:0")  # paused everywhere, nothing sent
+    prints = _prints(engines)
+    with pytest.raises(_Crash):
+        dying.sync(_new_weights(11), leg="loopback")
+    assert {s for s, _ in _states(dying).values()} == {EngineState.PAUSED}
+    states = _wait_for(dying, lambda s: s[0] == EngineState.SERVING)  # lease lapsed: resumed
+    assert {v for _, v in states.values()} == {0} and _prints(engines) == prints
+    assert all(s.owner is None for s in dying.statuses())
+    assert _coord(engines).sync(_new_weights(12), leg="loopback").ok  # a new trainer syncs
+
+
+def test_a_trainer_dying_after_the_weights_were_applied_fences_with_the_reason(fleet):
+    engines = fleet(a=Faults(), b=Faults())
+    dying = _coord(engines, deadlines=Deadlines(lease=0.3))
+    dying.on_phase = _crash_at("verify")  # applied everywhere, never verified or committed
+    with pytest.raises(_Crash):
+        dying.sync(_new_weights(13), leg="loopback")
+    _wait_for(dying, lambda s: s[0] == EngineState.FENCED)
+    assert all("expired" in s.fenced_reason for s in dying.statuses())
+    res = _coord(engines).sync(_new_weights(14), leg="loopback")  # a resync unfences them
+    assert res.ok and {s for s, _ in _states(dying).values()} == {EngineState.SERVING}
+
+
+def test_a_new_coordinator_takes_over_at_once_only_when_it_says_the_old_one_is_gone(fleet):
+    from weightsync.errors import IllegalStateError
+
+    engines = fleet(a=Faults(), b=Faults())
+    dying = _coord(engines, deadlines=Deadlines(lease=30))
+    dying.on_phase = _crash_at("bucket:0")
+    with pytest.raises(_Crash):
+        dying.sync(_new_weights(15), leg="loopback")
+    successor = _coord(engines)
+    with pytest.raises(IllegalStateError, match="no engine was touched"):
+        successor.sync(_new_weights(16), leg="loopback")  # the lease has 30 s to run
+    t0 = time.monotonic()
+    res = successor.sync(_new_weights(16), leg="loopback", takeover=True)
+    assert res.ok and time.monotonic() - t0 < 5 and res.version == 2  # 1 went to the dead one
+    assert {s for s, _ in _states(successor).values()} == {EngineState.SERVING}

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from weightsync.checkpoint import read_checkpoint
 from weightsync.config import EngineSpec
 from weightsync.engine import vllm_compat
+from weightsync.engine.lease import SyncLease
 from weightsync.errors import (DeadlineExceeded, EngineError, FencedError, IllegalStateError,
                                ManifestError, TransferError, UnsupportedError, WeightSyncError,
                                error_class)
@@ -52,6 +53,7 @@ class EngineHost:
         self.engine: Any = None
         self.state = EngineState.STARTING
         self.version = 0
+        self.version_seen = 0  # the highest version a sync here was for (never reused)
         self.sleep_level = 0
         self.sleep_supported = False
         self.weights_intact = True  # False once weights were discarded or partly overwritten
@@ -62,11 +64,16 @@ class EngineHost:
         self._admitted = 0  # requests past the serving gate that vLLM has not started yet
         self._all_in_engine = asyncio.Event()
         self._all_in_engine.set()
+        self._running = 0  # requests inside vLLM whose final output has not come back yet
+        self._none_running = asyncio.Event()
+        self._none_running.set()
         self._sync_started = 0.0
         self.group_id: str | None = None  # the broadcast group this engine is in, if any
         self._asleep: set[str] = set()  # vLLM sleep tags not yet woken (manual sleep/wake)
         self.last_sleep_memory: GpuMemory | None = None  # right after a sync's sleep
         self._testing_keep_caches = False  # TEST ONLY: see testing_keep_caches()
+        self._lease = SyncLease()  # who owns the sync in progress, until when
+        self._watchdog: asyncio.Task | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> EngineStatus:
@@ -96,6 +103,8 @@ class EngineHost:
             name=self.spec.name, state=self.state, version=self.version, device=self.device,
             sleep_supported=self.sleep_supported, sleep_level=self.sleep_level,
             fenced_reason=self.fenced_reason, last_sync=self.last_sync, model=self.spec.model,
+            version_seen=self.version_seen, owner=self._lease.owner,
+            lease_left_s=self._lease.left(),
         )
 
     async def shutdown(self) -> None:
@@ -144,6 +153,8 @@ class EngineHost:
     async def _one(self, prompt: Any, params: Any) -> GenerationResult:
         v0 = self.version
         final = None
+        self._running += 1
+        self._none_running.clear()
         try:
             async for out in vllm_compat.generate(self.engine, prompt, params,
                                                   request_id=uuid.uuid4().hex):
@@ -153,6 +164,9 @@ class EngineHost:
         finally:
             if final is None:
                 self._in_engine()
+            self._running -= 1
+            if not self._running:
+                self._none_running.set()
         v1 = self.version
         c = vllm_compat.completion(final)
         return GenerationResult(
@@ -161,6 +175,16 @@ class EngineHost:
             version=v0 if v0 == v1 else None, versions=(v0, v1),
             aborted=c.finish_reason == "abort",
         )
+
+    async def _pause(self, mode: PauseMode, deadline_s: float, clear_cache: bool = True) -> None:
+        """Pause vLLM, then wait until every request it aborted or drained has its final
+        output (so each is stamped with the version that produced it), and no longer: an idle
+        pause costs what vLLM's own steps cost. Requests frozen by ``keep`` finish after the
+        sync, on the new weights."""
+        await asyncio.wait_for(vllm_compat.pause_generation(self.engine, mode,
+                                                            clear_cache=clear_cache), deadline_s)
+        if mode != "keep":
+            await asyncio.wait_for(self._none_running.wait(), deadline_s)
 
     def _require_routable(self) -> None:
         if self.state == EngineState.FENCED:
@@ -196,11 +220,21 @@ class EngineHost:
         """Check a plan against the model before anything changes (raises ManifestError)."""
         await self._rpc("ws_validate", plan_json, reply=Ack, timeout=60)
 
-    async def begin_sync(self, *, pause_mode: PauseMode, sleep_level: int,
-                         deadline_s: float) -> BeginReply:
+    async def begin_sync(self, *, pause_mode: PauseMode, sleep_level: int, deadline_s: float,
+                         owner: str = "", lease_s: float = 0.0, takeover: bool = False,
+                         version: int = 0) -> BeginReply:
         """Pause, and (GPU) sleep + wake the weights. The coordinator validates the plan on
-        every engine (``validate``) before any begins."""
+        every engine (``validate``) before any begins.
+
+        The sync belongs to ``owner`` for ``lease_s`` seconds, renewed by ``renew_lease``
+        (``weightsync.engine.lease``). A sync still held by another owner is ended first if
+        its lease lapsed or ``takeover`` says that owner is gone; otherwise this is refused."""
+        await self._take_over(owner, takeover)
         self._expect(EngineState.SERVING, EngineState.FENCED, op="begin a sync")
+        self.version_seen = max(self.version_seen, version)
+        self._lease.take(owner, lease_s)
+        if lease_s and (self._watchdog is None or self._watchdog.done()):
+            self._watchdog = asyncio.create_task(self._watch(lease_s))
         seconds: dict[str, float] = {}
         skipped: list[str] = []
         self._serving.clear()
@@ -211,8 +245,7 @@ class EngineHost:
         # the new weights produce all their tokens. Let them in first; the pause mode then
         # decides their fate like any other request in flight.
         await asyncio.wait_for(self._all_in_engine.wait(), deadline_s)
-        await asyncio.wait_for(vllm_compat.pause_generation(
-            self.engine, pause_mode, clear_cache=not self._testing_keep_caches), deadline_s)
+        await self._pause(pause_mode, deadline_s, clear_cache=not self._testing_keep_caches)
         seconds["pause"] = time.perf_counter() - t
         if self.state != EngineState.FENCED:
             self.state = EngineState.PAUSED
@@ -235,14 +268,46 @@ class EngineHost:
                     self.state = EngineState.WEIGHTS_AWAKE
         return BeginReply(seconds=seconds, skipped=tuple(skipped), group_id=self.group_id)
 
+    async def _take_over(self, owner: str, takeover: bool) -> None:
+        held_by, left = self._lease.owner, self._lease.left()
+        if held_by is None or held_by == owner or self.state not in _IN_SYNC:
+            return
+        if not (takeover or self._lease.lapsed()):
+            raise IllegalStateError(
+                f"a sync owned by {held_by} holds this engine for {max(left or 0, 0):.1f}s "
+                "more; take it over only if that coordinator is gone", engine=self.spec.name)
+        await self._end_stale_sync(f"taken over by {owner or 'a new coordinator'} from "
+                                   f"{held_by}")
+
+    async def renew_lease(self, owner: str, lease_s: float) -> bool:
+        """The owner's heartbeat; False when it no longer holds this engine's sync."""
+        return self._lease.renew(owner, lease_s)
+
+    async def _watch(self, lease_s: float) -> None:
+        """End a sync whose owner went silent (its lease lapsed between calls)."""
+        while True:
+            await asyncio.sleep(min(1.0, max(lease_s / 4, 0.05)))
+            if self._lease.lapsed() and self.state in (*_IN_SYNC, EngineState.FENCED):
+                await self._end_stale_sync(f"lease of {self._lease.owner} expired: its "
+                                           "coordinator went silent mid-sync")
+            elif self._lease.owner is None:
+                return
+
+    async def _end_stale_sync(self, reason: str) -> None:
+        """Weights intact: serve the old version again; touched: fenced with ``reason``."""
+        logger.warning("engine %s: ending a sync nobody drives: %s", self.spec.name, reason)
+        self._lease.release()
+        await self.abort_sync(reason, fence=False)
+
     async def join_group(self, backend: str, host: str, port: int, rank_offset: int,
                          world_size: int, timeout_s: float, group_id: str = "") -> JoinReply:
         """Join the trainer's transfer group. It stays open across syncs (rebuilding NCCL
         communicators every sync is expensive) until a failure or ``leave_group``."""
         self._expect(*_IN_SYNC, EngineState.FENCED, op="join a transfer group")
         self.group_id = None
-        out = await self._rpc("ws_join_group", backend, host, port, rank_offset, world_size,
-                              timeout_s, reply=JoinReply, timeout=timeout_s * 1.5)
+        with self._lease.busy():
+            out = await self._rpc("ws_join_group", backend, host, port, rank_offset, world_size,
+                                  timeout_s, reply=JoinReply, timeout=timeout_s * 1.5)
         self.group_id = group_id or None
         return out[0]
 
@@ -266,8 +331,10 @@ class EngineHost:
             self.weights_intact = False  # from the first byte on, until commit
         t = time.perf_counter()
         try:
-            report = (await self._rpc("ws_receive", plan_json, request_json, reply=ReceiveReport,
-                                      timeout=request.deadline_s * 1.5))[0]
+            with self._lease.busy():
+                report = (await self._rpc("ws_receive", plan_json, request_json,
+                                          reply=ReceiveReport,
+                                          timeout=request.deadline_s * 1.5))[0]
         except WeightSyncError as e:
             self.group_id = None  # a worker leaves a group that failed it
             if request.apply == "atomic" and not isinstance(e, TransferError):
@@ -282,7 +349,8 @@ class EngineHost:
     async def apply_staged(self, deadline_s: float) -> ApplyReply:
         self._expect(EngineState.LOADING, EngineState.FENCED, op="apply staged weights")
         self.weights_intact = False
-        return (await self._rpc("ws_apply_staged", reply=ApplyReply, timeout=deadline_s))[0]
+        with self._lease.busy():
+            return (await self._rpc("ws_apply_staged", reply=ApplyReply, timeout=deadline_s))[0]
 
     async def _checkpoint(self, path: str | None, partial: bool,
                           roots: Sequence[str] | None, deadline_s: float) -> CheckpointFiles:
@@ -323,8 +391,9 @@ class EngineHost:
             self.state = EngineState.LOADING
         intact, self.weights_intact = self.weights_intact, False
         try:
-            out = await self._rpc("ws_reload_files", ckpt.model_dump_json(), reply=ReloadReply,
-                                  timeout=deadline_s)
+            with self._lease.busy():
+                out = await self._rpc("ws_reload_files", ckpt.model_dump_json(),
+                                      reply=ReloadReply, timeout=deadline_s)
         except ManifestError:  # the worker refused the files before loading any of them
             self.weights_intact = intact
             raise
@@ -333,11 +402,12 @@ class EngineHost:
     async def finish_load(self, deadline_s: float) -> FinishReply:
         """Reset prefix, encoder and multimodal caches; return a fingerprint of the weights."""
         t = time.perf_counter()
-        if not self._testing_keep_caches:
-            await asyncio.wait_for(self._reset_caches(), deadline_s)
-        reset = time.perf_counter() - t
-        t = time.perf_counter()
-        prints = await self._rpc("ws_fingerprint", reply=Fingerprint, timeout=deadline_s)
+        with self._lease.busy():
+            if not self._testing_keep_caches:
+                await asyncio.wait_for(self._reset_caches(), deadline_s)
+            reset = time.perf_counter() - t
+            t = time.perf_counter()
+            prints = await self._rpc("ws_fingerprint", reply=Fingerprint, timeout=deadline_s)
         return FinishReply(fingerprint="|".join(p.digest for p in prints),
                            seconds={"reset_caches": reset,
                                     "fingerprint": time.perf_counter() - t})
@@ -355,7 +425,9 @@ class EngineHost:
         if version <= self.version:
             raise IllegalStateError(f"version {version} is not newer than {self.version}",
                                     engine=self.spec.name)
-        seconds = await self._wake_and_resume(deadline_s)
+        with self._lease.busy():
+            seconds = await self._wake_and_resume(deadline_s)
+        self._lease.release()
         self.version = version
         self.weights_intact = True
         self.fenced_reason = None
@@ -382,6 +454,7 @@ class EngineHost:
         """Undo a sync that will not commit. With ``fence`` (this engine failed), or when its
         weights were touched, the engine is fenced (not routable) until a resync verifies;
         otherwise it resumes serving its old version."""
+        self._lease.release()
         if fence:
             self.fence(reason)
         if self.state not in _IN_SYNC and self.state != EngineState.FENCED:
@@ -413,7 +486,7 @@ class EngineHost:
         """Manual pause (control plane). New requests wait until ``resume``."""
         self._expect(EngineState.SERVING, op="pause")
         self._serving.clear()
-        await vllm_compat.pause_generation(self.engine, mode)
+        await self._pause(mode, 60.0)
         self.state = EngineState.PAUSED
         return self.status()
 

@@ -185,7 +185,16 @@ class LocalEngines:
 
     def close(self) -> None:
         for loop in self._loops.values():
+            asyncio.run_coroutine_threadsafe(_cancel_all(), loop).result(10)
             loop.call_soon_threadsafe(loop.stop)
+
+
+async def _cancel_all() -> None:
+    """End the loop's other tasks (lease watchdogs) before it stops."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _call(fn, *args: Any, **kwargs: Any) -> Any:

@@ -1,0 +1,59 @@
+"""A trainer that dies mid-sync costs one sync, not the fleet (real processes: the trainer is
+SIGKILLed in its own process; real vLLM CPU engines; real gloo). After each kill, within twice
+the deadline every engine answers and either serves its old version with unchanged output
+(weights untouched) or is fenced with the reason (weights touched); then a new trainer syncs
+the fleet and the engines match HF again."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from tests.integration.api_server import assert_parity, outputs
+from weightsync.coordinator import SyncCoordinator
+from weightsync.types import EngineState
+
+pytestmark = pytest.mark.integration
+DEADLINE_S = 6.0  # the dying trainer's deadlines (lease 3 s): see dying_trainer.py
+
+
+@pytest.mark.parametrize("apply, phase, delay, touched", [
+    ("staged", "bucket:1", 0, False),      # mid-broadcast: nothing applied anywhere
+    ("streaming", "bucket:1", 0, True),    # mid-broadcast, buckets already in the loaders
+    ("staged", "verify", 0, True),         # the engines applied, nobody verified or committed
+])
+def test_a_trainer_killed_mid_sync_costs_one_sync(fleet, ray_session, tiny_model, policy,
+                                                  tokenizer, apply, phase, delay, touched):
+    before = [[o.token_ids for o in outputs(a)] for a in fleet]
+    v0 = {s.name: s.version for s in ray.get([a.status.remote() for a in fleet])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.integration.dying_trainer",
+         ray.get_runtime_context().gcs_address, "weightsync-tests", str(tiny_model), apply,
+         phase, str(delay)],
+        cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=300)
+    killed = time.monotonic()
+    assert proc.returncode == -9 and f"dying at {phase}" in proc.stdout, proc.stdout + proc.stderr
+    want = EngineState.FENCED if touched else EngineState.SERVING
+    while True:  # every engine answers status throughout; wait for the outcome
+        statuses = ray.get([a.status.remote() for a in fleet], timeout=5)
+        if all(s.state == want and s.owner is None for s in statuses):
+            break
+        assert time.monotonic() - killed < 2 * DEADLINE_S, statuses
+        time.sleep(0.2)
+    recovered = time.monotonic() - killed
+    print(f"\n{apply} killed at {phase}: every engine {want.value} after {recovered:.1f}s")
+    for s in statuses:
+        assert s.version == v0[s.name]  # nothing was published
+        if touched:
+            assert "expired" in s.fenced_reason and "went silent" in s.fenced_reason
+    if not touched:
+        assert [[o.token_ids for o in outputs(a)] for a in fleet] == before
+    # a new trainer takes the fleet back
+    res = SyncCoordinator(fleet).sync(policy)
+    assert res.ok and res.version > max(v0.values())
+    assert_parity(fleet, policy, tokenizer, res.version)
