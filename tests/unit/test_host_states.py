@@ -103,3 +103,47 @@ def test_sync_waits_for_requests_already_past_the_gate():
         assert res.versions == (0, 0) and res.version == 0
 
     asyncio.run(run())
+
+
+class _AbortingEngine(_Engine):
+    """Its pause returns at once; the aborted request's final output arrives 0.1 s later (in
+    vLLM it travels through the output handler after the scheduler paused)."""
+
+    def __init__(self):
+        super().__init__()
+        self.paused = asyncio.Event()
+
+    async def generate(self, prompt, params, request_id):
+        yield _Out()  # running: its first output
+        await self.paused.wait()
+        await asyncio.sleep(0.1)
+        yield _Out()  # the final output of the aborted request
+
+    async def pause_generation(self, mode="abort", clear_cache=True):
+        self.paused.set()
+
+
+@pytest.mark.parametrize("mode, waits", [("abort", True), ("wait", True), ("keep", False)])
+def test_pause_returns_once_in_flight_requests_have_their_final_output(mode, waits):
+    """No fixed sleep: an idle pause returns at once; with requests in flight it returns once
+    their final outputs are in (each stamped with the version that produced it), except in
+    ``keep`` mode, where they finish after the sync."""
+    async def run():
+        h = _host()
+        h.engine = _AbortingEngine()
+        t0 = asyncio.get_running_loop().time()
+        await h.begin_sync(pause_mode=mode, sleep_level=0, deadline_s=5)  # idle
+        assert asyncio.get_running_loop().time() - t0 < 0.05
+        await h.abort_sync("test")
+        gen = asyncio.create_task(h.generate(["p"], max_tokens=1))
+        while not h._running:
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.01)
+        await h.begin_sync(pause_mode=mode, sleep_level=0, deadline_s=5)
+        assert gen.done() == waits
+        if waits:
+            assert (await gen)[0].version == 0
+        await h.abort_sync("test")
+        await gen
+
+    asyncio.run(run())

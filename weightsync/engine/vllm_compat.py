@@ -79,12 +79,26 @@ def make_async_engine(*, model: str, dtype: str, max_model_len: int, seed: int,
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
 
 
-def pause_generation(engine: Any, mode: str, *, clear_cache: bool = True) -> Any:
-    """``AsyncLLM.pause_generation`` (a coroutine). vLLM 0.24 also clears the prefix, multimodal
-    and encoder caches here unless ``clear_cache=False``; older releases have no such switch."""
-    if clear_cache or "clear_cache" not in inspect.signature(engine.pause_generation).parameters:
-        return engine.pause_generation(mode=mode)
-    return engine.pause_generation(mode=mode, clear_cache=False)
+async def pause_generation(engine: Any, mode: str, *, clear_cache: bool = True) -> None:
+    """``AsyncLLM.pause_generation`` without its closing fixed 20 ms sleep.
+
+    vLLM 0.24 and 0.32 pause in two steps (clear the multimodal cache, pause the scheduler:
+    abort, drain or freeze what is in flight, and clear the prefix cache unless
+    ``clear_cache=False``) and then sleep 20 ms so that in-flight requests' final outputs
+    reach their callers first — "not required for correctness", says vLLM. ``EngineHost``
+    waits for exactly those outputs instead, so an idle pause costs what its two steps cost.
+    Anything without those steps (other releases, stand-ins) gets ``pause_generation`` as is.
+    """
+    core, renderer = getattr(engine, "engine_core", None), getattr(engine, "renderer", None)
+    if not hasattr(core, "pause_scheduler_async") or not hasattr(
+            renderer, "clear_mm_cache_async"):
+        if clear_cache or "clear_cache" not in inspect.signature(
+                engine.pause_generation).parameters:
+            return await engine.pause_generation(mode=mode)
+        return await engine.pause_generation(mode=mode, clear_cache=False)
+    if clear_cache:
+        await renderer.clear_mm_cache_async()
+    await core.pause_scheduler_async(mode=mode, clear_cache=clear_cache)
 
 
 def sampling_params(**kw: Any) -> Any:
