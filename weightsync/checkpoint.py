@@ -52,15 +52,18 @@ def _inside(real: str, roots: Sequence[str]) -> bool:
 
 
 def resolve_directory(path: str, roots: Sequence[str] | None = None) -> str:
-    """The real path of directory ``path``; inside one of ``roots`` unless ``roots`` is None.
+    """The real path of directory ``path``; inside one of ``roots`` unless ``roots`` is None
+    (a trusted caller, whose relative path is taken from the working directory).
 
-    Raises ``ConfigError`` (bad input: relative, outside the roots, not a directory).
+    Raises ``ConfigError`` (bad input: relative with roots, outside them, not a directory).
     """
     if roots is not None and not roots:
         raise ConfigError("no load roots are configured (WEIGHTSYNC_LOAD_ROOTS): "
                           "only a reload of the original model is allowed")
     if not os.path.isabs(path):
-        raise ConfigError(f"checkpoint path must be absolute, not {path!r}")
+        if roots is not None:  # a client's path: no meaning to guess
+            raise ConfigError(f"checkpoint path must be absolute, not {path!r}")
+        path = os.path.abspath(path)  # the engine's own model, as vLLM resolved it
     try:
         real = os.path.realpath(path)
         inside = roots is None or _inside(real, roots)

@@ -244,15 +244,19 @@ def test_token_never_logged_and_sigterm_leaves_no_engine_process(served):
         assert page.status_code == 200 and "engine-0" in page.text
         assert h.get("/status", headers=AUTH).json()["engines"][0]["state"] == "serving"
     family = psutil.Process(proc.pid).children(recursive=True)
-    vllm = [p for p in family if "VLLM" in " ".join(_cmdline(p)) + _name(p)]
-    assert vllm, [(p.pid, _name(p)) for p in family]
+    # the engine's processes: its actor, and vLLM's engine core and worker (when vLLM runs them
+    # as processes of their own)
+    engine = [p for p in family if any(k in " ".join(_cmdline(p)) + _name(p)
+                                       for k in ("VLLM", "EngineHost"))]
+    assert engine, [(p.pid, _name(p), " ".join(_cmdline(p))[:80]) for p in family]
+    names = sorted(_name(p) for p in engine)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(180) == 0, log.read_text()[-3000:]
     stopped = time.monotonic() - t0
     gone, alive = psutil.wait_procs(family, timeout=60)
     print(f"\nSIGTERM: service exited in {stopped:.1f}s; {len(gone)} descendant processes "
-          f"({len(vllm)} vLLM) gone, {len(alive)} left")
+          f"(engine: {names}) gone, {len(alive)} left")
     assert not alive, [(p.pid, _name(p)) for p in alive]
     text = log.read_text()
     assert TOKEN not in text

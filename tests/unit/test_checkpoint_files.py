@@ -152,3 +152,10 @@ def test_index_file_decides_which_shards_count(root):
     with pytest.raises(ManifestError, match="more than one checkpoint file"):
         read_checkpoint(str(d), [str(root)])
     assert len(list_files(str(d))) == 3
+
+
+def test_a_trusted_relative_path_is_read_from_the_working_directory(root, monkeypatch):
+    monkeypatch.chdir(root)
+    assert "a.weight" in read_checkpoint("ckpt").specs
+    with pytest.raises(ConfigError, match="must be absolute"):
+        read_checkpoint("ckpt", [str(root)])
