@@ -262,13 +262,11 @@ class SyncCoordinator:
                            for n in names}
                 self.access.wait(pending, lease / 3)
 
-        thread = threading.Thread(target=beat, name="ws-lease", daemon=True)
-        thread.start()
+        threading.Thread(target=beat, name="ws-lease", daemon=True).start()
         try:
             yield
-        finally:
-            stop.set()
-            thread.join()
+        finally:  # not joined: a renewal waiting on a silent engine must not delay the result
+            stop.set()  # (a late one is harmless: the engine ignores a lease it released)
 
     def _next_version(self, targets: Sequence[str]) -> int:
         """One past the highest version any engine or this coordinator has seen or handed

@@ -132,6 +132,7 @@ class SessionRegistry:
                 del self._sessions[sid]
 
     async def open(self, fleet: Fleet, request: SessionRequest) -> SessionInfo:
+        self._purge()
         targets = fleet.resolve(request.engines)
         port = request.port or _service_port(request.host)
         fleet.claim()
