@@ -16,10 +16,10 @@ import ray
 
 from tests.integration.api_server import assert_parity, outputs
 from weightsync.coordinator import SyncCoordinator
+from weightsync.testing.dying_trainer import DEADLINE_S
 from weightsync.types import EngineState
 
 pytestmark = pytest.mark.integration
-DEADLINE_S = 6.0  # the dying trainer's deadlines (lease 3 s): see dying_trainer.py
 
 
 @pytest.mark.parametrize("apply, phase, delay, touched", [
@@ -32,7 +32,7 @@ def test_a_trainer_killed_mid_sync_costs_one_sync(fleet, ray_session, tiny_model
     before = [[o.token_ids for o in outputs(a)] for a in fleet]
     v0 = {s.name: s.version for s in ray.get([a.status.remote() for a in fleet])}
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.integration.dying_trainer",
+        [sys.executable, "-m", "weightsync.testing.dying_trainer",
          ray.get_runtime_context().gcs_address, "weightsync-tests", str(tiny_model), apply,
          phase, str(delay)],
         cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=300)

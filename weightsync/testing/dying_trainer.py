@@ -1,7 +1,11 @@
-"""A trainer in its own process that syncs into the test session's engines and SIGKILLs itself
-at a chosen point of the sync: what an out-of-memory kill or a preemption looks like to them.
+"""A trainer in its own process that syncs into running engines and SIGKILLs itself at a chosen
+point of the sync: what an out-of-memory kill or a preemption looks like to the engines. Used by
+``tests/integration/test_trainer_death.py`` and ``benchmarks/soak.py``.
 
-    python -m tests.integration.dying_trainer GCS_ADDRESS NAMESPACE MODEL_DIR APPLY PHASE DELAY
+    python -m weightsync.testing.dying_trainer GCS_ADDRESS NAMESPACE MODEL_DIR APPLY PHASE DELAY \
+        [SEED] [ENGINE ...]
+
+Its deadlines are ``DEADLINE_S`` and its lease ``LEASE_S``.
 """
 
 from __future__ import annotations
@@ -12,7 +16,12 @@ import sys
 import threading
 
 
-def main(gcs: str, namespace: str, model_dir: str, apply: str, phase: str, delay: str) -> None:
+DEADLINE_S = 6.0
+LEASE_S = 3.0
+
+
+def main(gcs: str, namespace: str, model_dir: str, apply: str, phase: str, delay: str,
+         seed: str = "4242", *names: str) -> None:
     import ray
 
     from weightsync.config import Deadlines, TransferConfig
@@ -20,11 +29,12 @@ def main(gcs: str, namespace: str, model_dir: str, apply: str, phase: str, delay
     from weightsync.testing.reference import load_trainer_model, perturb_
 
     ray.init(address=gcs, namespace=namespace, log_to_driver=False)
-    engines = [ray.get_actor(n, namespace=namespace) for n in ("engine-a", "engine-b")]
+    engines = [ray.get_actor(n, namespace=namespace) for n in names or ("engine-a", "engine-b")]
     policy = load_trainer_model(model_dir)
-    perturb_(policy, scale=0.3, seed=4242)
+    perturb_(policy, scale=0.3, seed=int(seed))
+    d = DEADLINE_S
     cfg = TransferConfig(bucket_bytes=256 << 10, apply=apply, deadlines=Deadlines(
-        rendezvous=6, transfer=6, verify=6, resume=6, reload=6, lease=3))
+        rendezvous=d, transfer=d, verify=d, resume=d, reload=d, lease=LEASE_S))
 
     def die(p: str, engine) -> None:
         if p == phase:
