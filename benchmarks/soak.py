@@ -8,7 +8,8 @@ itself at a random bucket of the broadcast (staged or streaming apply), right be
 engines apply, or after they applied; or no fault (a clean sync). After a kill, every engine
 must answer ``status`` throughout and, within twice the deadline, either serve its old version
 with unchanged output or be fenced with a reason. Then a new trainer syncs new weights and
-both engines must match HF (greedy tokens equal, logprobs within 1e-3).
+both engines must match HF: the logprob of every token an engine generates greedily, as HF
+scores it, within 1e-3 of the engine's own.
 """
 
 from __future__ import annotations
@@ -40,15 +41,17 @@ def _tokens(engines) -> list:
     return [[(o.token_ids, o.logprobs) for o in per] for per in outs]
 
 
-def _matches_hf(engines, model, tokenizer) -> bool:
-    from weightsync.testing.reference import greedy
+def _gap_to_hf(engines, model, tokenizer) -> float:
+    """The largest |engine logprob - HF logprob| over every engine's own greedy tokens (HF
+    scores the engine's continuation: a near-tie cannot make equal weights look different)."""
+    from weightsync.testing.reference import scored
 
-    ref = greedy(model, tokenizer, PROMPTS, 8)
+    gap = 0.0
     for per in _tokens(engines):
-        for (ids, lps), (rids, rlps) in zip(per, ref, strict=True):
-            if list(ids) != list(rids) or max(abs(a - b) for a, b in zip(lps, rlps)) >= 1e-3:
-                return False
-    return True
+        for prompt, (ids, lps) in zip(PROMPTS, per, strict=True):
+            ref = scored(model, tokenizer, prompt, list(ids))
+            gap = max(gap, *(abs(a - b) for a, b in zip(lps, ref, strict=True)))
+    return gap
 
 
 def _kill_round(engines, gcs: str, model_dir: Path, fault: str, buckets: int, seed: int,
@@ -100,6 +103,7 @@ def main(rounds: int = typer.Option(20, min=1), seed: int = typer.Option(0),
     from weightsync.config import EngineSpec
     from weightsync.coordinator import SyncCoordinator
     from weightsync.engine.actor import start_engines
+    from weightsync.errors import SyncFailedError
     from weightsync.testing.models import build_text_model
     from weightsync.testing.reference import load_trainer_model, perturb_
 
@@ -127,10 +131,15 @@ def main(rounds: int = typer.Option(20, min=1), seed: int = typer.Option(0),
                                                  1000 + r, rng)}
             perturb_(trainer, scale=0.05, seed=2000 + r)
             t = time.monotonic()
-            res = coord.sync(trainer)
+            try:
+                res = coord.sync(trainer)
+            except SyncFailedError as e:  # a finding: record who failed and why, go on
+                res = e.result
+                row["resync_errors"] = {x.engine: x.error for x in res.engines if x.error}
+                coord.sync(trainer)  # the next sync must heal it
             row.update(resync_ok=res.ok, resync_version=res.version,
                        resync_s=time.monotonic() - t,
-                       resync_matches_hf=_matches_hf(engines, trainer, tokenizer))
+                       resync_gap_to_hf=_gap_to_hf(engines, trainer, tokenizer))
             result["rounds"].append(row)
             print(json.dumps(row), flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -147,7 +156,9 @@ def main(rounds: int = typer.Option(20, min=1), seed: int = typer.Option(0),
         "all_within_limit": all(x["recovery_s"] <= x["limit_s"] for x in kills),
         "all_consistent": all(x["consistent"] and x["output_unchanged"] is not False
                               for x in kills),
-        "all_resyncs_match_hf": all(x["resync_ok"] and x["resync_matches_hf"]
+        "resync_failures": sum(not x["resync_ok"] for x in result["rounds"]),
+        "worst_resync_gap_to_hf": max(x["resync_gap_to_hf"] for x in result["rounds"]),
+        "all_resyncs_match_hf": all(x["resync_ok"] and x["resync_gap_to_hf"] < 1e-3
                                     for x in result["rounds"]),
     }
     out.write_text(json.dumps(result, indent=2))

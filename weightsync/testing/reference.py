@@ -39,3 +39,13 @@ def greedy(model, tokenizer, prompts: list[str], max_tokens: int) -> list[tuple[
         lps = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(gen.scores, toks)]
         out.append((toks, lps))
     return out
+
+
+def scored(model, tokenizer, prompt: str, tokens: list[int]) -> list[float]:
+    """The logprob ``model`` gives each of ``tokens`` after ``prompt`` (teacher forcing): an
+    engine's own continuation scored by HF, so near-tied argmaxes cannot fail a comparison."""
+    ids = tokenizer(prompt).input_ids
+    seq = torch.tensor([ids + list(tokens)], device=model.device)
+    with torch.no_grad():
+        logits = model(seq).logits[0, len(ids) - 1:-1].float()
+    return torch.log_softmax(logits, -1).gather(1, seq[0, len(ids):, None])[:, 0].tolist()
