@@ -119,10 +119,39 @@ def model_runner_class(worker: Any) -> str:
 
 
 def reload_weights(worker: Any, weights_iterator: Any, is_checkpoint_format: bool = True) -> None:
-    """``model_runner.reload_weights`` (same signature in 0.24 and 0.32)."""
-    worker.model_runner.reload_weights(
-        weights_iterator=weights_iterator, is_checkpoint_format=is_checkpoint_format
-    )
+    """``model_runner.reload_weights`` (same signature in 0.24 and 0.32).
+
+    vLLM's in-place reload (``model_loader.reload``) first moves every layer's parameters to
+    the meta device and wraps their loaders, then restores and finalizes each layer. If the
+    weights iterator breaks part-way (a sender died mid-stream, a bucket failed its checksum),
+    that finalization never runs: layers stay on meta, half-buffered, and marked as loading,
+    and the next reload starts from that state. So a broken load is finalized here before the
+    error goes on: loaded layers are processed, untouched ones get their previous tensors
+    back, and the next reload starts clean. The engine is fenced either way (its weights are
+    a mix) until a resync verifies.
+    """
+    try:
+        worker.model_runner.reload_weights(
+            weights_iterator=weights_iterator, is_checkpoint_format=is_checkpoint_format
+        )
+    except BaseException:
+        if is_checkpoint_format:
+            _finish_broken_reload(worker)
+        raise
+
+
+def _finish_broken_reload(worker: Any) -> None:
+    import sys
+
+    # only if vLLM's layer-wise reload ran here (a release without it, or a stand-in runner,
+    # left nothing half-done)
+    layerwise = sys.modules.get("vllm.model_executor.model_loader.reload.layerwise")
+    if layerwise is None:
+        return
+    try:
+        layerwise.finalize_layerwise_reload(model(worker), model_config(worker))
+    except Exception:  # noqa: BLE001 - best effort; the original error is what matters
+        logger.warning("finalizing a broken reload failed", exc_info=True)
 
 
 def stateless_group(host: str, port: int, rank: int, world_size: int, backend: str,
