@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from starlette.datastructures import Headers
+from starlette.requests import cookie_parser
 
 from weightsync.api.deps import COOKIE, authorized
 from weightsync.config import Settings
@@ -124,11 +125,7 @@ class Gate:
 
     @staticmethod
     def _cookie(headers: Headers) -> str | None:
-        for part in headers.get("cookie", "").split(";"):
-            name, _, value = part.strip().partition("=")
-            if name == COOKIE:
-                return value
-        return None
+        return cookie_parser(headers.get("cookie", "")).get(COOKIE)
 
     @staticmethod
     async def _read_limited(receive: Receive, limit: int) -> bytes | None:
