@@ -103,7 +103,7 @@ class SyncCoordinator:
             self.access = engines
             statuses = self.statuses()
         self.version = max(s.version for s in statuses)  # the latest published
-        self._issued = self.version  # the latest handed to a sync, published or not
+        self._issued = self.version  # the latest a sync began with, published or not
         self._lock = threading.Lock()
         self._layout_cache: dict[tuple[str, ...], Any] = {}  # engine set -> verified layout
         self._kernel_plan_of: tuple[Any, TransferPlan] | None = None  # (layout, its plan)
@@ -269,9 +269,10 @@ class SyncCoordinator:
             stop.set()  # (a late one is harmless: the engine ignores a lease it released)
 
     def _next_version(self, targets: Sequence[str]) -> int:
-        """One past the highest version any engine or this coordinator has seen or handed
-        out, so a number is never used twice: not by another coordinator (or a restarted
-        trainer) over the same engines, not by a retry after a failed sync.
+        """One past the highest version any engine or this coordinator has seen or begun a
+        sync with, so a number is never used twice: not by another coordinator (or a restarted
+        trainer) over the same engines, not by a retry after a failed sync. A sync refused
+        before it began (a checkpoint or plan that does not fit) uses none.
 
         Also refuses, before anything is touched, a sync whose targets are in no state to
         begin one (paused, asleep, loading): ``IllegalStateError``, never a fenced engine.
@@ -284,8 +285,7 @@ class SyncCoordinator:
                 f"cannot begin a sync while {busy[0].state.value} (needs serving/fenced); "
                 "no engine was touched", engine=busy[0].name)
         self.version = max([self.version, *(s.version for s in statuses)])
-        self._issued = max([self._issued, self.version, *(s.version_seen for s in statuses)]) + 1
-        return self._issued
+        return max([self._issued, self.version, *(s.version_seen for s in statuses)]) + 1
 
     def _may_take(self, status: EngineStatus) -> bool:
         """An engine held by another coordinator's sync that this one may take over."""
@@ -432,6 +432,7 @@ class SyncCoordinator:
             self._phase("validate")
             _raise_refusal(*self._call("validate", runs, plan_json, timeout=dl.verify))
         self._phase("pause")
+        self._issued = max(self._issued, version)  # begun: never handed out again
         ok, bad = self._call("begin_sync", runs, pause_mode=pause_mode, sleep_level=sleep_level,
                              deadline_s=max(dl.pause, dl.sleep), owner=self.owner,
                              lease_s=dl.lease, takeover=self._takeover, version=version,

@@ -145,13 +145,6 @@ class Fleet:
         self.recent.append(SyncRecord(version=result.version, mode=result.mode, ok=result.ok,
                                       at=time.time(), seconds=phases))
 
-    async def published_version(self) -> int:
-        """Catch up with versions published by another coordinator (e.g. an in-cluster
-        trainer) so this service never publishes a version an engine already passed."""
-        seen = [s.version for s in await self.statuses()]
-        self.coordinator.version = max([self.coordinator.version, *seen])
-        return self.coordinator.version
-
 
 async def _awaited(ref: Any) -> Any:
     return await ref

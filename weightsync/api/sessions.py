@@ -138,7 +138,6 @@ class SessionRegistry:
         fleet.claim()
         try:
             await fleet.require_states(targets, SYNCABLE, "open a sync session")
-            await fleet.published_version()
         except BaseException:
             fleet.release()
             raise

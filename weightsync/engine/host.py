@@ -356,9 +356,9 @@ class EngineHost:
                           roots: Sequence[str] | None, deadline_s: float) -> CheckpointFiles:
         """Resolve a checkpoint directory (``None``: the engine's own model) into its files, in
         a thread and under a deadline (``weightsync.checkpoint``: files one by one, inside
-        ``roots`` when given, regular files only, bounded headers), and check the headers
-        against the model in the worker. Nothing is loaded; ``ManifestError``/``ConfigError``
-        if it does not fit."""
+        ``roots`` when given, regular files only, bounded headers). The worker checks their
+        headers against the model before it loads anything (``ws_check_files``,
+        ``ws_reload_files``)."""
         def resolve() -> tuple[str, ...]:
             if path is None:
                 return read_checkpoint(self.spec.model).files
@@ -369,15 +369,15 @@ class EngineHost:
         except TimeoutError as e:
             raise DeadlineExceeded(f"reading checkpoint headers took over {deadline_s:.0f}s",
                                    engine=self.spec.name) from e
-        ckpt = CheckpointFiles(files=files, partial=partial and path is not None)
-        await self._rpc("ws_check_files", ckpt.model_dump_json(), reply=Ack, timeout=deadline_s)
-        return ckpt
+        return CheckpointFiles(files=files, partial=partial and path is not None)
 
     async def validate_checkpoint(self, path: str | None, *, partial: bool = False,
                                   roots: Sequence[str] | None = None,
                                   deadline_s: float = 60.0) -> None:
-        """Check a checkpoint against the model before anything changes (any state)."""
-        await self._checkpoint(path, partial, roots, deadline_s)
+        """Check a checkpoint against the model before anything changes (any state):
+        ``ManifestError``/``ConfigError`` if it does not fit."""
+        ckpt = await self._checkpoint(path, partial, roots, deadline_s)
+        await self._rpc("ws_check_files", ckpt.model_dump_json(), reply=Ack, timeout=deadline_s)
 
     async def reload_from_path(self, path: str | None, deadline_s: float, *,
                                partial: bool = False,
