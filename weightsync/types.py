@@ -195,6 +195,25 @@ class SyncResult(_Frozen):
         return [e.engine for e in self.engines if not e.ok]
 
 
+class EngineSleepReport(_Frozen):
+    """One engine's part of a fleet ``sleep``."""
+
+    engine: str
+    level: int
+    freed_bytes: int | None = None  # device-wide free memory after minus before (None: CPU)
+    free_after: int | None = None
+    seconds: dict[str, float] = Field(default_factory=dict)
+    skipped: tuple[str, ...] = ()  # e.g. "sleep: sleep mode is CUDA-only ..."
+
+
+class SleepResult(_Frozen):
+    """A fleet ``sleep``: every engine it put to sleep, and what that freed."""
+
+    level: int
+    engines: tuple[EngineSleepReport, ...]
+    seconds: dict[str, float] = Field(default_factory=dict)
+
+
 class EngineStatus(_Frozen):
     """What an engine reports about itself (status page, /status, coordinator)."""
 

@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -22,12 +23,12 @@ from weightsync.checkpoint import read_checkpoint
 from weightsync.config import EngineSpec
 from weightsync.engine import vllm_compat
 from weightsync.engine.lease import SyncLease
-from weightsync.errors import (DeadlineExceeded, EngineError, FencedError, IllegalStateError,
-                               ManifestError, TransferError, UnsupportedError, WeightSyncError,
+from weightsync.errors import (ConfigError, DeadlineExceeded, EngineError, FencedError,
+                               IllegalStateError, ManifestError, TransferError, WeightSyncError,
                                error_class)
 from weightsync.messages import (Ack, ApplyReply, BeginReply, CommitReply, FinishReply,
                                  Fingerprint, GpuMemory, JoinReply, LayoutStatus,
-                                 ReceiveRequest, ReloadReply, WorkerInfo, reply_of)
+                                 ReceiveRequest, ReloadReply, SleepReply, WorkerInfo, reply_of)
 from weightsync.types import (CheckpointFiles, EngineState, EngineStatus, GenerationResult,
                               PauseMode, ReceiveReport)
 
@@ -35,7 +36,21 @@ logger = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "weightsync.engine.worker_ext.WeightSyncWorkerExtension"
 _IN_SYNC = {EngineState.PAUSED, EngineState.ASLEEP, EngineState.WEIGHTS_AWAKE, EngineState.LOADING}
+_TAGS = ("weights", "kv_cache")  # what vLLM's sleep mode releases, in the order it wakes them
 M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True, slots=True)
+class _Found:
+    """How a sync found the engine, so that one that ends before it changed the weights puts
+    the engine back exactly so (asleep stays asleep, at its level)."""
+
+    state: EngineState
+    asleep: frozenset[str]
+    sleep_level: int
+    weights_intact: bool
+    owner: str | None
+    lease_s: float
 
 
 class EngineHost:
@@ -69,7 +84,8 @@ class EngineHost:
         self._none_running.set()
         self._sync_started = 0.0
         self.group_id: str | None = None  # the broadcast group this engine is in, if any
-        self._asleep: set[str] = set()  # vLLM sleep tags not yet woken (manual sleep/wake)
+        self._asleep: set[str] = set()  # what sleep released and nothing woke yet
+        self._found: _Found | None = None  # how the sync in progress found the engine
         self.last_sleep_memory: GpuMemory | None = None  # right after a sync's sleep
         self._testing_keep_caches = False  # TEST ONLY: see testing_keep_caches()
         self._lease = SyncLease()  # who owns the sync in progress, until when
@@ -193,11 +209,21 @@ class EngineHost:
             raise EngineError(f"engine is {self.state.value}", engine=self.spec.name)
 
     # ---- sync protocol (engine half) -------------------------------------------------------
-    def _expect(self, *states: EngineState, op: str) -> None:
+    def _expect(self, *states: EngineState, op: str, owner: str | None = None) -> None:
+        """Refuse ``op`` unless the engine is in one of ``states`` and, for a step of a sync,
+        the caller (``owner``) still holds that sync: a coordinator that stalled past its
+        lease and comes back must not touch a sync another one now drives."""
+        self._check_owner(owner, op)
         if self.state not in states:
             raise IllegalStateError(
                 f"cannot {op} while {self.state.value} (needs {'/'.join(s.value for s in states)})",
                 engine=self.spec.name)
+
+    def _check_owner(self, owner: str | None, op: str) -> None:
+        if self._lease.held_by_other(owner):
+            raise IllegalStateError(f"cannot {op}: this engine's sync is no longer held by "
+                                    f"{owner} (now: {self._lease.owner or 'nobody'})",
+                                    engine=self.spec.name)
 
     async def _rpc(self, method: str, *args: Any, reply: type[M],
                    timeout: float | None = None) -> list[M]:
@@ -223,50 +249,81 @@ class EngineHost:
     async def begin_sync(self, *, pause_mode: PauseMode, sleep_level: int, deadline_s: float,
                          owner: str = "", lease_s: float = 0.0, takeover: bool = False,
                          version: int = 0) -> BeginReply:
-        """Pause, and (GPU) sleep + wake the weights. The coordinator validates the plan on
-        every engine (``validate``) before any begins.
+        """Pause, and make the weights resident for the transfer. The coordinator validates
+        the plan on every engine (``validate``) before any begins.
+
+        An engine that is asleep (the colocated loop: ``sleep`` before the trainer's step) is
+        already paused: only its weights wake; the KV cache wakes at ``commit``. A serving
+        engine sleeps here when ``sleep_level`` asks (level 2 frees the weights' memory for
+        the transfer) and wakes its weights at once.
 
         The sync belongs to ``owner`` for ``lease_s`` seconds, renewed by ``renew_lease``
         (``weightsync.engine.lease``). A sync still held by another owner is ended first if
         its lease lapsed or ``takeover`` says that owner is gone; otherwise this is refused."""
         await self._take_over(owner, takeover)
-        self._expect(EngineState.SERVING, EngineState.FENCED, op="begin a sync")
+        self._expect(EngineState.SERVING, EngineState.FENCED, EngineState.ASLEEP,
+                     EngineState.WEIGHTS_AWAKE, op="begin a sync")
+        self._found = _Found(self.state, frozenset(self._asleep), self.sleep_level,
+                             self.weights_intact, self._lease.owner, self._lease.duration)
         self.version_seen = max(self.version_seen, version)
-        self._lease.take(owner, lease_s)
-        if lease_s and (self._watchdog is None or self._watchdog.done()):
-            self._watchdog = asyncio.create_task(self._watch(lease_s))
+        self._hold(owner, lease_s)
         seconds: dict[str, float] = {}
         skipped: list[str] = []
         self._serving.clear()
         self._sync_started = time.perf_counter()
-        t = time.perf_counter()
-        # Requests that passed the gate just before it closed may not have reached vLLM yet:
-        # pausing now would park them unstarted and stamp them with both versions although
-        # the new weights produce all their tokens. Let them in first; the pause mode then
-        # decides their fate like any other request in flight.
-        await asyncio.wait_for(self._all_in_engine.wait(), deadline_s)
-        await self._pause(pause_mode, deadline_s, clear_cache=not self._testing_keep_caches)
-        seconds["pause"] = time.perf_counter() - t
+        if self.state in (EngineState.ASLEEP, EngineState.WEIGHTS_AWAKE):
+            if sleep_level:  # paused since it fell asleep; nothing to pause or sleep
+                skipped.append(f"sleep: already asleep at level {self.sleep_level}")
+        else:
+            t = time.perf_counter()
+            # Requests that passed the gate just before it closed may not have reached vLLM
+            # yet: pausing now would park them unstarted and stamp them with both versions
+            # although the new weights produce all their tokens. Let them in first; the pause
+            # mode then decides their fate like any other request in flight.
+            await asyncio.wait_for(self._all_in_engine.wait(), deadline_s)
+            await self._pause(pause_mode, deadline_s, clear_cache=not self._testing_keep_caches)
+            seconds["pause"] = time.perf_counter() - t
+            if sleep_level and not self._asleep:
+                if self.sleep_supported:
+                    t = time.perf_counter()
+                    await self._sleep(sleep_level, pause_mode, deadline_s)
+                    seconds["sleep"] = time.perf_counter() - t
+                    self.last_sleep_memory = await self.gpu_memory()
+                else:
+                    skipped.append(f"sleep/wake: sleep mode is CUDA-only; engine "
+                                   f"{self.spec.name} runs on {self.device}")
+        if "weights" in self._asleep:
+            t = time.perf_counter()
+            await self._wake(["weights"], deadline_s)
+            seconds["wake_weights"] = time.perf_counter() - t
         if self.state != EngineState.FENCED:
-            self.state = EngineState.PAUSED
-        if sleep_level:
-            if not self.sleep_supported:
-                skipped.append(f"sleep/wake: sleep mode is CUDA-only; engine {self.spec.name} "
-                               f"runs on {self.device}")
-            else:
-                t = time.perf_counter()
-                await asyncio.wait_for(vllm_compat.sleep(self.engine, sleep_level, pause_mode),
-                                       deadline_s)
-                seconds["sleep"] = time.perf_counter() - t
-                self.last_sleep_memory = await self.gpu_memory()
-                self.sleep_level = sleep_level
-                self.weights_intact = sleep_level == 1
-                t = time.perf_counter()
-                await asyncio.wait_for(vllm_compat.wake_up(self.engine, ["weights"]), deadline_s)
-                seconds["wake_weights"] = time.perf_counter() - t
-                if self.state != EngineState.FENCED:
-                    self.state = EngineState.WEIGHTS_AWAKE
+            self.state = EngineState.WEIGHTS_AWAKE if self._asleep else EngineState.PAUSED
         return BeginReply(seconds=seconds, skipped=tuple(skipped), group_id=self.group_id)
+
+    def _hold(self, owner: str, lease_s: float) -> None:
+        """``owner`` holds this engine for ``lease_s`` (0: until it lets go), watched."""
+        self._lease.take(owner, lease_s)
+        if lease_s and (self._watchdog is None or self._watchdog.done()):
+            self._watchdog = asyncio.create_task(self._watch(lease_s))
+
+    async def _sleep(self, level: int, mode: PauseMode, deadline_s: float) -> None:
+        """vLLM's sleep: level 1 offloads the weights to host memory, level 2 discards them;
+        both release the KV cache. Where there is no sleep mode (CPU) nothing is released,
+        and what is "asleep" is only bookkept, so the state machine is the same."""
+        if self.sleep_supported:
+            await asyncio.wait_for(vllm_compat.sleep(self.engine, level, mode), deadline_s)
+            self.weights_intact = self.weights_intact and level == 1
+        self.sleep_level = level
+        self._asleep = set(_TAGS)
+
+    async def _wake(self, tags: Sequence[str], deadline_s: float) -> None:
+        """Wake what of ``tags`` is asleep (vLLM resumes its scheduler once nothing is)."""
+        waking = [t for t in _TAGS if t in tags and t in self._asleep]
+        if waking and self.sleep_supported:
+            await asyncio.wait_for(vllm_compat.wake_up(self.engine, waking), deadline_s)
+        self._asleep -= set(waking)
+        if not self._asleep:
+            self.sleep_level = 0
 
     async def _take_over(self, owner: str, takeover: bool) -> None:
         held_by, left = self._lease.owner, self._lease.left()
@@ -284,26 +341,27 @@ class EngineHost:
         return self._lease.renew(owner, lease_s)
 
     async def _watch(self, lease_s: float) -> None:
-        """End a sync whose owner went silent (its lease lapsed between calls)."""
+        """End a sync (or a sleep) whose owner went silent (its lease lapsed between calls)."""
         while True:
             await asyncio.sleep(min(1.0, max(lease_s / 4, 0.05)))
             if self._lease.lapsed() and self.state in (*_IN_SYNC, EngineState.FENCED):
+                held = "mid-sync" if self._found else "while the engine slept for it"
                 await self._end_stale_sync(f"lease of {self._lease.owner} expired: its "
-                                           "coordinator went silent mid-sync")
+                                           f"coordinator went silent {held}")
             elif self._lease.owner is None:
                 return
 
     async def _end_stale_sync(self, reason: str) -> None:
         """Weights intact: serve the old version again; touched: fenced with ``reason``."""
         logger.warning("engine %s: ending a sync nobody drives: %s", self.spec.name, reason)
-        self._lease.release()
-        await self.abort_sync(reason, fence=False)
+        await self.abort_sync(reason, fence=False, restore=False)
 
     async def join_group(self, backend: str, host: str, port: int, rank_offset: int,
-                         world_size: int, timeout_s: float, group_id: str = "") -> JoinReply:
+                         world_size: int, timeout_s: float, group_id: str = "",
+                         owner: str | None = None) -> JoinReply:
         """Join the trainer's transfer group. It stays open across syncs (rebuilding NCCL
         communicators every sync is expensive) until a failure or ``leave_group``."""
-        self._expect(*_IN_SYNC, EngineState.FENCED, op="join a transfer group")
+        self._expect(*_IN_SYNC, EngineState.FENCED, op="join a transfer group", owner=owner)
         self.group_id = None
         with self._lease.busy():
             out = await self._rpc("ws_join_group", backend, host, port, rank_offset, world_size,
@@ -315,7 +373,8 @@ class EngineHost:
         self.group_id = None
         await self._rpc("ws_leave_group", reply=Ack, timeout=60)
 
-    async def receive(self, plan_json: str, request_json: str) -> ReceiveReport:
+    async def receive(self, plan_json: str, request_json: str, *,
+                      owner: str | None = None) -> ReceiveReport:
         """Receive a plan through the leg ``request_json`` (a ``ReceiveRequest``) names; the
         worker stages it, streams it into the loader, or verifies and loads it (``atomic``).
 
@@ -323,7 +382,7 @@ class EngineHost:
         other failure of a streaming or atomic apply may have left the weights half-applied.
         """
         t_enter = time.perf_counter()
-        self._expect(*_IN_SYNC, EngineState.FENCED, op="receive weights")
+        self._expect(*_IN_SYNC, EngineState.FENCED, op="receive weights", owner=owner)
         request = ReceiveRequest.model_validate_json(request_json)
         if self.state != EngineState.FENCED:
             self.state = EngineState.LOADING
@@ -346,8 +405,9 @@ class EngineHost:
             **report.seconds, "host_rpc": time.perf_counter() - t,  # vLLM's RPC included
             "host": time.perf_counter() - t_enter}})  # this whole actor method
 
-    async def apply_staged(self, deadline_s: float) -> ApplyReply:
-        self._expect(EngineState.LOADING, EngineState.FENCED, op="apply staged weights")
+    async def apply_staged(self, deadline_s: float, *, owner: str | None = None) -> ApplyReply:
+        self._expect(EngineState.LOADING, EngineState.FENCED, op="apply staged weights",
+                     owner=owner)
         self.weights_intact = False
         with self._lease.busy():
             return (await self._rpc("ws_apply_staged", reply=ApplyReply, timeout=deadline_s))[0]
@@ -381,11 +441,12 @@ class EngineHost:
 
     async def reload_from_path(self, path: str | None, deadline_s: float, *,
                                partial: bool = False,
-                               roots: Sequence[str] | None = None) -> ReloadReply:
+                               roots: Sequence[str] | None = None,
+                               owner: str | None = None) -> ReloadReply:
         """Reload weights from a safetensors directory (``None``: the original model), loading
         exactly the files that were checked. A checkpoint refused before loading leaves the
         weights as they were."""
-        self._expect(*_IN_SYNC, EngineState.FENCED, op="reload from a checkpoint")
+        self._expect(*_IN_SYNC, EngineState.FENCED, op="reload from a checkpoint", owner=owner)
         ckpt = await self._checkpoint(path, partial, roots, deadline_s)
         if self.state != EngineState.FENCED:
             self.state = EngineState.LOADING
@@ -399,8 +460,9 @@ class EngineHost:
             raise
         return out[0]
 
-    async def finish_load(self, deadline_s: float) -> FinishReply:
+    async def finish_load(self, deadline_s: float, *, owner: str | None = None) -> FinishReply:
         """Reset prefix, encoder and multimodal caches; return a fingerprint of the weights."""
+        self._check_owner(owner, "verify the weights")
         t = time.perf_counter()
         with self._lease.busy():
             if not self._testing_keep_caches:
@@ -419,15 +481,17 @@ class EngineHost:
             raise EngineError("prefix cache could not be reset: stale KV would be served",
                               engine=self.spec.name)
 
-    async def commit(self, version: int, deadline_s: float) -> CommitReply:
+    async def commit(self, version: int, deadline_s: float, *,
+                     owner: str | None = None) -> CommitReply:
         """Wake the KV cache, resume, and serve ``version``. Unfences a resynced engine."""
-        self._expect(*_IN_SYNC, EngineState.FENCED, op="commit")
+        self._expect(*_IN_SYNC, EngineState.FENCED, op="commit", owner=owner)
         if version <= self.version:
             raise IllegalStateError(f"version {version} is not newer than {self.version}",
                                     engine=self.spec.name)
         with self._lease.busy():
             seconds = await self._wake_and_resume(deadline_s)
         self._lease.release()
+        self._found = None
         self.version = version
         self.weights_intact = True
         self.fenced_reason = None
@@ -439,21 +503,32 @@ class EngineHost:
 
     async def _wake_and_resume(self, deadline_s: float) -> dict[str, float]:
         seconds: dict[str, float] = {}
-        if self.sleep_level:
+        if self._asleep:
             t = time.perf_counter()
-            await asyncio.wait_for(vllm_compat.wake_up(self.engine, ["kv_cache"]), deadline_s)
-            seconds["wake_kv"] = time.perf_counter() - t
-            self.sleep_level = 0
+            kv_only = self._asleep == {"kv_cache"}
+            await self._wake(_TAGS, deadline_s)
+            seconds["wake_kv" if kv_only else "wake"] = time.perf_counter() - t
         t = time.perf_counter()
         await asyncio.wait_for(vllm_compat.resume_generation(self.engine), deadline_s)
         seconds["resume"] = time.perf_counter() - t
         return seconds
 
     async def abort_sync(self, reason: str, deadline_s: float = 60.0, *,
-                         fence: bool = False) -> EngineStatus:
-        """Undo a sync that will not commit. With ``fence`` (this engine failed), or when its
-        weights were touched, the engine is fenced (not routable) until a resync verifies;
-        otherwise it resumes serving its old version."""
+                         fence: bool = False, owner: str | None = None,
+                         restore: bool = True) -> EngineStatus:
+        """Undo a sync that will not commit. With ``fence`` (this engine failed), or when the
+        sync touched its weights, the engine is fenced (not routable) until a resync
+        verifies. Otherwise it goes back to how the sync found it: serving its old version,
+        or (``restore``) asleep at the level it slept, for the trainer that put it there.
+
+        A call from an ``owner`` that no longer holds the sync (its lease lapsed, or another
+        coordinator took over) changes nothing."""
+        if self._lease.held_by_other(owner):
+            return self.status()
+        found, self._found = self._found, None
+        if found is None:  # no sync in progress: as a sleep (or pause) left the engine
+            found = _Found(self.state, frozenset(self._asleep), self.sleep_level,
+                           self.weights_intact, None, 0.0)
         self._lease.release()
         if fence:
             self.fence(reason)
@@ -466,15 +541,37 @@ class EngineHost:
         except WeightSyncError:
             logger.warning("engine %s: cleanup after failed sync raised", self.spec.name,
                            exc_info=True)
-        if self.weights_intact and self.state != EngineState.FENCED:
+        asleep = found.state in (EngineState.ASLEEP, EngineState.WEIGHTS_AWAKE)
+        untouched = self.weights_intact or (asleep and not found.weights_intact)
+        if self.state == EngineState.FENCED or not untouched:
+            self.fence(reason)
+        elif asleep and restore:
+            await self._sleep_again(found, deadline_s)
+            logger.warning("engine %s: sync aborted (%s); asleep again at level %d",
+                           self.spec.name, reason, self.sleep_level)
+        elif self.weights_intact:
             await self._wake_and_resume(deadline_s)
             self.state = EngineState.SERVING
             self._serving.set()
             logger.warning("engine %s: sync aborted (%s); still serving version %d",
                            self.spec.name, reason, self.version)
-        else:
-            self.fence(reason)
+        else:  # its owner is gone and its weights were discarded by sleep: keep it asleep
+            self.fence(f"{reason} (asleep at level {self.sleep_level}: no weights to serve)")
         return self.status()
+
+    async def _sleep_again(self, found: _Found, deadline_s: float) -> None:
+        """Put an engine a failed sync had woken back to sleep as it was found. vLLM sleeps
+        only a fully awake engine, so wake the rest first; what it then discards holds no
+        weights of the version it served (level 2) or is backed up again (level 1)."""
+        woke = set(found.asleep) - self._asleep
+        if woke:
+            await self._wake(_TAGS, deadline_s)
+            await self._sleep(found.sleep_level, "abort", deadline_s)
+            await self._wake([t for t in _TAGS if t not in found.asleep], deadline_s)
+        self.weights_intact = found.weights_intact
+        self.state = found.state
+        if found.owner is not None:
+            self._hold(found.owner, found.lease_s)
 
     def fence(self, reason: str) -> None:
         self.state = EngineState.FENCED
@@ -525,33 +622,76 @@ class EngineHost:
                        "DISABLED" if keep else "enabled")
         self._testing_keep_caches = keep
 
-    async def sleep(self, level: int) -> None:
-        if not self.sleep_supported:
-            raise UnsupportedError(f"sleep mode is CUDA-only; engine runs on {self.device}",
-                                   engine=self.spec.name)
-        self._expect(EngineState.SERVING, EngineState.PAUSED, op="sleep")
-        self._serving.clear()
-        await vllm_compat.sleep(self.engine, level)
-        self.sleep_level = level
-        self._asleep = {"weights", "kv_cache"}
-        self.weights_intact = level == 1
-        self.state = EngineState.ASLEEP
+    async def sleep(self, level: int, mode: PauseMode = "abort", *, owner: str = "",
+                    lease_s: float = 0.0, deadline_s: float = 60.0) -> SleepReply:
+        """Stop serving and release device memory for a colocated trainer's step: level 1
+        offloads the weights to host memory, level 2 discards them (the next sync brings new
+        ones); both release the KV cache. A sync goes straight into the sleeping engine and
+        wakes it; ``wake_up`` wakes it without one.
 
-    async def wake_up(self, tags: list[str] | None) -> None:
-        """Wake what ``tags`` names (None: everything). Serving resumes only once both the
-        weights and the KV cache are awake; weights discarded by sleep level 2 and woken
-        without a sync are undefined, so the engine is fenced until one verifies."""
+        Where vLLM has no sleep mode (CPU) the engine only pauses, reports why nothing was
+        released, and follows the same states, so the same loop runs there.
+
+        With ``owner`` the sleep belongs to that coordinator for ``lease_s`` (renewed while its
+        trainer lives); if it goes silent the engine serves again (level 1) or, its weights
+        gone, stays asleep fenced (level 2). A sleep that fails part-way fences the engine."""
+        if level not in (1, 2):
+            raise ConfigError(f"sleep level must be 1 or 2, not {level}", engine=self.spec.name)
+        if mode == "keep":
+            raise ConfigError("pause mode 'keep' cannot hold requests through sleep: their KV "
+                              "cache is released; use 'abort' or 'wait'", engine=self.spec.name)
+        self._expect(EngineState.SERVING, EngineState.PAUSED, op="sleep")
+        seconds: dict[str, float] = {}
+        skipped: tuple[str, ...] = ()
+        self._serving.clear()
+        before = await self.gpu_memory() if self.sleep_supported else GpuMemory()
+        t = time.perf_counter()
+        try:
+            await asyncio.wait_for(self._all_in_engine.wait(), deadline_s)
+            if self.sleep_supported:
+                await self._sleep(level, mode, deadline_s)
+                await asyncio.wait_for(self._none_running.wait(), deadline_s)
+            else:
+                await self._pause(mode, deadline_s)
+                await self._sleep(level, mode, deadline_s)
+                skipped = (f"sleep: sleep mode is CUDA-only; engine {self.spec.name} runs on "
+                           f"{self.device}, so it paused and keeps its weights and KV cache "
+                           "in memory",)
+        except Exception as e:
+            self.fence(f"sleep at level {level} failed part-way: {e}")
+            raise
+        seconds["sleep"] = time.perf_counter() - t
+        after = await self.gpu_memory() if self.sleep_supported else GpuMemory()
+        self.last_sleep_memory = after
+        self.state = EngineState.ASLEEP
+        self._hold(owner, lease_s)
+        freed = None if after.free is None or before.free is None else after.free - before.free
+        return SleepReply(level=level, freed_bytes=freed, free_after=after.free,
+                          seconds=seconds, skipped=skipped)
+
+    async def wake_up(self, tags: list[str] | None = None, *, owner: str | None = None,
+                      deadline_s: float = 60.0) -> EngineStatus:
+        """Wake what ``tags`` names (None: everything). Serving resumes once both the weights
+        and the KV cache are awake. Weights that sleep discarded (level 2) are undefined until
+        a sync brings new ones: waking them is allowed (a sync can follow), serving them is
+        not, so the engine is fenced instead of resuming."""
         self._expect(EngineState.ASLEEP, EngineState.WEIGHTS_AWAKE, op="wake up")
-        waking = {"weights", "kv_cache"} if tags is None else set(tags)
-        await vllm_compat.wake_up(self.engine, tags)
-        if "weights" in waking and not self.weights_intact:
-            self.fence("woken after sleep level 2 without new weights: weights undefined")
-            return
-        self._asleep -= waking
+        if self._lease.held_by_other(owner) and self._lease.owner is not None:
+            raise IllegalStateError(f"asleep for {self._lease.owner}, not {owner}",
+                                    engine=self.spec.name)
+        unknown = set(tags or ()) - set(_TAGS)
+        if unknown:
+            raise ConfigError(f"unknown sleep tag(s) {sorted(unknown)}; known: {list(_TAGS)}",
+                              engine=self.spec.name)
+        await self._wake(tags or _TAGS, deadline_s)
         if not self._asleep:
-            self.sleep_level = 0
+            self._lease.release()
+            if not self.weights_intact:
+                self.fence("woken after sleep level 2 without new weights: weights undefined")
+                return self.status()
             await vllm_compat.resume_generation(self.engine)
             self.state = EngineState.SERVING
             self._serving.set()
         elif "weights" not in self._asleep:
             self.state = EngineState.WEIGHTS_AWAKE
+        return self.status()

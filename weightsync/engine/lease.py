@@ -21,11 +21,13 @@ from contextlib import contextmanager
 class SyncLease:
     def __init__(self) -> None:
         self.owner: str | None = None
+        self.duration = 0.0  # the lease_s it was taken with
         self._until = 0.0
         self._busy = 0
 
-    def take(self, owner: str, lease_s: float) -> None:
+    def take(self, owner: str | None, lease_s: float) -> None:
         self.owner, self._until = (owner or None), time.monotonic() + lease_s
+        self.duration = lease_s
         if not lease_s:  # a caller that asks for no lease holds the sync until it ends it
             self._until = float("inf")
 
@@ -37,7 +39,13 @@ class SyncLease:
         return True
 
     def release(self) -> None:
-        self.owner, self._until = None, 0.0
+        self.owner, self._until, self.duration = None, 0.0, 0.0
+
+    def held_by_other(self, owner: str | None) -> bool:
+        """A call from ``owner`` (None: not a coordinator's, e.g. the engine's own) comes
+        from someone other than the holder: a coordinator whose sync was taken over or ended
+        by its lease, come back."""
+        return owner is not None and owner != self.owner
 
     def left(self) -> float | None:
         """Seconds until the lease lapses (negative: lapsed); None when nobody holds one."""
