@@ -143,6 +143,11 @@ class EngineState(str, enum.Enum):
     STOPPED = "stopped"
 
 
+# an engine in one of these is inside a sync (or asleep for one): only its owner drives it
+IN_SYNC = frozenset({EngineState.PAUSED, EngineState.ASLEEP, EngineState.WEIGHTS_AWAKE,
+                     EngineState.LOADING})
+
+
 class ReceiveReport(_Frozen):
     """What an engine's worker says after receiving (and, when streaming, applying) a plan."""
 

@@ -5,6 +5,10 @@ The host owns the engine's state machine. The coordinator drives it with coarse 
 ``abort_sync``) — and every step checks that it is legal now, so a confused caller gets an
 ``IllegalStateError`` instead of an engine in an undefined state. Every reply is a frozen model
 (``weightsync.messages``); every call into vLLM goes through ``vllm_compat``.
+
+Three parts live in their own modules and are mixed in: serving and the pause
+(``engine.serving``), sleep and wake for the colocated loop (``engine.dormancy``), and who may
+drive the sync (``engine.lease``).
 """
 
 from __future__ import annotations
@@ -12,9 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -22,38 +24,24 @@ from pydantic import BaseModel
 from weightsync.checkpoint import read_checkpoint
 from weightsync.config import EngineSpec
 from weightsync.engine import vllm_compat
-from weightsync.engine.lease import SyncLease
-from weightsync.errors import (ConfigError, DeadlineExceeded, EngineError, FencedError,
-                               IllegalStateError, ManifestError, TransferError, WeightSyncError,
-                               error_class)
+from weightsync.engine.dormancy import Dormancy, Found
+from weightsync.engine.lease import LeaseHolder, SyncLease
+from weightsync.engine.serving import Serving
+from weightsync.errors import (DeadlineExceeded, EngineError, IllegalStateError, ManifestError,
+                               TransferError, WeightSyncError, error_class)
 from weightsync.messages import (Ack, ApplyReply, BeginReply, CommitReply, FinishReply,
                                  Fingerprint, GpuMemory, JoinReply, LayoutStatus,
-                                 ReceiveRequest, ReloadReply, SleepReply, WorkerInfo, reply_of)
-from weightsync.types import (CheckpointFiles, EngineState, EngineStatus, GenerationResult,
-                              PauseMode, ReceiveReport)
+                                 ReceiveRequest, ReloadReply, WorkerInfo, reply_of)
+from weightsync.types import (IN_SYNC, CheckpointFiles, EngineState, EngineStatus, PauseMode,
+                              ReceiveReport)
 
 logger = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "weightsync.engine.worker_ext.WeightSyncWorkerExtension"
-_IN_SYNC = {EngineState.PAUSED, EngineState.ASLEEP, EngineState.WEIGHTS_AWAKE, EngineState.LOADING}
-_TAGS = ("weights", "kv_cache")  # what vLLM's sleep mode releases, in the order it wakes them
 M = TypeVar("M", bound=BaseModel)
 
 
-@dataclass(frozen=True, slots=True)
-class _Found:
-    """How a sync found the engine, so that one that ends before it changed the weights puts
-    the engine back exactly so (asleep stays asleep, at its level)."""
-
-    state: EngineState
-    asleep: frozenset[str]
-    sleep_level: int
-    weights_intact: bool
-    owner: str | None
-    lease_s: float
-
-
-class EngineHost:
+class EngineHost(Serving, Dormancy, LeaseHolder):
     """Hosts one engine. All methods are coroutines; none blocks the event loop for long.
 
     ``make_engine`` builds the engine from keyword arguments (default: vLLM's ``AsyncLLM``
@@ -85,9 +73,12 @@ class EngineHost:
         self._sync_started = 0.0
         self.group_id: str | None = None  # the broadcast group this engine is in, if any
         self._asleep: set[str] = set()  # what sleep released and nothing woke yet
-        self._found: _Found | None = None  # how the sync in progress found the engine
+        self._found: Found | None = None  # how the sync in progress found the engine
         self.last_sleep_memory: GpuMemory | None = None  # right after a sync's sleep
         self._testing_keep_caches = False  # TEST ONLY: see testing_keep_caches()
+        # vLLM cleared its prefix, multimodal and encoder caches (pause or sleep) and nothing
+        # has run since: a reset after loading would find them empty
+        self._caches_clean = False
         self._lease = SyncLease()  # who owns the sync in progress, until when
         self._watchdog: asyncio.Task | None = None
 
@@ -129,85 +120,6 @@ class EngineHost:
             self.engine = None
         self.state = EngineState.STOPPED
 
-    # ---- serving -------------------------------------------------------------------------
-    async def generate(self, prompts: list[Any], *, max_tokens: int = 16,
-                       temperature: float = 0.0, logprobs: bool = False, seed: int | None = None,
-                       ignore_eos: bool = False, n: int = 1,
-                       wait_s: float = 300.0) -> list[GenerationResult]:
-        """Generate for each prompt (a string, or a vLLM prompt dict with multimodal data).
-
-        Requests that arrive during a sync wait for it and run on the new weights; each result
-        names the version(s) that produced it.
-        """
-        self._require_routable()
-        try:
-            await asyncio.wait_for(self._serving.wait(), wait_s)
-        except TimeoutError as e:
-            raise EngineError(f"engine not serving after {wait_s}s (state {self.state.value})",
-                              engine=self.spec.name) from e
-        self._require_routable()
-        self._admit(len(prompts) * n)  # no await since the gate: begin_sync will wait for them
-
-        def params(i: int):  # a seeded request with n copies: copy i uses seed + i
-            return vllm_compat.sampling_params(
-                max_tokens=max_tokens, temperature=temperature, logprobs=0 if logprobs else None,
-                seed=None if seed is None else seed + i, ignore_eos=ignore_eos)
-
-        return list(await asyncio.gather(*(self._one(p, params(i))
-                                           for p in prompts for i in range(n))))
-
-    def _admit(self, k: int) -> None:
-        self._admitted += k
-        if self._admitted:
-            self._all_in_engine.clear()
-
-    def _in_engine(self) -> None:
-        self._admitted -= 1
-        if not self._admitted:
-            self._all_in_engine.set()
-
-    async def _one(self, prompt: Any, params: Any) -> GenerationResult:
-        v0 = self.version
-        final = None
-        self._running += 1
-        self._none_running.clear()
-        try:
-            async for out in vllm_compat.generate(self.engine, prompt, params,
-                                                  request_id=uuid.uuid4().hex):
-                if final is None:
-                    self._in_engine()  # its first output: vLLM is running it
-                final = out
-        finally:
-            if final is None:
-                self._in_engine()
-            self._running -= 1
-            if not self._running:
-                self._none_running.set()
-        v1 = self.version
-        c = vllm_compat.completion(final)
-        return GenerationResult(
-            prompt=prompt if isinstance(prompt, str) else None, text=c.text,
-            token_ids=c.token_ids, logprobs=c.logprobs, finish_reason=c.finish_reason,
-            version=v0 if v0 == v1 else None, versions=(v0, v1),
-            aborted=c.finish_reason == "abort",
-        )
-
-    async def _pause(self, mode: PauseMode, deadline_s: float, clear_cache: bool = True) -> None:
-        """Pause vLLM, then wait until every request it aborted or drained has its final
-        output (so each is stamped with the version that produced it), and no longer: an idle
-        pause costs what vLLM's own steps cost. Requests frozen by ``keep`` finish after the
-        sync, on the new weights."""
-        await asyncio.wait_for(vllm_compat.pause_generation(self.engine, mode,
-                                                            clear_cache=clear_cache), deadline_s)
-        if mode != "keep":
-            await asyncio.wait_for(self._none_running.wait(), deadline_s)
-
-    def _require_routable(self) -> None:
-        if self.state == EngineState.FENCED:
-            raise FencedError(f"fenced: {self.fenced_reason}", engine=self.spec.name)
-        if self.state in (EngineState.STARTING, EngineState.STOPPED):
-            raise EngineError(f"engine is {self.state.value}", engine=self.spec.name)
-
     # ---- sync protocol (engine half) -------------------------------------------------------
     def _expect(self, *states: EngineState, op: str, owner: str | None = None) -> None:
         """Refuse ``op`` unless the engine is in one of ``states`` and, for a step of a sync,
@@ -219,11 +131,6 @@ class EngineHost:
                 f"cannot {op} while {self.state.value} (needs {'/'.join(s.value for s in states)})",
                 engine=self.spec.name)
 
-    def _check_owner(self, owner: str | None, op: str) -> None:
-        if self._lease.held_by_other(owner):
-            raise IllegalStateError(f"cannot {op}: this engine's sync is no longer held by "
-                                    f"{owner} (now: {self._lease.owner or 'nobody'})",
-                                    engine=self.spec.name)
 
     async def _rpc(self, method: str, *args: Any, reply: type[M],
                    timeout: float | None = None) -> list[M]:
@@ -263,7 +170,7 @@ class EngineHost:
         await self._take_over(owner, takeover)
         self._expect(EngineState.SERVING, EngineState.FENCED, EngineState.ASLEEP,
                      EngineState.WEIGHTS_AWAKE, op="begin a sync")
-        self._found = _Found(self.state, frozenset(self._asleep), self.sleep_level,
+        self._found = Found(self.state, frozenset(self._asleep), self.sleep_level,
                              self.weights_intact, self._lease.owner, self._lease.duration)
         self.version_seen = max(self.version_seen, version)
         self._hold(owner, lease_s)
@@ -300,68 +207,19 @@ class EngineHost:
             self.state = EngineState.WEIGHTS_AWAKE if self._asleep else EngineState.PAUSED
         return BeginReply(seconds=seconds, skipped=tuple(skipped), group_id=self.group_id)
 
-    def _hold(self, owner: str, lease_s: float) -> None:
-        """``owner`` holds this engine for ``lease_s`` (0: until it lets go), watched."""
-        self._lease.take(owner, lease_s)
-        if lease_s and (self._watchdog is None or self._watchdog.done()):
-            self._watchdog = asyncio.create_task(self._watch(lease_s))
 
-    async def _sleep(self, level: int, mode: PauseMode, deadline_s: float) -> None:
-        """vLLM's sleep: level 1 offloads the weights to host memory, level 2 discards them;
-        both release the KV cache. Where there is no sleep mode (CPU) nothing is released,
-        and what is "asleep" is only bookkept, so the state machine is the same."""
-        if self.sleep_supported:
-            await asyncio.wait_for(vllm_compat.sleep(self.engine, level, mode), deadline_s)
-            self.weights_intact = self.weights_intact and level == 1
-        self.sleep_level = level
-        self._asleep = set(_TAGS)
 
-    async def _wake(self, tags: Sequence[str], deadline_s: float) -> None:
-        """Wake what of ``tags`` is asleep (vLLM resumes its scheduler once nothing is)."""
-        waking = [t for t in _TAGS if t in tags and t in self._asleep]
-        if waking and self.sleep_supported:
-            await asyncio.wait_for(vllm_compat.wake_up(self.engine, waking), deadline_s)
-        self._asleep -= set(waking)
-        if not self._asleep:
-            self.sleep_level = 0
 
-    async def _take_over(self, owner: str, takeover: bool) -> None:
-        held_by, left = self._lease.owner, self._lease.left()
-        if held_by is None or held_by == owner or self.state not in _IN_SYNC:
-            return
-        if not (takeover or self._lease.lapsed()):
-            raise IllegalStateError(
-                f"a sync owned by {held_by} holds this engine for {max(left or 0, 0):.1f}s "
-                "more; take it over only if that coordinator is gone", engine=self.spec.name)
-        await self._end_stale_sync(f"taken over by {owner or 'a new coordinator'} from "
-                                   f"{held_by}")
 
-    async def renew_lease(self, owner: str, lease_s: float) -> bool:
-        """The owner's heartbeat; False when it no longer holds this engine's sync."""
-        return self._lease.renew(owner, lease_s)
 
-    async def _watch(self, lease_s: float) -> None:
-        """End a sync (or a sleep) whose owner went silent (its lease lapsed between calls)."""
-        while True:
-            await asyncio.sleep(min(1.0, max(lease_s / 4, 0.05)))
-            if self._lease.lapsed() and self.state in (*_IN_SYNC, EngineState.FENCED):
-                held = "mid-sync" if self._found else "while the engine slept for it"
-                await self._end_stale_sync(f"lease of {self._lease.owner} expired: its "
-                                           f"coordinator went silent {held}")
-            elif self._lease.owner is None:
-                return
 
-    async def _end_stale_sync(self, reason: str) -> None:
-        """Weights intact: serve the old version again; touched: fenced with ``reason``."""
-        logger.warning("engine %s: ending a sync nobody drives: %s", self.spec.name, reason)
-        await self.abort_sync(reason, fence=False, restore=False)
 
     async def join_group(self, backend: str, host: str, port: int, rank_offset: int,
                          world_size: int, timeout_s: float, group_id: str = "",
                          owner: str | None = None) -> JoinReply:
         """Join the trainer's transfer group. It stays open across syncs (rebuilding NCCL
         communicators every sync is expensive) until a failure or ``leave_group``."""
-        self._expect(*_IN_SYNC, EngineState.FENCED, op="join a transfer group", owner=owner)
+        self._expect(*IN_SYNC, EngineState.FENCED, op="join a transfer group", owner=owner)
         self.group_id = None
         with self._lease.busy():
             out = await self._rpc("ws_join_group", backend, host, port, rank_offset, world_size,
@@ -382,7 +240,7 @@ class EngineHost:
         other failure of a streaming or atomic apply may have left the weights half-applied.
         """
         t_enter = time.perf_counter()
-        self._expect(*_IN_SYNC, EngineState.FENCED, op="receive weights", owner=owner)
+        self._expect(*IN_SYNC, EngineState.FENCED, op="receive weights", owner=owner)
         request = ReceiveRequest.model_validate_json(request_json)
         if self.state != EngineState.FENCED:
             self.state = EngineState.LOADING
@@ -446,7 +304,7 @@ class EngineHost:
         """Reload weights from a safetensors directory (``None``: the original model), loading
         exactly the files that were checked. A checkpoint refused before loading leaves the
         weights as they were."""
-        self._expect(*_IN_SYNC, EngineState.FENCED, op="reload from a checkpoint", owner=owner)
+        self._expect(*IN_SYNC, EngineState.FENCED, op="reload from a checkpoint", owner=owner)
         ckpt = await self._checkpoint(path, partial, roots, deadline_s)
         if self.state != EngineState.FENCED:
             self.state = EngineState.LOADING
@@ -461,18 +319,30 @@ class EngineHost:
         return out[0]
 
     async def finish_load(self, deadline_s: float, *, owner: str | None = None) -> FinishReply:
-        """Reset prefix, encoder and multimodal caches; return a fingerprint of the weights."""
+        """Make sure no cache holds what the old weights computed; return a fingerprint of the
+        weights.
+
+        The pause (or sleep) that began the sync already had vLLM clear its prefix, multimodal
+        and encoder caches and preempt requests kept across it (vLLM 0.24 and 0.32:
+        ``EngineCore.pause_scheduler(clear_cache=True)``), and nothing has run since, so the
+        reset is skipped then, and said so; otherwise (a manual pause that kept its caches)
+        they are reset here."""
         self._check_owner(owner, "verify the weights")
+        seconds: dict[str, float] = {}
+        skipped: tuple[str, ...] = ()
         t = time.perf_counter()
         with self._lease.busy():
-            if not self._testing_keep_caches:
+            if self._caches_clean:
+                skipped = ("reset_caches: vLLM cleared them when the engine paused or slept, "
+                           "and nothing ran since",)
+            elif not self._testing_keep_caches:
                 await asyncio.wait_for(self._reset_caches(), deadline_s)
-            reset = time.perf_counter() - t
+                seconds["reset_caches"] = time.perf_counter() - t
             t = time.perf_counter()
             prints = await self._rpc("ws_fingerprint", reply=Fingerprint, timeout=deadline_s)
-        return FinishReply(fingerprint="|".join(p.digest for p in prints),
-                           seconds={"reset_caches": reset,
-                                    "fingerprint": time.perf_counter() - t})
+        seconds["fingerprint"] = time.perf_counter() - t
+        return FinishReply(fingerprint="|".join(p.digest for p in prints), seconds=seconds,
+                           skipped=skipped)
 
     async def _reset_caches(self) -> None:
         # Requests frozen by pause mode "keep" hold KV blocks computed with the old weights:
@@ -484,7 +354,7 @@ class EngineHost:
     async def commit(self, version: int, deadline_s: float, *,
                      owner: str | None = None) -> CommitReply:
         """Wake the KV cache, resume, and serve ``version``. Unfences a resynced engine."""
-        self._expect(*_IN_SYNC, EngineState.FENCED, op="commit", owner=owner)
+        self._expect(*IN_SYNC, EngineState.FENCED, op="commit", owner=owner)
         if version <= self.version:
             raise IllegalStateError(f"version {version} is not newer than {self.version}",
                                     engine=self.spec.name)
@@ -501,17 +371,6 @@ class EngineHost:
         self._serving.set()
         return CommitReply(seconds=seconds)
 
-    async def _wake_and_resume(self, deadline_s: float) -> dict[str, float]:
-        seconds: dict[str, float] = {}
-        if self._asleep:
-            t = time.perf_counter()
-            kv_only = self._asleep == {"kv_cache"}
-            await self._wake(_TAGS, deadline_s)
-            seconds["wake_kv" if kv_only else "wake"] = time.perf_counter() - t
-        t = time.perf_counter()
-        await asyncio.wait_for(vllm_compat.resume_generation(self.engine), deadline_s)
-        seconds["resume"] = time.perf_counter() - t
-        return seconds
 
     async def abort_sync(self, reason: str, deadline_s: float = 60.0, *,
                          fence: bool = False, owner: str | None = None,
@@ -527,12 +386,12 @@ class EngineHost:
             return self.status()
         found, self._found = self._found, None
         if found is None:  # no sync in progress: as a sleep (or pause) left the engine
-            found = _Found(self.state, frozenset(self._asleep), self.sleep_level,
+            found = Found(self.state, frozenset(self._asleep), self.sleep_level,
                            self.weights_intact, None, 0.0)
         self._lease.release()
         if fence:
             self.fence(reason)
-        if self.state not in _IN_SYNC and self.state != EngineState.FENCED:
+        if self.state not in IN_SYNC and self.state != EngineState.FENCED:
             return self.status()
         try:
             await self._rpc("ws_drop_staged", reply=Ack, timeout=deadline_s)
@@ -559,19 +418,6 @@ class EngineHost:
             self.fence(f"{reason} (asleep at level {self.sleep_level}: no weights to serve)")
         return self.status()
 
-    async def _sleep_again(self, found: _Found, deadline_s: float) -> None:
-        """Put an engine a failed sync had woken back to sleep as it was found. vLLM sleeps
-        only a fully awake engine, so wake the rest first; what it then discards holds no
-        weights of the version it served (level 2) or is backed up again (level 1)."""
-        woke = set(found.asleep) - self._asleep
-        if woke:
-            await self._wake(_TAGS, deadline_s)
-            await self._sleep(found.sleep_level, "abort", deadline_s)
-            await self._wake([t for t in _TAGS if t not in found.asleep], deadline_s)
-        self.weights_intact = found.weights_intact
-        self.state = found.state
-        if found.owner is not None:
-            self._hold(found.owner, found.lease_s)
 
     def fence(self, reason: str) -> None:
         self.state = EngineState.FENCED
@@ -589,6 +435,7 @@ class EngineHost:
 
     async def resume(self) -> EngineStatus:
         self._expect(EngineState.PAUSED, op="resume")
+        self._caches_clean = False
         await vllm_compat.resume_generation(self.engine)
         self.state = EngineState.SERVING
         self._serving.set()
@@ -606,12 +453,9 @@ class EngineHost:
         colocated trainer counts too); all ``None`` on CPU."""
         return (await self._rpc("ws_gpu_memory", reply=GpuMemory, timeout=30))[0]
 
-    async def memory_after_sleep(self) -> GpuMemory | None:
-        """``gpu_memory()`` as read right after the last sync's sleep (None if none slept)."""
-        return self.last_sleep_memory
 
     async def reset_caches(self) -> None:
-        """Drop prefix, multimodal and encoder caches (a sync does this after every load)."""
+        """Drop prefix, multimodal and encoder caches (a sync makes sure of this every load)."""
         await self._reset_caches()
 
     async def testing_keep_caches(self, keep: bool) -> None:
@@ -622,76 +466,4 @@ class EngineHost:
                        "DISABLED" if keep else "enabled")
         self._testing_keep_caches = keep
 
-    async def sleep(self, level: int, mode: PauseMode = "abort", *, owner: str = "",
-                    lease_s: float = 0.0, deadline_s: float = 60.0) -> SleepReply:
-        """Stop serving and release device memory for a colocated trainer's step: level 1
-        offloads the weights to host memory, level 2 discards them (the next sync brings new
-        ones); both release the KV cache. A sync goes straight into the sleeping engine and
-        wakes it; ``wake_up`` wakes it without one.
 
-        Where vLLM has no sleep mode (CPU) the engine only pauses, reports why nothing was
-        released, and follows the same states, so the same loop runs there.
-
-        With ``owner`` the sleep belongs to that coordinator for ``lease_s`` (renewed while its
-        trainer lives); if it goes silent the engine serves again (level 1) or, its weights
-        gone, stays asleep fenced (level 2). A sleep that fails part-way fences the engine."""
-        if level not in (1, 2):
-            raise ConfigError(f"sleep level must be 1 or 2, not {level}", engine=self.spec.name)
-        if mode == "keep":
-            raise ConfigError("pause mode 'keep' cannot hold requests through sleep: their KV "
-                              "cache is released; use 'abort' or 'wait'", engine=self.spec.name)
-        self._expect(EngineState.SERVING, EngineState.PAUSED, op="sleep")
-        seconds: dict[str, float] = {}
-        skipped: tuple[str, ...] = ()
-        self._serving.clear()
-        before = await self.gpu_memory() if self.sleep_supported else GpuMemory()
-        t = time.perf_counter()
-        try:
-            await asyncio.wait_for(self._all_in_engine.wait(), deadline_s)
-            if self.sleep_supported:
-                await self._sleep(level, mode, deadline_s)
-                await asyncio.wait_for(self._none_running.wait(), deadline_s)
-            else:
-                await self._pause(mode, deadline_s)
-                await self._sleep(level, mode, deadline_s)
-                skipped = (f"sleep: sleep mode is CUDA-only; engine {self.spec.name} runs on "
-                           f"{self.device}, so it paused and keeps its weights and KV cache "
-                           "in memory",)
-        except Exception as e:
-            self.fence(f"sleep at level {level} failed part-way: {e}")
-            raise
-        seconds["sleep"] = time.perf_counter() - t
-        after = await self.gpu_memory() if self.sleep_supported else GpuMemory()
-        self.last_sleep_memory = after
-        self.state = EngineState.ASLEEP
-        self._hold(owner, lease_s)
-        freed = None if after.free is None or before.free is None else after.free - before.free
-        return SleepReply(level=level, freed_bytes=freed, free_after=after.free,
-                          seconds=seconds, skipped=skipped)
-
-    async def wake_up(self, tags: list[str] | None = None, *, owner: str | None = None,
-                      deadline_s: float = 60.0) -> EngineStatus:
-        """Wake what ``tags`` names (None: everything). Serving resumes once both the weights
-        and the KV cache are awake. Weights that sleep discarded (level 2) are undefined until
-        a sync brings new ones: waking them is allowed (a sync can follow), serving them is
-        not, so the engine is fenced instead of resuming."""
-        self._expect(EngineState.ASLEEP, EngineState.WEIGHTS_AWAKE, op="wake up")
-        if self._lease.held_by_other(owner) and self._lease.owner is not None:
-            raise IllegalStateError(f"asleep for {self._lease.owner}, not {owner}",
-                                    engine=self.spec.name)
-        unknown = set(tags or ()) - set(_TAGS)
-        if unknown:
-            raise ConfigError(f"unknown sleep tag(s) {sorted(unknown)}; known: {list(_TAGS)}",
-                              engine=self.spec.name)
-        await self._wake(tags or _TAGS, deadline_s)
-        if not self._asleep:
-            self._lease.release()
-            if not self.weights_intact:
-                self.fence("woken after sleep level 2 without new weights: weights undefined")
-                return self.status()
-            await vllm_compat.resume_generation(self.engine)
-            self.state = EngineState.SERVING
-            self._serving.set()
-        elif "weights" not in self._asleep:
-            self.state = EngineState.WEIGHTS_AWAKE
-        return self.status()
