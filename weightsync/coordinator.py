@@ -83,6 +83,7 @@ class _Run:
     nbytes: int = 0
     checksum_ok: bool | None = None
     fingerprint: str | None = None
+    skipped: tuple[str, ...] = ()  # phases an engine skipped after it began, and why
     note: str | None = None  # why it rolled back, when it did
 
 
@@ -518,6 +519,7 @@ class SyncCoordinator:
         for n, reply in ok.items():
             runs[n].seconds.update(reply.seconds)
             runs[n].fingerprint = reply.fingerprint
+            runs[n].skipped += reply.skipped
         prints = {n: reply.fingerprint for n, reply in ok.items()}
         if len(set(prints.values())) > 1:  # engines disagree: fence all but the majority
             values = list(prints.values())
@@ -576,7 +578,8 @@ class SyncCoordinator:
             took = n not in bad and n not in rolled_back
             reports.append(EngineSyncReport(
                 engine=n, ok=took, version=version if took else versions.get(n, -1),
-                seconds=run.seconds, skipped=run.begun.skipped if run.begun else (),
+                seconds=run.seconds,
+                skipped=(*(run.begun.skipped if run.begun else ()), *run.skipped),
                 nbytes=run.nbytes, checksum_ok=run.checksum_ok, fingerprint=run.fingerprint,
                 error=str(err) if err else (f"rolled back: {run.note or 'another engine failed'}"
                                             if n in rolled_back else None),

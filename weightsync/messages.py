@@ -132,10 +132,11 @@ class BeginReply(_Message):
 
 
 class FinishReply(_Message):
-    """Caches reset and the loaded weights fingerprinted."""
+    """Caches reset (or found clean) and the loaded weights fingerprinted."""
 
     fingerprint: str
     seconds: dict[str, float]
+    skipped: tuple[str, ...] = ()
 
 
 class CommitReply(_Message):
