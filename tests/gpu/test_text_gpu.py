@@ -103,7 +103,8 @@ def test_colocated_ipc_sync_with_sleep(level, layout, engine, coords, trainer, t
     }
     assert res.ok and res.mode == "ipc" and rep.checksum_ok
     assert res.layout == layout.removesuffix("-reuse")
-    assert rep.skipped == ()  # sleep and wake really ran (CPU engines skip them)
+    assert not [s for s in rep.skipped if s.startswith("sleep")]  # sleep/wake really ran (CPU
+    # engines skip them); the post-load cache reset is skipped: the sleep cleared the caches
     assert {"sleep", "wake_weights", "transfer", "reload", "wake_kv"} <= set(rep.seconds)
     assert parity_ok(rows), rows
     assert changed(before, after)
@@ -155,7 +156,7 @@ def test_colocated_loop_trainer_uses_the_memory_sleep_frees(engine, trainer, tok
         for i in range(CYCLES):
             torch.cuda.empty_cache()
             slept = coord.sleep(2).engines[0]
-            assert slept.skipped == () and slept.freed_bytes > 0
+            assert slept.skipped == () and slept.freed_bytes > 0, slept
             want = int(0.8 * slept.freed_bytes)
             scratch = torch.empty(want, dtype=torch.uint8, device="cuda")
             scratch.fill_(1)  # really resident: the training step's activations, say
