@@ -336,11 +336,11 @@ class SyncCoordinator:
             s.state not in _CAN_BEGIN or s.owner not in (None, self.owner))]
         if busy:
             b = busy[0]
-            why = (f"it is held by {b.owner} ({b.state.value}, lease {b.lease_left_s:.1f}s "
+            why = (f": it is held by {b.owner} ({b.state.value}, lease {b.lease_left_s:.1f}s "
                    "more; take it over only if that coordinator is gone)"
                    if b.owner not in (None, self.owner) and b.state in _CAN_BEGIN else
-                   f"it is {b.state.value} (needs serving/fenced/asleep)")
-            raise IllegalStateError(f"cannot begin a sync: {why}; no engine was touched",
+                   f" while {b.state.value} (needs serving/fenced/asleep)")
+            raise IllegalStateError(f"cannot begin a sync{why}; no engine was touched",
                                     engine=b.name)
         self.version = max([self.version, *(s.version for s in statuses)])
         return max([self._issued, self.version, *(s.version_seen for s in statuses)]) + 1

@@ -76,8 +76,8 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         self._found: Found | None = None  # how the sync in progress found the engine
         self.last_sleep_memory: GpuMemory | None = None  # right after a sync's sleep
         self._testing_keep_caches = False  # TEST ONLY: see testing_keep_caches()
-        # vLLM cleared its prefix, multimodal and encoder caches (pause or sleep) and nothing
-        # has run since: a reset after loading would find them empty
+        # vLLM cleared its prefix, multimodal and encoder caches (pause or sleep) and no request
+        # has run since: a reset (after loading, or at the next pause) would find them empty
         self._caches_clean = False
         self._lease = SyncLease()  # who owns the sync in progress, until when
         self._watchdog: asyncio.Task | None = None
@@ -435,7 +435,6 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
 
     async def resume(self) -> EngineStatus:
         self._expect(EngineState.PAUSED, op="resume")
-        self._caches_clean = False
         await vllm_compat.resume_generation(self.engine)
         self.state = EngineState.SERVING
         self._serving.set()
