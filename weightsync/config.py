@@ -85,6 +85,7 @@ class EngineSpec(_Frozen):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     enforce_eager: bool = True
+    # every worker of a tensor-parallel engine joins the transfer group (transport.ranks)
     tensor_parallel_size: int = Field(1, ge=1)
     cpu_kvcache_gib: float = Field(1.0, gt=0)  # CPU engines' KV cache (fractions allowed)
     num_gpus: float = Field(0.0, ge=0)  # Ray resource; >0 for a GPU engine of its own
@@ -95,11 +96,6 @@ class EngineSpec(_Frozen):
     def _gpu_consistent(self) -> EngineSpec:
         if self.device == "cpu" and self.num_gpus:
             raise ValueError("a cpu engine asks for no GPUs")
-        if self.tensor_parallel_size > 1:
-            # each worker of such an engine would join the transfer group at a rank of its
-            # own, which the group's rank arithmetic does not provide for yet
-            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: tensor-parallel "
-                             "engines are not supported yet (every engine is one worker)")
         return self
 
 
