@@ -80,7 +80,8 @@ class EngineHost:
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> EngineStatus:
-        vllm_compat.prepare_process_env(self.device, self.spec.tensor_parallel_size)
+        vllm_compat.prepare_process_env(self.device, self.spec.tensor_parallel_size,
+                                        self.spec.cpu_threads_bind)
         sleep = self.device == "cuda" and vllm_compat.sleep_mode_available()
         t0 = time.perf_counter()
         self.engine = self._make_engine(
