@@ -65,14 +65,14 @@ def merge_applies(replies: Sequence[ApplyReply], engine: str) -> ApplyReply:
     return ApplyReply(reload=max(r.reload for r in replies), layout=layouts.pop())
 
 
-def merge_fingerprints(prints: Sequence[Fingerprint], workers: EngineWorkers | None,
-                       seconds: dict[str, float]) -> FinishReply:
+def merge_fingerprints(prints: Sequence[Fingerprint], workers: EngineWorkers | None, *,
+                       seconds: dict[str, float], skipped: tuple[str, ...] = ()) -> FinishReply:
     """Every worker's digest of its own slice, in rank order, and the engine's shape: engines
     agree only with engines of the same shape, worker by worker."""
     digests = tuple(p.digest for p in prints)
     shape = workers.shape if workers is not None else f"tp1xpp1x{len(digests)}"
     return FinishReply(fingerprint="|".join(digests), fingerprints=digests, shape=shape,
-                       seconds=seconds)
+                       seconds=seconds, skipped=skipped)
 
 
 def merge_layouts(statuses: Sequence[LayoutStatus], workers: EngineWorkers | None
