@@ -272,8 +272,9 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
                                         self.spec.name)
         except WeightSyncError as e:
             self.group_id = None  # a worker leaves a group that failed it
-            if request.apply == "atomic" and not isinstance(e, TransferError):
-                self.weights_intact = False
+            several = self.workers is not None and self.workers.workers > 1
+            if request.apply == "atomic" and (several or not isinstance(e, TransferError)):
+                self.weights_intact = False  # (several workers: another one may have loaded)
             raise
         if report.applied:
             self.weights_intact = False  # new weights, not yet committed

@@ -132,6 +132,7 @@ class IpcLeg(SenderLeg):
         super().__init__(*args, **kwargs)
         self._devices: dict[int, _DeviceBuckets] = {}  # local GPU index -> its buckets
         self._placement: tuple[tuple[str, ...], tuple[int, ...]] | None = None
+        self._workers: dict[str, int] = {}  # engine -> its worker count, with the placement
 
     def send(self, names: Sequence[str], plan: TransferPlan, source: Any,
              begun: Mapping[str, BeginReply]) -> LegOutcome:
@@ -150,7 +151,11 @@ class IpcLeg(SenderLeg):
         handles = IpcShare(devices=tuple(self._devices[i].share for i in gpus)) \
             .model_dump_json()
         seconds = {"trainer_queue": queued, "trainer_share": time.perf_counter() - t - queued}
-        apply = "atomic" if self.cfg.apply == "staged" and len(names) == 1 else self.cfg.apply
+        # one single-worker engine: verify and load in one call. Not for a tensor-parallel
+        # engine: a worker whose copy failed its check while another loaded would leave the
+        # engine half-applied; staged, every worker is verified before any loads
+        apply = "atomic" if self.cfg.apply == "staged" and len(names) == 1 and \
+            self._workers.get(names[0]) == 1 else self.cfg.apply
         t = time.perf_counter()
         ok, bad = self.receive_everywhere(names, plan.model_dump_json(),
                                           self.request(apply, handles))
@@ -170,6 +175,7 @@ class IpcLeg(SenderLeg):
         ok, bad = self.engines.wait(pending, self.cfg.deadlines.verify)
         if bad:
             return [], bad
+        self._workers = {n: ok[n].workers for n in names}
         local = {device_uuid(i): i for i in range(torch.cuda.device_count())}
         gpus = [torch.cuda.current_device()]
         for n in names:
@@ -199,6 +205,7 @@ class IpcLeg(SenderLeg):
             d.release()  # be gone
         self._devices.clear()
         self._placement = None
+        self._workers = {}
 
 
 class IpcReceiver(ReceiverLeg):
