@@ -133,6 +133,7 @@ class IpcLeg(SenderLeg):
         self._devices: dict[int, _DeviceBuckets] = {}  # local GPU index -> its buckets
         self._placement: tuple[tuple[str, ...], tuple[int, ...]] | None = None
         self._workers: dict[str, int] = {}  # engine -> its worker count, with the placement
+        self._handles: tuple[tuple, str] | None = None  # (the shares, their JSON as sent)
 
     def send(self, names: Sequence[str], plan: TransferPlan, source: Any,
              begun: Mapping[str, BeginReply]) -> LegOutcome:
@@ -148,8 +149,12 @@ class IpcLeg(SenderLeg):
             self._devices.setdefault(i, _DeviceBuckets(i)).pack(plan, source,
                                                                 self.cfg.ipc_reuse_buffers)
         queued = time.perf_counter() - t
-        handles = IpcShare(devices=tuple(self._devices[i].share for i in gpus)) \
-            .model_dump_json()
+        shares = tuple(self._devices[i].share for i in gpus)
+        kept = self._handles is not None and len(self._handles[0]) == len(shares) and \
+            all(a is b for a, b in zip(self._handles[0], shares))
+        if not kept:  # kept shares (held here, so never a new object at an old address)
+            self._handles = (shares, IpcShare(devices=shares).model_dump_json())
+        handles = self._handles[1]
         seconds = {"trainer_queue": queued, "trainer_share": time.perf_counter() - t - queued}
         # one single-worker engine: verify and load in one call. Not for a tensor-parallel
         # engine: a worker whose copy failed its check while another loaded would leave the
@@ -164,7 +169,8 @@ class IpcLeg(SenderLeg):
 
     def _gpus_for(self, names: Sequence[str]) -> tuple[list[int], dict]:
         """Local indices of the GPUs the engines' workers use (this process's current GPU
-        first: its checksums are the ones reported), asked once per set of engines."""
+        first when a worker uses it: the first GPU's checksums are the ones reported), asked
+        once per set of engines."""
         import torch
 
         from weightsync.transport.ipc import device_uuid
@@ -177,7 +183,8 @@ class IpcLeg(SenderLeg):
             return [], bad
         self._workers = {n: ok[n].workers for n in names}
         local = {device_uuid(i): i for i in range(torch.cuda.device_count())}
-        gpus = [torch.cuda.current_device()]
+        current = torch.cuda.current_device()
+        gpus: list[int] = []
         for n in names:
             for rank, uuid in enumerate(ok[n].device_uuids):
                 if uuid is None:
@@ -188,6 +195,8 @@ class IpcLeg(SenderLeg):
                         "CUDA IPC needs the trainer colocated with every worker", engine=n)
                 elif local[uuid] not in gpus:
                     gpus.append(local[uuid])
+        # no worker named its GPU (a stand-in): the current one, as a one-GPU trainer would
+        gpus = sorted(gpus, key=lambda i: i != current) or [current]
         if not bad:
             self._placement = (tuple(names), tuple(gpus))
         return gpus, bad
@@ -206,6 +215,7 @@ class IpcLeg(SenderLeg):
         self._devices.clear()
         self._placement = None
         self._workers = {}
+        self._handles = None
 
 
 class IpcReceiver(ReceiverLeg):
