@@ -91,7 +91,8 @@ class EngineSpec(_Frozen):
     # CPU engines: vLLM's VLLM_CPU_OMP_THREADS_BIND for this engine's workers ("nobind",
     # "auto", or one core list per worker: "0-3|4-7"). None: "nobind" for one worker, and for
     # several the cores split between them (vllm_compat.cpu_threads_bind).
-    cpu_threads_bind: str | None = Field(None, min_length=1, pattern=r"^[0-9,|\-]+$|^nobind$|^auto$")
+    cpu_threads_bind: str | None = Field(None, min_length=1,
+                                         pattern=r"^[0-9,|\-]+$|^nobind$|^auto$")
     num_gpus: float = Field(0.0, ge=0)  # Ray resource; >0 for a GPU engine of its own
     limit_mm_per_prompt: dict[str, int] | None = None
     load_roots: tuple[str, ...] = ()  # directories /reload may read checkpoints from
