@@ -3,9 +3,9 @@ engines (four workers) sync over gloo with the collective and the chain broadcas
 HF; one worker's corrupted bucket fences its engine while the rest of the fleet rolls back; a
 TP=2 and a TP=1 engine sync in one group.
 
-Three engines of their own (two TP=2, one TP=1), started once for this module (~20-40 s on
-two cores), not the session's fleet. Every worker of every engine is a rank of the group
-(``transport.ranks``)."""
+Two TP=2 engines of this module's own, started once for it (~40-130 s on two busy cores), and
+the session fleet's first engine as the TP=1 one. Every worker of every engine is a rank of
+the group (``transport.ranks``)."""
 
 from __future__ import annotations
 
@@ -27,15 +27,14 @@ N_TOK = 8
 
 
 @pytest.fixture(scope="module")
-def tp_fleet(ray_session, tiny_model):
-    """{"tp2-a", "tp2-b": TP=2 engines, "tp1-c": a TP=1 engine} -> actor."""
+def tp_fleet(fleet, tiny_model):
+    """{"tp2-a", "tp2-b": TP=2 engines, "engine-a": the session fleet's TP=1 engine} -> actor."""
     specs = [EngineSpec(name=n, model=str(tiny_model), dtype="float32", cpu_kvcache_gib=0.25,
-                        tensor_parallel_size=tp)
-             for n, tp in (("tp2-a", 2), ("tp2-b", 2), ("tp1-c", 1))]
+                        tensor_parallel_size=2) for n in ("tp2-a", "tp2-b")]
     t = time.perf_counter()
     actors = start_engines(specs)
-    print(f"\n[tp] three engines (2x TP=2, 1x TP=1) up in {time.perf_counter() - t:.1f}s")
-    yield {s.name: a for s, a in zip(specs, actors, strict=True)}
+    print(f"\n[tp] two TP=2 engines up in {time.perf_counter() - t:.1f}s")
+    yield {"tp2-a": actors[0], "tp2-b": actors[1], "engine-a": fleet[0]}
     for a in actors:
         try:
             ray.get(a.shutdown.remote(), timeout=60)
@@ -67,7 +66,7 @@ def _sync(coord, policy, **kw):
 def test_every_worker_reports_itself(tp_fleet):
     shapes = {n: ray.get(a.engine_workers.remote(), timeout=30) for n, a in tp_fleet.items()}
     assert {n: (s.workers, s.tensor_parallel) for n, s in shapes.items()} == \
-        {"tp2-a": (2, 2), "tp2-b": (2, 2), "tp1-c": (1, 1)}
+        {"tp2-a": (2, 2), "tp2-b": (2, 2), "engine-a": (1, 1)}
 
 
 @pytest.mark.parametrize("broadcast", ["collective", "chain"])
@@ -97,7 +96,7 @@ def test_two_tp2_engines_sync_over_gloo_and_match_hf(tp_fleet, policy, tokenizer
 
 
 def test_a_mixed_fleet_syncs_in_one_group(tp_fleet, policy, tokenizer):
-    engines = [tp_fleet["tp2-a"], tp_fleet["tp1-c"]]  # three workers + the trainer
+    engines = [tp_fleet["tp2-a"], tp_fleet["engine-a"]]  # three workers + the trainer
     coord = SyncCoordinator(engines, TransferConfig(bucket_bytes=1 << 20))
     try:
         perturb_(policy, scale=0.3, seed=1717)
@@ -115,7 +114,7 @@ def test_one_workers_corrupted_bucket_fences_its_engine_and_the_fleet_rolls_back
     """The ``corrupt-one-rank`` leg (weightsync.testing.faulty) is the broadcast leg over the
     real group, with worker 1 of the first engine (tp2-b) flipping a byte of bucket 0 after it
     arrived. tp2-b's worker 0 and both other engines received intact bytes."""
-    names = ["tp2-b", "tp2-a", "tp1-c"]
+    names = ["tp2-b", "tp2-a", "engine-a"]
     coord = SyncCoordinator([tp_fleet[n] for n in names], TransferConfig(bucket_bytes=1 << 20))
     try:
         before = {n: _outputs(tp_fleet[n]) for n in names}
@@ -125,12 +124,12 @@ def test_one_workers_corrupted_bucket_fences_its_engine_and_the_fleet_rolls_back
             coord.sync(policy, leg="corrupt-one-rank")
         res = e.value.result
         assert [(r.engine, r.ok, r.fenced) for r in res.engines] == \
-            [("tp2-b", False, True), ("tp2-a", False, False), ("tp1-c", False, False)], \
+            [("tp2-b", False, True), ("tp2-a", False, False), ("engine-a", False, False)], \
             [r.error for r in res.engines]
         assert "worker rank 1/2: bucket(s) [0]" in res.engines[0].error
         states = {s.name: s for s in coord.statuses()}
         assert states["tp2-b"].state == EngineState.FENCED
-        for n in ("tp2-a", "tp1-c"):  # rolled back: serving the old version, old outputs
+        for n in ("tp2-a", "engine-a"):  # rolled back: serving the old version, old outputs
             assert states[n].state == EngineState.SERVING and states[n].version == versions[n]
             assert [o.token_ids for o in _outputs(tp_fleet[n])] == \
                 [o.token_ids for o in before[n]]
