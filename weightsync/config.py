@@ -89,8 +89,9 @@ class EngineSpec(_Frozen):
     tensor_parallel_size: int = Field(1, ge=1)
     cpu_kvcache_gib: float = Field(1.0, gt=0)  # CPU engines' KV cache (fractions allowed)
     # CPU engines: vLLM's VLLM_CPU_OMP_THREADS_BIND for this engine's workers ("nobind",
-    # "auto", or one core list per worker: "0-3|4-7"). None: "nobind" for one worker, and for
-    # several the cores split between them (vllm_compat.cpu_threads_bind).
+    # "auto", or one core list per worker: "0-3|4-7"). None: "nobind" for one worker; for
+    # several, the environment's value if it fits, else the cores split between them
+    # (vllm_compat.cpu_threads_bind).
     cpu_threads_bind: str | None = Field(None, min_length=1,
                                          pattern=r"^[0-9,|\-]+$|^nobind$|^auto$")
     num_gpus: float = Field(0.0, ge=0)  # Ray resource; >0 for a GPU engine of its own

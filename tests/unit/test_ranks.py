@@ -46,4 +46,6 @@ def test_cpu_threads_bind_gives_every_worker_a_core_list():
         bind = cpu_threads_bind(workers)
         assert len(bind.split("|")) == workers and all(bind.split("|"))
     assert cpu_threads_bind(2, "0|1") == "0|1"  # a value that fits is kept
-    assert len(cpu_threads_bind(2, "nobind").split("|")) == 2  # one that does not is replaced
+    assert cpu_threads_bind(2, "nobind") == "nobind"
+    for misfit in ("auto", "0-1", "0|1|0"):  # auto needs a NUMA node per worker
+        assert len(cpu_threads_bind(2, misfit).split("|")) == 2
