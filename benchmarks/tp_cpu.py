@@ -32,7 +32,7 @@ def _fleet_run(bind: str, model_dir: Path, syncs: int, gen_tokens: int) -> dict:
 
     from weightsync.config import EngineSpec, TransferConfig
     from weightsync.coordinator import SyncCoordinator
-    from weightsync.engine.actor import start_engines
+    from weightsync.engine.actor import start_engines, stop_engines
     from weightsync.testing.reference import load_trainer_model, perturb_
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -64,12 +64,7 @@ def _fleet_run(bind: str, model_dir: Path, syncs: int, gen_tokens: int) -> dict:
         n = sum(len(o.token_ids) for per in outs for o in per)
         out["generate"] = {"tokens": n, "seconds": took, "tokens_per_s": n / took}
     finally:
-        for a in actors:
-            try:
-                ray.get(a.shutdown.remote(), timeout=60)
-            except Exception:  # noqa: BLE001 - best effort teardown
-                pass
-            ray.kill(a)
+        stop_engines(actors)
         ray.shutdown()
     return out
 

@@ -7,6 +7,7 @@ import pytest
 import ray
 import torch
 
+from tests.integration.api_server import assert_matches_hf as _assert_matches_hf
 from weightsync.config import TransferConfig
 from weightsync.coordinator import SyncCoordinator
 from weightsync.errors import ManifestError
@@ -20,12 +21,6 @@ N_TOK = 8
 
 def _engine_outputs(actor):
     return ray.get(actor.generate.remote(PROMPTS, max_tokens=N_TOK, logprobs=True), timeout=120)
-
-
-def _assert_matches_hf(outs, ref):
-    for o, (toks, lps) in zip(outs, ref, strict=True):
-        assert list(o.token_ids) == toks
-        assert max(abs(a - b) for a, b in zip(o.logprobs, lps, strict=True)) < 1e-3
 
 
 @pytest.fixture(scope="module")

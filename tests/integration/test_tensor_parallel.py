@@ -14,9 +14,10 @@ import time
 import pytest
 import ray
 
+from tests.integration.api_server import assert_matches_hf as _assert_matches_hf
 from weightsync.config import EngineSpec, TransferConfig
 from weightsync.coordinator import SyncCoordinator
-from weightsync.engine.actor import start_engines
+from weightsync.engine.actor import start_engines, stop_engines
 from weightsync.errors import SyncFailedError
 from weightsync.testing.reference import greedy, perturb_
 from weightsync.types import EngineState
@@ -35,22 +36,11 @@ def tp_fleet(fleet, tiny_model):
     actors = start_engines(specs)
     print(f"\n[tp] two TP=2 engines up in {time.perf_counter() - t:.1f}s")
     yield {"tp2-a": actors[0], "tp2-b": actors[1], "engine-a": fleet[0]}
-    for a in actors:
-        try:
-            ray.get(a.shutdown.remote(), timeout=60)
-        except Exception:  # noqa: BLE001 - best effort teardown
-            pass
-        ray.kill(a)
+    stop_engines(actors)
 
 
 def _outputs(actor):
     return ray.get(actor.generate.remote(PROMPTS, max_tokens=N_TOK, logprobs=True), timeout=120)
-
-
-def _assert_matches_hf(outs, ref):
-    for o, (toks, lps) in zip(outs, ref, strict=True):
-        assert list(o.token_ids) == toks
-        assert max(abs(a - b) for a, b in zip(o.logprobs, lps, strict=True)) < 1e-3
 
 
 def _sync(coord, policy, **kw):
