@@ -1,0 +1,92 @@
+"""A 2-rank FSDP2 trainer (two real processes, torch.distributed gloo, ``fully_shard`` on CPU)
+syncing through ``ShardedSync`` into the in-process fleet (real engine hosts, loopback leg):
+the gathered bytes, the lockstep across syncs (one of them in the kernel layout), and a rank
+killed mid-sync on either side. The real-vLLM version is
+``tests/integration/test_sharded_cpu.py``."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from weightsync.testing.fleet import save_tiny_model
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(out: Path, common: list[str], per_rank: dict[int, list[str]] | None = None,
+              world: int = 2, timeout: float = 240) -> dict[int, dict]:
+    """Start one ``sharded_trainer`` process per rank; their reports (a rank killed has none)
+    and return codes."""
+    port = _port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {r: subprocess.Popen(
+        [sys.executable, "-m", "weightsync.testing.sharded_trainer", str(r), str(world),
+         str(port), str(out), *common, *(per_rank or {}).get(r, [])],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in range(world)}
+    reports = {}
+    for r, p in procs.items():
+        log, _ = p.communicate(timeout=timeout)
+        f = out / f"rank{r}.json"
+        reports[r] = {"rc": p.returncode, "log": log[-3000:],
+                      **(json.loads(f.read_text()) if f.exists() else {})}
+    return reports
+
+
+@pytest.fixture(scope="module")
+def fleet_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tinyfleet"))
+
+
+def _common(fleet_dir, *extra) -> list[str]:
+    return ["--local-fleet", str(fleet_dir), "--engines", "a,b", "--bucket-bytes", "65536",
+            "--timeout", "20", *extra]
+
+
+def test_two_ranks_send_the_unsharded_models_bytes_and_agree_on_every_result(fleet_dir,
+                                                                              tmp_path):
+    reports = run_ranks(tmp_path, _common(fleet_dir, "--syncs", "2"))
+    r0, r1 = reports[0], reports[1]
+    assert r0["rc"] == 0 and r1["rc"] == 0, (r0["log"], r1["log"])
+    assert [s["ok"] for s in r0["syncs"]] == [True, True]
+    assert all(s["sums_match_unsharded"] for s in r0["syncs"])
+    # the second sync ran in the engines' kernel layout: the followers gathered in its order
+    assert [s["result"]["layout"] for s in r0["syncs"]] == ["checkpoint", "kernel"]
+    assert [s["result"] for s in r1["syncs"]] == [s["result"] for s in r0["syncs"]]
+    assert {(s["state"], s["version"]) for s in r0["statuses"]} == {("serving", 2)}
+    assert all(s["peak_gathered_bytes"] > 0 for r in (r0, r1) for s in r["syncs"])
+
+
+def test_a_follower_killed_mid_sync_fails_it_and_the_fleet_keeps_its_version(fleet_dir,
+                                                                           tmp_path):
+    reports = run_ranks(tmp_path, _common(fleet_dir), {1: ["--die-at-gather", "2"]})
+    r0, r1 = reports[0], reports[1]
+    assert r1["rc"] == -9 and "syncs" not in r1
+    assert r0["rc"] == 0, r0["log"]
+    (sync,) = r0["syncs"]
+    assert not sync["ok"] and sync["error"] == "SyncFailedError"
+    engines = sync["result"]["engines"]
+    assert all("rolled back" in e["error"] and "weight source failed" in e["error"]
+               for e in engines)
+    assert {(s["state"], s["version"]) for s in r0["statuses"]} == {("serving", 0)}
+
+
+def test_the_sender_killed_mid_sync_fails_it_on_the_other_rank(fleet_dir, tmp_path):
+    reports = run_ranks(tmp_path, _common(fleet_dir), {0: ["--die-at-gather", "2"]})
+    r0, r1 = reports[0], reports[1]
+    assert r0["rc"] == -9
+    assert r1["rc"] == 0, r1["log"]
+    (sync,) = r1["syncs"]
+    assert not sync["ok"] and sync["error"] == "TransferError"
+    assert sync["message"].startswith("rank 1")
