@@ -70,7 +70,7 @@ def test_two_ranks_send_the_unsharded_models_bytes_and_agree_on_every_result(fle
 
 def test_a_follower_killed_mid_sync_fails_it_and_the_fleet_keeps_its_version(fleet_dir,
                                                                            tmp_path):
-    reports = run_ranks(tmp_path, _common(fleet_dir), {1: ["--die-at-gather", "2"]})
+    reports = run_ranks(tmp_path, _common(fleet_dir), {1: ["--die-at-gather", "1"]})
     r0, r1 = reports[0], reports[1]
     assert r1["rc"] == -9 and "syncs" not in r1
     assert r0["rc"] == 0, r0["log"]
@@ -83,10 +83,60 @@ def test_a_follower_killed_mid_sync_fails_it_and_the_fleet_keeps_its_version(fle
 
 
 def test_the_sender_killed_mid_sync_fails_it_on_the_other_rank(fleet_dir, tmp_path):
-    reports = run_ranks(tmp_path, _common(fleet_dir), {0: ["--die-at-gather", "2"]})
+    reports = run_ranks(tmp_path, _common(fleet_dir), {0: ["--die-at-gather", "1"]})
     r0, r1 = reports[0], reports[1]
     assert r0["rc"] == -9
     assert r1["rc"] == 0, r1["log"]
     (sync,) = r1["syncs"]
     assert not sync["ok"] and sync["error"] == "TransferError"
     assert sync["message"].startswith("rank 1")
+
+
+def _gather_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One rank: FSDP2-shard a module of awkward shapes, gather it with ``ShardGather`` in
+    two calls (two buckets), and on the sender compare with ``full_tensor()``."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from weightsync.sources.base import whole
+    from weightsync.sources.sharded import ShardGather
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=60))
+    torch.manual_seed(0)
+    m = torch.nn.Module()
+    for name, shape in [("odd", (7, 3)), ("one", (1, 5)), ("vec", (5,)), ("big", (64, 33))]:
+        m.register_parameter(name, torch.nn.Parameter(torch.randn(*shape)))
+    m.register_parameter("fp16", torch.nn.Parameter(torch.randn(4, 6).to(torch.float16)))
+    m.register_buffer("steps", torch.arange(6))
+    fully_shard(m, mesh=init_device_mesh("cpu", (world,)))
+    named = {**dict(m.named_parameters()), "steps": m.steps}
+    gather = ShardGather(src=0)
+    got, sent = {}, []
+    for names in (["odd", "one", "steps"], ["vec", "big", "fp16"]):
+        out_, nbytes = gather(named, names)
+        got.update(out_)
+        sent.append(nbytes)
+    fulls = {n: t.full_tensor() if hasattr(t, "full_tensor") else t  # a collective: all ranks
+             for n, t in named.items()}
+    ok = True
+    if rank == 0:
+        for n, full in fulls.items():
+            ok &= torch.equal(whole(got[n]), full)
+    else:
+        ok = all(v is None for v in got.values())
+    Path(out, f"gather{rank}.json").write_text(json.dumps({"ok": bool(ok), "bytes": sent}))
+    dist.destroy_process_group()
+
+
+def test_shard_gather_reassembles_uneven_blocks_on_the_sender_only(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gather_rank, args=(2, _port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"gather{r}.json").read_text()) for r in (0, 1))
+    assert r0["ok"] and r1["ok"]
+    assert all(b > 0 for b in r0["bytes"] + r1["bytes"])

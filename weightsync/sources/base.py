@@ -117,12 +117,15 @@ class BucketFeed(Mapping):
         return self.tensors
 
     def __getitem__(self, name: str) -> Any:
+        """The slot's tensor, or a list of tensors stacked along dim 0 into it (kernel-layout
+        parts; a sharded tensor's per-rank row blocks)."""
         k = self.bucket_of.get(name)
         if k is None:
             raise KeyError(name)
         tensors = self.load(k)
-        if self.parts and name in self.parts:
-            return [tensors[n] for n in self.parts[name]]
+        if self.parts and name in self.parts:  # row blocks of the parts, stacked along dim 0
+            return [b for n in self.parts[name]
+                    for b in (tensors[n] if isinstance(tensors[n], list) else [tensors[n]])]
         return tensors[name]
 
     def __iter__(self) -> Iterator[str]:
@@ -132,45 +135,75 @@ class BucketFeed(Mapping):
         return len(self.bucket_of)
 
 
+Gather = Callable[[Mapping[str, torch.Tensor], Sequence[str]], tuple[dict[str, Any], int]]
+
+
+def _local(named: Mapping[str, torch.Tensor], srcs: Sequence[str]) -> tuple[dict[str, Any], int]:
+    return {n: named[n] for n in srcs}, 0
+
+
+def whole(value: Any) -> torch.Tensor:
+    """A tensor given as row blocks (stacked along dim 0), as one tensor."""
+    return torch.cat(value) if isinstance(value, list) else value
+
+
 class ModuleTensors(Producer):
     """A module's in-memory tensors as checkpoint tensors: each conversion group (transformers'
     own, ``hf_names``) is converted when its first output is due and kept until every output
-    was handed out. ``materialize`` turns an in-memory tensor into a full local one (a
-    DTensor's ``full_tensor()``); it is called in the same order on every rank."""
+    was handed out. ``gather(named, names)`` makes the in-memory tensors a bucket needs whole
+    (a sharded module's shards, gathered; every rank calls it with the same names in the same
+    order) and returns them — a tensor, a list of row blocks, or None on a rank that only
+    contributes its shards — with the bytes it allocated to do so. A gather whose ``borrowed``
+    is true reuses its buffers for the next bucket: outputs kept past the bucket are copied."""
 
     def __init__(self, named: Mapping[str, torch.Tensor], names: CheckpointNames | None,
-                 materialize: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> None:
-        self.named, self.names, self.materialize = dict(named), names, materialize
+                 gather: Gather = _local) -> None:
+        self.named, self.names, self.gather = dict(named), names, gather
         if names is None:
             self.groups = {n: Group((n,), (None,), (spec_of(n, t),), None, n)
                            for n, t in self.named.items()}
         else:
             self.groups = names.group_of
-        self._ready: dict[str, torch.Tensor] = {}  # converted, not handed out yet
-        self._live: dict[int, tuple[Group, int]] = {}  # id -> (group, bytes it materialized)
-        self.peak_held = 0  # the most bytes materialized and held at once (a full-tensor
-        # gather's output, counted until its bucket is dropped)
+        self._ready: dict[str, Any] = {}  # converted, not handed out yet
+        self._live: dict[int, tuple[Group, int]] = {}  # id -> (group, bytes it allocated)
+        self.peak_held = 0  # the most bytes gathered and held at once (counted until the
+        # bucket that took the last of a group's outputs is dropped)
 
     def specs(self) -> list[TensorSpec]:
         if self.names is not None:
             return self.names.specs
         return [g.outputs[0] for g in self.groups.values()]
 
-    def produce(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    def produce(self, names: Sequence[str]) -> dict[str, Any]:
         # the previous bucket was dropped: only groups with outputs still to hand out hold memory
         self._live = {k: (g, b) for k, (g, b) in self._live.items()
                       if any(o.name in self._ready for o in g.outputs)}
-        out = {}
+        need: dict[int, Group] = {}
         for name in names:
             if name not in self._ready:
-                group = self.groups[name]
-                full = {n: self.materialize(self.named[n]) for n in group.sources}
-                self._live[id(group)] = (group, sum(f.nbytes for n, f in full.items()
-                                                    if f is not self.named[n]))
-                self._ready.update(self.names.convert(group, full) if self.names
-                                   else {name: full[name]})
-                self.peak_held = max(self.peak_held, sum(b for _, b in self._live.values()))
-            out[name] = self._ready.pop(name)
+                need.setdefault(id(self.groups[name]), self.groups[name])
+        srcs = [n for g in need.values() for n in g.sources]
+        full, allocated = self.gather(self.named, srcs)
+        for g in need.values():
+            got = {n: full[n] for n in g.sources}
+            if any(v is None for v in got.values()):  # this rank only sent its shards
+                outputs = {o.name: None for o in g.outputs}
+            elif self.names is not None:
+                outputs = self.names.convert(g, {n: whole(v) for n, v in got.items()})
+            else:
+                outputs = {g.outputs[0].name: got[g.sources[0]]}
+            self._ready.update(outputs)
+            self._live[id(g)] = (g, 0)
+        if need:  # the bucket's allocation, charged to its first new group
+            first = next(iter(need))
+            self._live[first] = (need[first], allocated)
+        self.peak_held = max(self.peak_held, sum(b for _, b in self._live.values()))
+        out = {name: self._ready.pop(name) for name in names}
+        if getattr(self.gather, "borrowed", False):  # its buffers serve the next bucket too:
+            for g in need.values():  # a group's outputs left for a later bucket get their own
+                for o in g.outputs:
+                    if self._ready.get(o.name) is not None:
+                        self._ready[o.name] = whole(self._ready[o.name]).clone()
         return out
 
     def restart(self) -> None:

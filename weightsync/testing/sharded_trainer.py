@@ -8,7 +8,7 @@ through ``ShardedSync``. Run one process per rank; each writes a JSON report. Us
         [--seed N] [--syncs N] [--bucket-bytes N] [--die-at-gather N]
 
 ``--world 1`` is the unsharded baseline (the same model, no ``fully_shard``, a plain sync).
-``--die-at-gather N``: this rank SIGKILLs itself on its N-th full-tensor gather (a trainer rank
+``--die-at-gather N``: this rank SIGKILLs itself on its N-th bucket gather (a trainer rank
 killed mid-sync). The report holds each sync's result or error, its wall time, and the rank's
 extra memory: the bytes of gathered full tensors it held at once (counted by the source) and
 its peak resident set size above the level before the sync (the kernel's high-water mark).
@@ -134,15 +134,15 @@ def main() -> None:
         syncer = sharded.ShardedSync(coord, timeout_s=args.timeout)
         if args.die_at_gather:
             gathers = {"n": 0}
-            real = sharded.full_tensor
+            real = sharded.ShardGather.__call__
 
-            def dying(t):
+            def dying(self, named, srcs):
                 gathers["n"] += 1
                 if gathers["n"] == args.die_at_gather:
                     os.kill(os.getpid(), signal.SIGKILL)
-                return real(t)
+                return real(self, named, srcs)
 
-            sharded.full_tensor = dying  # the harness's own process only
+            sharded.ShardGather.__call__ = dying  # the harness's own process only
         sync = syncer.sync
     else:
         syncer, sync = None, coord.sync
