@@ -3,6 +3,11 @@ measured in the same run. Writes JSON + PNG under benchmarks/results/.
 
     python -m benchmarks.run --shape small --engines 1,2,4,8 --syncs 5          # CPU
     python -m benchmarks.run --shape 0.5b --ipc --sleep-level 1 --syncs 10     # one GPU
+    python -m benchmarks.run --shape 0.5b --ipc --colocated --sleep-level 2    # the RL loop
+
+``--colocated`` times the colocated loop's sync: before every sync the fleet sleeps
+(``SyncCoordinator.sleep``, not timed; what it freed is recorded), and the sync goes into the
+sleeping engines, from the call until every engine serves again.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ SHAPES = {  # Qwen2-style; "tiny" and "small" are for CPU, the rest mirror Qwen2
     "7b": dict(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vocab_size=152064),
 }
 PHASES = ["pause", "sleep", "wake_weights", "transfer", "reload", "reset_caches", "fingerprint",
-          "wake_kv", "resume"]
+          "wake_kv", "wake", "resume"]
 
 
 def _versions() -> dict:
@@ -57,6 +62,8 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
          cpu_kv_gib: float = typer.Option(1.0, help="CPU: each engine's KV cache (8 engines "
                                           "of the small shape fit 24 GiB at 0.25)"),
          broadcast: str = typer.Option("collective", help="gloo: collective | chain"),
+         colocated: bool = typer.Option(False, help="sleep the fleet before every sync (at "
+                                        "--sleep-level, 1 if 0) and sync into it"),
          out: Path = typer.Option(None), workdir: Path = typer.Option(Path("runs/bench"))) -> None:
     import ray
     import torch
@@ -92,6 +99,7 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
               "shape": shape, "model": SHAPES[shape], "dtype": dtype, "ipc": ipc,
               "ipc_reuse_buffers": ipc_reuse,
               "sleep_level": sleep_level, "apply": apply, "bucket_mib": bucket_mib,
+              "colocated": colocated, "gpu_memory_utilization": gpu_util if gpu else None,
               "broadcast": cfg.broadcast,
               "syncs": syncs, "engine_boot_s": boot, "runs": runs,
               "baseline_vllm_native_ipc": None}
@@ -99,13 +107,18 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
     out.parent.mkdir(parents=True, exist_ok=True)
     for k in sizes:
         coord = SyncCoordinator(actors[:k], cfg)
-        totals, nbytes = [], 0
+        totals, nbytes, slept = [], 0, []
         phases: dict[str, list[float]] = {p: [] for p in PHASES}
         for i in range(syncs + 1):  # sync 0 warms up (first reload, allocator)
             perturb_(policy, scale=1e-3, seed=i)
+            if colocated:  # after the rollout: the trainer's step runs while the fleet sleeps
+                s = coord.sleep(sleep_level or 1)
+                slept.append({"seconds": max(e.seconds["sleep"] for e in s.engines),
+                              "freed_bytes": [e.freed_bytes for e in s.engines],
+                              "free_after": [e.free_after for e in s.engines]})
             if gpu:  # the trainer's own queued work is not the sync's
                 torch.cuda.synchronize()
-            res = coord.sync(policy, ipc=ipc, sleep_level=sleep_level)
+            res = coord.sync(policy, ipc=ipc, sleep_level=0 if colocated else sleep_level)
             nbytes = res.nbytes
             if i == 0:
                 continue
@@ -116,7 +129,7 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
         run = {"engines": k, "bytes": nbytes, "total": summary(totals), "layout": res.layout,
                "layout_note": res.layout_note,
                "phases": {p: summary(v) for p, v in phases.items() if v},
-               "skipped": list(res.engines[0].skipped)}
+               "skipped": list(res.engines[0].skipped), "sleeps": slept[1:]}
         tr = run["phases"]["transfer"]["p50"]
         run["transfer_GBps"] = nbytes / tr / 1e9 if tr else None
         tl = run["phases"].get("transfer+reload", {}).get("p50")

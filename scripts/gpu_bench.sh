@@ -2,10 +2,12 @@
 # GPU benchmarks on the lent machine, one command (after the wheels are installed, see
 # scripts/gpu_run.sh --install). Results (JSON + PNG + log) go to $OUT or runs/gpu-bench.
 #
-#   bash scripts/gpu_bench.sh 0.5b-native 1.5b 7b kernels
+#   bash scripts/gpu_bench.sh 0.5b-native 1.5b 7b colocated-0.5b kernels
 #
 # 0.5b-native: 0.5B-shaped sync benchmark plus vLLM's native IPC API on the same weights;
-# <shape>: that shape's sync benchmark; kernels: the building blocks vs the copy floor.
+# <shape>: that shape's sync benchmark; colocated-<shape>[@<gpu share>]: the colocated loop (the
+# engine sleeps at level 2 before every sync, the sync goes into it; vLLM's memory share 0.4
+# unless given); kernels: the building blocks vs the copy floor.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-runs/gpu-bench}
@@ -17,6 +19,10 @@ rc=0
 for job in "$@"; do
   case $job in
     kernels) python3 -m benchmarks.kernels --shape 0.5b --rounds 20 --out "$out/kernels-0.5b.json" ;;
+    colocated-*) s=${job#colocated-}; util=0.4; [[ $s == *@* ]] && util=${s#*@} s=${s%@*}
+      python3 -m benchmarks.run --shape "$s" --syncs 10 --colocated --ipc --ipc-reuse \
+        --sleep-level 2 --bucket-mib 2048 --engines 1 --workdir /tmp/bench --gpu-util "$util" \
+        --out "$out/colocated-gpu-$s-util$util.json" ;;
     *-native) s=${job%-native}
       python3 -m benchmarks.run --shape "$s" --syncs 10 --native "${common[@]}" \
         --out "$out/sync-gpu-$s.json" ;;

@@ -12,8 +12,15 @@ a k3 KL to the frozen initial policy, and syncs the new weights into every engin
 ``SyncCoordinator.sync``. Every sync must verify, and every sample must carry the version that
 was synced just before it: the reward can only rise if new weights really reach the engines.
 
+``--colocate`` runs the loop colocated RL teams run: after sampling, the engines sleep
+(``SyncCoordinator.sleep``: level 2 by default frees their weights and KV cache), the training
+step runs in the freed device memory, and the sync goes into the sleeping engines and wakes
+them. Each step reports what the sleep freed and the trainer's peak memory during the step (on
+CPU, where vLLM has no sleep mode, the engines only pause and the log says so).
+
 Writes ``<run-dir>/<name>.json`` (config, per-step records, summary) and ``<name>.png``
-(reward and sync time per step). Runs unchanged on GPU (``--device auto``).
+(reward, sync time per step, and with ``--colocate`` memory freed per step). Runs unchanged on
+GPU (``--device auto``).
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ class GrpoConfig(BaseModel):
     backend: Literal["gloo", "nccl"] = "gloo"
     sync_host: str = "127.0.0.1"  # address the engines reach the trainer at (rendezvous)
     ipc: bool = False
+    colocate: bool = False  # engines sleep during each training step; sync into them
     sleep_level: int = Field(1, ge=0, le=2)
     bucket_mib: int = Field(16, ge=1)
     hidden: int = Field(128, ge=64)
@@ -91,6 +99,10 @@ class StepRecord(BaseModel):
     skipped: tuple[str, ...] = ()
     sample_seconds: float
     train_seconds: float
+    sleep_seconds: float | None = None  # colocated: the fleet's sleep before the step
+    freed_bytes: int | None = None  # colocated: free device memory the trainer gained by the
+    # fleet's sleep (None on CPU)
+    trainer_peak_bytes: int | None = None  # the step's peak device allocation (GPU)
 
 
 # ---- task ------------------------------------------------------------------------------------
@@ -210,7 +222,10 @@ def write_plot(records: list[StepRecord], path: Path, title: str) -> None:
     steps = [r.step for r in records]
     mean = [r.reward_mean for r in records]
     std = [r.reward_std for r in records]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    memory = [r for r in records if r.freed_bytes is not None]
+    fig, axes = plt.subplots(3 if memory else 2, 1, figsize=(9, 10 if memory else 7),
+                             sharex=True)
+    top, bottom = axes[0], axes[1]
     top.plot(steps, mean, marker="o", ms=3, label="mean reward (all groups)")
     top.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                      alpha=0.2, label="± std")
@@ -235,6 +250,16 @@ def write_plot(records: list[StepRecord], path: Path, title: str) -> None:
     bottom.set_ylabel("sync time (ms)")
     bottom.grid(alpha=0.3)
     bottom.legend(loc="upper right", fontsize=7, ncol=2)
+    if memory:  # colocated on a GPU: what each sleep gave the trainer, and what it used
+        mem = axes[2]
+        mem.bar([r.step for r in memory], [r.freed_bytes / (1 << 30) for r in memory],
+                alpha=0.5, label="freed by the engines' sleep")
+        mem.plot([r.step for r in memory], [(r.trainer_peak_bytes or 0) / (1 << 30)
+                                            for r in memory], "k.-", label="train step peak")
+        mem.set_ylabel("GiB")
+        mem.set_xlabel("step")
+        mem.grid(alpha=0.3)
+        mem.legend(loc="upper right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -248,10 +273,17 @@ def _say(console: Console, text: str) -> None:
 def _step_line(r: StepRecord, total_steps: int) -> str:
     phases = " ".join(f"{p} {s:.3f}"
                       for p, s in exclusive_phases(next(iter(r.engine_seconds.values()))).items())
+    gib = 1 << 30
+    slept = "" if r.sleep_seconds is None else (
+        f" | slept {r.sleep_seconds:.3f}s, " + ("freed nothing (no sleep mode on this device)"
+                                                if r.freed_bytes is None else
+                                                f"freed {r.freed_bytes / gib:.2f} GiB")
+        + ("" if r.trainer_peak_bytes is None else
+           f", train step peak {r.trainer_peak_bytes / gib:.2f} GiB"))
     return (f"step {r.step}/{total_steps} reward {r.reward_mean:.3f}±{r.reward_std:.3f} "
             f"sampled@v{r.sampled_version} gap {r.logprob_gap:.1e} kl {r.kl:.4f} | "
             f"sync v{r.sync_version} {'verified' if r.sync_ok else 'FAILED'} "
-            f"{r.sync_seconds:.3f}s on {len(r.engine_seconds)} engine(s) [{phases}]")
+            f"{r.sync_seconds:.3f}s on {len(r.engine_seconds)} engine(s) [{phases}]{slept}")
 
 
 def grpo_step(step: int, cfg: GrpoConfig, actors: list, coord: Any, policy: Policy,
@@ -272,9 +304,18 @@ def grpo_step(step: int, cfg: GrpoConfig, actors: list, coord: Any, policy: Poli
     flat = [(policy.prompt_ids(p), r) for p, g in zip(prompts, groups, strict=True) for r in g]
     batch = pack_sequences([p for p, _ in flat], [r.token_ids for _, r in flat],
                            pad_id=policy.tokenizer.pad_token_id)
+    cuda = policy.device.type == "cuda"
+    slept, freed = None, None
+    if cfg.colocate:  # the trainer shares the engines' device: it sees what their sleep frees
+        free0 = torch.cuda.mem_get_info(policy.device)[0] if cuda else None
+        slept = coord.sleep(cfg.sleep_level or 1)
+        freed = torch.cuda.mem_get_info(policy.device)[0] - free0 if cuda else None
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(policy.device)
     t = time.perf_counter()
     old, stats = policy.update(batch, group_advantages(rewards).flatten())
     train_s = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated(policy.device) if cuda else None
     # the engines' logprobs of what they sampled vs the trainer's, same weights: must agree
     mask = batch.completion_mask.bool()
     engine_lp = torch.zeros_like(old)
@@ -283,8 +324,8 @@ def grpo_step(step: int, cfg: GrpoConfig, actors: list, coord: Any, policy: Poli
     if gap > cfg.max_logprob_gap:
         raise VerificationError(f"engines sampled v{sampled_version} with logprobs {gap:.3g} "
                                 f"away from the trainer's: they do not serve its weights")
-    result = coord.sync(policy.model, pause_mode="abort", sleep_level=cfg.sleep_level,
-                        ipc=cfg.ipc)
+    result = coord.sync(policy.model, pause_mode="abort",  # colocated: into the sleeping fleet
+                        sleep_level=0 if cfg.colocate else cfg.sleep_level, ipc=cfg.ipc)
     if not (result.ok and all(e.ok and e.checksum_ok and e.version == result.version
                               for e in result.engines)):
         raise VerificationError(f"sync to version {result.version} did not verify: "
@@ -296,7 +337,11 @@ def grpo_step(step: int, cfg: GrpoConfig, actors: list, coord: Any, policy: Poli
         logprob_gap=gap, sync_version=result.version, sync_ok=result.ok,
         sync_seconds=result.seconds.get("total", 0.0),
         engine_seconds={e.engine: dict(e.seconds) for e in result.engines},
-        skipped=result.engines[0].skipped, sample_seconds=sample_s, train_seconds=train_s)
+        skipped=(*(slept.engines[0].skipped if slept else ()), *result.engines[0].skipped),
+        sample_seconds=sample_s, train_seconds=train_s,
+        sleep_seconds=max(e.seconds["sleep"] for e in slept.engines) if slept else None,
+        freed_bytes=freed, trainer_peak_bytes=peak)
+
 
 
 # ---- the loop --------------------------------------------------------------------------------
@@ -374,6 +419,11 @@ def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Con
         sync_seconds_median=sorted(r.sync_seconds for r in records)[len(records) // 2],
         engine_start_seconds=started_s, device=device,
         skipped=list(records[0].skipped) if records else [],
+        colocated=cfg.colocate,
+        freed_bytes_min=min((r.freed_bytes for r in records if r.freed_bytes is not None),
+                            default=None),
+        trainer_peak_bytes_max=max((r.trainer_peak_bytes for r in records
+                                    if r.trainer_peak_bytes is not None), default=None),
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     log = dict(command=" ".join(["python -m services.grpo", *sys.argv[1:]]),
@@ -407,6 +457,8 @@ def main(
     sync_host: str = typer.Option("auto", help="trainer address for the transfer rendezvous; "
                                   "auto: 127.0.0.1 on a local Ray, this node's IP on a cluster"),
     ipc: bool = typer.Option(False, help="CUDA IPC to colocated engines instead of broadcast"),
+    colocate: bool = typer.Option(False, help="engines sleep (--sleep-level, 2 recommended) "
+                                  "during each training step; the sync goes into them"),
     sleep_level: int = typer.Option(1, min=0, max=2, help="engine sleep level during a sync (GPU)"),
     bucket_mib: int = typer.Option(16, min=1),
     run_dir: Path = typer.Option(Path("runs/grpo"), help="where the JSON log and PNG go"),
@@ -435,8 +487,9 @@ def main(
         cfg = GrpoConfig(steps=steps, engines=engines, prompts_per_step=prompts_per_step,
                          group_size=group_size, max_tokens=max_tokens, task=task, lr=lr,
                          beta=beta, clip_eps=clip_eps, epochs=epochs, seed=seed, device=device,
-                         backend=backend, sync_host=sync_host, ipc=ipc, sleep_level=sleep_level,
-                         bucket_mib=bucket_mib, trainer_ranks=trainer_ranks)
+                         backend=backend, sync_host=sync_host, ipc=ipc, colocate=colocate,
+                         sleep_level=sleep_level, bucket_mib=bucket_mib,
+                         trainer_ranks=trainer_ranks)
         summary = run(cfg, run_dir, name, model_dir, console)
     finally:
         ray.shutdown()

@@ -151,6 +151,9 @@ class RankedCoordinator:
     def sync(self, model: torch.nn.Module, **kwargs: Any) -> Any:
         return self.sharded.sync(model, **kwargs)
 
+    def __getattr__(self, name: str) -> Any:  # sleep, wake_up, close, ...: rank 0's alone
+        return getattr(self.coordinator, name)
+
 
 def _follower(rank: int, world: int, port: int, model_dir: str, cfg_json: str,
               device: str) -> None:

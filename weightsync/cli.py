@@ -122,10 +122,15 @@ def status(url: Url = None, token: Token = None) -> None:
 @app.command()
 def sleep(level: Annotated[int, typer.Option(min=1, max=2)] = 1, engine: Engines = None,
           url: Url = None, token: Token = None) -> None:
-    """Put engines to sleep (CUDA only)."""
+    """Release engines' device memory for a colocated trainer; the next sync wakes them."""
     with _client(url, token) as c:
         out = _run(f"sleep level {level}", lambda: c.sleep(level, engine))
-    _print_states(out.engines)
+    table = Table("engine", "level", "freed GiB", "sleep ms", "note")
+    for e in out.engines:
+        table.add_row(e.engine, str(e.level),
+                      "-" if e.freed_bytes is None else f"{e.freed_bytes / (1 << 30):.2f}",
+                      f"{e.seconds.get('sleep', 0) * 1e3:.1f}", "; ".join(e.skipped))
+    console.print(table)
 
 
 @app.command()

@@ -27,7 +27,7 @@ from weightsync.api.schemas import (AbortRequest, CommitRequest, EngineList, Eng
                                     ResumeRequest, SessionClosed, SessionInfo, SessionRequest,
                                     SleepRequest, WakeRequest)
 from weightsync.errors import WeightSyncError
-from weightsync.types import PauseMode, SyncResult
+from weightsync.types import PauseMode, SleepResult, SyncResult
 
 logger = logging.getLogger(__name__)
 
@@ -141,9 +141,12 @@ class WeightSyncClient:
         return self._request("GET", "/metrics").text
 
     # ---- engine actions ----------------------------------------------------------------------
-    def sleep(self, level: int = 1, engines: Sequence[str] | None = None) -> EngineStates:
-        return self._post("/sleep", SleepRequest(level=level, engines=_names(engines)),
-                          EngineStates)
+    def sleep(self, level: int = 1, engines: Sequence[str] | None = None,
+              mode: str = "abort") -> SleepResult:
+        """Release the engines' device memory for a colocated trainer; the next reload or sync
+        session wakes them (``SleepResult``: per engine, what it freed or why nothing)."""
+        return self._post("/sleep", SleepRequest(level=level, engines=_names(engines),
+                                                 mode=mode), SleepResult)
 
     def wake(self, tags: Sequence[str] | None = None,
              engines: Sequence[str] | None = None) -> EngineStates:

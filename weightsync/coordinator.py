@@ -33,23 +33,25 @@ from weightsync.errors import (ConfigError, EngineDeadError, EngineUnresponsive,
                                IllegalStateError, ManifestError, SyncFailedError,
                                SyncInProgressError, TransferError, VerificationError,
                                WeightSyncError)
-from weightsync.messages import BeginReply, LayoutStatus
+from weightsync.heartbeat import Heartbeat
+from weightsync.messages import BeginReply, LayoutStatus, SleepReply
 from weightsync.metrics import SyncMetrics
-from weightsync.remote import Engines, RayEngines
+from weightsync.remote import Engines, OwnedEngines, RayEngines
+from weightsync.sources import as_source
 from weightsync.transport.legs import sender_leg
 from weightsync.transport.legs.base import LegOutcome, SenderLeg
 from weightsync.transport.legs.external import ExternalSender
-from weightsync.sources import as_source
 from weightsync.transport.packing import plan_buckets
-from weightsync.types import (EngineState, EngineStatus, EngineSyncReport, PauseMode, SyncResult,
-                              TensorSpec, TransferPlan)
+from weightsync.types import (EngineSleepReport, EngineState, EngineStatus, EngineSyncReport,
+                              PauseMode, SleepResult, SyncResult, TensorSpec, TransferPlan)
 
 __all__ = ["ExternalSender", "SyncCoordinator"]
 
 logger = logging.getLogger(__name__)
 
 PhaseHook = Callable[[str, str | None], None]  # (phase, engine or None)
-_CAN_BEGIN = {EngineState.SERVING, EngineState.FENCED, EngineState.STOPPED}
+_CAN_BEGIN = {EngineState.SERVING, EngineState.FENCED, EngineState.STOPPED, EngineState.ASLEEP,
+              EngineState.WEIGHTS_AWAKE}
 
 
 def _check_sleep_level(level: int) -> None:
@@ -83,6 +85,7 @@ class _Run:
     nbytes: int = 0
     checksum_ok: bool | None = None
     fingerprint: str | None = None
+    skipped: tuple[str, ...] = ()  # phases an engine skipped after it began, and why
     note: str | None = None  # why it rolled back, when it did
 
 
@@ -97,21 +100,23 @@ class SyncCoordinator:
         self.transfer = transfer or TransferConfig()
         self.metrics = metrics or SyncMetrics()
         self.on_phase = on_phase
+        # this coordinator's id on the engines' leases (weightsync.engine.lease)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         if isinstance(engines, Sequence):
             if not engines:
                 raise ConfigError("a coordinator needs at least one engine")
-            self.access, statuses = RayEngines.connect(engines, self.transfer.deadlines.verify)
+            access, statuses = RayEngines.connect(engines, self.transfer.deadlines.verify)
+            self.access = OwnedEngines(access, self.owner)
         else:
-            self.access = engines
+            self.access = OwnedEngines(engines, self.owner)
             statuses = self.statuses()
+        self._beat = Heartbeat(self.access, self.owner, self.transfer.deadlines.lease)
         self.version = max(s.version for s in statuses)  # the latest published
         self._issued = self.version  # the latest a sync began with, published or not
         self._lock = threading.Lock()
         self._layout_cache: dict[tuple[str, ...], Any] = {}  # engine set -> verified layout
         self._kernel_plan_of: tuple[Any, TransferPlan] | None = None  # (layout, its plan)
         self._legs: dict[str, SenderLeg] = {}
-        # this coordinator's id on the engines' leases (weightsync.engine.lease)
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._takeover = False  # the sync in progress may take engines from a silent owner
 
     @property
@@ -237,10 +242,72 @@ class SyncCoordinator:
                                                     pause_mode, sleep_level, t0))
 
     def close(self) -> None:
-        """Release what the legs keep across syncs (groups, IPC buffers); engines keep
-        running."""
+        """Release what the legs keep across syncs (groups, IPC buffers) and stop renewing
+        leases; engines keep running (any still asleep for this coordinator wake, or stay
+        fenced without weights, once their lease lapses)."""
         for leg in self._legs.values():
             leg.close()
+        self._beat.close()
+
+    # ---- the colocated loop: sleep -> train -> sync into the sleeping engines ----------------
+    def sleep(self, level: int = 1, *, engines: Sequence[str] | None = None,
+              pause_mode: PauseMode = "abort") -> SleepResult:
+        """Put the engines to sleep so the trainer can use their device memory: level 1
+        offloads the weights to host memory, level 2 discards them (the next ``sync`` brings
+        new ones); both release the KV cache. The next ``sync`` goes straight into the
+        sleeping engines (wake weights -> transfer -> reload -> verify -> wake KV cache ->
+        resume); ``wake`` wakes them without one.
+
+        Every target must be serving or paused, or nothing is touched
+        (``IllegalStateError``). The engines stay this coordinator's while it lives (its
+        heartbeat renews their lease); if its process dies they serve again (level 1) or stay
+        asleep fenced (level 2). On CPU, where vLLM has no sleep mode, engines only pause and
+        each report says why nothing was freed."""
+        if level not in (1, 2):
+            raise ConfigError(f"sleep level must be 1 or 2, not {level}")
+        with self._exclusive():
+            t0 = time.perf_counter()
+            targets = self._targets(engines)
+            self._require(targets, {EngineState.SERVING, EngineState.PAUSED}, "sleep")
+            dl = self.transfer.deadlines
+            self._phase("sleep")
+            self._beat.sleeping(targets, True)
+            ok, bad = self._call("sleep", targets, level, pause_mode, owner=self.owner,
+                                 lease_s=dl.lease, deadline_s=dl.sleep, timeout=dl.sleep * 1.5)
+            self._beat.sleeping(bad, False)
+            if bad:
+                logger.error("sleep failed on %s (asleep: %s)", sorted(bad), sorted(ok))
+                raise next(iter(bad.values()))
+            replies: dict[str, SleepReply] = ok
+            return SleepResult(level=level, seconds={"total": time.perf_counter() - t0},
+                               engines=tuple(EngineSleepReport(engine=n, **r.model_dump())
+                                             for n, r in replies.items()))
+
+    def wake(self, *, engines: Sequence[str] | None = None,
+             tags: Sequence[str] | None = None) -> list[EngineStatus]:
+        """Wake sleeping engines without a sync (``tags``: "weights" and/or "kv_cache"; all
+        when None). They serve once both are awake; weights that sleep level 2 discarded
+        cannot be served, so such an engine is fenced until a sync."""
+        with self._exclusive():
+            targets = self._targets(engines)
+            self._require(targets, {EngineState.ASLEEP, EngineState.WEIGHTS_AWAKE}, "wake up")
+            dl = self.transfer.deadlines
+            ok, bad = self._call("wake_up", targets, list(tags) if tags else None,
+                                 deadline_s=dl.wake, timeout=dl.wake * 1.5)
+            self._beat.sleeping([n for n, st in ok.items()
+                                 if st.state not in (EngineState.ASLEEP,
+                                                     EngineState.WEIGHTS_AWAKE)], False)
+            if bad:
+                raise next(iter(bad.values()))
+            return [ok[n] for n in targets]
+
+    def _require(self, targets: Sequence[str], allowed: set[EngineState], op: str) -> None:
+        for st in self.statuses():
+            if st.name in targets and st.state not in allowed:
+                raise IllegalStateError(
+                    f"cannot {op} while {st.state.value} (needs "
+                    f"{'/'.join(sorted(s.value for s in allowed))}); no engine was touched",
+                    engine=st.name)
 
     # ---- the protocol ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -254,24 +321,11 @@ class SyncCoordinator:
             self._takeover = False
             self._lock.release()
 
-    @contextlib.contextmanager
     def _holding(self, names: Sequence[str]):
-        """Renew this coordinator's lease on ``names`` every third of it while the body runs:
-        if this process dies, the engines end the sync by themselves."""
-        lease = self.transfer.deadlines.lease
-        stop = threading.Event()
-
-        def beat() -> None:
-            while not stop.wait(lease / 3):
-                pending = {n: self.access.submit(n, "renew_lease", self.owner, lease)
-                           for n in names}
-                self.access.wait(pending, lease / 3)
-
-        threading.Thread(target=beat, name="ws-lease", daemon=True).start()
-        try:
-            yield
-        finally:  # not joined: a renewal waiting on a silent engine must not delay the result
-            stop.set()  # (a late one is harmless: the engine ignores a lease it released)
+        """Renew this coordinator's lease on ``names`` while the body runs (if this process
+        dies, the engines end the sync by themselves); then keep holding those the sync left
+        asleep for this trainer (restored after a failure)."""
+        return self._beat.syncing(names)
 
     def _next_version(self, targets: Sequence[str]) -> int:
         """One past the highest version any engine or this coordinator has seen or begun a
@@ -283,12 +337,16 @@ class SyncCoordinator:
         begin one (paused, asleep, loading): ``IllegalStateError``, never a fenced engine.
         """
         statuses = self.statuses()
-        busy = [s for s in statuses if s.name in targets and s.state not in _CAN_BEGIN
-                and not self._may_take(s)]
+        busy = [s for s in statuses if s.name in targets and not self._may_take(s) and (
+            s.state not in _CAN_BEGIN or s.owner not in (None, self.owner))]
         if busy:
-            raise IllegalStateError(
-                f"cannot begin a sync while {busy[0].state.value} (needs serving/fenced); "
-                "no engine was touched", engine=busy[0].name)
+            b = busy[0]
+            why = (f"it is held by {b.owner} ({b.state.value}, lease {b.lease_left_s:.1f}s "
+                   "more; take it over only if that coordinator is gone)"
+                   if b.owner not in (None, self.owner) and b.state in _CAN_BEGIN else
+                   f"it is {b.state.value} (needs serving/fenced/asleep)")
+            raise IllegalStateError(f"cannot begin a sync: {why}; no engine was touched",
+                                    engine=b.name)
         self.version = max([self.version, *(s.version for s in statuses)])
         return max([self._issued, self.version, *(s.version_seen for s in statuses)]) + 1
 
@@ -471,6 +529,7 @@ class SyncCoordinator:
         for n, reply in ok.items():
             runs[n].seconds.update(reply.seconds)
             runs[n].fingerprint = reply.fingerprint
+            runs[n].skipped += reply.skipped
         prints = {n: reply.fingerprint for n, reply in ok.items()}
         if len(set(prints.values())) > 1:  # engines disagree: fence all but the majority
             values = list(prints.values())
@@ -529,7 +588,8 @@ class SyncCoordinator:
             took = n not in bad and n not in rolled_back
             reports.append(EngineSyncReport(
                 engine=n, ok=took, version=version if took else versions.get(n, -1),
-                seconds=run.seconds, skipped=run.begun.skipped if run.begun else (),
+                seconds=run.seconds,
+                skipped=(*(run.begun.skipped if run.begun else ()), *run.skipped),
                 nbytes=run.nbytes, checksum_ok=run.checksum_ok, fingerprint=run.fingerprint,
                 error=str(err) if err else (f"rolled back: {run.note or 'another engine failed'}"
                                             if n in rolled_back else None),
@@ -537,6 +597,7 @@ class SyncCoordinator:
             ))
         for rep in reports:
             self.metrics.observe(rep, mode)
+        self._beat.sleeping([r.engine for r in reports if r.ok], False)  # awake and serving
         if any(r.ok for r in reports):  # every routable engine that took it verified it
             self.version = max(self.version, version)
         return SyncResult(version=version, ok=all(r.ok for r in reports), mode=mode,

@@ -132,10 +132,11 @@ class BeginReply(_Message):
 
 
 class FinishReply(_Message):
-    """Caches reset and the loaded weights fingerprinted."""
+    """Caches reset (or found clean) and the loaded weights fingerprinted."""
 
     fingerprint: str
     seconds: dict[str, float]
+    skipped: tuple[str, ...] = ()
 
 
 class CommitReply(_Message):
@@ -143,3 +144,16 @@ class CommitReply(_Message):
     sync as it saw it."""
 
     seconds: dict[str, float]
+
+
+class SleepReply(_Message):
+    """An engine went to sleep for a colocated trainer: the level, how much device memory that
+    freed (device-wide free memory after minus before; ``None`` where nothing can be
+    measured), each phase's seconds, and what was skipped and why (on CPU: everything but
+    the pause, since vLLM's sleep mode is CUDA-only)."""
+
+    level: int
+    freed_bytes: int | None = None
+    free_after: int | None = None
+    seconds: dict[str, float]
+    skipped: tuple[str, ...] = ()

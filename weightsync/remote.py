@@ -98,3 +98,31 @@ class RayEngines:
 
     def replace(self, name: str, handle: Any) -> None:
         self._actors[name] = handle
+
+
+class OwnedEngines:
+    """``Engines`` that sign every step of a sync with the coordinator's ``owner`` id: an engine
+    refuses a step from a coordinator that no longer holds its sync (one that stalled past its
+    lease and came back after another took the engine over)."""
+
+    SIGNED = frozenset({"join_group", "receive", "apply_staged", "reload_from_path",
+                        "finish_load", "commit", "abort_sync", "wake_up"})
+
+    def __init__(self, inner: Engines, owner: str) -> None:
+        self.inner, self.owner = inner, owner
+
+    @property
+    def handles(self) -> dict[str, Any]:
+        return self.inner.handles
+
+    def submit(self, name: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        if method in self.SIGNED:
+            kwargs.setdefault("owner", self.owner)
+        return self.inner.submit(name, method, *args, **kwargs)
+
+    def wait(self, pending: Mapping[str, Any], timeout: float
+             ) -> tuple[dict[str, Any], dict[str, WeightSyncError]]:
+        return self.inner.wait(pending, timeout)
+
+    def replace(self, name: str, handle: Any) -> None:
+        self.inner.replace(name, handle)

@@ -143,6 +143,11 @@ class EngineState(str, enum.Enum):
     STOPPED = "stopped"
 
 
+# an engine in one of these is inside a sync (or asleep for one): only its owner drives it
+IN_SYNC = frozenset({EngineState.PAUSED, EngineState.ASLEEP, EngineState.WEIGHTS_AWAKE,
+                     EngineState.LOADING})
+
+
 class ReceiveReport(_Frozen):
     """What an engine's worker says after receiving (and, when streaming, applying) a plan."""
 
@@ -193,6 +198,25 @@ class SyncResult(_Frozen):
     @property
     def failed(self) -> list[str]:
         return [e.engine for e in self.engines if not e.ok]
+
+
+class EngineSleepReport(_Frozen):
+    """One engine's part of a fleet ``sleep``."""
+
+    engine: str
+    level: int
+    freed_bytes: int | None = None  # device-wide free memory after minus before (None: CPU)
+    free_after: int | None = None
+    seconds: dict[str, float] = Field(default_factory=dict)
+    skipped: tuple[str, ...] = ()  # e.g. "sleep: sleep mode is CUDA-only ..."
+
+
+class SleepResult(_Frozen):
+    """A fleet ``sleep``: every engine it put to sleep, and what that freed."""
+
+    level: int
+    engines: tuple[EngineSleepReport, ...]
+    seconds: dict[str, float] = Field(default_factory=dict)
 
 
 class EngineStatus(_Frozen):

@@ -135,7 +135,7 @@ def test_grpo_job_succeeds_with_every_sync_verified(ray_head, tmp_path):
     submit = subprocess.run(
         ["deploy/submit.sh", "--no-wait", "--submission-id", job_id, "--",
          "--steps", str(STEPS), "--engines", "1", "--prompts-per-step", "2", "--group-size", "4",
-         "--max-tokens", "8", "--device", "cpu", "--run-dir", str(run_dir),
+         "--max-tokens", "8", "--device", "cpu", "--run-dir", str(run_dir), "--colocate",
          "--model-dir", str(tmp_path / "model")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert submit.returncode == 0, submit.stdout + submit.stderr
@@ -157,4 +157,11 @@ def test_grpo_job_succeeds_with_every_sync_verified(ray_head, tmp_path):
     assert log["summary"]["all_syncs_verified"] is True
     assert all(s["sync_ok"] and s["engine_seconds"]["grpo-engine-0"]["transfer"] > 0
                for s in log["steps"])
+    # colocated: the engine slept for every training step and each sync went into it (on CPU
+    # the sleep only pauses: nothing to pause at sync time, and the log says why)
+    assert log["summary"]["colocated"] is True
+    phases = [s["engine_seconds"]["grpo-engine-0"] for s in log["steps"]]
+    assert all(s["sleep_seconds"] is not None for s in log["steps"])
+    assert not any("pause" in p for p in phases)
+    assert logs.count("freed nothing (no sleep mode on this device)") == STEPS
     assert (run_dir / "grpo.png").stat().st_size > 0

@@ -87,6 +87,10 @@ def restore(c) -> None:
     paused = [e.name for e in st.engines if e.state == EngineState.PAUSED]
     if paused:
         c.resume(paused)
+    asleep = [e.name for e in st.engines
+              if e.state in (EngineState.ASLEEP, EngineState.WEIGHTS_AWAKE)]
+    if asleep:
+        c.wake(engines=asleep)
     if any(e.state == EngineState.FENCED for e in c.status().engines):
         c.reload(None)
     assert all(e.state == EngineState.SERVING for e in c.status().engines)

@@ -21,7 +21,7 @@ from tests.integration.api_server import (AUTH, TOKEN, assert_parity, outputs,
 from weightsync.api import create_app
 from weightsync.client import WeightSyncClient
 from weightsync.config import Deadlines, Settings, TransferConfig
-from weightsync.errors import ConfigError, IllegalStateError, UnsupportedError
+from weightsync.errors import ConfigError, IllegalStateError
 from weightsync.testing.reference import greedy, load_trainer_model
 from weightsync.types import EngineState
 
@@ -62,18 +62,26 @@ def test_non_loopback_bind_without_token_refuses_to_start(tmp_path):
 
 
 # ---- lifecycle round trips ---------------------------------------------------------------
-def test_sleep_is_unsupported_on_cpu_wake_is_illegal_pause_resume_round_trip(service, client):
-    r = httpx.post(service.url + "/sleep", json={"level": 1}, headers=AUTH)
-    assert r.status_code == 422
-    assert r.json()["code"] == "unsupported" and r.json()["engine"] in ("engine-a", "engine-b")
-    assert "CUDA-only" in r.json()["message"]
-    with pytest.raises(UnsupportedError) as e:
-        client.sleep(2, engines=["engine-b"])
-    assert e.value.status_code == 422 and e.value.engine == "engine-b"
-
+def test_sleep_on_cpu_pauses_with_the_reason_wake_and_pause_resume_round_trip(service, client):
     r = httpx.post(service.url + "/wake", json={"tags": ["weights"]}, headers=AUTH)
-    assert r.status_code == 409 and r.json()["code"] == "illegal_state"
-    assert {e.state for e in client.status().engines} == {EngineState.SERVING}
+    assert r.status_code == 409 and r.json()["code"] == "illegal_state"  # nothing asleep
+    r = httpx.post(service.url + "/sleep", json={"level": 1}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    for rep in r.json()["engines"]:  # no sleep mode on CPU: paused, nothing freed, and why
+        assert rep["level"] == 1 and rep["freed_bytes"] is None
+        assert "CUDA-only" in rep["skipped"][0] and "keeps its weights" in rep["skipped"][0]
+    assert {(e.state, e.sleep_level) for e in client.status().engines} == \
+        {(EngineState.ASLEEP, 1)}
+    with pytest.raises(IllegalStateError) as e:  # asleep already: nobody is touched
+        client.sleep(2, engines=["engine-b"])
+    assert e.value.status_code == 409 and "no engine was touched" in str(e.value)
+    r = httpx.post(service.url + "/sleep", json={"level": 1, "mode": "keep"}, headers=AUTH)
+    assert r.status_code == 422  # keep cannot hold requests through a sleep
+    woke = client.wake(["weights"], engines=["engine-b"])
+    assert [e.state for e in woke.engines] == [EngineState.WEIGHTS_AWAKE]
+    woke = client.wake()
+    assert {e.state for e in woke.engines} == {EngineState.SERVING}
+    assert all(e.owner is None for e in client.status().engines)
 
     paused = client.pause("wait", engines=["engine-a"])
     assert [(e.name, e.state) for e in paused.engines] == [("engine-a", EngineState.PAUSED)]
@@ -243,7 +251,9 @@ def test_cli_status_reload_sleep_against_the_service(service, client, ckpt_root,
     assert [e.version for e in client.status().engines] == [int(published[1])] * 2
 
     out = runner.invoke(app, ["sleep", "--level", "1", "-e", "engine-a", *common])
-    assert out.exit_code == 1 and "UnsupportedError" in out.output and "CUDA-only" in out.output
+    assert out.exit_code == 0 and "CUDA-only" in out.output, out.output
+    out = runner.invoke(app, ["wake", "-e", "engine-a", *common])
+    assert out.exit_code == 0 and "serving" in out.output, out.output
     out = runner.invoke(app, ["status", "--url", service.url, "--token", "wrong"])
     assert out.exit_code == 1 and "AuthError" in out.output
 

@@ -105,3 +105,19 @@ def test_chain_broadcast_feeds_both_engines_the_same_weights(fleet, policy, toke
             _assert_matches_hf(_engine_outputs(actor), ref)
     finally:
         chain.close()
+
+
+def test_a_prompt_prefix_cached_before_a_sync_is_never_served_after_it(fleet, coord, policy,
+                                                                       tokenizer):
+    """vLLM caches a long prompt's KV blocks (prefix caching is on for these CPU engines); a
+    sync must leave none of them to the next request, or its logprobs come from old-weight KV.
+    The sync clears them when it pauses (and skips the post-load reset only because of that)."""
+    long = " ".join(["weights move from the trainer into the engines"] * 12)
+    actor = fleet[0]
+    first = ray.get(actor.generate.remote([long, long], max_tokens=4, logprobs=True), timeout=120)
+    assert first[0].token_ids == first[1].token_ids  # the second request hit the cached prefix
+    perturb_(policy, scale=0.3, seed=31)
+    res = coord.sync(policy)
+    assert any("reset_caches: vLLM cleared them" in s for s in res.engines[0].skipped)
+    (out,) = ray.get(actor.generate.remote([long], max_tokens=4, logprobs=True), timeout=120)
+    _assert_matches_hf([out], greedy(policy, tokenizer, [long], 4))

@@ -57,3 +57,44 @@ def test_a_trainer_killed_mid_sync_costs_one_sync(fleet, ray_session, tiny_model
     res = SyncCoordinator(fleet).sync(policy)
     assert res.ok and res.version > max(v0.values())
     assert_parity(fleet, policy, tokenizer, res.version)
+
+
+def test_a_bucket_held_past_its_deadline_costs_one_sync_and_the_trainer_cannot_come_back(
+        fleet, ray_session, tiny_model, policy, tokenizer):
+    """The trainer stops (SIGSTOP) holding bucket 1: the engines see no data and no heartbeat.
+    Within twice the deadline they serve their old version again. When the trainer resumes
+    (SIGCONT) its sync fails and it changes nothing: the engines no longer belong to it."""
+    import os
+    import signal
+
+    before = [[o.token_ids for o in outputs(a)] for a in fleet]
+    v0 = {s.name: s.version for s in ray.get([a.status.remote() for a in fleet])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "weightsync.testing.dying_trainer",
+         ray.get_runtime_context().gcs_address, "weightsync-tests", str(tiny_model), "staged",
+         "bucket:1", "stop"],
+        cwd=Path(__file__).parents[2], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "stalling at bucket:1" in line, line + proc.stderr.read()
+        stalled = time.monotonic()
+        while True:
+            statuses = ray.get([a.status.remote() for a in fleet], timeout=5)
+            if all(s.state == EngineState.SERVING and s.owner is None for s in statuses):
+                break
+            assert time.monotonic() - stalled < 2 * DEADLINE_S, statuses
+            time.sleep(0.2)
+        print(f"\nbucket held: every engine serving again after "
+              f"{time.monotonic() - stalled:.1f}s")
+        os.kill(proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3 and "the sync failed" in out, out + err
+    statuses = ray.get([a.status.remote() for a in fleet], timeout=5)
+    assert all(s.state == EngineState.SERVING and s.version == v0[s.name] for s in statuses)
+    assert [[o.token_ids for o in outputs(a)] for a in fleet] == before
+    res = SyncCoordinator(fleet).sync(policy)
+    assert res.ok and res.version > max(v0.values())
+    assert_parity(fleet, policy, tokenizer, res.version)

@@ -1,5 +1,6 @@
-"""The engine host's manual sleep/wake state machine (pure logic: a stand-in for AsyncLLM's
-sleep/wake calls; the real ones are exercised on the GPU in tests/gpu)."""
+"""The engine host's pause: requests past the gate, and what a pause waits for (pure logic: a
+stand-in for AsyncLLM's calls; the real ones run in tests/integration and tests/gpu). Sleep and
+wake: tests/unit/test_colocated.py."""
 
 import asyncio
 
@@ -30,44 +31,6 @@ def _host():
     h.engine, h.sleep_supported, h.state = _Engine(), True, EngineState.SERVING
     h._serving.set()
     return h
-
-
-def test_serving_resumes_only_when_weights_and_kv_are_both_awake():
-    async def run():
-        h = _host()
-        await h.sleep(1)
-        assert h.state == EngineState.ASLEEP and not h._serving.is_set()
-        await h.wake_up(["kv_cache"])
-        assert h.state == EngineState.ASLEEP  # weights still asleep: not serving
-        await h.wake_up(["weights"])
-        assert h.state == EngineState.SERVING and h._serving.is_set()
-        assert ("resume",) in h.engine.calls
-        with pytest.raises(IllegalStateError):
-            await h.wake_up(None)  # nothing asleep any more
-
-    asyncio.run(run())
-
-
-def test_weights_woken_after_level_2_without_a_sync_fence_the_engine():
-    async def run():
-        h = _host()
-        await h.sleep(2)
-        await h.wake_up(["weights"])
-        assert h.state == EngineState.FENCED and "level 2" in h.fenced_reason
-
-    asyncio.run(run())
-
-
-def test_wake_weights_then_kv_after_level_1():
-    async def run():
-        h = _host()
-        await h.sleep(1)
-        await h.wake_up(["weights"])
-        assert h.state == EngineState.WEIGHTS_AWAKE
-        await h.wake_up(["kv_cache"])
-        assert h.state == EngineState.SERVING
-
-    asyncio.run(run())
 
 
 class _Out:

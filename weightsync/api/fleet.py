@@ -25,8 +25,10 @@ from weightsync.types import EngineState, EngineStatus, SyncResult, exclusive_ph
 
 logger = logging.getLogger(__name__)
 
-STATUS_TIMEOUT_S = 10.0
-SYNCABLE = {EngineState.SERVING, EngineState.FENCED}  # a reload or sync session may begin  # a status probe never waits long: the page and /status stay live
+STATUS_TIMEOUT_S = 10.0  # a status probe never waits long: the page and /status stay live
+# a reload or sync session may begin (into sleeping engines too: the colocated loop)
+SYNCABLE = {EngineState.SERVING, EngineState.FENCED, EngineState.ASLEEP,
+            EngineState.WEIGHTS_AWAKE}
 
 
 class Fleet:

@@ -34,6 +34,8 @@ class Targeted(_Request):
 class SleepRequest(Targeted):
     level: Literal[1, 2] = Field(1, description="1: offload weights, drop KV cache; "
                                                 "2: drop both (weights undefined until reload)")
+    mode: Literal["abort", "wait"] = Field("abort", description="requests in flight: abort "
+                                           "them, or wait for them to finish first")
 
 
 class WakeRequest(Targeted):

@@ -5,6 +5,10 @@ The host owns the engine's state machine. The coordinator drives it with coarse 
 ``abort_sync``) — and every step checks that it is legal now, so a confused caller gets an
 ``IllegalStateError`` instead of an engine in an undefined state. Every reply is a frozen model
 (``weightsync.messages``); every call into vLLM goes through ``vllm_compat``.
+
+Three parts live in their own modules and are mixed in: serving and the pause
+(``engine.serving``), sleep and wake for the colocated loop (``engine.dormancy``), and who may
+drive the sync (``engine.lease``).
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -21,24 +24,24 @@ from pydantic import BaseModel
 from weightsync.checkpoint import read_checkpoint
 from weightsync.config import EngineSpec
 from weightsync.engine import vllm_compat
-from weightsync.engine.lease import SyncLease
-from weightsync.errors import (DeadlineExceeded, EngineError, FencedError, IllegalStateError,
-                               ManifestError, TransferError, UnsupportedError, WeightSyncError,
-                               error_class)
+from weightsync.engine.dormancy import Dormancy, Found
+from weightsync.engine.lease import LeaseHolder, SyncLease
+from weightsync.engine.serving import Serving
+from weightsync.errors import (DeadlineExceeded, EngineError, IllegalStateError, ManifestError,
+                               TransferError, WeightSyncError, error_class)
 from weightsync.messages import (Ack, ApplyReply, BeginReply, CommitReply, FinishReply,
                                  Fingerprint, GpuMemory, JoinReply, LayoutStatus,
                                  ReceiveRequest, ReloadReply, WorkerInfo, reply_of)
-from weightsync.types import (CheckpointFiles, EngineState, EngineStatus, GenerationResult,
-                              PauseMode, ReceiveReport)
+from weightsync.types import (IN_SYNC, CheckpointFiles, EngineState, EngineStatus, PauseMode,
+                              ReceiveReport)
 
 logger = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "weightsync.engine.worker_ext.WeightSyncWorkerExtension"
-_IN_SYNC = {EngineState.PAUSED, EngineState.ASLEEP, EngineState.WEIGHTS_AWAKE, EngineState.LOADING}
 M = TypeVar("M", bound=BaseModel)
 
 
-class EngineHost:
+class EngineHost(Serving, Dormancy, LeaseHolder):
     """Hosts one engine. All methods are coroutines; none blocks the event loop for long.
 
     ``make_engine`` builds the engine from keyword arguments (default: vLLM's ``AsyncLLM``
@@ -69,9 +72,13 @@ class EngineHost:
         self._none_running.set()
         self._sync_started = 0.0
         self.group_id: str | None = None  # the broadcast group this engine is in, if any
-        self._asleep: set[str] = set()  # vLLM sleep tags not yet woken (manual sleep/wake)
+        self._asleep: set[str] = set()  # what sleep released and nothing woke yet
+        self._found: Found | None = None  # how the sync in progress found the engine
         self.last_sleep_memory: GpuMemory | None = None  # right after a sync's sleep
         self._testing_keep_caches = False  # TEST ONLY: see testing_keep_caches()
+        # vLLM cleared its prefix, multimodal and encoder caches (pause or sleep) and nothing
+        # has run since: a reset after loading would find them empty
+        self._caches_clean = False
         self._lease = SyncLease()  # who owns the sync in progress, until when
         self._watchdog: asyncio.Task | None = None
 
@@ -113,91 +120,17 @@ class EngineHost:
             self.engine = None
         self.state = EngineState.STOPPED
 
-    # ---- serving -------------------------------------------------------------------------
-    async def generate(self, prompts: list[Any], *, max_tokens: int = 16,
-                       temperature: float = 0.0, logprobs: bool = False, seed: int | None = None,
-                       ignore_eos: bool = False, n: int = 1,
-                       wait_s: float = 300.0) -> list[GenerationResult]:
-        """Generate for each prompt (a string, or a vLLM prompt dict with multimodal data).
-
-        Requests that arrive during a sync wait for it and run on the new weights; each result
-        names the version(s) that produced it.
-        """
-        self._require_routable()
-        try:
-            await asyncio.wait_for(self._serving.wait(), wait_s)
-        except TimeoutError as e:
-            raise EngineError(f"engine not serving after {wait_s}s (state {self.state.value})",
-                              engine=self.spec.name) from e
-        self._require_routable()
-        self._admit(len(prompts) * n)  # no await since the gate: begin_sync will wait for them
-
-        def params(i: int):  # a seeded request with n copies: copy i uses seed + i
-            return vllm_compat.sampling_params(
-                max_tokens=max_tokens, temperature=temperature, logprobs=0 if logprobs else None,
-                seed=None if seed is None else seed + i, ignore_eos=ignore_eos)
-
-        return list(await asyncio.gather(*(self._one(p, params(i))
-                                           for p in prompts for i in range(n))))
-
-    def _admit(self, k: int) -> None:
-        self._admitted += k
-        if self._admitted:
-            self._all_in_engine.clear()
-
-    def _in_engine(self) -> None:
-        self._admitted -= 1
-        if not self._admitted:
-            self._all_in_engine.set()
-
-    async def _one(self, prompt: Any, params: Any) -> GenerationResult:
-        v0 = self.version
-        final = None
-        self._running += 1
-        self._none_running.clear()
-        try:
-            async for out in vllm_compat.generate(self.engine, prompt, params,
-                                                  request_id=uuid.uuid4().hex):
-                if final is None:
-                    self._in_engine()  # its first output: vLLM is running it
-                final = out
-        finally:
-            if final is None:
-                self._in_engine()
-            self._running -= 1
-            if not self._running:
-                self._none_running.set()
-        v1 = self.version
-        c = vllm_compat.completion(final)
-        return GenerationResult(
-            prompt=prompt if isinstance(prompt, str) else None, text=c.text,
-            token_ids=c.token_ids, logprobs=c.logprobs, finish_reason=c.finish_reason,
-            version=v0 if v0 == v1 else None, versions=(v0, v1),
-            aborted=c.finish_reason == "abort",
-        )
-
-    async def _pause(self, mode: PauseMode, deadline_s: float, clear_cache: bool = True) -> None:
-        """Pause vLLM, then wait until every request it aborted or drained has its final
-        output (so each is stamped with the version that produced it), and no longer: an idle
-        pause costs what vLLM's own steps cost. Requests frozen by ``keep`` finish after the
-        sync, on the new weights."""
-        await asyncio.wait_for(vllm_compat.pause_generation(self.engine, mode,
-                                                            clear_cache=clear_cache), deadline_s)
-        if mode != "keep":
-            await asyncio.wait_for(self._none_running.wait(), deadline_s)
-
-    def _require_routable(self) -> None:
-        if self.state == EngineState.FENCED:
-            raise FencedError(f"fenced: {self.fenced_reason}", engine=self.spec.name)
-        if self.state in (EngineState.STARTING, EngineState.STOPPED):
-            raise EngineError(f"engine is {self.state.value}", engine=self.spec.name)
-
     # ---- sync protocol (engine half) -------------------------------------------------------
-    def _expect(self, *states: EngineState, op: str) -> None:
+    def _expect(self, *states: EngineState, op: str, owner: str | None = None) -> None:
+        """Refuse ``op`` unless the engine is in one of ``states`` and, for a step of a sync,
+        the caller (``owner``) still holds that sync: a coordinator that stalled past its
+        lease and comes back must not touch a sync another one now drives."""
+        self._check_owner(owner, op)
         if self.state not in states:
             raise IllegalStateError(
                 f"cannot {op} while {self.state.value} (needs {'/'.join(s.value for s in states)})",
                 engine=self.spec.name)
+
 
     async def _rpc(self, method: str, *args: Any, reply: type[M],
                    timeout: float | None = None) -> list[M]:
@@ -223,87 +156,70 @@ class EngineHost:
     async def begin_sync(self, *, pause_mode: PauseMode, sleep_level: int, deadline_s: float,
                          owner: str = "", lease_s: float = 0.0, takeover: bool = False,
                          version: int = 0) -> BeginReply:
-        """Pause, and (GPU) sleep + wake the weights. The coordinator validates the plan on
-        every engine (``validate``) before any begins.
+        """Pause, and make the weights resident for the transfer. The coordinator validates
+        the plan on every engine (``validate``) before any begins.
+
+        An engine that is asleep (the colocated loop: ``sleep`` before the trainer's step) is
+        already paused: only its weights wake; the KV cache wakes at ``commit``. A serving
+        engine sleeps here when ``sleep_level`` asks (level 2 frees the weights' memory for
+        the transfer) and wakes its weights at once.
 
         The sync belongs to ``owner`` for ``lease_s`` seconds, renewed by ``renew_lease``
         (``weightsync.engine.lease``). A sync still held by another owner is ended first if
         its lease lapsed or ``takeover`` says that owner is gone; otherwise this is refused."""
         await self._take_over(owner, takeover)
-        self._expect(EngineState.SERVING, EngineState.FENCED, op="begin a sync")
+        self._expect(EngineState.SERVING, EngineState.FENCED, EngineState.ASLEEP,
+                     EngineState.WEIGHTS_AWAKE, op="begin a sync")
+        self._found = Found(self.state, frozenset(self._asleep), self.sleep_level,
+                             self.weights_intact, self._lease.owner, self._lease.duration)
         self.version_seen = max(self.version_seen, version)
-        self._lease.take(owner, lease_s)
-        if lease_s and (self._watchdog is None or self._watchdog.done()):
-            self._watchdog = asyncio.create_task(self._watch(lease_s))
+        self._hold(owner, lease_s)
         seconds: dict[str, float] = {}
         skipped: list[str] = []
         self._serving.clear()
         self._sync_started = time.perf_counter()
-        t = time.perf_counter()
-        # Requests that passed the gate just before it closed may not have reached vLLM yet:
-        # pausing now would park them unstarted and stamp them with both versions although
-        # the new weights produce all their tokens. Let them in first; the pause mode then
-        # decides their fate like any other request in flight.
-        await asyncio.wait_for(self._all_in_engine.wait(), deadline_s)
-        await self._pause(pause_mode, deadline_s, clear_cache=not self._testing_keep_caches)
-        seconds["pause"] = time.perf_counter() - t
+        if self.state in (EngineState.ASLEEP, EngineState.WEIGHTS_AWAKE):
+            if sleep_level:  # paused since it fell asleep; nothing to pause or sleep
+                skipped.append(f"sleep: already asleep at level {self.sleep_level}")
+        else:
+            t = time.perf_counter()
+            # Requests that passed the gate just before it closed may not have reached vLLM
+            # yet: pausing now would park them unstarted and stamp them with both versions
+            # although the new weights produce all their tokens. Let them in first; the pause
+            # mode then decides their fate like any other request in flight.
+            await asyncio.wait_for(self._all_in_engine.wait(), deadline_s)
+            await self._pause(pause_mode, deadline_s, clear_cache=not self._testing_keep_caches)
+            seconds["pause"] = time.perf_counter() - t
+            if sleep_level and not self._asleep:
+                if self.sleep_supported:
+                    t = time.perf_counter()
+                    await self._sleep(sleep_level, pause_mode, deadline_s)
+                    seconds["sleep"] = time.perf_counter() - t
+                    self.last_sleep_memory = await self.gpu_memory()
+                else:
+                    skipped.append(f"sleep/wake: sleep mode is CUDA-only; engine "
+                                   f"{self.spec.name} runs on {self.device}")
+        if "weights" in self._asleep:
+            t = time.perf_counter()
+            await self._wake(["weights"], deadline_s)
+            seconds["wake_weights"] = time.perf_counter() - t
         if self.state != EngineState.FENCED:
-            self.state = EngineState.PAUSED
-        if sleep_level:
-            if not self.sleep_supported:
-                skipped.append(f"sleep/wake: sleep mode is CUDA-only; engine {self.spec.name} "
-                               f"runs on {self.device}")
-            else:
-                t = time.perf_counter()
-                await asyncio.wait_for(vllm_compat.sleep(self.engine, sleep_level, pause_mode),
-                                       deadline_s)
-                seconds["sleep"] = time.perf_counter() - t
-                self.last_sleep_memory = await self.gpu_memory()
-                self.sleep_level = sleep_level
-                self.weights_intact = sleep_level == 1
-                t = time.perf_counter()
-                await asyncio.wait_for(vllm_compat.wake_up(self.engine, ["weights"]), deadline_s)
-                seconds["wake_weights"] = time.perf_counter() - t
-                if self.state != EngineState.FENCED:
-                    self.state = EngineState.WEIGHTS_AWAKE
+            self.state = EngineState.WEIGHTS_AWAKE if self._asleep else EngineState.PAUSED
         return BeginReply(seconds=seconds, skipped=tuple(skipped), group_id=self.group_id)
 
-    async def _take_over(self, owner: str, takeover: bool) -> None:
-        held_by, left = self._lease.owner, self._lease.left()
-        if held_by is None or held_by == owner or self.state not in _IN_SYNC:
-            return
-        if not (takeover or self._lease.lapsed()):
-            raise IllegalStateError(
-                f"a sync owned by {held_by} holds this engine for {max(left or 0, 0):.1f}s "
-                "more; take it over only if that coordinator is gone", engine=self.spec.name)
-        await self._end_stale_sync(f"taken over by {owner or 'a new coordinator'} from "
-                                   f"{held_by}")
 
-    async def renew_lease(self, owner: str, lease_s: float) -> bool:
-        """The owner's heartbeat; False when it no longer holds this engine's sync."""
-        return self._lease.renew(owner, lease_s)
 
-    async def _watch(self, lease_s: float) -> None:
-        """End a sync whose owner went silent (its lease lapsed between calls)."""
-        while True:
-            await asyncio.sleep(min(1.0, max(lease_s / 4, 0.05)))
-            if self._lease.lapsed() and self.state in (*_IN_SYNC, EngineState.FENCED):
-                await self._end_stale_sync(f"lease of {self._lease.owner} expired: its "
-                                           "coordinator went silent mid-sync")
-            elif self._lease.owner is None:
-                return
 
-    async def _end_stale_sync(self, reason: str) -> None:
-        """Weights intact: serve the old version again; touched: fenced with ``reason``."""
-        logger.warning("engine %s: ending a sync nobody drives: %s", self.spec.name, reason)
-        self._lease.release()
-        await self.abort_sync(reason, fence=False)
+
+
+
 
     async def join_group(self, backend: str, host: str, port: int, rank_offset: int,
-                         world_size: int, timeout_s: float, group_id: str = "") -> JoinReply:
+                         world_size: int, timeout_s: float, group_id: str = "",
+                         owner: str | None = None) -> JoinReply:
         """Join the trainer's transfer group. It stays open across syncs (rebuilding NCCL
         communicators every sync is expensive) until a failure or ``leave_group``."""
-        self._expect(*_IN_SYNC, EngineState.FENCED, op="join a transfer group")
+        self._expect(*IN_SYNC, EngineState.FENCED, op="join a transfer group", owner=owner)
         self.group_id = None
         with self._lease.busy():
             out = await self._rpc("ws_join_group", backend, host, port, rank_offset, world_size,
@@ -315,7 +231,8 @@ class EngineHost:
         self.group_id = None
         await self._rpc("ws_leave_group", reply=Ack, timeout=60)
 
-    async def receive(self, plan_json: str, request_json: str) -> ReceiveReport:
+    async def receive(self, plan_json: str, request_json: str, *,
+                      owner: str | None = None) -> ReceiveReport:
         """Receive a plan through the leg ``request_json`` (a ``ReceiveRequest``) names; the
         worker stages it, streams it into the loader, or verifies and loads it (``atomic``).
 
@@ -323,7 +240,7 @@ class EngineHost:
         other failure of a streaming or atomic apply may have left the weights half-applied.
         """
         t_enter = time.perf_counter()
-        self._expect(*_IN_SYNC, EngineState.FENCED, op="receive weights")
+        self._expect(*IN_SYNC, EngineState.FENCED, op="receive weights", owner=owner)
         request = ReceiveRequest.model_validate_json(request_json)
         if self.state != EngineState.FENCED:
             self.state = EngineState.LOADING
@@ -346,8 +263,9 @@ class EngineHost:
             **report.seconds, "host_rpc": time.perf_counter() - t,  # vLLM's RPC included
             "host": time.perf_counter() - t_enter}})  # this whole actor method
 
-    async def apply_staged(self, deadline_s: float) -> ApplyReply:
-        self._expect(EngineState.LOADING, EngineState.FENCED, op="apply staged weights")
+    async def apply_staged(self, deadline_s: float, *, owner: str | None = None) -> ApplyReply:
+        self._expect(EngineState.LOADING, EngineState.FENCED, op="apply staged weights",
+                     owner=owner)
         self.weights_intact = False
         with self._lease.busy():
             return (await self._rpc("ws_apply_staged", reply=ApplyReply, timeout=deadline_s))[0]
@@ -381,11 +299,12 @@ class EngineHost:
 
     async def reload_from_path(self, path: str | None, deadline_s: float, *,
                                partial: bool = False,
-                               roots: Sequence[str] | None = None) -> ReloadReply:
+                               roots: Sequence[str] | None = None,
+                               owner: str | None = None) -> ReloadReply:
         """Reload weights from a safetensors directory (``None``: the original model), loading
         exactly the files that were checked. A checkpoint refused before loading leaves the
         weights as they were."""
-        self._expect(*_IN_SYNC, EngineState.FENCED, op="reload from a checkpoint")
+        self._expect(*IN_SYNC, EngineState.FENCED, op="reload from a checkpoint", owner=owner)
         ckpt = await self._checkpoint(path, partial, roots, deadline_s)
         if self.state != EngineState.FENCED:
             self.state = EngineState.LOADING
@@ -399,18 +318,31 @@ class EngineHost:
             raise
         return out[0]
 
-    async def finish_load(self, deadline_s: float) -> FinishReply:
-        """Reset prefix, encoder and multimodal caches; return a fingerprint of the weights."""
+    async def finish_load(self, deadline_s: float, *, owner: str | None = None) -> FinishReply:
+        """Make sure no cache holds what the old weights computed; return a fingerprint of the
+        weights.
+
+        The pause (or sleep) that began the sync already had vLLM clear its prefix, multimodal
+        and encoder caches and preempt requests kept across it (vLLM 0.24 and 0.32:
+        ``EngineCore.pause_scheduler(clear_cache=True)``), and nothing has run since, so the
+        reset is skipped then, and said so; otherwise (a manual pause that kept its caches)
+        they are reset here."""
+        self._check_owner(owner, "verify the weights")
+        seconds: dict[str, float] = {}
+        skipped: tuple[str, ...] = ()
         t = time.perf_counter()
         with self._lease.busy():
-            if not self._testing_keep_caches:
+            if self._caches_clean:
+                skipped = ("reset_caches: vLLM cleared them when the engine paused or slept, "
+                           "and nothing ran since",)
+            elif not self._testing_keep_caches:
                 await asyncio.wait_for(self._reset_caches(), deadline_s)
-            reset = time.perf_counter() - t
+                seconds["reset_caches"] = time.perf_counter() - t
             t = time.perf_counter()
             prints = await self._rpc("ws_fingerprint", reply=Fingerprint, timeout=deadline_s)
-        return FinishReply(fingerprint="|".join(p.digest for p in prints),
-                           seconds={"reset_caches": reset,
-                                    "fingerprint": time.perf_counter() - t})
+        seconds["fingerprint"] = time.perf_counter() - t
+        return FinishReply(fingerprint="|".join(p.digest for p in prints), seconds=seconds,
+                           skipped=skipped)
 
     async def _reset_caches(self) -> None:
         # Requests frozen by pause mode "keep" hold KV blocks computed with the old weights:
@@ -419,15 +351,17 @@ class EngineHost:
             raise EngineError("prefix cache could not be reset: stale KV would be served",
                               engine=self.spec.name)
 
-    async def commit(self, version: int, deadline_s: float) -> CommitReply:
+    async def commit(self, version: int, deadline_s: float, *,
+                     owner: str | None = None) -> CommitReply:
         """Wake the KV cache, resume, and serve ``version``. Unfences a resynced engine."""
-        self._expect(*_IN_SYNC, EngineState.FENCED, op="commit")
+        self._expect(*IN_SYNC, EngineState.FENCED, op="commit", owner=owner)
         if version <= self.version:
             raise IllegalStateError(f"version {version} is not newer than {self.version}",
                                     engine=self.spec.name)
         with self._lease.busy():
             seconds = await self._wake_and_resume(deadline_s)
         self._lease.release()
+        self._found = None
         self.version = version
         self.weights_intact = True
         self.fenced_reason = None
@@ -437,27 +371,27 @@ class EngineHost:
         self._serving.set()
         return CommitReply(seconds=seconds)
 
-    async def _wake_and_resume(self, deadline_s: float) -> dict[str, float]:
-        seconds: dict[str, float] = {}
-        if self.sleep_level:
-            t = time.perf_counter()
-            await asyncio.wait_for(vllm_compat.wake_up(self.engine, ["kv_cache"]), deadline_s)
-            seconds["wake_kv"] = time.perf_counter() - t
-            self.sleep_level = 0
-        t = time.perf_counter()
-        await asyncio.wait_for(vllm_compat.resume_generation(self.engine), deadline_s)
-        seconds["resume"] = time.perf_counter() - t
-        return seconds
 
     async def abort_sync(self, reason: str, deadline_s: float = 60.0, *,
-                         fence: bool = False) -> EngineStatus:
-        """Undo a sync that will not commit. With ``fence`` (this engine failed), or when its
-        weights were touched, the engine is fenced (not routable) until a resync verifies;
-        otherwise it resumes serving its old version."""
+                         fence: bool = False, owner: str | None = None,
+                         restore: bool = True) -> EngineStatus:
+        """Undo a sync that will not commit. With ``fence`` (this engine failed), or when the
+        sync touched its weights, the engine is fenced (not routable) until a resync
+        verifies. Otherwise it goes back to how the sync found it: serving its old version,
+        or (``restore``) asleep at the level it slept, for the trainer that put it there.
+
+        A call from an ``owner`` that no longer holds the sync (its lease lapsed, or another
+        coordinator took over) changes nothing."""
+        if self._lease.held_by_other(owner):
+            return self.status()
+        found, self._found = self._found, None
+        if found is None:  # no sync in progress: as a sleep (or pause) left the engine
+            found = Found(self.state, frozenset(self._asleep), self.sleep_level,
+                           self.weights_intact, None, 0.0)
         self._lease.release()
         if fence:
             self.fence(reason)
-        if self.state not in _IN_SYNC and self.state != EngineState.FENCED:
+        if self.state not in IN_SYNC and self.state != EngineState.FENCED:
             return self.status()
         try:
             await self._rpc("ws_drop_staged", reply=Ack, timeout=deadline_s)
@@ -466,15 +400,24 @@ class EngineHost:
         except WeightSyncError:
             logger.warning("engine %s: cleanup after failed sync raised", self.spec.name,
                            exc_info=True)
-        if self.weights_intact and self.state != EngineState.FENCED:
+        asleep = found.state in (EngineState.ASLEEP, EngineState.WEIGHTS_AWAKE)
+        untouched = self.weights_intact or (asleep and not found.weights_intact)
+        if self.state == EngineState.FENCED or not untouched:
+            self.fence(reason)
+        elif asleep and restore:
+            await self._sleep_again(found, deadline_s)
+            logger.warning("engine %s: sync aborted (%s); asleep again at level %d",
+                           self.spec.name, reason, self.sleep_level)
+        elif self.weights_intact:
             await self._wake_and_resume(deadline_s)
             self.state = EngineState.SERVING
             self._serving.set()
             logger.warning("engine %s: sync aborted (%s); still serving version %d",
                            self.spec.name, reason, self.version)
-        else:
-            self.fence(reason)
+        else:  # its owner is gone and its weights were discarded by sleep: keep it asleep
+            self.fence(f"{reason} (asleep at level {self.sleep_level}: no weights to serve)")
         return self.status()
+
 
     def fence(self, reason: str) -> None:
         self.state = EngineState.FENCED
@@ -492,6 +435,7 @@ class EngineHost:
 
     async def resume(self) -> EngineStatus:
         self._expect(EngineState.PAUSED, op="resume")
+        self._caches_clean = False
         await vllm_compat.resume_generation(self.engine)
         self.state = EngineState.SERVING
         self._serving.set()
@@ -509,12 +453,9 @@ class EngineHost:
         colocated trainer counts too); all ``None`` on CPU."""
         return (await self._rpc("ws_gpu_memory", reply=GpuMemory, timeout=30))[0]
 
-    async def memory_after_sleep(self) -> GpuMemory | None:
-        """``gpu_memory()`` as read right after the last sync's sleep (None if none slept)."""
-        return self.last_sleep_memory
 
     async def reset_caches(self) -> None:
-        """Drop prefix, multimodal and encoder caches (a sync does this after every load)."""
+        """Drop prefix, multimodal and encoder caches (a sync makes sure of this every load)."""
         await self._reset_caches()
 
     async def testing_keep_caches(self, keep: bool) -> None:
@@ -525,33 +466,4 @@ class EngineHost:
                        "DISABLED" if keep else "enabled")
         self._testing_keep_caches = keep
 
-    async def sleep(self, level: int) -> None:
-        if not self.sleep_supported:
-            raise UnsupportedError(f"sleep mode is CUDA-only; engine runs on {self.device}",
-                                   engine=self.spec.name)
-        self._expect(EngineState.SERVING, EngineState.PAUSED, op="sleep")
-        self._serving.clear()
-        await vllm_compat.sleep(self.engine, level)
-        self.sleep_level = level
-        self._asleep = {"weights", "kv_cache"}
-        self.weights_intact = level == 1
-        self.state = EngineState.ASLEEP
 
-    async def wake_up(self, tags: list[str] | None) -> None:
-        """Wake what ``tags`` names (None: everything). Serving resumes only once both the
-        weights and the KV cache are awake; weights discarded by sleep level 2 and woken
-        without a sync are undefined, so the engine is fenced until one verifies."""
-        self._expect(EngineState.ASLEEP, EngineState.WEIGHTS_AWAKE, op="wake up")
-        waking = {"weights", "kv_cache"} if tags is None else set(tags)
-        await vllm_compat.wake_up(self.engine, tags)
-        if "weights" in waking and not self.weights_intact:
-            self.fence("woken after sleep level 2 without new weights: weights undefined")
-            return
-        self._asleep -= waking
-        if not self._asleep:
-            self.sleep_level = 0
-            await vllm_compat.resume_generation(self.engine)
-            self.state = EngineState.SERVING
-            self._serving.set()
-        elif "weights" not in self._asleep:
-            self.state = EngineState.WEIGHTS_AWAKE

@@ -5,6 +5,9 @@ point of the sync: what an out-of-memory kill or a preemption looks like to the 
     python -m weightsync.testing.dying_trainer GCS_ADDRESS NAMESPACE MODEL_DIR APPLY PHASE DELAY \
         [SEED] [ENGINE ...]
 
+DELAY is the seconds between reaching PHASE and the SIGKILL, or ``stop``: the trainer SIGSTOPs
+itself there instead (a bucket held past its deadline: a long GC pause, a swapped-out or
+debugged process) and goes on when it gets SIGCONT; a sync that failed then exits with code 3.
 Its deadlines are ``DEADLINE_S`` and its lease ``LEASE_S``.
 """
 
@@ -26,6 +29,7 @@ def main(gcs: str, namespace: str, model_dir: str, apply: str, phase: str, delay
 
     from weightsync.config import Deadlines, TransferConfig
     from weightsync.coordinator import SyncCoordinator
+    from weightsync.errors import SyncFailedError
     from weightsync.testing.reference import load_trainer_model, perturb_
 
     ray.init(address=gcs, namespace=namespace, log_to_driver=False)
@@ -37,6 +41,10 @@ def main(gcs: str, namespace: str, model_dir: str, apply: str, phase: str, delay
         rendezvous=d, transfer=d, verify=d, resume=d, reload=d, lease=LEASE_S))
 
     def die(p: str, engine) -> None:
+        if p == phase and delay == "stop":
+            print(f"stalling at {p}", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)  # every thread, heartbeats included
+            return
         if p == phase:
             print(f"dying at {p}", flush=True)
             threading.Timer(float(delay), os.kill, (os.getpid(), signal.SIGKILL)).start()
@@ -44,8 +52,12 @@ def main(gcs: str, namespace: str, model_dir: str, apply: str, phase: str, delay
                 threading.Event().wait()  # the timer kills us first
 
     coord = SyncCoordinator(engines, cfg, on_phase=die)
-    coord.sync(policy)
-    print("the sync finished: the kill came too late", flush=True)
+    try:
+        coord.sync(policy)
+    except SyncFailedError as e:
+        print(f"the sync failed: {e}", flush=True)
+        sys.exit(3)
+    print("the sync finished: the fault came too late", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ production) on its own event loop thread, as a Ray async actor would be, over a 
 vLLM's ``AsyncLLM`` whose one worker is a real ``WeightSyncWorkerExtension`` around a tiny torch
 model saved as a real safetensors checkpoint. Buckets travel by the ``loopback`` leg. What is
 fake is only vLLM: a model runner that loads by name, and an engine that answers pause, sleep,
-wake and cache resets at once.
+wake and cache resets at once. With ``sleep_mode`` the engine keeps vLLM's sleep semantics
+(``SleepMode``) so the GPU-only branches of the colocated loop run here too.
 
 Faults are passed in per engine (``Faults``), never patched into production code; a test may
 swap an engine's faults between syncs (``LocalEngines.faults[name] = ...``).
@@ -106,11 +107,52 @@ class _Worker(WeightSyncWorkerExtension):
         return self._faults()
 
 
+class SleepMode:
+    """vLLM's sleep mode as the engine sees it (read in vLLM 0.24's ``CuMemAllocator`` and
+    executor): sleep level 1 backs the weights up to host memory and level 2 does not; either
+    releases them, so woken memory holds garbage (NaN here) unless it was backed up. A sleep
+    while anything is still asleep is ignored, as vLLM's executor ignores it. ``calls`` records
+    what the host asked for."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.asleep, self.calls = model, set(), []
+        self._backup: dict[str, torch.Tensor] | None = None
+
+    def sleep(self, level: int) -> None:
+        self.calls.append(("sleep", level))
+        if self.asleep:
+            return
+        self._backup = ({n: p.detach().clone() for n, p in self.model.named_parameters()}
+                        if level == 1 else None)
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.fill_(float("nan"))
+        self.asleep = {"weights", "kv_cache"}
+
+    def wake_up(self, tags: list[str] | None) -> None:
+        self.calls.append(("wake_up", tuple(tags) if tags else None))
+        waking = set(tags or self.asleep) & self.asleep
+        if "weights" in waking and self._backup is not None:
+            with torch.no_grad():
+                for n, p in self.model.named_parameters():
+                    p.copy_(self._backup[n])
+        if "weights" in waking:
+            self._backup = None
+        self.asleep -= waking
+
+
 class _Engine:
     """``AsyncLLM`` as far as ``vllm_compat`` uses it; its one worker runs in a thread."""
 
-    def __init__(self, worker: _Worker) -> None:
+    def __init__(self, worker: _Worker, sleep_mode: bool = False) -> None:
         self.worker = worker
+        self.sleep_mode = SleepMode(worker.model_runner.model) if sleep_mode else None
+
+    async def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        self.sleep_mode.sleep(level)
+
+    async def wake_up(self, tags: list[str] | None = None) -> None:
+        self.sleep_mode.wake_up(tags)
 
     async def collective_rpc(self, method: str, args: tuple = ()) -> list[Any]:
         stall = self.worker.faults.stall.get(method)
@@ -140,7 +182,8 @@ class _Engine:
 class LocalEngines:
     """``weightsync.remote.Engines`` over in-process hosts, each on its own event loop."""
 
-    def __init__(self, model_dir: Path, faults: Mapping[str, Faults]) -> None:
+    def __init__(self, model_dir: Path, faults: Mapping[str, Faults], *,
+                 sleep_mode: bool = False) -> None:
         self.faults = dict(faults)
         self._hosts: dict[str, EngineHost] = {}
         self._loops: dict[str, asyncio.AbstractEventLoop] = {}
@@ -149,9 +192,11 @@ class LocalEngines:
             threading.Thread(target=loop.run_forever, name=f"fake-{name}", daemon=True).start()
             faults = functools.partial(self.faults.__getitem__, name)
             host = EngineHost(EngineSpec(name=name, model=str(model_dir), device="cpu"),
-                              make_engine=lambda f=faults, **_: _Engine(_Worker(model_dir, f)))
+                              make_engine=lambda f=faults, **_: _Engine(_Worker(model_dir, f),
+                                                                        sleep_mode))
             self._hosts[name], self._loops[name] = host, loop
             asyncio.run_coroutine_threadsafe(host.start(), loop).result(30)
+            host.sleep_supported = sleep_mode  # a CPU "device" with GPU sleep semantics
 
     @property
     def handles(self) -> dict[str, EngineHost]:

@@ -4,9 +4,15 @@ Each action runs on the named engines (all when omitted) concurrently, and holds
 for its duration, so it can never interleave with a reload or sync session half-way. Every
 target's state is checked first: an action applies to all the engines it names or, with a
 409/422 naming the first engine that cannot take it, to none.
+
+Sleep and wake are the coordinator's (``SyncCoordinator.sleep``/``wake``), the same calls a
+colocated trainer makes: a reload or sync session goes straight into sleeping engines, and on
+CPU (no sleep mode in vLLM) engines only pause and each report says why nothing was freed.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from fastapi import APIRouter, Depends
 
@@ -15,8 +21,7 @@ from weightsync.api.fleet import Fleet
 from weightsync.api.routes.common import READ_ERRORS, WRITE_ERRORS
 from weightsync.api.schemas import (EngineInfo, EngineList, EngineStates, FleetStatus,
                                     PauseRequest, ResumeRequest, SleepRequest, WakeRequest)
-from weightsync.errors import UnsupportedError
-from weightsync.types import EngineState
+from weightsync.types import EngineState, SleepResult
 
 S = EngineState
 
@@ -43,32 +48,35 @@ async def _act(fleet: Fleet, names, method: str, *args, allowed: set[EngineState
                timeout: float) -> EngineStates:
     targets = fleet.resolve(names)
     with fleet.exclusive():
-        if method == "sleep":
-            for st in await fleet.statuses(targets):
-                if not st.sleep_supported:
-                    raise UnsupportedError(f"sleep mode is CUDA-only; engine runs on "
-                                           f"{st.device}", engine=st.name)
         await fleet.require_states(targets, allowed, method)
         await fleet.each(targets, method, *args, timeout=timeout)
     return EngineStates(engines=await fleet.statuses(targets))
 
 
-@router.post("/sleep", response_model=EngineStates, **write)
+@router.post("/sleep", response_model=SleepResult, **write)
 async def sleep(req: SleepRequest | None = None,
-                fleet: Fleet = Depends(get_fleet)) -> EngineStates:
-    """Sleep mode (CUDA only): on a CPU engine this is a 422 ``unsupported``."""
+                fleet: Fleet = Depends(get_fleet)) -> SleepResult:
+    """Release the engines' device memory for a colocated trainer (serving or paused engines
+    only, else 409 and nothing touched). The next ``/reload`` or sync session goes into the
+    sleeping engines and wakes them; ``/wake`` wakes them without one. Each engine reports what
+    it freed; on CPU it only pauses, and says so in ``skipped``."""
     req = req or SleepRequest()
-    return await _act(fleet, req.engines, "sleep", req.level, allowed={S.SERVING, S.PAUSED},
-                      timeout=fleet.coordinator.transfer.deadlines.sleep)
+    targets = fleet.resolve(req.engines)
+    with fleet.exclusive():
+        return await asyncio.to_thread(fleet.coordinator.sleep, req.level, engines=targets,
+                                       pause_mode=req.mode)
 
 
 @router.post("/wake", response_model=EngineStates, **write)
 async def wake(req: WakeRequest | None = None,
                fleet: Fleet = Depends(get_fleet)) -> EngineStates:
+    """Wake sleeping engines without new weights. Weights discarded by sleep level 2 cannot be
+    served: such an engine is fenced until a reload or sync."""
     req = req or WakeRequest()
-    return await _act(fleet, req.engines, "wake_up", req.tags,
-                      allowed={S.ASLEEP, S.WEIGHTS_AWAKE},
-                      timeout=fleet.coordinator.transfer.deadlines.wake)
+    targets = fleet.resolve(req.engines)
+    with fleet.exclusive():
+        return EngineStates(engines=await asyncio.to_thread(
+            fleet.coordinator.wake, engines=targets, tags=req.tags))
 
 
 @router.post("/pause", response_model=EngineStates, **write)

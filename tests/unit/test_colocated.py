@@ -1,0 +1,230 @@
+"""The colocated loop's state machine — sleep -> (the trainer trains) -> sync into the sleeping
+engines -> serving — on the real coordinator, engine hosts and workers, with only vLLM stood in
+for (``weightsync.testing.fleet``). ``sleep_mode=True`` engines keep vLLM's sleep semantics
+(level 1 backs the weights up, level 2 discards them; woken memory without a backup is
+garbage), so the GPU branches run here; ``sleep_mode=False`` engines are what a CPU engine
+is. The same loop on real vLLM engines: tests/integration/test_colocated_cpu.py (CPU) and
+tests/gpu/test_colocated_gpu.py (H200)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from weightsync.config import Deadlines, TransferConfig
+from weightsync.coordinator import SyncCoordinator
+from weightsync.errors import ConfigError, IllegalStateError, ManifestError, SyncFailedError
+from weightsync.testing.fleet import Faults, LocalEngines, TinyModel, save_tiny_model
+from weightsync.types import EngineState
+
+S = EngineState
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture()
+def fleet(model_dir):
+    made: list[LocalEngines] = []
+
+    def make(sleep_mode: bool = True, **faults: Faults) -> LocalEngines:
+        engines = LocalEngines(model_dir, faults or {"a": Faults(), "b": Faults()},
+                               sleep_mode=sleep_mode)
+        made.append(engines)
+        return engines
+
+    yield make
+    for engines in made:
+        engines.close()
+
+
+def _coord(engines, **cfg) -> SyncCoordinator:
+    return SyncCoordinator(engines, TransferConfig(bucket_bytes=1 << 16, **cfg))
+
+
+def _weights(seed: int) -> TinyModel:
+    torch.manual_seed(seed)
+    return TinyModel()
+
+
+def _params(engines, name: str) -> dict[str, torch.Tensor]:
+    """The engine's weights as its worker holds them now (NaN: released by sleep)."""
+    model = engines.handles[name].engine.worker.model_runner.model
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[n], b[n]) for n in a)
+
+
+def _status(coord, name):
+    return next(s for s in coord.statuses() if s.name == name)
+
+
+@pytest.mark.parametrize("sleep_mode", [True, False], ids=["gpu-semantics", "cpu"])
+@pytest.mark.parametrize("level", [1, 2])
+def test_sleep_train_sync_serves_the_new_weights(fleet, sleep_mode, level):
+    engines = fleet(sleep_mode)
+    coord = _coord(engines)
+    slept = coord.sleep(level)
+    assert [r.engine for r in slept.engines] == ["a", "b"]
+    assert {s.state for s in coord.statuses()} == {S.ASLEEP}
+    assert all(s.owner == coord.owner and s.sleep_level == level for s in coord.statuses())
+    if sleep_mode:  # released: level 1 keeps a backup, level 2 does not
+        assert torch.isnan(_params(engines, "a")["proj.weight"]).all()
+        assert all(not r.skipped for r in slept.engines)
+    else:  # nothing to release on CPU: a no-op with the reason, same states
+        assert all("CUDA-only" in r.skipped[0] and r.freed_bytes is None for r in slept.engines)
+    new = _weights(1)
+    res = coord.sync(new, leg="loopback", sleep_level=level)
+    assert res.ok and {s.state for s in coord.statuses()} == {S.SERVING}
+    assert all(s.owner is None and s.sleep_level == 0 for s in coord.statuses())
+    want = {n: p.detach() for n, p in new.named_parameters()}
+    assert _same(_params(engines, "a"), want) and _same(_params(engines, "b"), want)
+    rep = res.engines[0]
+    assert "pause" not in rep.seconds  # paused since it fell asleep
+    assert f"sleep: already asleep at level {level}" in rep.skipped
+    if sleep_mode:
+        assert {"wake_weights", "wake_kv"} <= set(rep.seconds)  # weights first, KV at commit
+        assert engines.handles["a"].engine.sleep_mode.calls == [
+            ("sleep", level), ("wake_up", ("weights",)), ("wake_up", ("kv_cache",))]
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_a_refused_sync_leaves_sleeping_engines_asleep(fleet, level):
+    engines = fleet()
+    coord = _coord(engines)
+    coord.sleep(level)
+    with pytest.raises(ManifestError):
+        coord.sync({"proj.weight": torch.zeros(3, 3)}, leg="loopback", partial=True)
+    with pytest.raises(ConfigError):
+        coord.sync(_weights(2), leg="no-such-leg")
+    assert {(s.state, s.sleep_level, s.owner) for s in coord.statuses()} == \
+        {(S.ASLEEP, level, coord.owner)}
+    assert engines.handles["a"].engine.sleep_mode.calls == [("sleep", level)]  # never woken
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_a_failed_transfer_puts_sleeping_engines_back_to_sleep_unfenced(fleet, level):
+    engines = fleet(a=Faults(), b=Faults(corrupt_bucket=0))
+    coord = _coord(engines)
+    coord.sleep(level)
+    with pytest.raises(SyncFailedError) as e:
+        coord.sync(_weights(3), leg="loopback")
+    assert all(not r.fenced and r.error for r in e.value.result.engines)
+    assert {(s.state, s.sleep_level, s.owner, s.version) for s in coord.statuses()} == \
+        {(S.ASLEEP, level, coord.owner, 0)}
+    assert torch.isnan(_params(engines, "a")["proj.weight"]).all()  # released again
+    if level == 1:  # its old weights were backed up again: waking serves them
+        before = _params(engines, "a")
+        coord.wake()
+        assert {s.state for s in coord.statuses()} == {S.SERVING}
+        assert not torch.isnan(_params(engines, "a")["proj.weight"]).any()
+        del before
+    else:  # weights gone since the sleep: still no weights, still asleep, not fenced
+        engines.faults["b"] = Faults()
+        assert coord.sync(_weights(4), leg="loopback").ok
+        assert {s.state for s in coord.statuses()} == {S.SERVING}
+
+
+def test_a_broken_streaming_apply_into_a_sleeping_engine_fences_only_it(fleet):
+    engines = fleet(a=Faults(), b=Faults(fail_load_after=1))
+    coord = _coord(engines, apply="streaming")
+    coord.sleep(1)
+    with pytest.raises(SyncFailedError):
+        coord.sync(_weights(5), leg="loopback")
+    a, b = _status(coord, "a"), _status(coord, "b")
+    assert a.state == S.SERVING and a.version == 1
+    assert b.state == S.FENCED and "loader failed" in b.fenced_reason  # touched: never routable
+    engines.faults["b"] = Faults()
+    assert coord.sync(_weights(6), leg="loopback").ok  # a resync (KV still asleep) unfences it
+    assert {s.state for s in coord.statuses()} == {S.SERVING}
+
+
+def test_wake_without_a_sync_serves_level_1_and_fences_level_2(fleet):
+    engines = fleet()
+    coord = _coord(engines)
+    before = _params(engines, "a")
+    coord.sleep(1, engines=["a"])
+    coord.sleep(2, engines=["b"])
+    assert _status(coord, "a").state == S.ASLEEP and _status(coord, "b").state == S.ASLEEP
+    (a,) = coord.wake(engines=["a"], tags=["kv_cache"])
+    assert a.state == S.ASLEEP  # weights still asleep: not serving
+    (b,) = coord.wake(engines=["b"], tags=["weights"])
+    assert b.state == S.WEIGHTS_AWAKE  # allowed: a sync can follow
+    (a,) = coord.wake(engines=["a"])
+    assert a.state == S.SERVING and _same(_params(engines, "a"), before)
+    (b,) = coord.wake(engines=["b"])
+    assert b.state == S.FENCED and "level 2" in b.fenced_reason
+    with pytest.raises(IllegalStateError, match="no engine was touched"):
+        coord.wake()  # nothing asleep
+
+
+def test_sleep_refuses_what_it_cannot_do_before_touching_anything(fleet):
+    engines = fleet()
+    coord = _coord(engines)
+    with pytest.raises(ConfigError, match="level"):
+        coord.sleep(3)
+    coord.sleep(1, engines=["a"])
+    with pytest.raises(IllegalStateError, match="no engine was touched"):
+        coord.sleep(1)  # a is asleep already
+    assert _status(coord, "b").state == S.SERVING
+    with pytest.raises(ConfigError, match="keep"):
+        coord.sleep(1, engines=["b"], pause_mode="keep")
+    assert _status(coord, "b").state == S.SERVING
+    other = _coord(engines)  # another trainer: a is held by the first while it lives
+    with pytest.raises(IllegalStateError, match=f"held by {coord.owner}"):
+        other.sync(_weights(7), leg="loopback")
+    assert _status(coord, "a").state == S.ASLEEP and _status(coord, "b").state == S.SERVING
+
+
+@pytest.mark.parametrize("level, want", [(1, S.SERVING), (2, S.FENCED)])
+def test_engines_asleep_for_a_trainer_that_died_do_not_stay_asleep(fleet, level, want):
+    engines = fleet()
+    dying = _coord(engines, deadlines=Deadlines(lease=0.3))
+    dying.sleep(level)
+    dying.close()  # its process is gone: no more heartbeats
+    end = time.monotonic() + 5
+    while {s.state for s in dying.statuses()} != {want}:
+        assert time.monotonic() < end, dying.statuses()
+        time.sleep(0.02)
+    for s in dying.statuses():
+        assert s.owner is None and s.version == 0
+        if want == S.FENCED:
+            assert "expired" in s.fenced_reason and "no weights" in s.fenced_reason
+    assert _coord(engines).sync(_weights(8), leg="loopback").ok  # a new trainer takes over
+    assert {s.state for s in dying.statuses()} == {S.SERVING}
+
+
+def test_a_heartbeat_keeps_sleeping_engines_for_their_trainer(fleet):
+    engines = fleet()
+    coord = _coord(engines, deadlines=Deadlines(lease=0.3))
+    coord.sleep(1)
+    time.sleep(1.0)  # three leases: the trainer trains, its heartbeat renews
+    assert {(s.state, s.owner) for s in coord.statuses()} == {(S.ASLEEP, coord.owner)}
+    assert coord.sync(_weights(9), leg="loopback").ok
+
+
+def test_a_coordinator_that_lost_its_sync_cannot_touch_the_next_one(fleet):
+    """A trainer that stalled past its lease (a long GC pause, SIGSTOP) and comes back must not
+    commit, abort or fence a sync another coordinator now drives."""
+    engines = fleet()
+    stale, successor = _coord(engines), _coord(engines)
+    host = engines.handles["a"]
+    run = engines.submit("a", "begin_sync", pause_mode="abort", sleep_level=0, deadline_s=5,
+                         owner=successor.owner, lease_s=30)
+    assert engines.wait({"a": run}, 5)[0]
+    for method, args in (("commit", (7, 5.0)), ("apply_staged", (5.0,)),
+                         ("finish_load", (5.0,))):
+        _, bad = engines.wait({"a": engines.submit("a", method, *args, owner=stale.owner)}, 5)
+        assert isinstance(bad["a"], IllegalStateError) and "no longer held" in str(bad["a"])
+    ok, _ = engines.wait({"a": engines.submit("a", "abort_sync", "stale", 5.0, fence=True,
+                                              owner=stale.owner)}, 5)
+    assert ok["a"].state == S.PAUSED and ok["a"].owner == successor.owner  # untouched
+    ok, _ = engines.wait({"a": engines.submit("a", "abort_sync", "done", 5.0,
+                                              owner=successor.owner)}, 5)
+    assert ok["a"].state == S.SERVING and host.version == 0
