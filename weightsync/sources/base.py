@@ -86,6 +86,8 @@ class BucketFeed(Mapping):
     made (a sharded source tells its other ranks). A failure to produce is a ``TransferError``
     naming the bucket, which the legs turn into a failed sync like any other."""
 
+    transient = True  # a bucket's tensors live only while it is current (no graph replays them)
+
     def __init__(self, order: list[list[str]], producer: Producer, parts: Parts | None = None,
                  announce: Callable[[int], None] | None = None) -> None:
         self.order, self.producer, self.parts, self.announce = order, producer, parts, announce

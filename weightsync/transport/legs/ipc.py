@@ -73,7 +73,8 @@ class IpcLeg(SenderLeg):
             terms.copy_(bucket_terms(bufs))
             return bufs
 
-        if kept is None:  # new buffers: nothing to replay
+        if kept is None or getattr(source, "transient", False):  # new buffers, or sources
+            # made per bucket (weightsync.sources.BucketFeed) that are gone by replay: no graph
             self._pack_graph.reset()
             bufs = pack()
         else:  # the same launches on the same memory as last sync: one graph
