@@ -135,7 +135,8 @@ class ShardGather:
                 if nbytes:
                     buf[off:off + nbytes].copy_(t.to_local().contiguous().view(-1)
                                                 .view(torch.uint8))
-            dist.send(buf, dst=self.src, group=group)
+            if sizes[me]:  # the sender waits only for ranks that hold rows of this bucket
+                dist.send(buf, dst=self.src, group=group)
             for n, _ in blocks:
                 out[n] = None
             return buf.nbytes
