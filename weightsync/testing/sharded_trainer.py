@@ -107,6 +107,7 @@ def main() -> None:
     p.add_argument("--bucket-bytes", type=int, default=1 << 20)
     p.add_argument("--die-at-gather", type=int, default=0)
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--wave-size", type=int, default=0, help="rolling waves of this many engines")
     args = p.parse_args()
 
     import torch
@@ -147,6 +148,8 @@ def main() -> None:
     else:
         syncer, sync = None, coord.sync
     kwargs = {"leg": "loopback"} if args.local_fleet and args.rank == 0 else {}
+    if args.wave_size and args.rank == 0:  # each wave reads the source again, every rank too
+        kwargs["wave_size"] = args.wave_size
     expected = _expected_sums(args) if args.rank == 0 else None
     for i in range(args.syncs):
         before = _rss_hwm_reset()
