@@ -102,6 +102,8 @@ def _gather_rank(rank: int, world: int, port: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from weightsync.errors import ConfigError
+    from weightsync.sources import as_source
     from weightsync.sources.base import whole
     from weightsync.sources.sharded import ShardGather
 
@@ -115,6 +117,11 @@ def _gather_rank(rank: int, world: int, port: int, out: str) -> None:
     m.register_buffer("steps", torch.arange(6))
     fully_shard(m, mesh=init_device_mesh("cpu", (world,)))
     named = {**dict(m.named_parameters()), "steps": m.steps}
+    try:  # a sharded module handed to a plain sync is refused, naming a sharded tensor
+        as_source(m)
+        refused = ""
+    except ConfigError as e:
+        refused = str(e)
     gather = ShardGather(src=0)
     got, sent = {}, []
     for names in (["odd", "one", "steps"], ["one"], ["vec", "big", "fp16"]):  # ["one"]:
@@ -130,7 +137,8 @@ def _gather_rank(rank: int, world: int, port: int, out: str) -> None:
             ok &= torch.equal(whole(got[n]), full)
     else:
         ok = all(v is None for v in got.values())
-    Path(out, f"gather{rank}.json").write_text(json.dumps({"ok": bool(ok), "bytes": sent}))
+    Path(out, f"gather{rank}.json").write_text(json.dumps({"ok": bool(ok), "bytes": sent,
+                                                           "refused": refused}))
     dist.destroy_process_group()
 
 
@@ -140,6 +148,7 @@ def test_shard_gather_reassembles_uneven_blocks_on_the_sender_only(tmp_path):
     mp.spawn(_gather_rank, args=(2, _port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"gather{r}.json").read_text()) for r in (0, 1))
     assert r0["ok"] and r1["ok"]
+    assert "odd is sharded (a DTensor)" in r0["refused"] and "ShardedSync" in r0["refused"]
     assert r0["bytes"][1] == r1["bytes"][1] == 0  # nothing moved for the one-row bucket
     assert all(b > 0 for b in r0["bytes"][::2] + r1["bytes"][::2])
 

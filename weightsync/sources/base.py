@@ -222,6 +222,10 @@ class ModuleSource(WeightSource):
     def __init__(self, module: torch.nn.Module, *, convert: bool = True) -> None:
         self.module = module
         named = dict(named_tensors(module))
+        sharded = next((n for n, t in named.items() if type(t).__name__ == "DTensor"), None)
+        if sharded is not None:  # its shards are not the tensors: every rank must take part
+            raise ConfigError(f"{sharded} is sharded (a DTensor): sync a sharded module with "
+                              "weightsync.sources.sharded.ShardedSync on every rank")
         names = CheckpointNames.of(module, [spec_of(n, t) for n, t in named.items()]) \
             if convert else None
         self.producer = ModuleTensors(named, names) if names is not None else None
