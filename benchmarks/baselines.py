@@ -76,8 +76,13 @@ def raw_device_copy(nbytes: int, rounds: int) -> list[float]:
 
 def commit() -> str | None:
     """The commit the benchmark ran on (results keep one current file per benchmark and shape;
-    git history keeps the older runs, and each file names its commit)."""
+    git history keeps the older runs, and each file names its commit). ``WS_GPU_COMMIT`` wins:
+    the lent GPU gets a copy of the working tree whose git metadata is stale."""
+    import os
     import subprocess
+
+    if os.environ.get("WS_GPU_COMMIT"):
+        return os.environ["WS_GPU_COMMIT"]
 
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -70,7 +70,7 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
 
     from weightsync.config import EngineSpec, TransferConfig
     from weightsync.coordinator import SyncCoordinator
-    from weightsync.engine.actor import start_engines
+    from weightsync.engine.actor import start_engines, stop_engines
     from weightsync.testing.models import build_text_model
     from weightsync.testing.reference import load_trainer_model, perturb_
 
@@ -154,9 +154,7 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
     if native and gpu:
         from benchmarks.native_vllm import native_ipc_syncs
 
-        for a in actors:
-            ray.get(a.shutdown.remote(), timeout=120)
-            ray.kill(a)
+        stop_engines(actors, timeout_s=120)
         native_result = {m: summary(native_ipc_syncs(str(model_dir), dtype, policy, syncs,
                                                      packed=m == "packed",
                                                      gpu_memory_utilization=gpu_util))

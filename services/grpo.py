@@ -352,7 +352,7 @@ def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Con
 
     from weightsync.config import EngineSpec, TransferConfig
     from weightsync.coordinator import SyncCoordinator
-    from weightsync.engine.actor import start_engines
+    from weightsync.engine.actor import start_engines, stop_engines
     from weightsync.engine.vllm_compat import resolve_device
     from weightsync.rl.grpo_math import token_fraction_reward
     from weightsync.testing.models import build_text_model
@@ -403,12 +403,7 @@ def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Con
     finally:
         if cfg.trainer_ranks > 1:
             policy.close()
-        for a in actors:
-            try:
-                ray.get(a.shutdown.remote(), timeout=60)
-            except Exception:  # noqa: BLE001 - best-effort teardown; the actor is killed next
-                logger.warning("engine shutdown raised", exc_info=True)
-            ray.kill(a)
+        stop_engines(actors)
     k = max(1, cfg.steps // 5)
     summary = dict(
         first_steps=k, first_reward_mean=sum(r.reward_mean for r in records[:k]) / k,

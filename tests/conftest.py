@@ -41,20 +41,13 @@ def ray_session():
 def fleet(ray_session, tiny_model):
     """Two real vLLM CPU engines on the tiny model."""
     from weightsync.config import EngineSpec
-    from weightsync.engine.actor import start_engines
+    from weightsync.engine.actor import start_engines, stop_engines
 
     specs = [EngineSpec(name=f"engine-{c}", model=str(tiny_model), dtype="float32")
              for c in "ab"]
     actors = start_engines(specs)
     yield actors
-    import ray
-
-    for a in actors:
-        try:
-            ray.get(a.shutdown.remote(), timeout=30)
-        except Exception:  # noqa: BLE001 - best effort teardown
-            pass
-        ray.kill(a)
+    stop_engines(actors, timeout_s=30)
 
 
 @pytest.fixture(scope="session")

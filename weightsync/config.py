@@ -85,8 +85,15 @@ class EngineSpec(_Frozen):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     enforce_eager: bool = True
+    # every worker of a tensor-parallel engine joins the transfer group (transport.ranks)
     tensor_parallel_size: int = Field(1, ge=1)
     cpu_kvcache_gib: float = Field(1.0, gt=0)  # CPU engines' KV cache (fractions allowed)
+    # CPU engines: vLLM's VLLM_CPU_OMP_THREADS_BIND for this engine's workers ("nobind",
+    # "auto", or one core list per worker: "0-3|4-7"). None: "nobind" for one worker; for
+    # several, the environment's value if it fits, else the cores split between them
+    # (vllm_compat.cpu_threads_bind).
+    cpu_threads_bind: str | None = Field(None, min_length=1,
+                                         pattern=r"^[0-9,|\-]+$|^nobind$|^auto$")
     num_gpus: float = Field(0.0, ge=0)  # Ray resource; >0 for a GPU engine of its own
     limit_mm_per_prompt: dict[str, int] | None = None
     load_roots: tuple[str, ...] = ()  # directories /reload may read checkpoints from
@@ -95,11 +102,11 @@ class EngineSpec(_Frozen):
     def _gpu_consistent(self) -> EngineSpec:
         if self.device == "cpu" and self.num_gpus:
             raise ValueError("a cpu engine asks for no GPUs")
-        if self.tensor_parallel_size > 1:
-            # each worker of such an engine would join the transfer group at a rank of its
-            # own, which the group's rank arithmetic does not provide for yet
-            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: tensor-parallel "
-                             "engines are not supported yet (every engine is one worker)")
+        bind = self.cpu_threads_bind
+        if bind not in (None, "nobind", "auto") and \
+                len(bind.split("|")) != self.tensor_parallel_size:
+            raise ValueError(f"cpu_threads_bind {bind!r} names {len(bind.split('|'))} core "
+                             f"list(s) for {self.tensor_parallel_size} worker(s)")
         return self
 
 

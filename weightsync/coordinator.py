@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from weightsync.config import TransferConfig
+from weightsync.engine.workers import disagreeing, verify_receipt
 from weightsync.errors import (ConfigError, EngineDeadError, EngineUnresponsive,
                                IllegalStateError, ManifestError, SyncFailedError,
-                               SyncInProgressError, TransferError, VerificationError,
-                               WeightSyncError)
+                               SyncInProgressError, TransferError, WeightSyncError)
 from weightsync.heartbeat import Heartbeat
 from weightsync.messages import BeginReply, LayoutStatus, SleepReply
 from weightsync.metrics import SyncMetrics
@@ -341,11 +341,11 @@ class SyncCoordinator:
             s.state not in _CAN_BEGIN or s.owner not in (None, self.owner))]
         if busy:
             b = busy[0]
-            why = (f"it is held by {b.owner} ({b.state.value}, lease {b.lease_left_s:.1f}s "
+            why = (f": it is held by {b.owner} ({b.state.value}, lease {b.lease_left_s:.1f}s "
                    "more; take it over only if that coordinator is gone)"
                    if b.owner not in (None, self.owner) and b.state in _CAN_BEGIN else
-                   f"it is {b.state.value} (needs serving/fenced/asleep)")
-            raise IllegalStateError(f"cannot begin a sync: {why}; no engine was touched",
+                   f" while {b.state.value} (needs serving/fenced/asleep)")
+            raise IllegalStateError(f"cannot begin a sync{why}; no engine was touched",
                                     engine=b.name)
         self.version = max([self.version, *(s.version for s in statuses)])
         return max([self._issued, self.version, *(s.version_seen for s in statuses)]) + 1
@@ -456,6 +456,7 @@ class SyncCoordinator:
                                       for n in names})
         transfer_s = time.perf_counter() - t
         bad = dict(out.failed)
+        fence: set[str] = set()  # engines at fault themselves (their workers disagree)
         for n, run in runs.items():
             run.seconds["transfer"] = transfer_s
             receipt = out.receipts.get(n)
@@ -470,16 +471,16 @@ class SyncCoordinator:
                 run.seconds["transfer+reload"] = transfer_s
             # where the transfer went: the trainer's and the engine's sub-phases, prefixed
             run.seconds.update({f"transfer.{k}": v for k, v in {**out.seconds, **sub}.items()})
-            # verify checksums before anything is applied
-            run.checksum_ok = receipt.checksums == tuple(out.sums)
-            if not run.checksum_ok:
-                bad[n] = VerificationError(
-                    f"checksums differ from the sender's in bucket(s) "
-                    f"{[i for i, (a, b) in enumerate(zip(receipt.checksums, out.sums)) if a != b] or 'count'}",
-                    engine=n)
+            # verify every worker's checksums before anything is applied
+            err, at_fault = verify_receipt(receipt, out.sums, n)
+            run.checksum_ok = err is None
+            if err is not None:
+                bad[n] = err
+                if at_fault:
+                    fence.add(n)
         if bad and self.transfer.apply == "staged":
             # all-or-nothing: nobody applies; intact engines resume their old version
-            return self._fail_all(runs, bad, plan.version, leg, out.sums)
+            return self._fail_all(runs, bad, plan.version, leg, out.sums, fence)
         staged = [n for n in runs if n not in bad and not runs[n].applied]
         if staged:
             self._phase("reload")
@@ -530,14 +531,8 @@ class SyncCoordinator:
             runs[n].seconds.update(reply.seconds)
             runs[n].fingerprint = reply.fingerprint
             runs[n].skipped += reply.skipped
-        prints = {n: reply.fingerprint for n, reply in ok.items()}
-        if len(set(prints.values())) > 1:  # engines disagree: fence all but the majority
-            values = list(prints.values())
-            major = max(set(values), key=values.count)
-            for n, p in prints.items():
-                if p != major:
-                    bad[n] = VerificationError("loaded weights differ from the rest of the fleet",
-                                               engine=n)
+        # engines disagree (worker by worker, within a shape): fence all but the majority
+        bad.update(disagreeing(ok))
         self._phase("resume")
         ok, bad3 = self._call("commit", [n for n in runs if n not in bad], version, dl.resume,
                               timeout=dl.resume + dl.wake)
@@ -547,17 +542,18 @@ class SyncCoordinator:
         self._abort(bad, "finish")
         return self._result(runs, bad, set(), version, mode, sums, t0, partial)
 
-    def _fail_all(self, runs, bad, version, mode, sums) -> SyncResult:
+    def _fail_all(self, runs, bad, version, mode, sums, fence=frozenset()) -> SyncResult:
         """Staged all-or-nothing: nobody applies. A broken group fails every receiver, so the
         engines cannot be blamed one by one here; each host rolls back if its weights are
-        intact and fences itself otherwise. Engines that died or cannot answer stay failed."""
+        intact and fences itself otherwise. Engines that died or cannot answer stay failed,
+        and so do those in ``fence`` (their own workers disagree: they are fenced)."""
         # engines that are gone or silent are at fault; the others answered with the error
         # they saw (a broken group, a timed-out bucket) and decide their own fate
         culprits = {n: e for n, e in bad.items()
-                    if isinstance(e, (EngineDeadError, EngineUnresponsive))}
+                    if isinstance(e, (EngineDeadError, EngineUnresponsive)) or n in fence}
         pending = {n: self.access.submit(n, "abort_sync",
                                          f"transfer: {bad.get(n) or 'another engine failed'}",
-                                         self.transfer.deadlines.resume, fence=False)
+                                         self.transfer.deadlines.resume, fence=n in fence)
                    for n in runs}
         ok, unreachable = self.access.wait(pending, self.transfer.deadlines.resume * 1.5)
         failed = {**culprits, **unreachable}

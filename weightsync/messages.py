@@ -63,10 +63,14 @@ class Ack(_Message):
 
 class WorkerInfo(_Message):
     runner: str
-    rank: int
+    rank: int  # the worker's rank in its engine (vLLM's parallel_config.rank)
     device: str
     dtype: str
     model: str
+    workers: int = 1  # the engine's workers (tensor x pipeline parallel)
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    device_uuid: str | None = None  # the worker's GPU (CUDA IPC opens only its own buckets)
 
 
 class JoinReply(_Message):
@@ -86,6 +90,22 @@ class ReloadReply(_Message):
 
 class Fingerprint(_Message):
     digest: str
+
+
+class EngineWorkers(_Message):
+    """An engine's workers as vLLM started them: how many join a transfer group, and the
+    parallel shape that decides which slice of every parameter each holds."""
+
+    workers: int = Field(ge=1)
+    tensor_parallel: int = Field(ge=1)
+    pipeline_parallel: int = Field(ge=1)
+    device_uuids: tuple[str | None, ...] = ()  # per worker (CUDA), in rank order
+
+    @property
+    def shape(self) -> str:
+        """Engines of the same shape hold the same slices: their per-rank fingerprints are
+        comparable."""
+        return f"tp{self.tensor_parallel}xpp{self.pipeline_parallel}x{self.workers}"
 
 
 class GpuMemory(_Message):
@@ -132,11 +152,15 @@ class BeginReply(_Message):
 
 
 class FinishReply(_Message):
-    """Caches reset (or found clean) and the loaded weights fingerprinted."""
+    """Caches reset (or found clean) and the loaded weights fingerprinted: one digest per
+    worker (each holds its own slice of the weights), and the engine's shape
+    (``EngineWorkers.shape``): only engines of one shape can agree digest for digest."""
 
     fingerprint: str
     seconds: dict[str, float]
     skipped: tuple[str, ...] = ()
+    fingerprints: tuple[str, ...] = ()  # per worker, in rank order
+    shape: str = "tp1xpp1x1"
 
 
 class CommitReply(_Message):

@@ -152,7 +152,10 @@ class ReceiveReport(_Frozen):
     """What an engine's worker says after receiving (and, when streaming, applying) a plan."""
 
     nbytes: int
-    checksums: tuple[int, ...]  # one per bucket, as received
+    checksums: tuple[int, ...]  # one per bucket, as received (by the engine's worker 0)
+    # every worker's checksums, in rank order, when the engine has more than one worker:
+    # each received the plan on its own and is verified on its own
+    rank_checksums: tuple[tuple[int, ...], ...] = ()
     applied: bool  # True once reload_weights consumed every tensor (streaming)
     seconds: dict[str, float] = Field(default_factory=dict)
 

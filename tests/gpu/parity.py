@@ -21,13 +21,9 @@ def start_colocated(name: str, model, dtype: str, **spec_kw):
 
 
 def stop_engine(actor) -> None:
-    import ray
+    from weightsync.engine.actor import stop_engines
 
-    try:
-        ray.get(actor.shutdown.remote(), timeout=60)
-    except Exception:  # noqa: BLE001 - best-effort teardown
-        pass
-    ray.kill(actor)
+    stop_engines([actor])
 
 
 def engine_generate(actor, prompts, max_tokens: int = N_TOK):

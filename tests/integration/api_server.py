@@ -66,6 +66,13 @@ def outputs(actor):
     return ray.get(actor.generate.remote(PROMPTS, max_tokens=N_TOK, logprobs=True), timeout=120)
 
 
+def assert_matches_hf(outs, ref) -> None:
+    """Engine results equal HF's greedy ``ref`` (``greedy``): tokens, and logprobs to 1e-3."""
+    for o, (toks, lps) in zip(outs, ref, strict=True):
+        assert list(o.token_ids) == toks
+        assert max(abs(a - b) for a, b in zip(o.logprobs, lps, strict=True)) < 1e-3
+
+
 def assert_parity(fleet, model, tokenizer, version: int) -> None:
     """Every engine's greedy tokens and logprobs equal HF's with ``model``, at ``version``."""
     from weightsync.testing.reference import greedy

@@ -7,6 +7,7 @@ import pytest
 import ray
 import torch
 
+from tests.integration.api_server import assert_matches_hf as _assert_matches_hf
 from weightsync.config import TransferConfig
 from weightsync.coordinator import SyncCoordinator
 from weightsync.errors import ManifestError
@@ -20,12 +21,6 @@ N_TOK = 8
 
 def _engine_outputs(actor):
     return ray.get(actor.generate.remote(PROMPTS, max_tokens=N_TOK, logprobs=True), timeout=120)
-
-
-def _assert_matches_hf(outs, ref):
-    for o, (toks, lps) in zip(outs, ref, strict=True):
-        assert list(o.token_ids) == toks
-        assert max(abs(a - b) for a, b in zip(o.logprobs, lps, strict=True)) < 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +106,11 @@ def test_a_prompt_prefix_cached_before_a_sync_is_never_served_after_it(fleet, co
                                                                        tokenizer):
     """vLLM caches a long prompt's KV blocks (prefix caching is on for these CPU engines); a
     sync must leave none of them to the next request, or its logprobs come from old-weight KV.
-    The sync clears them when it pauses (and skips the post-load reset only because of that)."""
+    The sync clears them when it pauses, because a request ran since they were last cleared
+    (and skips the post-load reset only because of that)."""
     long = " ".join(["weights move from the trainer into the engines"] * 12)
     actor = fleet[0]
+    assert coord.sync(policy).ok  # caches known clean: only what runs next can fill them
     first = ray.get(actor.generate.remote([long, long], max_tokens=4, logprobs=True), timeout=120)
     assert first[0].token_ids == first[1].token_ids  # the second request hit the cached prefix
     perturb_(policy, scale=0.3, seed=31)

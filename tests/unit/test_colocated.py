@@ -16,30 +16,16 @@ import torch
 from weightsync.config import Deadlines, TransferConfig
 from weightsync.coordinator import SyncCoordinator
 from weightsync.errors import ConfigError, IllegalStateError, ManifestError, SyncFailedError
-from weightsync.testing.fleet import Faults, LocalEngines, TinyModel, save_tiny_model
+from weightsync.testing.fleet import Faults, TinyModel
 from weightsync.types import EngineState
 
 S = EngineState
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
 @pytest.fixture()
-def fleet(model_dir):
-    made: list[LocalEngines] = []
+def fleet(local_fleet):
+    return lambda sleep_mode=True, **faults: local_fleet(sleep_mode=sleep_mode, **faults)
 
-    def make(sleep_mode: bool = True, **faults: Faults) -> LocalEngines:
-        engines = LocalEngines(model_dir, faults or {"a": Faults(), "b": Faults()},
-                               sleep_mode=sleep_mode)
-        made.append(engines)
-        return engines
-
-    yield make
-    for engines in made:
-        engines.close()
 
 
 def _coord(engines, **cfg) -> SyncCoordinator:

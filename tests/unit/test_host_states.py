@@ -110,3 +110,34 @@ def test_pause_returns_once_in_flight_requests_have_their_final_output(mode, wai
         await gen
 
     asyncio.run(run())
+
+
+class _CountingEngine(_Engine):
+    """Records each pause's clear_cache; its requests finish at once."""
+
+    async def pause_generation(self, mode="abort", clear_cache=True):
+        self.calls.append(("pause", clear_cache))
+
+    async def generate(self, prompt, params, request_id):
+        yield _Out()
+
+
+def test_a_pause_clears_vllm_caches_only_when_a_request_ran_since_they_were_cleared():
+    """Clearing walks every KV block inside vLLM (tens of ms on a large GPU cache): an idle
+    engine whose caches nothing has filled since the last clear pauses without it, and the
+    sync after the load skips the reset because the caches are known clean either way."""
+    async def run():
+        h = _host()
+        h.engine = _CountingEngine()
+        clears = []
+        for requests in (0, 1, 0, 0, 2):
+            for _ in range(requests):
+                await h.generate(["p"], max_tokens=1)
+            await h.begin_sync(pause_mode="abort", sleep_level=0, deadline_s=5)
+            clears.append(h.engine.calls[-1])
+            await h.abort_sync("test")
+        # the host starts not knowing what vLLM cached, so its first pause clears
+        assert clears == [("pause", True), ("pause", True), ("pause", False), ("pause", False),
+                          ("pause", True)]
+
+    asyncio.run(run())

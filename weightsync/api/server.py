@@ -59,7 +59,7 @@ def ensure_engines(settings: Settings, *, timeout_s: float = 900.0) -> tuple[lis
     has to be started."""
     import ray
 
-    from weightsync.engine.actor import spawn_engine
+    from weightsync.engine.actor import spawn_engine, stop_engines
 
     actors, started = [], []
     for i in range(settings.engines):
@@ -89,24 +89,6 @@ def ensure_engines(settings: Settings, *, timeout_s: float = 900.0) -> tuple[lis
     return actors, started
 
 
-def stop_engines(actors: list[Any], timeout_s: float = 60.0) -> None:
-    """Shut each engine down (vLLM stops its engine-core and worker processes), then end its
-    actor. Best effort: an engine that does not answer is killed."""
-    import ray
-
-    refs = [a.shutdown.remote() for a in actors]
-    try:
-        ray.get(refs, timeout=timeout_s)
-    except Exception:  # noqa: BLE001 - a dead or stuck engine is killed below anyway
-        logger.warning("engine shutdown did not finish cleanly", exc_info=True)
-    for a in actors:
-        try:
-            ray.kill(a)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
-    logger.info("stopped %d engine(s)", len(actors))
-
-
 def serve(settings: Settings) -> None:
     """Blocks until the server stops (SIGINT/SIGTERM: uvicorn shuts down gracefully), then
     stops the engines it started unless they should outlive it. Refuses unsafe settings
@@ -134,5 +116,7 @@ def serve(settings: Settings) -> None:
             logger.info("stopped by signal %d", e.code)
     finally:
         if started and not keep:
+            from weightsync.engine.actor import stop_engines
+
             stop_engines(started)
         ray.shutdown()

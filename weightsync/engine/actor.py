@@ -7,10 +7,15 @@ running sync instead of queueing behind it.
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import ray
 
 from weightsync.config import EngineSpec
 from weightsync.engine.host import EngineHost
+
+logger = logging.getLogger(__name__)
 
 EngineActor = ray.remote(EngineHost)
 
@@ -37,6 +42,22 @@ def start_engines(specs: list[EngineSpec], *, timeout_s: float = 600.0, **kw) ->
     actors = [spawn_engine(s, **kw) for s in specs]
     ray.get([a.start.remote() for a in actors], timeout=timeout_s)
     return actors
+
+
+def stop_engines(actors: list[Any], timeout_s: float = 60.0) -> None:
+    """Shut each engine down (vLLM stops its engine-core and worker processes), then end its
+    actor. Best effort: an engine that does not answer is killed."""
+    refs = [a.shutdown.remote() for a in actors]
+    try:
+        ray.get(refs, timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - a dead or stuck engine is killed below anyway
+        logger.warning("engine shutdown did not finish cleanly", exc_info=True)
+    for a in actors:
+        try:
+            ray.kill(a)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+    logger.info("stopped %d engine(s)", len(actors))
 
 
 def find_engines(namespace: str) -> dict[str, ray.actor.ActorHandle]:

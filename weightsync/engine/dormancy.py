@@ -72,7 +72,6 @@ class Dormancy:
             await self._wake(TAGS, deadline_s)
             seconds["wake_kv" if kv_only else "wake"] = time.perf_counter() - t
         t = time.perf_counter()
-        self._caches_clean = False
         await asyncio.wait_for(vllm_compat.resume_generation(self.engine), deadline_s)
         seconds["resume"] = time.perf_counter() - t
         return seconds
@@ -162,7 +161,6 @@ class Dormancy:
             if not self.weights_intact:
                 self.fence("woken after sleep level 2 without new weights: weights undefined")
                 return self.status()
-            self._caches_clean = False
             await vllm_compat.resume_generation(self.engine)
             self.state = EngineState.SERVING
             self._serving.set()

@@ -27,10 +27,12 @@ from weightsync.engine import vllm_compat
 from weightsync.engine.dormancy import Dormancy, Found
 from weightsync.engine.lease import LeaseHolder, SyncLease
 from weightsync.engine.serving import Serving
+from weightsync.engine.workers import (check_workers, merge_applies, merge_fingerprints,
+                                       merge_layouts, merge_receipts)
 from weightsync.errors import (DeadlineExceeded, EngineError, IllegalStateError, ManifestError,
                                TransferError, WeightSyncError, error_class)
-from weightsync.messages import (Ack, ApplyReply, BeginReply, CommitReply, FinishReply,
-                                 Fingerprint, GpuMemory, JoinReply, LayoutStatus,
+from weightsync.messages import (Ack, ApplyReply, BeginReply, CommitReply, EngineWorkers,
+                                 FinishReply, Fingerprint, GpuMemory, JoinReply, LayoutStatus,
                                  ReceiveRequest, ReloadReply, WorkerInfo, reply_of)
 from weightsync.types import (IN_SYNC, CheckpointFiles, EngineState, EngineStatus, PauseMode,
                               ReceiveReport)
@@ -63,6 +65,7 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         self.fenced_reason: str | None = None
         self.last_sync: dict[str, float] = {}
         self.info: WorkerInfo | None = None
+        self.workers: EngineWorkers | None = None  # every worker vLLM started, at start
         self._serving = asyncio.Event()
         self._admitted = 0  # requests past the serving gate that vLLM has not started yet
         self._all_in_engine = asyncio.Event()
@@ -76,15 +79,16 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         self._found: Found | None = None  # how the sync in progress found the engine
         self.last_sleep_memory: GpuMemory | None = None  # right after a sync's sleep
         self._testing_keep_caches = False  # TEST ONLY: see testing_keep_caches()
-        # vLLM cleared its prefix, multimodal and encoder caches (pause or sleep) and nothing
-        # has run since: a reset after loading would find them empty
+        # vLLM cleared its prefix, multimodal and encoder caches (pause or sleep) and no request
+        # has run since: a reset (after loading, or at the next pause) would find them empty
         self._caches_clean = False
         self._lease = SyncLease()  # who owns the sync in progress, until when
         self._watchdog: asyncio.Task | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> EngineStatus:
-        vllm_compat.prepare_process_env(self.device)
+        vllm_compat.prepare_process_env(self.device, self.spec.tensor_parallel_size,
+                                        self.spec.cpu_threads_bind)
         sleep = self.device == "cuda" and vllm_compat.sleep_mode_available()
         t0 = time.perf_counter()
         self.engine = self._make_engine(
@@ -98,7 +102,9 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
             else None,
         )
         self.sleep_supported = sleep
-        self.info = (await self._rpc("ws_info", reply=WorkerInfo, timeout=300))[0]
+        infos = await self._rpc("ws_info", reply=WorkerInfo, timeout=300)
+        self.workers = check_workers(infos, self.spec.name)
+        self.info = infos[0]
         self.state = EngineState.SERVING
         self._serving.set()
         logger.info("engine %s up in %.1fs on %s (runner %s)", self.spec.name,
@@ -144,10 +150,17 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         except Exception as e:  # noqa: BLE001 - vLLM reports worker crashes as plain Exception
             raise EngineError(f"{method} failed in the worker: {e}", engine=self.spec.name) from e
         replies = [reply_of(reply).model_validate_json(o) for o in out]
-        for r in replies:
+        for rank, r in enumerate(replies):  # any worker's error fails the call
             if r.error is not None:
-                raise error_class(r.error.code)(r.error.message, engine=self.spec.name)
+                where = f"worker rank {rank}/{len(replies)}: " if len(replies) > 1 else ""
+                raise error_class(r.error.code)(where + r.error.message, engine=self.spec.name)
         return [r.reply for r in replies]
+
+    async def engine_workers(self) -> EngineWorkers:
+        """The engine's workers (how many join a transfer group, and their parallel shape)."""
+        if self.workers is None:
+            raise EngineError("engine not started", engine=self.spec.name)
+        return self.workers
 
     async def validate(self, plan_json: str) -> None:
         """Check a plan against the model before anything changes (raises ManifestError)."""
@@ -224,6 +237,10 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         with self._lease.busy():
             out = await self._rpc("ws_join_group", backend, host, port, rank_offset, world_size,
                                   timeout_s, reply=JoinReply, timeout=timeout_s * 1.5)
+        joined = [r.rank for r in out]
+        if joined != list(range(rank_offset, rank_offset + len(out))):
+            raise TransferError(f"workers joined at ranks {joined}, not {len(out)} ranks from "
+                                f"{rank_offset}", engine=self.spec.name)
         self.group_id = group_id or None
         return out[0]
 
@@ -249,13 +266,15 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         t = time.perf_counter()
         try:
             with self._lease.busy():
-                report = (await self._rpc("ws_receive", plan_json, request_json,
-                                          reply=ReceiveReport,
-                                          timeout=request.deadline_s * 1.5))[0]
+                report = merge_receipts(await self._rpc("ws_receive", plan_json, request_json,
+                                                        reply=ReceiveReport,
+                                                        timeout=request.deadline_s * 1.5),
+                                        self.spec.name)
         except WeightSyncError as e:
             self.group_id = None  # a worker leaves a group that failed it
-            if request.apply == "atomic" and not isinstance(e, TransferError):
-                self.weights_intact = False
+            several = self.workers is not None and self.workers.workers > 1
+            if request.apply == "atomic" and (several or not isinstance(e, TransferError)):
+                self.weights_intact = False  # (several workers: another one may have loaded)
             raise
         if report.applied:
             self.weights_intact = False  # new weights, not yet committed
@@ -268,7 +287,8 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
                      owner=owner)
         self.weights_intact = False
         with self._lease.busy():
-            return (await self._rpc("ws_apply_staged", reply=ApplyReply, timeout=deadline_s))[0]
+            return merge_applies(await self._rpc("ws_apply_staged", reply=ApplyReply,
+                                                 timeout=deadline_s), self.spec.name)
 
     async def _checkpoint(self, path: str | None, partial: bool,
                           roots: Sequence[str] | None, deadline_s: float) -> CheckpointFiles:
@@ -316,7 +336,7 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         except ManifestError:  # the worker refused the files before loading any of them
             self.weights_intact = intact
             raise
-        return out[0]
+        return ReloadReply(reload=max(r.reload for r in out))  # every worker loaded
 
     async def finish_load(self, deadline_s: float, *, owner: str | None = None) -> FinishReply:
         """Make sure no cache holds what the old weights computed; return a fingerprint of the
@@ -341,8 +361,7 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
             t = time.perf_counter()
             prints = await self._rpc("ws_fingerprint", reply=Fingerprint, timeout=deadline_s)
         seconds["fingerprint"] = time.perf_counter() - t
-        return FinishReply(fingerprint="|".join(p.digest for p in prints), seconds=seconds,
-                           skipped=skipped)
+        return merge_fingerprints(prints, self.workers, seconds=seconds, skipped=skipped)
 
     async def _reset_caches(self) -> None:
         # Requests frozen by pause mode "keep" hold KV blocks computed with the old weights:
@@ -435,7 +454,6 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
 
     async def resume(self) -> EngineStatus:
         self._expect(EngineState.PAUSED, op="resume")
-        self._caches_clean = False
         await vllm_compat.resume_generation(self.engine)
         self.state = EngineState.SERVING
         self._serving.set()
@@ -443,7 +461,8 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
 
     async def kernel_layout(self) -> LayoutStatus:
         """The engine's kernel layout (fast path) and whether it has been verified."""
-        return (await self._rpc("ws_kernel_layout", reply=LayoutStatus, timeout=120))[0]
+        return merge_layouts(await self._rpc("ws_kernel_layout", reply=LayoutStatus,
+                                             timeout=120), self.workers)
 
     async def runner_class(self) -> str:
         return self.info.runner if self.info is not None else ""

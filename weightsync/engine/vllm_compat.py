@@ -28,19 +28,49 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def prepare_process_env(device: str) -> None:
+def prepare_process_env(device: str, workers: int = 1, cpu_bind: str | None = None) -> None:
     """Set vLLM's environment for the engine process (before vLLM is imported there).
 
-    Must run in the process that builds the engine; its workers inherit it.
+    Must run in the process that builds the engine; its workers inherit it. ``workers``: the
+    engine's worker count (tensor x pipeline parallel); ``cpu_bind``: the engine's own
+    ``VLLM_CPU_OMP_THREADS_BIND`` (``EngineSpec.cpu_threads_bind``), if it names one.
     """
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # fork hangs with CUDA/Ray
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     if device == "cuda":
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "1")
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
-    else:
+    elif cpu_bind is not None:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind
+    elif workers == 1:
         # Several engines share few cores in tests and small hosts: do not pin threads.
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    else:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_threads_bind(
+            workers, os.environ.get("VLLM_CPU_OMP_THREADS_BIND"))
+
+
+def cpu_threads_bind(workers: int, current: str | None = None) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for a CPU engine of ``workers`` workers (> 1).
+
+    vLLM's CPU backend wants one core list per worker ("0-3|4-7"), or "nobind" (no pinning);
+    its default, "auto", wants a NUMA node per worker and refuses to start a TP engine on a
+    one-node host ("Not enough allowed NUMA nodes"). A value already set that fits ("nobind",
+    or ``workers`` lists) is kept; otherwise the cores this process may use are split into
+    ``workers`` contiguous lists, round-robin when there are fewer cores than workers ("0|1"
+    for two workers on two cores). So engines on one host each pin their own workers this
+    way and share cores: measured on 2 cores with two TP=2 engines and a TP=1 engine busy at
+    once, 157-163 tok/s pinned against 111-132 with "nobind" (``benchmarks/tp_cpu.py``).
+    """
+    if current == "nobind" or (current and current != "auto"
+                               and len(current.split("|")) == workers):
+        return current
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < workers:
+        return "|".join(str(cores[i % len(cores)]) for i in range(workers))
+    per = len(cores) // workers
+    return "|".join(",".join(str(c) for c in cores[i * per:(i + 1) * per])
+                    for i in range(workers))
 
 
 def vllm_version() -> str:
@@ -304,6 +334,29 @@ def model_config(worker: Any) -> Any:
 def hf_text_config(worker: Any) -> Any:
     mc = worker.model_runner.model_config
     return mc.hf_text_config if hasattr(mc, "hf_text_config") else mc.hf_config
+
+
+@dataclass(frozen=True)
+class WorkerParallel:
+    """Where a worker sits in its engine: its rank among the engine's workers and how many
+    there are (vLLM's ``parallel_config``: tensor x pipeline (x prefill-context) parallel)."""
+
+    rank: int
+    workers: int
+    tensor_parallel: int
+    pipeline_parallel: int
+
+
+def worker_parallel(worker: Any) -> WorkerParallel:
+    """``parallel_config.rank`` / ``world_size`` as vLLM set them for this worker (0.24 and
+    0.32 both set ``parallel_config.rank = rank`` in ``WorkerBase.__init__``)."""
+    pc = getattr(worker, "parallel_config", None)
+    if pc is None:  # a stand-in worker: one per engine
+        return WorkerParallel(rank=int(getattr(worker, "rank", 0)), workers=1,
+                              tensor_parallel=1, pipeline_parallel=1)
+    return WorkerParallel(rank=int(pc.rank), workers=int(pc.world_size),
+                          tensor_parallel=int(pc.tensor_parallel_size),
+                          pipeline_parallel=int(pc.pipeline_parallel_size))
 
 
 def model(worker: Any) -> Any:

@@ -32,6 +32,7 @@ from weightsync.messages import (Ack, ApplyMode, ApplyReply, Fingerprint, GpuMem
 from weightsync.transport.broadcast import BroadcastReceiver, open_group
 from weightsync.transport.graphs import Replay
 from weightsync.transport.legs import receiver_leg
+from weightsync.transport.ranks import worker_group_rank
 from weightsync.transport.packing import (checksum, copy_split, copy_tensors, digest_tensors,
                                           dtype_name, unpack_bucket)
 from weightsync.types import Bucket, CheckpointFiles, ReceiveReport, TensorSpec, TransferPlan
@@ -105,6 +106,14 @@ def validate_specs(specs: list[TensorSpec], expected: dict[str, TensorSpec], ser
                 "explicitly to change only some tensors")
 
 
+def _device_uuid(device: Any) -> str | None:
+    if getattr(device, "type", None) != "cuda":
+        return None
+    from weightsync.transport.ipc import device_uuid
+
+    return device_uuid(device)
+
+
 def _plan_key(plan_json: str) -> str:
     """A plan's JSON without its version: equal for every sync of the same plan."""
     return re.sub(r'^\{"version":\d+,', "{", plan_json, count=1)
@@ -133,10 +142,13 @@ class WeightSyncWorkerExtension:
                 st["expected"] = read_checkpoint(str(mc.model)).specs
             except WeightSyncError as e:
                 st["expected_error"] = f"the model's own checkpoint is unreadable: {e}"
-        return WorkerInfo(runner=vllm_compat.model_runner_class(self),
-                          rank=int(getattr(self, "rank", 0)),
-                          device=str(getattr(self, "device", "cpu")),
-                          dtype=dtype_name(mc.dtype), model=str(mc.model))
+        par = vllm_compat.worker_parallel(self)
+        device = getattr(self, "device", torch.device("cpu"))
+        return WorkerInfo(runner=vllm_compat.model_runner_class(self), rank=par.rank,
+                          device=str(device), dtype=dtype_name(mc.dtype), model=str(mc.model),
+                          workers=par.workers, tensor_parallel=par.tensor_parallel,
+                          pipeline_parallel=par.pipeline_parallel,
+                          device_uuid=_device_uuid(device))
 
     @worker_rpc
     def ws_gpu_memory(self) -> GpuMemory:
@@ -202,7 +214,8 @@ class WeightSyncWorkerExtension:
     def ws_join_group(self, backend: str, host: str, port: int, rank_offset: int,
                       world_size: int, timeout_s: float) -> JoinReply:
         self._leave_group()
-        rank = rank_offset + int(getattr(self, "rank", 0))
+        par = vllm_compat.worker_parallel(self)
+        rank = worker_group_rank(rank_offset, par.rank, par.workers, world_size)
         group = open_group(backend, host, port, rank, world_size, timeout_s)
         self._ws_state()["group"] = BroadcastReceiver(group)
         return JoinReply(rank=rank)

@@ -37,12 +37,13 @@ from weightsync.errors import EngineDeadError, EngineUnresponsive, WeightSyncErr
 @dataclass(frozen=True)
 class Faults:
     """What goes wrong in one engine. ``corrupt_bucket``: a byte of that bucket flips on the
-    way in. ``fail_load_after``: the loader raises after that many tensors (a load broken
-    half-way). ``skew_load``: the loader adds a tiny offset to one parameter (its weights no
+    way in (on worker ``corrupt_rank`` only, when set). ``fail_load_after``: the loader
+    raises after that many tensors (a load broken half-way). ``skew_load``: the loader adds a tiny offset to one parameter (its weights no
     longer match the fleet's). ``stall``: worker RPC name -> seconds it hangs before running
     (a deadline to expire). ``dead``: the engine does not answer at all."""
 
     corrupt_bucket: int | None = None
+    corrupt_rank: int | None = None  # only this worker's copy is corrupted (None: every one)
     fail_load_after: int | None = None
     skew_load: bool = False
     stall: Mapping[str, float] = field(default_factory=dict)
@@ -98,9 +99,15 @@ class _Runner:
 
 
 class _Worker(WeightSyncWorkerExtension):
-    def __init__(self, model_dir: Path, faults: Callable[[], Faults]) -> None:
+    def __init__(self, model_dir: Path, faults: Callable[[], Faults], rank: int = 0,
+                 workers: int = 1) -> None:
         self.model_runner = _Runner(model_dir, faults)
-        self.rank, self.device, self._faults = 0, torch.device("cpu"), faults
+        self.rank, self.device, self._faults = rank, torch.device("cpu"), faults
+        # vLLM's parallel config as far as vllm_compat.worker_parallel reads it (the stand-in
+        # model is not sharded: every worker holds all of it)
+        self.parallel_config = SimpleNamespace(rank=rank, world_size=workers,
+                                               tensor_parallel_size=workers,
+                                               pipeline_parallel_size=1)
 
     @property
     def faults(self) -> Faults:
@@ -142,23 +149,31 @@ class SleepMode:
 
 
 class _Engine:
-    """``AsyncLLM`` as far as ``vllm_compat`` uses it; its one worker runs in a thread."""
+    """``AsyncLLM`` as far as ``vllm_compat`` uses it; each worker runs in a thread of its
+    own, every RPC on all of them at once (one reply each, in rank order)."""
 
-    def __init__(self, worker: _Worker, sleep_mode: bool = False) -> None:
-        self.worker = worker
-        self.sleep_mode = SleepMode(worker.model_runner.model) if sleep_mode else None
+    def __init__(self, workers: list[_Worker], sleep_mode: bool = False) -> None:
+        self.workers = workers
+        self.worker = workers[0]
+        # one per worker (each holds its own weights); the first records the calls
+        self._sleep_modes = [SleepMode(w.model_runner.model) for w in workers] \
+            if sleep_mode else []
+        self.sleep_mode = self._sleep_modes[0] if sleep_mode else None
 
     async def sleep(self, level: int = 1, mode: str = "abort") -> None:
-        self.sleep_mode.sleep(level)
+        for m in self._sleep_modes:
+            m.sleep(level)
 
     async def wake_up(self, tags: list[str] | None = None) -> None:
-        self.sleep_mode.wake_up(tags)
+        for m in self._sleep_modes:
+            m.wake_up(tags)
 
     async def collective_rpc(self, method: str, args: tuple = ()) -> list[Any]:
-        stall = self.worker.faults.stall.get(method)
+        stall = self.workers[0].faults.stall.get(method)
         if stall:
             await asyncio.sleep(stall)
-        return [await asyncio.to_thread(getattr(self.worker, method), *args)]
+        return list(await asyncio.gather(*(asyncio.to_thread(getattr(w, method), *args)
+                                           for w in self.workers)))
 
     async def pause_generation(self, mode: str = "abort", clear_cache: bool = True) -> None:
         pass
@@ -182,18 +197,21 @@ class _Engine:
 class LocalEngines:
     """``weightsync.remote.Engines`` over in-process hosts, each on its own event loop."""
 
-    def __init__(self, model_dir: Path, faults: Mapping[str, Faults], *,
+    def __init__(self, model_dir: Path, faults: Mapping[str, Faults],
+                 workers: Mapping[str, int] | None = None, *,
                  sleep_mode: bool = False) -> None:
         self.faults = dict(faults)
+        workers = workers or {}
         self._hosts: dict[str, EngineHost] = {}
         self._loops: dict[str, asyncio.AbstractEventLoop] = {}
         for name in self.faults:
             loop = asyncio.new_event_loop()
             threading.Thread(target=loop.run_forever, name=f"fake-{name}", daemon=True).start()
             faults = functools.partial(self.faults.__getitem__, name)
+            n = workers.get(name, 1)
             host = EngineHost(EngineSpec(name=name, model=str(model_dir), device="cpu"),
-                              make_engine=lambda f=faults, **_: _Engine(_Worker(model_dir, f),
-                                                                        sleep_mode))
+                              make_engine=lambda f=faults, n=n, **_: _Engine(
+                                  [_Worker(model_dir, f, r, n) for r in range(n)], sleep_mode))
             self._hosts[name], self._loops[name] = host, loop
             asyncio.run_coroutine_threadsafe(host.start(), loop).result(30)
             host.sleep_supported = sleep_mode  # a CPU "device" with GPU sleep semantics

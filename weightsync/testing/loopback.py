@@ -57,7 +57,10 @@ class LoopbackReceiver(ReceiverLeg):
             bufs = _MAILBOX.get(request.payload or "")
         if bufs is None or len(bufs) != len(plan.buckets):
             raise TransferError("no loopback buckets for this receive")
-        corrupt = getattr(getattr(self.worker, "faults", None), "corrupt_bucket", None)
+        faults = getattr(self.worker, "faults", None)
+        corrupt = getattr(faults, "corrupt_bucket", None)
+        if getattr(faults, "corrupt_rank", None) not in (None, getattr(self.worker, "rank", 0)):
+            corrupt = None  # another worker's copy is the corrupted one
 
         def buckets():
             for bucket, buf in zip(plan.buckets, bufs, strict=True):

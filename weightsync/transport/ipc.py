@@ -14,7 +14,7 @@ carry the handles, and the worker still reads only finished bytes and finished c
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from weightsync.errors import TransferError
 
@@ -62,16 +62,45 @@ def share_bucket(index: int, buf: torch.Tensor, reusable: bool = False) -> IpcBu
     )
 
 
-class IpcShare(BaseModel):
-    """One sync's colocated transfer: the buckets, the sender's checksum terms (an ``(n, 3)``
-    int64 buffer, ``packing.digest_terms`` of the buckets) and the event that follows both."""
+class IpcDeviceShare(BaseModel):
+    """One GPU's copy of a sync's buckets: the buckets, the sender's checksum terms (an
+    ``(n, 3)`` int64 buffer, ``packing.digest_terms`` of the buckets) and the event that
+    follows both, all on the GPU ``device_uuid``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", ser_json_bytes="base64",
                               val_json_bytes="base64")
 
+    device_uuid: str
     buckets: tuple[IpcBucketHandle, ...]
     terms: IpcBucketHandle
     event: bytes  # cudaIpcEventHandle of an interprocess event, recorded after terms
+
+
+class IpcShare(BaseModel):
+    """One sync's colocated transfer: a copy of the buckets on every GPU an engine worker
+    uses, keyed by the GPU's UUID. Each worker of a tensor-parallel engine opens only the copy
+    on its own GPU (``on``): mapping another GPU's memory would read across the interconnect
+    for every byte, and a worker may not see that GPU at all."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    devices: tuple[IpcDeviceShare, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_per_device(self) -> IpcShare:
+        uuids = [d.device_uuid for d in self.devices]
+        if len(set(uuids)) != len(uuids):
+            raise ValueError(f"one share per GPU, not {uuids}")
+        return self
+
+    def on(self, uuid: str) -> IpcDeviceShare:
+        """The copy on GPU ``uuid``; ``TransferError`` when the trainer shared none there."""
+        for d in self.devices:
+            if d.device_uuid == uuid:
+                return d
+        raise TransferError(f"no IPC buckets on this worker's GPU {uuid} (the trainer shared "
+                            f"{[d.device_uuid for d in self.devices]}): CUDA IPC needs a copy "
+                            "on every GPU an engine worker uses")
 
 
 def interprocess_event() -> torch.cuda.Event:

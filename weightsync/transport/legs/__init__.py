@@ -28,6 +28,9 @@ LEGS: dict[str, tuple[str, str, str]] = {
     "ipc": ("weightsync.transport.legs.ipc", "IpcLeg", "IpcReceiver"),
     "external": ("weightsync.transport.legs.external", "ExternalLeg", "GroupReceiver"),
     "loopback": ("weightsync.testing.loopback", "LoopbackLeg", "LoopbackReceiver"),
+    # TEST ONLY: the broadcast leg with one worker's copy of bucket 0 corrupted
+    "corrupt-one-rank": ("weightsync.testing.faulty", "CorruptOneRankLeg",
+                         "CorruptOneRankReceiver"),
 }
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from weightsync.config import TransferConfig
 from weightsync.errors import WeightSyncError
 from weightsync.messages import ApplyMode, BeginReply, ReceiveRequest
+from weightsync.transport.ranks import GroupRanks
 from weightsync.types import Bucket, ReceiveReport, TransferPlan
 
 if TYPE_CHECKING:
@@ -59,6 +60,15 @@ class SenderLeg(ABC):
                 ) -> ReceiveRequest:
         return ReceiveRequest(leg=self.receiver, apply=apply or self.cfg.apply,
                               deadline_s=self.cfg.deadlines.transfer, payload=payload)
+
+    def group_ranks(self, names: Sequence[str]) -> tuple[GroupRanks | None, dict]:
+        """Every engine's workers (``EngineHost.engine_workers``) laid out as group ranks
+        (``transport.ranks``): (ranks, failures)."""
+        pending = {n: self.engines.submit(n, "engine_workers") for n in names}
+        ok, bad = self.engines.wait(pending, self.cfg.deadlines.verify)
+        if bad:
+            return None, bad
+        return GroupRanks.of({n: ok[n].workers for n in names}), {}
 
     def receive_everywhere(self, names: Sequence[str], plan_json: str,
                            request: ReceiveRequest) -> tuple[dict, dict]:

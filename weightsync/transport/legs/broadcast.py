@@ -1,5 +1,7 @@
 """The broadcast leg: the trainer is rank 0 of a gloo/NCCL group with the engines' workers.
 
+Every worker of every engine is a rank of its own (``transport.ranks``: an engine's
+offset advances by its worker count), so tensor-parallel engines receive on every worker.
 The group stays open across syncs while its members are unchanged and every one of them still
 reports it (``BeginReply.group_id``): a rendezvous, and NCCL communicator setup, per sync cost
 more than the transfer of a small model. Any failure tears it down. With
@@ -19,6 +21,7 @@ from weightsync.errors import TransferError, WeightSyncError
 from weightsync.messages import BeginReply, ReceiveRequest
 from weightsync.transport.broadcast import BroadcastSender, free_port, open_group
 from weightsync.transport.legs.base import Incoming, LegOutcome, ReceiverLeg, SenderLeg
+from weightsync.transport.ranks import GroupRanks
 from weightsync.types import TransferPlan
 
 logger = logging.getLogger(__name__)
@@ -31,6 +34,7 @@ class BroadcastLeg(SenderLeg):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._group: tuple[tuple[str, ...], str, BroadcastSender] | None = None
+        self.ranks: GroupRanks | None = None  # where each engine's workers sit in the group
 
     def send(self, names: Sequence[str], plan: TransferPlan, source: Any,
              begun: Mapping[str, BeginReply]) -> LegOutcome:
@@ -72,12 +76,15 @@ class BroadcastLeg(SenderLeg):
                 all(begun[n].group_id == cached[1] for n in names):
             return cached[2], {}
         self.close()
+        ranks, bad = self.group_ranks(names)
+        if ranks is None:
+            return None, bad
         group_id = uuid.uuid4().hex
-        world = 1 + len(names)
+        world = ranks.world_size
         port = free_port(self.cfg.host, self.cfg.port)
         joins = {n: self.engines.submit(n, "join_group", self.cfg.backend, self.cfg.host, port,
-                                        1 + i, world, dl.rendezvous, group_id)
-                 for i, n in enumerate(names)}
+                                        ranks.offset(n), world, dl.rendezvous, group_id)
+                 for n in names}
         try:
             sender = BroadcastSender(open_group(self.cfg.backend, self.cfg.host, port, 0, world,
                                                 dl.rendezvous))
@@ -90,12 +97,14 @@ class BroadcastLeg(SenderLeg):
             sender.close()
             return None, bad
         self._group = (members, group_id, sender)
+        self.ranks = ranks
         return sender, {}
 
     def close(self) -> None:
         if self._group is not None:
             self._group[2].close()
             self._group = None
+            self.ranks = None
 
 
 class GroupReceiver(ReceiverLeg):

@@ -37,11 +37,14 @@ class ExternalLeg(SenderLeg):
     def send(self, names: Sequence[str], plan: TransferPlan, source: ExternalSender,
              begun: Mapping[str, BeginReply]) -> LegOutcome:
         dl = self.cfg.deadlines
-        world = 1 + len(names)
+        ranks, bad = self.group_ranks(names)
+        if ranks is None:
+            return LegOutcome([], {}, bad)
+        world = ranks.world_size
         host, port = source.address
-        joins = {n: self.engines.submit(n, "join_group", self.cfg.backend, host, port, 1 + i,
-                                        world, dl.rendezvous)
-                 for i, n in enumerate(names)}
+        joins = {n: self.engines.submit(n, "join_group", self.cfg.backend, host, port,
+                                        ranks.offset(n), world, dl.rendezvous)
+                 for n in names}
         source.ready(plan, world)
         _, bad = self.engines.wait(joins, dl.rendezvous * 1.2)
         if bad:  # the sync fails whatever the sender says: do not wait for it

@@ -7,6 +7,9 @@ every bucket against the sender's checksums (one host sync for all of them) befo
 applied. A wave of one engine applies in the same call (``apply="atomic"``): all-or-nothing
 holds trivially, and a round trip is saved.
 
+Tensor-parallel engines: the trainer packs a copy on every GPU the engines' workers use (keyed
+by GPU UUID in one ``IpcShare``) and each worker opens only its own GPU's copy.
+
 With ``ipc_reuse_buffers`` the trainer keeps its buckets, checksum terms and packing views
 across syncs, and replays packing + checksum as one CUDA graph; the worker keeps its mappings
 and replays its checksum (``transport.graphs``).
@@ -32,98 +35,188 @@ def bucket_terms(bufs):
     return digest_terms(bufs)
 
 
+class _DeviceBuckets:
+    """The trainer's packed buckets on one GPU, and what is kept with them across syncs
+    (``ipc_reuse_buffers``): checksum terms, packing views, the packing graph, the event."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.keepalive: list[Any] | None = None  # this sync's CUDA-IPC buckets
+        self.share: Any = None  # their IpcDeviceShare, as sent (reused with them)
+        self.terms: Any = None  # the sender's checksum terms, shared with the engines
+        self.event: Any = None  # interprocess CUDA event recorded after packing
+        self.graph = Replay(f"IPC packing cuda:{index}")  # reused buffers: one launch a sync
+        self.views: list[dict] = []  # packing's cached destination views per bucket
+
+    def pack(self, plan: TransferPlan, source: Any, reuse: bool) -> None:
+        """Queue packing + checksum terms on this GPU and record the event after them."""
+        import torch
+
+        from weightsync.transport.ipc import (IpcDeviceShare, device_uuid,
+                                              interprocess_event, share_bucket)
+
+        sizes = [b.nbytes for b in plan.buckets]
+        kept = self.keepalive if reuse and self.keepalive is not None and \
+            [b.numel() for b in self.keepalive] == sizes else None
+        if kept is None:
+            self.release()  # left over, or the plan's shape changed
+        device = torch.device("cuda", self.index)
+        with torch.cuda.device(device):
+            if kept is None or len(self.views) != len(sizes):
+                self.views = [{} for _ in sizes]
+            if self.terms is None or self.terms.numel() != 24 * len(sizes):
+                self.terms = torch.empty(24 * len(sizes), dtype=torch.uint8, device=device)
+                self.share = None
+            terms = self.terms.view(torch.int64).view(len(sizes), 3)
+
+            def pack() -> list:
+                bufs = [pack_bucket(b, source, device, out=kept[i] if kept else None,
+                                    views=self.views[i])
+                        for i, b in enumerate(plan.buckets)]
+                terms.copy_(bucket_terms(bufs))
+                return bufs
+
+            if kept is None or getattr(source, "transient", False):  # new buffers, or sources
+                # made per bucket (weightsync.sources.BucketFeed), gone by replay: no graph
+                self.graph.reset()
+                bufs = pack()
+            else:  # the same launches on the same memory as last sync: one graph
+                key = (plan.buckets, tuple(b.data_ptr() for b in kept), terms.data_ptr(),
+                       tuple((s.data_ptr(), s.shape, s.stride(), s.dtype)
+                             for b in plan.buckets for s in bucket_sources(b, source)),
+                       bucket_terms)
+                self.graph.run(key, pack)
+                bufs = kept
+            if self.event is None:
+                self.event = interprocess_event()
+            self.event.record()
+            if self.share is None or kept is None or not reuse:  # kept: same handles
+                self.share = IpcDeviceShare(
+                    device_uuid=device_uuid(device),
+                    buckets=tuple(share_bucket(i, b, reusable=reuse)
+                                  for i, b in enumerate(bufs)),
+                    terms=share_bucket(-1, self.terms, reusable=reuse),
+                    event=self.event.ipc_handle())
+        self.keepalive = bufs  # staged views point at our buffers: keep them until applied
+
+    def sums(self) -> list[int]:
+        """The sender's per-bucket checksums (long done: the engines waited for them)."""
+        import torch
+
+        sizes = [b.numel() for b in self.keepalive or ()]
+        return fold_terms(sizes, self.terms.view(torch.int64).view(len(sizes), 3).tolist())
+
+    def release(self) -> None:
+        if self.keepalive is None:
+            return
+        import torch
+
+        self.keepalive = None
+        self.share = None
+        self.terms = None
+        self.graph.reset()  # its launches address the buffers freed here
+        with torch.cuda.device(self.index):
+            torch.cuda.ipc_collect()  # blocks the engines released are freed only now
+            torch.cuda.empty_cache()
+
+
 class IpcLeg(SenderLeg):
+    """Packs a copy of the buckets on every GPU the engines' workers use (a tensor-parallel
+    engine's workers each sit on a GPU of their own), each visible to this process; every
+    worker maps the copy on its own GPU. A worker on a GPU this process cannot see fails the
+    sync before anything is packed (``TransferError``: not colocated)."""
+
     name = "ipc"
     receiver = "ipc"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._keepalive: list[Any] | None = None  # this sync's CUDA-IPC buckets
-        self._handles: str | None = None  # their IpcShare, as sent (reused with them)
-        self._terms: Any = None  # the sender's checksum terms, shared with the engines
-        self._event: Any = None  # interprocess CUDA event recorded after packing
-        self._pack_graph = Replay("IPC packing")  # with reused buffers: one launch per sync
-        self._views: list[dict] = []  # packing's cached destination views per bucket
+        self._devices: dict[int, _DeviceBuckets] = {}  # local GPU index -> its buckets
+        self._placement: tuple[tuple[str, ...], tuple[int, ...]] | None = None
+        self._workers: dict[str, int] = {}  # engine -> its worker count, with the placement
+        self._handles: tuple[tuple, str] | None = None  # (the shares, their JSON as sent)
 
     def send(self, names: Sequence[str], plan: TransferPlan, source: Any,
              begun: Mapping[str, BeginReply]) -> LegOutcome:
-        import torch
+        from weightsync.transport.ipc import IpcShare
 
-        from weightsync.transport.ipc import IpcShare, interprocess_event, share_bucket
-
-        reuse = self.cfg.ipc_reuse_buffers
-        sizes = [b.nbytes for b in plan.buckets]
-        kept = self._keepalive if reuse and self._keepalive is not None and \
-            [b.numel() for b in self._keepalive] == sizes else None
-        if kept is None:
-            self._release()  # left over, or the plan's shape changed
+        gpus, bad = self._gpus_for(names)
+        if bad:
+            return LegOutcome([], {}, bad)
+        for stale in set(self._devices) - set(gpus):
+            self._devices.pop(stale).release()
         t = time.perf_counter()
-        device = torch.device("cuda", torch.cuda.current_device())
-        if kept is None or len(self._views) != len(sizes):
-            self._views = [{} for _ in sizes]
-        if self._terms is None or self._terms.numel() != 24 * len(sizes):
-            self._terms = torch.empty(24 * len(sizes), dtype=torch.uint8, device=device)
-            self._handles = None
-        terms = self._terms.view(torch.int64).view(len(sizes), 3)
-
-        def pack() -> list:
-            bufs = [pack_bucket(b, source, device, out=kept[i] if kept else None,
-                                views=self._views[i])
-                    for i, b in enumerate(plan.buckets)]
-            terms.copy_(bucket_terms(bufs))
-            return bufs
-
-        if kept is None or getattr(source, "transient", False):  # new buffers, or sources
-            # made per bucket (weightsync.sources.BucketFeed) that are gone by replay: no graph
-            self._pack_graph.reset()
-            bufs = pack()
-        else:  # the same launches on the same memory as last sync: one graph
-            key = (plan.buckets, tuple(b.data_ptr() for b in kept), terms.data_ptr(),
-                   tuple((s.data_ptr(), s.shape, s.stride(), s.dtype)
-                         for b in plan.buckets for s in bucket_sources(b, source)),
-                   bucket_terms)
-            self._pack_graph.run(key, pack)
-            bufs = kept
-        if self._event is None:
-            self._event = interprocess_event()
-        self._event.record()
+        for i in gpus:
+            self._devices.setdefault(i, _DeviceBuckets(i)).pack(plan, source,
+                                                                self.cfg.ipc_reuse_buffers)
         queued = time.perf_counter() - t
-        if self._handles is None or kept is None or not reuse:  # kept: same handles
-            self._handles = IpcShare(
-                buckets=tuple(share_bucket(i, b, reusable=reuse) for i, b in enumerate(bufs)),
-                terms=share_bucket(-1, self._terms, reusable=reuse),
-                event=self._event.ipc_handle()).model_dump_json()
+        shares = tuple(self._devices[i].share for i in gpus)
+        kept = self._handles is not None and len(self._handles[0]) == len(shares) and \
+            all(a is b for a, b in zip(self._handles[0], shares))
+        if not kept:  # kept shares (held here, so never a new object at an old address)
+            self._handles = (shares, IpcShare(devices=shares).model_dump_json())
+        handles = self._handles[1]
         seconds = {"trainer_queue": queued, "trainer_share": time.perf_counter() - t - queued}
-        apply = "atomic" if self.cfg.apply == "staged" and len(names) == 1 else self.cfg.apply
+        # one single-worker engine: verify and load in one call. Not for a tensor-parallel
+        # engine: a worker whose copy failed its check while another loaded would leave the
+        # engine half-applied; staged, every worker is verified before any loads
+        apply = "atomic" if self.cfg.apply == "staged" and len(names) == 1 and \
+            self._workers.get(names[0]) == 1 else self.cfg.apply
         t = time.perf_counter()
         ok, bad = self.receive_everywhere(names, plan.model_dump_json(),
-                                          self.request(apply, self._handles))
+                                          self.request(apply, handles))
         seconds["trainer_rpc"] = time.perf_counter() - t  # Ray call, as we saw it
-        sums = fold_terms(sizes, terms.tolist())  # long done: the engines waited for it
-        self._keepalive = bufs  # staged views point at our buffers: keep them until applied
-        return LegOutcome(sums, ok, bad, seconds)
+        return LegOutcome(self._devices[gpus[0]].sums(), ok, bad, seconds)
+
+    def _gpus_for(self, names: Sequence[str]) -> tuple[list[int], dict]:
+        """Local indices of the GPUs the engines' workers use (this process's current GPU
+        first when a worker uses it: the first GPU's checksums are the ones reported), asked
+        once per set of engines."""
+        import torch
+
+        from weightsync.transport.ipc import device_uuid
+
+        if self._placement is not None and self._placement[0] == tuple(names):
+            return list(self._placement[1]), {}
+        pending = {n: self.engines.submit(n, "engine_workers") for n in names}
+        ok, bad = self.engines.wait(pending, self.cfg.deadlines.verify)
+        if bad:
+            return [], bad
+        self._workers = {n: ok[n].workers for n in names}
+        local = {device_uuid(i): i for i in range(torch.cuda.device_count())}
+        current = torch.cuda.current_device()
+        gpus: list[int] = []
+        for n in names:
+            for rank, uuid in enumerate(ok[n].device_uuids):
+                if uuid is None:
+                    continue
+                if uuid not in local:
+                    bad[n] = TransferError(
+                        f"worker rank {rank} is on GPU {uuid}, which the trainer cannot see: "
+                        "CUDA IPC needs the trainer colocated with every worker", engine=n)
+                elif local[uuid] not in gpus:
+                    gpus.append(local[uuid])
+        # no worker named its GPU (a stand-in): the current one, as a one-GPU trainer would
+        gpus = sorted(gpus, key=lambda i: i != current) or [current]
+        if not bad:
+            self._placement = (tuple(names), tuple(gpus))
+        return gpus, bad
 
     def loaded(self) -> None:
-        """Hand this sync's buckets back to the device once every engine applied (or dropped)
+        """Hand this sync's buckets back to the devices once every engine applied (or dropped)
         them — before any engine wakes its KV cache into the same GPU. With
         ``ipc_reuse_buffers`` they are kept for the next sync."""
         if not self.cfg.ipc_reuse_buffers:
-            self._release()
+            for d in self._devices.values():
+                d.release()
 
     def close(self) -> None:
-        self._release()  # the handles were shared with engines that may be gone
-
-    def _release(self) -> None:
-        if self._keepalive is None:
-            return
-        import torch
-
-        self._keepalive = None
+        for d in self._devices.values():  # the handles were shared with engines that may
+            d.release()  # be gone
+        self._devices.clear()
+        self._placement = None
+        self._workers = {}
         self._handles = None
-        self._terms = None
-        self._pack_graph.reset()  # its launches address the buffers freed here
-        torch.cuda.ipc_collect()  # blocks the engines released are freed only now
-        torch.cuda.empty_cache()
 
 
 class IpcReceiver(ReceiverLeg):
@@ -138,11 +231,12 @@ class IpcReceiver(ReceiverLeg):
     def receive(self, plan: TransferPlan, request: ReceiveRequest) -> Incoming:
         import torch
 
-        from weightsync.transport.ipc import IpcShare, open_bucket, open_event
+        from weightsync.transport.ipc import IpcShare, device_uuid, open_bucket, open_event
 
         if request.payload is None:
             raise TransferError("an IPC receive needs the sender's IpcShare")
-        share = IpcShare.model_validate_json(request.payload)
+        share = IpcShare.model_validate_json(request.payload).on(
+            device_uuid(self.worker.device))  # this worker's GPU: the copy it opens
         if [h.index for h in share.buckets] != [b.index for b in plan.buckets]:
             raise TransferError("IPC handles do not match the plan's buckets")
         if share.terms.nbytes != 24 * len(plan.buckets):
