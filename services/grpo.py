@@ -76,6 +76,7 @@ class GrpoConfig(BaseModel):
     layers: int = Field(2, ge=1)
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
     max_logprob_gap: float = Field(0.05, gt=0)  # engine vs trainer logprobs on the same weights
+    trainer_ranks: int = Field(1, ge=1)  # > 1: FSDP2 over that many processes (grpo_ranks)
 
 
 class StepRecord(BaseModel):
@@ -360,7 +361,12 @@ def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Con
     device = resolve_device(cfg.device)
     model_dir = build_text_model(model_dir, hidden=cfg.hidden, layers=cfg.layers,
                                  heads=max(1, cfg.hidden // 64), seed=cfg.seed).resolve()
-    policy = Policy(model_dir, cfg, device)
+    if cfg.trainer_ranks > 1:  # this process is rank 0; the others start here
+        from services.grpo_ranks import ShardedPolicy
+
+        policy = ShardedPolicy.start(model_dir, cfg, device, cfg.trainer_ranks)
+    else:
+        policy = Policy(model_dir, cfg, device)
     targets = target_ids(policy.tokenizer, cfg.task)
     gpus = engine_gpus(device, cfg.engines)
     specs = [EngineSpec(name=f"grpo-engine-{i}", model=str(model_dir), dtype="float32",
@@ -377,6 +383,8 @@ def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Con
     try:
         coord = SyncCoordinator(actors, TransferConfig(backend=cfg.backend, host=cfg.sync_host,
                                                        bucket_bytes=cfg.bucket_mib << 20))
+        if cfg.trainer_ranks > 1:
+            coord = policy.syncing(coord)  # every sync is one ShardedSync across the ranks
         columns = (SpinnerColumn(), TextColumn("[bold]GRPO"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TextColumn("{task.fields[status]}"))
         with Progress(*columns, console=console) as progress:
@@ -393,6 +401,8 @@ def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Con
         final_reward = float(torch.tensor([[token_fraction_reward(r.token_ids, targets) for r in g]
                                            for g in final]).mean())
     finally:
+        if cfg.trainer_ranks > 1:
+            policy.close()
         stop_engines(actors)
     k = max(1, cfg.steps // 5)
     summary = dict(
@@ -453,6 +463,7 @@ def main(
         None, envvar="RAY_ADDRESS", help="join this Ray cluster (set by `ray job submit`)"),
     num_cpus: int = typer.Option(2, min=1, help="CPUs for a local Ray (no address)"),
     engine_logs: bool = typer.Option(False, help="forward engine actor logs to this console"),
+    trainer_ranks: int = typer.Option(1, min=1, help="FSDP2 trainer ranks (processes; CPU)"),
 ) -> None:
     import warnings
 
@@ -472,8 +483,8 @@ def main(
                          group_size=group_size, max_tokens=max_tokens, task=task, lr=lr,
                          beta=beta, clip_eps=clip_eps, epochs=epochs, seed=seed, device=device,
                          backend=backend, sync_host=sync_host, ipc=ipc, colocate=colocate,
-                         sleep_level=sleep_level,
-                         bucket_mib=bucket_mib)
+                         sleep_level=sleep_level, bucket_mib=bucket_mib,
+                         trainer_ranks=trainer_ranks)
         summary = run(cfg, run_dir, name, model_dir, console)
     finally:
         ray.shutdown()

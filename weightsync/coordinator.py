@@ -32,15 +32,16 @@ from weightsync.config import TransferConfig
 from weightsync.engine.workers import disagreeing, verify_receipt
 from weightsync.errors import (ConfigError, EngineDeadError, EngineUnresponsive,
                                IllegalStateError, ManifestError, SyncFailedError,
-                               SyncInProgressError)
+                               SyncInProgressError, TransferError, WeightSyncError)
 from weightsync.heartbeat import Heartbeat
 from weightsync.messages import BeginReply, LayoutStatus, SleepReply
 from weightsync.metrics import SyncMetrics
 from weightsync.remote import Engines, OwnedEngines, RayEngines
+from weightsync.sources import as_source
 from weightsync.transport.legs import sender_leg
-from weightsync.transport.legs.base import SenderLeg
+from weightsync.transport.legs.base import LegOutcome, SenderLeg
 from weightsync.transport.legs.external import ExternalSender
-from weightsync.transport.packing import named_tensors, plan_buckets, spec_of
+from weightsync.transport.packing import plan_buckets
 from weightsync.types import (EngineSleepReport, EngineState, EngineStatus, EngineSyncReport,
                               PauseMode, SleepResult, SyncResult, TensorSpec, TransferPlan)
 
@@ -165,7 +166,10 @@ class SyncCoordinator:
              engines: Sequence[str] | None = None, wave_size: int | None = None,
              ipc: bool = False, partial: bool = False, leg: str | None = None,
              takeover: bool = False) -> SyncResult:
-        """Sync ``weights`` (module, state dict or iterable of ``(name, tensor)``) to the fleet.
+        """Sync ``weights`` to the fleet: a ``weightsync.sources.WeightSource`` (a stream, a
+        sharded module through ``weightsync.sources.sharded.ShardedSync``), a module (a
+        transformers model goes under its checkpoint names), a state dict or an iterable of
+        ``(name, tensor)``.
 
         ``wave_size`` turns on rolling mode: engines update a wave at a time while the others
         keep serving. The transfer leg is ``leg`` by name (``weightsync.transport.legs``),
@@ -351,7 +355,7 @@ class SyncCoordinator:
         return status.owner not in (None, self.owner) and \
             (self._takeover or (status.lease_left_s is not None and status.lease_left_s < 0))
 
-    def _kernel_layout(self, names: list[str], tensors: dict) -> tuple[Any, str | None]:
+    def _kernel_layout(self, names: list[str], tensors: set[str]) -> tuple[Any, str | None]:
         """The verified kernel layout every target shares, or (None, why not)."""
         mode = self.transfer.layout
         if mode == "checkpoint":
@@ -400,21 +404,22 @@ class SyncCoordinator:
     def _sync(self, weights, pause_mode, sleep_level, engines, wave_size, leg,
               partial) -> SyncResult:
         t0 = time.perf_counter()
-        tensors = dict(named_tensors(weights))
-        if not tensors:
+        source = as_source(weights)  # metadata first: no tensor is read before the plan
+        specs = source.specs()
+        if not specs:
             raise ConfigError("no tensors to sync")
         targets = self._targets(engines)
         self._leg(leg)  # an unknown leg is a ConfigError before anything is touched
         version = self._next_version(targets)
-        layout, note = self._kernel_layout(targets, tensors)
+        layout, note = self._kernel_layout(targets, {s.name for s in specs}) \
+            if source.random_access else (None, "a streamed source is sent in its own order")
         if layout is not None:
-            sources = {p.name: [tensors[n] for n, _ in p.parts] for p in layout.params}
             plan = self._kernel_plan(layout, version)
-            tensors = sources
+            tensors = source.feed(plan, {p.name: [n for n, _ in p.parts] for p in layout.params})
         else:
-            plan = plan_buckets([spec_of(n, t) for n, t in tensors.items()],
-                                self.transfer.bucket_bytes, version)
+            plan = plan_buckets(specs, self.transfer.bucket_bytes, version)
             plan = plan.model_copy(update={"partial": partial})
+            tensors = source.feed(plan)
         waves = [targets] if not wave_size else [targets[i:i + wave_size]
                                                  for i in range(0, len(targets), wave_size)]
         results = []
@@ -443,8 +448,12 @@ class SyncCoordinator:
         dl = self.transfer.deadlines
         self._phase("transfer")
         t = time.perf_counter()
-        out = self._leg(leg).send(list(names), plan, source,
-                                  {n: r.begun for n, r in runs.items()})
+        try:
+            out = self._leg(leg).send(list(names), plan, source,
+                                      {n: r.begun for n, r in runs.items()})
+        except WeightSyncError as e:  # the source failed before the leg reached any engine
+            out = LegOutcome([], {}, {n: TransferError(f"sender failed: {e}", engine=n)
+                                      for n in names})
         transfer_s = time.perf_counter() - t
         bad = dict(out.failed)
         fence: set[str] = set()  # engines at fault themselves (their workers disagree)

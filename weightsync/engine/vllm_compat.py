@@ -160,6 +160,7 @@ def reload_weights(worker: Any, weights_iterator: Any, is_checkpoint_format: boo
     back, and the next reload starts clean. The engine is fenced either way (its weights are
     a mix) until a resync verifies.
     """
+    moe = _cpu_moe_versions(worker)
     try:
         worker.model_runner.reload_weights(
             weights_iterator=weights_iterator, is_checkpoint_format=is_checkpoint_format
@@ -168,6 +169,47 @@ def reload_weights(worker: Any, weights_iterator: Any, is_checkpoint_format: boo
         if is_checkpoint_format:
             _finish_broken_reload(worker)
         raise
+    finally:
+        _repack_cpu_moe(moe)
+
+
+def _cpu_moe_versions(worker: Any) -> list[tuple[Any, list[int]]]:
+    """The model's MoE layers whose CPU experts repack their weights after loading, with a
+    digest of their expert weights (a reload that loads a layer changes them; one that skips it
+    puts the same tensors back).
+
+    vLLM 0.32's unquantized MoE method (``_setup_kernel``) runs the experts'
+    ``process_weights_after_loading`` only on the first load: on a weight update it copies the
+    new weights into place and skips it, and the CPU experts' is where they are prepacked into
+    the grouped-GEMM layout (``cpu_prepack_moe_weight``). So after any in-place reload a CPU
+    MoE engine computed with unpacked weights read as packed (read in 0.32; GPU experts' hook
+    is a no-op by default). The digest costs a read of the expert weights per reload, on CPU
+    engines only."""
+    try:
+        modules = list(model(worker).modules())
+    except Exception:  # noqa: BLE001 - a stand-in runner has no model to inspect
+        return []
+    out = []
+    for layer in modules:
+        kernel = getattr(getattr(layer, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if experts is not None and type(experts).__module__.endswith("experts.cpu_moe") \
+                and hasattr(layer, "w13_weight"):
+            out.append((layer, _expert_digest(layer)))
+    return out
+
+
+def _expert_digest(layer: Any) -> list[int]:
+    from weightsync.transport.packing import digest_tensors
+
+    return digest_tensors([layer.w13_weight, layer.w2_weight])
+
+
+def _repack_cpu_moe(layers: list[tuple[Any, list[int]]]) -> None:
+    """Prepack the CPU MoE layers the reload loaded, as the first load did."""
+    for layer, digest in layers:
+        if _expert_digest(layer) != digest:
+            layer.quant_method.moe_kernel.fused_experts.process_weights_after_loading(layer)
 
 
 def _finish_broken_reload(worker: Any) -> None:

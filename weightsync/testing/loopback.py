@@ -32,7 +32,7 @@ class LoopbackLeg(SenderLeg):
 
     def send(self, names: Sequence[str], plan: TransferPlan, source: Any,
              begun: Mapping[str, BeginReply]) -> LegOutcome:
-        tensors = dict(named_tensors(source))
+        tensors = source if isinstance(source, Mapping) else dict(named_tensors(source))
         bufs, sums = [], []
         for bucket in plan.buckets:
             self.on_bucket(bucket.index)

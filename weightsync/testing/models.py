@@ -2,8 +2,9 @@
 
 ``build_text_model`` makes a Qwen2-style causal LM (head_dim 64, the minimum vLLM's CPU
 attention handles well) with a BPE tokenizer trained here with ``tokenizers``.
-``build_vl_model`` makes a tiny Qwen2-VL for encoder / multimodal-cache tests.
-Both are cached by directory: a second call with the same arguments returns at once.
+``build_vl_model`` makes a tiny Qwen2-VL for encoder / multimodal-cache tests, and
+``build_moe_model`` a tiny Qwen3-MoE (fused experts in memory, per-expert on disk).
+All are cached by directory: a second call with the same arguments returns at once.
 """
 
 from __future__ import annotations
@@ -149,5 +150,40 @@ def build_vl_model(out: str | os.PathLike, *, hidden: int = 128, layers: int = 2
                             video_processor=Qwen2VLVideoProcessor(**pixels),
                             chat_template=tok.chat_template)
     proc.save_pretrained(out)
+    _mark(out, key)
+    return out
+
+
+def build_moe_model(out: str | os.PathLike, *, hidden: int = 128, layers: int = 2,
+                    experts: int = 8, top_k: int = 2, moe_intermediate: int = 64,
+                    vocab_size: int = 512, dtype: str = "float32", seed: int = 0) -> Path:
+    """A tiny Qwen3-MoE with random weights. transformers 5 holds its experts fused in memory
+    (``mlp.experts.gate_up_proj``, 3-D) and saves them per expert (``mlp.experts.0.gate_proj
+    .weight``): the checkpoint has the per-expert names vLLM loads."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    out = Path(out)
+    key = dict(kind="qwen3moe", hidden=hidden, layers=layers, experts=experts, top_k=top_k,
+               inter=moe_intermediate, vocab=vocab_size, dtype=dtype, seed=seed)
+    if _done(out, key):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    _train_tokenizer(out, vocab_size)
+    cfg = Qwen3MoeConfig(
+        vocab_size=max(vocab_size, len(AutoTokenizer.from_pretrained(out))), hidden_size=hidden,
+        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=hidden // 2, intermediate_size=2 * hidden, moe_intermediate_size=moe_intermediate,
+        num_experts=experts, num_experts_per_tok=top_k, decoder_sparse_step=1,
+        norm_topk_prob=True, max_position_embeddings=2048, tie_word_embeddings=False,
+        torch_dtype=dtype, eos_token_id=0, pad_token_id=0, bos_token_id=None)
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(cfg).to(getattr(torch, dtype))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # larger-than-default init so greedy output depends on weights
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08, generator=g)
+    model.save_pretrained(out, safe_serialization=True)
     _mark(out, key)
     return out

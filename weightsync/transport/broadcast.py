@@ -12,7 +12,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 
 import torch
@@ -198,7 +198,8 @@ class BroadcastSender:
         memory: the buffers start zeroed); the receivers get and checksum the same bytes.
         ``on_bucket(k)`` is called before bucket k is sent (progress bars, fault injection).
         """
-        tensors = dict(named_tensors(weights))
+        # a mapping is the coordinator's feed (weightsync.sources): read lazily, bucket by bucket
+        tensors = weights if isinstance(weights, Mapping) else dict(named_tensors(weights))
         sums: list[int] = []
         largest = max((b.nbytes for b in plan.buckets), default=0)
         if not self._pool or self._pool[0].numel() < largest:

@@ -76,7 +76,8 @@ class _DeviceBuckets:
                 terms.copy_(bucket_terms(bufs))
                 return bufs
 
-            if kept is None:  # new buffers: nothing to replay
+            if kept is None or getattr(source, "transient", False):  # new buffers, or sources
+                # made per bucket (weightsync.sources.BucketFeed), gone by replay: no graph
                 self.graph.reset()
                 bufs = pack()
             else:  # the same launches on the same memory as last sync: one graph
