@@ -99,14 +99,7 @@ def build_text_model(out: str | os.PathLike, *, hidden: int = 128, layers: int =
             model = Qwen2ForCausalLM(cfg)
     finally:
         torch.set_default_dtype(prev)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():  # larger-than-default init so greedy output depends on weights
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.08, generator=g)
-    model.save_pretrained(out, safe_serialization=True)
-    _mark(out, key)
-    return out
+    return _init_and_save(model, out, key, seed, device)
 
 
 def build_vl_model(out: str | os.PathLike, *, hidden: int = 128, layers: int = 2,
@@ -179,8 +172,16 @@ def build_moe_model(out: str | os.PathLike, *, hidden: int = 128, layers: int = 
         torch_dtype=dtype, eos_token_id=0, pad_token_id=0, bos_token_id=None)
     torch.manual_seed(seed)
     model = Qwen3MoeForCausalLM(cfg).to(getattr(torch, dtype))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # larger-than-default init so greedy output depends on weights
+    return _init_and_save(model, out, key, seed, "cpu")
+
+
+def _init_and_save(model, out, key: str, seed: int, device: str):
+    """Seeded weights larger than the default init (so greedy output depends on them), saved as
+    safetensors and marked as built from ``key``."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.08, generator=g)
