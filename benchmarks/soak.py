@@ -5,7 +5,9 @@ engines, each followed by a new trainer's sync checked against HF. Writes JSON +
 
 Each round picks a fault: the trainer process (``weightsync.testing.dying_trainer``) SIGKILLs
 itself at a random bucket of the broadcast (staged or streaming apply), right before the
-engines apply, or after they applied; or no fault (a clean sync). After a kill, every engine
+engines apply, or after they applied; or it stops (SIGSTOP) holding a random bucket past the
+deadline and resumes (SIGCONT) once the engines recovered, when its sync must fail and change
+nothing; or no fault (a clean sync). After a kill, every engine
 must answer ``status`` throughout and, within twice the deadline, either serve its old version
 with unchanged output or be fenced with a reason. Then a new trainer syncs new weights and
 both engines must match HF: the logprob of every token an engine generates greedily, as HF
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -30,7 +34,7 @@ app = typer.Typer(add_completion=False)
 PROMPTS = ["hello world", "the quick brown fox"]
 NAMES = ("soak-a", "soak-b")
 FAULTS = ["staged mid-broadcast", "streaming mid-broadcast", "before apply", "after apply",
-          "none"]
+          "held bucket", "none"]
 
 
 def _tokens(engines) -> list:
@@ -64,13 +68,19 @@ def _kill_round(engines, gcs: str, model_dir: Path, fault: str, buckets: int, se
     apply = "streaming" if fault.startswith("streaming") else "staged"
     phase = {"before apply": "reload", "after apply": "verify"}.get(
         fault, f"bucket:{rng.randrange(buckets)}")
+    held = fault == "held bucket"
     before = _tokens(engines)
     v0 = {s.name: s.version for s in ray.get([a.status.remote() for a in engines])}
-    proc = subprocess.run([sys.executable, "-m", "weightsync.testing.dying_trainer", gcs,
-                           "weightsync-soak", str(model_dir), apply, phase, "0", str(seed),
-                           *NAMES], capture_output=True, text=True, timeout=300)
+    proc = subprocess.Popen([sys.executable, "-m", "weightsync.testing.dying_trainer", gcs,
+                             "weightsync-soak", str(model_dir), apply, phase,
+                             "stop" if held else "0", str(seed), *NAMES],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if held:
+        proc.stdout.readline()  # "stalling at bucket:i": stopped from here on
+    else:
+        proc.wait(timeout=300)
     killed = time.monotonic()
-    row = {"fault": fault, "apply": apply, "phase": phase, "trainer_rc": proc.returncode}
+    row = {"fault": fault, "apply": apply, "phase": phase}
     settled = {EngineState.SERVING, EngineState.FENCED}
     while True:  # status must answer throughout
         statuses = ray.get([a.status.remote() for a in engines], timeout=5)
@@ -80,6 +90,13 @@ def _kill_round(engines, gcs: str, model_dir: Path, fault: str, buckets: int, se
             break
         time.sleep(0.1)
     row["recovery_s"] = time.monotonic() - killed
+    if held:  # back from its stall: its sync fails, and touches nothing
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.wait(timeout=120)
+        statuses = ray.get([a.status.remote() for a in engines], timeout=5)
+    row["trainer_rc"] = proc.returncode
+    proc.stdout.close()
+    proc.stderr.close()
     row["limit_s"] = 2 * DEADLINE_S
     row["states"] = {s.name: s.state.value for s in statuses}
     row["reasons"] = {s.name: s.fenced_reason for s in statuses if s.fenced_reason}
@@ -156,6 +173,8 @@ def main(rounds: int = typer.Option(20, min=1), seed: int = typer.Option(0),
         "all_within_limit": all(x["recovery_s"] <= x["limit_s"] for x in kills),
         "all_consistent": all(x["consistent"] and x["output_unchanged"] is not False
                               for x in kills),
+        "held_trainers_failed_cleanly": all(x["trainer_rc"] == 3 for x in kills
+                                            if x["fault"] == "held bucket"),
         "resync_failures": sum(not x["resync_ok"] for x in result["rounds"]),
         "worst_resync_gap_to_hf": max(x["resync_gap_to_hf"] for x in result["rounds"]),
         "all_resyncs_match_hf": all(x["resync_ok"] and x["resync_gap_to_hf"] < 1e-3

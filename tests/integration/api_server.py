@@ -63,7 +63,8 @@ N_TOK = 8
 def outputs(actor):
     import ray
 
-    return ray.get(actor.generate.remote(PROMPTS, max_tokens=N_TOK, logprobs=True), timeout=120)
+    return ray.get(actor.generate.remote(PROMPTS, max_tokens=N_TOK, logprobs=True,
+                                         ignore_eos=True), timeout=120)
 
 
 def assert_matches_hf(outs, ref) -> None:

@@ -24,7 +24,7 @@ PROMPTS = ["hello world", "one two three"]
 
 def _tokens(actor, n=8):
     return [list(o.token_ids) for o in
-            ray.get(actor.generate.remote(PROMPTS, max_tokens=n), timeout=120)]
+            ray.get(actor.generate.remote(PROMPTS, max_tokens=n, ignore_eos=True), timeout=120)]
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,8 @@ def test_rolling_waves_keep_serving_and_stamp_one_version(fleet, coord, policy):
     def client(actor):
         while not stop.is_set():
             try:
-                results.extend(ray.get(actor.generate.remote(PROMPTS, max_tokens=16), timeout=120))
+                results.extend(ray.get(actor.generate.remote(PROMPTS, max_tokens=16,
+                                                             ignore_eos=True), timeout=120))
             except Exception as e:  # noqa: BLE001 - collected and asserted below
                 errors.append(e)
 

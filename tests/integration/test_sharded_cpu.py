@@ -10,15 +10,14 @@ import logging
 import pytest
 import ray
 
+from tests.integration.api_server import assert_parity
 from tests.unit.test_sharded_protocol import run_ranks
 from weightsync.config import TransferConfig
 from weightsync.coordinator import SyncCoordinator
-from weightsync.testing.reference import greedy, load_trainer_model, perturb_
+from weightsync.testing.reference import load_trainer_model, perturb_
 
 pytestmark = pytest.mark.integration
 logger = logging.getLogger(__name__)
-PROMPTS = ["hello world", "the quick brown fox", "one two three"]
-N_TOK = 8
 SEED = 5151
 BUCKET = 256 << 10
 
@@ -34,14 +33,7 @@ def _run(tmp_path, tiny_model, seed: int, *extra: str) -> dict[int, dict]:
 def _assert_engines_serve(fleet, tiny_model, tokenizer, seed: int, version: int) -> None:
     policy = load_trainer_model(tiny_model)
     perturb_(policy, scale=0.3, seed=seed)  # what every rank held, unsharded
-    ref = greedy(policy, tokenizer, PROMPTS, N_TOK)
-    for actor in fleet:
-        outs = ray.get(actor.generate.remote(PROMPTS, max_tokens=N_TOK, logprobs=True),
-                       timeout=120)
-        for o, (toks, lps) in zip(outs, ref, strict=True):
-            assert list(o.token_ids) == toks
-            assert max(abs(a - b) for a, b in zip(o.logprobs, lps, strict=True)) < 1e-3
-            assert o.version == version
+    assert_parity(fleet, policy, tokenizer, version)
 
 
 def test_two_fsdp2_ranks_sync_into_two_vllm_engines_that_match_hf(fleet, tiny_model, tokenizer,

@@ -20,7 +20,8 @@ N_TOK = 8
 
 
 def _engine_outputs(actor):
-    return ray.get(actor.generate.remote(PROMPTS, max_tokens=N_TOK, logprobs=True), timeout=120)
+    return ray.get(actor.generate.remote(PROMPTS, max_tokens=N_TOK, logprobs=True,
+                                         ignore_eos=True), timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +112,12 @@ def test_a_prompt_prefix_cached_before_a_sync_is_never_served_after_it(fleet, co
     long = " ".join(["weights move from the trainer into the engines"] * 12)
     actor = fleet[0]
     assert coord.sync(policy).ok  # caches known clean: only what runs next can fill them
-    first = ray.get(actor.generate.remote([long, long], max_tokens=4, logprobs=True), timeout=120)
+    first = ray.get(actor.generate.remote([long, long], max_tokens=4, logprobs=True,
+                                          ignore_eos=True), timeout=120)
     assert first[0].token_ids == first[1].token_ids  # the second request hit the cached prefix
     perturb_(policy, scale=0.3, seed=31)
     res = coord.sync(policy)
     assert any("reset_caches: vLLM cleared them" in s for s in res.engines[0].skipped)
-    (out,) = ray.get(actor.generate.remote([long], max_tokens=4, logprobs=True), timeout=120)
+    (out,) = ray.get(actor.generate.remote([long], max_tokens=4, logprobs=True,
+                                           ignore_eos=True), timeout=120)
     _assert_matches_hf([out], greedy(policy, tokenizer, [long], 4))

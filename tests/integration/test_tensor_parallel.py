@@ -40,7 +40,8 @@ def tp_fleet(fleet, tiny_model):
 
 
 def _outputs(actor):
-    return ray.get(actor.generate.remote(PROMPTS, max_tokens=N_TOK, logprobs=True), timeout=120)
+    return ray.get(actor.generate.remote(PROMPTS, max_tokens=N_TOK, logprobs=True,
+                                         ignore_eos=True), timeout=120)
 
 
 def _sync(coord, policy, **kw):
