@@ -139,6 +139,7 @@ def _gather_rank(rank: int, world: int, port: int, out: str) -> None:
         ok = all(v is None for v in got.values())
     Path(out, f"gather{rank}.json").write_text(json.dumps({"ok": bool(ok), "bytes": sent,
                                                            "refused": refused}))
+    dist.barrier()  # no rank tears gloo down while its peer still talks (seen: SIGABRT)
     dist.destroy_process_group()
 
 
@@ -192,6 +193,7 @@ def _moe_rank(rank: int, world: int, port: int, out: str) -> None:
         ok = set(got) == set(saved) and all(torch.equal(got[n], saved[n]) for n in saved)
     Path(out, f"moe{rank}.json").write_text(json.dumps({
         "ok": bool(ok), "buckets": len(plan.buckets), "peak": source.peak_gathered_bytes}))
+    dist.barrier()  # no rank tears gloo down while its peer still talks (seen: SIGABRT)
     dist.destroy_process_group()
 
 
