@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import signal
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -177,8 +178,12 @@ def main() -> None:
         report["bucket_bytes"] = args.bucket_bytes
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{args.rank}.json").write_text(json.dumps(report))
-    if args.world > 1:
+    if args.world > 1 and all(s["ok"] for s in report["syncs"]):
+        dist.barrier()  # every rank is done talking before gloo goes
         dist.destroy_process_group()
+    elif args.world > 1:  # a peer may be dead: gloo's teardown over a broken pair can abort
+        sys.stdout.flush()  # the process ('terminate called without an active exception')
+        os._exit(0)
 
 
 if __name__ == "__main__":
