@@ -33,8 +33,9 @@ from weightsync.engine.workers import disagreeing, verify_receipt
 from weightsync.errors import (ConfigError, EngineDeadError, EngineUnresponsive,
                                IllegalStateError, ManifestError, SyncFailedError,
                                SyncInProgressError, TransferError, WeightSyncError)
+from weightsync.colocation import Colocation
 from weightsync.heartbeat import Heartbeat
-from weightsync.messages import BeginReply, LayoutStatus, SleepReply
+from weightsync.messages import BeginReply, LayoutStatus
 from weightsync.metrics import SyncMetrics
 from weightsync.remote import Engines, OwnedEngines, RayEngines
 from weightsync.sources import as_source
@@ -42,8 +43,8 @@ from weightsync.transport.legs import sender_leg
 from weightsync.transport.legs.base import LegOutcome, SenderLeg
 from weightsync.transport.legs.external import ExternalSender
 from weightsync.transport.packing import plan_buckets
-from weightsync.types import (EngineSleepReport, EngineState, EngineStatus, EngineSyncReport,
-                              PauseMode, SleepResult, SyncResult, TensorSpec, TransferPlan)
+from weightsync.types import (EngineState, EngineStatus, EngineSyncReport, PauseMode, SyncResult,
+                              TensorSpec, TransferPlan)
 
 __all__ = ["ExternalSender", "SyncCoordinator"]
 
@@ -89,7 +90,7 @@ class _Run:
     note: str | None = None  # why it rolled back, when it did
 
 
-class SyncCoordinator:
+class SyncCoordinator(Colocation):
     """Drives weight syncs over a fixed set of engines. Thread-safe; one sync at a time.
 
     ``engines``: engine actor handles, or any ``weightsync.remote.Engines``.
@@ -248,66 +249,6 @@ class SyncCoordinator:
         for leg in self._legs.values():
             leg.close()
         self._beat.close()
-
-    # ---- the colocated loop: sleep -> train -> sync into the sleeping engines ----------------
-    def sleep(self, level: int = 1, *, engines: Sequence[str] | None = None,
-              pause_mode: PauseMode = "abort") -> SleepResult:
-        """Put the engines to sleep so the trainer can use their device memory: level 1
-        offloads the weights to host memory, level 2 discards them (the next ``sync`` brings
-        new ones); both release the KV cache. The next ``sync`` goes straight into the
-        sleeping engines (wake weights -> transfer -> reload -> verify -> wake KV cache ->
-        resume); ``wake`` wakes them without one.
-
-        Every target must be serving or paused, or nothing is touched
-        (``IllegalStateError``). The engines stay this coordinator's while it lives (its
-        heartbeat renews their lease); if its process dies they serve again (level 1) or stay
-        asleep fenced (level 2). On CPU, where vLLM has no sleep mode, engines only pause and
-        each report says why nothing was freed."""
-        if level not in (1, 2):
-            raise ConfigError(f"sleep level must be 1 or 2, not {level}")
-        with self._exclusive():
-            t0 = time.perf_counter()
-            targets = self._targets(engines)
-            self._require(targets, {EngineState.SERVING, EngineState.PAUSED}, "sleep")
-            dl = self.transfer.deadlines
-            self._phase("sleep")
-            self._beat.sleeping(targets, True)
-            ok, bad = self._call("sleep", targets, level, pause_mode, owner=self.owner,
-                                 lease_s=dl.lease, deadline_s=dl.sleep, timeout=dl.sleep * 1.5)
-            self._beat.sleeping(bad, False)
-            if bad:
-                logger.error("sleep failed on %s (asleep: %s)", sorted(bad), sorted(ok))
-                raise next(iter(bad.values()))
-            replies: dict[str, SleepReply] = ok
-            return SleepResult(level=level, seconds={"total": time.perf_counter() - t0},
-                               engines=tuple(EngineSleepReport(engine=n, **r.model_dump())
-                                             for n, r in replies.items()))
-
-    def wake(self, *, engines: Sequence[str] | None = None,
-             tags: Sequence[str] | None = None) -> list[EngineStatus]:
-        """Wake sleeping engines without a sync (``tags``: "weights" and/or "kv_cache"; all
-        when None). They serve once both are awake; weights that sleep level 2 discarded
-        cannot be served, so such an engine is fenced until a sync."""
-        with self._exclusive():
-            targets = self._targets(engines)
-            self._require(targets, {EngineState.ASLEEP, EngineState.WEIGHTS_AWAKE}, "wake up")
-            dl = self.transfer.deadlines
-            ok, bad = self._call("wake_up", targets, list(tags) if tags else None,
-                                 deadline_s=dl.wake, timeout=dl.wake * 1.5)
-            self._beat.sleeping([n for n, st in ok.items()
-                                 if st.state not in (EngineState.ASLEEP,
-                                                     EngineState.WEIGHTS_AWAKE)], False)
-            if bad:
-                raise next(iter(bad.values()))
-            return [ok[n] for n in targets]
-
-    def _require(self, targets: Sequence[str], allowed: set[EngineState], op: str) -> None:
-        for st in self.statuses():
-            if st.name in targets and st.state not in allowed:
-                raise IllegalStateError(
-                    f"cannot {op} while {st.state.value} (needs "
-                    f"{'/'.join(sorted(s.value for s in allowed))}); no engine was touched",
-                    engine=st.name)
 
     # ---- the protocol ------------------------------------------------------------------------
     @contextlib.contextmanager
