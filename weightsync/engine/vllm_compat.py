@@ -186,17 +186,20 @@ def _cpu_moe_versions(worker: Any) -> list[tuple[Any, list[int]]]:
     is a no-op by default). The digest costs a read of the expert weights per reload, on CPU
     engines only."""
     try:
-        modules = list(model(worker).modules())
+        m = model(worker)
     except Exception:  # noqa: BLE001 - a stand-in runner has no model to inspect
         return []
-    out = []
-    for layer in modules:
-        kernel = getattr(getattr(layer, "quant_method", None), "moe_kernel", None)
-        experts = getattr(kernel, "fused_experts", None)
-        if experts is not None and type(experts).__module__.endswith("experts.cpu_moe") \
-                and hasattr(layer, "w13_weight"):
-            out.append((layer, _expert_digest(layer)))
-    return out
+    cached = getattr(worker, "_ws_cpu_moe_layers", None)
+    if cached is None or cached[0] is not m:  # found once per model, not on every reload
+        layers = []
+        for layer in m.modules():
+            kernel = getattr(getattr(layer, "quant_method", None), "moe_kernel", None)
+            experts = getattr(kernel, "fused_experts", None)
+            if experts is not None and type(experts).__module__.endswith("experts.cpu_moe") \
+                    and hasattr(layer, "w13_weight"):
+                layers.append(layer)
+        cached = worker._ws_cpu_moe_layers = (m, layers)
+    return [(layer, _expert_digest(layer)) for layer in cached[1]]
 
 
 def _expert_digest(layer: Any) -> list[int]:

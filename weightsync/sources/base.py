@@ -56,10 +56,14 @@ class TensorsSource(WeightSource):
     """Named tensors all held already (a module's parameters, a state dict): the feed is a
     dict of them, as the legs always packed from."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, tensors: Mapping[str, torch.Tensor],
+                 specs: Sequence[TensorSpec] | None = None) -> None:
         self.tensors = dict(tensors)
+        self._specs = list(specs) if specs is not None else None
 
     def specs(self) -> list[TensorSpec]:
+        if self._specs is not None:
+            return list(self._specs)
         return [spec_of(n, t) for n, t in self.tensors.items()]
 
     def feed(self, plan: TransferPlan, parts: Parts | None = None) -> Mapping[str, Any]:
@@ -226,10 +230,10 @@ class ModuleSource(WeightSource):
         if sharded is not None:  # its shards are not the tensors: every rank must take part
             raise ConfigError(f"{sharded} is sharded (a DTensor): sync a sharded module with "
                               "weightsync.sources.sharded.ShardedSync on every rank")
-        names = CheckpointNames.of(module, [spec_of(n, t) for n, t in named.items()]) \
-            if convert else None
+        specs = [spec_of(n, t) for n, t in named.items()]  # once: the plain path reuses them
+        names = CheckpointNames.of(module, specs) if convert else None
         self.producer = ModuleTensors(named, names) if names is not None else None
-        self._plain = TensorsSource(named) if names is None else None
+        self._plain = TensorsSource(named, specs) if names is None else None
 
     def specs(self) -> list[TensorSpec]:
         return self._plain.specs() if self._plain else self.producer.specs()
