@@ -99,3 +99,88 @@ def test_kernel_plan_keeps_its_buckets_across_versions():
     assert second.buckets is first.buckets
     other = SyncCoordinator._kernel_plan(coord, layout.model_copy(), 5)
     assert other.buckets is not first.buckets and other.buckets == first.buckets
+
+
+def _moe_like(experts=4, h=8, inter=6, prefix="experts.routed_experts."):
+    """A Qwen3-MoE layer as vLLM 0.24 holds it (fused 3-D expert parameters) and its checkpoint
+    (per-expert tensors), with vLLM's expert mapping (``get_expert_mapping``)."""
+    m = "model.layers.0.mlp"
+    ckpt = {f"{m}.gate.weight": _s(f"{m}.gate.weight", (experts, h))}
+    for e in range(experts):
+        for w, sh in (("gate_proj", (inter, h)), ("up_proj", (inter, h)),
+                      ("down_proj", (h, inter))):
+            n = f"{m}.experts.{e}.{w}.weight"
+            ckpt[n] = _s(n, sh)
+    vllm = {f"{m}.gate.weight": _s(f"{m}.gate.weight", (experts, h)),
+            f"{m}.{prefix}w13_weight": _s(f"{m}.{prefix}w13_weight", (experts, 2 * inter, h)),
+            f"{m}.{prefix}w2_weight": _s(f"{m}.{prefix}w2_weight", (experts, h, inter))}
+    mapping = [(f"{prefix}w13_" if w in ("gate_proj", "up_proj") else f"{prefix}w2_",
+                f"experts.{e}.{w}.", e, shard)
+               for e in range(experts)
+               for shard, w in (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))]
+    return vllm, ckpt, mapping
+
+
+def test_moe_experts_stack_into_vllms_fused_parameters():
+    vllm, ckpt, mapping = _moe_like()
+    m = "model.layers.0.mlp"
+    by = {p.name: p for p in derive_layout(vllm, ckpt, PACKED, experts=mapping).params}
+    w13 = by[f"{m}.experts.routed_experts.w13_weight"]
+    assert [n for n, _ in w13.parts[:4]] == [
+        f"{m}.experts.0.gate_proj.weight", f"{m}.experts.0.up_proj.weight",
+        f"{m}.experts.1.gate_proj.weight", f"{m}.experts.1.up_proj.weight"]
+    assert [r for _, r in w13.parts] == [6] * 8
+    assert [n for n, _ in by[f"{m}.experts.routed_experts.w2_weight"].parts] == [
+        f"{m}.experts.{e}.down_proj.weight" for e in range(4)]
+    with pytest.raises(LayoutUnavailable, match="no checkpoint source"):  # no mapping known
+        derive_layout(vllm, ckpt, PACKED)
+
+
+def test_moe_expert_that_does_not_fit_its_fused_parameter_is_refused():
+    vllm, ckpt, mapping = _moe_like()
+    n = "model.layers.0.mlp.experts.2.up_proj.weight"
+    ckpt[n] = _s(n, (6, 9))
+    with pytest.raises(LayoutUnavailable, match="does not stack"):
+        derive_layout(vllm, ckpt, PACKED, experts=mapping)
+    vllm, ckpt, mapping = _moe_like()
+    del ckpt["model.layers.0.mlp.experts.3.down_proj.weight"]
+    with pytest.raises(LayoutUnavailable, match="checkpoint has no"):
+        derive_layout(vllm, ckpt, PACKED, experts=mapping)
+
+
+def test_fused_experts_pack_as_one_copy_and_equal_the_fused_tensor():
+    """The trainer holds experts fused (transformers 5: ``gate_up_proj [E, 2I, H]``, gate rows
+    then up rows per expert — vLLM's ``w13`` layout); split into per-expert checkpoint views
+    and packed back in kernel layout, each fused tensor is one copy, not 2E."""
+    from weightsync.transport.packing import copy_runs
+
+    vllm, ckpt, mapping = _moe_like()
+    layout = derive_layout(vllm, ckpt, PACKED, experts=mapping)
+    m = "model.layers.0.mlp"
+    g = torch.Generator().manual_seed(1)
+    gate_up, down, router = (torch.randn(*sh, generator=g).to(torch.bfloat16)
+                             for sh in ((4, 12, 8), (4, 8, 6), (4, 8)))
+    tensors = {f"{m}.gate.weight": router}
+    for e in range(4):
+        tensors[f"{m}.experts.{e}.gate_proj.weight"] = gate_up[e, :6]
+        tensors[f"{m}.experts.{e}.up_proj.weight"] = gate_up[e, 6:]
+        tensors[f"{m}.experts.{e}.down_proj.weight"] = down[e]
+    sources = {p.name: [tensors[n] for n, _ in p.parts] for p in layout.params}
+    plan = plan_buckets([layout.spec(p) for p in layout.params], 1 << 20, 1)
+    views: dict = {}
+    got = dict(unpack_bucket(plan.buckets[0],
+                             pack_bucket(plan.buckets[0], sources, "cpu", views=views)))
+    assert torch.equal(got[f"{m}.experts.routed_experts.w13_weight"], gate_up)
+    assert torch.equal(got[f"{m}.experts.routed_experts.w2_weight"], down)
+    assert [len(r) for r in views["merged"][2]] == [1, 8, 4]  # router, w13, w2: 3 copies
+    # slices of separate tensors never merge, even when they happen to be adjacent
+    a = torch.randn(8)
+    assert [len(r) for r in copy_runs([a[:4], a[4:]], [torch.randn(4), torch.randn(4)])] == [1, 1]
+    assert [len(r) for r in copy_runs([a[:4], a[4:]], [a[:4], a[4:]])] == [2]
+    # the same parts in another order are copied one by one, into the right rows
+    swapped = dict(sources)
+    w13 = f"{m}.experts.routed_experts.w13_weight"
+    swapped[w13] = [sources[w13][i ^ 1] for i in range(8)]  # up rows before gate rows
+    got = dict(unpack_bucket(plan.buckets[0], pack_bucket(plan.buckets[0], swapped, "cpu",
+                                                          views=views)))
+    assert torch.equal(got[w13], gate_up.view(4, 2, 6, 8).flip(1).reshape(4, 12, 8))

@@ -69,6 +69,55 @@ def test_moe_conversion_equals_transformers_revert_weight_conversion(moe):
     assert all(torch.equal(got[n], want[n]) for n in want)
 
 
+def test_moe_experts_are_fed_as_views_of_the_fused_tensors_without_copies(moe):
+    """transformers' own conversion copies every fused expert tensor (``Chunk`` makes its
+    chunks contiguous); the source instead feeds views of the in-memory tensors, found by
+    running the same conversion on a probe and checked once against the real one."""
+    from weightsync.sources.hf_names import CheckpointNames
+    from weightsync.transport.packing import named_tensors
+
+    _, model = moe
+    fused = model.model.layers[1].mlp.experts.gate_up_proj
+    source = ModuleSource(model)
+    assert source.producer is None  # no per-bucket conversion
+    feed = source.feed(plan_buckets(source.specs(), 1 << 20, 1))
+    up3 = feed["model.layers.1.mlp.experts.3.up_proj.weight"]
+    inter = up3.shape[0]
+    assert up3.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    assert torch.equal(up3, fused[3, inter:])
+    assert ModuleSource(model).feed(plan_buckets(source.specs(), 1 << 20, 1))[
+        "model.layers.1.mlp.experts.3.up_proj.weight"] is up3  # kept while nothing moved
+    with torch.no_grad():
+        fused[3].mul_(2.0)  # an optimizer step, in place: the views see it
+    assert torch.equal(up3, fused[3, inter:])
+    # the views are what transformers' conversion makes, and what the bucket-at-a-time
+    # producer (used when no views exist, and by sharded sources) makes
+    named = dict(named_tensors(model))
+    names = CheckpointNames.of(model, [spec_of(n, t) for n, t in named.items()])
+    views = names.views(named)
+    assert names.verify_views(views, named) is None
+    producer = ModuleTensors(named, names)
+    made = producer.produce([s.name for s in names.specs])
+    assert all(torch.equal(made[n], views[n]) for n in views)
+    wrong = dict(views)
+    wrong["model.layers.0.mlp.experts.0.gate_proj.weight"] = views[
+        "model.layers.0.mlp.experts.0.up_proj.weight"]
+    assert "experts.0.gate_proj" in names.verify_views(wrong, named)
+
+
+def test_replaced_parameters_get_new_views(moe):
+    _, model = moe
+    experts = model.model.layers[0].mlp.experts
+    before = ModuleSource(model).feed(None)["model.layers.0.mlp.experts.0.down_proj.weight"]
+    old = experts.down_proj
+    experts.down_proj = torch.nn.Parameter(old.detach() + 1.0)  # not in place
+    try:
+        after = ModuleSource(model).feed(None)["model.layers.0.mlp.experts.0.down_proj.weight"]
+        assert torch.equal(after, old[0] + 1.0) and not torch.equal(after, before)
+    finally:
+        experts.down_proj = old
+
+
 def test_vl_tower_goes_under_the_checkpoint_names(tmp_path):
     """A Qwen2-VL held by transformers 5 (``model.visual.*``, ``model.language_model.*``).
     Built here rather than by ``build_vl_model``: its processor needs torchvision, which the
@@ -108,12 +157,14 @@ def test_a_model_saved_as_it_is_held_feeds_its_own_tensors(tiny_model):
 
 
 def test_conversion_failure_is_a_manifest_error_naming_the_tensor(moe):
+    from weightsync.sources.hf_names import CheckpointNames
+
     _, model = moe
-    source = ModuleSource(model)
-    group = source.producer.names.group_of["model.layers.0.mlp.experts.0.gate_proj.weight"]
+    names = CheckpointNames.of(model, ModuleSource(model, convert=False).specs())
+    group = names.group_of["model.layers.0.mlp.experts.0.gate_proj.weight"]
     tensors = {n: torch.zeros(3) for n in group.sources}  # not the shape the transform needs
     with pytest.raises(ManifestError, match="model.layers.0.mlp.experts.gate_up_proj"):
-        source.producer.names.convert(group, tensors)
+        names.convert(group, tensors)
 
 
 def test_stream_is_never_collected_and_checked_against_its_specs():

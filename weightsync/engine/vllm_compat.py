@@ -370,3 +370,17 @@ def model(worker: Any) -> Any:
 def packed_modules(worker: Any) -> dict[str, list[str]]:
     """The model's ``packed_modules_mapping`` (fused module -> checkpoint modules)."""
     return dict(getattr(model(worker), "packed_modules_mapping", {}) or {})
+
+
+def expert_mapping(worker: Any) -> list[tuple[str, str, int, str]]:
+    """The model's MoE expert mapping, as its ``load_weights`` uses it: ``(fused parameter
+    prefix, checkpoint prefix, expert id, shard)`` — e.g. ``("experts.w13_", "experts.0
+    .gate_proj.", 0, "w1")`` — or none for a dense model (or one that names no mapping)."""
+    get = getattr(model(worker), "get_expert_mapping", None)
+    if get is None:
+        return []
+    try:
+        return [tuple(e) for e in get()]
+    except Exception:  # noqa: BLE001 - a model that cannot tell keeps the checkpoint path
+        logger.warning("the model's expert mapping is unavailable", exc_info=True)
+        return []

@@ -397,7 +397,7 @@ class WeightSyncWorkerExtension:
             packed = vllm_compat.packed_modules(self)
             try:
                 st["layout"] = derive_layout(self._vllm_specs(), self._expected(), packed,
-                                             self._tied())
+                                             self._tied(), vllm_compat.expert_mapping(self))
                 st["layout_status"] = LayoutStatus(
                     candidate=True, verified=False,
                     reason="not yet verified by a checkpoint-format load")

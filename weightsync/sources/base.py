@@ -15,6 +15,7 @@ pairs, or a source) into a source.
 
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -217,6 +218,12 @@ class ModuleTensors(Producer):
         self._live.clear()
 
 
+#: per module, the checkpoint-named views of its tensors and what they were made from (a
+#: module whose tensors are replaced, not updated in place, keeps the old ones referenced here
+#: until its next sync)
+_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class ModuleSource(WeightSource):
     """A module's parameters and persistent buffers (tied ones once), under checkpoint names:
     a transformers model whose in-memory layout differs from its checkpoint (fused MoE experts,
@@ -230,10 +237,28 @@ class ModuleSource(WeightSource):
         if sharded is not None:  # its shards are not the tensors: every rank must take part
             raise ConfigError(f"{sharded} is sharded (a DTensor): sync a sharded module with "
                               "weightsync.sources.sharded.ShardedSync on every rank")
+        self.producer: ModuleTensors | None = None
+        self._plain: TensorsSource | None = None
+        key = (convert, tuple((n, t.data_ptr(), t.shape, t.stride(), t.dtype)
+                              for n, t in named.items()))
+        kept = _VIEWS.get(module)
+        if kept is not None and kept[0] == key:  # the same tensors as last sync: same views
+            self._plain = kept[1]
+            return
         specs = [spec_of(n, t) for n, t in named.items()]  # once: the plain path reuses them
         names = CheckpointNames.of(module, specs) if convert else None
-        self.producer = ModuleTensors(named, names) if names is not None else None
-        self._plain = TensorsSource(named, specs) if names is None else None
+        if names is None:
+            self._plain = TensorsSource(named, specs)
+            return
+        views = names.views(named)
+        if views is not None and names.verify_views(views, named) is None:
+            # checkpoint tensors as views of the module's own: no conversion, no copy, and
+            # kept for the next sync while the module's tensors stay where they are (an
+            # optimizer updates them in place)
+            self._plain = TensorsSource(views, names.specs)
+            _VIEWS[module] = (key, self._plain)
+        else:
+            self.producer = ModuleTensors(named, names)
 
     def specs(self) -> list[TensorSpec]:
         return self._plain.specs() if self._plain else self.producer.specs()

@@ -133,6 +133,66 @@ class CheckpointNames:
                                 f", expected {sorted(want)[:4]}")
         return out
 
+    def views(self, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Every checkpoint tensor as a view of the in-memory tensor it comes from, where the
+        conversion only renames or slices whole rows out of one tensor (fused MoE experts
+        split per expert, renamed towers) — else None, and ``convert`` makes them per bucket.
+
+        transformers' own ops copy (``Chunk`` makes its chunks contiguous): a whole fused
+        expert tensor per layer and sync. Which rows each output takes is found by running
+        the same reversed transform on a probe — the source with its last dimension cut to 2,
+        holding each element's index — so no table per model is needed; an output whose probe is
+        not one run of consecutive rows (or whose shape does not follow) means no views. The
+        views are then checked once against transformers' real conversion (``verify_views``).
+        """
+        out: dict[str, torch.Tensor] = {}
+        for group in self.groups:
+            if group.renames_only:
+                out[group.outputs[0].name] = named[group.sources[0]]
+                continue
+            if len(group.sources) != 1:
+                return None
+            src = named[group.sources[0]]
+            if src.dim() < 1 or not src.is_contiguous():
+                return None
+            width = src.shape[-1] if src.dim() > 1 else 1
+            rows = src.numel() // width if width else 0
+            # the probe: 2 columns (a size-1 dimension could be squeezed), each element its
+            # index in a [rows, 2] matrix; an output taking whole rows holds a run of them
+            lead = tuple(src.shape[:-1]) if src.dim() > 1 else (rows,)
+            probe = torch.arange(rows * 2, dtype=torch.float64).view(*lead, 2)
+            try:
+                got = _apply(self.model, group, {group.sources[0]: probe})
+            except ManifestError:
+                return None
+            flat = src.view(-1, width)
+            for o in group.outputs:
+                p = got.get(o.name)
+                want = (*o.shape[:-1], 2) if src.dim() > 1 else (*o.shape, 2)
+                if p is None or tuple(p.shape) != want or (src.dim() > 1 and
+                                                           o.shape[-1] != width):
+                    return None
+                idx = p.reshape(-1)
+                first = int(idx[0]) if idx.numel() else 0
+                if first % 2 or not torch.equal(
+                        idx, torch.arange(first, first + idx.numel(), dtype=torch.float64)):
+                    return None
+                out[o.name] = flat[first // 2:(first + idx.numel()) // 2].view(o.shape)
+        return out
+
+    def verify_views(self, views: dict[str, torch.Tensor], named: dict[str, torch.Tensor]
+                     ) -> str | None:
+        """Compare ``views`` with transformers' own conversion of ``named``, a group at a time;
+        the first difference, or None."""
+        for group in self.groups:
+            if group.renames_only:
+                continue
+            real = self.convert(group, {n: named[n] for n in group.sources})
+            for name, t in real.items():
+                if not torch.equal(views[name], t):
+                    return f"{name} differs from transformers' conversion"
+        return None
+
 
 def _apply(model, group: Group, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``group``'s reversed transform on ``tensors``, as ``revert_weight_conversion`` runs it

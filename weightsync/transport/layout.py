@@ -2,9 +2,13 @@
 
 vLLM fuses checkpoint tensors at load time (``q_proj``/``k_proj``/``v_proj`` -> ``qkv_proj``,
 ``gate_proj``/``up_proj`` -> ``gate_up_proj``), declared per model in its own
-``packed_modules_mapping``. From that mapping, the engine's parameter specs and the checkpoint
-headers we derive, once, which checkpoint tensors make up each vLLM parameter and in which row
-ranges. The trainer then packs buckets already in vLLM's layout and the engine copies them
+``packed_modules_mapping``, and stacks MoE experts into fused 3-D parameters (``experts.{e}
+.gate_proj``/``up_proj`` -> ``w13_weight[e]``, ``down_proj`` -> ``w2_weight[e]``), declared by the
+model's ``get_expert_mapping()``. From those mappings, the engine's parameter specs and the
+checkpoint headers we derive, once, which checkpoint tensors make up each vLLM parameter and in
+which row ranges (a part of lower rank than its parameter stacks along the parameter's
+flattened leading dimensions: 128 experts' ``[768, 2048]`` gate and up rows make a
+``[128, 1536, 2048]`` ``w13_weight``). The trainer then packs buckets already in vLLM's layout and the engine copies them
 straight into its parameters (what ``reload_weights(is_checkpoint_format=False)`` does, as
 batched copies: ``worker_ext._kernel_targets``), skipping the
 per-tensor weight loaders.
@@ -18,6 +22,8 @@ shards) means no layout, and syncs keep the checkpoint-format path.
 from __future__ import annotations
 
 import hashlib
+import math
+from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -25,7 +31,8 @@ from weightsync.types import TensorSpec
 
 
 class KernelParam(BaseModel):
-    """One vLLM parameter and the checkpoint tensors stacked (dim 0) to form it."""
+    """One vLLM parameter and the checkpoint tensors stacked (dim 0) to form it: ``rows`` count
+    in the parameter viewed as ``(-1, *part.shape[1:])``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -52,8 +59,30 @@ class LayoutUnavailable(ValueError):
     """The kernel layout cannot be derived; the message says why."""
 
 
+Expert = tuple[str, str, int, str]  # vLLM's (param prefix, checkpoint prefix, expert, shard)
+
+
+def expert_parts(name: str, experts: Sequence[Expert]) -> list[str] | None:
+    """The checkpoint tensors vLLM's expert mapping stacks into the fused expert parameter
+    ``name`` (``...mlp.experts.w13_weight``: every expert's gate rows then up rows, experts in
+    order), or None if no entry of the mapping names it."""
+    matches: dict[str, list[tuple[int, int, str]]] = {}
+    for param_prefix, ckpt_prefix, expert, shard in experts:
+        head, sep, tail = name.partition("." + param_prefix)
+        if sep and tail and "." not in tail:
+            order = _SHARD_ORDER.get(shard, len(_SHARD_ORDER))
+            matches.setdefault(head, []).append((expert, order, f"{head}.{ckpt_prefix}{tail}"))
+    if len(matches) != 1:
+        return None
+    return [n for _, _, n in sorted(next(iter(matches.values())))]
+
+
+_SHARD_ORDER = {"w1": 0, "w3": 1, "w2": 0}  # gate rows before up rows within an expert
+
+
 def derive_layout(vllm_params: dict[str, TensorSpec], checkpoint: dict[str, TensorSpec],
-                  packed: dict[str, list[str]], ignored: set[str] = frozenset()) -> KernelLayout:
+                  packed: dict[str, list[str]], ignored: set[str] = frozenset(),
+                  experts: Sequence[Expert] = ()) -> KernelLayout:
     """Explain every vLLM parameter as a row-stack of checkpoint tensors, or raise why not."""
     used: set[str] = set()
     params = []
@@ -66,6 +95,8 @@ def derive_layout(vllm_params: dict[str, TensorSpec], checkpoint: dict[str, Tens
             parts = [name]
         elif mod_leaf in packed:
             parts = [f"{prefix}.{p}.{leaf}" if prefix else f"{p}.{leaf}" for p in packed[mod_leaf]]
+        elif (found := expert_parts(name, experts)) is not None:
+            parts = found
         else:
             raise LayoutUnavailable(f"{name} has no checkpoint source")
         rows = []
@@ -73,16 +104,32 @@ def derive_layout(vllm_params: dict[str, TensorSpec], checkpoint: dict[str, Tens
             src = checkpoint.get(part)
             if src is None:
                 raise LayoutUnavailable(f"{name}: checkpoint has no {part}")
-            if tuple(src.shape[1:]) != tuple(spec.shape[1:]) or len(src.shape) != len(spec.shape):
-                raise LayoutUnavailable(f"{name}: {part} shape {src.shape} does not stack into "
-                                        f"{spec.shape}")
-            rows.append((part, src.shape[0] if src.shape else 1))
-        if sum(r for _, r in rows) != (spec.shape[0] if spec.shape else 1):
+            if len(src.shape) != len(checkpoint[parts[0]].shape):
+                raise LayoutUnavailable(f"{name}: its parts differ in rank")
+            rows.append((part, _rows_in(name, spec.shape, part, src.shape)))
+        total = _rows_of(spec.shape, checkpoint[parts[0]].shape)
+        if sum(r for _, r in rows) != total:
             raise LayoutUnavailable(f"{name}: parts have {sum(r for _, r in rows)} rows, "
-                                    f"parameter has {spec.shape[0]}")
+                                    f"parameter has {total}")
         used.update(parts)
         params.append(KernelParam(name=name, dtype=spec.dtype, shape=spec.shape, parts=tuple(rows)))
     unused = set(checkpoint) - used - set(ignored)
     if unused:
         raise LayoutUnavailable(f"checkpoint tensors with no vLLM parameter: {sorted(unused)[:5]}")
     return KernelLayout(params=tuple(params))
+
+
+def _rows_of(shape: tuple[int, ...], part: tuple[int, ...]) -> int:
+    """Rows of ``shape`` viewed as ``(-1, *part[1:])``."""
+    lead = len(shape) - max(len(part), 1) + 1
+    return math.prod(shape[:lead]) if shape else 1
+
+
+def _rows_in(name: str, shape: tuple[int, ...], part: str, part_shape: tuple[int, ...]) -> int:
+    """The rows ``part`` contributes to the parameter ``name``, if its trailing dims fit."""
+    if len(part_shape) > max(len(shape), 1) or (
+            len(part_shape) > 1 and tuple(part_shape[1:]) != tuple(shape[len(shape) -
+                                                                         len(part_shape) + 1:])):
+        raise LayoutUnavailable(f"{name}: {part} shape {part_shape} does not stack into "
+                                f"{shape}")
+    return part_shape[0] if part_shape else 1

@@ -73,7 +73,8 @@ def pack_bucket(bucket: Bucket, tensors: dict[str, torch.Tensor | Sequence[torch
     """Copy the bucket's tensors into one new flat uint8 buffer on ``device``.
 
     A value may be a sequence of tensors: they are stacked along dim 0 straight into the slot
-    (kernel layout: ``q``/``k``/``v`` into ``qkv``) with no intermediate concatenation.
+    (kernel layout: ``q``/``k``/``v`` into ``qkv``; parts of lower rank stack along the slot's
+    flattened leading dims: experts into ``w13``) with no intermediate concatenation.
     Sources in another dtype are cast by the copy (e.g. fp32 master weights to bf16).
     ``out``: a buffer of the bucket's size to pack into again; ``views``: a dict the caller
     keeps with ``out``, where the destination views are cached for the same bucket object.
@@ -83,18 +84,59 @@ def pack_bucket(bucket: Bucket, tensors: dict[str, torch.Tensor | Sequence[torch
     else:
         buf = torch.zeros(bucket.nbytes, dtype=torch.uint8, device=device)
     srcs = bucket_sources(bucket, tensors)
-    kinds = [(s.shape, s.dtype, s.device) for s in srcs]  # what the views and split depend on
+    kinds = [(s.shape, s.dtype, s.device) for s in srcs]  # what the views depend on
     cached = views.get("dsts") if views is not None else None
     if cached is not None and cached[0] is bucket and cached[1] is buf and cached[2] == kinds:
-        dsts, split = cached[3], cached[4]
+        dsts = cached[3]
     else:
         dsts = _destinations(bucket, buf, tensors)
-        split = copy_split(dsts, srcs)
         if views is not None:
-            views["dsts"] = (bucket, buf, kinds, dsts, split)
+            views["dsts"] = (bucket, buf, kinds, dsts)
+    where = [(s.data_ptr(), s.stride()) for s in srcs]  # what merging copies depends on too
+    merged = views.get("merged") if views is not None else None
+    if merged is None or merged[0] is not dsts or merged[1] != where:
+        runs = copy_runs(dsts, srcs)
+        merged_dsts = [_span(dsts, r) for r in runs]
+        merged = (dsts, where, runs, merged_dsts, copy_split(merged_dsts, _spans(srcs, runs)))
+        if views is not None:
+            views["merged"] = merged  # no source is kept: a bucket's tensors may be transient
     with torch.no_grad():
-        copy_tensors(dsts, srcs, split)
+        copy_tensors(merged[3], _spans(srcs, merged[2]), merged[4])
     return buf
+
+
+def copy_runs(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor]) -> list[list[int]]:
+    """The copies grouped into runs that are one copy each: consecutive copies whose sources
+    follow each other in one tensor's memory, as their destinations do in the bucket. The
+    per-expert slices a fused ``[experts, 2 * inter, hidden]`` tensor is split into for its
+    checkpoint names (256 per layer for 128 experts) are packed back into the same fused
+    layout, so each layer's experts are one copy, not hundreds of launches."""
+    runs: list[list[int]] = []
+    for i, (d, s) in enumerate(zip(dsts, srcs, strict=True)):
+        if runs and _follows(dsts[runs[-1][-1]], d) and _follows(srcs[runs[-1][-1]], s):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def _span(ts: Sequence[torch.Tensor], run: list[int]) -> torch.Tensor:
+    """One flat view over the tensors of ``run`` (they follow each other), or the tensor."""
+    if len(run) == 1:
+        return ts[run[0]]
+    t0 = ts[run[0]]
+    return t0.as_strided((sum(ts[i].numel() for i in run),), (1,), t0.storage_offset())
+
+
+def _spans(ts: Sequence[torch.Tensor], runs: list[list[int]]) -> list[torch.Tensor]:
+    return [_span(ts, r) for r in runs]
+
+
+def _follows(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``b`` starts where ``a`` ends, both dense, in the same storage."""
+    return a.is_contiguous() and b.is_contiguous() and a.device == b.device and \
+        a.dtype == b.dtype and a.data_ptr() + a.numel() * a.element_size() == b.data_ptr() and \
+        a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def bucket_sources(bucket: Bucket, tensors) -> list[torch.Tensor]:
@@ -119,9 +161,13 @@ def _destinations(bucket: Bucket, buf: torch.Tensor, tensors) -> list[torch.Tens
                                   f"plan says {slot.shape}")
             dsts.append(view)
             continue
+        if parts[0].dim() < view.dim():  # experts' 2-D parts into a 3-D slot: its rows
+            view = view.view(-1, *parts[0].shape[1:])
         rows = sum(p.shape[0] if p.dim() else 1 for p in parts)
-        if rows != slot.shape[0]:
-            raise ConfigError(f"parts of {slot.name} have {rows} rows, plan says {slot.shape}")
+        if rows != view.shape[0] or any(tuple(p.shape[1:]) != tuple(view.shape[1:])
+                                        for p in parts):
+            raise ConfigError(f"parts of {slot.name} have {rows} rows of "
+                              f"{tuple(parts[0].shape[1:])}, plan says {slot.shape}")
         r = 0
         for p in parts:
             dsts.append(view[r : r + p.shape[0]])
