@@ -373,14 +373,17 @@ def packed_modules(worker: Any) -> dict[str, list[str]]:
 
 
 def expert_mapping(worker: Any) -> list[tuple[str, str, int, str]]:
-    """The model's MoE expert mapping, as its ``load_weights`` uses it: ``(fused parameter
+    """The model's MoE expert mapping, as its weight loading uses it: ``(fused parameter
     prefix, checkpoint prefix, expert id, shard)`` — e.g. ``("experts.w13_", "experts.0
-    .gate_proj.", 0, "w1")`` — or none for a dense model (or one that names no mapping)."""
-    get = getattr(model(worker), "get_expert_mapping", None)
-    if get is None:
-        return []
+    .gate_proj.", 0, "w1")`` — or none for a dense model. vLLM 0.24's MoE models declare it
+    (``get_expert_mapping``); 0.32's leave it to each experts layer (the same entries,
+    relative to the layer's parent), so the first such layer's is taken."""
+    m = model(worker)
+    owners = [m] if hasattr(m, "get_expert_mapping") else [
+        mod for mod in m.modules() if hasattr(mod, "get_expert_mapping")
+        and hasattr(mod, "w13_weight")][:1]
     try:
-        return [tuple(e) for e in get()]
+        return sorted({tuple(e) for o in owners for e in o.get_expert_mapping()})
     except Exception:  # noqa: BLE001 - a model that cannot tell keeps the checkpoint path
         logger.warning("the model's expert mapping is unavailable", exc_info=True)
         return []
