@@ -4,10 +4,15 @@ measured in the same run. Writes JSON + PNG under benchmarks/results/.
     python -m benchmarks.run --shape small --engines 1,2,4,8 --syncs 5          # CPU
     python -m benchmarks.run --shape 0.5b --ipc --sleep-level 1 --syncs 10     # one GPU
     python -m benchmarks.run --shape 0.5b --ipc --colocated --sleep-level 2    # the RL loop
+    python -m benchmarks.run --shape moe-30b-a3b --ipc --ipc-reuse --syncs 10  # MoE, one GPU
 
 ``--colocated`` times the colocated loop's sync: before every sync the fleet sleeps
 (``SyncCoordinator.sleep``, not timed; what it freed is recorded), and the sync goes into the
 sleeping engines, from the call until every engine serves again.
+
+``moe-*`` shapes are Qwen3-MoE models (``build_moe_model``); the trainer is transformers'
+``Qwen3MoeForCausalLM`` loaded from them, holding its experts fused (``mlp.experts.gate_up_proj``)
+as a trainer does, and the sync converts them to the checkpoint's per-expert names.
 """
 
 from __future__ import annotations
@@ -33,8 +38,29 @@ SHAPES = {  # Qwen2-style; "tiny" and "small" are for CPU, the rest mirror Qwen2
                  vocab_size=151936, tie_word_embeddings=True),
     "7b": dict(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vocab_size=152064),
 }
+MOE_SHAPES = {  # Qwen3-MoE; "moe-30b-a3b" has Qwen3-30B-A3B's per-layer shapes, 3 of its 48 layers
+    "moe-tiny": dict(hidden=128, layers=2, experts=8, top_k=2, moe_intermediate=64, heads=2,
+                     kv_heads=1, vocab_size=512),
+    "moe-30b-a3b": dict(hidden=2048, layers=3, experts=128, top_k=8, moe_intermediate=768,
+                        heads=32, kv_heads=4, head_dim=128, vocab_size=151936),  # ~4.98 GB bf16
+}
 PHASES = ["pause", "sleep", "wake_weights", "transfer", "reload", "reset_caches", "fingerprint",
           "wake_kv", "wake", "resume"]
+
+
+def _build_model(shape: str, workdir: Path, dtype: str, device: str) -> tuple[Path, dict]:
+    """The shape's random-weight model directory and what it was built from."""
+    from weightsync.testing.models import build_moe_model, build_text_model
+
+    if shape in MOE_SHAPES:
+        return (build_moe_model(workdir / f"qwen3moe-{shape}-{dtype}", dtype=dtype,
+                                device=device, **MOE_SHAPES[shape]),
+                {"kind": "qwen3_moe", **MOE_SHAPES[shape]})
+    if shape not in SHAPES:
+        raise typer.BadParameter(f"unknown shape {shape!r}: one of {[*SHAPES, *MOE_SHAPES]}")
+    return (build_text_model(workdir / f"qwen2-{shape}-{dtype}", dtype=dtype, device=device,
+                             **SHAPES[shape]),
+            {"kind": "qwen2", **SHAPES[shape]})
 
 
 def _versions() -> dict:
@@ -71,14 +97,12 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
     from weightsync.config import EngineSpec, TransferConfig
     from weightsync.coordinator import SyncCoordinator
     from weightsync.engine.actor import start_engines, stop_engines
-    from weightsync.testing.models import build_text_model
     from weightsync.testing.reference import load_trainer_model, perturb_
 
     gpu = torch.cuda.is_available()
     dtype = dtype if dtype != "auto" else ("bfloat16" if gpu else "float32")
     sizes = sorted({int(x) for x in engines.split(",")})
-    model_dir = build_text_model(workdir / f"qwen2-{shape}-{dtype}", dtype=dtype,
-                                 device="cuda" if gpu else "cpu", **SHAPES[shape])
+    model_dir, model_cfg = _build_model(shape, workdir, dtype, "cuda" if gpu else "cpu")
     ray.init(num_cpus=max(2, sizes[-1]), num_gpus=1 if gpu else 0, include_dashboard=False,
              log_to_driver=False)
     per_gpu = 1.0 / (sizes[-1] + (1 if ipc else 0)) if gpu else 0.0
@@ -96,7 +120,10 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
                          broadcast=broadcast if not gpu else "collective")
     runs: list[dict] = []
     result = {"date": dt.date.today().isoformat(), "versions": _versions(), "device": device,
-              "shape": shape, "model": SHAPES[shape], "dtype": dtype, "ipc": ipc,
+              "shape": shape, "model": model_cfg, "dtype": dtype, "ipc": ipc,
+              "trainer_class": type(policy).__name__,
+              "trainer_fused_experts": any(n.endswith("mlp.experts.gate_up_proj")
+                                           for n, _ in policy.named_parameters()),
               "ipc_reuse_buffers": ipc_reuse,
               "sleep_level": sleep_level, "apply": apply, "bucket_mib": bucket_mib,
               "colocated": colocated, "gpu_memory_utilization": gpu_util if gpu else None,
@@ -107,7 +134,7 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
     out.parent.mkdir(parents=True, exist_ok=True)
     for k in sizes:
         coord = SyncCoordinator(actors[:k], cfg)
-        totals, nbytes, slept = [], 0, []
+        totals, nbytes, slept, layouts = [], 0, [], []
         phases: dict[str, list[float]] = {p: [] for p in PHASES}
         for i in range(syncs + 1):  # sync 0 warms up (first reload, allocator)
             perturb_(policy, scale=1e-3, seed=i)
@@ -123,11 +150,13 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
             if i == 0:
                 continue
             totals.append(res.seconds["total"])
+            layouts.append(res.layout)
             for p in sorted({k for e in res.engines for k in e.seconds}):  # sub-phases too
                 vals = [e.seconds[p] for e in res.engines if p in e.seconds]
                 phases.setdefault(p, []).append(max(vals))
         run = {"engines": k, "bytes": nbytes, "total": summary(totals), "layout": res.layout,
                "layout_note": res.layout_note,
+               "layouts": {x: layouts.count(x) for x in sorted(set(layouts))},  # timed syncs
                "phases": {p: summary(v) for p, v in phases.items() if v},
                "skipped": list(res.engines[0].skipped), "sleeps": slept[1:]}
         tr = run["phases"]["transfer"]["p50"]
@@ -136,6 +165,8 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
         run["transfer_plus_reload_p50"] = tl
         if gpu:
             run["floor_device_copy"] = summary(raw_device_copy(nbytes, syncs))
+            floor = run["floor_device_copy"]["p50"]
+            run["ratio_transfer_reload_vs_copy_floor"] = tl / floor if tl and floor else None
         else:
             from weightsync.transport.packing import plan_buckets, spec_of
             from weightsync.transport.packing import named_tensors
@@ -189,17 +220,23 @@ def plot(result: dict, path: Path) -> None:
             bottom = [x + y for x, y in zip(bottom, vals)]
     a.set_xlabel("engines")
     a.set_ylabel("ms (p50, slowest engine)")
-    a.set_title(f"sync phases — {result['shape']} ({runs[0]['bytes'] / 1e6:.1f} MB)")
+    a.set_title(f"sync phases — {result['shape']} ({runs[0]['bytes'] / 1e6:.1f} MB, "
+                f"{runs[-1].get('layout', 'checkpoint')} layout)")
     a.legend(fontsize=8)
     xs = [r["engines"] for r in runs]
     b.plot(xs, [r["total"]["p50"] * 1e3 for r in runs], "o-", label="sync total (p50)")
     b.plot(xs, [r["phases"]["transfer"]["p50"] * 1e3 for r in runs], "s-", label="transfer phase")
+    if all(r.get("transfer_plus_reload_p50") for r in runs):
+        b.plot(xs, [r["transfer_plus_reload_p50"] * 1e3 for r in runs], "d-",
+               label="transfer+reload (p50)")
     floor = "floor_raw_broadcast" if "floor_raw_broadcast" in runs[0] else "floor_device_copy"
     b.plot(xs, [r[floor]["p50"] * 1e3 for r in runs], "^--", label=floor.replace("_", " "))
     b.set_xlabel("engines")
     b.set_ylabel("ms")
     b.set_xscale("log", base=2)
-    b.set_title(f"fleet scaling on {result['device']}")
+    ratio = runs[0].get("ratio_transfer_reload_vs_copy_floor")
+    b.set_title(f"fleet scaling on {result['device']}"
+                + (f" (1 engine: transfer+reload = {ratio:.2f}x copy floor)" if ratio else ""))
     b.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -2,12 +2,14 @@
 # GPU benchmarks on the lent machine, one command (after the wheels are installed, see
 # scripts/gpu_run.sh --install). Results (JSON + PNG + log) go to $OUT or runs/gpu-bench.
 #
-#   bash scripts/gpu_bench.sh 0.5b-native 1.5b 7b colocated-0.5b kernels
+#   bash scripts/gpu_bench.sh 0.5b-native 1.5b 7b colocated-0.5b kernels moe-30b-a3b
 #
 # 0.5b-native: 0.5B-shaped sync benchmark plus vLLM's native IPC API on the same weights;
 # <shape>: that shape's sync benchmark; colocated-<shape>[@<gpu share>]: the colocated loop (the
 # engine sleeps at level 2 before every sync, the sync goes into it; vLLM's memory share 0.4
-# unless given); kernels: the building blocks vs the copy floor.
+# unless given); kernels: the building blocks vs the copy floor; moe-<shape>: a Qwen3-MoE
+# (benchmarks/run.py MOE_SHAPES) synced from transformers' in-memory module (fused experts)
+# into one serving engine (no sleep, not colocated), 10 syncs, vLLM's memory share 0.4.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-runs/gpu-bench}
@@ -23,6 +25,9 @@ for job in "$@"; do
       python3 -m benchmarks.run --shape "$s" --syncs 10 --colocated --ipc --ipc-reuse \
         --sleep-level 2 --bucket-mib 2048 --engines 1 --workdir /tmp/bench --gpu-util "$util" \
         --out "$out/colocated-gpu-$s-util$util.json" ;;
+    moe-*) python3 -m benchmarks.run --shape "$job" --syncs 10 --ipc --ipc-reuse --sleep-level 0 \
+        --bucket-mib 2048 --engines 1 --gpu-util 0.4 --workdir /tmp/bench \
+        --out "$out/sync-gpu-$job.json" ;;
     *-native) s=${job%-native}
       python3 -m benchmarks.run --shape "$s" --syncs 10 --native "${common[@]}" \
         --out "$out/sync-gpu-$s.json" ;;

@@ -7,7 +7,8 @@
 # ../shared/gpu/README.md: carry .whl/c01..c08 with `install.sh add`, then this). Logs and
 # results go to $OUT (the device tool's folder) or runs/gpu: pytest.log, gpu-results.json
 # (device, versions, per-test outcome, per-phase timings, memory per cycle, parity), and
-# the engines' Ray logs.
+# the engines' Ray logs. WS_GPU_FILES="tests/gpu/a.py tests/gpu/b.py" runs only those files,
+# in that order, instead of the whole suite.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-runs/gpu}
@@ -25,9 +26,13 @@ export WS_GPU_RESULTS=$out/gpu-results.json
 # the commit under test (a `git archive` copy carries it in a COMMIT file)
 export WS_GPU_COMMIT=${WS_GPU_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || cat COMMIT 2>/dev/null)}
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv || true
-# The core proofs first, then every other test file under tests/gpu.
-files=(tests/gpu/test_text_gpu.py tests/gpu/test_vl_gpu.py tests/gpu/test_timing_bf16_gpu.py)
-for f in tests/gpu/test_*.py; do [[ " ${files[*]} " == *" $f "* ]] || files+=("$f"); done
+if [ -n "${WS_GPU_FILES:-}" ]; then
+  read -r -a files <<<"$WS_GPU_FILES"
+else  # the core proofs first, then every other test file under tests/gpu
+  files=(tests/gpu/test_text_gpu.py tests/gpu/test_vl_gpu.py tests/gpu/test_timing_bf16_gpu.py)
+  for f in tests/gpu/test_*.py; do [[ " ${files[*]} " == *" $f "* ]] || files+=("$f"); done
+fi
+echo "test files: ${files[*]}"
 timeout --signal=INT "${WS_GPU_TIMEOUT:-$((570 - SECONDS))}" python3 -m pytest -m gpu -p no:cacheprovider \
   -s -v -rA --timeout 300 "${files[@]}" "$@" 2>&1 | tee "$out/pytest.log"
 rc=${PIPESTATUS[0]}

@@ -48,6 +48,16 @@ def summarize(results: dict) -> dict:
             f"sleep{lvl}": _median_phases([r for r in warm if r["sleep_level"] == lvl])
             for lvl in (1, 2)}
         out["bf16_first_sync_seconds"] = bf16[0]["seconds"]
+    moe = data.get("moe_fast_path")
+    if moe:  # kept even when the test stopped part way: rows are added as it goes
+        rows = moe["syncs"]
+        out["moe_fast_path"] = {
+            "first_layout": moe.get("first", {}).get("layout"),
+            "later_layouts": [r["auto"]["layout"] for r in rows],
+            "layout_notes": sorted({str(r["auto"]["layout_note"]) for r in rows}),
+            "same_fingerprint_as_checkpoint_layout": [r.get("same_fingerprint") for r in rows]}
+    if "moe_sync" in data:
+        out["moe_bit_identical_to_own_load"] = data["moe_sync"].get("bit_identical_to_own_load")
     return out
 
 

@@ -4,6 +4,8 @@ The same image prompt before and after the vision tower changes: with the sync's
 the engine follows the new weights (HF parity); with them switched off (a test-only knob on the
 engine host) it keeps serving what the old vision tower produced, and resetting the caches is
 what brings it back. The sync uses sleep_level=0 on purpose: sleeping clears caches inside vLLM.
+The first two tests name the tower's tensors by hand (``vision_tower_weights``); the last passes
+the whole in-memory transformers 5 module, whose names the sync converts itself.
 """
 
 from __future__ import annotations
@@ -184,3 +186,25 @@ def test_stale_caches_are_real_and_the_reset_fixes_them(vl_engine, vl_coord, vl_
     assert not parity_ok(rows_stale)     # ... which is not what the new weights produce
     assert parity_ok(rows_fixed), rows_fixed  # the reset alone brings the new weights in
     assert changed([stale], [fixed])
+
+
+def test_the_whole_in_memory_module_syncs_and_serves_hf(vl_engine, vl_coord, vl_trainer,
+                                                       processor, image, gpu_results):
+    """No hand-written names: the whole ``Qwen2VLForConditionalGeneration`` (``model.visual``,
+    ``model.language_model`` in memory) goes to the sync, which converts its names with
+    transformers' own conversion; the engine then serves HF's output for the image prompt."""
+    hf = _hf(vl_trainer, processor, image)
+    img0, txt0 = _run(vl_engine, image)
+    perturb_(vl_trainer, scale=0.05, seed=9)  # vision tower and language model alike
+    res = vl_coord.sync(vl_trainer, sleep_level=0, ipc=True)
+    img1, txt1 = _run(vl_engine, image)
+    rows = compare_with_hf(hf, [img1])
+    gpu_results["vl_module_sync"] = {
+        "tensors": len(list(vl_trainer.parameters())), "nbytes": res.nbytes,
+        "seconds": res.engines[0].seconds, "layout": res.layout, "layout_note": res.layout_note,
+        "parity_after": summary(rows), "image_output_changed": changed([img0], [img1]),
+        "text_output_changed": changed([txt0], [txt1]),
+    }
+    assert res.ok and not res.partial, res  # every tensor of the model, none named by hand
+    assert parity_ok(rows), rows
+    assert changed([img0], [img1]) and changed([txt0], [txt1])

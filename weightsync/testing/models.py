@@ -149,30 +149,51 @@ def build_vl_model(out: str | os.PathLike, *, hidden: int = 128, layers: int = 2
 
 def build_moe_model(out: str | os.PathLike, *, hidden: int = 128, layers: int = 2,
                     experts: int = 8, top_k: int = 2, moe_intermediate: int = 64,
-                    vocab_size: int = 512, dtype: str = "float32", seed: int = 0) -> Path:
-    """A tiny Qwen3-MoE with random weights. transformers 5 holds its experts fused in memory
-    (``mlp.experts.gate_up_proj``, 3-D) and saves them per expert (``mlp.experts.0.gate_proj
-    .weight``): the checkpoint has the per-expert names vLLM loads."""
+                    heads: int = 2, kv_heads: int = 1, head_dim: int | None = None,
+                    vocab_size: int = 512, dtype: str = "float32", seed: int = 0,
+                    device: str = "cpu") -> Path:
+    """A Qwen3-MoE with random weights (tiny by default). transformers 5 holds its experts
+    fused in memory (``mlp.experts.gate_up_proj``, 3-D) and saves them per expert
+    (``mlp.experts.0.gate_proj.weight``): the checkpoint has the per-expert names vLLM loads.
+
+    ``head_dim`` defaults to ``hidden // heads``. ``device="cuda"`` builds directly there in
+    ``dtype`` (a 5 GB Qwen3-30B-A3B-shaped slice in seconds); its weights come from the CUDA
+    generator, so they differ from a CPU build with the same seed.
+    """
     import torch
     from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     out = Path(out)
+    head_dim = head_dim or hidden // heads
     key = dict(kind="qwen3moe", hidden=hidden, layers=layers, experts=experts, top_k=top_k,
                inter=moe_intermediate, vocab=vocab_size, dtype=dtype, seed=seed)
+    # only what differs from the tiny defaults joins the key: models built before stay cached
+    extra = dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, device=device)
+    tiny = dict(heads=2, kv_heads=1, head_dim=hidden // 2, device="cpu")
+    key.update({k: v for k, v in extra.items() if v != tiny[k]})
     if _done(out, key):
         return out
     out.mkdir(parents=True, exist_ok=True)
     _train_tokenizer(out, vocab_size)
     cfg = Qwen3MoeConfig(
         vocab_size=max(vocab_size, len(AutoTokenizer.from_pretrained(out))), hidden_size=hidden,
-        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=hidden // 2, intermediate_size=2 * hidden, moe_intermediate_size=moe_intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        head_dim=head_dim, intermediate_size=2 * hidden, moe_intermediate_size=moe_intermediate,
         num_experts=experts, num_experts_per_tok=top_k, decoder_sparse_step=1,
         norm_topk_prob=True, max_position_embeddings=2048, tie_word_embeddings=False,
         torch_dtype=dtype, eos_token_id=0, pad_token_id=0, bos_token_id=None)
     torch.manual_seed(seed)
-    model = Qwen3MoeForCausalLM(cfg).to(getattr(torch, dtype))
-    return _init_and_save(model, out, key, seed, "cpu")
+    if device == "cpu":  # as the tiny models were always built: their weights stay the same
+        model = Qwen3MoeForCausalLM(cfg).to(getattr(torch, dtype))
+    else:
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(getattr(torch, dtype))
+        try:
+            with torch.device(device):
+                model = Qwen3MoeForCausalLM(cfg)
+        finally:
+            torch.set_default_dtype(prev)
+    return _init_and_save(model, out, key, seed, device)
 
 
 def _init_and_save(model, out, key: str, seed: int, device: str):
