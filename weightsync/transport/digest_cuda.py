@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 _BAND_ROWS = 256  # rows per program
 _TILE_ROWS = 8  # rows per load
+_WARPS = 4
 
 
 @functools.cache
@@ -44,17 +45,20 @@ def _kernel():
     return row_col_sums
 
 
-def row_col_sums(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def row_col_sums(rows: torch.Tensor, band: int | None = None, tile: int | None = None,
+                 warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(row sums, column sums) of a contiguous int64 CUDA matrix, or None where Triton is
-    missing or fails (the caller then uses torch's reductions: same values)."""
+    missing or fails (the caller then uses torch's reductions: same values). ``band``,
+    ``tile``, ``warps``: the launch shape (``benchmarks.digest`` sweeps them)."""
     try:
         kernel = _kernel()
         n_rows, c = rows.shape
-        bands = -(-n_rows // _BAND_ROWS)
+        band = band or _BAND_ROWS
+        bands = -(-n_rows // band)
         row_sums = torch.empty(n_rows, dtype=torch.int64, device=rows.device)
         col_parts = torch.empty((bands, c), dtype=torch.int64, device=rows.device)
-        kernel[(bands,)](rows, row_sums, col_parts, n_rows, BAND=_BAND_ROWS, TILE=_TILE_ROWS,
-                         C=c, num_warps=4)
+        kernel[(bands,)](rows, row_sums, col_parts, n_rows, BAND=band, TILE=tile or _TILE_ROWS,
+                         C=c, num_warps=warps or _WARPS)
         return row_sums, col_parts.sum(dim=0)
     except Exception as e:  # noqa: BLE001 - no Triton, or no compiler: torch does the same sums
         _warn_once(e)
