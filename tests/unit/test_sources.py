@@ -94,7 +94,7 @@ def test_moe_experts_are_fed_as_views_of_the_fused_tensors_without_copies(moe):
     # producer (used when no views exist, and by sharded sources) makes
     named = dict(named_tensors(model))
     names = CheckpointNames.of(model, [spec_of(n, t) for n, t in named.items()])
-    views = names.views(named)
+    views = names.views(names.slices(named), named)
     assert names.verify_views(views, named) is None
     producer = ModuleTensors(named, names)
     made = producer.produce([s.name for s in names.specs])
@@ -103,6 +103,33 @@ def test_moe_experts_are_fed_as_views_of_the_fused_tensors_without_copies(moe):
     wrong["model.layers.0.mlp.experts.0.gate_proj.weight"] = views[
         "model.layers.0.mlp.experts.0.up_proj.weight"]
     assert "experts.0.gate_proj" in names.verify_views(wrong, named)
+
+
+def test_moved_tensors_get_new_views_without_checking_the_conversion_again(moe, monkeypatch):
+    """A trainer that offloads its weights and brings them back (new addresses, same shapes)
+    gets views of the tensors where they are now; which rows each checkpoint tensor takes
+    depends on shapes only, so transformers' conversion is not run again to check them."""
+    from weightsync.sources.hf_names import CheckpointNames
+
+    _, model = moe
+    ModuleSource(model)  # found and checked (if not already)
+    checks = []
+    real = CheckpointNames.verify_views
+    monkeypatch.setattr(CheckpointNames, "verify_views",
+                        lambda self, *a: checks.append(1) or real(self, *a))
+    experts = model.model.layers[1].mlp.experts
+    old = experts.gate_up_proj.data
+    experts.gate_up_proj.data = old.clone() * 3  # moved: another address, same shape
+    try:
+        feed = ModuleSource(model).feed(None)
+        gate2 = feed["model.layers.1.mlp.experts.2.gate_proj.weight"]
+        inter = gate2.shape[0]
+        assert gate2.untyped_storage().data_ptr() == \
+            experts.gate_up_proj.untyped_storage().data_ptr()
+        assert torch.equal(gate2, old[2, :inter] * 3)
+        assert checks == []
+    finally:
+        experts.gate_up_proj.data = old
 
 
 def test_replaced_parameters_get_new_views(moe):

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import weakref
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from weightsync.errors import ConfigError, TransferError, WeightSyncError
-from weightsync.sources.hf_names import CheckpointNames, Group
+from weightsync.sources.hf_names import CheckpointNames, Group, Slice
 from weightsync.transport.packing import dtype_name, named_tensors, spec_of
 from weightsync.types import TensorSpec, TransferPlan
 
@@ -218,10 +219,29 @@ class ModuleTensors(Producer):
         self._live.clear()
 
 
-#: per module, the checkpoint-named views of its tensors and what they were made from (a
-#: module whose tensors are replaced, not updated in place, keeps the old ones referenced here
-#: until its next sync)
+@dataclass
+class _Kept:
+    """A module's checkpoint tensors as views of its own: where they lie (found and checked
+    against transformers' conversion once per shape) and the views (while nothing moved)."""
+
+    shapes: tuple  # the module's tensors' names, shapes, strides, dtypes: what slices depend on
+    names: CheckpointNames
+    slices: dict[str, Slice]
+    where: tuple  # their addresses: what the views depend on
+    source: TensorsSource
+
+
+#: per module, its kept views (a module whose tensors are replaced, not updated in place, keeps
+#: the old ones referenced here until its next sync)
 _VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _shapes(named: Mapping[str, torch.Tensor]) -> tuple:
+    return tuple((n, t.shape, t.stride(), t.dtype) for n, t in named.items())
+
+
+def _where(named: Mapping[str, torch.Tensor]) -> tuple:
+    return tuple(t.data_ptr() for t in named.values())
 
 
 class ModuleSource(WeightSource):
@@ -239,24 +259,27 @@ class ModuleSource(WeightSource):
                               "weightsync.sources.sharded.ShardedSync on every rank")
         self.producer: ModuleTensors | None = None
         self._plain: TensorsSource | None = None
-        key = (convert, tuple((n, t.data_ptr(), t.shape, t.stride(), t.dtype)
-                              for n, t in named.items()))
-        kept = _VIEWS.get(module)
-        if kept is not None and kept[0] == key:  # the same tensors as last sync: same views
-            self._plain = kept[1]
+        kept = _VIEWS.get(module) if convert else None
+        if kept is not None and kept.shapes == _shapes(named):
+            where = _where(named)
+            if where != kept.where:  # moved (offloaded and back), same shapes: new views
+                kept.where = where
+                kept.source = TensorsSource(kept.names.views(kept.slices, named),
+                                            kept.names.specs)
+            self._plain = kept.source
             return
         specs = [spec_of(n, t) for n, t in named.items()]  # once: the plain path reuses them
         names = CheckpointNames.of(module, specs) if convert else None
         if names is None:
             self._plain = TensorsSource(named, specs)
             return
-        views = names.views(named)
+        slices = names.slices(named)
+        views = names.views(slices, named) if slices is not None else None
         if views is not None and names.verify_views(views, named) is None:
-            # checkpoint tensors as views of the module's own: no conversion, no copy, and
-            # kept for the next sync while the module's tensors stay where they are (an
-            # optimizer updates them in place)
+            # checkpoint tensors as views of the module's own: no conversion, no copy; an
+            # optimizer updates the module's tensors in place, so they stay valid
             self._plain = TensorsSource(views, names.specs)
-            _VIEWS[module] = (key, self._plain)
+            _VIEWS[module] = _Kept(_shapes(named), names, slices, _where(named), self._plain)
         else:
             self.producer = ModuleTensors(named, names)
 

@@ -31,6 +31,17 @@ from weightsync.types import TensorSpec
 
 
 @dataclass(frozen=True)
+class Slice:
+    """A checkpoint tensor as rows ``start:stop`` of an in-memory tensor (viewed as rows of its
+    last dimension) in ``shape``; the whole tensor, renamed, when ``start`` is None."""
+
+    source: str
+    start: int | None
+    stop: int | None
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Group:
     """In-memory tensors one reversed transform turns into checkpoint tensors."""
 
@@ -133,22 +144,24 @@ class CheckpointNames:
                                 f", expected {sorted(want)[:4]}")
         return out
 
-    def views(self, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """Every checkpoint tensor as a view of the in-memory tensor it comes from, where the
+    def slices(self, named: dict[str, torch.Tensor]) -> dict[str, Slice] | None:
+        """Where each checkpoint tensor lies in the in-memory tensor it comes from, when the
         conversion only renames or slices whole rows out of one tensor (fused MoE experts
         split per expert, renamed towers) — else None, and ``convert`` makes them per bucket.
+        Depends on the tensors' shapes only (``views`` applies it to the tensors at hand).
 
         transformers' own ops copy (``Chunk`` makes its chunks contiguous): a whole fused
         expert tensor per layer and sync. Which rows each output takes is found by running
         the same reversed transform on a probe — the source with its last dimension cut to 2,
-        holding each element's index — so no table per model is needed; an output whose probe is
-        not one run of consecutive rows (or whose shape does not follow) means no views. The
-        views are then checked once against transformers' real conversion (``verify_views``).
+        holding each element's index — so no table per model is needed; an output whose probe
+        is not one run of consecutive rows (or whose shape does not follow) means no slices.
+        Check the result once against transformers' real conversion (``verify_views``).
         """
-        out: dict[str, torch.Tensor] = {}
+        out: dict[str, Slice] = {}
         for group in self.groups:
             if group.renames_only:
-                out[group.outputs[0].name] = named[group.sources[0]]
+                o = group.outputs[0]
+                out[o.name] = Slice(group.sources[0], None, None, o.shape)
                 continue
             if len(group.sources) != 1:
                 return None
@@ -165,7 +178,6 @@ class CheckpointNames:
                 got = _apply(self.model, group, {group.sources[0]: probe})
             except ManifestError:
                 return None
-            flat = src.view(-1, width)
             for o in group.outputs:
                 p = got.get(o.name)
                 want = (*o.shape[:-1], 2) if src.dim() > 1 else (*o.shape, 2)
@@ -177,7 +189,23 @@ class CheckpointNames:
                 if first % 2 or not torch.equal(
                         idx, torch.arange(first, first + idx.numel(), dtype=torch.float64)):
                     return None
-                out[o.name] = flat[first // 2:(first + idx.numel()) // 2].view(o.shape)
+                out[o.name] = Slice(group.sources[0], first // 2, (first + idx.numel()) // 2,
+                                    o.shape)
+        return out
+
+    @staticmethod
+    def views(slices: dict[str, Slice], named: dict[str, torch.Tensor]
+              ) -> dict[str, torch.Tensor]:
+        """The checkpoint tensors as views of ``named`` (contiguous, of the shapes ``slices``
+        was found for)."""
+        out = {}
+        for name, sl in slices.items():
+            src = named[sl.source]
+            if sl.start is None:
+                out[name] = src
+            else:
+                width = src.shape[-1] if src.dim() > 1 else 1
+                out[name] = src.view(-1, width)[sl.start:sl.stop].view(sl.shape)
         return out
 
     def verify_views(self, views: dict[str, torch.Tensor], named: dict[str, torch.Tensor]
