@@ -373,17 +373,16 @@ def packed_modules(worker: Any) -> dict[str, list[str]]:
 
 
 def expert_mapping(worker: Any) -> list[tuple[str, str, int, str]]:
-    """The model's MoE expert mapping, as its weight loading uses it: ``(fused parameter
-    prefix, checkpoint prefix, expert id, shard)`` — e.g. ``("experts.w13_", "experts.0
-    .gate_proj.", 0, "w1")`` — or none for a dense model. vLLM 0.24's MoE models declare it
-    (``get_expert_mapping``); 0.32's leave it to each experts layer (the same entries,
-    relative to the layer's parent), so the first such layer's is taken."""
-    m = model(worker)
-    owners = [m] if hasattr(m, "get_expert_mapping") else [
-        mod for mod in m.modules() if hasattr(mod, "get_expert_mapping")
-        and hasattr(mod, "w13_weight")][:1]
+    """The model's MoE expert mapping, as its ``load_weights`` uses it: ``(fused parameter
+    prefix, checkpoint prefix, expert id, shard)`` — e.g. ``("experts.routed_experts.w13_",
+    "experts.0.gate_proj.", 0, "w1")`` in vLLM 0.24 — or none for a dense model. (vLLM 0.32
+    declares it per experts layer instead; its CPU engines repack their weights, so no kernel
+    layout applies there anyway.)"""
+    get = getattr(model(worker), "get_expert_mapping", None)
+    if get is None:
+        return []
     try:
-        return sorted({tuple(e) for o in owners for e in o.get_expert_mapping()})
+        return [tuple(e) for e in get()]
     except Exception:  # noqa: BLE001 - a model that cannot tell keeps the checkpoint path
         logger.warning("the model's expert mapping is unavailable", exc_info=True)
         return []

@@ -92,14 +92,7 @@ def build_text_model(out: str | os.PathLike, *, hidden: int = 128, layers: int =
         eos_token_id=0, pad_token_id=0, bos_token_id=None,
     )
     torch.manual_seed(seed)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(getattr(torch, dtype))
-    try:
-        with torch.device(device):
-            model = Qwen2ForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(prev)
-    return _init_and_save(model, out, key, seed, device)
+    return _init_and_save(_build_on(Qwen2ForCausalLM, cfg, dtype, device), out, key, seed, device)
 
 
 def build_vl_model(out: str | os.PathLike, *, hidden: int = 128, layers: int = 2,
@@ -186,14 +179,21 @@ def build_moe_model(out: str | os.PathLike, *, hidden: int = 128, layers: int = 
     if device == "cpu":  # as the tiny models were always built: their weights stay the same
         model = Qwen3MoeForCausalLM(cfg).to(getattr(torch, dtype))
     else:
-        prev = torch.get_default_dtype()
-        torch.set_default_dtype(getattr(torch, dtype))
-        try:
-            with torch.device(device):
-                model = Qwen3MoeForCausalLM(cfg)
-        finally:
-            torch.set_default_dtype(prev)
+        model = _build_on(Qwen3MoeForCausalLM, cfg, dtype, device)
     return _init_and_save(model, out, key, seed, device)
+
+
+def _build_on(cls, cfg, dtype: str, device: str):
+    """``cls(cfg)`` made directly on ``device`` in ``dtype`` (no fp32 copy on the CPU first)."""
+    import torch
+
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            return cls(cfg)
+    finally:
+        torch.set_default_dtype(prev)
 
 
 def _init_and_save(model, out, key: str, seed: int, device: str):

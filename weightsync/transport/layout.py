@@ -8,10 +8,10 @@ model's ``get_expert_mapping()``. From those mappings, the engine's parameter sp
 checkpoint headers we derive, once, which checkpoint tensors make up each vLLM parameter and in
 which row ranges (a part of lower rank than its parameter stacks along the parameter's
 flattened leading dimensions: 128 experts' ``[768, 2048]`` gate and up rows make a
-``[128, 1536, 2048]`` ``w13_weight``). The trainer then packs buckets already in vLLM's layout and the engine copies them
-straight into its parameters (what ``reload_weights(is_checkpoint_format=False)`` does, as
-batched copies: ``worker_ext._kernel_targets``), skipping the
-per-tensor weight loaders.
+``[128, 1536, 2048]`` ``w13_weight``). The trainer then packs buckets already in vLLM's layout
+and the engine copies them straight into its parameters (what
+``reload_weights(is_checkpoint_format=False)`` does, as batched copies:
+``worker_ext._kernel_targets``), skipping the per-tensor weight loaders.
 
 A derived layout is only a candidate: the engine verifies it bit for bit against what vLLM's
 own loader produced on a checkpoint-format sync (see ``worker_ext``) before it is used.
@@ -60,6 +60,7 @@ class LayoutUnavailable(ValueError):
 
 
 Expert = tuple[str, str, int, str]  # vLLM's (param prefix, checkpoint prefix, expert, shard)
+_SHARD_ORDER = {"w1": 0, "w3": 1, "w2": 0}  # gate rows before up rows within an expert
 
 
 def expert_parts(name: str, experts: Sequence[Expert]) -> list[str] | None:
@@ -76,8 +77,6 @@ def expert_parts(name: str, experts: Sequence[Expert]) -> list[str] | None:
         return None
     return [n for _, _, n in sorted(next(iter(matches.values())))]
 
-
-_SHARD_ORDER = {"w1": 0, "w3": 1, "w2": 0}  # gate rows before up rows within an expert
 
 
 def derive_layout(vllm_params: dict[str, TensorSpec], checkpoint: dict[str, TensorSpec],
