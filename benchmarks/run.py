@@ -48,6 +48,32 @@ PHASES = ["pause", "sleep", "wake_weights", "transfer", "reload", "reset_caches"
           "wake_kv", "wake", "resume"]
 
 
+class _CoordinatorClock:
+    """The coordinator's own view of a sync: the wall time between the phases it announces
+    (``SyncCoordinator(on_phase=...)``), from the call to the return. ``coordinator.plan`` is
+    the call until validation (engine statuses, the plan, the feed); the last phase
+    (``resume``: the commit) lasts until ``sync`` returns; each bucket belongs to
+    ``transfer``."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[str, float]] = []
+
+    def __call__(self, phase: str, engine: str | None) -> None:
+        name = "transfer" if phase.startswith("bucket:") else phase
+        if not self.marks or self.marks[-1][0] != name:
+            self.marks.append((name, time.perf_counter()))
+
+    def start(self) -> None:
+        self.marks = [("plan", time.perf_counter())]
+
+    def phases(self) -> dict[str, float]:
+        ends = [*self.marks[1:], ("", time.perf_counter())]
+        out: dict[str, float] = {}
+        for (name, t), (_, t_next) in zip(self.marks, ends):
+            out[f"coordinator.{name}"] = out.get(f"coordinator.{name}", 0.0) + t_next - t
+        return out
+
+
 def _build_model(shape: str, workdir: Path, dtype: str, device: str) -> tuple[Path, dict]:
     """The shape's random-weight model directory and what it was built from."""
     from weightsync.testing.models import build_moe_model, build_text_model
@@ -133,7 +159,8 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
     out = out or Path("benchmarks/results") / f"sync-{device}-{shape}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     for k in sizes:
-        coord = SyncCoordinator(actors[:k], cfg)
+        clock = _CoordinatorClock()
+        coord = SyncCoordinator(actors[:k], cfg, on_phase=clock)
         totals, nbytes, slept, layouts = [], 0, [], []
         phases: dict[str, list[float]] = {p: [] for p in PHASES}
         for i in range(syncs + 1):  # sync 0 warms up (first reload, allocator)
@@ -145,7 +172,9 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
                               "free_after": [e.free_after for e in s.engines]})
             if gpu:  # the trainer's own queued work is not the sync's
                 torch.cuda.synchronize()
+            clock.start()
             res = coord.sync(policy, ipc=ipc, sleep_level=0 if colocated else sleep_level)
+            seen = clock.phases()
             nbytes = res.nbytes
             if i == 0:
                 continue
@@ -154,6 +183,8 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
             for p in sorted({k for e in res.engines for k in e.seconds}):  # sub-phases too
                 vals = [e.seconds[p] for e in res.engines if p in e.seconds]
                 phases.setdefault(p, []).append(max(vals))
+            for p, v in seen.items():
+                phases.setdefault(p, []).append(v)
         run = {"engines": k, "bytes": nbytes, "total": summary(totals), "layout": res.layout,
                "layout_note": res.layout_note,
                "layouts": {x: layouts.count(x) for x in sorted(set(layouts))},  # timed syncs

@@ -43,8 +43,9 @@ from weightsync.transport.legs import sender_leg
 from weightsync.transport.legs.base import LegOutcome, SenderLeg
 from weightsync.transport.legs.external import ExternalSender
 from weightsync.transport.packing import plan_buckets
-from weightsync.types import (EngineState, EngineStatus, EngineSyncReport, PauseMode, SyncResult,
-                              TensorSpec, TransferPlan)
+from weightsync.types import (EngineState, EngineStatus, EngineSyncReport, FinishReply,
+                              PauseMode, SyncResult, TensorSpec, TransferPlan, plan_json,
+                              versionless)
 
 __all__ = ["ExternalSender", "SyncCoordinator"]
 
@@ -86,6 +87,7 @@ class _Run:
     nbytes: int = 0
     checksum_ok: bool | None = None
     fingerprint: str | None = None
+    finish: FinishReply | None = None  # the verify step, done by the engine as it loaded
     skipped: tuple[str, ...] = ()  # phases an engine skipped after it began, and why
     note: str | None = None  # why it rolled back, when it did
 
@@ -117,6 +119,9 @@ class SyncCoordinator(Colocation):
         self._lock = threading.Lock()
         self._layout_cache: dict[tuple[str, ...], Any] = {}  # engine set -> verified layout
         self._kernel_plan_of: tuple[Any, TransferPlan] | None = None  # (layout, its plan)
+        # engine -> (its model, the plan less version) it accepted; the models as last seen
+        self._validated: dict[str, tuple[str | None, str]] = {}
+        self._models: dict[str, str] = {}
         self._legs: dict[str, SenderLeg] = {}
         self._takeover = False  # the sync in progress may take engines from a silent owner
 
@@ -161,6 +166,7 @@ class SyncCoordinator(Colocation):
         for leg in self._legs.values():  # groups and IPC handles were shared with the old one
             leg.close()
         self._layout_cache.clear()
+        self._validated.pop(name, None)  # its model may differ
 
     # ---- public API ------------------------------------------------------------------------
     def sync(self, weights: Any, *, pause_mode: PauseMode = "abort", sleep_level: int = 0,
@@ -289,6 +295,7 @@ class SyncCoordinator(Colocation):
             raise IllegalStateError(f"cannot begin a sync{why}; no engine was touched",
                                     engine=b.name)
         self.version = max([self.version, *(s.version for s in statuses)])
+        self._models = {s.name: s.model for s in statuses}
         return max([self._issued, self.version, *(s.version_seen for s in statuses)]) + 1
 
     def _may_take(self, status: EngineStatus) -> bool:
@@ -385,7 +392,7 @@ class SyncCoordinator(Colocation):
     def _wave(self, names, plan: TransferPlan, source, leg: str, pause_mode, sleep_level,
               t0) -> SyncResult:
         runs = {n: _Run() for n in names}
-        self._begin(runs, plan.model_dump_json(), pause_mode, sleep_level, plan.version)
+        self._begin(runs, plan_json(plan), pause_mode, sleep_level, plan.version)
         dl = self.transfer.deadlines
         self._phase("transfer")
         t = time.perf_counter()
@@ -406,10 +413,14 @@ class SyncCoordinator(Colocation):
             run.checksums, run.applied, run.nbytes = receipt.checksums, receipt.applied, \
                 receipt.nbytes
             sub = dict(receipt.seconds)
+            run.finish = receipt.finish
+            printed = sub.pop("fingerprint", 0.0)  # the verify step's, in the same call
             if receipt.applied and "reload" in sub:  # loaded in the same call (atomic)
                 run.seconds["reload"] = sub.pop("reload")
-                run.seconds["transfer"] = transfer_s - run.seconds["reload"]
-                run.seconds["transfer+reload"] = transfer_s
+                run.seconds["transfer"] = transfer_s - run.seconds["reload"] - printed
+                run.seconds["transfer+reload"] = transfer_s - printed
+            elif receipt.applied:  # streamed into the loader
+                run.seconds["transfer"] = transfer_s - printed
             # where the transfer went: the trainer's and the engine's sub-phases, prefixed
             run.seconds.update({f"transfer.{k}": v for k, v in {**out.seconds, **sub}.items()})
             # verify every worker's checksums before anything is applied
@@ -430,17 +441,20 @@ class SyncCoordinator(Colocation):
             loaded = time.perf_counter() - t  # trainer's wall time: transfer start -> loaded
             for n, reply in ok.items():
                 runs[n].seconds["reload"] = reply.reload
-                runs[n].seconds["transfer+reload"] = loaded
+                # (less the fingerprint the engine took in the same call: the verify step's)
+                runs[n].seconds["transfer+reload"] = loaded - reply.seconds.get("fingerprint",
+                                                                                0.0)
+                runs[n].finish = reply.finish
         self._leg(leg).loaded()  # every engine has applied: free buffers before wake_kv
         return self._finish(runs, bad, plan.version, leg, tuple(out.sums), t0, plan.partial)
 
-    def _begin(self, runs: dict[str, _Run], plan_json, pause_mode, sleep_level,
+    def _begin(self, runs: dict[str, _Run], plan_text, pause_mode, sleep_level,
                version: int) -> None:
         """Validate + pause (+ sleep/wake weights) everywhere; a bad manifest changes nothing."""
         dl = self.transfer.deadlines
-        if plan_json is not None:  # validate everywhere before touching any engine
+        if plan_text is not None:  # validate everywhere before touching any engine
             self._phase("validate")
-            _raise_refusal(*self._call("validate", runs, plan_json, timeout=dl.verify))
+            self._validate(list(runs), plan_text)
         self._phase("pause")
         self._issued = max(self._issued, version)  # begun: never handed out again
         ok, bad = self._call("begin_sync", runs, pause_mode=pause_mode, sleep_level=sleep_level,
@@ -461,12 +475,29 @@ class SyncCoordinator(Colocation):
                                   + "; ".join(str(e) for e in bad.values()),
                                   engine=next(iter(bad)))
 
+    def _validate(self, names: list[str], plan_text: str) -> None:
+        """Every engine checks the plan against its model (``ManifestError`` before anything
+        is touched). Whether a plan fits depends on the plan and the engine's model only, so
+        an engine that accepted this plan (its version aside) is not asked again until it is
+        replaced (``replace_engine``): the kernel-layout plan is the same every sync."""
+        body = versionless(plan_text)
+        key = {n: (self._models.get(n), body) for n in names}  # (the model it serves, plan)
+        ask = [n for n in names if self._validated.get(n) != key[n]]
+        if not ask:
+            return
+        ok, bad = self._call("validate", ask, plan_text, timeout=self.transfer.deadlines.verify)
+        _raise_refusal(ok, bad)
+        self._validated.update({n: key[n] for n in ask})
+
     def _finish(self, runs, bad, version, mode, sums, t0, partial: bool) -> SyncResult:
         """Reset caches + fingerprint on engines that loaded, verify agreement, commit."""
         dl = self.transfer.deadlines
         self._phase("verify")
-        ok, bad2 = self._call("finish_load", [n for n in runs if n not in bad], dl.verify,
-                              timeout=dl.verify * 1.5)
+        # engines that fingerprinted as they loaded, with no cache to reset, are done with it
+        done = {n: r.finish for n, r in runs.items() if n not in bad and r.finish is not None}
+        ok, bad2 = self._call("finish_load", [n for n in runs if n not in bad and n not in done],
+                              dl.verify, timeout=dl.verify * 1.5)
+        ok.update(done)
         bad.update(bad2)
         for n, reply in ok.items():
             runs[n].seconds.update(reply.seconds)

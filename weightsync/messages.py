@@ -14,6 +14,7 @@ from typing import Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from weightsync.transport.layout import KernelLayout
+from weightsync.types import FinishReply  # noqa: F401 - part of the engine's replies
 
 ApplyMode = Literal["staged", "streaming", "atomic"]
 """How a worker applies what it receives. ``staged``: keep every bucket until the coordinator
@@ -78,10 +79,15 @@ class JoinReply(_Message):
 
 
 class ApplyReply(_Message):
-    """Staged buckets applied: the load's seconds and the format they were in."""
+    """Staged buckets applied: the load's seconds, the format they were in, and the worker's
+    fingerprint of the weights it loaded (``fingerprint``, taken in the same call). The engine's
+    reply carries ``finish`` where that completes the verify step (``FinishReply``)."""
 
     reload: float
     layout: Literal["checkpoint", "kernel"]
+    fingerprint: str | None = None
+    seconds: dict[str, float] = Field(default_factory=dict)
+    finish: FinishReply | None = None
 
 
 class ReloadReply(_Message):
@@ -149,18 +155,6 @@ class BeginReply(_Message):
     seconds: dict[str, float]
     skipped: tuple[str, ...] = ()
     group_id: str | None = None
-
-
-class FinishReply(_Message):
-    """Caches reset (or found clean) and the loaded weights fingerprinted: one digest per
-    worker (each holds its own slice of the weights), and the engine's shape
-    (``EngineWorkers.shape``): only engines of one shape can agree digest for digest."""
-
-    fingerprint: str
-    seconds: dict[str, float]
-    skipped: tuple[str, ...] = ()
-    fingerprints: tuple[str, ...] = ()  # per worker, in rank order
-    shape: str = "tp1xpp1x1"
 
 
 class CommitReply(_Message):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -122,6 +123,30 @@ class TransferPlan(_Frozen):
         return self
 
 
+_VERSION_FIELD = re.compile(r'^\{"version":\d+,')
+_kept_plan_text: tuple[tuple[Bucket, ...], tuple, str] | None = None  # see plan_json
+
+
+def versionless(plan_text: str) -> str:
+    """A plan's JSON without its version: equal for every sync of the same plan."""
+    return _VERSION_FIELD.sub("{", plan_text, count=1)
+
+
+def plan_json(plan: TransferPlan) -> str:
+    """``plan.model_dump_json()``. The kernel-layout plan is the same every sync but for its
+    version (``model_copy`` of one plan: the same bucket tuple), so the rest of its text is
+    dumped once and kept (a 0.5B model's plan is ~300 tensors, dumped twice per sync)."""
+    global _kept_plan_text
+    kept = _kept_plan_text
+    rest = (plan.format, plan.chain_chunk, plan.partial)
+    if kept is not None and kept[0] is plan.buckets and kept[1] == rest:
+        return f'{{"version":{plan.version},' + kept[2][1:]
+    text = plan.model_dump_json()
+    if _VERSION_FIELD.match(text):
+        _kept_plan_text = (plan.buckets, rest, versionless(text))
+    return text
+
+
 class CheckpointFiles(_Frozen):
     """A checkpoint an engine loads: exactly these files (real paths, resolved and checked by
     ``weightsync.checkpoint``). ``partial``: the caller asked to change only some tensors."""
@@ -148,8 +173,24 @@ IN_SYNC = frozenset({EngineState.PAUSED, EngineState.ASLEEP, EngineState.WEIGHTS
                      EngineState.LOADING})
 
 
+class FinishReply(_Frozen):
+    """Caches reset (or found clean) and the loaded weights fingerprinted: one digest per
+    worker (each holds its own slice of the weights), and the engine's shape
+    (``EngineWorkers.shape``): only engines of one shape can agree digest for digest."""
+
+    fingerprint: str
+    seconds: dict[str, float]
+    skipped: tuple[str, ...] = ()
+    fingerprints: tuple[str, ...] = ()  # per worker, in rank order
+    shape: str = "tp1xpp1x1"
+
+
 class ReceiveReport(_Frozen):
-    """What an engine's worker says after receiving (and, when streaming, applying) a plan."""
+    """What an engine's worker says after receiving (and, when streaming, applying) a plan.
+
+    A worker that applied fingerprints what it loaded in the same call (``fingerprint``); the
+    engine's report carries ``finish`` when nothing else stands between the load and commit
+    (no cache to reset): the coordinator then skips ``finish_load``."""
 
     nbytes: int
     checksums: tuple[int, ...]  # one per bucket, as received (by the engine's worker 0)
@@ -158,6 +199,8 @@ class ReceiveReport(_Frozen):
     rank_checksums: tuple[tuple[int, ...], ...] = ()
     applied: bool  # True once reload_weights consumed every tensor (streaming)
     seconds: dict[str, float] = Field(default_factory=dict)
+    fingerprint: str | None = None  # the worker's, when it applied
+    finish: FinishReply | None = None  # the engine's verify step, when done with the apply
 
 
 def exclusive_phases(seconds: dict[str, float]) -> dict[str, float]:

@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weightsync.engine.worker_ext import WeightSyncWorkerExtension, _plan_key
+from weightsync.engine.worker_ext import WeightSyncWorkerExtension
 from weightsync.errors import TransferError, VerificationError
 from weightsync.transport.packing import checksums, pack_bucket, plan_buckets, spec_of
+from weightsync.types import plan_json, versionless
 
 
 class _Worker(WeightSyncWorkerExtension):
@@ -17,6 +18,9 @@ class _Worker(WeightSyncWorkerExtension):
 
     def __init__(self) -> None:
         self.loaded: list[int] = []
+
+    def _fingerprint(self) -> str:
+        return f"loaded {self.loaded}"
 
     def _apply_staged(self) -> float:
         staged, self._ws["staged"] = self._ws["staged"], []
@@ -56,5 +60,13 @@ def test_atomic_needs_the_senders_checksums_and_plan_keys_ignore_the_version():
     with pytest.raises(TransferError, match="checksums"):
         _Worker()._consume(plan, zip(plan.buckets, bufs), "atomic", None)
     again = plan.model_copy(update={"version": 4})
-    assert _plan_key(plan.model_dump_json()) == _plan_key(again.model_dump_json())
-    assert _plan_key(plan.model_dump_json()) != plan.model_dump_json()
+    assert versionless(plan.model_dump_json()) == versionless(again.model_dump_json())
+    assert versionless(plan.model_dump_json()) != plan.model_dump_json()
+    # the kept text of a plan is spliced with each copy's own version, and dropped for
+    # another plan
+    assert plan_json(plan) == plan.model_dump_json()
+    assert plan_json(again) == again.model_dump_json() and '"version":4,' in plan_json(again)
+    other = plan.model_copy(update={"buckets": plan.buckets[:1], "partial": True})
+    assert plan_json(other) == other.model_dump_json()
+    assert plan_json(plan.model_copy(update={"partial": True})) == \
+        plan.model_copy(update={"partial": True}).model_dump_json()

@@ -39,6 +39,7 @@ from weightsync.types import (IN_SYNC, CheckpointFiles, EngineState, EngineStatu
 
 logger = logging.getLogger(__name__)
 
+_CLEAN = "reset_caches: vLLM cleared them when the engine paused or slept, and nothing ran since"
 WORKER_EXTENSION = "weightsync.engine.worker_ext.WeightSyncWorkerExtension"
 M = TypeVar("M", bound=BaseModel)
 
@@ -83,6 +84,7 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         # has run since: a reset (after loading, or at the next pause) would find them empty
         self._caches_clean = False
         self._lease = SyncLease()  # who owns the sync in progress, until when
+        self._loaded: FinishReply | None = None  # this sync's load, fingerprinted as it loaded
         self._watchdog: asyncio.Task | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -185,6 +187,7 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
                      EngineState.WEIGHTS_AWAKE, op="begin a sync")
         self._found = Found(self.state, frozenset(self._asleep), self.sleep_level,
                              self.weights_intact, self._lease.owner, self._lease.duration)
+        self._loaded = None
         self.version_seen = max(self.version_seen, version)
         self._hold(owner, lease_s)
         seconds: dict[str, float] = {}
@@ -266,10 +269,9 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         t = time.perf_counter()
         try:
             with self._lease.busy():
-                report = merge_receipts(await self._rpc("ws_receive", plan_json, request_json,
-                                                        reply=ReceiveReport,
-                                                        timeout=request.deadline_s * 1.5),
-                                        self.spec.name)
+                reports = await self._rpc("ws_receive", plan_json, request_json,
+                                          reply=ReceiveReport, timeout=request.deadline_s * 1.5)
+            report = merge_receipts(reports, self.spec.name)
         except WeightSyncError as e:
             self.group_id = None  # a worker leaves a group that failed it
             several = self.workers is not None and self.workers.workers > 1
@@ -278,7 +280,7 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
             raise
         if report.applied:
             self.weights_intact = False  # new weights, not yet committed
-        return report.model_copy(update={"seconds": {
+        return report.model_copy(update={"finish": self._fingerprinted(reports), "seconds": {
             **report.seconds, "host_rpc": time.perf_counter() - t,  # vLLM's RPC included
             "host": time.perf_counter() - t_enter}})  # this whole actor method
 
@@ -287,8 +289,21 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
                      owner=owner)
         self.weights_intact = False
         with self._lease.busy():
-            return merge_applies(await self._rpc("ws_apply_staged", reply=ApplyReply,
-                                                 timeout=deadline_s), self.spec.name)
+            replies = await self._rpc("ws_apply_staged", reply=ApplyReply, timeout=deadline_s)
+        return merge_applies(replies, self.spec.name).model_copy(
+            update={"finish": self._fingerprinted(replies)})
+
+    def _fingerprinted(self, replies: Sequence[ReceiveReport | ApplyReply]
+                       ) -> FinishReply | None:
+        """Keep the fingerprints every worker took of what it just loaded, for ``finish_load``;
+        returned as the finished verify step when no cache needs a reset before commit."""
+        if not replies or any(r.fingerprint is None for r in replies):
+            return None  # not applied (staged), or a worker that did not fingerprint
+        took = max(r.seconds.get("fingerprint", 0.0) for r in replies)
+        self._loaded = merge_fingerprints(
+            [Fingerprint(digest=r.fingerprint) for r in replies], self.workers,
+            seconds={"fingerprint": took}, skipped=(_CLEAN,) if self._caches_clean else ())
+        return self._loaded if self._caches_clean else None
 
     async def _checkpoint(self, path: str | None, partial: bool,
                           roots: Sequence[str] | None, deadline_s: float) -> CheckpointFiles:
@@ -353,11 +368,14 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         t = time.perf_counter()
         with self._lease.busy():
             if self._caches_clean:
-                skipped = ("reset_caches: vLLM cleared them when the engine paused or slept, "
-                           "and nothing ran since",)
+                skipped = (_CLEAN,)
             elif not self._testing_keep_caches:
                 await asyncio.wait_for(self._reset_caches(), deadline_s)
                 seconds["reset_caches"] = time.perf_counter() - t
+            loaded, self._loaded = self._loaded, None
+            if loaded is not None:  # the workers fingerprinted the load as they made it
+                return loaded.model_copy(update={"seconds": {**loaded.seconds, **seconds},
+                                                 "skipped": skipped})
             t = time.perf_counter()
             prints = await self._rpc("ws_fingerprint", reply=Fingerprint, timeout=deadline_s)
         seconds["fingerprint"] = time.perf_counter() - t
@@ -381,6 +399,7 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
             seconds = await self._wake_and_resume(deadline_s)
         self._lease.release()
         self._found = None
+        self._loaded = None
         self.version = version
         self.weights_intact = True
         self.fenced_reason = None
@@ -404,6 +423,7 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         if self._lease.held_by_other(owner):
             return self.status()
         found, self._found = self._found, None
+        self._loaded = None
         if found is None:  # no sync in progress: as a sleep (or pause) left the engine
             found = Found(self.state, frozenset(self._asleep), self.sleep_level,
                            self.weights_intact, None, 0.0)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -33,9 +32,10 @@ from weightsync.transport.broadcast import BroadcastReceiver, open_group
 from weightsync.transport.graphs import Replay
 from weightsync.transport.legs import receiver_leg
 from weightsync.transport.ranks import worker_group_rank
-from weightsync.transport.packing import (checksum, copy_split, copy_tensors, digest_tensors,
-                                          dtype_name, unpack_bucket)
-from weightsync.types import Bucket, CheckpointFiles, ReceiveReport, TensorSpec, TransferPlan
+from weightsync.transport.packing import (checksum, copy_split, copy_tensors, digest_terms,
+                                          dtype_name, fold_terms, unpack_bucket)
+from weightsync.types import (Bucket, CheckpointFiles, ReceiveReport, TensorSpec, TransferPlan,
+                              versionless)
 
 logger = logging.getLogger(__name__)
 
@@ -114,11 +114,6 @@ def _device_uuid(device: Any) -> str | None:
     return device_uuid(device)
 
 
-def _plan_key(plan_json: str) -> str:
-    """A plan's JSON without its version: equal for every sync of the same plan."""
-    return re.sub(r'^\{"version":\d+,', "{", plan_json, count=1)
-
-
 class WeightSyncWorkerExtension:
     """Mixed into vLLM's Worker. State lives in ``_ws`` so it never collides with vLLM's."""
 
@@ -195,19 +190,42 @@ class WeightSyncWorkerExtension:
 
     @worker_rpc
     def ws_fingerprint(self) -> Fingerprint:
+        return Fingerprint(digest=self._fingerprint())
+
+    def _fingerprint(self) -> str:
         """Digest of every parameter as loaded (vLLM layout). Equal across a verified fleet.
 
-        Small parameters are digested in concatenated groups, large ones in place: a few
-        dozen bandwidth-bound reductions instead of several per parameter.
+        Each parameter's bytes are checksummed where they live (``packing.digest_terms``), and
+        the checksums hashed with every parameter's name, dtype and shape. The parameters stay
+        where they are from sync to sync (sleep level 2 maps them back at the same addresses),
+        so on CUDA the few hundred reductions run as one replayed graph
+        (``transport.graphs``), and the names are hashed once: what remains is one pass over
+        the weights at memory bandwidth and one device-to-host copy of the checksums.
         """
-        h = hashlib.sha256()
+        params = self._params()
+        key = tuple((p.data_ptr(), p.numel(), p.dtype, p.is_contiguous())
+                    for p in params.values())
+        st = self._ws_state()
+        kept = st.get("print_views")
+        if kept is None or kept[0] != key or not all(k[3] for k in key):  # (a copy is stale)
+            order = sorted(params)
+            head = hashlib.sha256()
+            for name in order:
+                p = params[name]
+                head.update(f"{name}:{dtype_name(p.dtype)}{tuple(p.shape)};".encode())
+            flats = [params[n].detach().contiguous().view(-1).view(torch.uint8) for n in order]
+            kept = st["print_views"] = (key, head, flats)
+        _, head, flats = kept
         with torch.no_grad():
-            params = sorted(self._params().items())
-            for name, p in params:
-                h.update(f"{name}:{dtype_name(p.dtype)}{tuple(p.shape)};".encode())
-            for c in digest_tensors(p for _, p in params):
-                h.update(f"{c};".encode())
-        return Fingerprint(digest=h.hexdigest()[:32])
+            if flats and flats[0].is_cuda and all(k[3] for k in key):
+                terms = self._ws_graph("fingerprint").run((key, digest_terms),
+                                                          lambda: digest_terms(flats))
+            else:
+                terms = digest_terms(flats)
+            sums = fold_terms([f.numel() for f in flats], terms.tolist())
+        h = head.copy()
+        h.update(",".join(map(str, sums)).encode())
+        return h.hexdigest()[:32]
 
     # ---- transport -----------------------------------------------------------------------
     @worker_rpc
@@ -262,7 +280,7 @@ class WeightSyncWorkerExtension:
         t_call = time.perf_counter()
         request = ReceiveRequest.model_validate_json(request_json)
         st = self._ws_state()
-        key = _plan_key(plan_json)
+        key = versionless(plan_json)
         if st["plan"] is None or st["plan"][0] != key:  # parse once per plan, not per sync
             st["plan"] = (key, TransferPlan.model_validate_json(plan_json))
         plan = st["plan"][1]
@@ -326,8 +344,17 @@ class WeightSyncWorkerExtension:
         if apply == "atomic":  # every bucket is here and verified: load in this call
             seconds["reload"] = self._apply_staged()
             applied = True
+        fingerprint = self._timed_fingerprint(seconds) if applied else None
         return ReceiveReport(nbytes=nbytes, checksums=tuple(sums), applied=applied,
-                             seconds=seconds)
+                             fingerprint=fingerprint, seconds=seconds)
+
+    def _timed_fingerprint(self, seconds: dict[str, float]) -> str:
+        """The weights just loaded, fingerprinted in the same call (the sync's verify step
+        needs no call of its own); its seconds go to ``seconds["fingerprint"]``."""
+        t = time.perf_counter()
+        digest = self._fingerprint()
+        seconds["fingerprint"] = time.perf_counter() - t
+        return digest
 
     def _leg_done(self) -> None:
         leg = self._ws_state().get("active_leg")
@@ -338,7 +365,10 @@ class WeightSyncWorkerExtension:
     def ws_apply_staged(self) -> ApplyReply:
         reload_s = self._apply_staged()
         self._leg_done()
-        return ApplyReply(reload=reload_s, layout=self._ws_state()["staged_format"])
+        seconds: dict[str, float] = {}
+        digest = self._timed_fingerprint(seconds)
+        return ApplyReply(reload=reload_s, layout=self._ws_state()["staged_format"],
+                          fingerprint=digest, seconds=seconds)
 
     @worker_rpc
     def ws_drop_staged(self) -> Ack:

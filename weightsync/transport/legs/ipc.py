@@ -26,7 +26,7 @@ from weightsync.messages import BeginReply, ReceiveRequest
 from weightsync.transport.graphs import Replay
 from weightsync.transport.legs.base import Incoming, LegOutcome, ReceiverLeg, SenderLeg
 from weightsync.transport.packing import bucket_sources, digest_terms, fold_terms, pack_bucket
-from weightsync.types import TransferPlan
+from weightsync.types import TransferPlan, plan_json
 
 
 def bucket_terms(bufs):
@@ -163,7 +163,7 @@ class IpcLeg(SenderLeg):
         apply = "atomic" if self.cfg.apply == "staged" and len(names) == 1 and \
             self._workers.get(names[0]) == 1 else self.cfg.apply
         t = time.perf_counter()
-        ok, bad = self.receive_everywhere(names, plan.model_dump_json(),
+        ok, bad = self.receive_everywhere(names, plan_json(plan),
                                           self.request(apply, handles))
         seconds["trainer_rpc"] = time.perf_counter() - t  # Ray call, as we saw it
         return LegOutcome(self._devices[gpus[0]].sums(), ok, bad, seconds)
