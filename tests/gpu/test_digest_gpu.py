@@ -60,3 +60,24 @@ def test_replayed_packing_and_checksum_equal_eager_and_follow_their_key():
         assert torch.equal(got, want)
         assert packing.fold_terms([buf.numel()], terms.tolist()) == [packing.checksum(buf)]
     assert graph._graph is not None, "nothing was captured"
+
+
+def test_many_digests_compiled_and_replayed_equal_digest_terms():
+    """The fingerprint's one launch (``ManyDigests``), compiled and as a replayed graph,
+    equals ``digest_terms`` and the CPU's values, and a replay sees new values."""
+    from tests.unit.test_many_digests import check
+    from weightsync.transport.digest_cuda import ManyDigests
+    from weightsync.transport.graphs import Replay
+
+    check("cuda")
+    bufs = [torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda")
+            for n in (896 * 2, 4096 * 700 + 8, 151936 * 896 * 2, 5)]
+    many = ManyDigests(bufs)
+    graph = Replay("many")
+    for step in range(3):
+        bufs[1][step * 4096] ^= 1
+        got = graph.run(("k", many), many.terms)  # step 0 eager + capture; then replays
+        torch.cuda.synchronize()
+        assert torch.equal(got, packing.digest_terms(bufs))
+        assert torch.equal(got.cpu(), packing.digest_terms([b.cpu() for b in bufs]))
+    assert not many.broken

@@ -29,6 +29,7 @@ from weightsync.messages import (Ack, ApplyMode, ApplyReply, Fingerprint, GpuMem
                                  LayoutStatus, ReceiveRequest, ReloadReply, WorkerError,
                                  WorkerInfo, WorkerReply)
 from weightsync.transport.broadcast import BroadcastReceiver, open_group
+from weightsync.transport.digest_cuda import ManyDigests
 from weightsync.transport.graphs import Replay
 from weightsync.transport.legs import receiver_leg
 from weightsync.transport.ranks import worker_group_rank
@@ -198,9 +199,9 @@ class WeightSyncWorkerExtension:
         Each parameter's bytes are checksummed where they live (``packing.digest_terms``), and
         the checksums hashed with every parameter's name, dtype and shape. The parameters stay
         where they are from sync to sync (sleep level 2 maps them back at the same addresses),
-        so on CUDA the few hundred reductions run as one replayed graph
-        (``transport.graphs``), and the names are hashed once: what remains is one pass over
-        the weights at memory bandwidth and one device-to-host copy of the checksums.
+        so on CUDA all of them are one kernel (``digest_cuda.ManyDigests``) replayed as a
+        graph (``transport.graphs``), and the names are hashed once: what remains is one pass
+        over the weights at memory bandwidth and one device-to-host copy of the checksums.
         """
         params = self._params()
         key = tuple((p.data_ptr(), p.numel(), p.dtype, p.is_contiguous())
@@ -214,12 +215,13 @@ class WeightSyncWorkerExtension:
                 p = params[name]
                 head.update(f"{name}:{dtype_name(p.dtype)}{tuple(p.shape)};".encode())
             flats = [params[n].detach().contiguous().view(-1).view(torch.uint8) for n in order]
-            kept = st["print_views"] = (key, head, flats)
-        _, head, flats = kept
+            many = ManyDigests(flats) if flats and flats[0].is_cuda and \
+                all(k[3] for k in key) else None
+            kept = st["print_views"] = (key, head, flats, many)
+        _, head, flats, many = kept
         with torch.no_grad():
-            if flats and flats[0].is_cuda and all(k[3] for k in key):
-                terms = self._ws_graph("fingerprint").run((key, digest_terms),
-                                                          lambda: digest_terms(flats))
+            if many is not None:  # one launch, replayed as a graph
+                terms = self._ws_graph("fingerprint").run((key, many), many.terms)
             else:
                 terms = digest_terms(flats)
             sums = fold_terms([f.numel() for f in flats], terms.tolist())

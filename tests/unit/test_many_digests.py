@@ -1,0 +1,43 @@
+"""``ManyDigests`` (one Triton launch for a model's parameters) gives exactly
+``digest_terms``'s values, bytes unaligned or not whole words included. Here the kernel runs in
+Triton's interpreter on CPU (a process of its own: the interpreter is chosen at import);
+tests/gpu/test_digest_gpu.py runs it compiled, as a replayed graph too."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+
+def check(device: str = "cpu") -> None:
+    from weightsync.transport import digest_cuda, packing
+
+    g = torch.Generator().manual_seed(0)
+    sizes = [8, 4096, 4096 * 3 + 8, 1792, 4096 * 40 + 16, 7, 0, 4096 * 33 + 1000, 24]
+    bufs = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).to(device)
+            for n in sizes]
+    many = digest_cuda.ManyDigests(bufs, band=16)  # bands of 16 rows: several per buffer
+    assert many.rest == [5, 6]  # 7 bytes (no whole 64-bit word), and the empty one
+    assert torch.equal(many.terms(), packing.digest_terms(bufs))
+    assert not many.broken  # the kernel ran
+    before = many.terms().clone()
+    bufs[4][4096 * 20 + 100] ^= 1  # a byte in a later band of a multi-band buffer
+    after = many.terms()
+    assert torch.equal(after, packing.digest_terms(bufs))
+    assert [i for i in range(len(bufs)) if not torch.equal(after[i], before[i])] == [4]
+
+
+def test_one_launch_equals_digest_terms_and_sees_a_flipped_byte():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c",
+                          "from tests.unit.test_many_digests import check; check()"],
+                         env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
