@@ -7,6 +7,7 @@ sender and receiver checksum identical bytes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -34,7 +35,14 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def spec_of(name: str, tensor: torch.Tensor) -> TensorSpec:
-    return TensorSpec(name=name, dtype=dtype_name(tensor.dtype), shape=tuple(tensor.shape))
+    return _spec(name, dtype_name(tensor.dtype), tuple(tensor.shape))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _spec(name: str, dtype: str, shape: tuple[int, ...]) -> TensorSpec:
+    """One frozen spec per (name, dtype, shape): a trainer's tensors are described again every
+    sync (a 0.5B model's 290 validations took ~1.2 ms of each sync)."""
+    return TensorSpec(name=name, dtype=dtype, shape=shape)
 
 
 def _align(n: int) -> int:
