@@ -1,0 +1,112 @@
+"""One rank of a 3-rank FSDP2 trainer whose rank 1 hangs mid-sync (run by
+``tests/integration/test_sharded_cpu.py``; one process per rank):
+
+    python -m tests.integration.hung_follower RANK WORLD PORT OUT_DIR MODEL GCS DEADLINE \
+        BUCKET_BYTES SEED [--stop-at-gather K]
+
+Sync 1: ``--stop-at-gather K`` makes this rank SIGSTOP itself on its K-th bucket gather, after
+the sender announced the bucket and before this rank sends its shards (alive but stuck); the
+test SIGCONTs it later. Each rank writes ``sync1-RANK.json`` (outcome and wall time) as soon as
+its sync 1 ends, then asks the spent ``ShardedSync`` for another sync (it must refuse at once),
+builds a new one (a collective: it waits for the hung rank to be resumed) and syncs again
+(``sync2-RANK.json``). The coordinator's per-bucket deadline (``deadlines.transfer``) is
+``DEADLINE``; ``ShardedSync`` is given no ``gather_timeout_s``, so it uses that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+
+def _outcome(sync, model) -> dict:
+    from weightsync.errors import SyncFailedError, WeightSyncError
+
+    t = time.perf_counter()
+    entry: dict = {}
+    try:
+        res = sync(model)
+        entry.update(ok=True, version=res.version, result=res.model_dump(mode="json"),
+                     sums=list(res.sender_checksums))
+    except SyncFailedError as e:
+        entry.update(ok=False, error=type(e).__name__, message=str(e),
+                     result=e.result.model_dump(mode="json") if e.result else None)
+    except WeightSyncError as e:
+        entry.update(ok=False, error=type(e).__name__, message=str(e))
+    entry["seconds"] = time.perf_counter() - t
+    entry["ended_at"] = time.time()
+    return entry
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    for name, kind in [("rank", int), ("world", int), ("port", int), ("out", Path),
+                       ("model", str), ("ray", str), ("deadline", float),
+                       ("bucket_bytes", int), ("seed", int)]:
+        p.add_argument(name, type=kind)
+    p.add_argument("--stop-at-gather", type=int, default=0)
+    args = p.parse_args()
+    args.local_fleet, args.namespace, args.engines = None, "weightsync-tests", \
+        ["engine-a", "engine-b"]
+
+    import torch
+    import torch.distributed as dist
+
+    from weightsync.config import Deadlines, TransferConfig
+    from weightsync.coordinator import SyncCoordinator
+    from weightsync.sources import sharded
+    from weightsync.testing.sharded_trainer import _engines, _expected_sums, _model, _shard
+
+    torch.set_num_threads(1)
+    model = _model(args)
+    coord = None
+    if args.rank == 0:
+        coord = SyncCoordinator(_engines(args), TransferConfig(
+            bucket_bytes=args.bucket_bytes, deadlines=Deadlines(
+                rendezvous=30, transfer=args.deadline, verify=30, resume=30, reload=30,
+                lease=30)))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}",
+                            rank=args.rank, world_size=args.world,
+                            timeout=timedelta(seconds=180))
+    model = _shard(model, args.world)
+    syncer = sharded.ShardedSync(coord, timeout_s=120)
+    if args.stop_at_gather:
+        gathers = {"n": 0}
+        real = sharded.ShardGather.__call__
+
+        def hanging(self, named, srcs):
+            gathers["n"] += 1
+            if gathers["n"] == args.stop_at_gather:
+                print(f"rank {args.rank}: stopping at gather {gathers['n']}", flush=True)
+                (args.out / f"stopped-{args.rank}.json").write_text(json.dumps(time.time()))
+                os.kill(os.getpid(), signal.SIGSTOP)
+                print(f"rank {args.rank}: resumed", flush=True)
+            return real(self, named, srcs)
+
+        sharded.ShardGather.__call__ = hanging  # this process only
+    first = _outcome(syncer.sync, model)
+    first["broken"] = getattr(syncer, "broken", None)
+    (args.out / f"sync1-{args.rank}.json").write_text(json.dumps(first))
+    refused = _outcome(syncer.sync, model)  # the spent object: refuses at once, no messages
+
+    syncer = sharded.ShardedSync(coord, timeout_s=120)  # waits for every rank, the hung one too
+    second = _outcome(syncer.sync, model)
+    second["refused"] = refused
+    if args.rank == 0:
+        second["sums_match_unsharded"] = second.get("sums") == _expected_sums(args)
+        second["statuses"] = [s.model_dump(mode="json") for s in coord.statuses()]
+    (args.out / f"sync2-{args.rank}.json").write_text(json.dumps(second))
+    if second["ok"]:
+        dist.barrier()  # every rank is done talking before any leaves
+    sys.stdout.flush()
+    os._exit(0)  # the first sync's groups hold a closed pair: skip gloo's teardown of them
+
+
+if __name__ == "__main__":
+    main()
