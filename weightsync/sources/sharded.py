@@ -207,7 +207,8 @@ class ShardGather:
                                                 .view(torch.uint8))
             if sizes[me] and bounded:  # the sender waits only for ranks that hold rows
                 self._wait({self.src: [dist.isend(buf, dst=self.src, group=group)]},
-                           "receive of this rank's shards by the sender")
+                           "receipt of this rank's shards by the sender (which gives up "
+                           "on a silent rank after the same deadline)")
             elif sizes[me]:
                 dist.send(buf, dst=self.src, group=group)
             for n, _ in blocks:
