@@ -1,8 +1,11 @@
 """One rank of a 3-rank FSDP2 trainer whose rank 1 hangs mid-sync (run by
 ``tests/integration/test_sharded_cpu.py``; one process per rank):
 
-    python -m tests.integration.hung_follower RANK WORLD PORT OUT_DIR MODEL GCS DEADLINE \
-        BUCKET_BYTES SEED [--stop-at-gather K]
+    python -m tests.integration.hung_follower RANK WORLD PORT OUT_DIR DEADLINE BUCKET_BYTES \
+        SEED (--model DIR --ray GCS | --local-fleet DIR) [--stop-at-gather K]
+
+``--ray``: the session's two vLLM engines; ``--local-fleet``: the in-process fleet (loopback leg,
+``tests/unit/test_sharded_protocol.py``).
 
 Sync 1: ``--stop-at-gather K`` makes this rank SIGSTOP itself on its K-th bucket gather, after
 the sender announced the bucket and before this rank sends its shards (alive but stuck); the
@@ -19,19 +22,72 @@ import argparse
 import json
 import os
 import signal
+import socket
+import subprocess
 import sys
 import time
 from datetime import timedelta
 from pathlib import Path
 
+HUNG_RANK = 1
 
-def _outcome(sync, model) -> dict:
+
+def start_ranks(out: Path, deadline_s: float, bucket_bytes: int, seed: int, engines: list[str],
+                stop_at_gather: int, world: int = 3) -> dict[int, subprocess.Popen]:
+    """One process per rank; rank ``HUNG_RANK`` stops itself at its ``stop_at_gather``-th
+    gather. ``engines``: ``--model DIR --ray GCS`` or ``--local-fleet DIR``."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = str(Path(__file__).parents[2])
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    return {r: subprocess.Popen(
+        [sys.executable, "-m", "tests.integration.hung_follower", str(r), str(world), str(port),
+         str(out), str(deadline_s), str(bucket_bytes), str(seed), *engines,
+         *(["--stop-at-gather", str(stop_at_gather)] if r == HUNG_RANK else [])],
+        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in range(world)}
+
+
+def report(path: Path, procs: dict[int, subprocess.Popen], timeout: float) -> dict:
+    """The report at ``path`` once written, failing if a rank exits or ``timeout`` passes."""
+    end = time.monotonic() + timeout
+    while not path.exists():
+        dead = {r: p.returncode for r, p in procs.items() if p.poll() is not None}
+        assert not dead and time.monotonic() < end, (path.name, dead)
+        time.sleep(0.2)
+    time.sleep(0.1)  # a few hundred bytes, written in one call
+    return json.loads(path.read_text())
+
+
+def stopped(pid: int) -> bool:
+    """Whether the process is stopped (SIGSTOP): its state in /proc is T."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def resume(procs: dict[int, subprocess.Popen]) -> None:
+    os.kill(procs[HUNG_RANK].pid, signal.SIGCONT)
+
+
+def finish(out: Path, procs: dict[int, subprocess.Popen], timeout: float
+           ) -> tuple[dict, list[dict]]:
+    """Resume the hung rank, wait for every rank; (its sync-1 report, every rank's sync 2)."""
+    resume(procs)
+    logs = {r: p.communicate(timeout=timeout)[0][-3000:] for r, p in procs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), logs
+    hung = json.loads((out / f"sync1-{HUNG_RANK}.json").read_text())
+    return hung, [json.loads((out / f"sync2-{r}.json").read_text()) for r in range(len(procs))]
+
+
+def _outcome(sync, model, **kwargs) -> dict:
     from weightsync.errors import SyncFailedError, WeightSyncError
 
     t = time.perf_counter()
     entry: dict = {}
     try:
-        res = sync(model)
+        res = sync(model, **kwargs)
         entry.update(ok=True, version=res.version, result=res.model_dump(mode="json"),
                      sums=list(res.sender_checksums))
     except SyncFailedError as e:
@@ -47,13 +103,15 @@ def _outcome(sync, model) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     for name, kind in [("rank", int), ("world", int), ("port", int), ("out", Path),
-                       ("model", str), ("ray", str), ("deadline", float),
-                       ("bucket_bytes", int), ("seed", int)]:
+                       ("deadline", float), ("bucket_bytes", int), ("seed", int)]:
         p.add_argument(name, type=kind)
+    p.add_argument("--model")
+    p.add_argument("--ray")
+    p.add_argument("--local-fleet")
     p.add_argument("--stop-at-gather", type=int, default=0)
     args = p.parse_args()
-    args.local_fleet, args.namespace, args.engines = None, "weightsync-tests", \
-        ["engine-a", "engine-b"]
+    args.namespace = "weightsync-tests"
+    args.engines = ["a", "b"] if args.local_fleet else ["engine-a", "engine-b"]
 
     import torch
     import torch.distributed as dist
@@ -90,13 +148,16 @@ def main() -> None:
             return real(self, named, srcs)
 
         sharded.ShardGather.__call__ = hanging  # this process only
-    first = _outcome(syncer.sync, model)
+    kwargs = {"leg": "loopback"} if args.local_fleet and args.rank == 0 else {}
+    first = _outcome(syncer.sync, model, **kwargs)
     first["broken"] = getattr(syncer, "broken", None)
+    if args.rank == 0:  # after the failed sync, before the hung rank is back
+        first["statuses"] = [s.model_dump(mode="json") for s in coord.statuses()]
     (args.out / f"sync1-{args.rank}.json").write_text(json.dumps(first))
-    refused = _outcome(syncer.sync, model)  # the spent object: refuses at once, no messages
+    refused = _outcome(syncer.sync, model, **kwargs)  # spent: refuses at once, sends nothing
 
     syncer = sharded.ShardedSync(coord, timeout_s=120)  # waits for every rank, the hung one too
-    second = _outcome(syncer.sync, model)
+    second = _outcome(syncer.sync, model, **kwargs)
     second["refused"] = refused
     if args.rank == 0:
         second["sums_match_unsharded"] = second.get("sums") == _expected_sums(args)
