@@ -2,8 +2,8 @@
 
 Every rank calls ``ShardedSync.sync(module)``; together that is one sync. The sending rank runs
 the coordinator (versions, validation, commit or rollback run once) and is the only one that
-talks to the engines; the other ranks follow it in lockstep over a gloo control group of the
-trainer's own:
+talks to the engines; the other ranks follow it in lockstep, each over its own link to the
+sender (a 2-rank gloo group that ``ShardedSync`` creates):
 
     sender                                  every other rank
     PLAN  (each bucket's tensor names)  ->  builds the same feed
@@ -17,26 +17,28 @@ the leg stacks the blocks straight into its packing buffer), every other rank on
 its own blocks (a bucket / N).
 
 Failures. Every wait of the sender's is bounded by the per-bucket deadline (``gather_timeout_s``,
-by default the coordinator's ``TransferConfig.deadlines.transfer``): each follower's shards of a
-bucket, and each follower taking a control message, by gloo's ``Work.wait(timeout)``. The shards
-travel on a gloo group of ``ShardedSync``'s own, not the module's (whose timeout is the
-trainer's, often tens of minutes). A follower that dies breaks its connection at once; one that
-hangs (alive but stuck: SIGSTOPped, in a long call) is given up on at the deadline. Either way
-the sender's feed raises a ``TransferError`` naming the rank(s), the leg fails the transfer, the
-fleet rolls back (old version, unchanged output), the sender's ``SyncFailedError`` names the
-rank(s), and the healthy followers learn the same outcome and raise the same error. A follower
-that loses the sender (or waits past ``timeout_s`` for the next message), or whose shards the
-sender does not take within the deadline, raises a ``TransferError`` of its own.
+by default the coordinator's ``TransferConfig.deadlines.transfer``), by gloo's
+``Work.wait(timeout)``: each follower's shards of a bucket, and each follower taking a control
+message. Both go over the links, not the module's group (whose timeout is the trainer's, often
+tens of minutes). A follower that dies breaks its connection at once; one that hangs (alive but
+stuck: SIGSTOPped, in a long call) is given up on at the deadline. Either way the sender's feed
+raises a ``TransferError`` naming the rank(s) and the sync fails like any transfer failure:
+mid-transfer the fleet rolls back (old version, unchanged output) and the sender's
+``SyncFailedError`` names the rank(s); a follower that never took the plan fails the sync before
+any engine is touched. The healthy followers learn the outcome and raise the same error. A
+follower that loses the sender (or waits past ``timeout_s`` for the next message), or whose
+shards the sender does not take within the deadline, raises a ``TransferError`` of its own.
 
 After a rank went silent or was lost, the ``ShardedSync`` is broken, on purpose, on every rank
-that knows it (the sender, the followers told in the outcome, the hung rank when it wakes and
-its own send fails): its groups may still hold messages of the failed sync (a send to the hung
-rank that it has not read; gloo closes the pair of a receive that timed out, so the woken rank's
-late shards fail on its side instead of landing anywhere). So ``sync`` raises at once, and the
-user builds a new ``ShardedSync`` on every rank (new groups, created on the default group, which
-no sync message used), once the hung rank is back; or, if it stays stuck, restarts the trainer.
-Not bounded: ``full_tensor()`` of a DTensor placed otherwise than ``Shard(0)`` on a 1-D mesh,
-and blocks off the CPU (NCCL meshes): those run on the mesh's group, under its own timeout.
+that knows it: the sender, the followers told in the outcome, and the hung rank when it wakes
+(gloo closes every connection of a group in which a wait timed out, so the hung rank's link is
+closed: its late shards or its next receive fail on its side, and nothing it sends late can land
+in a later sync). ``sync`` then raises at once: build a new ``ShardedSync`` on every rank (new
+links, created on the default group, which no sync message used) once the hung rank is back; if
+it stays stuck, the trainer has to be restarted. Not bounded: ``full_tensor()`` of a DTensor
+placed otherwise than ``Shard(0)`` on a 1-D mesh, and blocks off the CPU (NCCL meshes): those
+run on the mesh's group, under its own timeout; and a follower needs to reach ``sync`` within
+the deadline of the sender's (the plan waits no longer).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from weightsync.types import SyncResult, TensorSpec, TransferPlan
 logger = logging.getLogger(__name__)
 
 _PLAN, _BUCKET, _OUTCOME = 1, 2, 3
+_CONTROL_TAG, _SHARDS_TAG = 0, 1  # a link carries both, each in its own order
 
 
 def _rows(n: int, world: int) -> list[int]:
@@ -123,16 +126,17 @@ class ShardGather:
     placed otherwise (a 2-D mesh, ``Shard(1)``, ``Replicate``) is made whole with
     ``full_tensor()``. Every rank derives the same layout from the DTensors' metadata.
 
-    ``group``: a gloo group over (at least) the mesh's ranks that carries CPU blocks, and
-    ``deadline_s`` the longest any rank waits for a bucket's messages: a rank that sends nothing
-    by then is named in the ``SilentRanks`` error, and the group is no longer usable (see the
-    module docstring). Without them (or for blocks off the CPU) the blocks go over the mesh's
-    own group, under its own timeout."""
+    ``links``: follower rank -> a 2-rank gloo group (the sender and that follower) that carries
+    its CPU blocks, and ``deadline_s`` the longest either end waits for a bucket's message: a
+    rank that sends nothing by then is named in the ``SilentRanks`` error, and its link is no
+    longer usable (see the module docstring). Without links (or for blocks off the CPU) the
+    blocks go over the mesh's own group, under its own timeout."""
 
     borrowed = True  # blocks are views of buffers the next bucket reuses
 
-    def __init__(self, src: int, group: Any | None = None, deadline_s: float = 600.0) -> None:
-        self.src, self.group, self.deadline_s = src, group, deadline_s
+    def __init__(self, src: int, links: Mapping[int, Any] | None = None,
+                 deadline_s: float = 600.0) -> None:
+        self.src, self.links, self.deadline_s = src, links, deadline_s
         self._bufs: dict[int, torch.Tensor] = {}  # peer -> message buffer, reused (CPU)
         self.failure: SilentRanks | None = None  # the last gather that timed out or broke
 
@@ -179,9 +183,7 @@ class ShardGather:
         group = mesh.get_group()
         peers = dist.get_process_group_ranks(group)
         device = blocks[0][1].to_local().device
-        bounded = self.group is not None and device.type == "cpu"
-        if bounded:
-            group = self.group
+        bounded = self.links is not None and device.type == "cpu"
         if self.src not in peers:
             raise ConfigError(f"the sending rank {self.src} is not in the model's mesh {peers}")
         world = len(peers)
@@ -206,16 +208,19 @@ class ShardGather:
                     buf[off:off + nbytes].copy_(t.to_local().contiguous().view(-1)
                                                 .view(torch.uint8))
             if sizes[me] and bounded:  # the sender waits only for ranks that hold rows
-                self._wait({self.src: [dist.isend(buf, dst=self.src, group=group)]},
-                           "receipt of this rank's shards by the sender (which gives up "
-                           "on a silent rank after the same deadline)")
+                send = dist.isend(buf, dst=self.src, group=self.links[rank], tag=_SHARDS_TAG)
+                self._wait({self.src: [send]}, "receipt of this rank's shards by the sender "
+                           "(which gives up on a silent rank after the same deadline)")
             elif sizes[me]:
                 dist.send(buf, dst=self.src, group=group)
             for n, _ in blocks:
                 out[n] = None
             return buf.nbytes
         bufs = {i: self._buffer(i, sizes[i], device) for i in range(world) if i != me and sizes[i]}
-        works = {peers[i]: [dist.irecv(b, src=peers[i], group=group)] for i, b in bufs.items()}
+        works = {peers[i]: [dist.irecv(b, src=peers[i], group=self.links[peers[i]],
+                                       tag=_SHARDS_TAG) if bounded else
+                            dist.irecv(b, src=peers[i], group=group)]
+                 for i, b in bufs.items()}
         if bounded:
             self._wait(works, "shards of this bucket")
         else:
@@ -244,9 +249,11 @@ class ShardGather:
 
 
 class _Control:
-    """The sender's messages to the other ranks, on a gloo group of their own. The sender sends
-    each follower its copy (point to point, not a broadcast: a follower that does not take it
-    within ``deadline_s`` is named); a follower waits up to the group's ``timeout_s``."""
+    """The sender's messages to the other ranks, each follower's copy on its own link: a 2-rank
+    gloo group of the sender and that follower (point to point, not a broadcast, so that a
+    follower that does not take it within ``deadline_s`` is named; one link per follower, as
+    gloo closes every connection of a group when a wait in it times out). A follower waits up
+    to ``timeout_s`` for the next message."""
 
     def __init__(self, src: int, timeout_s: float) -> None:
         import torch.distributed as dist
@@ -254,8 +261,12 @@ class _Control:
         self.dist, self.src = dist, src
         self.rank = dist.get_rank()
         self.peers = [r for r in range(dist.get_world_size()) if r != src]
-        # every rank of the default group creates it, in the same order (a collective)
-        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        self.links: dict[int, Any] = {}  # follower -> its link, on the ranks of that link
+        for r in self.peers:  # every rank of the default group creates each, in this order
+            link = dist.new_group([src, r], backend="gloo",
+                                  timeout=timedelta(seconds=timeout_s))
+            if self.rank in (src, r):
+                self.links[r] = link
         self.deadline_s = timeout_s
         self.silent: set[int] = set()  # followers that stopped taking messages this sync
         self.failure: SilentRanks | None = None
@@ -271,16 +282,16 @@ class _Control:
         works: dict[int, list] = {}
         for r in self.peers:
             try:
-                ws = [self.dist.isend(t, r, group=self.group) for t in tensors]
-            except RuntimeError as e:  # a dead follower: the connection is gone
-                works[r] = [_Failed(e)]
-                continue
+                ws = [self.dist.isend(t, dst=r, group=self.links[r], tag=_CONTROL_TAG)
+                      for t in tensors]
+            except RuntimeError as e:  # a dead follower, or a link closed by a timeout
+                ws = [_Failed(e)]
             if r in self.silent:
                 self._unawaited += ws
             else:
                 works[r] = ws
         try:
-            _wait_each(works, self.deadline_s, "receive of the sender's control message")
+            _wait_each(works, self.deadline_s, "receipt of the sender's control message")
         except SilentRanks as e:
             self.silent.update(e.silent)
             self.failure = e
@@ -288,12 +299,13 @@ class _Control:
 
     def receive(self) -> tuple[int, int, bytes | None]:
         header = torch.zeros(2, dtype=torch.int64)
-        self.dist.recv(header, self.src, group=self.group)
+        link = self.links[self.rank]
+        self.dist.recv(header, src=self.src, group=link, tag=_CONTROL_TAG)
         kind, n = header.tolist()
         if kind == _BUCKET:
             return kind, n, None
         buf = torch.empty(n, dtype=torch.uint8)
-        self.dist.recv(buf, self.src, group=self.group)
+        self.dist.recv(buf, src=self.src, group=link, tag=_CONTROL_TAG)
         return kind, n, buf.numpy().tobytes()
 
 
@@ -348,8 +360,9 @@ class ShardedSync:
 
     ``coordinator``: the ``SyncCoordinator`` on rank ``src`` (the sending rank), None on every
     other rank. Construct it on every rank of the default process group, in the same order as
-    other groups (it creates two gloo groups: control and shards). ``timeout_s``: the longest a
-    follower waits for the sender's next message (a whole begin, or reload + verify + resume).
+    other groups (it creates a 2-rank gloo group per follower: its link to the sender).
+    ``timeout_s``: the longest a follower waits for the sender's next message (a whole begin,
+    or reload + verify + resume).
     ``gather_timeout_s``: the longest the sender waits for a rank's part of one bucket (its
     shards, or taking a control message) before it fails the sync naming the silent rank(s);
     None: the coordinator's per-bucket deadline (``TransferConfig.deadlines.transfer``). The
@@ -377,11 +390,10 @@ class ShardedSync:
             transfer = getattr(coordinator, "transfer", None)
             self.control.deadline_s = gather_timeout_s if gather_timeout_s is not None else \
                 transfer.deadlines.transfer if transfer is not None else timeout_s
-        # the shards' own group: a receive that times out closes its pair with the silent
-        # rank there, not in the trainer's groups (the mesh's), which stay usable
-        shards = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-        # its message buffers are kept across syncs; a follower's deadline comes with the plan
-        self.gather = ShardGather(src, shards, self.control.deadline_s)
+        # the shards go over the control links too: a wait that times out closes the silent
+        # rank's link, not the trainer's groups (the mesh's), which stay usable. Its message
+        # buffers are kept across syncs; a follower's deadline comes with the plan.
+        self.gather = ShardGather(src, self.control.links, self.control.deadline_s)
         self.last_source: ShardedSource | None = None
         self.broken: str | None = None
 
@@ -435,6 +447,8 @@ class ShardedSync:
             why = self._silence()
             if why is not None:
                 self.broken = outcome["broken"] = why
+            if self.gather.failure is not None:  # given up on: told without a wait
+                self.control.silent.update(self.gather.failure.silent, self.gather.failure.lost)
             try:  # a follower that died or went silent cannot hear it; the others must
                 self.control.send(_OUTCOME, payload=json.dumps(outcome).encode())
             except Exception as e:  # noqa: BLE001 - the sync's own outcome goes on regardless
