@@ -8,8 +8,9 @@
 ``tests/unit/test_sharded_protocol.py``).
 
 Sync 1: ``--stop-at-gather K`` makes this rank SIGSTOP itself on its K-th bucket gather, after
-the sender announced the bucket and before this rank sends its shards (alive but stuck); the
-test SIGCONTs it later. Each rank writes ``sync1-RANK.json`` (outcome and wall time) as soon as
+the sender announced the bucket and before this rank sends its shards (alive but stuck; K = 0:
+before it calls ``sync``, so it takes no message of the sync at all); the test SIGCONTs it
+later. Each rank writes ``sync1-RANK.json`` (outcome and wall time) as soon as
 its sync 1 ends, then asks the spent ``ShardedSync`` for another sync (it must refuse at once),
 builds a new one (a collective: it waits for the hung rank to be resumed) and syncs again
 (``sync2-RANK.json``). The coordinator's per-bucket deadline (``deadlines.transfer``) is
@@ -35,7 +36,8 @@ HUNG_RANK = 1
 def start_ranks(out: Path, deadline_s: float, bucket_bytes: int, seed: int, engines: list[str],
                 stop_at_gather: int, world: int = 3) -> dict[int, subprocess.Popen]:
     """One process per rank; rank ``HUNG_RANK`` stops itself at its ``stop_at_gather``-th
-    gather. ``engines``: ``--model DIR --ray GCS`` or ``--local-fleet DIR``."""
+    gather (0: before its first sync). ``engines``: ``--model DIR --ray GCS`` or
+    ``--local-fleet DIR``."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -108,7 +110,7 @@ def main() -> None:
     p.add_argument("--model")
     p.add_argument("--ray")
     p.add_argument("--local-fleet")
-    p.add_argument("--stop-at-gather", type=int, default=0)
+    p.add_argument("--stop-at-gather", type=int, default=-1)
     args = p.parse_args()
     args.namespace = "weightsync-tests"
     args.engines = ["a", "b"] if args.local_fleet else ["engine-a", "engine-b"]
@@ -134,20 +136,26 @@ def main() -> None:
                             timeout=timedelta(seconds=180))
     model = _shard(model, args.world)
     syncer = sharded.ShardedSync(coord, timeout_s=120)
-    if args.stop_at_gather:
+
+    def hang() -> None:
+        print(f"rank {args.rank}: stopping at gather {args.stop_at_gather}", flush=True)
+        (args.out / f"stopped-{args.rank}.json").write_text(json.dumps(time.time()))
+        os.kill(os.getpid(), signal.SIGSTOP)
+        print(f"rank {args.rank}: resumed", flush=True)
+
+    if args.stop_at_gather > 0:
         gathers = {"n": 0}
         real = sharded.ShardGather.__call__
 
         def hanging(self, named, srcs):
             gathers["n"] += 1
             if gathers["n"] == args.stop_at_gather:
-                print(f"rank {args.rank}: stopping at gather {gathers['n']}", flush=True)
-                (args.out / f"stopped-{args.rank}.json").write_text(json.dumps(time.time()))
-                os.kill(os.getpid(), signal.SIGSTOP)
-                print(f"rank {args.rank}: resumed", flush=True)
+                hang()
             return real(self, named, srcs)
 
         sharded.ShardGather.__call__ = hanging  # this process only
+    elif args.stop_at_gather == 0:
+        hang()
     kwargs = {"leg": "loopback"} if args.local_fleet and args.rank == 0 else {}
     first = _outcome(syncer.sync, model, **kwargs)
     first["broken"] = getattr(syncer, "broken", None)
