@@ -98,8 +98,8 @@ class SilentRanks(RuntimeError):
 def _wait_each(works: Mapping[int, list], deadline_s: float, what: str) -> None:
     """Wait for every rank's operations, all within one deadline (gloo's ``Work.wait(timeout)``:
     it raises on a timeout and on a broken connection); raise ``SilentRanks`` naming the ranks
-    that did not finish. A receive that timed out closes its gloo pair: a late message from that
-    rank can never land in a later receive on the same group (it fails on its side instead)."""
+    that did not finish. gloo closes every connection of a group in which a wait timed out: a
+    late message of that rank's can never land in a later receive (it fails on its side)."""
     end = time.monotonic() + deadline_s
     silent: list[int] = []
     lost: dict[int, str] = {}
@@ -268,32 +268,30 @@ class _Control:
             if self.rank in (src, r):
                 self.links[r] = link
         self.deadline_s = timeout_s
-        self.silent: set[int] = set()  # followers that stopped taking messages this sync
+        self.silent: set[int] = set()  # followers given up on in this sync
         self.failure: SilentRanks | None = None
-        self._unawaited: list = []  # sends to silent followers, kept alive, never waited for
 
     def send(self, kind: int, n: int = 0, payload: bytes | None = None) -> None:
-        """Send every follower the message; a follower that went silent earlier in this sync
-        gets it without a wait (it reads it, in order, if it ever wakes)."""
+        """Send every follower the message, but those given up on earlier in this sync (their
+        link is closed)."""
         tensors = [torch.tensor([kind, len(payload) if payload is not None else n],
                                 dtype=torch.int64)]
         if payload is not None:
             tensors.append(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
         works: dict[int, list] = {}
         for r in self.peers:
+            if r in self.silent:
+                continue
             try:
                 ws = [self.dist.isend(t, dst=r, group=self.links[r], tag=_CONTROL_TAG)
                       for t in tensors]
             except RuntimeError as e:  # a dead follower, or a link closed by a timeout
                 ws = [_Failed(e)]
-            if r in self.silent:
-                self._unawaited += ws
-            else:
-                works[r] = ws
+            works[r] = ws
         try:
             _wait_each(works, self.deadline_s, "receipt of the sender's control message")
         except SilentRanks as e:
-            self.silent.update(e.silent)
+            self.silent.update(e.silent, e.lost)
             self.failure = e
             raise
 
@@ -447,7 +445,7 @@ class ShardedSync:
             why = self._silence()
             if why is not None:
                 self.broken = outcome["broken"] = why
-            if self.gather.failure is not None:  # given up on: told without a wait
+            if self.gather.failure is not None:  # given up on: their links are closed
                 self.control.silent.update(self.gather.failure.silent, self.gather.failure.lost)
             try:  # a follower that died or went silent cannot hear it; the others must
                 self.control.send(_OUTCOME, payload=json.dumps(outcome).encode())
