@@ -1,8 +1,8 @@
 """A 2-rank FSDP2 trainer (two real processes, torch.distributed gloo, ``fully_shard`` on CPU)
 syncing through ``ShardedSync`` into the in-process fleet (real engine hosts, loopback leg):
 the gathered bytes, the lockstep across syncs (one of them in the kernel layout), and a rank
-killed mid-sync on either side. The real-vLLM version is
-``tests/integration/test_sharded_cpu.py``."""
+killed mid-sync on either side; and a 3-rank one whose follower hangs mid-sync (SIGSTOP). The
+real-vLLM version is ``tests/integration/test_sharded_cpu.py``."""
 
 from __future__ import annotations
 
@@ -104,6 +104,47 @@ def test_the_sender_killed_mid_sync_fails_it_on_the_other_rank(fleet_dir, tmp_pa
     (sync,) = r1["syncs"]
     assert not sync["ok"] and sync["error"] == "TransferError"
     assert sync["message"].startswith("rank 1")
+
+
+@pytest.mark.parametrize("stop_at_gather, silent_in, error", [
+    # mid-transfer: the engines roll back; woken, rank 1's own send fails (TransferError)
+    (1, "no shards of this bucket", "SyncFailedError"),
+    # the plan never reached it: no engine was touched (the coordinator feeds before it
+    # begins); woken, rank 1 finds its link closed
+    (0, "no receipt of the sender's control message", "TransferError"),
+])
+def test_a_follower_that_hangs_fails_the_sync_on_every_rank_within_the_deadline(
+        fleet_dir, tmp_path, stop_at_gather, silent_in, error):
+    """Rank 1 of 3 stops (SIGSTOP) before sending its shards of bucket 0, or before it joins
+    the sync at all: rank 0 and rank 2 fail the sync naming it within about the 2 s deadline,
+    the fleet keeps version 0; resumed, rank 1 raises; a rebuilt ``ShardedSync`` syncs. The
+    real-vLLM version is in ``tests/integration/test_sharded_cpu.py``."""
+    from tests.integration import hung_follower
+
+    deadline = 2.0
+    procs = hung_follower.start_ranks(tmp_path, deadline, 65536, 4242,
+                                      ["--local-fleet", str(fleet_dir)], stop_at_gather)
+    try:
+        r0 = hung_follower.report(tmp_path / "sync1-0.json", procs, 120)
+        r2 = hung_follower.report(tmp_path / "sync1-2.json", procs, 30)
+        assert hung_follower.stopped(procs[1].pid)
+    finally:
+        hung_follower.resume(procs)
+    r1, second = hung_follower.finish(tmp_path, procs, 120)
+    hung_for = r0["ended_at"] - json.loads((tmp_path / "stopped-1.json").read_text())
+    assert not r0["ok"] and r0["error"] == error, r0
+    assert f"rank(s) [1] went silent: {silent_in}" in r0["message"], r0["message"]
+    assert hung_for < 2 * deadline + 10
+    assert r2["error"] == error and r2["message"] == r0["message"]
+    assert {(s["state"], s["version"]) for s in r0["statuses"]} == {("serving", 0)}
+    assert r1["error"] == "TransferError" and r1["message"].startswith("rank 1"), r1
+    assert all(r["broken"] for r in (r0, r1, r2))
+    assert all("broken" in s["refused"]["message"] for s in second)
+    assert all(s["ok"] and s["result"] == second[0]["result"] for s in second)
+    assert second[0]["sums_match_unsharded"]
+    assert second[0]["version"] > 0  # the failed sync's version is never reused
+    assert {(s["state"], s["version"]) for s in second[0]["statuses"]} == \
+        {("serving", second[0]["version"])}
 
 
 def _gather_rank(rank: int, world: int, port: int, out: str) -> None:

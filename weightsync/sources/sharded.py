@@ -2,8 +2,8 @@
 
 Every rank calls ``ShardedSync.sync(module)``; together that is one sync. The sending rank runs
 the coordinator (versions, validation, commit or rollback run once) and is the only one that
-talks to the engines; the other ranks follow it in lockstep over a gloo control group of the
-trainer's own:
+talks to the engines; the other ranks follow it in lockstep, each over its own link to the
+sender (a 2-rank gloo group that ``ShardedSync`` creates):
 
     sender                                  every other rank
     PLAN  (each bucket's tensor names)  ->  builds the same feed
@@ -14,11 +14,31 @@ trainer's own:
 A bucket's shards are gathered when the leg first packs from it, and the previous bucket's are
 let go first: the sender holds about one bucket of received blocks (its own block is a view, and
 the leg stacks the blocks straight into its packing buffer), every other rank one message of
-its own blocks (a bucket / N). A rank that dies mid-sync breaks the
-gathers: the sender's feed raises a ``TransferError``, the leg fails the transfer, the fleet
-rolls back, and the survivors learn the outcome; a follower that loses the sender (or waits
-past ``timeout_s`` for the next message) raises a ``TransferError`` of its own. The gathers
-themselves run on the module's process group, under that group's own timeout.
+its own blocks (a bucket / N).
+
+Failures. Every wait of the sender's is bounded by the per-bucket deadline (``gather_timeout_s``,
+by default the coordinator's ``TransferConfig.deadlines.transfer``), by gloo's
+``Work.wait(timeout)``: each follower's shards of a bucket, and each follower taking a control
+message. Both go over the links, not the module's group (whose timeout is the trainer's, often
+tens of minutes). A follower that dies breaks its connection at once; one that hangs (alive but
+stuck: SIGSTOPped, in a long call) is given up on at the deadline. Either way the sender's feed
+raises a ``TransferError`` naming the rank(s) and the sync fails like any transfer failure:
+mid-transfer the fleet rolls back (old version, unchanged output) and the sender's
+``SyncFailedError`` names the rank(s); a follower that never took the plan fails the sync before
+any engine is touched. The healthy followers learn the outcome and raise the same error. A
+follower that loses the sender (or waits past ``timeout_s`` for the next message), or whose
+shards the sender does not take within the deadline, raises a ``TransferError`` of its own.
+
+After a rank went silent or was lost, the ``ShardedSync`` is broken, on purpose, on every rank
+that knows it: the sender, the followers told in the outcome, and the hung rank when it wakes
+(gloo closes every connection of a group in which a wait timed out, so the hung rank's link is
+closed: its late shards or its next receive fail on its side, and nothing it sends late can land
+in a later sync). ``sync`` then raises at once: build a new ``ShardedSync`` on every rank (new
+links, created on the default group, which no sync message used) once the hung rank is back; if
+it stays stuck, the trainer has to be restarted. Not bounded: ``full_tensor()`` of a DTensor
+placed otherwise than ``Shard(0)`` on a 1-D mesh, and blocks off the CPU (NCCL meshes): those
+run on the mesh's group, under its own timeout; and a follower needs to reach ``sync`` within
+the deadline of the sender's (the plan waits no longer).
 """
 
 from __future__ import annotations
@@ -26,6 +46,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
@@ -42,6 +63,7 @@ from weightsync.types import SyncResult, TensorSpec, TransferPlan
 logger = logging.getLogger(__name__)
 
 _PLAN, _BUCKET, _OUTCOME = 1, 2, 3
+_CONTROL_TAG, _SHARDS_TAG = 0, 1  # a link carries both, each in its own order
 
 
 def _rows(n: int, world: int) -> list[int]:
@@ -55,6 +77,46 @@ def _rows(n: int, world: int) -> list[int]:
 _ALIGN = 64  # bytes: every block in a rank's message starts where any dtype may view it
 
 
+class SilentRanks(RuntimeError):
+    """Ranks that did not complete their part of a message within the deadline (``silent``:
+    alive but stuck, or too slow) or whose connection broke (``lost``: rank -> gloo's error).
+    Not a ``WeightSyncError``: a bucket's feed wraps it as its ``TransferError``."""
+
+    def __init__(self, what: str, deadline_s: float, silent: list[int],
+                 lost: dict[int, str]) -> None:
+        parts = []
+        if silent:
+            parts.append(f"rank(s) {silent} went silent: no {what} within {deadline_s:.1f} s "
+                         f"(alive but stuck, or too slow)")
+        if lost:
+            parts.append(f"rank(s) {sorted(lost)} lost: " +
+                         "; ".join(f"{r}: {e}" for r, e in sorted(lost.items())))
+        super().__init__("; ".join(parts))
+        self.silent, self.lost = silent, lost
+
+
+def _wait_each(works: Mapping[int, list], deadline_s: float, what: str) -> None:
+    """Wait for every rank's operations, all within one deadline (gloo's ``Work.wait(timeout)``:
+    it raises on a timeout and on a broken connection); raise ``SilentRanks`` naming the ranks
+    that did not finish. gloo closes every connection of a group in which a wait timed out: a
+    late message of that rank's can never land in a later receive (it fails on its side)."""
+    end = time.monotonic() + deadline_s
+    silent: list[int] = []
+    lost: dict[int, str] = {}
+    for rank, ws in works.items():
+        try:
+            for w in ws:
+                if w.wait(timedelta(seconds=max(end - time.monotonic(), 0.001))) is False:
+                    raise RuntimeError("timed out")
+        except RuntimeError as e:
+            if "timed out" in str(e).lower() or "timeout" in str(e).lower():
+                silent.append(rank)
+            else:
+                lost[rank] = str(e).splitlines()[0][:200]
+    if silent or lost:
+        raise SilentRanks(what, deadline_s, silent, lost)
+
+
 class ShardGather:
     """Brings a bucket's DTensors whole to the sending rank ``src``, as a ``ModuleTensors``
     gather: each other rank packs its ``Shard(0)`` blocks of the bucket into one buffer and
@@ -62,13 +124,21 @@ class ShardGather:
     send every rank everything). The sender hands the blocks out as row views, its own block
     included, with no reassembly copy (``pack_bucket`` stacks them into the slot). A DTensor
     placed otherwise (a 2-D mesh, ``Shard(1)``, ``Replicate``) is made whole with
-    ``full_tensor()``. Every rank derives the same layout from the DTensors' metadata."""
+    ``full_tensor()``. Every rank derives the same layout from the DTensors' metadata.
+
+    ``links``: follower rank -> a 2-rank gloo group (the sender and that follower) that carries
+    its CPU blocks, and ``deadline_s`` the longest either end waits for a bucket's message: a
+    rank that sends nothing by then is named in the ``SilentRanks`` error, and its link is no
+    longer usable (see the module docstring). Without links (or for blocks off the CPU) the
+    blocks go over the mesh's own group, under its own timeout."""
 
     borrowed = True  # blocks are views of buffers the next bucket reuses
 
-    def __init__(self, src: int) -> None:
-        self.src = src
+    def __init__(self, src: int, links: Mapping[int, Any] | None = None,
+                 deadline_s: float = 600.0) -> None:
+        self.src, self.links, self.deadline_s = src, links, deadline_s
         self._bufs: dict[int, torch.Tensor] = {}  # peer -> message buffer, reused (CPU)
+        self.failure: SilentRanks | None = None  # the last gather that timed out or broke
 
     def _buffer(self, peer: int, nbytes: int, device: torch.device) -> torch.Tensor:
         """A message buffer for ``peer``, reused across buckets and syncs on CPU (fresh pages
@@ -112,6 +182,8 @@ class ShardGather:
 
         group = mesh.get_group()
         peers = dist.get_process_group_ranks(group)
+        device = blocks[0][1].to_local().device
+        bounded = self.links is not None and device.type == "cpu"
         if self.src not in peers:
             raise ConfigError(f"the sending rank {self.src} is not in the model's mesh {peers}")
         world = len(peers)
@@ -130,21 +202,30 @@ class ShardGather:
                 raise ConfigError(f"{n}: this rank holds {t.to_local().shape[0]} rows of "
                                   f"{t.shape[0]}, not the Shard(0) block of {rows}")
         if rank != self.src:
-            buf = self._buffer(me, sizes[me], blocks[0][1].to_local().device)
+            buf = self._buffer(me, sizes[me], device)
             for (_, t), (off, nbytes, _) in zip(blocks, layout[me], strict=True):
                 if nbytes:
                     buf[off:off + nbytes].copy_(t.to_local().contiguous().view(-1)
                                                 .view(torch.uint8))
-            if sizes[me]:  # the sender waits only for ranks that hold rows of this bucket
+            if sizes[me] and bounded:  # the sender waits only for ranks that hold rows
+                send = dist.isend(buf, dst=self.src, group=self.links[rank], tag=_SHARDS_TAG)
+                self._wait({self.src: [send]}, "receipt of this rank's shards by the sender "
+                           "(which gives up on a silent rank after the same deadline)")
+            elif sizes[me]:
                 dist.send(buf, dst=self.src, group=group)
             for n, _ in blocks:
                 out[n] = None
             return buf.nbytes
-        device = blocks[0][1].to_local().device
         bufs = {i: self._buffer(i, sizes[i], device) for i in range(world) if i != me and sizes[i]}
-        works = [dist.irecv(b, src=peers[i], group=group) for i, b in bufs.items()]
-        for w in works:
-            w.wait()
+        works = {peers[i]: [dist.irecv(b, src=peers[i], group=self.links[peers[i]],
+                                       tag=_SHARDS_TAG) if bounded else
+                            dist.irecv(b, src=peers[i], group=group)]
+                 for i, b in bufs.items()}
+        if bounded:
+            self._wait(works, "shards of this bucket")
+        else:
+            for ws in works.values():
+                ws[0].wait()
         for k, (n, t) in enumerate(blocks):
             parts = []
             for i in range(world):
@@ -159,35 +240,81 @@ class ShardGather:
             out[n] = parts[0] if len(parts) == 1 else parts
         return sum(b.nbytes for b in bufs.values())
 
+    def _wait(self, works: Mapping[int, list], what: str) -> None:
+        try:
+            _wait_each(works, self.deadline_s, what)
+        except SilentRanks as e:
+            self.failure = e
+            raise
+
 
 class _Control:
-    """The sender's messages to the other ranks, on a gloo group with a deadline."""
+    """The sender's messages to the other ranks, each follower's copy on its own link: a 2-rank
+    gloo group of the sender and that follower (point to point, not a broadcast, so that a
+    follower that does not take it within ``deadline_s`` is named; one link per follower, as
+    gloo closes every connection of a group when a wait in it times out). A follower waits up
+    to ``timeout_s`` for the next message."""
 
     def __init__(self, src: int, timeout_s: float) -> None:
         import torch.distributed as dist
 
         self.dist, self.src = dist, src
         self.rank = dist.get_rank()
-        # every rank of the default group creates it, in the same order (a collective)
-        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        self.peers = [r for r in range(dist.get_world_size()) if r != src]
+        self.links: dict[int, Any] = {}  # follower -> its link, on the ranks of that link
+        for r in self.peers:  # every rank of the default group creates each, in this order
+            link = dist.new_group([src, r], backend="gloo",
+                                  timeout=timedelta(seconds=timeout_s))
+            if self.rank in (src, r):
+                self.links[r] = link
+        self.deadline_s = timeout_s
+        self.silent: set[int] = set()  # followers given up on in this sync
+        self.failure: SilentRanks | None = None
 
     def send(self, kind: int, n: int = 0, payload: bytes | None = None) -> None:
-        header = torch.tensor([kind, len(payload) if payload is not None else n],
-                              dtype=torch.int64)
-        self.dist.broadcast(header, self.src, group=self.group)
+        """Send every follower the message, but those given up on earlier in this sync (their
+        link is closed)."""
+        tensors = [torch.tensor([kind, len(payload) if payload is not None else n],
+                                dtype=torch.int64)]
         if payload is not None:
-            self.dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8),
-                                self.src, group=self.group)
+            tensors.append(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+        works: dict[int, list] = {}
+        for r in self.peers:
+            if r in self.silent:
+                continue
+            try:
+                ws = [self.dist.isend(t, dst=r, group=self.links[r], tag=_CONTROL_TAG)
+                      for t in tensors]
+            except RuntimeError as e:  # a dead follower, or a link closed by a timeout
+                ws = [_Failed(e)]
+            works[r] = ws
+        try:
+            _wait_each(works, self.deadline_s, "receipt of the sender's control message")
+        except SilentRanks as e:
+            self.silent.update(e.silent, e.lost)
+            self.failure = e
+            raise
 
     def receive(self) -> tuple[int, int, bytes | None]:
         header = torch.zeros(2, dtype=torch.int64)
-        self.dist.broadcast(header, self.src, group=self.group)
+        link = self.links[self.rank]
+        self.dist.recv(header, src=self.src, group=link, tag=_CONTROL_TAG)
         kind, n = header.tolist()
         if kind == _BUCKET:
             return kind, n, None
         buf = torch.empty(n, dtype=torch.uint8)
-        self.dist.broadcast(buf, self.src, group=self.group)
+        self.dist.recv(buf, src=self.src, group=link, tag=_CONTROL_TAG)
         return kind, n, buf.numpy().tobytes()
+
+
+class _Failed:
+    """A send that could not start, as a work whose wait raises its error."""
+
+    def __init__(self, error: RuntimeError) -> None:
+        self.error = error
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        raise self.error
 
 
 class ShardedSource(WeightSource):
@@ -210,7 +337,11 @@ class ShardedSource(WeightSource):
         order = order_of(plan, parts)
         announce = None
         if self.control is not None:
-            self.control.send(_PLAN, payload=json.dumps(order).encode())
+            try:  # the followers wait for each bucket's messages as long as the sender does
+                self.control.send(_PLAN, payload=json.dumps(
+                    {"order": order, "deadline_s": self.control.deadline_s}).encode())
+            except SilentRanks as e:
+                raise TransferError(f"the plan did not reach every rank: {e}") from e
             announce = lambda k: self.control.send(_BUCKET, k)  # noqa: E731
         self.producer.restart()
         return BucketFeed(order, self.producer, parts, announce=announce)
@@ -227,12 +358,21 @@ class ShardedSync:
 
     ``coordinator``: the ``SyncCoordinator`` on rank ``src`` (the sending rank), None on every
     other rank. Construct it on every rank of the default process group, in the same order as
-    other groups (it creates the gloo control group). ``timeout_s``: the longest a follower
-    waits for the sender's next message (a whole begin, or reload + verify + resume).
+    other groups (it creates a 2-rank gloo group per follower: its link to the sender).
+    ``timeout_s``: the longest a follower waits for the sender's next message (a whole begin,
+    or reload + verify + resume).
+    ``gather_timeout_s``: the longest the sender waits for a rank's part of one bucket (its
+    shards, or taking a control message) before it fails the sync naming the silent rank(s);
+    None: the coordinator's per-bucket deadline (``TransferConfig.deadlines.transfer``). The
+    followers learn it with each sync's plan.
+
+    ``broken``: why this object may not sync again (a rank went silent or was lost in a sync);
+    then ``sync`` raises ``TransferError`` at once on that rank: build a new ``ShardedSync`` on
+    every rank (the module docstring says why).
     """
 
     def __init__(self, coordinator: Any | None, *, src: int = 0, timeout_s: float = 600.0,
-                 convert: bool = True) -> None:
+                 gather_timeout_s: float | None = None, convert: bool = True) -> None:
         import torch.distributed as dist
 
         if not dist.is_initialized():
@@ -240,23 +380,49 @@ class ShardedSync:
         rank = dist.get_rank()
         if (coordinator is None) == (rank == src):
             raise ConfigError(f"rank {rank}: the coordinator belongs on rank {src} and only there")
+        if gather_timeout_s is not None and gather_timeout_s <= 0:
+            raise ConfigError(f"gather_timeout_s must be positive, not {gather_timeout_s}")
         self.coordinator, self.src, self.rank, self.convert = coordinator, src, rank, convert
         self.control = _Control(src, timeout_s)
-        self.gather = ShardGather(src)  # its message buffers are kept across syncs
+        if rank == src:
+            transfer = getattr(coordinator, "transfer", None)
+            self.control.deadline_s = gather_timeout_s if gather_timeout_s is not None else \
+                transfer.deadlines.transfer if transfer is not None else timeout_s
+        # the shards go over the control links too: a wait that times out closes the silent
+        # rank's link, not the trainer's groups (the mesh's), which stay usable. Its message
+        # buffers are kept across syncs; a follower's deadline comes with the plan.
+        self.gather = ShardGather(src, self.control.links, self.control.deadline_s)
         self.last_source: ShardedSource | None = None
+        self.broken: str | None = None
 
     def sync(self, module: torch.nn.Module, **kwargs: Any) -> SyncResult:
         """Sync ``module``'s weights; on the sender ``kwargs`` go to ``coordinator.sync``.
-        Every rank returns the same ``SyncResult`` or raises the same error."""
+        Every rank returns the same ``SyncResult`` or raises the same error (a rank that went
+        silent raises its own ``TransferError`` when it wakes)."""
+        if self.broken is not None:
+            raise TransferError(f"rank {self.rank}: this ShardedSync is broken since a sync in "
+                                f"which {self.broken}; build a new ShardedSync on every rank")
         source = ShardedSource(module, self.gather,
                                self.control if self.rank == self.src else None,
                                convert=self.convert)
         self.last_source = source
         if self.rank == self.src:
             return self._send(source, kwargs)
-        return self._follow(source)
+        try:
+            return self._follow(source)
+        except TransferError as e:  # this rank lost the sender, or was given up on
+            self.broken = self.broken or str(e)
+            raise
+
+    def _silence(self) -> str | None:
+        """The ranks that went silent or were lost in this sync, if any (then this object's
+        groups can no longer be trusted)."""
+        fails = [f for f in (self.gather.failure, self.control.failure) if f is not None]
+        return "; ".join(str(f) for f in fails) or None
 
     def _send(self, source: ShardedSource, kwargs: dict) -> SyncResult:
+        self.gather.failure = self.control.failure = None
+        self.control.silent.clear()
         outcome: dict[str, Any] = {"code": WeightSyncError.code,
                                    "message": "the sending rank failed"}
         try:
@@ -264,18 +430,29 @@ class ShardedSync:
             outcome = {"result": result.model_dump(mode="json")}
             return result
         except SyncFailedError as e:
-            outcome = {"code": e.code, "message": e.message,
-                       "result": e.result.model_dump(mode="json") if e.result else None}
-            raise
+            why = self._silence()
+            err = SyncFailedError(f"{e.message}: {why}", engine=e.engine, result=e.result) \
+                if why else e
+            outcome = {"code": err.code, "message": err.message,
+                       "result": err.result.model_dump(mode="json") if err.result else None}
+            if err is e:
+                raise
+            raise err from e
         except WeightSyncError as e:
             outcome = {"code": e.code, "message": e.message, "engine": e.engine}
             raise
         finally:
-            try:  # a follower that died cannot hear it; the others must
+            why = self._silence()
+            if why is not None:
+                self.broken = outcome["broken"] = why
+            if self.gather.failure is not None:  # given up on: their links are closed
+                self.control.silent.update(self.gather.failure.silent, self.gather.failure.lost)
+            try:  # a follower that died or went silent cannot hear it; the others must
                 self.control.send(_OUTCOME, payload=json.dumps(outcome).encode())
             except Exception as e:  # noqa: BLE001 - the sync's own outcome goes on regardless
                 logger.error("rank %d: could not tell the other ranks the outcome: %s",
                              self.rank, e)
+                self.broken = self.broken or f"the outcome did not reach every rank: {e}"
 
     def _follow(self, source: ShardedSource) -> SyncResult:
         feed: BucketFeed | None = None
@@ -283,9 +460,10 @@ class ShardedSync:
             try:
                 kind, n, payload = self.control.receive()
                 if kind == _PLAN:
-                    order = json.loads(payload)
+                    plan = json.loads(payload)
+                    self.gather.deadline_s = plan["deadline_s"]  # as long as the sender waits
                     source.producer.restart()
-                    feed = BucketFeed(order, source.producer)
+                    feed = BucketFeed(plan["order"], source.producer)
                 elif kind == _BUCKET:
                     if feed is None:
                         raise TransferError("bucket before plan")
@@ -301,6 +479,8 @@ class ShardedSync:
                                     f"mid-sync: {e}") from e
         feed = None  # let the last bucket go
         outcome = json.loads(payload)
+        if outcome.get("broken"):  # a rank went silent or was lost: the groups are spent
+            self.broken = outcome["broken"]
         result = SyncResult.model_validate(outcome["result"]) if outcome.get("result") else None
         if "code" not in outcome:
             return result
