@@ -30,7 +30,8 @@ def main(files: list[Path], out: Path = typer.Option(...)) -> None:
         d = json.loads(f.read_text())
         r = d["runs"][0]
         freed = [b for s in r["sleeps"] for b in s["freed_bytes"] if b is not None]
-        runs.append((f"{d['shape']} @ {d['gpu_memory_utilization']:.2f}",
+        runs.append((f"{d['shape']} @ {d['gpu_memory_utilization']:.2f}\n"
+                     f"({d['versions'].get('commit') or '?'})",
                      {p: r["phases"][p]["p50"] * 1e3 for p in PHASES if p in r["phases"]},
                      r["total"]["p50"] * 1e3, sorted(freed)[len(freed) // 2] / (1 << 30)))
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 1]})
