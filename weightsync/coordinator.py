@@ -147,13 +147,18 @@ class SyncCoordinator(Colocation):
                                                 lambda i: self._phase(f"bucket:{i}"))
         return self._legs[name]
 
-    def statuses(self) -> list[EngineStatus]:
-        ok, bad = self._call("status", list(self.engines), timeout=self.transfer.deadlines.verify)
+    def statuses(self, asked: Mapping[str, Any] | None = None) -> list[EngineStatus]:
+        """Every engine's status (``asked``: the calls ``_ask_statuses`` already made)."""
+        pending = asked if asked is not None else self._ask_statuses()
+        ok, bad = self.access.wait(pending, self.transfer.deadlines.verify)
         out = list(ok.values())
         for n, e in bad.items():
             out.append(EngineStatus(name=n, state=EngineState.STOPPED, version=-1, device="?",
                                     sleep_supported=False, fenced_reason=str(e), model="?"))
         return out
+
+    def _ask_statuses(self) -> dict[str, Any]:
+        return {n: self.access.submit(n, "status") for n in self.engines}
 
     def replace_engine(self, name: str, actor: Any) -> None:
         """Swap in a restarted actor for ``name``. It is fenced (it serves the original
@@ -274,7 +279,8 @@ class SyncCoordinator(Colocation):
         asleep for this trainer (restored after a failure)."""
         return self._beat.syncing(names)
 
-    def _next_version(self, targets: Sequence[str]) -> int:
+    def _next_version(self, targets: Sequence[str],
+                      asked: Mapping[str, Any] | None = None) -> int:
         """One past the highest version any engine or this coordinator has seen or begun a
         sync with, so a number is never used twice: not by another coordinator (or a restarted
         trainer) over the same engines, not by a retry after a failed sync. A sync refused
@@ -283,7 +289,7 @@ class SyncCoordinator(Colocation):
         Also refuses, before anything is touched, a sync whose targets are in no state to
         begin one (paused, asleep, loading): ``IllegalStateError``, never a fenced engine.
         """
-        statuses = self.statuses()
+        statuses = self.statuses(asked)
         busy = [s for s in statuses if s.name in targets and not self._may_take(s) and (
             s.state not in _CAN_BEGIN or s.owner not in (None, self.owner))]
         if busy:
@@ -352,13 +358,14 @@ class SyncCoordinator(Colocation):
     def _sync(self, weights, pause_mode, sleep_level, engines, wave_size, leg,
               partial) -> SyncResult:
         t0 = time.perf_counter()
+        targets = self._targets(engines)
+        asked = self._ask_statuses()  # the engines answer while the trainer's side is described
         source = as_source(weights)  # metadata first: no tensor is read before the plan
         specs = source.specs()
         if not specs:
             raise ConfigError("no tensors to sync")
-        targets = self._targets(engines)
         self._leg(leg)  # an unknown leg is a ConfigError before anything is touched
-        version = self._next_version(targets)
+        version = self._next_version(targets, asked)
         layout, note = self._kernel_layout(targets, {s.name for s in specs}) \
             if source.random_access else (None, "a streamed source is sent in its own order")
         if layout is not None:
