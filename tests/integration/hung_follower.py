@@ -84,20 +84,9 @@ def finish(out: Path, procs: dict[int, subprocess.Popen], timeout: float
 
 
 def _outcome(sync, model, **kwargs) -> dict:
-    from weightsync.errors import SyncFailedError, WeightSyncError
+    from weightsync.testing.sharded_trainer import sync_outcome
 
-    t = time.perf_counter()
-    entry: dict = {}
-    try:
-        res = sync(model, **kwargs)
-        entry.update(ok=True, version=res.version, result=res.model_dump(mode="json"),
-                     sums=list(res.sender_checksums))
-    except SyncFailedError as e:
-        entry.update(ok=False, error=type(e).__name__, message=str(e),
-                     result=e.result.model_dump(mode="json") if e.result else None)
-    except WeightSyncError as e:
-        entry.update(ok=False, error=type(e).__name__, message=str(e))
-    entry["seconds"] = time.perf_counter() - t
+    entry = sync_outcome(sync, model, **kwargs)
     entry["ended_at"] = time.time()
     return entry
 

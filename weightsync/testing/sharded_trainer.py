@@ -26,6 +26,26 @@ from datetime import timedelta
 from pathlib import Path
 
 
+def sync_outcome(sync, model, **kwargs) -> dict:
+    """One ``sync(model, **kwargs)`` as a report entry: its result (and the sender's checksums)
+    or its error, and its wall time."""
+    from weightsync.errors import SyncFailedError, WeightSyncError
+
+    t = time.perf_counter()
+    entry: dict = {}
+    try:
+        res = sync(model, **kwargs)
+        entry.update(ok=True, version=res.version, result=res.model_dump(mode="json"),
+                     sums=list(res.sender_checksums))
+    except SyncFailedError as e:
+        entry.update(ok=False, error=type(e).__name__, message=str(e),
+                     result=e.result.model_dump(mode="json") if e.result else None)
+    except WeightSyncError as e:
+        entry.update(ok=False, error=type(e).__name__, message=str(e))
+    entry["seconds"] = time.perf_counter() - t
+    return entry
+
+
 def _rss_hwm_reset() -> int:
     """Reset the kernel's peak-RSS mark to the current RSS; returns the current RSS (bytes)."""
     with open("/proc/self/clear_refs", "w") as f:
@@ -116,7 +136,6 @@ def main() -> None:
 
     from weightsync.config import Deadlines, TransferConfig
     from weightsync.coordinator import SyncCoordinator
-    from weightsync.errors import SyncFailedError, WeightSyncError
     from weightsync.sources import sharded
 
     torch.set_num_threads(1)
@@ -154,19 +173,9 @@ def main() -> None:
     expected = _expected_sums(args) if args.rank == 0 else None
     for i in range(args.syncs):
         before = _rss_hwm_reset()
-        t = time.perf_counter()
-        entry: dict = {}
-        try:
-            res = sync(model, **kwargs)
-            entry.update(ok=True, version=res.version, result=res.model_dump(mode="json"))
-            if expected is not None:  # the gathered bytes are the unsharded model's
-                entry["sums_match_unsharded"] = list(res.sender_checksums) == expected
-        except SyncFailedError as e:
-            entry.update(ok=False, error=type(e).__name__, message=str(e),
-                         result=e.result.model_dump(mode="json") if e.result else None)
-        except WeightSyncError as e:
-            entry.update(ok=False, error=type(e).__name__, message=str(e))
-        entry["seconds"] = time.perf_counter() - t
+        entry = sync_outcome(sync, model, **kwargs)
+        if expected is not None and entry["ok"]:  # the gathered bytes are the unsharded model's
+            entry["sums_match_unsharded"] = entry["sums"] == expected
         entry["rss_peak_extra"] = _status("VmHWM") - before
         if syncer is not None and syncer.last_source is not None:
             entry["peak_gathered_bytes"] = syncer.last_source.peak_gathered_bytes
