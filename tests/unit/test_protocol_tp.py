@@ -89,3 +89,22 @@ def test_a_tensor_parallel_engine_says_why_it_takes_checkpoint_format(fleet):
     engines = fleet({"a": 2})
     ok, _ = engines.wait({"a": engines.submit("a", "kernel_layout")}, 5)
     assert not ok["a"].candidate and "tensor-parallel engine (2 workers" in ok["a"].reason
+
+
+def test_a_tensor_parallel_engines_memory_counts_every_gpu_once():
+    """Sleep's report of a tensor-parallel engine (``merge_memory``): free and total once per
+    GPU its workers use (device-wide readings), allocator counters per worker process."""
+    from weightsync.engine.workers import merge_memory
+    from weightsync.messages import EngineWorkers, GpuMemory
+
+    gib = 1 << 30
+    two_gpus = EngineWorkers(workers=2, tensor_parallel=2, pipeline_parallel=1,
+                             device_uuids=("GPU-a", "GPU-b"))
+    a = GpuMemory(free=10 * gib, total=80 * gib, allocated=gib, reserved=2 * gib)
+    b = GpuMemory(free=12 * gib, total=80 * gib, allocated=gib, reserved=3 * gib)
+    assert merge_memory([a, b], two_gpus) == GpuMemory(free=22 * gib, total=160 * gib,
+                                                       allocated=2 * gib, reserved=5 * gib)
+    one_gpu = two_gpus.model_copy(update={"device_uuids": ("GPU-a", "GPU-a")})
+    assert merge_memory([a, a], one_gpu).free == 10 * gib  # one GPU's free memory, once
+    assert merge_memory([a], None) == a
+    assert merge_memory([GpuMemory(), GpuMemory()], two_gpus) == GpuMemory()  # CPU

@@ -28,7 +28,7 @@ from weightsync.engine.dormancy import Dormancy, Found
 from weightsync.engine.lease import LeaseHolder, SyncLease
 from weightsync.engine.serving import Serving
 from weightsync.engine.workers import (check_workers, merge_applies, merge_fingerprints,
-                                       merge_layouts, merge_receipts)
+                                       merge_layouts, merge_memory, merge_receipts)
 from weightsync.errors import (DeadlineExceeded, EngineError, IllegalStateError, ManifestError,
                                TransferError, WeightSyncError, error_class)
 from weightsync.messages import (Ack, ApplyReply, BeginReply, CommitReply, EngineWorkers,
@@ -488,9 +488,11 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         return self.info.runner if self.info is not None else ""
 
     async def gpu_memory(self) -> GpuMemory:
-        """Device memory as the worker sees it now (``free``/``total`` are device-wide, so a
-        colocated trainer counts too); all ``None`` on CPU."""
-        return (await self._rpc("ws_gpu_memory", reply=GpuMemory, timeout=30))[0]
+        """Device memory of every GPU the engine's workers use, as they see it now
+        (``free``/``total`` are device-wide, so a colocated trainer counts too;
+        ``workers.merge_memory``); all ``None`` on CPU."""
+        return merge_memory(await self._rpc("ws_gpu_memory", reply=GpuMemory, timeout=30),
+                            self.workers)
 
 
     async def reset_caches(self) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from weightsync.errors import EngineError, ReloadError, VerificationError
 from weightsync.messages import (ApplyReply, EngineWorkers, FinishReply, Fingerprint,
-                                 LayoutStatus, WorkerInfo)
+                                 GpuMemory, LayoutStatus, WorkerInfo)
 from weightsync.types import ReceiveReport
 
 
@@ -73,6 +73,24 @@ def merge_fingerprints(prints: Sequence[Fingerprint], workers: EngineWorkers | N
     shape = workers.shape if workers is not None else f"tp1xpp1x{len(digests)}"
     return FinishReply(fingerprint="|".join(digests), fingerprints=digests, shape=shape,
                        seconds=seconds, skipped=skipped)
+
+
+def merge_memory(readings: Sequence[GpuMemory], workers: EngineWorkers | None) -> GpuMemory:
+    """The engine's device memory over all its workers: ``free``/``total`` once per GPU (they
+    are device-wide: two workers on one GPU see the same), ``allocated``/``reserved`` summed
+    (each worker's own process). A tensor-parallel engine's sleep frees memory on every GPU it
+    spans, and its report must count all of them."""
+    if len(readings) == 1:
+        return readings[0]
+    if any(r.free is None for r in readings):
+        return GpuMemory()
+    uuids = workers.device_uuids if workers is not None and \
+        len(workers.device_uuids) == len(readings) else tuple(range(len(readings)))
+    per_gpu = {u: r for u, r in zip(uuids, readings, strict=True)}
+    return GpuMemory(free=sum(r.free for r in per_gpu.values()),
+                     total=sum(r.total for r in per_gpu.values()),
+                     allocated=sum(r.allocated or 0 for r in readings),
+                     reserved=sum(r.reserved or 0 for r in readings))
 
 
 def merge_layouts(statuses: Sequence[LayoutStatus], workers: EngineWorkers | None
