@@ -27,8 +27,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from weightsync.engine.actor import REAP_ORPHANS
-
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,7 +91,6 @@ def ray_head():
     # a loopback-only throwaway cluster: Ray >= 2.60 would otherwise require a token on the
     # job API, which neither the readiness probe nor `ray job submit` here carries
     env["RAY_AUTH_MODE"] = "disabled"
-    env.setdefault(REAP_ORPHANS, "true")  # as a deployment should (engine.actor.REAP_ORPHANS)
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
