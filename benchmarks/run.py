@@ -122,15 +122,15 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
 
     from weightsync.config import EngineSpec, TransferConfig
     from weightsync.coordinator import SyncCoordinator
-    from weightsync.engine.actor import init_local_ray, start_engines, stop_engines
+    from weightsync.engine.actor import start_engines, stop_engines
     from weightsync.testing.reference import load_trainer_model, perturb_
 
     gpu = torch.cuda.is_available()
     dtype = dtype if dtype != "auto" else ("bfloat16" if gpu else "float32")
     sizes = sorted({int(x) for x in engines.split(",")})
     model_dir, model_cfg = _build_model(shape, workdir, dtype, "cuda" if gpu else "cpu")
-    init_local_ray(num_cpus=max(2, sizes[-1]), num_gpus=1 if gpu else 0,
-                   include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=max(2, sizes[-1]), num_gpus=1 if gpu else 0, include_dashboard=False,
+             log_to_driver=False)
     per_gpu = 1.0 / (sizes[-1] + (1 if ipc else 0)) if gpu else 0.0
     specs = [EngineSpec(name=f"bench-{i}", model=str(model_dir), dtype=dtype, num_gpus=per_gpu,
                         gpu_memory_utilization=gpu_util / sizes[-1] if gpu else 0.5,

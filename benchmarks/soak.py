@@ -306,7 +306,7 @@ def main(rounds: int = typer.Option(20, min=1), seed: int = typer.Option(0),
 
     from weightsync.config import EngineSpec
     from weightsync.coordinator import SyncCoordinator
-    from weightsync.engine.actor import init_local_ray, start_engines
+    from weightsync.engine.actor import start_engines
     from weightsync.errors import SyncFailedError
     from weightsync.testing.models import build_text_model
     from weightsync.testing.reference import load_trainer_model, perturb_
@@ -315,7 +315,7 @@ def main(rounds: int = typer.Option(20, min=1), seed: int = typer.Option(0),
         raise typer.BadParameter(f"{fault!r} is not one of {FAULTS}")
     rng = random.Random(seed)
     model_dir = build_text_model(workdir.resolve() / "tiny-qwen2")
-    init_local_ray(num_cpus=4, namespace="weightsync-soak", include_dashboard=False,
+    ray.init(num_cpus=4, namespace="weightsync-soak", include_dashboard=False,
              log_to_driver=False)
     specs = [EngineSpec(name=n, model=str(model_dir), dtype="float32") for n in NAMES]
     engines = start_engines(specs)

@@ -27,14 +27,14 @@ def main(engines: int = typer.Option(1, min=1), syncs: int = typer.Option(3, min
 
     from weightsync.config import EngineSpec, TransferConfig
     from weightsync.coordinator import SyncCoordinator
-    from weightsync.engine.actor import init_local_ray, start_engines
+    from weightsync.engine.actor import start_engines
     from weightsync.testing.models import build_text_model
     from weightsync.testing.reference import greedy, load_trainer_model, perturb_
 
     logging.basicConfig(level=logging.WARNING)
     console = Console()
     model_dir = build_text_model(workdir / "tiny-qwen2")
-    init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     t = time.perf_counter()
     specs = [EngineSpec(name=f"engine-{i}", model=str(model_dir), dtype="float32") for i in range(engines)]
     actors = start_engines(specs)

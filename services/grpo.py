@@ -469,15 +469,13 @@ def main(
 
     import ray
 
-    from weightsync.engine.actor import init_local_ray
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\.")
     console = Console()
     if ray_address:
         ray.init(address=ray_address, log_to_driver=engine_logs)
     else:
-        init_local_ray(num_cpus=num_cpus, include_dashboard=False, log_to_driver=engine_logs)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=engine_logs)
     if sync_host == "auto":
         sync_host = ray.util.get_node_ip_address() if ray_address else "127.0.0.1"
     try:

@@ -30,11 +30,9 @@ def tiny_model(tmp_path_factory):
 def ray_session():
     import ray
 
-    from weightsync.engine.actor import init_local_ray
-
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    init_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                   namespace="weightsync-tests")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             namespace="weightsync-tests")
     yield ray
     ray.shutdown()
 

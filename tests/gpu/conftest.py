@@ -86,11 +86,9 @@ def _exact_fp32():
 def gpu_ray():
     import ray
 
-    from weightsync.engine.actor import init_local_ray
-
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    init_local_ray(num_cpus=8, num_gpus=1, include_dashboard=False, log_to_driver=True,
-                   namespace="weightsync-gpu")
+    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, log_to_driver=True,
+             namespace="weightsync-gpu")
     yield ray
     ray.shutdown()
 

@@ -8,7 +8,6 @@ running sync instead of queueing behind it.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import ray
@@ -19,20 +18,6 @@ from weightsync.engine.host import EngineHost
 logger = logging.getLogger(__name__)
 
 EngineActor = ray.remote(EngineHost)
-
-# vLLM's engine-core (and worker) processes are children of the actor's process. An actor killed
-# hard (SIGKILL, the OOM killer) cannot stop them, and they keep their memory (on GPU: the
-# weights and the KV cache). With this raylet setting Ray reaps a dead worker's descendants
-# (within ~10 s, docs: "Lifetimes of a User-Spawn Process"); measured in benchmarks/soak.py.
-REAP_ORPHANS = "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper"
-
-
-def init_local_ray(**kwargs: Any) -> None:
-    """``ray.init`` that starts a local Ray with ``REAP_ORPHANS`` on (unless the environment
-    says otherwise). A cluster started with ``ray start`` takes it from ``ray start``'s
-    environment: export it there."""
-    os.environ.setdefault(REAP_ORPHANS, "true")
-    ray.init(**kwargs)
 
 
 def spawn_engine(spec: EngineSpec, *, namespace: str | None = None, detached: bool = False,
