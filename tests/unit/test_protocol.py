@@ -229,9 +229,8 @@ def test_a_sync_fingerprints_as_it_loads_without_a_verify_call(fleet, apply):
 
 def test_a_plan_is_validated_once_per_engine(fleet):
     """Whether a plan fits depends on the plan and the model only: the second sync of the same
-    plan does not ask again (the check is stalled past its deadline here), a plan that does
-    not fit is still refused before anything is touched (``replace_engine`` forgets what
-    the engine it replaces accepted)."""
+    plan does not ask again (the check is stalled past its deadline here), and a plan that
+    does not fit is still refused before anything is touched."""
     from weightsync.errors import ManifestError
 
     engines = fleet(a=Faults(), b=Faults())

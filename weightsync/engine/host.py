@@ -32,10 +32,10 @@ from weightsync.engine.workers import (check_workers, merge_applies, merge_finge
 from weightsync.errors import (DeadlineExceeded, EngineError, IllegalStateError, ManifestError,
                                TransferError, WeightSyncError, error_class)
 from weightsync.messages import (Ack, ApplyReply, BeginReply, CommitReply, EngineWorkers,
-                                 FinishReply, Fingerprint, GpuMemory, JoinReply, LayoutStatus,
-                                 ReceiveRequest, ReloadReply, WorkerInfo, reply_of)
-from weightsync.types import (IN_SYNC, CheckpointFiles, EngineState, EngineStatus, PauseMode,
-                              ReceiveReport)
+                                 Fingerprint, GpuMemory, JoinReply, LayoutStatus, ReceiveRequest,
+                                 ReloadReply, WorkerInfo, reply_of)
+from weightsync.types import (IN_SYNC, CheckpointFiles, EngineState, EngineStatus, FinishReply,
+                              PauseMode, ReceiveReport)
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from weightsync.errors import EngineError, ReloadError, VerificationError
-from weightsync.messages import (ApplyReply, EngineWorkers, FinishReply, Fingerprint,
-                                 GpuMemory, LayoutStatus, WorkerInfo)
-from weightsync.types import ReceiveReport
+from weightsync.messages import (ApplyReply, EngineWorkers, Fingerprint, GpuMemory,
+                                 LayoutStatus, WorkerInfo)
+from weightsync.types import FinishReply, ReceiveReport
 
 
 def check_workers(infos: Sequence[WorkerInfo], engine: str) -> EngineWorkers:

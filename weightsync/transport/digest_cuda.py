@@ -120,9 +120,9 @@ class ManyDigests:
 
         self.bufs = bufs
         self.band = band or _BAND_ROWS
-        self.fast = [i for i, b in enumerate(bufs)
-                     if b.numel() % 8 == 0 and b.data_ptr() % 8 == 0 and b.numel()]
-        self.rest = [i for i in range(len(bufs)) if i not in set(self.fast)]
+        whole = [b.numel() and b.numel() % 8 == 0 and b.data_ptr() % 8 == 0 for b in bufs]
+        self.fast = [i for i, w in enumerate(whole) if w]
+        self.rest = [i for i, w in enumerate(whole) if not w]
         items_buf, items_row = [], []
         for j, i in enumerate(self.fast):
             rows = -(-bufs[i].numel() // (8 * _ROW_WORDS))
