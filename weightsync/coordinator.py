@@ -88,6 +88,7 @@ class _Run:
     checksum_ok: bool | None = None
     fingerprint: str | None = None
     finish: FinishReply | None = None  # the verify step, done by the engine as it loaded
+    committed: bool = False  # the engine committed in its receive call (a wave of one)
     skipped: tuple[str, ...] = ()  # phases an engine skipped after it began, and why
     note: str | None = None  # why it rolled back, when it did
 
@@ -124,6 +125,9 @@ class SyncCoordinator(Colocation):
         self._models: dict[str, str] = {}
         self._legs: dict[str, SenderLeg] = {}
         self._takeover = False  # the sync in progress may take engines from a silent owner
+        # engines asleep for this coordinator are not asked their status before a sync
+        # (``_held_version``) until one refuses a begin; the next status call trusts again
+        self._trust_held = True
 
     @property
     def engines(self) -> dict[str, Any]:
@@ -290,6 +294,7 @@ class SyncCoordinator(Colocation):
         begin one (paused, asleep, loading): ``IllegalStateError``, never a fenced engine.
         """
         statuses = self.statuses(asked)
+        self._trust_held = True
         busy = [s for s in statuses if s.name in targets and not self._may_take(s) and (
             s.state not in _CAN_BEGIN or s.owner not in (None, self.owner))]
         if busy:
@@ -303,6 +308,17 @@ class SyncCoordinator(Colocation):
         self.version = max([self.version, *(s.version for s in statuses)])
         self._models = {s.name: s.model for s in statuses}
         return max([self._issued, self.version, *(s.version_seen for s in statuses)]) + 1
+
+    def _holds_asleep(self, targets: Sequence[str]) -> bool:
+        return self._trust_held and not self._takeover and self._beat.holds_asleep(targets)
+
+    def _held_version(self) -> int:
+        """``_next_version`` for engines asleep for this coordinator, without asking them: its
+        heartbeat has held them since its ``sleep``, so no other coordinator began a sync on
+        them, and the numbers they have seen are the ones it issued. An engine that moved on
+        anyway (its lease lapsed while this process stalled, and another coordinator synced
+        it) refuses the begin: a version it has seen is never reused (``begin_sync``)."""
+        return max(self._issued, self.version) + 1
 
     def _may_take(self, status: EngineStatus) -> bool:
         """An engine held by another coordinator's sync that this one may take over."""
@@ -359,13 +375,15 @@ class SyncCoordinator(Colocation):
               partial) -> SyncResult:
         t0 = time.perf_counter()
         targets = self._targets(engines)
-        asked = self._ask_statuses()  # the engines answer while the trainer's side is described
+        held = self._holds_asleep(targets)  # the colocated loop: asleep for this trainer
+        # the engines answer while the trainer's side is described
+        asked = None if held else self._ask_statuses()
         source = as_source(weights)  # metadata first: no tensor is read before the plan
         specs = source.specs()
         if not specs:
             raise ConfigError("no tensors to sync")
         self._leg(leg)  # an unknown leg is a ConfigError before anything is touched
-        version = self._next_version(targets, asked)
+        version = self._held_version() if held else self._next_version(targets, asked)
         layout, note = self._kernel_layout(targets, {s.name for s in specs}) \
             if source.random_access else (None, "a streamed source is sent in its own order")
         if layout is not None:
@@ -379,8 +397,13 @@ class SyncCoordinator(Colocation):
                                                  for i in range(0, len(targets), wave_size)]
         results = []
         for wave in waves:
-            results.append(self._sync_wave(wave, plan, tensors, leg, pause_mode, sleep_level,
-                                           t0))
+            try:
+                results.append(self._sync_wave(wave, plan, tensors, leg, pause_mode,
+                                               sleep_level, t0))
+            except IllegalStateError:
+                if held:  # an engine it held refused: ask them first next time
+                    self._trust_held = False
+                raise
             if not results[-1].ok:  # stop the rollout: later waves keep their old version
                 self._layout_cache.clear()
                 break
@@ -404,8 +427,10 @@ class SyncCoordinator(Colocation):
         self._phase("transfer")
         t = time.perf_counter()
         try:
+            # a wave of one engine has nothing to agree on: it may commit as it loads
             out = self._leg(leg).send(list(names), plan, source,
-                                      {n: r.begun for n, r in runs.items()})
+                                      {n: r.begun for n, r in runs.items()},
+                                      one_phase=len(names) == 1)
         except WeightSyncError as e:  # the source failed before the leg reached any engine
             out = LegOutcome([], {}, {n: TransferError(f"sender failed: {e}", engine=n)
                                       for n in names})
@@ -421,6 +446,9 @@ class SyncCoordinator(Colocation):
                 receipt.nbytes
             sub = dict(receipt.seconds)
             run.finish = receipt.finish
+            if receipt.commit is not None:  # committed in the same call: no commit follows
+                run.committed = True
+                run.seconds.update(receipt.commit)
             printed = sub.pop("fingerprint", 0.0)  # the verify step's, in the same call
             if receipt.applied and "reload" in sub:  # loaded in the same call (atomic)
                 run.seconds["reload"] = sub.pop("reload")
@@ -435,8 +463,12 @@ class SyncCoordinator(Colocation):
             run.checksum_ok = err is None
             if err is not None:
                 bad[n] = err
-                if at_fault:
+                if at_fault or run.committed:
                     fence.add(n)
+        # an engine that committed in its receive call checked the same sums itself: should
+        # the check here still fail, it serves weights nobody verified: fence it (its sync is
+        # over, so abort_sync would no longer touch it)
+        self._fence_committed({n: e for n, e in bad.items() if runs[n].committed})
         if bad and self.transfer.apply == "staged":
             # all-or-nothing: nobody applies; intact engines resume their old version
             return self._fail_all(runs, bad, plan.version, leg, out.sums, fence)
@@ -454,6 +486,13 @@ class SyncCoordinator(Colocation):
                 runs[n].finish = reply.finish
         self._leg(leg).loaded()  # every engine has applied: free buffers before wake_kv
         return self._finish(runs, bad, plan.version, leg, tuple(out.sums), t0, plan.partial)
+
+    def _fence_committed(self, bad: dict[str, WeightSyncError]) -> None:
+        """Fence engines that committed in their receive call but failed the check here."""
+        pending = {n: self.access.submit(n, "fence", f"verify after commit: {e}")
+                   for n, e in bad.items()}
+        if pending:
+            self.access.wait(pending, self.transfer.deadlines.verify)
 
     def _begin(self, runs: dict[str, _Run], plan_text, pause_mode, sleep_level,
                version: int) -> None:
@@ -513,7 +552,8 @@ class SyncCoordinator(Colocation):
         # engines disagree (worker by worker, within a shape): fence all but the majority
         bad.update(disagreeing(ok))
         self._phase("resume")
-        ok, bad3 = self._call("commit", [n for n in runs if n not in bad], version, dl.resume,
+        ok, bad3 = self._call("commit", [n for n in runs if n not in bad and
+                                         not runs[n].committed], version, dl.resume,
                               timeout=dl.resume + dl.wake)
         bad.update(bad3)
         for n, reply in ok.items():

@@ -46,6 +46,11 @@ class Heartbeat:
             with self._lock:
                 self._syncing -= names
 
+    def holds_asleep(self, names: Iterable[str]) -> bool:
+        """Every engine of ``names`` sleeps for this coordinator (held since its ``sleep``)."""
+        with self._lock:
+            return set(names) <= self.asleep
+
     def sleeping(self, names: Iterable[str], asleep: bool) -> None:
         """Hold ``names`` while they sleep for this coordinator (``asleep``), or stop."""
         with self._lock:

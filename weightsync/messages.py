@@ -145,6 +145,9 @@ class ReceiveRequest(_Message):
     apply: ApplyMode
     deadline_s: float = Field(gt=0)
     payload: str | None = None
+    # a wave of one engine applying atomically: commit this version in the same call once
+    # the load verified (``EngineHost.receive``)
+    commit_version: int | None = Field(None, ge=1)
 
 
 # ---- host -> coordinator -----------------------------------------------------------------------

@@ -190,7 +190,9 @@ class ReceiveReport(_Frozen):
 
     A worker that applied fingerprints what it loaded in the same call (``fingerprint``); the
     engine's report carries ``finish`` when nothing else stands between the load and commit
-    (no cache to reset): the coordinator then skips ``finish_load``."""
+    (no cache to reset): the coordinator then skips ``finish_load``; and ``commit`` when the
+    engine also committed in that call (``ReceiveRequest.commit_version``): no ``commit``
+    follows."""
 
     nbytes: int
     checksums: tuple[int, ...]  # one per bucket, as received (by the engine's worker 0)
@@ -201,6 +203,7 @@ class ReceiveReport(_Frozen):
     seconds: dict[str, float] = Field(default_factory=dict)
     fingerprint: str | None = None  # the worker's, when it applied
     finish: FinishReply | None = None  # the engine's verify step, when done with the apply
+    commit: dict[str, float] | None = None  # the commit's seconds, when it committed too
 
 
 def exclusive_phases(seconds: dict[str, float]) -> dict[str, float]:

@@ -213,3 +213,35 @@ def test_a_coordinator_that_lost_its_sync_cannot_touch_the_next_one(fleet):
     ok, _ = engines.wait({"a": engines.submit("a", "abort_sync", "done", 5.0,
                                               owner=successor.owner)}, 5)
     assert ok["a"].state == S.SERVING and host.version == 0
+
+
+def test_engines_asleep_for_this_coordinator_are_synced_without_asking_their_status(fleet):
+    engines = fleet()
+    coord = _coord(engines)
+    assert coord.sync(_weights(20), leg="loopback").ok  # validated once; statuses asked
+    coord.sleep(2)
+    calls: list[str] = []
+    submit = engines.submit
+    engines.submit = lambda n, m, *a, **k: (calls.append(m), submit(n, m, *a, **k))[1]
+    res = coord.sync(_weights(21), leg="loopback")
+    assert res.ok and res.version == 2
+    begun = calls.index("begin_sync")
+    assert "status" not in calls[:begun]  # held since its sleep: nothing to ask
+    assert {(s.state, s.version) for s in coord.statuses()} == {(S.SERVING, 2)}
+    assert not any(h.engine.paused for h in engines.handles.values())
+
+
+def test_a_held_engine_that_moved_on_refuses_a_reused_version_untouched(fleet):
+    """The trainer stalled past its lease while its engines slept; another coordinator took
+    them over and synced them. The stalled one, back, must not reuse that version number."""
+    engines = fleet()
+    stalled, other = _coord(engines), _coord(engines)
+    stalled.sleep(2)
+    assert other.sync(_weights(22), leg="loopback", takeover=True).version == 1
+    served = _params(engines, "a")
+    with pytest.raises(IllegalStateError, match="already used"):
+        stalled.sync(_weights(23), leg="loopback")
+    assert {(s.state, s.version) for s in stalled.statuses()} == {(S.SERVING, 1)}
+    assert _same(_params(engines, "a"), served)  # nothing was touched
+    res = stalled.sync(_weights(24), leg="loopback")  # it asks first now
+    assert res.ok and res.version == 2

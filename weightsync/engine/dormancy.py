@@ -65,15 +65,19 @@ class Dormancy:
             self.sleep_level = 0
 
     async def _wake_and_resume(self, deadline_s: float) -> dict[str, float]:
+        """Wake what is asleep and resume serving. vLLM resumes its scheduler itself once a
+        wake leaves nothing asleep (``vllm_compat.WAKE_RESUMES``): no call of its own then."""
         seconds: dict[str, float] = {}
+        woke = bool(self._asleep) and self.sleep_supported
         if self._asleep:
             t = time.perf_counter()
             kv_only = self._asleep == {"kv_cache"}
             await self._wake(TAGS, deadline_s)
             seconds["wake_kv" if kv_only else "wake"] = time.perf_counter() - t
-        t = time.perf_counter()
-        await asyncio.wait_for(vllm_compat.resume_generation(self.engine), deadline_s)
-        seconds["resume"] = time.perf_counter() - t
+        if not (woke and vllm_compat.WAKE_RESUMES):
+            t = time.perf_counter()
+            await asyncio.wait_for(vllm_compat.resume_generation(self.engine), deadline_s)
+            seconds["resume"] = time.perf_counter() - t
         return seconds
 
     async def _sleep_again(self, found: Found, deadline_s: float) -> None:

@@ -185,6 +185,10 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         await self._take_over(owner, takeover)
         self._expect(EngineState.SERVING, EngineState.FENCED, EngineState.ASLEEP,
                      EngineState.WEIGHTS_AWAKE, op="begin a sync")
+        if version and version <= self.version_seen:  # a coordinator that did not ask first
+            raise IllegalStateError(f"version {version} was already used here (up to "
+                                    f"{self.version_seen}): another sync ran since; nothing "
+                                    "was touched", engine=self.spec.name)
         self._found = Found(self.state, frozenset(self._asleep), self.sleep_level,
                              self.weights_intact, self._lease.owner, self._lease.duration)
         self._loaded = None
@@ -258,6 +262,10 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
 
         A ``TransferError`` (a verification error included) means nothing was applied; any
         other failure of a streaming or atomic apply may have left the weights half-applied.
+
+        With ``commit_version`` (the coordinator's wave is this engine alone) an atomic apply
+        that verified, loaded and fingerprinted everything, with no cache left to reset, also
+        commits that version here (the report's ``commit``); otherwise ``commit`` follows.
         """
         t_enter = time.perf_counter()
         self._expect(*IN_SYNC, EngineState.FENCED, op="receive weights", owner=owner)
@@ -280,9 +288,18 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
             raise
         if report.applied:
             self.weights_intact = False  # new weights, not yet committed
-        return report.model_copy(update={"finish": self._fingerprinted(reports), "seconds": {
+        finish = self._fingerprinted(reports)
+        report = report.model_copy(update={"finish": finish, "seconds": {
             **report.seconds, "host_rpc": time.perf_counter() - t,  # vLLM's RPC included
             "host": time.perf_counter() - t_enter}})  # this whole actor method
+        if request.commit_version is not None and request.apply == "atomic" and \
+                report.applied and finish is not None:
+            # a wave of one engine: verified (against the sender's checksums), loaded and
+            # fingerprinted, no cache to reset — nothing is left to agree on, so commit now
+            # instead of in a round trip of its own
+            done = await self._commit(request.commit_version, request.deadline_s)
+            report = report.model_copy(update={"commit": done.seconds})
+        return report
 
     async def apply_staged(self, deadline_s: float, *, owner: str | None = None) -> ApplyReply:
         self._expect(EngineState.LOADING, EngineState.FENCED, op="apply staged weights",
@@ -392,6 +409,9 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
                      owner: str | None = None) -> CommitReply:
         """Wake the KV cache, resume, and serve ``version``. Unfences a resynced engine."""
         self._expect(*IN_SYNC, EngineState.FENCED, op="commit", owner=owner)
+        return await self._commit(version, deadline_s)
+
+    async def _commit(self, version: int, deadline_s: float) -> CommitReply:
         if version <= self.version:
             raise IllegalStateError(f"version {version} is not newer than {self.version}",
                                     engine=self.spec.name)

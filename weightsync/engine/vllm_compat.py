@@ -290,6 +290,12 @@ def wake_up(engine: Any, tags: list[str] | None) -> Any:
     return engine.wake_up(tags=tags)
 
 
+# vLLM 0.24 and 0.32 (``EngineCore.wake_up``): a wake that leaves nothing asleep resumes the
+# scheduler ("only once all executor memory is resident again"); ``resume_generation`` after
+# it would be a round trip that changes nothing
+WAKE_RESUMES = True
+
+
 async def reset_caches(engine: Any) -> bool:
     """Reset the prefix, multimodal and encoder caches. Requests frozen by pause mode "keep"
     hold KV blocks computed with the old weights: they are preempted to recompute. Returns

@@ -150,7 +150,9 @@ class SleepMode:
 
 class _Engine:
     """``AsyncLLM`` as far as ``vllm_compat`` uses it; each worker runs in a thread of its
-    own, every RPC on all of them at once (one reply each, in rank order)."""
+    own, every RPC on all of them at once (one reply each, in rank order). ``paused`` is
+    vLLM's scheduler: paused by a pause or a sleep, resumed by ``resume_generation`` or by a
+    wake that leaves nothing asleep (vLLM's ``EngineCore.wake_up``)."""
 
     def __init__(self, workers: list[_Worker], sleep_mode: bool = False) -> None:
         self.workers = workers
@@ -159,14 +161,18 @@ class _Engine:
         self._sleep_modes = [SleepMode(w.model_runner.model) for w in workers] \
             if sleep_mode else []
         self.sleep_mode = self._sleep_modes[0] if sleep_mode else None
+        self.paused = False
 
     async def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        self.paused = True
         for m in self._sleep_modes:
             m.sleep(level)
 
     async def wake_up(self, tags: list[str] | None = None) -> None:
         for m in self._sleep_modes:
             m.wake_up(tags)
+        if self.sleep_mode is not None and not self.sleep_mode.asleep:
+            self.paused = False
 
     async def collective_rpc(self, method: str, args: tuple = ()) -> list[Any]:
         stall = self.workers[0].faults.stall.get(method)
@@ -176,10 +182,10 @@ class _Engine:
                                            for w in self.workers)))
 
     async def pause_generation(self, mode: str = "abort", clear_cache: bool = True) -> None:
-        pass
+        self.paused = True
 
     async def resume_generation(self) -> None:
-        pass
+        self.paused = False
 
     async def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
         return True

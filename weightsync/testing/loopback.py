@@ -31,7 +31,8 @@ class LoopbackLeg(SenderLeg):
     receiver = "loopback"
 
     def send(self, names: Sequence[str], plan: TransferPlan, source: Any,
-             begun: Mapping[str, BeginReply]) -> LegOutcome:
+             begun: Mapping[str, BeginReply], *,
+             one_phase: bool = False) -> LegOutcome:
         tensors = source if isinstance(source, Mapping) else dict(named_tensors(source))
         bufs, sums = [], []
         for bucket in plan.buckets:
@@ -41,20 +42,30 @@ class LoopbackLeg(SenderLeg):
             sums.append(checksum(buf))
         token = uuid.uuid4().hex
         with _LOCK:
-            _MAILBOX[token] = bufs
+            _MAILBOX[token] = (bufs, sums)
+        # as the IPC leg: a wave of one single-worker engine verifies and loads in its
+        # receive call, and commits there too (one_phase)
+        atomic = one_phase and self.cfg.apply == "staged" and self._one_worker(names)
         try:
-            ok, bad = self.receive_everywhere(names, plan.model_dump_json(),
-                                              self.request(payload=token))
+            ok, bad = self.receive_everywhere(
+                names, plan.model_dump_json(),
+                self.request("atomic" if atomic else None, token,
+                             plan.version if atomic else None))
         finally:
             with _LOCK:
                 _MAILBOX.pop(token, None)
         return LegOutcome(sums, ok, bad)
 
+    def _one_worker(self, names: Sequence[str]) -> bool:
+        pending = {n: self.engines.submit(n, "engine_workers") for n in names}
+        ok, _ = self.engines.wait(pending, self.cfg.deadlines.verify)
+        return len(names) == 1 and len(ok) == 1 and next(iter(ok.values())).workers == 1
+
 
 class LoopbackReceiver(ReceiverLeg):
     def receive(self, plan: TransferPlan, request: ReceiveRequest) -> Incoming:
         with _LOCK:
-            bufs = _MAILBOX.get(request.payload or "")
+            bufs, sums = _MAILBOX.get(request.payload or "", (None, None))
         if bufs is None or len(bufs) != len(plan.buckets):
             raise TransferError("no loopback buckets for this receive")
         faults = getattr(self.worker, "faults", None)
@@ -69,4 +80,6 @@ class LoopbackReceiver(ReceiverLeg):
                     own[0] ^= 0xFF  # a flipped byte on the way
                 yield bucket, own
 
-        return Incoming(buckets())
+        # an atomic apply verifies every bucket before it loads: the sender's checksums
+        # come with the buckets then (otherwise the coordinator compares them afterwards)
+        return Incoming(buckets(), expected=sums if request.apply == "atomic" else None)

@@ -44,9 +44,14 @@ class SenderLeg(ABC):
 
     @abstractmethod
     def send(self, names: Sequence[str], plan: TransferPlan, source: Any,
-             begun: Mapping[str, BeginReply]) -> LegOutcome:
+             begun: Mapping[str, BeginReply], *, one_phase: bool = False) -> LegOutcome:
         """Send ``plan`` from ``source`` (named tensors, or whatever the leg sends from) to
-        the engines ``names``, which have begun the sync (``begun``: their replies)."""
+        the engines ``names``, which have begun the sync (``begun``: their replies).
+
+        ``one_phase``: the coordinator lets the engine commit ``plan.version`` in the receive
+        call (a wave of one engine). A leg that loads atomically, and whose buffers hold no
+        memory the engine's waking KV cache would need, says so in its request
+        (``ReceiveRequest.commit_version``); any other leg ignores it."""
 
     def loaded(self) -> None:
         """Every engine applied or dropped this sync's buckets: memory they used may go."""
@@ -56,10 +61,11 @@ class SenderLeg(ABC):
         or the coordinator closes."""
 
     # ---- helpers for subclasses ---------------------------------------------------------------
-    def request(self, apply: ApplyMode | None = None, payload: str | None = None
-                ) -> ReceiveRequest:
+    def request(self, apply: ApplyMode | None = None, payload: str | None = None,
+                commit_version: int | None = None) -> ReceiveRequest:
         return ReceiveRequest(leg=self.receiver, apply=apply or self.cfg.apply,
-                              deadline_s=self.cfg.deadlines.transfer, payload=payload)
+                              deadline_s=self.cfg.deadlines.transfer, payload=payload,
+                              commit_version=commit_version)
 
     def group_ranks(self, names: Sequence[str]) -> tuple[GroupRanks | None, dict]:
         """Every engine's workers (``EngineHost.engine_workers``) laid out as group ranks

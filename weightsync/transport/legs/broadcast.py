@@ -37,7 +37,8 @@ class BroadcastLeg(SenderLeg):
         self.ranks: GroupRanks | None = None  # where each engine's workers sit in the group
 
     def send(self, names: Sequence[str], plan: TransferPlan, source: Any,
-             begun: Mapping[str, BeginReply]) -> LegOutcome:
+             begun: Mapping[str, BeginReply], *,
+             one_phase: bool = False) -> LegOutcome:
         dl = self.cfg.deadlines
         sender, bad = self._group_for(names, begun)
         if sender is None:

@@ -35,7 +35,8 @@ class ExternalLeg(SenderLeg):
     receiver = "broadcast"  # the engines' side is a group receive like any broadcast
 
     def send(self, names: Sequence[str], plan: TransferPlan, source: ExternalSender,
-             begun: Mapping[str, BeginReply]) -> LegOutcome:
+             begun: Mapping[str, BeginReply], *,
+             one_phase: bool = False) -> LegOutcome:
         dl = self.cfg.deadlines
         ranks, bad = self.group_ranks(names)
         if ranks is None:

@@ -137,7 +137,8 @@ class IpcLeg(SenderLeg):
         self._handles: tuple[tuple, str] | None = None  # (the shares, their JSON as sent)
 
     def send(self, names: Sequence[str], plan: TransferPlan, source: Any,
-             begun: Mapping[str, BeginReply]) -> LegOutcome:
+             begun: Mapping[str, BeginReply], *,
+             one_phase: bool = False) -> LegOutcome:
         from weightsync.transport.ipc import IpcShare
 
         gpus, bad = self._gpus_for(names)
@@ -162,9 +163,13 @@ class IpcLeg(SenderLeg):
         # engine half-applied; staged, every worker is verified before any loads
         apply = "atomic" if self.cfg.apply == "staged" and len(names) == 1 and \
             self._workers.get(names[0]) == 1 else self.cfg.apply
+        # and commit in that call too when the coordinator allows it (one_phase) and nothing
+        # here waits to be freed after the load: the engine's KV cache wakes in that call
+        commit = plan.version if one_phase and apply == "atomic" and \
+            self.cfg.ipc_reuse_buffers else None
         t = time.perf_counter()
         ok, bad = self.receive_everywhere(names, plan_json(plan),
-                                          self.request(apply, handles))
+                                          self.request(apply, handles, commit))
         seconds["trainer_rpc"] = time.perf_counter() - t  # Ray call, as we saw it
         return LegOutcome(self._devices[gpus[0]].sums(), ok, bad, seconds)
 

@@ -1,0 +1,115 @@
+"""A wave of one engine that loads atomically commits in its receive call (one round trip
+less): the engine verified every bucket against the sender's checksums, loaded and
+fingerprinted, and with no other engine there is nothing left to agree on. Real coordinator,
+hosts and workers; vLLM stood in for (``weightsync.testing.fleet``), the loopback leg. The IPC
+leg asks for the same on the GPU (tests/gpu/test_colocated_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from weightsync import coordinator as coordinator_mod
+from weightsync.config import TransferConfig
+from weightsync.coordinator import SyncCoordinator
+from weightsync.errors import SyncFailedError, VerificationError
+from weightsync.testing.fleet import Faults, TinyModel
+from weightsync.types import EngineState
+
+S = EngineState
+
+
+def _recording(engines) -> list[str]:
+    """The host methods the coordinator calls, in order."""
+    calls: list[str] = []
+    submit = engines.submit
+
+    def record(name, method, *args, **kwargs):
+        calls.append(method)
+        return submit(name, method, *args, **kwargs)
+
+    engines.submit = record
+    return calls
+
+
+def _weights(seed: int) -> TinyModel:
+    torch.manual_seed(seed)
+    return TinyModel()
+
+
+def _engine_params(engines, name: str) -> dict[str, torch.Tensor]:
+    model = engines.handles[name].engine.worker.model_runner.model
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("asleep", [False, True], ids=["serving", "asleep-level-2"])
+def test_a_wave_of_one_commits_in_its_receive_call(local_fleet, asleep):
+    engines = local_fleet(workers={"a": 1}, sleep_mode=True)
+    coord = SyncCoordinator(engines, TransferConfig(bucket_bytes=1 << 16))
+    if asleep:
+        coord.sleep(2)
+    calls = _recording(engines)
+    new = _weights(1)
+    res = coord.sync(new, leg="loopback")
+    assert res.ok and res.version == 1
+    assert "receive" in calls and "commit" not in calls and "finish_load" not in calls
+    (st,) = coord.statuses()
+    assert (st.state, st.version, st.owner) == (S.SERVING, 1, None)
+    assert not engines.handles["a"].engine.paused  # vLLM's scheduler runs again
+    want = {n: p.detach() for n, p in new.named_parameters()}
+    assert all(torch.equal(_engine_params(engines, "a")[n], want[n]) for n in want)
+    rep = res.engines[0]
+    assert rep.fingerprint and rep.checksum_ok
+    assert "total" in rep.seconds  # the commit's, reported as a separate commit's would be
+    if asleep:  # the KV cache woke in the receive call; vLLM's wake resumed the scheduler
+        assert "wake_kv" in rep.seconds and "resume" not in rep.seconds
+        assert engines.handles["a"].engine.sleep_mode.calls == [
+            ("sleep", 2), ("wake_up", ("weights",)), ("wake_up", ("kv_cache",))]
+    else:
+        assert "resume" in rep.seconds
+
+
+def test_several_engines_or_workers_or_a_streaming_apply_commit_in_a_call_of_their_own(
+        local_fleet):
+    engines = local_fleet()  # a and b
+    coord = SyncCoordinator(engines, TransferConfig(bucket_bytes=1 << 16))
+    calls = _recording(engines)
+    assert coord.sync(_weights(2), leg="loopback").ok
+    assert calls.count("commit") == 2  # two engines: all-or-nothing needs the second phase
+    assert calls.count("apply_staged") == 2
+    tp = local_fleet(workers={"c": 2})  # a worker's check could fail while another loads
+    coord = SyncCoordinator(tp, TransferConfig(bucket_bytes=1 << 16))
+    calls = _recording(tp)
+    assert coord.sync(_weights(3), leg="loopback").ok
+    assert "apply_staged" in calls and "commit" in calls
+    one = local_fleet(workers={"d": 1})  # streamed into the loader before any check
+    coord = SyncCoordinator(one, TransferConfig(bucket_bytes=1 << 16, apply="streaming"))
+    calls = _recording(one)
+    assert coord.sync(_weights(4), leg="loopback").ok
+    assert "commit" in calls
+
+
+def test_a_bucket_that_fails_its_check_is_never_loaded_nor_committed(local_fleet):
+    engines = local_fleet(workers={"a": 1}, a=Faults(corrupt_bucket=0))
+    coord = SyncCoordinator(engines, TransferConfig(bucket_bytes=1 << 16))
+    before = _engine_params(engines, "a")
+    with pytest.raises(SyncFailedError) as e:
+        coord.sync(_weights(4), leg="loopback")
+    assert "checksum differs" in (e.value.result.engines[0].error or "")
+    (st,) = coord.statuses()
+    assert (st.state, st.version) == (S.SERVING, 0)  # its old weights, untouched
+    assert all(torch.equal(_engine_params(engines, "a")[n], before[n]) for n in before)
+
+
+def test_an_engine_that_committed_and_then_disagrees_with_the_coordinator_is_fenced(
+        local_fleet, monkeypatch):
+    """The engine checked the sender's checksums itself; should the coordinator's own check of
+    its receipt still disagree, the engine that already serves the new version is fenced."""
+    engines = local_fleet(workers={"a": 1})
+    coord = SyncCoordinator(engines, TransferConfig(bucket_bytes=1 << 16))
+    monkeypatch.setattr(coordinator_mod, "verify_receipt", lambda receipt, sums, name: (
+        VerificationError("checksums differ (forced)", engine=name), False))
+    with pytest.raises(SyncFailedError):
+        coord.sync(_weights(5), leg="loopback")
+    (st,) = coord.statuses()
+    assert st.state == S.FENCED and "forced" in st.fenced_reason
