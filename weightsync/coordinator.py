@@ -176,6 +176,7 @@ class SyncCoordinator(Colocation):
             leg.close()
         self._layout_cache.clear()
         self._validated.pop(name, None)  # its model may differ
+        self._beat.sleeping([name], False)  # the restarted one is not asleep for anyone
 
     # ---- public API ------------------------------------------------------------------------
     def sync(self, weights: Any, *, pause_mode: PauseMode = "abort", sleep_level: int = 0,
@@ -449,7 +450,8 @@ class SyncCoordinator(Colocation):
             if receipt.commit is not None:  # committed in the same call: no commit follows
                 run.committed = True
                 run.seconds.update(receipt.commit)
-            printed = sub.pop("fingerprint", 0.0)  # the verify step's, in the same call
+            # the verify step's and the commit's, in the same call: neither is the transfer's
+            printed = sub.pop("fingerprint", 0.0) + sub.pop("commit", 0.0)
             if receipt.applied and "reload" in sub:  # loaded in the same call (atomic)
                 run.seconds["reload"] = sub.pop("reload")
                 run.seconds["transfer"] = transfer_s - run.seconds["reload"] - printed

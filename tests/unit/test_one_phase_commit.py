@@ -61,6 +61,9 @@ def test_a_wave_of_one_commits_in_its_receive_call(local_fleet, asleep):
     rep = res.engines[0]
     assert rep.fingerprint and rep.checksum_ok
     assert "total" in rep.seconds  # the commit's, reported as a separate commit's would be
+    assert "transfer.commit" not in rep.seconds  # its time is not counted as the transfer's
+    assert rep.seconds["transfer+reload"] <= res.seconds["total"] - rep.seconds.get(
+        "wake_kv", 0.0)
     if asleep:  # the KV cache woke in the receive call; vLLM's wake resumed the scheduler
         assert "wake_kv" in rep.seconds and "resume" not in rep.seconds
         assert engines.handles["a"].engine.sleep_mode.calls == [

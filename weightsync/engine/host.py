@@ -297,8 +297,10 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
             # a wave of one engine: verified (against the sender's checksums), loaded and
             # fingerprinted, no cache to reset — nothing is left to agree on, so commit now
             # instead of in a round trip of its own
+            t = time.perf_counter()
             done = await self._commit(request.commit_version, request.deadline_s)
-            report = report.model_copy(update={"commit": done.seconds})
+            report = report.model_copy(update={"commit": done.seconds, "seconds": {
+                **report.seconds, "commit": time.perf_counter() - t}})  # not the transfer's
         return report
 
     async def apply_staged(self, deadline_s: float, *, owner: str | None = None) -> ApplyReply:
