@@ -31,26 +31,19 @@ def _instrument(worker) -> dict:
     from vllm.device_allocator.cumem import CuMemAllocator
 
     a = CuMemAllocator.get_instance()
-    if not hasattr(a, "_probe"):
-        a._probe = []
-        inner = a.wake_up
 
-        def allocator_wake(tags=None):
+    def timed(where, inner):
+        def wake(tags=None):
             t = time.perf_counter()
             inner(tags)
             torch.cuda.synchronize()
-            a._probe.append(("allocator", tags, time.perf_counter() - t))
+            a._probe.append((where, tags, time.perf_counter() - t))
+        return wake
 
-        a.wake_up = allocator_wake
-        outer = worker.wake_up
-
-        def worker_wake(tags=None):
-            t = time.perf_counter()
-            outer(tags)
-            torch.cuda.synchronize()
-            a._probe.append(("worker", tags, time.perf_counter() - t))
-
-        worker.wake_up = worker_wake
+    if not hasattr(a, "_probe"):
+        a._probe = []
+        a.wake_up = timed("allocator", a.wake_up)
+        worker.wake_up = timed("worker", worker.wake_up)
     counts, sizes = collections.Counter(), collections.Counter()
     for d in a.pointer_to_data.values():
         counts[d.tag] += 1
