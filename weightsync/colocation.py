@@ -73,6 +73,8 @@ class Colocation:
 
     def _require(self, targets: Sequence[str], allowed: set[EngineState], op: str) -> None:
         for st in self.statuses():
+            if st.name in targets:  # the next sync into them may not ask again (_held_version)
+                self._issued = max(self._issued, st.version_seen)
             if st.name in targets and st.state not in allowed:
                 raise IllegalStateError(
                     f"cannot {op} while {st.state.value} (needs "

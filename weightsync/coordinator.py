@@ -116,7 +116,8 @@ class SyncCoordinator(Colocation):
             statuses = self.statuses()
         self._beat = Heartbeat(self.access, self.owner, self.transfer.deadlines.lease)
         self.version = max(s.version for s in statuses)  # the latest published
-        self._issued = self.version  # the latest a sync began with, published or not
+        # the latest version a sync began with, here or (as the engines saw it) elsewhere
+        self._issued = max([self.version, *(s.version_seen for s in statuses)])
         self._lock = threading.Lock()
         self._layout_cache: dict[tuple[str, ...], Any] = {}  # engine set -> verified layout
         self._kernel_plan_of: tuple[Any, TransferPlan] | None = None  # (layout, its plan)

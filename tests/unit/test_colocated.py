@@ -245,3 +245,17 @@ def test_a_held_engine_that_moved_on_refuses_a_reused_version_untouched(fleet):
     assert _same(_params(engines, "a"), served)  # nothing was touched
     res = stalled.sync(_weights(24), leg="loopback")  # it asks first now
     assert res.ok and res.version == 2
+
+
+def test_a_new_coordinator_syncs_engines_it_slept_after_another_ones_failed_sync(fleet):
+    """A failed sync elsewhere left the engines having seen a version never published; a new
+    coordinator that slept them (and so does not ask again before syncing) skips it."""
+    engines = fleet(a=Faults(), b=Faults(corrupt_bucket=0))
+    coord = _coord(engines)  # made before, and after, the failed sync
+    with pytest.raises(SyncFailedError):
+        _coord(engines).sync(_weights(30), leg="loopback")  # version 1 seen, not published
+    engines.faults["b"] = Faults()
+    for c in (coord, _coord(engines)):
+        c.sleep(2)
+        res = c.sync(_weights(31), leg="loopback")
+        assert res.ok and res.version == max(s.version_seen for s in c.statuses())
