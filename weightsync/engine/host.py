@@ -139,7 +139,6 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
                 f"cannot {op} while {self.state.value} (needs {'/'.join(s.value for s in states)})",
                 engine=self.spec.name)
 
-
     async def _rpc(self, method: str, *args: Any, reply: type[M],
                    timeout: float | None = None) -> list[M]:
         """``collective_rpc`` with a deadline; every worker's ``WorkerReply`` parsed once, and
@@ -226,13 +225,6 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         if self.state != EngineState.FENCED:
             self.state = EngineState.WEIGHTS_AWAKE if self._asleep else EngineState.PAUSED
         return BeginReply(seconds=seconds, skipped=tuple(skipped), group_id=self.group_id)
-
-
-
-
-
-
-
 
     async def join_group(self, backend: str, host: str, port: int, rank_offset: int,
                          world_size: int, timeout_s: float, group_id: str = "",
@@ -431,7 +423,6 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         self._serving.set()
         return CommitReply(seconds=seconds)
 
-
     async def abort_sync(self, reason: str, deadline_s: float = 60.0, *,
                          fence: bool = False, owner: str | None = None,
                          restore: bool = True) -> EngineStatus:
@@ -479,7 +470,6 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
             self.fence(f"{reason} (asleep at level {self.sleep_level}: no weights to serve)")
         return self.status()
 
-
     def fence(self, reason: str) -> None:
         self.state = EngineState.FENCED
         self.fenced_reason = reason
@@ -515,7 +505,6 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         ``workers.merge_memory``); all ``None`` on CPU."""
         return merge_memory(await self._rpc("ws_gpu_memory", reply=GpuMemory, timeout=30),
                             self.workers)
-
 
     async def reset_caches(self) -> None:
         """Drop prefix, multimodal and encoder caches (a sync makes sure of this every load)."""
