@@ -10,6 +10,8 @@
 # unless given); kernels: the building blocks vs the copy floor; moe-<shape>: a Qwen3-MoE
 # (benchmarks/run.py MOE_SHAPES) synced from transformers' in-memory module (fused experts)
 # into one serving engine (no sleep, not colocated), 10 syncs, vLLM's memory share 0.4.
+# The device tool brings back at most 8 files from $OUT: each job writes a JSON and a PNG and
+# all share bench.log, so a call with the GPU suite too (3 files) has room for 2 jobs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-runs/gpu-bench}
