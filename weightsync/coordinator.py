@@ -96,8 +96,7 @@ class SyncCoordinator(Colocation, Outcomes):
             statuses = self.statuses()
         self._beat = Heartbeat(self.access, self.owner, self.transfer.deadlines.lease)
         self.version = max(s.version for s in statuses)  # the latest published
-        # the latest version a sync began with, here or (as the engines saw it) elsewhere
-        self._issued = max([self.version, *(s.version_seen for s in statuses)])
+        self._issued = self.version  # the latest a sync began with, published or not
         self._lock = threading.Lock()
         self._layout_cache: dict[tuple[str, ...], Any] = {}  # engine set -> verified layout
         self._kernel_plan_of: tuple[Any, TransferPlan] | None = None  # (layout, its plan)
@@ -432,13 +431,13 @@ class SyncCoordinator(Colocation, Outcomes):
                 run.committed = True
                 run.seconds.update(receipt.commit)
             # the verify step's and the commit's, in the same call: neither is the transfer's
-            printed = sub.pop("fingerprint", 0.0) + sub.pop("commit", 0.0)
+            after = sub.pop("fingerprint", 0.0) + sub.pop("commit", 0.0)
             if receipt.applied and "reload" in sub:  # loaded in the same call (atomic)
                 run.seconds["reload"] = sub.pop("reload")
-                run.seconds["transfer"] = transfer_s - run.seconds["reload"] - printed
-                run.seconds["transfer+reload"] = transfer_s - printed
+                run.seconds["transfer"] = transfer_s - run.seconds["reload"] - after
+                run.seconds["transfer+reload"] = transfer_s - after
             elif receipt.applied:  # streamed into the loader
-                run.seconds["transfer"] = transfer_s - printed
+                run.seconds["transfer"] = transfer_s - after
             # where the transfer went: the trainer's and the engine's sub-phases, prefixed
             run.seconds.update({f"transfer.{k}": v for k, v in {**out.seconds, **sub}.items()})
             # verify every worker's checksums before anything is applied

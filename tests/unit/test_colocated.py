@@ -32,17 +32,6 @@ def _coord(engines, **cfg) -> SyncCoordinator:
     return SyncCoordinator(engines, TransferConfig(bucket_bytes=1 << 16, **cfg))
 
 
-def _weights(seed: int) -> TinyModel:
-    torch.manual_seed(seed)
-    return TinyModel()
-
-
-def _params(engines, name: str) -> dict[str, torch.Tensor]:
-    """The engine's weights as its worker holds them now (NaN: released by sleep)."""
-    model = engines.handles[name].engine.worker.model_runner.model
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
 def _same(a: dict, b: dict) -> bool:
     return all(torch.equal(a[n], b[n]) for n in a)
 
@@ -61,16 +50,16 @@ def test_sleep_train_sync_serves_the_new_weights(fleet, sleep_mode, level):
     assert {s.state for s in coord.statuses()} == {S.ASLEEP}
     assert all(s.owner == coord.owner and s.sleep_level == level for s in coord.statuses())
     if sleep_mode:  # released: level 1 keeps a backup, level 2 does not
-        assert torch.isnan(_params(engines, "a")["proj.weight"]).all()
+        assert torch.isnan(engines.weights("a")["proj.weight"]).all()
         assert all(not r.skipped for r in slept.engines)
     else:  # nothing to release on CPU: a no-op with the reason, same states
         assert all("CUDA-only" in r.skipped[0] and r.freed_bytes is None for r in slept.engines)
-    new = _weights(1)
+    new = TinyModel.seeded(1)
     res = coord.sync(new, leg="loopback", sleep_level=level)
     assert res.ok and {s.state for s in coord.statuses()} == {S.SERVING}
     assert all(s.owner is None and s.sleep_level == 0 for s in coord.statuses())
     want = {n: p.detach() for n, p in new.named_parameters()}
-    assert _same(_params(engines, "a"), want) and _same(_params(engines, "b"), want)
+    assert _same(engines.weights("a"), want) and _same(engines.weights("b"), want)
     rep = res.engines[0]
     assert "pause" not in rep.seconds  # paused since it fell asleep
     assert f"sleep: already asleep at level {level}" in rep.skipped
@@ -88,7 +77,7 @@ def test_a_refused_sync_leaves_sleeping_engines_asleep(fleet, level):
     with pytest.raises(ManifestError):
         coord.sync({"proj.weight": torch.zeros(3, 3)}, leg="loopback", partial=True)
     with pytest.raises(ConfigError):
-        coord.sync(_weights(2), leg="no-such-leg")
+        coord.sync(TinyModel.seeded(2), leg="no-such-leg")
     assert {(s.state, s.sleep_level, s.owner) for s in coord.statuses()} == \
         {(S.ASLEEP, level, coord.owner)}
     assert engines.handles["a"].engine.sleep_mode.calls == [("sleep", level)]  # never woken
@@ -98,21 +87,21 @@ def test_a_refused_sync_leaves_sleeping_engines_asleep(fleet, level):
 def test_a_failed_transfer_puts_sleeping_engines_back_to_sleep_unfenced(fleet, level):
     engines = fleet(a=Faults(), b=Faults(corrupt_bucket=0))
     coord = _coord(engines)
-    original = _params(engines, "a")
+    original = engines.weights("a")
     coord.sleep(level)
     with pytest.raises(SyncFailedError) as e:
-        coord.sync(_weights(3), leg="loopback")
+        coord.sync(TinyModel.seeded(3), leg="loopback")
     assert all(not r.fenced and r.error for r in e.value.result.engines)
     assert {(s.state, s.sleep_level, s.owner, s.version) for s in coord.statuses()} == \
         {(S.ASLEEP, level, coord.owner, 0)}
-    assert torch.isnan(_params(engines, "a")["proj.weight"]).all()  # released again
+    assert torch.isnan(engines.weights("a")["proj.weight"]).all()  # released again
     if level == 1:  # its old weights were backed up again: waking serves them
         coord.wake()
         assert {s.state for s in coord.statuses()} == {S.SERVING}
-        assert _same(_params(engines, "a"), original)
+        assert _same(engines.weights("a"), original)
     else:  # weights gone since the sleep: still no weights, still asleep, not fenced
         engines.faults["b"] = Faults()
-        assert coord.sync(_weights(4), leg="loopback").ok
+        assert coord.sync(TinyModel.seeded(4), leg="loopback").ok
         assert {s.state for s in coord.statuses()} == {S.SERVING}
 
 
@@ -121,19 +110,19 @@ def test_a_broken_streaming_apply_into_a_sleeping_engine_fences_only_it(fleet):
     coord = _coord(engines, apply="streaming")
     coord.sleep(1)
     with pytest.raises(SyncFailedError):
-        coord.sync(_weights(5), leg="loopback")
+        coord.sync(TinyModel.seeded(5), leg="loopback")
     a, b = _status(coord, "a"), _status(coord, "b")
     assert a.state == S.SERVING and a.version == 1
     assert b.state == S.FENCED and "loader failed" in b.fenced_reason  # touched: never routable
     engines.faults["b"] = Faults()
-    assert coord.sync(_weights(6), leg="loopback").ok  # a resync (KV still asleep) unfences it
+    assert coord.sync(TinyModel.seeded(6), leg="loopback").ok  # a resync (KV still asleep) unfences it
     assert {s.state for s in coord.statuses()} == {S.SERVING}
 
 
 def test_wake_without_a_sync_serves_level_1_and_fences_level_2(fleet):
     engines = fleet()
     coord = _coord(engines)
-    before = _params(engines, "a")
+    before = engines.weights("a")
     coord.sleep(1, engines=["a"])
     coord.sleep(2, engines=["b"])
     assert _status(coord, "a").state == S.ASLEEP and _status(coord, "b").state == S.ASLEEP
@@ -142,7 +131,7 @@ def test_wake_without_a_sync_serves_level_1_and_fences_level_2(fleet):
     (b,) = coord.wake(engines=["b"], tags=["weights"])
     assert b.state == S.WEIGHTS_AWAKE  # allowed: a sync can follow
     (a,) = coord.wake(engines=["a"])
-    assert a.state == S.SERVING and _same(_params(engines, "a"), before)
+    assert a.state == S.SERVING and _same(engines.weights("a"), before)
     (b,) = coord.wake(engines=["b"])
     assert b.state == S.FENCED and "level 2" in b.fenced_reason
     with pytest.raises(IllegalStateError, match="no engine was touched"):
@@ -163,7 +152,7 @@ def test_sleep_refuses_what_it_cannot_do_before_touching_anything(fleet):
     assert _status(coord, "b").state == S.SERVING
     other = _coord(engines)  # another trainer: a is held by the first while it lives
     with pytest.raises(IllegalStateError, match=f"held by {coord.owner}"):
-        other.sync(_weights(7), leg="loopback")
+        other.sync(TinyModel.seeded(7), leg="loopback")
     assert _status(coord, "a").state == S.ASLEEP and _status(coord, "b").state == S.SERVING
 
 
@@ -181,7 +170,7 @@ def test_engines_asleep_for_a_trainer_that_died_do_not_stay_asleep(fleet, level,
         assert s.owner is None and s.version == 0
         if want == S.FENCED:
             assert "expired" in s.fenced_reason and "no weights" in s.fenced_reason
-    assert _coord(engines).sync(_weights(8), leg="loopback").ok  # a new trainer takes over
+    assert _coord(engines).sync(TinyModel.seeded(8), leg="loopback").ok  # a new trainer takes over
     assert {s.state for s in dying.statuses()} == {S.SERVING}
 
 
@@ -191,7 +180,7 @@ def test_a_heartbeat_keeps_sleeping_engines_for_their_trainer(fleet):
     coord.sleep(1)
     time.sleep(1.0)  # three leases: the trainer trains, its heartbeat renews
     assert {(s.state, s.owner) for s in coord.statuses()} == {(S.ASLEEP, coord.owner)}
-    assert coord.sync(_weights(9), leg="loopback").ok
+    assert coord.sync(TinyModel.seeded(9), leg="loopback").ok
 
 
 def test_a_coordinator_that_lost_its_sync_cannot_touch_the_next_one(fleet):
@@ -218,12 +207,12 @@ def test_a_coordinator_that_lost_its_sync_cannot_touch_the_next_one(fleet):
 def test_engines_asleep_for_this_coordinator_are_synced_without_asking_their_status(fleet):
     engines = fleet()
     coord = _coord(engines)
-    assert coord.sync(_weights(20), leg="loopback").ok  # validated once; statuses asked
+    assert coord.sync(TinyModel.seeded(20), leg="loopback").ok  # validated once; statuses asked
     coord.sleep(2)
     calls: list[str] = []
     submit = engines.submit
     engines.submit = lambda n, m, *a, **k: (calls.append(m), submit(n, m, *a, **k))[1]
-    res = coord.sync(_weights(21), leg="loopback")
+    res = coord.sync(TinyModel.seeded(21), leg="loopback")
     assert res.ok and res.version == 2
     begun = calls.index("begin_sync")
     assert "status" not in calls[:begun]  # held since its sleep: nothing to ask
@@ -237,13 +226,13 @@ def test_a_held_engine_that_moved_on_refuses_a_reused_version_untouched(fleet):
     engines = fleet()
     stalled, other = _coord(engines), _coord(engines)
     stalled.sleep(2)
-    assert other.sync(_weights(22), leg="loopback", takeover=True).version == 1
-    served = _params(engines, "a")
+    assert other.sync(TinyModel.seeded(22), leg="loopback", takeover=True).version == 1
+    served = engines.weights("a")
     with pytest.raises(IllegalStateError, match="already used"):
-        stalled.sync(_weights(23), leg="loopback")
+        stalled.sync(TinyModel.seeded(23), leg="loopback")
     assert {(s.state, s.version) for s in stalled.statuses()} == {(S.SERVING, 1)}
-    assert _same(_params(engines, "a"), served)  # nothing was touched
-    res = stalled.sync(_weights(24), leg="loopback")  # it asks first now
+    assert _same(engines.weights("a"), served)  # nothing was touched
+    res = stalled.sync(TinyModel.seeded(24), leg="loopback")  # it asks first now
     assert res.ok and res.version == 2
 
 
@@ -253,9 +242,9 @@ def test_a_new_coordinator_syncs_engines_it_slept_after_another_ones_failed_sync
     engines = fleet(a=Faults(), b=Faults(corrupt_bucket=0))
     coord = _coord(engines)  # made before, and after, the failed sync
     with pytest.raises(SyncFailedError):
-        _coord(engines).sync(_weights(30), leg="loopback")  # version 1 seen, not published
+        _coord(engines).sync(TinyModel.seeded(30), leg="loopback")  # version 1 seen, not published
     engines.faults["b"] = Faults()
     for c in (coord, _coord(engines)):
         c.sleep(2)
-        res = c.sync(_weights(31), leg="loopback")
+        res = c.sync(TinyModel.seeded(31), leg="loopback")
         assert res.ok and res.version == max(s.version_seen for s in c.statuses())

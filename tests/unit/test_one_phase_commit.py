@@ -32,16 +32,6 @@ def _recording(engines) -> list[str]:
     return calls
 
 
-def _weights(seed: int) -> TinyModel:
-    torch.manual_seed(seed)
-    return TinyModel()
-
-
-def _engine_params(engines, name: str) -> dict[str, torch.Tensor]:
-    model = engines.handles[name].engine.worker.model_runner.model
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("asleep", [False, True], ids=["serving", "asleep-level-2"])
 def test_a_wave_of_one_commits_in_its_receive_call(local_fleet, asleep):
     engines = local_fleet(workers={"a": 1}, sleep_mode=True)
@@ -49,7 +39,7 @@ def test_a_wave_of_one_commits_in_its_receive_call(local_fleet, asleep):
     if asleep:
         coord.sleep(2)
     calls = _recording(engines)
-    new = _weights(1)
+    new = TinyModel.seeded(1)
     res = coord.sync(new, leg="loopback")
     assert res.ok and res.version == 1
     assert "receive" in calls and "commit" not in calls and "finish_load" not in calls
@@ -57,7 +47,7 @@ def test_a_wave_of_one_commits_in_its_receive_call(local_fleet, asleep):
     assert (st.state, st.version, st.owner) == (S.SERVING, 1, None)
     assert not engines.handles["a"].engine.paused  # vLLM's scheduler runs again
     want = {n: p.detach() for n, p in new.named_parameters()}
-    assert all(torch.equal(_engine_params(engines, "a")[n], want[n]) for n in want)
+    assert all(torch.equal(engines.weights("a")[n], want[n]) for n in want)
     rep = res.engines[0]
     assert rep.fingerprint and rep.checksum_ok
     assert "total" in rep.seconds  # the commit's, reported as a separate commit's would be
@@ -77,31 +67,31 @@ def test_several_engines_or_workers_or_a_streaming_apply_commit_in_a_call_of_the
     engines = local_fleet()  # a and b
     coord = SyncCoordinator(engines, TransferConfig(bucket_bytes=1 << 16))
     calls = _recording(engines)
-    assert coord.sync(_weights(2), leg="loopback").ok
+    assert coord.sync(TinyModel.seeded(2), leg="loopback").ok
     assert calls.count("commit") == 2  # two engines: all-or-nothing needs the second phase
     assert calls.count("apply_staged") == 2
     tp = local_fleet(workers={"c": 2})  # a worker's check could fail while another loads
     coord = SyncCoordinator(tp, TransferConfig(bucket_bytes=1 << 16))
     calls = _recording(tp)
-    assert coord.sync(_weights(3), leg="loopback").ok
+    assert coord.sync(TinyModel.seeded(3), leg="loopback").ok
     assert "apply_staged" in calls and "commit" in calls
     one = local_fleet(workers={"d": 1})  # streamed into the loader before any check
     coord = SyncCoordinator(one, TransferConfig(bucket_bytes=1 << 16, apply="streaming"))
     calls = _recording(one)
-    assert coord.sync(_weights(4), leg="loopback").ok
+    assert coord.sync(TinyModel.seeded(4), leg="loopback").ok
     assert "commit" in calls
 
 
 def test_a_bucket_that_fails_its_check_is_never_loaded_nor_committed(local_fleet):
     engines = local_fleet(workers={"a": 1}, a=Faults(corrupt_bucket=0))
     coord = SyncCoordinator(engines, TransferConfig(bucket_bytes=1 << 16))
-    before = _engine_params(engines, "a")
+    before = engines.weights("a")
     with pytest.raises(SyncFailedError) as e:
-        coord.sync(_weights(4), leg="loopback")
+        coord.sync(TinyModel.seeded(4), leg="loopback")
     assert "checksum differs" in (e.value.result.engines[0].error or "")
     (st,) = coord.statuses()
     assert (st.state, st.version) == (S.SERVING, 0)  # its old weights, untouched
-    assert all(torch.equal(_engine_params(engines, "a")[n], before[n]) for n in before)
+    assert all(torch.equal(engines.weights("a")[n], before[n]) for n in before)
 
 
 def test_an_engine_that_committed_and_then_disagrees_with_the_coordinator_is_fenced(
@@ -113,6 +103,6 @@ def test_an_engine_that_committed_and_then_disagrees_with_the_coordinator_is_fen
     monkeypatch.setattr(coordinator_mod, "verify_receipt", lambda receipt, sums, name: (
         VerificationError("checksums differ (forced)", engine=name), False))
     with pytest.raises(SyncFailedError):
-        coord.sync(_weights(5), leg="loopback")
+        coord.sync(TinyModel.seeded(5), leg="loopback")
     (st,) = coord.statuses()
     assert st.state == S.FENCED and "forced" in st.fenced_reason

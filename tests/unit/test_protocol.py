@@ -27,11 +27,6 @@ def _coord(engines, **cfg) -> SyncCoordinator:
     return SyncCoordinator(engines, TransferConfig(bucket_bytes=1 << 16, **cfg))
 
 
-def _new_weights(seed: int) -> TinyModel:
-    torch.manual_seed(seed)
-    return TinyModel()
-
-
 def _states(coord) -> dict[str, tuple[EngineState, int]]:
     return {s.name: (s.state, s.version) for s in coord.statuses()}
 
@@ -49,7 +44,7 @@ def test_staged_transfer_failure_leaves_every_engine_on_its_old_weights(fleet):
     coord = _coord(engines)
     before, prints = _states(coord), _prints(engines)
     with pytest.raises(SyncFailedError) as e:
-        coord.sync(_new_weights(1), leg="loopback")
+        coord.sync(TinyModel.seeded(1), leg="loopback")
     res = e.value.result
     assert [(r.engine, r.ok, r.fenced) for r in res.engines] == \
         [("a", False, False), ("b", False, False), ("c", False, False)]
@@ -62,7 +57,7 @@ def test_the_engine_whose_weights_differ_from_the_majority_is_fenced(fleet):
     engines = fleet(a=Faults(), b=Faults(), c=Faults(skew_load=True))
     coord = _coord(engines)
     with pytest.raises(SyncFailedError) as e:
-        coord.sync(_new_weights(2), leg="loopback")
+        coord.sync(TinyModel.seeded(2), leg="loopback")
     res = e.value.result
     assert [(r.engine, r.ok, r.fenced) for r in res.engines] == \
         [("a", True, False), ("b", True, False), ("c", False, True)]
@@ -76,7 +71,7 @@ def test_a_broken_streaming_apply_fences_only_that_engine(fleet):
     engines = fleet(a=Faults(), b=Faults(fail_load_after=2), c=Faults())
     coord = _coord(engines, apply="streaming")
     with pytest.raises(SyncFailedError) as e:
-        coord.sync(_new_weights(3), leg="loopback")
+        coord.sync(TinyModel.seeded(3), leg="loopback")
     res = e.value.result
     assert [(r.engine, r.ok, r.fenced) for r in res.engines] == \
         [("a", True, False), ("b", False, True), ("c", True, False)]
@@ -91,7 +86,7 @@ def test_a_rolling_update_stops_at_the_first_failed_wave(fleet):
     coord = _coord(engines)
     prints = _prints(engines)
     with pytest.raises(SyncFailedError) as e:
-        coord.sync(_new_weights(4), leg="loopback", wave_size=1)
+        coord.sync(TinyModel.seeded(4), leg="loopback", wave_size=1)
     res = e.value.result
     assert [(r.engine, r.ok) for r in res.engines] == [("a", True), ("b", False)]  # c untried
     states = _states(coord)
@@ -107,7 +102,7 @@ def test_a_phase_past_its_deadline_fails_that_engine_instead_of_hanging(fleet):
     coord = _coord(engines, deadlines=Deadlines(reload=0.3))
     t0 = time.monotonic()
     with pytest.raises(SyncFailedError) as e:
-        coord.sync(_new_weights(5), leg="loopback")
+        coord.sync(TinyModel.seeded(5), leg="loopback")
     took = time.monotonic() - t0
     res = e.value.result
     assert [(r.engine, r.ok, r.fenced) for r in res.engines] == \
@@ -119,16 +114,16 @@ def test_a_phase_past_its_deadline_fails_that_engine_instead_of_hanging(fleet):
 def test_version_numbers_are_never_reused(fleet):
     engines = fleet(a=Faults(), b=Faults())
     coord = _coord(engines)
-    assert coord.sync(_new_weights(6), leg="loopback").version == 1
+    assert coord.sync(TinyModel.seeded(6), leg="loopback").version == 1
     engines.faults["b"] = Faults(corrupt_bucket=0)
     with pytest.raises(SyncFailedError) as e:
-        coord.sync(_new_weights(7), leg="loopback")
+        coord.sync(TinyModel.seeded(7), leg="loopback")
     assert e.value.result.version == 2 and coord.version == 1  # tried, never published
     engines.faults["b"] = Faults()
-    assert coord.sync(_new_weights(8), leg="loopback").version == 3  # not 2 again
+    assert coord.sync(TinyModel.seeded(8), leg="loopback").version == 3  # not 2 again
     other = _coord(engines)  # another trainer over the same engines
-    assert other.sync(_new_weights(9), leg="loopback").version == 4
-    assert coord.sync(_new_weights(10), leg="loopback").version == 5
+    assert other.sync(TinyModel.seeded(9), leg="loopback").version == 4
+    assert coord.sync(TinyModel.seeded(10), leg="loopback").version == 5
     assert {v for _, v in _states(coord).values()} == {5}
 
 
@@ -161,12 +156,12 @@ def test_a_trainer_dying_before_any_weights_moved_costs_one_sync(fleet):
     dying.on_phase = _crash_at("bucket:0")  # paused everywhere, nothing sent
     prints = _prints(engines)
     with pytest.raises(_Crash):
-        dying.sync(_new_weights(11), leg="loopback")
+        dying.sync(TinyModel.seeded(11), leg="loopback")
     assert {s for s, _ in _states(dying).values()} == {EngineState.PAUSED}
     states = _wait_for(dying, lambda s: s[0] == EngineState.SERVING)  # lease lapsed: resumed
     assert {v for _, v in states.values()} == {0} and _prints(engines) == prints
     assert all(s.owner is None for s in dying.statuses())
-    assert _coord(engines).sync(_new_weights(12), leg="loopback").ok  # a new trainer syncs
+    assert _coord(engines).sync(TinyModel.seeded(12), leg="loopback").ok  # a new trainer syncs
 
 
 def test_a_trainer_dying_after_the_weights_were_applied_fences_with_the_reason(fleet):
@@ -174,10 +169,10 @@ def test_a_trainer_dying_after_the_weights_were_applied_fences_with_the_reason(f
     dying = _coord(engines, deadlines=Deadlines(lease=0.3))
     dying.on_phase = _crash_at("verify")  # applied everywhere, never verified or committed
     with pytest.raises(_Crash):
-        dying.sync(_new_weights(13), leg="loopback")
+        dying.sync(TinyModel.seeded(13), leg="loopback")
     _wait_for(dying, lambda s: s[0] == EngineState.FENCED)
     assert all("expired" in s.fenced_reason for s in dying.statuses())
-    res = _coord(engines).sync(_new_weights(14), leg="loopback")  # a resync unfences them
+    res = _coord(engines).sync(TinyModel.seeded(14), leg="loopback")  # a resync unfences them
     assert res.ok and {s for s, _ in _states(dying).values()} == {EngineState.SERVING}
 
 
@@ -188,12 +183,12 @@ def test_a_new_coordinator_takes_over_at_once_only_when_it_says_the_old_one_is_g
     dying = _coord(engines, deadlines=Deadlines(lease=30))
     dying.on_phase = _crash_at("bucket:0")
     with pytest.raises(_Crash):
-        dying.sync(_new_weights(15), leg="loopback")
+        dying.sync(TinyModel.seeded(15), leg="loopback")
     successor = _coord(engines)
     with pytest.raises(IllegalStateError, match="no engine was touched"):
-        successor.sync(_new_weights(16), leg="loopback")  # the lease has 30 s to run
+        successor.sync(TinyModel.seeded(16), leg="loopback")  # the lease has 30 s to run
     t0 = time.monotonic()
-    res = successor.sync(_new_weights(16), leg="loopback", takeover=True)
+    res = successor.sync(TinyModel.seeded(16), leg="loopback", takeover=True)
     assert res.ok and time.monotonic() - t0 < 5 and res.version == 2  # 1 went to the dead one
     assert {s for s, _ in _states(successor).values()} == {EngineState.SERVING}
 
@@ -220,7 +215,7 @@ def test_a_sync_fingerprints_as_it_loads_without_a_verify_call(fleet, apply):
     equals the one that RPC computes afterwards."""
     engines = fleet(a=Faults(), b=Faults(stall={"ws_fingerprint": 5.0}))
     coord = _coord(engines, apply=apply, deadlines=Deadlines(verify=0.3))
-    res = coord.sync(_new_weights(11), leg="loopback")
+    res = coord.sync(TinyModel.seeded(11), leg="loopback")
     assert res.ok and all("fingerprint" in r.seconds for r in res.engines)
     engines.faults["b"] = Faults()
     assert _prints(engines) == {r.engine: r.fingerprint for r in res.engines}
@@ -236,13 +231,13 @@ def test_a_plan_is_validated_once_per_engine(fleet):
     engines = fleet(a=Faults(), b=Faults())
     coord = _coord(engines, deadlines=Deadlines(verify=0.3))
     for seed in (12, 16):  # the first sync verifies the kernel layout the second one uses
-        coord.sync(_new_weights(seed), leg="loopback")
+        coord.sync(TinyModel.seeded(seed), leg="loopback")
     engines.faults["b"] = Faults(stall={"ws_validate": 5.0})
-    assert coord.sync(_new_weights(13), leg="loopback").ok  # same plan: not asked again
+    assert coord.sync(TinyModel.seeded(13), leg="loopback").ok  # same plan: not asked again
     before = _states(coord)
     bad = {"proj.weight": torch.zeros(3, 3)}  # a new plan (checkpoint format, partial)
     with pytest.raises(ManifestError):  # a new plan is asked (b stalls: a refuses it)
         coord.sync(bad, leg="loopback", partial=True)
     assert _states(coord) == before
     engines.faults["b"] = Faults()
-    assert coord.sync(_new_weights(15), leg="loopback").ok
+    assert coord.sync(TinyModel.seeded(15), leg="loopback").ok

@@ -6,7 +6,6 @@ tests/integration/test_tensor_parallel.py."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from weightsync.config import TransferConfig
 from weightsync.coordinator import SyncCoordinator
@@ -25,11 +24,6 @@ def _coord(engines) -> SyncCoordinator:
     return SyncCoordinator(engines, TransferConfig(bucket_bytes=1 << 16))
 
 
-def _weights(seed: int) -> TinyModel:
-    torch.manual_seed(seed)
-    return TinyModel()
-
-
 def _states(coord) -> dict[str, tuple[EngineState, int]]:
     return {s.name: (s.state, s.version) for s in coord.statuses()}
 
@@ -37,7 +31,7 @@ def _states(coord) -> dict[str, tuple[EngineState, int]]:
 def test_a_mixed_fleet_syncs_and_every_worker_is_fingerprinted(fleet):
     engines = fleet({"tp2": 2, "tp1": 1})
     coord = _coord(engines)
-    res = coord.sync(_weights(1), leg="loopback")
+    res = coord.sync(TinyModel.seeded(1), leg="loopback")
     assert res.ok and [r.engine for r in res.engines] == ["tp2", "tp1"]
     tp2, tp1 = res.engines
     # one digest per worker; the engines' shapes differ, so neither is the other's "minority"
@@ -51,7 +45,7 @@ def test_one_workers_corrupted_bucket_fences_its_engine_and_the_rest_roll_back(f
     engines = fleet({"a": 2, "b": 2, "c": 1}, b=Faults(corrupt_bucket=0, corrupt_rank=1))
     coord = _coord(engines)
     with pytest.raises(SyncFailedError) as e:
-        coord.sync(_weights(2), leg="loopback")
+        coord.sync(TinyModel.seeded(2), leg="loopback")
     res = e.value.result
     assert [(r.engine, r.ok, r.fenced) for r in res.engines] == \
         [("a", False, False), ("b", False, True), ("c", False, False)]
@@ -61,7 +55,7 @@ def test_one_workers_corrupted_bucket_fences_its_engine_and_the_rest_roll_back(f
     assert states["a"] == states["c"] == (EngineState.SERVING, 0)  # rolled back, untouched
     assert states["b"] == (EngineState.FENCED, 0)
     engines.faults["b"] = Faults()
-    assert coord.sync(_weights(3), leg="loopback").ok  # a resync verifies and unfences it
+    assert coord.sync(TinyModel.seeded(3), leg="loopback").ok  # a resync verifies and unfences it
     assert {s for s, _ in _states(coord).values()} == {EngineState.SERVING}
 
 
@@ -69,7 +63,7 @@ def test_every_worker_getting_the_same_wrong_bytes_rolls_back_like_any_transfer(
     engines = fleet({"a": 2, "b": 2}, b=Faults(corrupt_bucket=0))  # both of b's workers
     coord = _coord(engines)
     with pytest.raises(SyncFailedError) as e:
-        coord.sync(_weights(4), leg="loopback")
+        coord.sync(TinyModel.seeded(4), leg="loopback")
     assert [(r.engine, r.fenced) for r in e.value.result.engines] == [("a", False), ("b", False)]
     assert {s for s, _ in _states(coord).values()} == {EngineState.SERVING}
 
@@ -78,7 +72,7 @@ def test_weights_that_differ_on_one_engine_of_a_shape_fence_it(fleet):
     engines = fleet({"a": 2, "b": 2, "c": 2, "d": 1}, c=Faults(skew_load=True))
     coord = _coord(engines)
     with pytest.raises(SyncFailedError) as e:
-        coord.sync(_weights(5), leg="loopback")
+        coord.sync(TinyModel.seeded(5), leg="loopback")
     res = e.value.result
     assert [(r.engine, r.ok) for r in res.engines] == \
         [("a", True), ("b", True), ("c", False), ("d", True)]

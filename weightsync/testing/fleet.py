@@ -57,14 +57,19 @@ class TinyModel(torch.nn.Module):
         self.proj = torch.nn.Linear(8, 8)
         self.norm = torch.nn.LayerNorm(8)
 
+    @classmethod
+    def seeded(cls, seed: int) -> TinyModel:
+        """A ``TinyModel`` whose weights ``seed`` decides (a trainer's new weights in tests)."""
+        torch.manual_seed(seed)
+        return cls()
+
 
 def save_tiny_model(directory: Path, seed: int = 0) -> Path:
     """A ``TinyModel`` with seeded weights as ``model.safetensors`` in ``directory``."""
     from safetensors.torch import save_file
 
-    torch.manual_seed(seed)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({n: p.detach().clone() for n, p in TinyModel().named_parameters()},
+    save_file({n: p.detach().clone() for n, p in TinyModel.seeded(seed).named_parameters()},
               str(directory / "model.safetensors"))
     return directory
 
@@ -225,6 +230,12 @@ class LocalEngines:
     @property
     def handles(self) -> dict[str, EngineHost]:
         return dict(self._hosts)
+
+    def weights(self, name: str) -> dict[str, torch.Tensor]:
+        """Engine ``name``'s weights as its first worker holds them now, copied (NaN where a
+        sleep released them: vLLM's woken memory without a backup)."""
+        model = self._hosts[name].engine.worker.model_runner.model
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
 
     def submit(self, name: str, method: str, *args: Any, **kwargs: Any) -> Future:
         if self.faults[name].dead:
