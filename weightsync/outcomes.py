@@ -75,6 +75,7 @@ class Outcomes:
                                               resume, fence=False)
                         for n in rollback})
         if pending:
+            self._phase("abort")
             self.access.wait(pending, resume * 1.5)
 
     def _result(self, runs, bad, rolled_back, version, mode, sums, t0, partial) -> SyncResult:

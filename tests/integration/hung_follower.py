@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import socket
@@ -70,7 +71,14 @@ def stopped(pid: int) -> bool:
 
 
 def resume(procs: dict[int, subprocess.Popen]) -> None:
-    os.kill(procs[HUNG_RANK].pid, signal.SIGCONT)
+    if procs[HUNG_RANK].poll() is None:
+        os.kill(procs[HUNG_RANK].pid, signal.SIGCONT)
+
+
+def kill(procs: dict[int, subprocess.Popen]) -> None:
+    for p in procs.values():
+        if p.poll() is None:
+            p.kill()
 
 
 def finish(out: Path, procs: dict[int, subprocess.Popen], timeout: float
@@ -113,10 +121,14 @@ def main() -> None:
     from weightsync.testing.sharded_trainer import _engines, _expected_sums, _model, _shard
 
     torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     model = _model(args)
     coord = None
     if args.rank == 0:
-        coord = SyncCoordinator(_engines(args), TransferConfig(
+        def phase(name: str, engine: str | None) -> None:  # in the log, for a slow failure
+            print(f"{time.time():.3f} rank 0: phase {name} {engine or ''}", flush=True)
+
+        coord = SyncCoordinator(_engines(args), on_phase=phase, transfer=TransferConfig(
             bucket_bytes=args.bucket_bytes, deadlines=Deadlines(
                 rendezvous=30, transfer=args.deadline, verify=30, resume=30, reload=30,
                 lease=30)))

@@ -122,3 +122,37 @@ def test_chain_broadcast_with_a_dead_middle_rank_fails_after_it_without_hanging(
     for rank in (1, 3):
         assert out[rank][0] in ("DeadlineExceeded", "TransferError"), out[rank]
     assert waited < 30
+
+
+def _silent_sender(port, hold_s):
+    """Rank 0 of the group that never sends, and keeps its end open (a trainer whose failed
+    send left a reference to the group behind)."""
+    group = open_group("gloo", "127.0.0.1", port, 0, 2, 30)
+    time.sleep(hold_s)
+    del group
+
+
+def test_a_receive_that_timed_out_does_not_hold_its_group_past_the_deadline():
+    """A receiver's wait gives up at the deadline; the broadcast it posted must end soon after
+    too, or dropping the group (a failed sync's cleanup in the engine) blocks until the group's
+    own timeout: 30 s here, the rendezvous deadline (what stalled the hung-follower test)."""
+    import gc
+
+    ws = _weights()
+    plan = plan_buckets([spec_of(n, t) for n, t in ws.items()], 100_000, 1)
+    port = free_port("127.0.0.1")
+    sender = mp.get_context("spawn").Process(target=_silent_sender, args=(port, 40))
+    sender.start()
+    try:
+        rx = BroadcastReceiver(open_group("gloo", "127.0.0.1", port, 1, 2, 30))
+        t = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            for _ in rx.receive(plan, 1.0):
+                pass
+        rx.close()
+        del rx
+        gc.collect()  # the group is gone once this returns
+        assert time.monotonic() - t < 1.0 * 1.5 + 3  # not the group's 30 s
+    finally:
+        sender.kill()
+        sender.join(10)

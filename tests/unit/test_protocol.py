@@ -98,8 +98,8 @@ def test_a_rolling_update_stops_at_the_first_failed_wave(fleet):
 
 def test_a_phase_past_its_deadline_fails_that_engine_instead_of_hanging(fleet):
     # the load (and the fingerprint taken with it) of engine b hangs past the reload deadline
-    engines = fleet(a=Faults(), b=Faults(stall={"ws_apply_staged": 5.0}))
-    coord = _coord(engines, deadlines=Deadlines(reload=0.3))
+    engines = fleet(a=Faults(), b=Faults(stall={"ws_apply_staged": 8.0}))
+    coord = _coord(engines, deadlines=Deadlines(reload=1.5))
     t0 = time.monotonic()
     with pytest.raises(SyncFailedError) as e:
         coord.sync(TinyModel.seeded(5), leg="loopback")
@@ -107,8 +107,8 @@ def test_a_phase_past_its_deadline_fails_that_engine_instead_of_hanging(fleet):
     res = e.value.result
     assert [(r.engine, r.ok, r.fenced) for r in res.engines] == \
         [("a", True, False), ("b", False, True)]
-    assert "exceeded 0.3s" in res.engines[1].error
-    assert took < 5.0  # the stall lasts 5 s: the sync did not wait for it
+    assert "exceeded 1.5s" in res.engines[1].error
+    assert took < 8.0  # the stall lasts 8 s: the sync did not wait for it
 
 
 def test_version_numbers_are_never_reused(fleet):
@@ -196,16 +196,16 @@ def test_a_new_coordinator_takes_over_at_once_only_when_it_says_the_old_one_is_g
 def test_a_fingerprint_past_the_verify_deadline_fails_that_engine(fleet):
     """A sync fingerprints as it loads; a checkpoint reload still verifies in a call of its
     own (``finish_load``), under the verify deadline."""
-    engines = fleet(a=Faults(), b=Faults(stall={"ws_fingerprint": 5.0}))
-    coord = _coord(engines, deadlines=Deadlines(verify=0.3))
+    engines = fleet(a=Faults(), b=Faults(stall={"ws_fingerprint": 8.0}))
+    coord = _coord(engines, deadlines=Deadlines(verify=1.5))
     t0 = time.monotonic()
     with pytest.raises(SyncFailedError) as e:
         coord.reload_checkpoint(None)
     res = e.value.result
     assert [(r.engine, r.ok, r.fenced) for r in res.engines] == \
         [("a", True, False), ("b", False, True)]
-    assert "exceeded 0.3s" in res.engines[1].error
-    assert time.monotonic() - t0 < 5.0  # the stall lasts 5 s: the sync did not wait for it
+    assert "exceeded 1.5s" in res.engines[1].error
+    assert time.monotonic() - t0 < 8.0  # the stall lasts 8 s: the sync did not wait for it
 
 
 @pytest.mark.parametrize("apply", ["staged", "streaming"])
@@ -213,8 +213,8 @@ def test_a_sync_fingerprints_as_it_loads_without_a_verify_call(fleet, apply):
     """The workers fingerprint what they loaded in the load's own call: the separate
     fingerprint RPC (stalled here past the verify deadline) is never needed, and the digest
     equals the one that RPC computes afterwards."""
-    engines = fleet(a=Faults(), b=Faults(stall={"ws_fingerprint": 5.0}))
-    coord = _coord(engines, apply=apply, deadlines=Deadlines(verify=0.3))
+    engines = fleet(a=Faults(), b=Faults(stall={"ws_fingerprint": 8.0}))
+    coord = _coord(engines, apply=apply, deadlines=Deadlines(verify=1.5))
     res = coord.sync(TinyModel.seeded(11), leg="loopback")
     assert res.ok and all("fingerprint" in r.seconds for r in res.engines)
     engines.faults["b"] = Faults()
@@ -229,10 +229,10 @@ def test_a_plan_is_validated_once_per_engine(fleet):
     from weightsync.errors import ManifestError
 
     engines = fleet(a=Faults(), b=Faults())
-    coord = _coord(engines, deadlines=Deadlines(verify=0.3))
+    coord = _coord(engines, deadlines=Deadlines(verify=1.5))
     for seed in (12, 16):  # the first sync verifies the kernel layout the second one uses
         coord.sync(TinyModel.seeded(seed), leg="loopback")
-    engines.faults["b"] = Faults(stall={"ws_validate": 5.0})
+    engines.faults["b"] = Faults(stall={"ws_validate": 8.0})
     assert coord.sync(TinyModel.seeded(13), leg="loopback").ok  # same plan: not asked again
     before = _states(coord)
     bad = {"proj.weight": torch.zeros(3, 3)}  # a new plan (checkpoint format, partial)

@@ -25,6 +25,7 @@ from weightsync.types import Bucket, TransferPlan
 logger = logging.getLogger(__name__)
 
 _RENDEZVOUS_GRACE_S = 5.0
+_OP_GRACE = 1.5  # a gloo broadcast's own timeout, in deadlines
 
 
 def free_port(host: str, port: int = 0) -> int:
@@ -53,11 +54,17 @@ class _Group:
         self.world_size = world_size
 
     def broadcast(self, buf: torch.Tensor, deadline_s: float, what: str) -> None:
-        self.start(buf).wait(deadline_s, what)
+        self.start(buf, deadline_s).wait(deadline_s, what)
 
-    def start(self, buf: torch.Tensor) -> _Pending:
+    def start(self, buf: torch.Tensor, deadline_s: float) -> _Pending:
+        """Post the broadcast of ``buf``. A gloo operation carries its own timeout (a bit
+        past the wait's deadline, as it starts before the wait does): a wait that gave up
+        leaves the operation running in gloo's thread until then, and dropping the group
+        blocks until it ends — with the group's timeout (the rendezvous deadline) a failed
+        sync's teardown stalled an engine for 26 s."""
         if self.backend == "gloo":
-            return _Pending(work=self.group.broadcast(buf, 0))
+            return _Pending(work=self.group.broadcast(
+                buf, 0, timeout=timedelta(seconds=deadline_s * _OP_GRACE)))
         stream = torch.cuda.current_stream(self.device)
         self.group.broadcast(buf, src=0, stream=stream)
         event = torch.cuda.Event()
@@ -214,7 +221,7 @@ class BroadcastSender:
             buf = pack_bucket(bucket, tensors, self.group.device,
                               out=self._pool[k % 2][: bucket.nbytes])
             op = self.group.chain(buf, plan.chain_chunk, tags[k], deadline_s) if tags \
-                else self.group.start(buf)
+                else self.group.start(buf, deadline_s)
             sums.append(checksum(buf))  # read-only, overlaps this bucket's broadcast
             if pending is not None:
                 pending[0].wait(deadline_s, f"broadcast bucket {pending[1].index}")
@@ -249,7 +256,7 @@ class BroadcastReceiver:
                 torch.empty(b.nbytes, dtype=torch.uint8, device=self.group.device)
             if tags:
                 return b, buf, self.group.chain(buf, plan.chain_chunk, tags[i], deadline_s)
-            return b, buf, self.group.start(buf)
+            return b, buf, self.group.start(buf, deadline_s)
 
         queue = [post(0, b) for b in plan.buckets[:1]]
         nxt = 1
