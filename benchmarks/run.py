@@ -43,6 +43,8 @@ MOE_SHAPES = {  # Qwen3-MoE; "moe-30b-a3b" has Qwen3-30B-A3B's per-layer shapes,
                      kv_heads=1, vocab_size=512),
     "moe-30b-a3b": dict(hidden=2048, layers=3, experts=128, top_k=8, moe_intermediate=768,
                         heads=32, kv_heads=4, head_dim=128, vocab_size=151936),  # ~4.98 GB bf16
+    "moe-30b-a3b-4l": dict(hidden=2048, layers=4, experts=128, top_k=8, moe_intermediate=768,
+                           heads=32, kv_heads=4, head_dim=128, vocab_size=151936),  # ~6.6 GB
 }
 PHASES = ["pause", "sleep", "wake_weights", "transfer", "reload", "reset_caches", "fingerprint",
           "wake_kv", "wake", "resume"]
@@ -161,7 +163,7 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
     for k in sizes:
         clock = _CoordinatorClock()
         coord = SyncCoordinator(actors[:k], cfg, on_phase=clock)
-        totals, nbytes, slept, layouts = [], 0, [], []
+        totals, nbytes, slept, layouts, packed = [], 0, [], [], []
         phases: dict[str, list[float]] = {p: [] for p in PHASES}
         for i in range(syncs + 1):  # sync 0 warms up (first reload, allocator)
             perturb_(policy, scale=1e-3, seed=i)
@@ -180,6 +182,8 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
                 continue
             totals.append(res.seconds["total"])
             layouts.append(res.layout)
+            if ipc:  # why the IPC leg packed its buckets (None: it shared the trainer's own)
+                packed.append(coord._leg("ipc").direct_note)
             for p in sorted({k for e in res.engines for k in e.seconds}):  # sub-phases too
                 vals = [e.seconds[p] for e in res.engines if p in e.seconds]
                 phases.setdefault(p, []).append(max(vals))
@@ -188,6 +192,8 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
         run = {"engines": k, "bytes": nbytes, "total": summary(totals), "layout": res.layout,
                "layout_note": res.layout_note,
                "layouts": {x: layouts.count(x) for x in sorted(set(layouts))},  # timed syncs
+               "ipc_packed_because": {str(x): packed.count(x) for x in set(packed)} if ipc
+               else None,
                "phases": {p: summary(v) for p, v in phases.items() if v},
                "skipped": list(res.engines[0].skipped), "sleeps": slept[1:]}
         tr = run["phases"]["transfer"]["p50"]

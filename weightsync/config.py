@@ -58,6 +58,11 @@ class TransferConfig(_Frozen):
     # engine's mapping of them across syncs, instead of allocating, mapping and freeing them
     # every sync. Faster; costs that memory on the trainer's GPU between syncs.
     ipc_reuse_buffers: bool = False
+    # CUDA IPC into one single-worker engine, kernel layout, where every tensor lies on the
+    # engine's GPU in the dtype it serves: share the trainer's own storages and let the engine
+    # copy from them (no packed copy on the trainer). Every piece is still checksummed on both
+    # ends and verified before anything is applied; anything else is packed as before.
+    ipc_direct: bool = True
     # gloo only. "collective": gloo's broadcast (the sender's bytes go out once per receiver,
     # or down a tree: 8 receivers took 3.6x one on 16 CPUs). "chain": the sender sends to the
     # first engine only and every engine forwards each chunk to the next as it arrives, so the

@@ -48,6 +48,8 @@ def test_kernel_layout_is_verified_then_used_and_loads_identical_weights(
         torch.cuda.synchronize()
         fast = auto.sync(trainer, ipc=True)
         assert fast.ok and fast.layout == "kernel", fast.layout_note
+        # the engine copied from the trainer's own tensors (no packed copy)
+        assert auto._leg("ipc").direct_note is None, auto._leg("ipc").direct_note
         after = engine_generate(fast_engine, PROMPTS)
         assert changed(before, after)
         slow = ckpt.sync(trainer, ipc=True)  # the same weights through vLLM's loaders
@@ -65,17 +67,23 @@ def test_kernel_layout_is_verified_then_used_and_loads_identical_weights(
         for p in ("kernel", "checkpoint")}
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["packed", "direct"])
 def test_ipc_bucket_that_differs_from_the_senders_checksum_is_refused_before_loading(
-        fast_engine, text_model, monkeypatch):
+        fast_engine, text_model, monkeypatch, direct):
     """One engine in the wave loads in the same call as it maps (atomic): it must still
     refuse a bucket whose checksum differs from the sender's, load nothing, and go on
-    serving its old version (rolled back, not fenced)."""
+    serving its old version (rolled back, not fenced). ``direct``: the kernel layout read
+    from the trainer's own tensors, checksummed piece by piece."""
     from weightsync.errors import SyncFailedError
     from weightsync.transport.legs import ipc as fleet
 
     trainer = load_trainer_model(text_model, torch.bfloat16).cuda()
-    coord = SyncCoordinator([fast_engine], TransferConfig(bucket_bytes=256 << 20))
+    coord = SyncCoordinator([fast_engine], TransferConfig(bucket_bytes=256 << 20,
+                                                          ipc_direct=direct))
     assert coord.sync(trainer, ipc=True).ok
+    if direct:  # the layout is verified (the first test did): kernel layout, read in place
+        res = coord.sync(trainer, ipc=True)
+        assert res.ok and res.layout == "kernel" and coord._leg("ipc").direct_note is None
     before = engine_generate(fast_engine, PROMPTS)
     version = ray.get(fast_engine.status.remote()).version
     real = fleet.bucket_terms  # what the engine is told the sender's checksums are
@@ -86,6 +94,7 @@ def test_ipc_bucket_that_differs_from_the_senders_checksum_is_refused_before_loa
     rep = info.value.result.engines[0]
     assert not rep.ok and not rep.fenced and "rolled back" in rep.error
     assert "checksum" in rep.error
+    assert (coord._leg("ipc").direct_note is None) == direct
     status = ray.get(fast_engine.status.remote())
     assert status.state.value == "serving" and status.version == version
     assert [o.token_ids for o in engine_generate(fast_engine, PROMPTS)] == \

@@ -134,6 +134,8 @@ def _kernel_layout_syncs(moe_engine, trainer, auto, ckpt, gpu_results) -> None:
         assert slow.ok and slow.layout == "checkpoint"
         assert changed(before, after)
         assert fast.layout == "kernel", fast.layout_note  # the MoE fast path, second sync on
+        row["packed_because"] = auto._leg("ipc").direct_note
+        assert row["packed_because"] is None  # copied from the fused experts where they lie
         # both paths leave bit-identical parameters in the engine
         assert fast.engines[0].fingerprint == slow.engines[0].fingerprint
         assert _plain(engine_generate(moe_engine, PROMPTS)) == _plain(after)

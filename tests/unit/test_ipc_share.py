@@ -38,3 +38,18 @@ def test_a_share_has_one_copy_per_gpu_and_at_least_one():
         IpcShare(devices=(_on("GPU-a"), _on("GPU-a")))
     with pytest.raises(pydantic.ValidationError):
         IpcShare(devices=())
+
+
+def test_a_direct_share_carries_storages_and_pieces_through_json_and_never_both_kinds():
+    direct = IpcDeviceShare(device_uuid="GPU-a", storages=(_handle(0, "GPU-a"),),
+                            pieces=((((0, 0, 32), (0, 32, 32)),),),
+                            terms=_handle(-1, "GPU-a"),
+                            event=b"ev")
+    back = IpcShare.model_validate_json(IpcShare(devices=(direct,)).model_dump_json())
+    assert back.on("GPU-a").pieces == ((((0, 0, 32), (0, 32, 32)),),)
+    assert back.on("GPU-a").buckets == ()
+    for kw in [{}, {"buckets": (_handle(0, "GPU-a"),), "storages": (_handle(0, "GPU-a"),),
+                    "pieces": (((0, 0, 64),),)},
+               {"storages": (_handle(0, "GPU-a"),)}]:  # storages without pieces
+        with pytest.raises(pydantic.ValidationError):
+            IpcDeviceShare(device_uuid="GPU-a", terms=_handle(-1, "GPU-a"), event=b"ev", **kw)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from weightsync.transport.layout import LayoutUnavailable, derive_layout
-from weightsync.transport.packing import pack_bucket, plan_buckets, unpack_bucket
+from weightsync.transport.packing import copy_tensors, pack_bucket, plan_buckets, unpack_bucket
 from weightsync.types import TensorSpec
 
 PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
@@ -184,3 +184,76 @@ def test_fused_experts_pack_as_one_copy_and_equal_the_fused_tensor():
     got = dict(unpack_bucket(plan.buckets[0], pack_bucket(plan.buckets[0], swapped, "cpu",
                                                           views=views)))
     assert torch.equal(got[w13], gate_up.view(4, 2, 6, 8).flip(1).reshape(4, 12, 8))
+
+
+def _fused_moe_sources():
+    """The fused-expert trainer of the test above, as a kernel-layout plan and its sources."""
+    vllm, ckpt, mapping = _moe_like()
+    layout = derive_layout(vllm, ckpt, PACKED, experts=mapping)
+    m = "model.layers.0.mlp"
+    g = torch.Generator().manual_seed(2)
+    gate_up, down, router = (torch.randn(*sh, generator=g).to(torch.bfloat16)
+                             for sh in ((4, 12, 8), (4, 8, 6), (4, 8)))
+    tensors = {f"{m}.gate.weight": router}
+    for e in range(4):
+        tensors[f"{m}.experts.{e}.gate_proj.weight"] = gate_up[e, :6]
+        tensors[f"{m}.experts.{e}.up_proj.weight"] = gate_up[e, 6:]
+        tensors[f"{m}.experts.{e}.down_proj.weight"] = down[e]
+    sources = {p.name: [tensors[n] for n, _ in p.parts] for p in layout.params}
+    plan = plan_buckets([layout.spec(p) for p in layout.params], 1 << 20, 1)
+    return plan, sources, (gate_up, down, router)
+
+
+def test_direct_pieces_are_the_trainers_own_storages_one_run_per_fused_tensor():
+    """Direct (no packed copy): each slot is runs of the trainer's storages; the 8 per-expert
+    views of ``gate_up_proj`` are one piece, and copying the pieces into the engine's
+    parameters gives what packing and unpacking gives."""
+    from weightsync.transport.packing import direct_pieces, piece_views, span_targets
+
+    plan, sources, fused = _fused_moe_sources()
+    storages, pieces = direct_pieces(plan, sources, torch.device("cpu"))
+    assert len(storages) == 3 and [len(s) for s in pieces[0]] == [1, 1, 1]  # no copy of any
+    assert {s.data_ptr() for s in storages} == {t.data_ptr() for t in fused}
+    packed = dict(unpack_bucket(plan.buckets[0], pack_bucket(plan.buckets[0], sources, "cpu")))
+    params = {n: torch.zeros_like(t) for n, t in packed.items()}
+    (spans,) = piece_views(storages, pieces)
+    dsts, srcs = span_targets(plan.buckets[0], spans, params)
+    copy_tensors(dsts, srcs)
+    assert all(torch.equal(params[n], packed[n]) for n in packed)
+    gate_up = fused[0]
+    gate_up.add_(1)  # the pieces are the trainer's memory, not a copy of it (slot 1: w13)
+    assert torch.equal(spans.slots[1][0], gate_up.view(-1).view(torch.uint8))
+
+
+def test_what_cannot_be_read_in_place_is_named():
+    from weightsync.transport.packing import NotDirect, direct_pieces
+
+    plan, sources, _ = _fused_moe_sources()
+    router = "model.layers.0.mlp.gate.weight"
+    w2 = "model.layers.0.mlp.experts.routed_experts.w2_weight"
+    for name, value, why in [
+            (router, [sources[router][0].float()], "a cast needs a copy"),
+            (w2, [t.t().contiguous().t() for t in sources[w2]], "not dense"),
+            (router, [torch.zeros(40, dtype=torch.bfloat16)[1:33].view(4, 8)], "8-byte")]:
+        with pytest.raises(NotDirect, match=why):
+            direct_pieces(plan, {**sources, name: value}, torch.device("cpu"))
+
+
+def test_a_direct_buckets_checksum_changes_with_any_piece():
+    """One checksum per bucket over its pieces (each digested where it lies): a changed
+    byte, two pieces swapped, or a piece missing changes it."""
+    from weightsync.transport.packing import digest_terms, fold_pieces
+
+    a, b = torch.arange(64, dtype=torch.uint8), torch.arange(64, 128, dtype=torch.uint8)
+
+    def sums(*bucket_pieces):
+        flat = [v for p in bucket_pieces for v in p]
+        return fold_pieces([len(p) for p in bucket_pieces], [v.numel() for v in flat],
+                           digest_terms(flat).tolist())
+
+    base = sums([a, b])
+    assert sums([a, b]) == base
+    assert sums([b, a]) != base and sums([a]) != base and sums([a], [b]) != sums([a, b])
+    c = b.clone()
+    c[7] ^= 1
+    assert sums([a, c]) != base

@@ -106,3 +106,43 @@ def test_an_engine_that_committed_and_then_disagrees_with_the_coordinator_is_fen
         coord.sync(TinyModel.seeded(5), leg="loopback")
     (st,) = coord.statuses()
     assert st.state == S.FENCED and "forced" in st.fenced_reason
+
+
+def test_a_kernel_layout_wave_of_one_copies_from_the_trainers_own_tensors(local_fleet):
+    """Once the kernel layout is verified, a wave of one engine copies straight from the
+    trainer's tensors (``ipc_direct``, as over CUDA IPC on a GPU): no packed copy, every
+    piece checksummed on both ends and verified before anything is applied. A checksum the
+    engine cannot match refuses the sync untouched; the next sync goes through."""
+    engines = local_fleet(workers={"a": 1})
+    coord = SyncCoordinator(engines, TransferConfig(bucket_bytes=1 << 16))
+    assert coord.sync(TinyModel.seeded(1), leg="loopback").layout == "checkpoint"
+    leg = coord._leg("loopback")
+    assert not leg.direct  # checkpoint format: vLLM's loaders take whole tensors
+    new = TinyModel.seeded(2)
+    res = coord.sync(new, leg="loopback")
+    assert res.ok and res.layout == "kernel" and leg.direct
+    want = {n: p.detach().clone() for n, p in new.named_parameters()}
+    assert all(torch.equal(engines.weights("a")[n], want[n]) for n in want)
+
+    engines.faults["a"] = Faults(corrupt_bucket=0)  # what the engine is told differs
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.5)
+    with pytest.raises(SyncFailedError) as e:
+        coord.sync(new, leg="loopback")
+    (rep,) = e.value.result.engines
+    assert leg.direct and not rep.ok and not rep.fenced and "checksum" in rep.error
+    (st,) = coord.statuses()
+    assert (st.state, st.version) == (S.SERVING, res.version)  # untouched: the old weights
+    assert all(torch.equal(engines.weights("a")[n], want[n]) for n in want)
+    engines.faults["a"] = Faults()
+    assert coord.sync(new, leg="loopback").ok and leg.direct
+    assert all(torch.equal(engines.weights("a")[n], p.detach()) for n, p in new.named_parameters())
+
+
+def test_direct_copies_can_be_turned_off(local_fleet):
+    engines = local_fleet(workers={"a": 1})
+    coord = SyncCoordinator(engines, TransferConfig(bucket_bytes=1 << 16, ipc_direct=False))
+    for seed in (1, 2):
+        res = coord.sync(TinyModel.seeded(seed), leg="loopback")
+    assert res.ok and res.layout == "kernel" and not coord._leg("loopback").direct

@@ -23,8 +23,8 @@ from pydantic import BaseModel
 
 from weightsync.checkpoint import iter_tensors, read_checkpoint, read_checkpoint_files
 from weightsync.engine import vllm_compat
-from weightsync.errors import (ManifestError, ReloadError, TransferError, VerificationError,
-                               WeightSyncError)
+from weightsync.errors import (ConfigError, ManifestError, ReloadError, TransferError,
+                               VerificationError, WeightSyncError)
 from weightsync.messages import (Ack, ApplyMode, ApplyReply, Fingerprint, GpuMemory, JoinReply,
                                  LayoutStatus, ReceiveRequest, ReloadReply, WorkerError,
                                  WorkerInfo, WorkerReply)
@@ -33,8 +33,9 @@ from weightsync.transport.digest_cuda import ManyDigests
 from weightsync.transport.graphs import Replay
 from weightsync.transport.legs import receiver_leg
 from weightsync.transport.ranks import worker_group_rank
-from weightsync.transport.packing import (checksum, copy_split, copy_tensors, digest_terms,
-                                          dtype_name, fold_terms, unpack_bucket)
+from weightsync.transport.packing import (Spans, checksum, copy_split, copy_tensors,
+                                          digest_terms, dtype_name, fold_terms, span_targets,
+                                          unpack_bucket)
 from weightsync.types import (Bucket, CheckpointFiles, ReceiveReport, TensorSpec, TransferPlan,
                               versionless)
 
@@ -105,6 +106,14 @@ def validate_specs(specs: list[TensorSpec], expected: dict[str, TensorSpec], ser
                 f"incomplete update: {len(missing)} of the model's {len(expected)} tensors are "
                 f"missing ({', '.join(missing[:5])}{more}); ask for a partial update "
                 "explicitly to change only some tensors")
+
+
+def _packed_only(stream: Iterator[tuple[Bucket, Any]]) -> Iterator[tuple[Bucket, Any]]:
+    for bucket, buf in stream:
+        if isinstance(buf, Spans):
+            raise TransferError("a direct share (the sender's own storages) is for a kernel-"
+                                "layout plan applied atomically")
+        yield bucket, buf
 
 
 def _device_uuid(device: Any) -> str | None:
@@ -334,6 +343,8 @@ class WeightSyncWorkerExtension:
         st["staged"] = []
         kernel = plan.format == "kernel"
         applied = False
+        if not kernel or apply != "atomic":  # pieces of another process's memory: copied
+            stream = _packed_only(stream)  # into the parameters at once, or not at all
         if apply == "streaming":
             self._reload((t for b, buf in checked() for t in unpack_bucket(b, buf)), kernel)
             applied = True
@@ -491,7 +502,19 @@ class WeightSyncWorkerExtension:
         prog = st.get("kernel_program")
         if ck is not None and prog is not None and prog[0] == ck:
             return prog[1]
-        dsts, srcs = self._kernel_targets(t for b, buf in staged for t in unpack_bucket(b, buf))
+        if any(isinstance(buf, Spans) for _, buf in staged):  # direct: from the trainer's
+            live = {n: p.data for n, p in self._params().items()}  # memory, piece by piece
+            dsts, srcs = [], []
+            try:
+                for b, spans in staged:
+                    d, s = span_targets(b, spans, live)
+                    dsts += d
+                    srcs += s
+            except ConfigError as e:
+                raise ReloadError(str(e)) from e
+        else:
+            dsts, srcs = self._kernel_targets(t for b, buf in staged
+                                              for t in unpack_bucket(b, buf))
         program = (dsts, srcs, copy_split(dsts, srcs))
         st["kernel_program"] = (ck, program) if ck is not None else None
         return program

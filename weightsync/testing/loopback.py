@@ -19,7 +19,9 @@ import torch
 from weightsync.errors import TransferError
 from weightsync.messages import BeginReply, ReceiveRequest
 from weightsync.transport.legs.base import Incoming, LegOutcome, ReceiverLeg, SenderLeg
-from weightsync.transport.packing import checksum, named_tensors, pack_bucket
+from weightsync.transport.packing import (NotDirect, Spans, checksum, digest_terms,
+                                          direct_pieces, fold_pieces, named_tensors,
+                                          pack_bucket, piece_views)
 from weightsync.types import TransferPlan
 
 _MAILBOX: dict[str, list[torch.Tensor]] = {}  # one send's packed buckets, by token
@@ -29,23 +31,35 @@ _LOCK = threading.Lock()
 class LoopbackLeg(SenderLeg):
     name = "loopback"
     receiver = "loopback"
+    direct = False  # the last sync shared the trainer's tensors (as the IPC leg's direct mode)
 
     def send(self, names: Sequence[str], plan: TransferPlan, source: Any,
              begun: Mapping[str, BeginReply], *,
              one_phase: bool = False) -> LegOutcome:
         tensors = source if isinstance(source, Mapping) else dict(named_tensors(source))
-        bufs, sums = [], []
-        for bucket in plan.buckets:
-            self.on_bucket(bucket.index)
-            buf = pack_bucket(bucket, tensors, torch.device("cpu"))
-            bufs.append(buf)
-            sums.append(checksum(buf))
-        token = uuid.uuid4().hex
-        with _LOCK:
-            _MAILBOX[token] = (bufs, sums)
         # as the IPC leg: a wave of one single-worker engine verifies and loads in its
         # receive call, and commits there too (one_phase)
         atomic = one_phase and self.cfg.apply == "staged" and self._one_worker(names)
+        direct = None
+        if atomic and plan.format == "kernel" and self.cfg.ipc_direct:
+            try:  # as the IPC leg: the engine copies from the trainer's own tensors
+                direct = direct_pieces(plan, tensors, torch.device("cpu"))
+            except NotDirect:
+                direct = None
+        if direct is not None:
+            bufs = piece_views(*direct)
+            sums = _direct_sums(bufs)
+        else:
+            bufs, sums = [], []
+            for bucket in plan.buckets:
+                self.on_bucket(bucket.index)
+                buf = pack_bucket(bucket, tensors, torch.device("cpu"))
+                bufs.append(buf)
+                sums.append(checksum(buf))
+        self.direct = direct is not None
+        token = uuid.uuid4().hex
+        with _LOCK:
+            _MAILBOX[token] = (bufs, sums)
         try:
             ok, bad = self.receive_everywhere(
                 names, plan.model_dump_json(),
@@ -73,6 +87,12 @@ class LoopbackReceiver(ReceiverLeg):
         if getattr(faults, "corrupt_rank", None) not in (None, getattr(self.worker, "rank", 0)):
             corrupt = None  # another worker's copy is the corrupted one
 
+        if bufs and isinstance(bufs[0], Spans):  # direct: the trainer's own memory, read
+            # in place; a fault is the sender's checksum arriving changed
+            told = [c ^ 1 if corrupt == i else c for i, c in enumerate(sums)]
+            return Incoming(zip(plan.buckets, bufs, strict=True), expected=told,
+                            known=_direct_sums(bufs))
+
         def buckets():
             for bucket, buf in zip(plan.buckets, bufs, strict=True):
                 own = buf.clone()
@@ -83,3 +103,10 @@ class LoopbackReceiver(ReceiverLeg):
         # an atomic apply verifies every bucket before it loads: the sender's checksums
         # come with the buckets then (otherwise the coordinator compares them afterwards)
         return Incoming(buckets(), expected=sums if request.apply == "atomic" else None)
+
+
+def _direct_sums(spans: list[Spans]) -> list[int]:
+    """Per-bucket checksums of direct buckets, each piece digested where it lies."""
+    views = [v for s in spans for v in s.views()]
+    return fold_pieces([sum(len(slot) for slot in s.slots) for s in spans],
+                       [v.numel() for v in views], digest_terms(views).tolist())

@@ -65,15 +65,27 @@ def share_bucket(index: int, buf: torch.Tensor, reusable: bool = False) -> IpcBu
 class IpcDeviceShare(BaseModel):
     """One GPU's copy of a sync's buckets: the buckets, the sender's checksum terms (an
     ``(n, 3)`` int64 buffer, ``packing.digest_terms`` of the buckets) and the event that
-    follows both, all on the GPU ``device_uuid``."""
+    follows both, all on the GPU ``device_uuid``.
+
+    Direct (no packed copy): ``storages`` are the trainer's own tensors' storages and
+    ``pieces`` every bucket's slots as ``(storage, offset, nbytes)`` runs of them
+    (``packing.direct_pieces``); ``buckets`` is empty and the terms are one row per piece."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", ser_json_bytes="base64",
                               val_json_bytes="base64")
 
     device_uuid: str
-    buckets: tuple[IpcBucketHandle, ...]
+    buckets: tuple[IpcBucketHandle, ...] = ()
+    storages: tuple[IpcBucketHandle, ...] = ()
+    pieces: tuple[tuple[tuple[tuple[int, int, int], ...], ...], ...] = ()
     terms: IpcBucketHandle
     event: bytes  # cudaIpcEventHandle of an interprocess event, recorded after terms
+
+    @model_validator(mode="after")
+    def _buckets_or_storages(self) -> IpcDeviceShare:
+        if bool(self.buckets) == bool(self.storages) or bool(self.storages) != bool(self.pieces):
+            raise ValueError("a share holds packed buckets, or storages with their pieces")
+        return self
 
 
 class IpcShare(BaseModel):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -213,6 +214,130 @@ def copy_tensors(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor],
     if small:
         torch._foreach_copy_([dsts[i] for i in small], [srcs[i] for i in small],
                              non_blocking=True)
+
+
+class NotDirect(Exception):
+    """Why a plan's tensors cannot be read where they lie (``direct_pieces``): they are packed."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Bytes ``[offset, offset + nbytes)`` of storage ``storage`` (an index into the sync's
+    storages): one contiguous run of a slot's bytes."""
+
+    storage: int
+    offset: int
+    nbytes: int
+
+
+def direct_pieces(plan: TransferPlan, tensors, device: torch.device
+                  ) -> tuple[list[torch.Tensor], list[list[list[Piece]]]]:
+    """Every slot of ``plan`` as runs of the source tensors' own storages, instead of a packed
+    copy: (a flat uint8 view of each storage involved, per bucket per slot its pieces).
+    Concatenated, a slot's pieces are the bytes ``pack_bucket`` would write into it; runs that
+    follow each other in one storage are one piece (a fused expert tensor's per-expert views:
+    one piece per layer). ``NotDirect`` says why not: a source on another device, in another
+    dtype (a cast needs a copy), not dense, or not 8-byte aligned (the checksum reads words)."""
+    index: dict[int, int] = {}  # storage address -> its index
+    storages: list[torch.Tensor] = []
+    out: list[list[list[Piece]]] = []
+    for bucket in plan.buckets:
+        slots: list[list[Piece]] = []
+        for slot in bucket.slots:
+            value = tensors[slot.name]
+            pieces: list[Piece] = []
+            for t in [value] if isinstance(value, torch.Tensor) else value:
+                if t.device != device:
+                    raise NotDirect(f"{slot.name}: a part lies on {t.device}, not {device}")
+                if dtype_name(t.dtype) != slot.dtype:
+                    raise NotDirect(f"{slot.name}: a part is {dtype_name(t.dtype)}, the slot "
+                                    f"{slot.dtype} (a cast needs a copy)")
+                if not t.is_contiguous():
+                    raise NotDirect(f"{slot.name}: a part is not dense")
+                st = t.untyped_storage()
+                k = index.get(st.data_ptr())
+                if k is None:
+                    k = index[st.data_ptr()] = len(storages)
+                    storages.append(torch.empty(0, dtype=torch.uint8, device=t.device)
+                                    .set_(st, 0, (st.nbytes(),), (1,)))
+                offset, n = t.data_ptr() - st.data_ptr(), t.numel() * t.element_size()
+                last = pieces[-1] if pieces else None
+                if last is not None and last.storage == k and last.offset + last.nbytes == offset:
+                    pieces[-1] = Piece(k, last.offset, last.nbytes + n)
+                else:
+                    if offset % 8:
+                        raise NotDirect(f"{slot.name}: a part starts off an 8-byte boundary")
+                    pieces.append(Piece(k, offset, n))
+            if sum(p.nbytes for p in pieces) != slot.nbytes:
+                raise NotDirect(f"{slot.name}: its parts hold {sum(p.nbytes for p in pieces)} "
+                                f"bytes, the slot {slot.nbytes}")
+            slots.append(pieces)
+        out.append(slots)
+    return storages, out
+
+
+class Spans:
+    """A bucket whose slots are pieces of other memory (``direct_pieces``), not one buffer:
+    what a receiver copies each slot from. ``numel`` and ``data_ptr`` as for a packed bucket
+    (its bytes, and a key for caches)."""
+
+    def __init__(self, slots: list[list[torch.Tensor]]) -> None:
+        self.slots = slots
+
+    def views(self) -> list[torch.Tensor]:
+        return [v for pieces in self.slots for v in pieces]
+
+    def numel(self) -> int:
+        return sum(v.numel() for v in self.views())
+
+    def data_ptr(self) -> tuple:
+        return tuple(v.data_ptr() for v in self.views())
+
+
+def piece_views(storages: Sequence[torch.Tensor], pieces: list[list[list[Piece]]]
+                ) -> list[Spans]:
+    """Every bucket's ``Spans`` over ``storages`` (flat uint8 tensors)."""
+    return [Spans([[storages[p.storage][p.offset:p.offset + p.nbytes] for p in slot]
+                   for slot in bucket]) for bucket in pieces]
+
+
+def span_targets(bucket: Bucket, spans: Spans, params: dict[str, torch.Tensor]
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(destinations, sources) that copy ``spans`` into the parameters named by ``bucket``'s
+    slots (kernel layout: a slot is a parameter, byte for byte): each piece into its byte
+    range of the parameter."""
+    dsts, srcs = [], []
+    for slot, pieces in zip(bucket.slots, spans.slots, strict=True):
+        p = params.get(slot.name)
+        if p is None or tuple(p.shape) != slot.shape or dtype_name(p.dtype) != slot.dtype \
+                or not p.is_contiguous():
+            raise ConfigError(f"kernel-layout slot {slot.name} {slot.shape} {slot.dtype} does "
+                              "not match a dense parameter of the engine")
+        flat = p.view(-1).view(torch.uint8)
+        at = 0
+        for v in pieces:
+            dsts.append(flat[at:at + v.numel()])
+            srcs.append(v)
+            at += v.numel()
+        if at != flat.numel():
+            raise ConfigError(f"{slot.name}: {at} bytes sent for a parameter of {flat.numel()}")
+    return dsts, srcs
+
+
+def fold_pieces(counts: Sequence[int], lengths: Sequence[int],
+                terms: Sequence[Sequence[int]]) -> list[int]:
+    """Per-bucket checksums of direct buckets: every piece's checksum (``fold_terms``), folded
+    in order into one per bucket (``counts``: pieces per bucket), so a piece moved, missing or
+    changed changes its bucket's."""
+    sums = fold_terms(lengths, terms)
+    out, at = [], 0
+    for n in counts:
+        h = n
+        for c in sums[at:at + n]:
+            h = (h * 1_000_003 + c) % _MOD
+        out.append(h)
+        at += n
+    return out
 
 
 def unpack_bucket(bucket: Bucket, buf: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:

@@ -1,4 +1,5 @@
-"""The CUDA IPC leg: colocated engines map the trainer's packed buckets (no copy, no group).
+"""The CUDA IPC leg: colocated engines map the trainer's packed buckets (no copy, no group),
+or, direct, the trainer's own tensors (no packing either).
 
 Nothing on the trainer waits for the device: packing and the sender's checksum terms are
 queued, an interprocess event is recorded after them, and the handles go out at once; each
@@ -25,7 +26,9 @@ from weightsync.errors import TransferError
 from weightsync.messages import BeginReply, ReceiveRequest
 from weightsync.transport.graphs import Replay
 from weightsync.transport.legs.base import Incoming, LegOutcome, ReceiverLeg, SenderLeg
-from weightsync.transport.packing import bucket_sources, digest_terms, fold_terms, pack_bucket
+from weightsync.transport.packing import (NotDirect, Piece, bucket_sources, digest_terms,
+                                          direct_pieces, fold_pieces, fold_terms, pack_bucket,
+                                          piece_views)
 from weightsync.types import TransferPlan, plan_json
 
 
@@ -47,6 +50,65 @@ class _DeviceBuckets:
         self.event: Any = None  # interprocess CUDA event recorded after packing
         self.graph = Replay(f"IPC packing cuda:{index}")  # reused buffers: one launch a sync
         self.views: list[dict] = []  # packing's cached destination views per bucket
+        # direct: (key, storages, pieces, their Spans, terms, share): the trainer's own
+        # storages, shared as they are (marked reusable: they hold no memory of ours, and the
+        # engine keeps them mapped while they stay where they are)
+        self.direct: tuple | None = None
+
+    def share_direct(self, plan: TransferPlan, source: Any) -> str | None:
+        """Share the trainer's own storages and where every slot lies in them (no packed
+        copy), queue the checksum terms of every piece and record the event after them. The
+        engine copies straight from the trainer's memory. Returns why not (then nothing was
+        queued)."""
+        import torch
+
+        from weightsync.transport.ipc import IpcDeviceShare, device_uuid, interprocess_event, \
+            share_bucket
+
+        if getattr(source, "transient", False):
+            return "the source makes its tensors per bucket (nothing to map across syncs)"
+        device = torch.device("cuda", self.index)
+        # what the pieces depend on: the plan and where every part lies (a module updated in
+        # place keeps its addresses, so this holds from one sync to the next)
+        srcs = [t for b in plan.buckets for t in bucket_sources(b, source)]
+        key = (plan.buckets, tuple(t.data_ptr() for t in srcs), tuple(t.dtype for t in srcs))
+        if self.direct is None or self.direct[0] != key:
+            try:
+                storages, pieces = direct_pieces(plan, source, device)
+            except NotDirect as e:
+                self.forget_direct()
+                return str(e)
+            self.release()  # packed buckets of an earlier sync: their memory goes back
+            self.forget_direct()
+            views = piece_views(storages, pieces)
+            n = sum(len(v.views()) for v in views)
+            with torch.cuda.device(device):
+                terms = torch.empty(24 * n, dtype=torch.uint8, device=device)
+                if self.event is None:
+                    self.event = interprocess_event()
+                share = IpcDeviceShare(
+                    device_uuid=device_uuid(device),
+                    storages=tuple(share_bucket(i, st, reusable=True)
+                                   for i, st in enumerate(storages)),
+                    pieces=tuple(tuple(tuple((p.storage, p.offset, p.nbytes) for p in slot)
+                                       for slot in bucket) for bucket in pieces),
+                    terms=share_bucket(-1, terms, reusable=True), event=self.event.ipc_handle())
+            self.direct = (key, storages, pieces, views, terms, share)
+        _, _, _, views, terms, share = self.direct
+        flat = [v for spans in views for v in spans.views()]
+        rows = terms.view(torch.int64).view(len(flat), 3)
+        with torch.cuda.device(device):
+            self.graph.run(("direct", key, terms.data_ptr(), bucket_terms),
+                           lambda: rows.copy_(bucket_terms(flat)))
+            self.event.record()
+        self.share = share
+        return None
+
+    def forget_direct(self) -> None:
+        if self.direct is not None:
+            self.direct = None
+            self.share = None
+            self.graph.reset()
 
     def pack(self, plan: TransferPlan, source: Any, reuse: bool) -> None:
         """Queue packing + checksum terms on this GPU and record the event after them."""
@@ -55,6 +117,7 @@ class _DeviceBuckets:
         from weightsync.transport.ipc import (IpcDeviceShare, device_uuid,
                                               interprocess_event, share_bucket)
 
+        self.forget_direct()
         sizes = [b.nbytes for b in plan.buckets]
         kept = self.keepalive if reuse and self.keepalive is not None and \
             [b.numel() for b in self.keepalive] == sizes else None
@@ -103,10 +166,17 @@ class _DeviceBuckets:
         """The sender's per-bucket checksums (long done: the engines waited for them)."""
         import torch
 
+        if self.direct is not None and self.share is self.direct[5]:
+            pieces, views, terms = self.direct[2], self.direct[3], self.direct[4]
+            flat = [v for spans in views for v in spans.views()]
+            return fold_pieces([sum(len(s) for s in b) for b in pieces],
+                               [v.numel() for v in flat],
+                               terms.view(torch.int64).view(len(flat), 3).tolist())
         sizes = [b.numel() for b in self.keepalive or ()]
         return fold_terms(sizes, self.terms.view(torch.int64).view(len(sizes), 3).tolist())
 
     def release(self) -> None:
+        """Let the packed buckets go (direct shares hold no memory of their own)."""
         if self.keepalive is None:
             return
         import torch
@@ -124,7 +194,11 @@ class IpcLeg(SenderLeg):
     """Packs a copy of the buckets on every GPU the engines' workers use (a tensor-parallel
     engine's workers each sit on a GPU of their own), each visible to this process; every
     worker maps the copy on its own GPU. A worker on a GPU this process cannot see fails the
-    sync before anything is packed (``TransferError``: not colocated)."""
+    sync before anything is packed (``TransferError``: not colocated).
+
+    Direct (``ipc_direct``): one single-worker engine, kernel layout, every tensor on its GPU
+    in the dtype it serves — nothing is packed; the trainer shares its own storages and the
+    engine copies each slot from them (``direct_note`` says why a sync packed instead)."""
 
     name = "ipc"
     receiver = "ipc"
@@ -135,6 +209,7 @@ class IpcLeg(SenderLeg):
         self._placement: tuple[tuple[str, ...], tuple[int, ...]] | None = None
         self._workers: dict[str, int] = {}  # engine -> its worker count, with the placement
         self._handles: tuple[tuple, str] | None = None  # (the shares, their JSON as sent)
+        self.direct_note: str | None = None  # why the last sync packed (None: it did not)
 
     def send(self, names: Sequence[str], plan: TransferPlan, source: Any,
              begun: Mapping[str, BeginReply], *,
@@ -146,10 +221,19 @@ class IpcLeg(SenderLeg):
             return LegOutcome([], {}, bad)
         for stale in set(self._devices) - set(gpus):
             self._devices.pop(stale).release()
+        # one single-worker engine: verify and load in one call. Not for a tensor-parallel
+        # engine: a worker whose copy failed its check while another loaded would leave the
+        # engine half-applied; staged, every worker is verified before any loads
+        apply = "atomic" if self.cfg.apply == "staged" and len(names) == 1 and \
+            self._workers.get(names[0]) == 1 else self.cfg.apply
         t = time.perf_counter()
+        self.direct_note = self._why_packed(plan, apply, gpus)
         for i in gpus:
-            self._devices.setdefault(i, _DeviceBuckets(i)).pack(plan, source,
-                                                                self.cfg.ipc_reuse_buffers)
+            device = self._devices.setdefault(i, _DeviceBuckets(i))
+            if self.direct_note is None:
+                self.direct_note = device.share_direct(plan, source)
+            if self.direct_note is not None:
+                device.pack(plan, source, self.cfg.ipc_reuse_buffers)
         queued = time.perf_counter() - t
         shares = tuple(self._devices[i].share for i in gpus)
         kept = self._handles is not None and len(self._handles[0]) == len(shares) and \
@@ -158,20 +242,26 @@ class IpcLeg(SenderLeg):
             self._handles = (shares, IpcShare(devices=shares).model_dump_json())
         handles = self._handles[1]
         seconds = {"trainer_queue": queued, "trainer_share": time.perf_counter() - t - queued}
-        # one single-worker engine: verify and load in one call. Not for a tensor-parallel
-        # engine: a worker whose copy failed its check while another loaded would leave the
-        # engine half-applied; staged, every worker is verified before any loads
-        apply = "atomic" if self.cfg.apply == "staged" and len(names) == 1 and \
-            self._workers.get(names[0]) == 1 else self.cfg.apply
         # and commit in that call too when the coordinator allows it (one_phase) and nothing
         # here waits to be freed after the load: the engine's KV cache wakes in that call
         commit = plan.version if one_phase and apply == "atomic" and \
-            self.cfg.ipc_reuse_buffers else None
+            (self.cfg.ipc_reuse_buffers or self.direct_note is None) else None
         t = time.perf_counter()
         ok, bad = self.receive_everywhere(names, plan_json(plan),
                                           self.request(apply, handles, commit))
         seconds["trainer_rpc"] = time.perf_counter() - t  # Ray call, as we saw it
         return LegOutcome(self._devices[gpus[0]].sums(), ok, bad, seconds)
+
+    def _why_packed(self, plan: TransferPlan, apply: str, gpus: list[int]) -> str | None:
+        """Why this sync packs its buckets instead of sharing the trainer's storages (None:
+        it may share them, if the tensors allow: ``_DeviceBuckets.share_direct``)."""
+        if not self.cfg.ipc_direct:
+            return "ipc_direct is off"
+        if plan.format != "kernel":
+            return "checkpoint format (vLLM's loaders take whole tensors)"
+        if apply != "atomic" or len(gpus) != 1:
+            return "more than one engine or worker: buckets are staged on every one"
+        return None
 
     def _gpus_for(self, names: Sequence[str]) -> tuple[list[int], dict]:
         """Local indices of the GPUs the engines' workers use (this process's current GPU
@@ -218,6 +308,7 @@ class IpcLeg(SenderLeg):
     def close(self) -> None:
         for d in self._devices.values():  # the handles were shared with engines that may
             d.release()  # be gone
+            d.forget_direct()
         self._devices.clear()
         self._placement = None
         self._workers = {}
@@ -225,13 +316,15 @@ class IpcLeg(SenderLeg):
 
 
 class IpcReceiver(ReceiverLeg):
-    """Worker side: maps the shared buckets (kept mapped while the trainer reuses them), waits
-    on the sender's event, and checksums every bucket before the worker applies anything."""
+    """Worker side: maps the shared buckets (kept mapped while the trainer reuses them) or,
+    direct, the trainer's own storages, waits on the sender's event, and checksums every
+    bucket (direct: every piece) before the worker applies anything."""
 
     def __init__(self, worker: Any) -> None:
         super().__init__(worker)
         self._mapped: dict[tuple, Any] = {}
         self._events: dict[str, Any] = {}
+        self._spans: tuple | None = None  # direct: (what they depend on, Spans, their views)
 
     def receive(self, plan: TransferPlan, request: ReceiveRequest) -> Incoming:
         import torch
@@ -242,12 +335,16 @@ class IpcReceiver(ReceiverLeg):
             raise TransferError("an IPC receive needs the sender's IpcShare")
         share = IpcShare.model_validate_json(request.payload).on(
             device_uuid(self.worker.device))  # this worker's GPU: the copy it opens
-        if [h.index for h in share.buckets] != [b.index for b in plan.buckets]:
+        if share.buckets and [h.index for h in share.buckets] != [b.index for b in plan.buckets]:
             raise TransferError("IPC handles do not match the plan's buckets")
-        if share.terms.nbytes != 24 * len(plan.buckets):
+        if share.storages:
+            if len(share.pieces) != len(plan.buckets) or any(
+                    len(b) != len(bucket.slots) for b, bucket in zip(share.pieces, plan.buckets)):
+                raise TransferError("the shared pieces do not match the plan's buckets")
+        elif share.terms.nbytes != 24 * len(plan.buckets):
             raise TransferError("the sender's checksum terms do not match the plan's buckets")
         t0 = time.perf_counter()
-        handles = (*share.buckets, share.terms)
+        handles = (*(share.storages or share.buckets), share.terms)
         reused = all(h.reusable for h in handles)  # the trainer keeps these buffers
         mapped = []
         for h in handles:
@@ -264,7 +361,19 @@ class IpcReceiver(ReceiverLeg):
             del self._mapped[k]
         if stale or not keys:
             self.worker._ws_forget_copy_plan()
-        bufs, sender_terms = mapped[:-1], mapped[-1].view(torch.int64).view(-1, 3)
+        if share.storages:  # direct: slots are pieces of the trainer's own storages
+            key = (share.pieces, tuple(id(m) for m in mapped[:-1]))
+            if self._spans is None or self._spans[0] != key:
+                spans = piece_views(mapped[:-1], [[[Piece(*p) for p in slot] for slot in b]
+                                                  for b in share.pieces])
+                self._spans = (key, spans, [v for s in spans for v in s.views()])
+            spans, bufs = self._spans[1], self._spans[2]
+        else:
+            self._spans = None
+            bufs = spans = mapped[:-1]
+        sender_terms = mapped[-1].view(torch.int64).view(-1, 3)
+        if sender_terms.shape[0] != len(bufs):
+            raise TransferError("the sender's checksum terms do not match what it shared")
         if share.event not in self._events:
             self._events.clear()
             self._events[share.event] = open_event(share.event, bufs[0].device.index)
@@ -279,8 +388,13 @@ class IpcReceiver(ReceiverLeg):
             own = digest_terms(bufs)
         rows = torch.cat([own, sender_terms]).tolist()  # the one host sync
         lengths = [b.numel() for b in bufs]
-        return Incoming(zip(plan.buckets, bufs, strict=True),
-                        expected=fold_terms(lengths, rows[len(bufs):]),
-                        known=fold_terms(lengths, rows[: len(bufs)]),
+        if share.storages:
+            counts = [sum(len(s) for s in b) for b in share.pieces]
+            expected = fold_pieces(counts, lengths, rows[len(bufs):])
+            known = fold_pieces(counts, lengths, rows[: len(bufs)])
+        else:
+            expected = fold_terms(lengths, rows[len(bufs):])
+            known = fold_terms(lengths, rows[: len(bufs)])
+        return Incoming(zip(plan.buckets, spans, strict=True), expected=expected, known=known,
                         seconds={"ipc_open": opened, "checksum": time.perf_counter() - t0},
                         cache_key="ipc" if reused else None)
