@@ -113,6 +113,8 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
          native: bool = typer.Option(False, help="GPU: also time vLLM's native IPC API"),
          gpu_util: float = typer.Option(0.4, help="GPU: vLLM memory share for all engines"),
          ipc_reuse: bool = typer.Option(False, help="keep IPC buckets mapped across syncs"),
+         ipc_direct: bool = typer.Option(False, help="IPC into one engine: copy from the "
+                                         "trainer's own tensors (TransferConfig.ipc_direct)"),
          cpu_kv_gib: float = typer.Option(1.0, help="CPU: each engine's KV cache (8 engines "
                                           "of the small shape fit 24 GiB at 0.25)"),
          broadcast: str = typer.Option("collective", help="gloo: collective | chain"),
@@ -144,6 +146,7 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
     device = "cuda" if gpu else "cpu"
     policy = load_trainer_model(model_dir, dtype=getattr(torch, dtype)).to(device)
     cfg = TransferConfig(bucket_bytes=bucket_mib << 20, apply=apply, ipc_reuse_buffers=ipc_reuse,
+                         ipc_direct=ipc_direct,
                          backend="nccl" if gpu and not ipc else "gloo",
                          broadcast=broadcast if not gpu else "collective")
     runs: list[dict] = []
@@ -152,7 +155,7 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
               "trainer_class": type(policy).__name__,
               "trainer_fused_experts": any(n.endswith("mlp.experts.gate_up_proj")
                                            for n, _ in policy.named_parameters()),
-              "ipc_reuse_buffers": ipc_reuse,
+              "ipc_reuse_buffers": ipc_reuse, "ipc_direct": ipc_direct,
               "sleep_level": sleep_level, "apply": apply, "bucket_mib": bucket_mib,
               "colocated": colocated, "gpu_memory_utilization": gpu_util if gpu else None,
               "broadcast": cfg.broadcast,

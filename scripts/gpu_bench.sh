@@ -9,7 +9,9 @@
 # engine sleeps at level 2 before every sync, the sync goes into it; vLLM's memory share 0.4
 # unless given); kernels: the building blocks vs the copy floor; moe-<shape>: a Qwen3-MoE
 # (benchmarks/run.py MOE_SHAPES) synced from transformers' in-memory module (fused experts)
-# into one serving engine (no sleep, not colocated), 10 syncs, vLLM's memory share 0.4.
+# into one serving engine (no sleep, not colocated), 10 syncs, vLLM's memory share 0.4, the
+# engine copying from the trainer's own tensors (--ipc-direct); moe-<shape>-packed: the same,
+# packed (the trainer copies into IPC buckets first).
 # The device tool brings back at most 8 files from $OUT: each job writes a JSON and a PNG and
 # all share bench.log, so a call with the GPU suite too (3 files) has room for 2 jobs.
 set -uo pipefail
@@ -27,8 +29,12 @@ for job in "$@"; do
       python3 -m benchmarks.run --shape "$s" --syncs 10 --colocated --ipc --ipc-reuse \
         --sleep-level 2 --bucket-mib 2048 --engines 1 --workdir /tmp/bench --gpu-util "$util" \
         --out "$out/colocated-gpu-$s-util$util.json" ;;
-    moe-*) python3 -m benchmarks.run --shape "$job" --syncs 10 --ipc --ipc-reuse --sleep-level 0 \
+    moe-*-packed) s=${job%-packed}
+      python3 -m benchmarks.run --shape "$s" --syncs 10 --ipc --ipc-reuse --sleep-level 0 \
         --bucket-mib 2048 --engines 1 --gpu-util 0.4 --workdir /tmp/bench \
+        --out "$out/sync-gpu-$s-packed.json" ;;
+    moe-*) python3 -m benchmarks.run --shape "$job" --syncs 10 --ipc --ipc-reuse --ipc-direct \
+        --sleep-level 0 --bucket-mib 2048 --engines 1 --gpu-util 0.4 --workdir /tmp/bench \
         --out "$out/sync-gpu-$job.json" ;;
     *-native) s=${job%-native}
       python3 -m benchmarks.run --shape "$s" --syncs 10 --native "${common[@]}" \

@@ -62,7 +62,9 @@ class TransferConfig(_Frozen):
     # engine's GPU in the dtype it serves: share the trainer's own storages and let the engine
     # copy from them (no packed copy on the trainer). Every piece is still checksummed on both
     # ends and verified before anything is applied; anything else is packed as before.
-    ipc_direct: bool = True
+    # Off until it has run on a GPU (its CPU stand-in, the loopback leg, is tested in CI;
+    # tests/gpu/test_fast_path_gpu.py and test_moe_gpu.py turn it on).
+    ipc_direct: bool = False
     # gloo only. "collective": gloo's broadcast (the sender's bytes go out once per receiver,
     # or down a tree: 8 receivers took 3.6x one on 16 CPUs). "chain": the sender sends to the
     # first engine only and every engine forwards each chunk to the next as it arrives, so the

@@ -34,7 +34,8 @@ def test_kernel_layout_is_verified_then_used_and_loads_identical_weights(
     trainer = load_trainer_model(text_model, torch.bfloat16).cuda()
     # buffers, mappings and copy targets kept across syncs: the fastest path, checked here
     auto = SyncCoordinator([fast_engine], TransferConfig(bucket_bytes=256 << 20,
-                                                         ipc_reuse_buffers=True))
+                                                         ipc_reuse_buffers=True,
+                                                         ipc_direct=True))
     ckpt = SyncCoordinator([fast_engine], TransferConfig(bucket_bytes=256 << 20,
                                                          layout="checkpoint"))
     first = auto.sync(trainer, ipc=True)

@@ -100,7 +100,8 @@ def test_moe_kernel_layout_after_the_first_sync_loads_what_the_checkpoint_layout
         moe_engine, moe_model, gpu_results):
     trainer = _trainer(moe_model)
     auto = SyncCoordinator([moe_engine], TransferConfig(bucket_bytes=64 << 20,
-                                                        ipc_reuse_buffers=True))
+                                                        ipc_reuse_buffers=True,
+                                                        ipc_direct=True))
     ckpt = SyncCoordinator([moe_engine], TransferConfig(bucket_bytes=64 << 20,
                                                         layout="checkpoint"))
     try:

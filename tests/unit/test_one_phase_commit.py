@@ -114,7 +114,7 @@ def test_a_kernel_layout_wave_of_one_copies_from_the_trainers_own_tensors(local_
     piece checksummed on both ends and verified before anything is applied. A checksum the
     engine cannot match refuses the sync untouched; the next sync goes through."""
     engines = local_fleet(workers={"a": 1})
-    coord = SyncCoordinator(engines, TransferConfig(bucket_bytes=1 << 16))
+    coord = SyncCoordinator(engines, TransferConfig(bucket_bytes=1 << 16, ipc_direct=True))
     assert coord.sync(TinyModel.seeded(1), leg="loopback").layout == "checkpoint"
     leg = coord._leg("loopback")
     assert not leg.direct  # checkpoint format: vLLM's loaders take whole tensors
@@ -140,9 +140,9 @@ def test_a_kernel_layout_wave_of_one_copies_from_the_trainers_own_tensors(local_
     assert all(torch.equal(engines.weights("a")[n], p.detach()) for n, p in new.named_parameters())
 
 
-def test_direct_copies_can_be_turned_off(local_fleet):
+def test_direct_copies_are_off_unless_asked_for(local_fleet):
     engines = local_fleet(workers={"a": 1})
-    coord = SyncCoordinator(engines, TransferConfig(bucket_bytes=1 << 16, ipc_direct=False))
+    coord = SyncCoordinator(engines, TransferConfig(bucket_bytes=1 << 16))
     for seed in (1, 2):
         res = coord.sync(TinyModel.seeded(seed), leg="loopback")
     assert res.ok and res.layout == "kernel" and not coord._leg("loopback").direct
