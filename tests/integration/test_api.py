@@ -284,6 +284,23 @@ def browser():
     driver.quit()
 
 
+_PAGE_JS = """
+const text = (e, sel) => (e.querySelector(sel) || {textContent: ''}).textContent.trim();
+return {
+  rows: Object.fromEntries([...document.querySelectorAll('#engines tbody tr')].map(
+    r => [r.dataset.engine, [text(r, 'td.name'), text(r, 'td.version'), text(r, '.state')]])),
+  bars: [...document.querySelectorAll('#chart rect')].map(b => text(b, 'title')),
+  summary: text(document, '#summary'),
+};"""
+
+
+def _page(driver) -> dict:
+    """What the status page shows now, read in one script call: the page re-renders itself
+    every few seconds, so element handles found one call earlier can be gone (CI saw a
+    ``StaleElementReferenceException``)."""
+    return driver.execute_script(_PAGE_JS)
+
+
 def test_status_page_shows_every_engine_version_in_chromium(service, client, browser,
                                                             ckpt_root, policy, tokenizer):
     from selenium.webdriver.common.by import By
@@ -303,21 +320,16 @@ def test_status_page_shows_every_engine_version_in_chromium(service, client, bro
     cookie = browser.get_cookie("weightsync_session")
     assert cookie and cookie["httpOnly"] and TOKEN not in cookie["value"]
     wait = WebDriverWait(browser, 60)
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#engines tbody tr")) == 2)
+    wait.until(lambda d: len(_page(d)["rows"]) == 2)
     status = client.status()
+    page = _page(browser)
     for engine in status.engines:
-        row = browser.find_element(By.CSS_SELECTOR, f'tr[data-engine="{engine.name}"]')
-        assert row.find_element(By.CSS_SELECTOR, "td.version").text == str(engine.version)
-        assert row.find_element(By.CSS_SELECTOR, "td.name").text == engine.name
-        assert row.find_element(By.CSS_SELECTOR, ".state").text == "serving"
+        assert page["rows"][engine.name] == [engine.name, str(engine.version), "serving"]
         assert engine.version == published
-    bars = browser.find_elements(By.CSS_SELECTOR, "#chart rect")
-    assert bars and {b.find_element(By.TAG_NAME, "title").get_attribute("textContent")
-                     .split(":")[0] for b in bars} >= {"reload", "resume"}
-    assert "fleet version" in browser.find_element(By.ID, "summary").text
+    assert page["bars"] and {b.split(":")[0] for b in page["bars"]} >= {"reload", "resume"}
+    assert "fleet version" in page["summary"]
     # the page keeps itself current: a new version shows up without a reload of the page
     newer = client.reload(None).version
-    wait.until(lambda d: {td.text for td in d.find_elements(By.CSS_SELECTOR, "td.version")}
-               == {str(newer)})
+    wait.until(lambda d: {r[1] for r in _page(d)["rows"].values()} == {str(newer)})
     # no script error, no CSP violation (the inline script runs by nonce only)
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
