@@ -148,16 +148,12 @@ def test_moe_expert_that_does_not_fit_its_fused_parameter_is_refused():
         derive_layout(vllm, ckpt, PACKED, experts=mapping)
 
 
-def test_fused_experts_pack_as_one_copy_and_equal_the_fused_tensor():
-    """The trainer holds experts fused (transformers 5: ``gate_up_proj [E, 2I, H]``, gate rows
-    then up rows per expert — vLLM's ``w13`` layout); split into per-expert checkpoint views
-    and packed back in kernel layout, each fused tensor is one copy, not 2E."""
-    from weightsync.transport.packing import copy_runs
-
+def _fused_moe_sources():
+    """A fused-expert trainer (transformers 5), as a kernel-layout plan and its sources."""
     vllm, ckpt, mapping = _moe_like()
     layout = derive_layout(vllm, ckpt, PACKED, experts=mapping)
     m = "model.layers.0.mlp"
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(2)
     gate_up, down, router = (torch.randn(*sh, generator=g).to(torch.bfloat16)
                              for sh in ((4, 12, 8), (4, 8, 6), (4, 8)))
     tensors = {f"{m}.gate.weight": router}
@@ -167,6 +163,17 @@ def test_fused_experts_pack_as_one_copy_and_equal_the_fused_tensor():
         tensors[f"{m}.experts.{e}.down_proj.weight"] = down[e]
     sources = {p.name: [tensors[n] for n, _ in p.parts] for p in layout.params}
     plan = plan_buckets([layout.spec(p) for p in layout.params], 1 << 20, 1)
+    return plan, sources, (gate_up, down, router)
+
+
+def test_fused_experts_pack_as_one_copy_and_equal_the_fused_tensor():
+    """The trainer holds experts fused (transformers 5: ``gate_up_proj [E, 2I, H]``, gate rows
+    then up rows per expert — vLLM's ``w13`` layout); split into per-expert checkpoint views
+    and packed back in kernel layout, each fused tensor is one copy, not 2E."""
+    from weightsync.transport.packing import copy_runs
+
+    plan, sources, (gate_up, down, _) = _fused_moe_sources()
+    m = "model.layers.0.mlp"
     views: dict = {}
     got = dict(unpack_bucket(plan.buckets[0],
                              pack_bucket(plan.buckets[0], sources, "cpu", views=views)))
@@ -184,24 +191,6 @@ def test_fused_experts_pack_as_one_copy_and_equal_the_fused_tensor():
     got = dict(unpack_bucket(plan.buckets[0], pack_bucket(plan.buckets[0], swapped, "cpu",
                                                           views=views)))
     assert torch.equal(got[w13], gate_up.view(4, 2, 6, 8).flip(1).reshape(4, 12, 8))
-
-
-def _fused_moe_sources():
-    """The fused-expert trainer of the test above, as a kernel-layout plan and its sources."""
-    vllm, ckpt, mapping = _moe_like()
-    layout = derive_layout(vllm, ckpt, PACKED, experts=mapping)
-    m = "model.layers.0.mlp"
-    g = torch.Generator().manual_seed(2)
-    gate_up, down, router = (torch.randn(*sh, generator=g).to(torch.bfloat16)
-                             for sh in ((4, 12, 8), (4, 8, 6), (4, 8)))
-    tensors = {f"{m}.gate.weight": router}
-    for e in range(4):
-        tensors[f"{m}.experts.{e}.gate_proj.weight"] = gate_up[e, :6]
-        tensors[f"{m}.experts.{e}.up_proj.weight"] = gate_up[e, 6:]
-        tensors[f"{m}.experts.{e}.down_proj.weight"] = down[e]
-    sources = {p.name: [tensors[n] for n, _ in p.parts] for p in layout.params}
-    plan = plan_buckets([layout.spec(p) for p in layout.params], 1 << 20, 1)
-    return plan, sources, (gate_up, down, router)
 
 
 def test_direct_pieces_are_the_trainers_own_storages_one_run_per_fused_tensor():
