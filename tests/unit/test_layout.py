@@ -209,6 +209,9 @@ def test_direct_pieces_are_the_trainers_own_storages_one_run_per_fused_tensor():
     dsts, srcs = span_targets(plan.buckets[0], spans, params)
     copy_tensors(dsts, srcs)
     assert all(torch.equal(params[n], packed[n]) for n in packed)
+    empty = {**sources, "model.layers.0.mlp.gate.weight": [sources[
+        "model.layers.0.mlp.gate.weight"][0], torch.empty(0, 8, dtype=torch.bfloat16)]}
+    assert direct_pieces(plan, empty, torch.device("cpu"))[1] == pieces  # an empty part: no piece
     gate_up = fused[0]
     gate_up.add_(1)  # the pieces are the trainer's memory, not a copy of it (slot 1: w13)
     assert torch.equal(spans.slots[1][0], gate_up.view(-1).view(torch.uint8))

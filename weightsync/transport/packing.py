@@ -254,6 +254,8 @@ def direct_pieces(plan: TransferPlan, tensors, device: torch.device
                                     f"{slot.dtype} (a cast needs a copy)")
                 if not t.is_contiguous():
                     raise NotDirect(f"{slot.name}: a part is not dense")
+                if not t.numel():  # no bytes, and maybe no address
+                    continue
                 st = t.untyped_storage()
                 k = index.get(st.data_ptr())
                 if k is None:
