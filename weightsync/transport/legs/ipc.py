@@ -51,15 +51,16 @@ class _DeviceBuckets:
         self.graph = Replay(f"IPC packing cuda:{index}")  # reused buffers: one launch a sync
         self.views: list[dict] = []  # packing's cached destination views per bucket
         # direct: (key, storages, pieces, their Spans, terms, share): the trainer's own
-        # storages, shared as they are (marked reusable: they hold no memory of ours, and the
-        # engine keeps them mapped while they stay where they are)
+        # storages, shared as they are
         self.direct: tuple | None = None
 
-    def share_direct(self, plan: TransferPlan, source: Any) -> str | None:
+    def share_direct(self, plan: TransferPlan, source: Any, reuse: bool) -> str | None:
         """Share the trainer's own storages and where every slot lies in them (no packed
         copy), queue the checksum terms of every piece and record the event after them. The
-        engine copies straight from the trainer's memory. Returns why not (then nothing was
-        queued)."""
+        engine copies straight from the trainer's memory. ``reuse``: the engine keeps them
+        mapped across syncs (else it lets them go after the load: a trainer that frees or
+        offloads its weights between syncs gets the memory back). Returns why not (then
+        nothing was queued)."""
         import torch
 
         from weightsync.transport.ipc import IpcDeviceShare, device_uuid, interprocess_event, \
@@ -71,7 +72,8 @@ class _DeviceBuckets:
         # what the pieces depend on: the plan and where every part lies (a module updated in
         # place keeps its addresses, so this holds from one sync to the next)
         srcs = [t for b in plan.buckets for t in bucket_sources(b, source)]
-        key = (plan.buckets, tuple(t.data_ptr() for t in srcs), tuple(t.dtype for t in srcs))
+        key = (plan.buckets, tuple(t.data_ptr() for t in srcs), tuple(t.dtype for t in srcs),
+               reuse)
         if self.direct is None or self.direct[0] != key:
             try:
                 storages, pieces = direct_pieces(plan, source, device)
@@ -88,11 +90,11 @@ class _DeviceBuckets:
                     self.event = interprocess_event()
                 share = IpcDeviceShare(
                     device_uuid=device_uuid(device),
-                    storages=tuple(share_bucket(i, st, reusable=True)
+                    storages=tuple(share_bucket(i, st, reusable=reuse)
                                    for i, st in enumerate(storages)),
                     pieces=tuple(tuple(tuple((p.storage, p.offset, p.nbytes) for p in slot)
                                        for slot in bucket) for bucket in pieces),
-                    terms=share_bucket(-1, terms, reusable=True), event=self.event.ipc_handle())
+                    terms=share_bucket(-1, terms, reusable=reuse), event=self.event.ipc_handle())
             self.direct = (key, storages, pieces, views, terms, share)
         _, _, _, views, terms, share = self.direct
         flat = [v for spans in views for v in spans.views()]
@@ -231,7 +233,8 @@ class IpcLeg(SenderLeg):
         for i in gpus:
             device = self._devices.setdefault(i, _DeviceBuckets(i))
             if self.direct_note is None:
-                self.direct_note = device.share_direct(plan, source)
+                self.direct_note = device.share_direct(plan, source,
+                                                       self.cfg.ipc_reuse_buffers)
             if self.direct_note is not None:
                 device.pack(plan, source, self.cfg.ipc_reuse_buffers)
         queued = time.perf_counter() - t
@@ -367,7 +370,9 @@ class IpcReceiver(ReceiverLeg):
                 spans = piece_views(mapped[:-1], [[[Piece(*p) for p in slot] for slot in b]
                                                   for b in share.pieces])
                 self._spans = (key, spans, [v for s in spans for v in s.views()])
-            spans, bufs = self._spans[1], self._spans[2]
+            _, spans, bufs = self._spans
+            if not reused:  # they hold mappings that go with this sync
+                self._spans = None
         else:
             self._spans = None
             bufs = spans = mapped[:-1]
