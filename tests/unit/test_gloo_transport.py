@@ -132,10 +132,14 @@ def _silent_sender(port, hold_s):
     del group
 
 
-def test_a_receive_that_timed_out_does_not_hold_its_group_past_the_deadline():
+@pytest.mark.parametrize("group_s,deadline_s", [(30, 1.0), (8, 30.0)],
+                         ids=["deadline-first", "group-timeout-first"])
+def test_a_receive_that_timed_out_does_not_hold_its_group_past_the_deadline(group_s, deadline_s):
     """A receiver's wait gives up at the deadline; the broadcast it posted must end soon after
     too, or dropping the group (a failed sync's cleanup in the engine) blocks until the group's
-    own timeout: 30 s here, the rendezvous deadline (what stalled the hung-follower test)."""
+    own timeout: 30 s here, the rendezvous deadline (what stalled the hung-follower test). And
+    never later than the group's timeout, when that comes first (defaults: rendezvous 60 s,
+    transfer 120 s; an op timeout of 1.5 deadlines held an aborted session's engines 189 s)."""
     import gc
 
     ws = _weights()
@@ -144,15 +148,15 @@ def test_a_receive_that_timed_out_does_not_hold_its_group_past_the_deadline():
     sender = mp.get_context("spawn").Process(target=_silent_sender, args=(port, 40))
     sender.start()
     try:
-        rx = BroadcastReceiver(open_group("gloo", "127.0.0.1", port, 1, 2, 30))
+        rx = BroadcastReceiver(open_group("gloo", "127.0.0.1", port, 1, 2, group_s))
         t = time.monotonic()
         with pytest.raises(DeadlineExceeded):
-            for _ in rx.receive(plan, 1.0):
+            for _ in rx.receive(plan, deadline_s):
                 pass
         rx.close()
         del rx
         gc.collect()  # the group is gone once this returns
-        assert time.monotonic() - t < 1.0 * 1.5 + 3  # not the group's 30 s
+        assert time.monotonic() - t < min(deadline_s * 1.5, group_s) + 3
     finally:
         sender.kill()
         sender.join(10)

@@ -46,7 +46,8 @@ class _Group:
     """A gloo group or NCCL communicator with deadline-bounded broadcast."""
 
     def __init__(self, backend: str, group, device: torch.device, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, timeout_s: float | None = None) -> None:
+        self.timeout_s = timeout_s  # the group's own (gloo ends any operation by then)
         self.backend = backend
         self.group = group
         self.device = device
@@ -58,13 +59,15 @@ class _Group:
 
     def start(self, buf: torch.Tensor, deadline_s: float) -> _Pending:
         """Post the broadcast of ``buf``. A gloo operation carries its own timeout (a bit
-        past the wait's deadline, as it starts before the wait does): a wait that gave up
-        leaves the operation running in gloo's thread until then, and dropping the group
-        blocks until it ends — with the group's timeout (the rendezvous deadline) a failed
-        sync's teardown stalled an engine for 26 s."""
+        past the wait's deadline, as it starts before the wait does, and never past the
+        group's): a wait that gave up leaves the operation running in gloo's thread until
+        then, and dropping the group blocks until it ends — with the group's timeout (the
+        rendezvous deadline) a failed sync's teardown stalled an engine for 26 s."""
         if self.backend == "gloo":
-            return _Pending(work=self.group.broadcast(
-                buf, 0, timeout=timedelta(seconds=deadline_s * _OP_GRACE)))
+            op_s = deadline_s * _OP_GRACE
+            if self.timeout_s is not None:
+                op_s = min(op_s, self.timeout_s)
+            return _Pending(work=self.group.broadcast(buf, 0, timeout=timedelta(seconds=op_s)))
         stream = torch.cuda.current_stream(self.device)
         self.group.broadcast(buf, src=0, stream=stream)
         event = torch.cuda.Event()
@@ -185,7 +188,7 @@ def open_group(backend: str, host: str, port: int, rank: int, world_size: int,
                                f"incomplete after {timeout_s:.1f}s")
     if "e" in result:
         raise TransferError(f"rendezvous {host}:{port} rank {rank}/{world_size} failed: {result['e']}")
-    return _Group(backend, result["g"], device, rank, world_size)
+    return _Group(backend, result["g"], device, rank, world_size, timeout_s)
 
 
 class BroadcastSender:
