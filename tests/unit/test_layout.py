@@ -234,14 +234,13 @@ def test_what_cannot_be_read_in_place_is_named():
 def test_a_direct_buckets_checksum_changes_with_any_piece():
     """One checksum per bucket over its pieces (each digested where it lies): a changed
     byte, two pieces swapped, or a piece missing changes it."""
-    from weightsync.transport.packing import digest_terms, fold_pieces
+    from weightsync.transport.packing import Spans, digest_terms, fold_spans, span_views
 
     a, b = torch.arange(64, dtype=torch.uint8), torch.arange(64, 128, dtype=torch.uint8)
 
     def sums(*bucket_pieces):
-        flat = [v for p in bucket_pieces for v in p]
-        return fold_pieces([len(p) for p in bucket_pieces], [v.numel() for v in flat],
-                           digest_terms(flat).tolist())
+        spans = [Spans([list(p)]) for p in bucket_pieces]
+        return fold_spans(spans, digest_terms(span_views(spans)).tolist())
 
     base = sums([a, b])
     assert sums([a, b]) == base

@@ -20,8 +20,8 @@ from weightsync.errors import TransferError
 from weightsync.messages import BeginReply, ReceiveRequest
 from weightsync.transport.legs.base import Incoming, LegOutcome, ReceiverLeg, SenderLeg
 from weightsync.transport.packing import (NotDirect, Spans, checksum, digest_terms,
-                                          direct_pieces, fold_pieces, named_tensors,
-                                          pack_bucket, piece_views)
+                                          direct_pieces, fold_spans, named_tensors,
+                                          pack_bucket, piece_views, span_views)
 from weightsync.types import TransferPlan
 
 _MAILBOX: dict[str, list[torch.Tensor]] = {}  # one send's packed buckets, by token
@@ -107,6 +107,4 @@ class LoopbackReceiver(ReceiverLeg):
 
 def _direct_sums(spans: list[Spans]) -> list[int]:
     """Per-bucket checksums of direct buckets, each piece digested where it lies."""
-    views = [v for s in spans for v in s.views()]
-    return fold_pieces([sum(len(slot) for slot in s.slots) for s in spans],
-                       [v.numel() for v in views], digest_terms(views).tolist())
+    return fold_spans(spans, digest_terms(span_views(spans)).tolist())

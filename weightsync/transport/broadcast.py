@@ -45,8 +45,8 @@ def free_port(host: str, port: int = 0) -> int:
 class _Group:
     """A gloo group or NCCL communicator with deadline-bounded broadcast."""
 
-    def __init__(self, backend: str, group, device: torch.device, rank: int = 0,
-                 world_size: int = 1, timeout_s: float | None = None) -> None:
+    def __init__(self, backend: str, group, device: torch.device, rank: int, world_size: int,
+                 timeout_s: float) -> None:
         self.timeout_s = timeout_s  # the group's own (gloo ends any operation by then)
         self.backend = backend
         self.group = group
@@ -64,9 +64,7 @@ class _Group:
         then, and dropping the group blocks until it ends — with the group's timeout (the
         rendezvous deadline) a failed sync's teardown stalled an engine for 26 s."""
         if self.backend == "gloo":
-            op_s = deadline_s * _OP_GRACE
-            if self.timeout_s is not None:
-                op_s = min(op_s, self.timeout_s)
+            op_s = min(deadline_s * _OP_GRACE, self.timeout_s)
             return _Pending(work=self.group.broadcast(buf, 0, timeout=timedelta(seconds=op_s)))
         stream = torch.cuda.current_stream(self.device)
         self.group.broadcast(buf, src=0, stream=stream)

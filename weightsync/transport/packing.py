@@ -280,20 +280,23 @@ def direct_pieces(plan: TransferPlan, tensors, device: torch.device
 
 class Spans:
     """A bucket whose slots are pieces of other memory (``direct_pieces``), not one buffer:
-    what a receiver copies each slot from. ``numel`` and ``data_ptr`` as for a packed bucket
-    (its bytes, and a key for caches)."""
+    what a receiver copies each slot from. ``views``: every piece, in order; ``numel`` and
+    ``data_ptr`` as for a packed bucket (its bytes, and a key for caches)."""
 
     def __init__(self, slots: list[list[torch.Tensor]]) -> None:
         self.slots = slots
-
-    def views(self) -> list[torch.Tensor]:
-        return [v for pieces in self.slots for v in pieces]
+        self.views = [v for pieces in slots for v in pieces]
 
     def numel(self) -> int:
-        return sum(v.numel() for v in self.views())
+        return sum(v.numel() for v in self.views)
 
     def data_ptr(self) -> tuple:
-        return tuple(v.data_ptr() for v in self.views())
+        return tuple(v.data_ptr() for v in self.views)
+
+
+def span_views(spans: Sequence[Spans]) -> list[torch.Tensor]:
+    """Every piece of every bucket, in order (what both ends digest)."""
+    return [v for s in spans for v in s.views]
 
 
 def piece_views(storages: Sequence[torch.Tensor], pieces: list[list[list[Piece]]]
@@ -326,19 +329,19 @@ def span_targets(bucket: Bucket, spans: Spans, params: dict[str, torch.Tensor]
     return dsts, srcs
 
 
-def fold_pieces(counts: Sequence[int], lengths: Sequence[int],
-                terms: Sequence[Sequence[int]]) -> list[int]:
-    """Per-bucket checksums of direct buckets: every piece's checksum (``fold_terms``), folded
-    in order into one per bucket (``counts``: pieces per bucket), so a piece moved, missing or
-    changed changes its bucket's."""
-    sums = fold_terms(lengths, terms)
+def fold_spans(spans: Sequence[Spans], terms: Sequence[Sequence[int]]) -> list[int]:
+    """Per-bucket checksums of direct buckets from the ``digest_terms`` rows of their pieces
+    (``span_views`` order): every piece's checksum, folded in order into one per bucket, so a
+    piece moved, missing or changed changes its bucket's."""
+    views = span_views(spans)
+    sums = fold_terms([v.numel() for v in views], terms)
     out, at = [], 0
-    for n in counts:
-        h = n
-        for c in sums[at:at + n]:
+    for s in spans:
+        h = len(s.views)
+        for c in sums[at:at + len(s.views)]:
             h = (h * 1_000_003 + c) % _MOD
         out.append(h)
-        at += n
+        at += len(s.views)
     return out
 
 

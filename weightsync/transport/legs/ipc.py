@@ -27,8 +27,8 @@ from weightsync.messages import BeginReply, ReceiveRequest
 from weightsync.transport.graphs import Replay
 from weightsync.transport.legs.base import Incoming, LegOutcome, ReceiverLeg, SenderLeg
 from weightsync.transport.packing import (NotDirect, Piece, bucket_sources, digest_terms,
-                                          direct_pieces, fold_pieces, fold_terms, pack_bucket,
-                                          piece_views)
+                                          direct_pieces, fold_spans, fold_terms, pack_bucket,
+                                          piece_views, span_views)
 from weightsync.types import TransferPlan, plan_json
 
 
@@ -50,8 +50,8 @@ class _DeviceBuckets:
         self.event: Any = None  # interprocess CUDA event recorded after packing
         self.graph = Replay(f"IPC packing cuda:{index}")  # reused buffers: one launch a sync
         self.views: list[dict] = []  # packing's cached destination views per bucket
-        # direct: (key, storages, pieces, their Spans, terms, share): the trainer's own
-        # storages, shared as they are
+        # direct: (key, the pieces' Spans, checksum terms, share) of the trainer's own
+        # storages, shared as they are (the views keep the storages alive)
         self.direct: tuple | None = None
 
     def share_direct(self, plan: TransferPlan, source: Any, reuse: bool) -> str | None:
@@ -83,7 +83,7 @@ class _DeviceBuckets:
             self.release()  # packed buckets of an earlier sync: their memory goes back
             self.forget_direct()
             views = piece_views(storages, pieces)
-            n = sum(len(v.views()) for v in views)
+            n = len(span_views(views))
             with torch.cuda.device(device):
                 terms = torch.empty(24 * n, dtype=torch.uint8, device=device)
                 if self.event is None:
@@ -95,9 +95,9 @@ class _DeviceBuckets:
                     pieces=tuple(tuple(tuple((p.storage, p.offset, p.nbytes) for p in slot)
                                        for slot in bucket) for bucket in pieces),
                     terms=share_bucket(-1, terms, reusable=reuse), event=self.event.ipc_handle())
-            self.direct = (key, storages, pieces, views, terms, share)
-        _, _, _, views, terms, share = self.direct
-        flat = [v for spans in views for v in spans.views()]
+            self.direct = (key, views, terms, share)
+        _, views, terms, share = self.direct
+        flat = span_views(views)
         rows = terms.view(torch.int64).view(len(flat), 3)
         with torch.cuda.device(device):
             self.graph.run(("direct", key, terms.data_ptr(), bucket_terms),
@@ -168,12 +168,9 @@ class _DeviceBuckets:
         """The sender's per-bucket checksums (long done: the engines waited for them)."""
         import torch
 
-        if self.direct is not None and self.share is self.direct[5]:
-            pieces, views, terms = self.direct[2], self.direct[3], self.direct[4]
-            flat = [v for spans in views for v in spans.views()]
-            return fold_pieces([sum(len(s) for s in b) for b in pieces],
-                               [v.numel() for v in flat],
-                               terms.view(torch.int64).view(len(flat), 3).tolist())
+        if self.direct is not None:  # (packing forgets it)
+            _, views, terms, _ = self.direct
+            return fold_spans(views, terms.view(torch.int64).view(-1, 3).tolist())
         sizes = [b.numel() for b in self.keepalive or ()]
         return fold_terms(sizes, self.terms.view(torch.int64).view(len(sizes), 3).tolist())
 
@@ -369,7 +366,7 @@ class IpcReceiver(ReceiverLeg):
             if self._spans is None or self._spans[0] != key:
                 spans = piece_views(mapped[:-1], [[[Piece(*p) for p in slot] for slot in b]
                                                   for b in share.pieces])
-                self._spans = (key, spans, [v for s in spans for v in s.views()])
+                self._spans = (key, spans, span_views(spans))
             _, spans, bufs = self._spans
             if not reused:  # they hold mappings that go with this sync
                 self._spans = None
@@ -392,14 +389,12 @@ class IpcReceiver(ReceiverLeg):
         else:
             own = digest_terms(bufs)
         rows = torch.cat([own, sender_terms]).tolist()  # the one host sync
-        lengths = [b.numel() for b in bufs]
+        n = len(bufs)
         if share.storages:
-            counts = [sum(len(s) for s in b) for b in share.pieces]
-            expected = fold_pieces(counts, lengths, rows[len(bufs):])
-            known = fold_pieces(counts, lengths, rows[: len(bufs)])
+            expected, known = fold_spans(spans, rows[n:]), fold_spans(spans, rows[:n])
         else:
-            expected = fold_terms(lengths, rows[len(bufs):])
-            known = fold_terms(lengths, rows[: len(bufs)])
+            lengths = [b.numel() for b in bufs]
+            expected, known = fold_terms(lengths, rows[n:]), fold_terms(lengths, rows[:n])
         return Incoming(zip(plan.buckets, spans, strict=True), expected=expected, known=known,
                         seconds={"ipc_open": opened, "checksum": time.perf_counter() - t0},
                         cache_key="ipc" if reused else None)
