@@ -85,6 +85,13 @@ class TransferError(WeightSyncError):
     code = "transfer_error"
 
 
+class PlanNotHeld(TransferError):
+    """A receiver was sent a plan by key (``PlanRef``) that it does not hold: nothing was
+    received; send the plan's JSON."""
+
+    code = "plan_not_held"
+
+
 class VerificationError(TransferError):
     """Bytes arrived but do not match what was sent, or engines disagree after loading."""
 

@@ -153,11 +153,13 @@ class ReceiveRequest(_Message):
 # ---- host -> coordinator -----------------------------------------------------------------------
 class BeginReply(_Message):
     """The engine paused (and slept and woke its weights where asked): each phase's seconds,
-    what was skipped and why, and the transfer group it is still in, if any."""
+    what was skipped and why, the transfer group it is still in, if any, and the plan it
+    holds (``types.PlanRef`` may name it instead of sending it again)."""
 
     seconds: dict[str, float]
     skipped: tuple[str, ...] = ()
     group_id: str | None = None
+    plan_key: str | None = None
 
 
 class CommitReply(_Message):

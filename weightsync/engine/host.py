@@ -35,7 +35,7 @@ from weightsync.messages import (Ack, ApplyReply, BeginReply, CommitReply, Engin
                                  Fingerprint, GpuMemory, JoinReply, LayoutStatus, ReceiveRequest,
                                  ReloadReply, WorkerInfo, reply_of)
 from weightsync.types import (IN_SYNC, CheckpointFiles, EngineState, EngineStatus, FinishReply,
-                              PauseMode, ReceiveReport)
+                              HeldPlan, PauseMode, ReceiveReport, plan_version)
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,8 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         self._lease = SyncLease()  # who owns the sync in progress, until when
         self._loaded: FinishReply | None = None  # this sync's load, fingerprinted as it loaded
         self._watchdog: asyncio.Task | None = None
+        self._plan = HeldPlan()  # the plan the trainer last sent in full (BeginReply.plan_key)
+        self._workers_plan: str | None = None  # the key of the one every worker holds
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> EngineStatus:
@@ -93,6 +95,7 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
                                         self.spec.cpu_threads_bind)
         sleep = self.device == "cuda" and vllm_compat.sleep_mode_available()
         t0 = time.perf_counter()
+        self._workers_plan = None  # new workers hold no plan
         self.engine = self._make_engine(
             model=self.spec.model, dtype=self.spec.dtype, max_model_len=self.spec.max_model_len,
             seed=self.spec.seed, enforce_eager=self.spec.enforce_eager,
@@ -165,7 +168,21 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
 
     async def validate(self, plan_json: str) -> None:
         """Check a plan against the model before anything changes (raises ManifestError)."""
-        await self._rpc("ws_validate", plan_json, reply=Ack, timeout=60)
+        await self._plan_rpc("ws_validate", self._plan.text(plan_json), reply=Ack, timeout=60)
+
+    async def _plan_rpc(self, method: str, plan_text: str, *args: Any, reply: type[M],
+                        timeout: float) -> list[M]:
+        """``_rpc`` of a worker method whose first argument is a plan: sent by key (``PlanRef``)
+        when every worker holds it already — a worker keeps the last plan it was sent whole,
+        and nothing but this host sends them plans."""
+        key = self._plan.key
+        if key is not None and key == self._workers_plan:
+            plan_text = self._plan.ref(plan_version(plan_text))
+        else:
+            self._workers_plan = None  # until every worker has it
+        out = await self._rpc(method, plan_text, *args, reply=reply, timeout=timeout)
+        self._workers_plan = key
+        return out
 
     async def begin_sync(self, *, pause_mode: PauseMode, sleep_level: int, deadline_s: float,
                          owner: str = "", lease_s: float = 0.0, takeover: bool = False,
@@ -224,7 +241,8 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
             seconds["wake_weights"] = time.perf_counter() - t
         if self.state != EngineState.FENCED:
             self.state = EngineState.WEIGHTS_AWAKE if self._asleep else EngineState.PAUSED
-        return BeginReply(seconds=seconds, skipped=tuple(skipped), group_id=self.group_id)
+        return BeginReply(seconds=seconds, skipped=tuple(skipped), group_id=self.group_id,
+                          plan_key=self._plan.key)
 
     async def join_group(self, backend: str, host: str, port: int, rank_offset: int,
                          world_size: int, timeout_s: float, group_id: str = "",
@@ -262,6 +280,7 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         t_enter = time.perf_counter()
         self._expect(*IN_SYNC, EngineState.FENCED, op="receive weights", owner=owner)
         request = ReceiveRequest.model_validate_json(request_json)
+        plan_json = self._plan.text(plan_json)  # (or PlanNotHeld: nothing changed yet)
         if self.state != EngineState.FENCED:
             self.state = EngineState.LOADING
         if request.apply == "streaming":
@@ -269,8 +288,9 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         t = time.perf_counter()
         try:
             with self._lease.busy():
-                reports = await self._rpc("ws_receive", plan_json, request_json,
-                                          reply=ReceiveReport, timeout=request.deadline_s * 1.5)
+                reports = await self._plan_rpc("ws_receive", plan_json, request_json,
+                                               reply=ReceiveReport,
+                                               timeout=request.deadline_s * 1.5)
             report = merge_receipts(reports, self.spec.name)
         except WeightSyncError as e:
             self.group_id = None  # a worker leaves a group that failed it

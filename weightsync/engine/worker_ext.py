@@ -36,8 +36,8 @@ from weightsync.transport.ranks import worker_group_rank
 from weightsync.transport.packing import (Spans, checksum, copy_split, copy_tensors,
                                           digest_terms, dtype_name, fold_terms, span_targets,
                                           unpack_bucket)
-from weightsync.types import (Bucket, CheckpointFiles, ReceiveReport, TensorSpec, TransferPlan,
-                              versionless)
+from weightsync.types import (Bucket, CheckpointFiles, HeldPlan, ReceiveReport, TensorSpec,
+                              TransferPlan)
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class WeightSyncWorkerExtension:
         if not hasattr(self, "_ws"):
             self._ws = {"group": None, "staged": [], "staged_format": "checkpoint",
                         "expected": None, "layout": None, "layout_status": None,
-                        "legs": {}, "plan": None}
+                        "legs": {}, "plan": None, "held_plan": HeldPlan()}
         return self._ws
 
     # ---- introspection -------------------------------------------------------------------
@@ -186,7 +186,7 @@ class WeightSyncWorkerExtension:
 
     @worker_rpc
     def ws_validate(self, plan_json: str) -> Ack:
-        plan = TransferPlan.model_validate_json(plan_json)
+        plan = TransferPlan.model_validate_json(self._ws_state()["held_plan"].text(plan_json))
         if plan.format == "kernel":
             live = self._vllm_specs()
             validate_plan(plan, live, "", set())
@@ -291,9 +291,10 @@ class WeightSyncWorkerExtension:
         t_call = time.perf_counter()
         request = ReceiveRequest.model_validate_json(request_json)
         st = self._ws_state()
-        key = versionless(plan_json)
-        if st["plan"] is None or st["plan"][0] != key:  # parse once per plan, not per sync
-            st["plan"] = (key, TransferPlan.model_validate_json(plan_json))
+        held = st["held_plan"]
+        text = held.text(plan_json)  # the JSON, or a PlanRef to the plan held here
+        if st["plan"] is None or st["plan"][0] != held.key:  # parse once per plan, not per sync
+            st["plan"] = (held.key, TransferPlan.model_validate_json(text))
         plan = st["plan"][1]
         leg = st["legs"].get(request.leg)
         if leg is None:
@@ -301,7 +302,8 @@ class WeightSyncWorkerExtension:
         st["active_leg"] = leg
         try:
             incoming = leg.receive(plan, request)
-            st["staged_key"] = f"{key}:{incoming.cache_key}" if incoming.cache_key else None
+            st["staged_key"] = f"{held.key}:{incoming.cache_key}" if incoming.cache_key \
+                else None
             report = self._consume(plan, incoming.buckets, request.apply, incoming.expected,
                                    incoming.known)
         except BaseException:

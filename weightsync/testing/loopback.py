@@ -62,7 +62,7 @@ class LoopbackLeg(SenderLeg):
             _MAILBOX[token] = (bufs, sums)
         try:
             ok, bad = self.receive_everywhere(
-                names, plan.model_dump_json(),
+                names, plan, begun,
                 self.request("atomic" if atomic else None, token,
                              plan.version if atomic else None))
         finally:

@@ -11,7 +11,7 @@ from weightsync.config import TransferConfig
 from weightsync.errors import WeightSyncError
 from weightsync.messages import ApplyMode, BeginReply, ReceiveRequest
 from weightsync.transport.ranks import GroupRanks
-from weightsync.types import Bucket, ReceiveReport, TransferPlan
+from weightsync.types import Bucket, ReceiveReport, TransferPlan, plan_text_for
 
 if TYPE_CHECKING:
     import torch
@@ -76,11 +76,19 @@ class SenderLeg(ABC):
             return None, bad
         return GroupRanks.of({n: ok[n].workers for n in names}), {}
 
-    def receive_everywhere(self, names: Sequence[str], plan_json: str,
+    def submit_receive(self, names: Sequence[str], plan: TransferPlan,
+                       begun: Mapping[str, BeginReply], request: ReceiveRequest) -> dict:
+        """Every engine's ``receive``, submitted: the plan by key (``PlanRef``) to an engine
+        that holds it already (its ``BeginReply.plan_key``), else as JSON."""
+        text = request.model_dump_json()
+        return {n: self.engines.submit(n, "receive", plan_text_for(plan, begun[n].plan_key),
+                                       text) for n in names}
+
+    def receive_everywhere(self, names: Sequence[str], plan: TransferPlan,
+                           begun: Mapping[str, BeginReply],
                            request: ReceiveRequest) -> tuple[dict, dict]:
         """Every engine's ``receive`` under the transfer deadline: (receipts, failures)."""
-        pending = {n: self.engines.submit(n, "receive", plan_json, request.model_dump_json())
-                   for n in names}
+        pending = self.submit_receive(names, plan, begun, request)
         return self.engines.wait(pending, self.cfg.deadlines.transfer * 1.6)
 
 

@@ -22,7 +22,7 @@ from weightsync.messages import BeginReply, ReceiveRequest
 from weightsync.transport.broadcast import BroadcastSender, free_port, open_group
 from weightsync.transport.legs.base import Incoming, LegOutcome, ReceiverLeg, SenderLeg
 from weightsync.transport.ranks import GroupRanks
-from weightsync.types import TransferPlan, plan_json
+from weightsync.types import TransferPlan
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +45,7 @@ class BroadcastLeg(SenderLeg):
             return LegOutcome([], {}, bad)
         if self.cfg.broadcast == "chain":  # engines forward in join (rank) order
             plan = plan.model_copy(update={"chain_chunk": self.cfg.chain_chunk_bytes})
-        text, request = plan_json(plan), self.request()
-        pending = {n: self.engines.submit(n, "receive", text, request.model_dump_json())
-                   for n in names}
+        pending = self.submit_receive(names, plan, begun, self.request())
         sums: list[int] = []
         send_error: WeightSyncError | None = None
         t = time.perf_counter()

@@ -11,7 +11,7 @@ from typing import Protocol
 from weightsync.errors import TransferError, WeightSyncError
 from weightsync.messages import BeginReply
 from weightsync.transport.legs.base import LegOutcome, SenderLeg
-from weightsync.types import TransferPlan, plan_json
+from weightsync.types import TransferPlan
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class ExternalLeg(SenderLeg):
         _, bad = self.engines.wait(joins, dl.rendezvous * 1.2)
         if bad:  # the sync fails whatever the sender says: do not wait for it
             return LegOutcome([], {}, bad)
-        ok, bad = self.receive_everywhere(names, plan_json(plan), self.request())
+        ok, bad = self.receive_everywhere(names, plan, begun, self.request())
         if bad:
             return LegOutcome([], ok, bad)
         try:
