@@ -58,6 +58,21 @@ def main(gib: float = typer.Option(2.0), rounds: int = typer.Option(10),
         typer.echo(json.dumps(res["shapes"][-1]))
     good = [s for s in res["shapes"] if s["equal"]]
     res["best"] = min(good, key=lambda s: s["seconds"]["p50"]) if good else None
+    # the checksum of many buffers in one launch (ManyDigests), and the same launch copying
+    # each buffer as it reads it: a verified copy in one read of the bytes
+    from weightsync.transport.digest_cuda import ManyDigests
+    from weightsync.transport.packing import digest_terms
+
+    parts = list(buf.split(n // 16))  # a MoE layer's few large tensors
+    want_terms = digest_terms(parts)
+    many = ManyDigests(parts)
+    fused = ManyDigests(parts, copy_to=list(dst.split(n // 16)))
+    dst.zero_()
+    res["many_digest"] = {"equal": torch.equal(many.terms(), want_terms),
+                          "seconds": _time(many.terms, rounds)}
+    res["copy_and_digest"] = {"equal": torch.equal(fused.terms(), want_terms) and
+                              torch.equal(dst, buf), "seconds": _time(fused.terms, rounds)}
+    typer.echo(json.dumps({k: res[k] for k in ("many_digest", "copy_and_digest")}))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
     _plot(res, out.with_suffix(".png"))

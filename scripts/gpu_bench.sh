@@ -7,7 +7,8 @@
 # 0.5b-native: 0.5B-shaped sync benchmark plus vLLM's native IPC API on the same weights;
 # <shape>: that shape's sync benchmark; colocated-<shape>[@<gpu share>]: the colocated loop (the
 # engine sleeps at level 2 before every sync, the sync goes into it; vLLM's memory share 0.4
-# unless given); kernels: the building blocks vs the copy floor; moe-<shape>: a Qwen3-MoE
+# unless given); kernels: the building blocks vs the copy floor; digest: the checksum
+# kernels (and the copy that checksums as it reads) vs the read and copy floors; moe-<shape>: a Qwen3-MoE
 # (benchmarks/run.py MOE_SHAPES) synced from transformers' in-memory module (fused experts)
 # into one serving engine (no sleep, not colocated), 10 syncs, vLLM's memory share 0.4, the
 # engine copying from the trainer's own tensors (--ipc-direct); moe-<shape>-packed: the same,
@@ -25,6 +26,7 @@ rc=0
 for job in "$@"; do
   case $job in
     kernels) python3 -m benchmarks.kernels --shape 0.5b --rounds 20 --out "$out/kernels-0.5b.json" ;;
+    digest) python3 -m benchmarks.digest --gib 2 --out "$out/digest-gpu.json" ;;
     colocated-*) s=${job#colocated-}; util=0.4; [[ $s == *@* ]] && util=${s#*@} s=${s%@*}
       python3 -m benchmarks.run --shape "$s" --syncs 10 --colocated --ipc --ipc-reuse \
         --sleep-level 2 --bucket-mib 2048 --engines 1 --workdir /tmp/bench --gpu-util "$util" \

@@ -88,7 +88,7 @@ def test_ipc_bucket_that_differs_from_the_senders_checksum_is_refused_before_loa
     before = engine_generate(fast_engine, PROMPTS)
     version = ray.get(fast_engine.status.remote()).version
     real = fleet.bucket_terms  # what the engine is told the sender's checksums are
-    monkeypatch.setattr(fleet, "bucket_terms", lambda bufs: real(bufs) ^ 1)
+    monkeypatch.setattr(fleet, "bucket_terms", lambda bufs, many=None: real(bufs, many) ^ 1)
     perturb_(trainer, scale=0.05, seed=4242)
     with pytest.raises(SyncFailedError) as info:
         coord.sync(trainer, ipc=True)

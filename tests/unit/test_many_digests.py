@@ -31,6 +31,19 @@ def check(device: str = "cpu") -> None:
     after = many.terms()
     assert torch.equal(after, packing.digest_terms(bufs))
     assert [i for i in range(len(bufs)) if not torch.equal(after[i], before[i])] == [4]
+    # copying as it reads: every destination gets its buffer's bytes, and the terms are the
+    # same (those of the bytes written); one destination starts unaligned (copied apart)
+    room = torch.zeros(sum(sizes) + 8 * len(sizes) + 1, dtype=torch.uint8, device=device)
+    dsts, at = [], 0
+    for i, n in enumerate(sizes):
+        at += 1 if i == 2 else 0
+        dsts.append(room[at:at + n])
+        at += n + (-(at + n)) % 8
+    copying = digest_cuda.ManyDigests(bufs, band=16, copy_to=dsts)
+    assert copying.rest == [2, 5, 6]
+    assert torch.equal(copying.terms(), packing.digest_terms(bufs))
+    assert all(torch.equal(d, b) for d, b in zip(dsts, bufs, strict=True))
+    assert not copying.broken
 
 
 def test_one_launch_equals_digest_terms_and_sees_a_flipped_byte():

@@ -77,13 +77,16 @@ def _many_kernel():
     import triton.language as tl
 
     @triton.jit
-    def band_terms(addr_ptr, words_ptr, item_buf_ptr, item_row_ptr, part_ptr,
-                   BAND: tl.constexpr, TILE: tl.constexpr, C: tl.constexpr):
-        # one band of BAND rows of one buffer: its share of the buffer's three terms
+    def band_terms(addr_ptr, words_ptr, item_buf_ptr, item_row_ptr, part_ptr, dst_ptr,
+                   BAND: tl.constexpr, TILE: tl.constexpr, C: tl.constexpr,
+                   COPY: tl.constexpr):
+        # one band of BAND rows of one buffer: its share of the buffer's three terms (COPY:
+        # and the band written to the buffer's destination, from the same loads)
         pid = tl.program_id(0)
         buf = tl.load(item_buf_ptr + pid)
         row0 = tl.load(item_row_ptr + pid)
         base = tl.load(addr_ptr + buf).to(tl.pointer_type(tl.int64))
+        dst = tl.load(dst_ptr + buf).to(tl.pointer_type(tl.int64))
         n_words = tl.load(words_ptr + buf)
         cols = tl.arange(0, C).to(tl.int64)
         row_acc = tl.zeros([TILE], dtype=tl.int64)
@@ -93,6 +96,8 @@ def _many_kernel():
             rows = row0 + r + tl.arange(0, TILE).to(tl.int64)
             idx = rows[:, None] * C + cols[None, :]
             tile = tl.load(base + idx, mask=idx < n_words, other=0)
+            if COPY:
+                tl.store(dst + idx, tile, mask=idx < n_words)
             sums = tl.sum(tile, axis=1)
             row_acc += sums
             weighted += sums * (rows + 1)
@@ -113,14 +118,24 @@ class ManyDigests:
     replayed graph too). The same values as ``digest_terms`` (integer sums wrap mod 2**64);
     buffers whose length is not whole 64-bit words, or that start unaligned, go through
     ``digest_terms`` itself. Build it outside a CUDA graph capture; ``terms()`` may be
-    captured."""
+    captured.
 
-    def __init__(self, bufs: list[torch.Tensor], band: int | None = None) -> None:
+    ``copy_to``: a destination byte buffer per buffer, as long; ``terms()`` then also writes
+    every buffer to its destination from the same loads — one read of the bytes for both —
+    and its terms are those of the bytes written."""
+
+    def __init__(self, bufs: list[torch.Tensor], band: int | None = None,
+                 copy_to: list[torch.Tensor] | None = None) -> None:
         from weightsync.transport.packing import _ROW_WORDS
 
+        if copy_to is not None and [d.numel() for d in copy_to] != [b.numel() for b in bufs]:
+            raise ValueError("every buffer needs a destination as long as itself")
         self.bufs = bufs
+        self.copy_to = copy_to
         self.band = band or _BAND_ROWS
-        whole = [b.numel() and b.numel() % 8 == 0 and b.data_ptr() % 8 == 0 for b in bufs]
+        whole = [b.numel() and b.numel() % 8 == 0 and b.data_ptr() % 8 == 0 and
+                 (copy_to is None or copy_to[i].data_ptr() % 8 == 0)
+                 for i, b in enumerate(bufs)]
         self.fast = [i for i, w in enumerate(whole) if w]
         self.rest = [i for i, w in enumerate(whole) if not w]
         items_buf, items_row = [], []
@@ -132,6 +147,8 @@ class ManyDigests:
         device = bufs[0].device if bufs else torch.device("cuda")
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
         self.addrs = as_tensor([bufs[i].data_ptr() for i in self.fast])
+        self.dsts = as_tensor([copy_to[i].data_ptr() for i in self.fast]) if copy_to \
+            else self.addrs  # (not written to: the kernel copies only when asked)
         self.words = as_tensor([bufs[i].numel() // 8 for i in self.fast])
         self.item_buf, self.item_row = as_tensor(items_buf), as_tensor(items_row)
         self.fast_index, self.rest_index = as_tensor(self.fast), as_tensor(self.rest)
@@ -139,11 +156,10 @@ class ManyDigests:
         self.broken = False  # Triton missing: ``terms`` is ``digest_terms``
 
     def terms(self) -> torch.Tensor:
-        """``(n, 3)`` int64 on the device: ``digest_terms(bufs)``."""
-        from weightsync.transport.packing import digest_terms
-
+        """``(n, 3)`` int64 on the device: ``digest_terms(bufs)`` (with ``copy_to``: of the
+        destinations, once every buffer was written to its own)."""
         if self.broken:
-            return digest_terms(self.bufs)
+            return self._eager(range(len(self.bufs)))
         device = self.addrs.device
         out = torch.zeros((len(self.bufs), 3), dtype=torch.int64, device=device)
         try:
@@ -151,15 +167,26 @@ class ManyDigests:
         except Exception as e:  # noqa: BLE001 - no Triton: torch's reductions, same values
             _warn_once(e)
             self.broken = True
-            return digest_terms(self.bufs)
+            return self._eager(range(len(self.bufs)))
         if self.fast:
             parts = torch.empty((self.item_buf.numel(), 3), dtype=torch.int64, device=device)
             kernel[(self.item_buf.numel(),)](
-                self.addrs, self.words, self.item_buf, self.item_row, parts,
-                BAND=self.band, TILE=_TILE_ROWS, C=self.columns, num_warps=_WARPS)
+                self.addrs, self.words, self.item_buf, self.item_row, parts, self.dsts,
+                BAND=self.band, TILE=_TILE_ROWS, C=self.columns,
+                COPY=self.copy_to is not None, num_warps=_WARPS)
             shares = torch.zeros((len(self.fast), 3), dtype=torch.int64, device=device)
             shares.index_add_(0, self.item_buf, parts)
             out.index_copy_(0, self.fast_index, shares)
         if self.rest:
-            out.index_copy_(0, self.rest_index, digest_terms([self.bufs[i] for i in self.rest]))
+            out.index_copy_(0, self.rest_index, self._eager(self.rest))
         return out
+
+    def _eager(self, which) -> torch.Tensor:
+        """``terms`` of some buffers by torch's own launches (copied first, if asked)."""
+        from weightsync.transport.packing import digest_terms
+
+        if self.copy_to is None:
+            return digest_terms([self.bufs[i] for i in which])
+        for i in which:
+            self.copy_to[i].copy_(self.bufs[i])
+        return digest_terms([self.copy_to[i] for i in which])

@@ -24,18 +24,20 @@ from typing import Any
 
 from weightsync.errors import TransferError
 from weightsync.messages import BeginReply, ReceiveRequest
+from weightsync.transport.digest_cuda import ManyDigests
 from weightsync.transport.graphs import Replay
 from weightsync.transport.legs.base import Incoming, LegOutcome, ReceiverLeg, SenderLeg
 from weightsync.transport.packing import (NotDirect, Piece, bucket_sources, digest_terms,
                                           direct_pieces, fold_spans, fold_terms, pack_bucket,
                                           piece_views, span_views)
-from weightsync.types import TransferPlan, plan_json
+from weightsync.types import TransferPlan
 
 
-def bucket_terms(bufs):
-    """The sender's checksum terms of its IPC buckets, on the device (``digest_terms``; a
-    function of its own so a test can falsify what the engines are told)."""
-    return digest_terms(bufs)
+def bucket_terms(bufs, many: ManyDigests | None = None):
+    """The sender's checksum terms of its IPC buckets, on the device (``digest_terms``, or
+    ``many``: the same as one launch; a function of its own so a test can falsify what the
+    engines are told)."""
+    return many.terms() if many is not None else digest_terms(bufs)
 
 
 class _DeviceBuckets:
@@ -83,7 +85,8 @@ class _DeviceBuckets:
             self.release()  # packed buckets of an earlier sync: their memory goes back
             self.forget_direct()
             views = piece_views(storages, pieces)
-            n = len(span_views(views))
+            flat = span_views(views)
+            n = len(flat)
             with torch.cuda.device(device):
                 terms = torch.empty(24 * n, dtype=torch.uint8, device=device)
                 if self.event is None:
@@ -95,13 +98,16 @@ class _DeviceBuckets:
                     pieces=tuple(tuple(tuple((p.storage, p.offset, p.nbytes) for p in slot)
                                        for slot in bucket) for bucket in pieces),
                     terms=share_bucket(-1, terms, reusable=reuse), event=self.event.ipc_handle())
-            self.direct = (key, views, terms, share)
-        _, views, terms, share = self.direct
-        flat = span_views(views)
+                # every piece's terms in one launch (a MoE's few dozen pieces as
+                # digest_terms each: a dozen small launches apiece, even replayed)
+                many = ManyDigests(flat) if flat else None
+            self.direct = (key, views, terms, share, many)
+        _, views, terms, share, many = self.direct
+        flat = many.bufs if many is not None else []
         rows = terms.view(torch.int64).view(len(flat), 3)
         with torch.cuda.device(device):
             self.graph.run(("direct", key, terms.data_ptr(), bucket_terms),
-                           lambda: rows.copy_(bucket_terms(flat)))
+                           lambda: rows.copy_(bucket_terms(flat, many)))
             self.event.record()
         self.share = share
         return None
@@ -169,7 +175,7 @@ class _DeviceBuckets:
         import torch
 
         if self.direct is not None:  # (packing forgets it)
-            _, views, terms, _ = self.direct
+            _, views, terms, _, _ = self.direct
             return fold_spans(views, terms.view(torch.int64).view(-1, 3).tolist())
         sizes = [b.numel() for b in self.keepalive or ()]
         return fold_terms(sizes, self.terms.view(torch.int64).view(len(sizes), 3).tolist())
@@ -247,7 +253,7 @@ class IpcLeg(SenderLeg):
         commit = plan.version if one_phase and apply == "atomic" and \
             (self.cfg.ipc_reuse_buffers or self.direct_note is None) else None
         t = time.perf_counter()
-        ok, bad = self.receive_everywhere(names, plan_json(plan),
+        ok, bad = self.receive_everywhere(names, plan, begun,
                                           self.request(apply, handles, commit))
         seconds["trainer_rpc"] = time.perf_counter() - t  # Ray call, as we saw it
         return LegOutcome(self._devices[gpus[0]].sums(), ok, bad, seconds)
@@ -325,6 +331,7 @@ class IpcReceiver(ReceiverLeg):
         self._mapped: dict[tuple, Any] = {}
         self._events: dict[str, Any] = {}
         self._spans: tuple | None = None  # direct: (what they depend on, Spans, their views)
+        self._digests: tuple | None = None  # (the buffers' addresses, their ManyDigests)
 
     def receive(self, plan: TransferPlan, request: ReceiveRequest) -> Incoming:
         import torch
@@ -382,12 +389,15 @@ class IpcReceiver(ReceiverLeg):
         torch.cuda.current_stream().wait_event(self._events[share.event])
         opened = time.perf_counter() - t0
         t0 = time.perf_counter()
+        where = tuple((b.data_ptr(), b.numel()) for b in bufs)
+        if self._digests is None or self._digests[0] != where:  # every buffer: one launch
+            self._digests = (where, ManyDigests(bufs))
+        many = self._digests[1]
         if reused:  # the same buffers every sync: one graph
-            own = self.worker._ws_graph("IPC checksum").run(
-                (tuple((b.data_ptr(), b.numel()) for b in bufs), digest_terms),
-                lambda: digest_terms(bufs))
+            own = self.worker._ws_graph("IPC checksum").run((where, many), many.terms)
         else:
-            own = digest_terms(bufs)
+            own = many.terms()
+            self._digests = None  # (its buffers go with this sync)
         rows = torch.cat([own, sender_terms]).tolist()  # the one host sync
         n = len(bufs)
         if share.storages:
