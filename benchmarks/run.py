@@ -217,6 +217,14 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
             run["ratio_transfer_vs_raw"] = tr / run["floor_raw_broadcast"]["p50"]
             run["ratio_total_vs_raw"] = run["total"]["p50"] / run["floor_raw_broadcast"]["p50"]
         run["scaling_vs_1"] = run["total"]["p50"] / (runs[0] if runs else run)["total"]["p50"]
+        # the fixed cost of one call into an engine's actor (Ray both ways, the actor's event
+        # loop): every sync's transfer makes one
+        rtt = []
+        for _ in range(50):
+            t = time.perf_counter()
+            ray.get(actors[0].status.remote())
+            rtt.append(time.perf_counter() - t)
+        run["engine_call_round_trip"] = summary(rtt)
         runs.append(run)
         coord.close()
         out.write_text(json.dumps(result, indent=2))  # a later failure keeps what ran

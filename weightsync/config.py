@@ -60,8 +60,11 @@ class TransferConfig(_Frozen):
     ipc_reuse_buffers: bool = False
     # CUDA IPC into one single-worker engine, kernel layout, where every tensor lies on the
     # engine's GPU in the dtype it serves: share the trainer's own storages and let the engine
-    # copy from them (no packed copy on the trainer). Every piece is still checksummed on both
-    # ends and verified before anything is applied; anything else is packed as before.
+    # copy from them (no packed copy on the trainer). Every piece is checksummed by the
+    # trainer, and by the engine in the launch that copies it (what is verified is what was
+    # loaded): a mismatch — the trainer wrote its tensors during the sync — is found with the
+    # parameters overwritten, so that engine is fenced until the next sync (packed, it would
+    # refuse the sync and keep serving its old weights). Anything else is packed as before.
     # Off until it has run on a GPU (its CPU stand-in, the loopback leg, is tested in CI;
     # tests/gpu/test_fast_path_gpu.py and test_moe_gpu.py turn it on).
     ipc_direct: bool = False

@@ -69,12 +69,14 @@ def test_kernel_layout_is_verified_then_used_and_loads_identical_weights(
 
 
 @pytest.mark.parametrize("direct", [False, True], ids=["packed", "direct"])
-def test_ipc_bucket_that_differs_from_the_senders_checksum_is_refused_before_loading(
+def test_ipc_bucket_that_differs_from_the_senders_checksum_is_refused_or_fenced(
         fast_engine, text_model, monkeypatch, direct):
-    """One engine in the wave loads in the same call as it maps (atomic): it must still
-    refuse a bucket whose checksum differs from the sender's, load nothing, and go on
-    serving its old version (rolled back, not fenced). ``direct``: the kernel layout read
-    from the trainer's own tensors, checksummed piece by piece."""
+    """One engine in the wave loads in the same call as it maps (atomic). Packed: it must
+    still refuse a bucket whose checksum differs from the sender's, load nothing, and go on
+    serving its old version (rolled back, not fenced). ``direct`` (the kernel layout read
+    from the trainer's own tensors): the engine checksums every piece as it copies it, so the
+    mismatch is found with the parameters overwritten — it is fenced, serves nothing, and
+    the next sync brings it back."""
     from weightsync.errors import SyncFailedError
     from weightsync.transport.legs import ipc as fleet
 
@@ -93,12 +95,16 @@ def test_ipc_bucket_that_differs_from_the_senders_checksum_is_refused_before_loa
     with pytest.raises(SyncFailedError) as info:
         coord.sync(trainer, ipc=True)
     rep = info.value.result.engines[0]
-    assert not rep.ok and not rep.fenced and "rolled back" in rep.error
-    assert "checksum" in rep.error
     assert (coord._leg("ipc").direct_note is None) == direct
     status = ray.get(fast_engine.status.remote())
-    assert status.state.value == "serving" and status.version == version
-    assert [o.token_ids for o in engine_generate(fast_engine, PROMPTS)] == \
-        [o.token_ids for o in before]
+    if direct:
+        assert not rep.ok and rep.fenced and "differ from its checksum" in rep.error
+        assert status.state.value == "fenced" and status.version == version
+    else:
+        assert not rep.ok and not rep.fenced and "rolled back" in rep.error
+        assert "checksum" in rep.error
+        assert status.state.value == "serving" and status.version == version
+        assert [o.token_ids for o in engine_generate(fast_engine, PROMPTS)] == \
+            [o.token_ids for o in before]
     monkeypatch.setattr(fleet, "bucket_terms", real)
     assert coord.sync(trainer, ipc=True).ok  # and the next sync goes through

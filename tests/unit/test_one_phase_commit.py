@@ -110,9 +110,11 @@ def test_an_engine_that_committed_and_then_disagrees_with_the_coordinator_is_fen
 
 def test_a_kernel_layout_wave_of_one_copies_from_the_trainers_own_tensors(local_fleet):
     """Once the kernel layout is verified, a wave of one engine copies straight from the
-    trainer's tensors (``ipc_direct``, as over CUDA IPC on a GPU): no packed copy, every
-    piece checksummed on both ends and verified before anything is applied. A checksum the
-    engine cannot match refuses the sync untouched; the next sync goes through."""
+    trainer's tensors (``ipc_direct``, as over CUDA IPC on a GPU): no packed copy; every piece
+    is checksummed by the trainer, and by the engine as it copies it — what is verified is
+    what was loaded. A trainer that writes its tensors during the sync therefore fails it,
+    after the engine's parameters were overwritten: the engine is fenced (not serving what
+    nobody verified) until the next sync, which goes through."""
     engines = local_fleet(workers={"a": 1})
     coord = SyncCoordinator(engines, TransferConfig(bucket_bytes=1 << 16, ipc_direct=True))
     assert coord.sync(TinyModel.seeded(1), leg="loopback").layout == "checkpoint"
@@ -124,19 +126,22 @@ def test_a_kernel_layout_wave_of_one_copies_from_the_trainers_own_tensors(local_
     want = {n: p.detach().clone() for n, p in new.named_parameters()}
     assert all(torch.equal(engines.weights("a")[n], want[n]) for n in want)
 
-    engines.faults["a"] = Faults(corrupt_bucket=0)  # what the engine is told differs
+    engines.faults["a"] = Faults(corrupt_bucket=0)  # the trainer writes during the sync
     with torch.no_grad():
         for p in new.parameters():
             p.add_(0.5)
     with pytest.raises(SyncFailedError) as e:
         coord.sync(new, leg="loopback")
     (rep,) = e.value.result.engines
-    assert leg.direct and not rep.ok and not rep.fenced and "checksum" in rep.error
+    assert leg.direct and not rep.ok and rep.fenced and "differ from its checksum" in rep.error
     (st,) = coord.statuses()
-    assert (st.state, st.version) == (S.SERVING, res.version)  # untouched: the old weights
-    assert all(torch.equal(engines.weights("a")[n], want[n]) for n in want)
+    assert (st.state, st.version) == (S.FENCED, res.version)
+    assert not all(torch.equal(engines.weights("a")[n], want[n]) for n in want)  # overwritten
     engines.faults["a"] = Faults()
-    assert coord.sync(new, leg="loopback").ok and leg.direct
+    res = coord.sync(new, leg="loopback")  # the trainer's tensors as they are now
+    assert res.ok and leg.direct
+    (st,) = coord.statuses()
+    assert (st.state, st.version) == (S.SERVING, res.version)
     assert all(torch.equal(engines.weights("a")[n], p.detach()) for n, p in new.named_parameters())
 
 

@@ -34,8 +34,8 @@ from weightsync.transport.graphs import Replay
 from weightsync.transport.legs import receiver_leg
 from weightsync.transport.ranks import worker_group_rank
 from weightsync.transport.packing import (Spans, checksum, copy_split, copy_tensors,
-                                          digest_terms, dtype_name, fold_terms, span_targets,
-                                          unpack_bucket)
+                                          digest_terms, dtype_name, fold_spans, fold_terms,
+                                          span_targets, unpack_bucket)
 from weightsync.types import (Bucket, CheckpointFiles, HeldPlan, ReceiveReport, TensorSpec,
                               TransferPlan)
 
@@ -111,8 +111,8 @@ def validate_specs(specs: list[TensorSpec], expected: dict[str, TensorSpec], ser
 def _packed_only(stream: Iterator[tuple[Bucket, Any]]) -> Iterator[tuple[Bucket, Any]]:
     for bucket, buf in stream:
         if isinstance(buf, Spans):
-            raise TransferError("a direct share (the sender's own storages) is for a kernel-"
-                                "layout plan applied atomically")
+            raise TransferError("a direct share (the sender's own storages) is checked as it "
+                                "is copied, by a receiver that says so (checked_by_copy)")
         yield bucket, buf
 
 
@@ -304,8 +304,12 @@ class WeightSyncWorkerExtension:
             incoming = leg.receive(plan, request)
             st["staged_key"] = f"{held.key}:{incoming.cache_key}" if incoming.cache_key \
                 else None
-            report = self._consume(plan, incoming.buckets, request.apply, incoming.expected,
-                                   incoming.known)
+            if incoming.checked_by_copy:
+                report = self._consume_checked_by_copy(plan, incoming.buckets, request.apply,
+                                                       incoming.expected)
+            else:
+                report = self._consume(plan, incoming.buckets, request.apply,
+                                       incoming.expected, incoming.known)
         except BaseException:
             leg.failed()
             raise
@@ -345,8 +349,7 @@ class WeightSyncWorkerExtension:
         st["staged"] = []
         kernel = plan.format == "kernel"
         applied = False
-        if not kernel or apply != "atomic":  # pieces of another process's memory: copied
-            stream = _packed_only(stream)  # into the parameters at once, or not at all
+        stream = _packed_only(stream)  # (direct: _consume_checked_by_copy)
         if apply == "streaming":
             self._reload((t for b, buf in checked() for t in unpack_bucket(b, buf)), kernel)
             applied = True
@@ -362,6 +365,42 @@ class WeightSyncWorkerExtension:
         fingerprint = self._timed_fingerprint(seconds) if applied else None
         return ReceiveReport(nbytes=nbytes, checksums=tuple(sums), applied=applied,
                              fingerprint=fingerprint, seconds=seconds)
+
+    def _consume_checked_by_copy(self, plan: TransferPlan,
+                                 stream: Iterator[tuple[Bucket, Spans]], apply: ApplyMode,
+                                 expected: list[int] | None) -> ReceiveReport:
+        """Load direct buckets (``Spans``: the sender's own memory) into the parameters by one
+        launch that checksums every piece as it reads it (``digest_cuda.ManyDigests`` with
+        ``copy_to``), then compare with ``expected``: what is verified is exactly what was
+        written. A mismatch comes after the parameters were overwritten: ``ReloadError``
+        (the host fences the engine until a sync succeeds)."""
+        if apply != "atomic" or plan.format != "kernel" or expected is None:
+            raise TransferError("a direct share (the sender's own storages) is for a kernel-"
+                                "layout plan applied atomically, with the sender's checksums")
+        st = self._ws_state()
+        st["staged"] = []
+        staged = list(stream)
+        if len(staged) != len(plan.buckets):
+            raise TransferError(f"received {len(staged)} of {len(plan.buckets)} buckets")
+        t0 = time.perf_counter()
+        dsts, _, many = self._kernel_program(staged, st.get("staged_key"))
+        kept = st.get("kernel_program")
+        with torch.no_grad():
+            if kept is not None:  # the same pieces and parameters as last sync: one graph
+                terms = self._ws_graph("kernel-layout copy").run(
+                    (kept[0], tuple(d.data_ptr() for d in dsts)), many.terms)
+            else:
+                terms = many.terms()
+            sums = fold_spans([buf for _, buf in staged], terms.tolist())  # (host sync)
+        seconds = {"reload": time.perf_counter() - t0}
+        bad = [i for i, (a, b) in enumerate(zip(sums, expected, strict=True)) if a != b]
+        if bad:
+            raise ReloadError(f"bucket {bad[0]}: the bytes copied from the sender's tensors "
+                              "differ from its checksum (did it write them during the sync?); "
+                              "the engine's weights are not the sender's")
+        fingerprint = self._timed_fingerprint(seconds)
+        return ReceiveReport(nbytes=sum(buf.numel() for _, buf in staged), checksums=tuple(sums),
+                             applied=True, fingerprint=fingerprint, seconds=seconds)
 
     def _timed_fingerprint(self, seconds: dict[str, float]) -> str:
         """The weights just loaded, fingerprinted in the same call (the sync's verify step
@@ -513,11 +552,13 @@ class WeightSyncWorkerExtension:
                     dsts += d
                     srcs += s
             except ConfigError as e:
-                raise ReloadError(str(e)) from e
+                raise TransferError(str(e)) from e  # (nothing copied yet)
+            # copied by the launch that checksums them (_consume_checked_by_copy)
+            program = (dsts, srcs, ManyDigests(srcs, copy_to=dsts))
         else:
             dsts, srcs = self._kernel_targets(t for b, buf in staged
                                               for t in unpack_bucket(b, buf))
-        program = (dsts, srcs, copy_split(dsts, srcs))
+            program = (dsts, srcs, copy_split(dsts, srcs))
         st["kernel_program"] = (ck, program) if ck is not None else None
         return program
 

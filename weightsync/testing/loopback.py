@@ -88,10 +88,13 @@ class LoopbackReceiver(ReceiverLeg):
             corrupt = None  # another worker's copy is the corrupted one
 
         if bufs and isinstance(bufs[0], Spans):  # direct: the trainer's own memory, read
-            # in place; a fault is the sender's checksum arriving changed
-            told = [c ^ 1 if corrupt == i else c for i, c in enumerate(sums)]
-            return Incoming(zip(plan.buckets, bufs, strict=True), expected=told,
-                            known=_direct_sums(bufs))
+            # in place and checked as it is copied; the fault: the trainer writes a byte of
+            # it after its checksum, during the sync
+            if corrupt is not None and corrupt < len(bufs) and bufs[corrupt].views:
+                with torch.no_grad():
+                    bufs[corrupt].views[0][0] ^= 0xFF
+            return Incoming(zip(plan.buckets, bufs, strict=True), expected=sums,
+                            checked_by_copy=True)
 
         def buckets():
             for bucket, buf in zip(plan.buckets, bufs, strict=True):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 
@@ -153,7 +154,8 @@ class ManyDigests:
         self.item_buf, self.item_row = as_tensor(items_buf), as_tensor(items_row)
         self.fast_index, self.rest_index = as_tensor(self.fast), as_tensor(self.rest)
         self.columns = _ROW_WORDS
-        self.broken = False  # Triton missing: ``terms`` is ``digest_terms``
+        # Triton missing, or no GPU (bar Triton's interpreter): torch's launches, same values
+        self.broken = device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
 
     def terms(self) -> torch.Tensor:
         """``(n, 3)`` int64 on the device: ``digest_terms(bufs)`` (with ``copy_to``: of the

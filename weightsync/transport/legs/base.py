@@ -97,13 +97,20 @@ class Incoming:
     """A plan's buckets as a receiver delivers them. ``expected``: the sender's checksums when
     the leg knows them up front (then every bucket is verified before anything is applied);
     ``known``: checksums the receiver already computed; ``cache_key``: stable across syncs
-    while the buffers are (the worker keeps its kernel-layout copy plan under it)."""
+    while the buffers are (the worker keeps its kernel-layout copy plan under it).
+
+    ``checked_by_copy``: the buckets are the sender's own memory (``packing.Spans``), read in
+    place, and checked as they are copied into the parameters — ``expected`` against the
+    checksums of the bytes written, so what is verified is what was loaded (checking them
+    first would verify a read of memory its owner may write again before the copy). A
+    mismatch is then found after the parameters were overwritten: the engine is fenced."""
 
     buckets: Iterator[tuple[Bucket, torch.Tensor]]
     expected: list[int] | None = None
     known: list[int] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     cache_key: str | None = None
+    checked_by_copy: bool = False
 
 
 class ReceiverLeg(ABC):

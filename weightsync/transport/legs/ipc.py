@@ -324,7 +324,8 @@ class IpcLeg(SenderLeg):
 class IpcReceiver(ReceiverLeg):
     """Worker side: maps the shared buckets (kept mapped while the trainer reuses them) or,
     direct, the trainer's own storages, waits on the sender's event, and checksums every
-    bucket (direct: every piece) before the worker applies anything."""
+    bucket before the worker applies anything (direct: every piece as the worker copies it,
+    ``Incoming.checked_by_copy``)."""
 
     def __init__(self, worker: Any) -> None:
         super().__init__(worker)
@@ -388,6 +389,11 @@ class IpcReceiver(ReceiverLeg):
             self._events[share.event] = open_event(share.event, bufs[0].device.index)
         torch.cuda.current_stream().wait_event(self._events[share.event])
         opened = time.perf_counter() - t0
+        if share.storages:  # direct: checked as the engine copies it (Incoming)
+            return Incoming(zip(plan.buckets, spans, strict=True),
+                            expected=fold_spans(spans, sender_terms.tolist()),
+                            seconds={"ipc_open": opened},
+                            cache_key="ipc" if reused else None, checked_by_copy=True)
         t0 = time.perf_counter()
         where = tuple((b.data_ptr(), b.numel()) for b in bufs)
         if self._digests is None or self._digests[0] != where:  # every buffer: one launch
@@ -400,11 +406,8 @@ class IpcReceiver(ReceiverLeg):
             self._digests = None  # (its buffers go with this sync)
         rows = torch.cat([own, sender_terms]).tolist()  # the one host sync
         n = len(bufs)
-        if share.storages:
-            expected, known = fold_spans(spans, rows[n:]), fold_spans(spans, rows[:n])
-        else:
-            lengths = [b.numel() for b in bufs]
-            expected, known = fold_terms(lengths, rows[n:]), fold_terms(lengths, rows[:n])
+        lengths = [b.numel() for b in bufs]
+        expected, known = fold_terms(lengths, rows[n:]), fold_terms(lengths, rows[:n])
         return Incoming(zip(plan.buckets, spans, strict=True), expected=expected, known=known,
                         seconds={"ipc_open": opened, "checksum": time.perf_counter() - t0},
                         cache_key="ipc" if reused else None)
