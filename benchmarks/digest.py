@@ -73,6 +73,18 @@ def main(gib: float = typer.Option(2.0), rounds: int = typer.Option(10),
     res["copy_and_digest"] = {"equal": torch.equal(fused.terms(), want_terms) and
                               torch.equal(dst, buf), "seconds": _time(fused.terms, rounds)}
     typer.echo(json.dumps({k: res[k] for k in ("many_digest", "copy_and_digest")}))
+    res["copy_and_digest_shapes"] = []  # its launch shapes (the default is the first row's)
+    for band, tile, warps in itertools.product((256, 64, 1024), (8, 4, 16), (4, 8)):
+        dst.zero_()
+        shaped = ManyDigests(parts, band=band, copy_to=list(dst.split(n // 16)), tile=tile,
+                             warps=warps)
+        ok = torch.equal(shaped.terms(), want_terms) and torch.equal(dst, buf)
+        t = _time(shaped.terms, rounds) if ok else None
+        res["copy_and_digest_shapes"].append({"band": band, "tile": tile, "warps": warps,
+                                              "equal": ok, "seconds": t})
+    good = [s for s in res["copy_and_digest_shapes"] if s["equal"]]
+    res["copy_and_digest_best"] = min(good, key=lambda s: s["seconds"]["p50"]) if good else None
+    typer.echo(json.dumps({"copy_and_digest_best": res["copy_and_digest_best"]}))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
     _plot(res, out.with_suffix(".png"))

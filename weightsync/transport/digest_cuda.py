@@ -126,7 +126,8 @@ class ManyDigests:
     and its terms are those of the bytes written."""
 
     def __init__(self, bufs: list[torch.Tensor], band: int | None = None,
-                 copy_to: list[torch.Tensor] | None = None) -> None:
+                 copy_to: list[torch.Tensor] | None = None, tile: int | None = None,
+                 warps: int | None = None) -> None:
         from weightsync.transport.packing import _ROW_WORDS
 
         if copy_to is not None and [d.numel() for d in copy_to] != [b.numel() for b in bufs]:
@@ -134,6 +135,7 @@ class ManyDigests:
         self.bufs = bufs
         self.copy_to = copy_to
         self.band = band or _BAND_ROWS
+        self.tile, self.warps = tile or _TILE_ROWS, warps or _WARPS  # (benchmarks.digest)
         whole = [b.numel() and b.numel() % 8 == 0 and b.data_ptr() % 8 == 0 and
                  (copy_to is None or copy_to[i].data_ptr() % 8 == 0)
                  for i, b in enumerate(bufs)]
@@ -174,8 +176,8 @@ class ManyDigests:
             parts = torch.empty((self.item_buf.numel(), 3), dtype=torch.int64, device=device)
             kernel[(self.item_buf.numel(),)](
                 self.addrs, self.words, self.item_buf, self.item_row, parts, self.dsts,
-                BAND=self.band, TILE=_TILE_ROWS, C=self.columns,
-                COPY=self.copy_to is not None, num_warps=_WARPS)
+                BAND=self.band, TILE=self.tile, C=self.columns,
+                COPY=self.copy_to is not None, num_warps=self.warps)
             shares = torch.zeros((len(self.fast), 3), dtype=torch.int64, device=device)
             shares.index_add_(0, self.item_buf, parts)
             out.index_copy_(0, self.fast_index, shares)
