@@ -14,6 +14,8 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from weightsync.errors import PlanNotHeld
+
 # dtype names as torch spells them (``str(torch.float32).removeprefix("torch.")``).
 DTYPE_ITEMSIZE: dict[str, int] = {
     "float32": 4,
@@ -197,8 +199,6 @@ class HeldPlan:
     def text(self, plan: str) -> str:
         """The plan's JSON: ``plan`` itself (kept from now on), or the held plan at the
         version a ``PlanRef`` names. ``PlanNotHeld`` when it names a plan not held here."""
-        from weightsync.errors import PlanNotHeld
-
         if plan.startswith(_REF_START):
             ref = PlanRef.model_validate_json(plan)
             if ref.ref != self.key or self._body is None:

@@ -22,7 +22,7 @@ def check(device: str = "cpu") -> None:
     sizes = [8, 4096, 4096 * 3 + 8, 1792, 4096 * 40 + 16, 7, 0, 4096 * 33 + 1000, 24]
     bufs = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).to(device)
             for n in sizes]
-    many = digest_cuda.ManyDigests(bufs, band=16)  # bands of 16 rows: several per buffer
+    many = digest_cuda.ManyDigests(bufs, band=16, kernel_off_gpu=True)  # bands of 16 rows
     assert many.rest == [5, 6]  # 7 bytes (no whole 64-bit word), and the empty one
     assert torch.equal(many.terms(), packing.digest_terms(bufs))
     assert not many.broken  # the kernel ran
@@ -39,7 +39,7 @@ def check(device: str = "cpu") -> None:
         at += 1 if i == 2 else 0
         dsts.append(room[at:at + n])
         at += n + (-(at + n)) % 8
-    copying = digest_cuda.ManyDigests(bufs, band=16, copy_to=dsts)
+    copying = digest_cuda.ManyDigests(bufs, band=16, copy_to=dsts, kernel_off_gpu=True)
     assert copying.rest == [2, 5, 6]
     assert torch.equal(copying.terms(), packing.digest_terms(bufs))
     assert all(torch.equal(d, b) for d, b in zip(dsts, bufs, strict=True))

@@ -383,12 +383,12 @@ class WeightSyncWorkerExtension:
         if len(staged) != len(plan.buckets):
             raise TransferError(f"received {len(staged)} of {len(plan.buckets)} buckets")
         t0 = time.perf_counter()
-        dsts, _, many = self._kernel_program(staged, st.get("staged_key"))
-        kept = st.get("kernel_program")
+        program = self._kernel_program(staged, st.get("staged_key"))
+        graph_key = self._copy_graph_key(program)
+        many = program[2]
         with torch.no_grad():
-            if kept is not None:  # the same pieces and parameters as last sync: one graph
-                terms = self._ws_graph("kernel-layout copy").run(
-                    (kept[0], tuple(d.data_ptr() for d in dsts)), many.terms)
+            if graph_key is not None:  # the same pieces and parameters as last sync
+                terms = self._ws_graph("kernel-layout copy").run(graph_key, many.terms)
             else:
                 terms = many.terms()
             sums = fold_spans([buf for _, buf in staged], terms.tolist())  # (host sync)
@@ -438,9 +438,7 @@ class WeightSyncWorkerExtension:
         kernel = st["staged_format"] == "kernel"
         t0 = time.perf_counter()
         program = self._kernel_program(staged, st.get("staged_key")) if kernel else None
-        kept = st.get("kernel_program")
-        graph_key = None if program is None or kept is None else \
-            (kept[0], tuple(d.data_ptr() for d in program[0]))  # and where the params are
+        graph_key = None if program is None else self._copy_graph_key(program)
         self._reload((t for b, buf in staged for t in unpack_bucket(b, buf)), kernel, program,
                      graph_key)
         reload_s = time.perf_counter() - t0
@@ -530,6 +528,12 @@ class WeightSyncWorkerExtension:
             dsts.append(p.data)
             srcs.append(t)
         return dsts, srcs
+
+    def _copy_graph_key(self, program: tuple) -> tuple | None:
+        """What a kept ``_kernel_program``'s copy graph depends on (its key, and where the
+        parameters are); None when the program is not kept (nothing to replay)."""
+        kept = self._ws_state().get("kernel_program")
+        return None if kept is None else (kept[0], tuple(d.data_ptr() for d in program[0]))
 
     def _kernel_program(self, staged: list[tuple[Bucket, torch.Tensor]], key: str | None
                         ) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 import torch
 
@@ -127,7 +126,7 @@ class ManyDigests:
 
     def __init__(self, bufs: list[torch.Tensor], band: int | None = None,
                  copy_to: list[torch.Tensor] | None = None, tile: int | None = None,
-                 warps: int | None = None) -> None:
+                 warps: int | None = None, kernel_off_gpu: bool = False) -> None:
         from weightsync.transport.packing import _ROW_WORDS
 
         if copy_to is not None and [d.numel() for d in copy_to] != [b.numel() for b in bufs]:
@@ -156,8 +155,9 @@ class ManyDigests:
         self.item_buf, self.item_row = as_tensor(items_buf), as_tensor(items_row)
         self.fast_index, self.rest_index = as_tensor(self.fast), as_tensor(self.rest)
         self.columns = _ROW_WORDS
-        # Triton missing, or no GPU (bar Triton's interpreter): torch's launches, same values
-        self.broken = device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+        # Triton missing, or no GPU: torch's launches, same values (``kernel_off_gpu``: the
+        # kernel anyway — Triton's interpreter on CPU, in tests)
+        self.broken = device.type != "cuda" and not kernel_off_gpu
 
     def terms(self) -> torch.Tensor:
         """``(n, 3)`` int64 on the device: ``digest_terms(bufs)`` (with ``copy_to``: of the
