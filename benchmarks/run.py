@@ -225,6 +225,13 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
             ray.get(actors[0].status.remote())
             rtt.append(time.perf_counter() - t)
         run["engine_call_round_trip"] = summary(rtt)
+        # and through vLLM to its worker and back (collective_rpc: a trivial worker call)
+        rtt = []
+        for _ in range(50):
+            t = time.perf_counter()
+            ray.get(actors[0].gpu_memory.remote())
+            rtt.append(time.perf_counter() - t)
+        run["engine_worker_round_trip"] = summary(rtt)
         runs.append(run)
         coord.close()
         out.write_text(json.dumps(result, indent=2))  # a later failure keeps what ran

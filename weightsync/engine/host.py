@@ -266,9 +266,12 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         await self._rpc("ws_leave_group", reply=Ack, timeout=60)
 
     async def receive(self, plan_json: str, request_json: str, *,
-                      owner: str | None = None) -> ReceiveReport:
+                      owner: str | None = None) -> str:
         """Receive a plan through the leg ``request_json`` (a ``ReceiveRequest``) names; the
         worker stages it, streams it into the loader, or verifies and loads it (``atomic``).
+        Returns the ``ReceiveReport`` as JSON, which the sender leg parses
+        (``SenderLeg.wait_receipts``): this is the one call inside every sync's transfer, and
+        Ray passes a string for less than it pickles a model.
 
         A ``TransferError`` (a verification error included) means nothing was applied; any
         other failure of a streaming or atomic apply may have left the weights half-applied.
@@ -313,7 +316,7 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
             done = await self._commit(request.commit_version, request.deadline_s)
             report = report.model_copy(update={"commit": done.seconds, "seconds": {
                 **report.seconds, "commit": time.perf_counter() - t}})  # not the transfer's
-        return report
+        return report.model_dump_json()
 
     async def apply_staged(self, deadline_s: float, *, owner: str | None = None) -> ApplyReply:
         self._expect(EngineState.LOADING, EngineState.FENCED, op="apply staged weights",

@@ -300,6 +300,7 @@ class WeightSyncWorkerExtension:
         if leg is None:
             leg = st["legs"][request.leg] = receiver_leg(request.leg)(self)
         st["active_leg"] = leg
+        setup = time.perf_counter() - t_call
         try:
             incoming = leg.receive(plan, request)
             st["staged_key"] = f"{held.key}:{incoming.cache_key}" if incoming.cache_key \
@@ -315,7 +316,7 @@ class WeightSyncWorkerExtension:
             raise
         if report.applied:
             leg.done()
-        seconds = {**incoming.seconds, **report.seconds,
+        seconds = {**incoming.seconds, **report.seconds, "worker_setup": setup,
                    "worker": time.perf_counter() - t_call}  # this whole call
         return report.model_copy(update={"seconds": seconds})
 

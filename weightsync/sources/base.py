@@ -54,14 +54,28 @@ def order_of(plan: TransferPlan, parts: Parts | None) -> list[list[str]]:
             for b in plan.buckets]
 
 
+class HeldFeed(dict):
+    """A feed handed out again, the same object, for as long as every tensor in it stays
+    where it is (a module's kept views: ``ModuleSource``). A leg may key what it derived
+    from the tensors' addresses on ``token`` instead of asking each tensor again (a MoE's
+    experts are ~1,150 views)."""
+
+    def __init__(self, items: dict[str, Any]) -> None:
+        super().__init__(items)
+        self.token = object()  # (held by whoever keys on it: never reused while it matters)
+
+
 class TensorsSource(WeightSource):
     """Named tensors all held already (a module's parameters, a state dict): the feed is a
-    dict of them, as the legs always packed from."""
+    dict of them, as the legs always packed from. ``held``: the tensors stay where they are
+    while this source is reused (then its kernel-layout feed is a ``HeldFeed``)."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor],
-                 specs: Sequence[TensorSpec] | None = None) -> None:
+                 specs: Sequence[TensorSpec] | None = None, *, held: bool = False) -> None:
         self.tensors = dict(tensors)
         self._specs = list(specs) if specs is not None else None
+        self._held = held
+        self._fed: tuple[Parts, HeldFeed] | None = None
 
     def specs(self) -> list[TensorSpec]:
         if self._specs is not None:
@@ -71,7 +85,13 @@ class TensorsSource(WeightSource):
     def feed(self, plan: TransferPlan, parts: Parts | None = None) -> Mapping[str, Any]:
         if parts is None:
             return self.tensors
-        return {slot: [self.tensors[n] for n in names] for slot, names in parts.items()}
+        if self._fed is not None and self._fed[0] == parts:
+            return self._fed[1]
+        fed = {slot: [self.tensors[n] for n in names] for slot, names in parts.items()}
+        if not self._held:
+            return fed
+        self._fed = (parts, HeldFeed(fed))
+        return self._fed[1]
 
 
 class Producer(ABC):
@@ -265,7 +285,7 @@ class ModuleSource(WeightSource):
             if where != kept.where:  # moved (offloaded and back), same shapes: new views
                 kept.where = where
                 kept.source = TensorsSource(kept.names.views(kept.slices, named),
-                                            kept.names.specs)
+                                            kept.names.specs, held=True)
             self._plain = kept.source
             return
         specs = [spec_of(n, t) for n, t in named.items()]  # once: the plain path reuses them
@@ -278,7 +298,7 @@ class ModuleSource(WeightSource):
         if views is not None and names.verify_views(views, named) is None:
             # checkpoint tensors as views of the module's own: no conversion, no copy; an
             # optimizer updates the module's tensors in place, so they stay valid
-            self._plain = TensorsSource(views, names.specs)
+            self._plain = TensorsSource(views, names.specs, held=True)
             _VIEWS[module] = _Kept(_shapes(named), names, slices, _where(named), self._plain)
         else:
             self.producer = ModuleTensors(named, names)

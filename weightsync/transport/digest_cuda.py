@@ -18,6 +18,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 _BAND_ROWS = 256  # rows per program
+# copying as it reads: shorter bands keep more programs in flight (benchmarks.digest on the
+# H200, 2 GiB: 1.13 ms at 64 rows against 1.19 ms at 256, the copy floor 1.02 ms)
+_COPY_BAND_ROWS = 64
 _TILE_ROWS = 8  # rows per load
 _WARPS = 4
 
@@ -133,7 +136,7 @@ class ManyDigests:
             raise ValueError("every buffer needs a destination as long as itself")
         self.bufs = bufs
         self.copy_to = copy_to
-        self.band = band or _BAND_ROWS
+        self.band = band or (_COPY_BAND_ROWS if copy_to is not None else _BAND_ROWS)
         self.tile, self.warps = tile or _TILE_ROWS, warps or _WARPS  # (benchmarks.digest)
         whole = [b.numel() and b.numel() % 8 == 0 and b.data_ptr() % 8 == 0 and
                  (copy_to is None or copy_to[i].data_ptr() % 8 == 0)

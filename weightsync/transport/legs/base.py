@@ -84,12 +84,19 @@ class SenderLeg(ABC):
         return {n: self.engines.submit(n, "receive", plan_text_for(plan, begun[n].plan_key),
                                        text) for n in names}
 
+    def wait_receipts(self, pending: Mapping[str, Any], timeout: float
+                      ) -> tuple[dict[str, ReceiveReport], dict[str, WeightSyncError]]:
+        """Wait for submitted ``receive`` calls: (receipts, failures). A host answers with
+        its ``ReceiveReport`` as JSON; it is parsed here, once."""
+        ok, bad = self.engines.wait(pending, timeout)
+        return {n: ReceiveReport.model_validate_json(text) for n, text in ok.items()}, bad
+
     def receive_everywhere(self, names: Sequence[str], plan: TransferPlan,
                            begun: Mapping[str, BeginReply],
                            request: ReceiveRequest) -> tuple[dict, dict]:
         """Every engine's ``receive`` under the transfer deadline: (receipts, failures)."""
         pending = self.submit_receive(names, plan, begun, request)
-        return self.engines.wait(pending, self.cfg.deadlines.transfer * 1.6)
+        return self.wait_receipts(pending, self.cfg.deadlines.transfer * 1.6)
 
 
 @dataclass

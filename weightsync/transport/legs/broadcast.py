@@ -55,7 +55,7 @@ class BroadcastLeg(SenderLeg):
             send_error = e
             self.close()  # break the group so receivers fail fast instead of waiting
         seconds = {"trainer_send": time.perf_counter() - t}
-        ok, bad = self.engines.wait(pending, dl.transfer * 1.6)
+        ok, bad = self.wait_receipts(pending, dl.transfer * 1.6)
         if bad:
             self.close()  # never reuse a group that failed anyone
         if send_error is not None:
