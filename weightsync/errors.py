@@ -92,6 +92,13 @@ class PlanNotHeld(TransferError):
     code = "plan_not_held"
 
 
+class PayloadNotHeld(TransferError):
+    """A receiver was sent its leg's payload by key (``ReceiveRequest.payload_key``) that it
+    does not hold: nothing was received; send the payload itself."""
+
+    code = "payload_not_held"
+
+
 class VerificationError(TransferError):
     """Bytes arrived but do not match what was sent, or engines disagree after loading."""
 

@@ -145,9 +145,18 @@ class ReceiveRequest(_Message):
     apply: ApplyMode
     deadline_s: float = Field(gt=0)
     payload: str | None = None
+    # instead of ``payload``: the payload this receiver was sent whole before, by its key
+    # (``transport.legs.base.payload_key``; an IPC share kept across syncs is ~23 KB for a MoE)
+    payload_key: str | None = None
     # a wave of one engine applying atomically: commit this version in the same call once
     # the load verified (``EngineHost.receive``)
     commit_version: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _payload_or_key(self) -> ReceiveRequest:
+        if self.payload is not None and self.payload_key is not None:
+            raise ValueError("a request carries its payload or names one by key, not both")
+        return self
 
 
 # ---- host -> coordinator -----------------------------------------------------------------------

@@ -249,3 +249,27 @@ def test_state_dict_and_pairs_become_tensor_sources():
     sd = {"a": torch.ones(2), "b": torch.zeros(3)}
     assert isinstance(as_source(sd), TensorsSource)
     assert [s.name for s in as_source(iter(sd.items())).specs()] == ["a", "b"]
+
+
+def test_kept_views_feed_the_same_held_feed_until_a_tensor_moves(moe):
+    """The IPC leg keys its direct share on a ``HeldFeed`` instead of asking every expert's
+    view where it lies each sync: the same feed object only while nothing moved."""
+    from weightsync.sources.base import HeldFeed
+
+    _, model = moe
+    names = [s.name for s in ModuleSource(model).specs()]
+    parts = {"slot": names[:3], "other": names[3:5]}
+    first = ModuleSource(model).feed(None, parts)
+    assert isinstance(first, HeldFeed)
+    assert ModuleSource(model).feed(None, {k: list(v) for k, v in parts.items()}) is first
+    experts = model.model.layers[0].mlp.experts
+    old = experts.gate_up_proj.data
+    experts.gate_up_proj.data = old.clone()  # moved: another address
+    try:
+        moved = ModuleSource(model).feed(None, parts)
+        assert isinstance(moved, HeldFeed) and moved is not first
+        assert moved.token is not first.token
+    finally:
+        experts.gate_up_proj.data = old
+    state = TensorsSource(dict(model.named_parameters()))  # not known to stay put
+    assert not isinstance(state.feed(None, parts), HeldFeed)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from weightsync.config import TransferConfig
-from weightsync.errors import WeightSyncError
+from weightsync.errors import PayloadNotHeld, TransferError, WeightSyncError
 from weightsync.messages import ApplyMode, BeginReply, ReceiveRequest
 from weightsync.transport.ranks import GroupRanks
 from weightsync.types import Bucket, ReceiveReport, TransferPlan, plan_text_for
@@ -91,6 +92,33 @@ class SenderLeg(ABC):
         ok, bad = self.engines.wait(pending, timeout)
         return {n: ReceiveReport.model_validate_json(text) for n, text in ok.items()}, bad
 
+    def receive_held(self, names: Sequence[str], plan: TransferPlan,
+                     begun: Mapping[str, BeginReply], request: ReceiveRequest,
+                     held: dict[str, str]) -> tuple[dict, dict]:
+        """``receive_everywhere`` with the payload named by key to every engine that holds it
+        (``held``: engine -> the key of the payload it was last sent whole, kept up to date
+        here). An engine that no longer holds it (restarted) is asked again with the payload
+        itself: nothing was received the first time."""
+        key = payload_key(request.payload) if request.payload is not None else None
+        by_key = request.model_copy(update={"payload": None, "payload_key": key})
+        have = [n for n in names if key is not None and held.get(n) == key]
+        pending = {**self.submit_receive([n for n in names if n not in have], plan, begun,
+                                         request),
+                   **self.submit_receive(have, plan, begun, by_key)}
+        ok, bad = self.wait_receipts(pending, self.cfg.deadlines.transfer * 1.6)
+        again = [n for n, e in bad.items() if isinstance(e, PayloadNotHeld)]
+        if again:
+            ok2, bad2 = self.wait_receipts(self.submit_receive(again, plan, begun, request),
+                                           self.cfg.deadlines.transfer * 1.6)
+            ok.update(ok2)
+            bad = {**{n: e for n, e in bad.items() if n not in again}, **bad2}
+        for n in names:
+            if n in ok and key is not None:
+                held[n] = key
+            else:
+                held.pop(n, None)
+        return ok, bad
+
     def receive_everywhere(self, names: Sequence[str], plan: TransferPlan,
                            begun: Mapping[str, BeginReply],
                            request: ReceiveRequest) -> tuple[dict, dict]:
@@ -110,14 +138,52 @@ class Incoming:
     place, and checked as they are copied into the parameters — ``expected`` against the
     checksums of the bytes written, so what is verified is what was loaded (checking them
     first would verify a read of memory its owner may write again before the copy). A
-    mismatch is then found after the parameters were overwritten: the engine is fenced."""
+    mismatch is then found after the parameters were overwritten: the engine is fenced.
+    ``expected_terms``: instead of ``expected``, the sender's checksum terms of every piece,
+    still on the device, read back with the receiver's own in one host sync."""
 
     buckets: Iterator[tuple[Bucket, torch.Tensor]]
     expected: list[int] | None = None
+    expected_terms: torch.Tensor | None = None
     known: list[int] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     cache_key: str | None = None
     checked_by_copy: bool = False
+
+
+def payload_key(payload: str) -> str:
+    """The key a leg's payload is named by once its receivers hold it (``HeldPayload``)."""
+    return hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
+
+
+class HeldPayload:
+    """The payload a receiver leg was last sent whole, parsed once: its sender may name it by
+    key (``ReceiveRequest.payload_key``) in later syncs (``SenderLeg.receive_held``)."""
+
+    def __init__(self, parse: Callable[[str], Any]) -> None:
+        self.parse = parse
+        self.key: str | None = None
+        self._text: str | None = None
+        self._parsed: Any = None
+
+    def get(self, request: ReceiveRequest) -> Any:
+        """The request's payload, parsed (the same object while it is the same payload).
+        ``PayloadNotHeld`` for a key not held here; ``TransferError`` for no payload."""
+        if request.payload is not None:
+            if request.payload != self._text:
+                parsed = self.parse(request.payload)  # (a bad payload: nothing is kept)
+                self._text, self._parsed = request.payload, parsed
+                self.key = payload_key(request.payload)
+            return self._parsed
+        if request.payload_key is None:
+            raise TransferError(f"a {request.leg} receive needs its sender's payload")
+        if request.payload_key != self.key:
+            raise PayloadNotHeld(f"payload {request.payload_key} is not held here (holding "
+                                 f"{self.key}): send it whole")
+        return self._parsed
+
+    def forget(self) -> None:
+        self.key = self._text = self._parsed = None
 
 
 class ReceiverLeg(ABC):

@@ -27,7 +27,8 @@ from weightsync.messages import BeginReply, ReceiveRequest
 from weightsync.sources.base import HeldFeed
 from weightsync.transport.digest_cuda import ManyDigests
 from weightsync.transport.graphs import Replay
-from weightsync.transport.legs.base import Incoming, LegOutcome, ReceiverLeg, SenderLeg
+from weightsync.transport.legs.base import (HeldPayload, Incoming, LegOutcome, ReceiverLeg,
+                                            SenderLeg)
 from weightsync.transport.packing import (NotDirect, Piece, bucket_sources, digest_terms,
                                           direct_pieces, fold_spans, fold_terms, pack_bucket,
                                           piece_views, span_views)
@@ -223,6 +224,7 @@ class IpcLeg(SenderLeg):
         self._placement: tuple[tuple[str, ...], tuple[int, ...]] | None = None
         self._workers: dict[str, int] = {}  # engine -> its worker count, with the placement
         self._handles: tuple[tuple, str] | None = None  # (the shares, their JSON as sent)
+        self._held_by: dict[str, str] = {}  # engine -> the key of the share it holds
         self.direct_note: str | None = None  # why the last sync packed (None: it did not)
 
     def send(self, names: Sequence[str], plan: TransferPlan, source: Any,
@@ -262,8 +264,8 @@ class IpcLeg(SenderLeg):
         commit = plan.version if one_phase and apply == "atomic" and \
             (self.cfg.ipc_reuse_buffers or self.direct_note is None) else None
         t = time.perf_counter()
-        ok, bad = self.receive_everywhere(names, plan, begun,
-                                          self.request(apply, handles, commit))
+        ok, bad = self.receive_held(names, plan, begun, self.request(apply, handles, commit),
+                                    self._held_by)  # kept shares: by key
         seconds["trainer_rpc"] = time.perf_counter() - t  # Ray call, as we saw it
         return LegOutcome(self._devices[gpus[0]].sums(), ok, bad, seconds)
 
@@ -328,6 +330,7 @@ class IpcLeg(SenderLeg):
         self._placement = None
         self._workers = {}
         self._handles = None
+        self._held_by.clear()
 
 
 class IpcReceiver(ReceiverLeg):
@@ -342,21 +345,23 @@ class IpcReceiver(ReceiverLeg):
         self._events: dict[str, Any] = {}
         self._spans: tuple | None = None  # direct: (what they depend on, Spans, their views)
         self._digests: tuple | None = None  # (the buffers' addresses, their ManyDigests)
-        self._share: tuple[str, Any] | None = None  # (the last share's JSON, parsed)
+        # the sender's share, parsed once while it keeps it (then it names it by key)
+        self._share = HeldPayload(self._parse)
+        self._opened: tuple | None = None  # (a kept share, its mapped buffers)
+
+    def _parse(self, payload: str) -> Any:
+        from weightsync.transport.ipc import IpcShare, device_uuid
+
+        # this worker's GPU: the copy it opens
+        return IpcShare.model_validate_json(payload).on(device_uuid(self.worker.device))
 
     def receive(self, plan: TransferPlan, request: ReceiveRequest) -> Incoming:
         import torch
 
-        from weightsync.transport.ipc import IpcShare, device_uuid, open_bucket, open_event
+        from weightsync.transport.ipc import open_event
 
-        if request.payload is None:
-            raise TransferError("an IPC receive needs the sender's IpcShare")
         t0 = time.perf_counter()
-        if self._share is None or self._share[0] != request.payload:  # (kept shares: the
-            # same text every sync, parsed once)
-            self._share = (request.payload, IpcShare.model_validate_json(request.payload).on(
-                device_uuid(self.worker.device)))  # this worker's GPU: the copy it opens
-        share = self._share[1]
+        share = self._share.get(request)  # (or PayloadNotHeld: nothing was touched)
         if share.buckets and [h.index for h in share.buckets] != [b.index for b in plan.buckets]:
             raise TransferError("IPC handles do not match the plan's buckets")
         if share.storages:
@@ -367,21 +372,11 @@ class IpcReceiver(ReceiverLeg):
             raise TransferError("the sender's checksum terms do not match the plan's buckets")
         handles = (*(share.storages or share.buckets), share.terms)
         reused = all(h.reusable for h in handles)  # the trainer keeps these buffers
-        mapped = []
-        for h in handles:
-            hk = (h.handle, h.storage_offset, h.nbytes)
-            buf = self._mapped.get(hk) if h.reusable else None
-            if buf is None:
-                buf = open_bucket(h)
-                if h.reusable:  # the trainer reuses this allocation: keep it mapped
-                    self._mapped[hk] = buf
-            mapped.append(buf)
-        keys = {(h.handle, h.storage_offset, h.nbytes) for h in handles if h.reusable}
-        stale = [k for k in self._mapped if k not in keys]  # the trainer replaced those:
-        for k in stale:  # unmap them, or their memory stays held on the trainer's GPU
-            del self._mapped[k]
-        if stale or not keys:
-            self.worker._ws_forget_copy_plan()
+        if self._opened is not None and self._opened[0] is share:  # kept, and mapped
+            mapped = self._opened[1]
+        else:
+            mapped = self._open(handles)
+            self._opened = (share, mapped) if reused else None
         if share.storages:  # direct: slots are pieces of the trainer's own storages
             key = (share.pieces, tuple(id(m) for m in mapped[:-1]))
             if self._spans is None or self._spans[0] != key:
@@ -403,11 +398,8 @@ class IpcReceiver(ReceiverLeg):
         torch.cuda.current_stream().wait_event(self._events[share.event])
         opened = time.perf_counter() - t0
         if share.storages:  # direct: checked as the engine copies it (Incoming)
-            t0 = time.perf_counter()
-            expected = fold_spans(spans, sender_terms.tolist())  # (waits for the sender's)
-            return Incoming(zip(plan.buckets, spans, strict=True), expected=expected,
-                            seconds={"ipc_open": opened,
-                                     "sender_sums": time.perf_counter() - t0},
+            return Incoming(zip(plan.buckets, spans, strict=True), expected_terms=sender_terms,
+                            seconds={"ipc_open": opened},
                             cache_key="ipc" if reused else None, checked_by_copy=True)
         t0 = time.perf_counter()
         where = tuple((b.data_ptr(), b.numel()) for b in bufs)
@@ -426,3 +418,25 @@ class IpcReceiver(ReceiverLeg):
         return Incoming(zip(plan.buckets, spans, strict=True), expected=expected, known=known,
                         seconds={"ipc_open": opened, "checksum": time.perf_counter() - t0},
                         cache_key="ipc" if reused else None)
+
+    def _open(self, handles) -> list:
+        """Map every handle (those the trainer reuses: once, kept mapped) and unmap the kept
+        mappings it no longer shares."""
+        from weightsync.transport.ipc import open_bucket
+
+        mapped = []
+        for h in handles:
+            hk = (h.handle, h.storage_offset, h.nbytes)
+            buf = self._mapped.get(hk) if h.reusable else None
+            if buf is None:
+                buf = open_bucket(h)
+                if h.reusable:  # the trainer reuses this allocation: keep it mapped
+                    self._mapped[hk] = buf
+            mapped.append(buf)
+        keys = {(h.handle, h.storage_offset, h.nbytes) for h in handles if h.reusable}
+        stale = [k for k in self._mapped if k not in keys]  # the trainer replaced those:
+        for k in stale:  # unmap them, or their memory stays held on the trainer's GPU
+            del self._mapped[k]
+        if stale or not keys:
+            self.worker._ws_forget_copy_plan()
+        return mapped
