@@ -10,7 +10,7 @@
 # unless given); kernels: the building blocks vs the copy floor; digest: the checksum
 # kernels (and the copy that checksums as it reads) vs the read and copy floors; moe-<shape>: a Qwen3-MoE
 # (benchmarks/run.py MOE_SHAPES) synced from transformers' in-memory module (fused experts)
-# into one serving engine (no sleep, not colocated), 10 syncs, vLLM's memory share 0.4, the
+# into one serving engine (no sleep, not colocated), 30 syncs, vLLM's memory share 0.4, the
 # engine copying from the trainer's own tensors (--ipc-direct); moe-<shape>-packed: the same,
 # packed (the trainer copies into IPC buckets first).
 # The device tool brings back at most 8 files from $OUT: each job writes a JSON and a PNG and
@@ -35,7 +35,7 @@ for job in "$@"; do
       python3 -m benchmarks.run --shape "$s" --syncs 10 --ipc --ipc-reuse --sleep-level 0 \
         --bucket-mib 2048 --engines 1 --gpu-util 0.4 --workdir /tmp/bench \
         --out "$out/sync-gpu-$s-packed.json" ;;
-    moe-*) python3 -m benchmarks.run --shape "$job" --syncs 10 --ipc --ipc-reuse --ipc-direct \
+    moe-*) python3 -m benchmarks.run --shape "$job" --syncs 30 --ipc --ipc-reuse --ipc-direct \
         --sleep-level 0 --bucket-mib 2048 --engines 1 --gpu-util 0.4 --workdir /tmp/bench \
         --out "$out/sync-gpu-$job.json" ;;
     *-native) s=${job%-native}

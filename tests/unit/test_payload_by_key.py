@@ -123,3 +123,13 @@ def test_an_engine_that_failed_its_receive_gets_the_payload_whole_next_time():
     hosts.sent.clear()
     leg.receive_held(names, plan, begun, _request(payload="s"), held)
     assert [r.payload for _, r in hosts.sent] == ["s"]
+
+
+def test_a_callees_stamps_become_the_time_each_way_or_are_dropped():
+    from weightsync.transport.legs.base import hops
+
+    report = ReceiveReport(nbytes=1, checksums=(1,), applied=True,
+                           seconds={"worker": 2.0, "at_host_enter": 10.5, "at_host_exit": 12.75})
+    same = hops(report, 10.0, 13.0, "ray", "host").seconds
+    assert same == {"worker": 2.0, "ray_request": 0.5, "ray_reply": 0.25}
+    assert hops(report, None, 13.0, "ray", "host").seconds == {"worker": 2.0}

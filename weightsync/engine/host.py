@@ -27,6 +27,7 @@ from weightsync.engine import vllm_compat
 from weightsync.engine.dormancy import Dormancy, Found
 from weightsync.engine.lease import LeaseHolder, SyncLease
 from weightsync.engine.serving import Serving
+from weightsync.transport.legs.base import hops
 from weightsync.engine.workers import (check_workers, merge_applies, merge_fingerprints,
                                        merge_layouts, merge_memory, merge_receipts)
 from weightsync.errors import (DeadlineExceeded, EngineError, IllegalStateError, ManifestError,
@@ -294,7 +295,8 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
                 reports = await self._plan_rpc("ws_receive", plan_json, request_json,
                                                reply=ReceiveReport,
                                                timeout=request.deadline_s * 1.5)
-            report = merge_receipts(reports, self.spec.name)
+            report = merge_receipts([hops(r, t, time.perf_counter(), "vllm", "worker")
+                                     for r in reports], self.spec.name)
         except WeightSyncError as e:
             self.group_id = None  # a worker leaves a group that failed it
             several = self.workers is not None and self.workers.workers > 1
@@ -316,7 +318,10 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
             done = await self._commit(request.commit_version, request.deadline_s)
             report = report.model_copy(update={"commit": done.seconds, "seconds": {
                 **report.seconds, "commit": time.perf_counter() - t}})  # not the transfer's
-        return report.model_dump_json()
+        # when this call began and ended here, for the caller's hops (transfer.legs.base.hops)
+        return report.model_copy(update={"seconds": {
+            **report.seconds, "at_host_enter": t_enter,
+            "at_host_exit": time.perf_counter()}}).model_dump_json()
 
     async def apply_staged(self, deadline_s: float, *, owner: str | None = None) -> ApplyReply:
         self._expect(EngineState.LOADING, EngineState.FENCED, op="apply staged weights",

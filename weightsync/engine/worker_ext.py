@@ -317,8 +317,10 @@ class WeightSyncWorkerExtension:
             raise
         if report.applied:
             leg.done()
+        t_end = time.perf_counter()
         seconds = {**incoming.seconds, **report.seconds, "worker_setup": setup,
-                   "worker": time.perf_counter() - t_call}  # this whole call
+                   "worker": t_end - t_call,  # this whole call
+                   "at_worker_enter": t_call, "at_worker_exit": t_end}  # (for the host's hops)
         return report.model_copy(update={"seconds": seconds})
 
     def _consume(self, plan: TransferPlan, stream: Iterator[tuple[Bucket, torch.Tensor]],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -85,31 +86,40 @@ class SenderLeg(ABC):
         return {n: self.engines.submit(n, "receive", plan_text_for(plan, begun[n].plan_key),
                                        text) for n in names}
 
-    def wait_receipts(self, pending: Mapping[str, Any], timeout: float
+    def wait_receipts(self, pending: Mapping[str, Any], timeout: float,
+                      sent: float | None = None
                       ) -> tuple[dict[str, ReceiveReport], dict[str, WeightSyncError]]:
         """Wait for submitted ``receive`` calls: (receipts, failures). A host answers with
-        its ``ReceiveReport`` as JSON; it is parsed here, once."""
+        its ``ReceiveReport`` as JSON; it is parsed here, once. ``sent``: when they were
+        submitted, by this machine's ``time.perf_counter()``, for a leg whose engines are
+        on this machine (then the receipts say how long Ray took each way: ``ray_*``)."""
         ok, bad = self.engines.wait(pending, timeout)
-        return {n: ReceiveReport.model_validate_json(text) for n, text in ok.items()}, bad
+        back = time.perf_counter()
+        return {n: hops(ReceiveReport.model_validate_json(text), sent, back, "ray", "host")
+                for n, text in ok.items()}, bad
 
     def receive_held(self, names: Sequence[str], plan: TransferPlan,
                      begun: Mapping[str, BeginReply], request: ReceiveRequest,
-                     held: dict[str, str]) -> tuple[dict, dict]:
+                     held: dict[str, str], *, same_machine: bool = False
+                     ) -> tuple[dict, dict]:
         """``receive_everywhere`` with the payload named by key to every engine that holds it
         (``held``: engine -> the key of the payload it was last sent whole, kept up to date
         here). An engine that no longer holds it (restarted) is asked again with the payload
-        itself: nothing was received the first time."""
+        itself: nothing was received the first time. ``same_machine``: the engines run on
+        this machine (``wait_receipts`` reports Ray's hops)."""
         key = payload_key(request.payload) if request.payload is not None else None
         by_key = request.model_copy(update={"payload": None, "payload_key": key})
         have = [n for n in names if key is not None and held.get(n) == key]
+        sent = time.perf_counter() if same_machine else None
         pending = {**self.submit_receive([n for n in names if n not in have], plan, begun,
                                          request),
                    **self.submit_receive(have, plan, begun, by_key)}
-        ok, bad = self.wait_receipts(pending, self.cfg.deadlines.transfer * 1.6)
+        ok, bad = self.wait_receipts(pending, self.cfg.deadlines.transfer * 1.6, sent)
         again = [n for n, e in bad.items() if isinstance(e, PayloadNotHeld)]
         if again:
+            sent = time.perf_counter() if same_machine else None
             ok2, bad2 = self.wait_receipts(self.submit_receive(again, plan, begun, request),
-                                           self.cfg.deadlines.transfer * 1.6)
+                                           self.cfg.deadlines.transfer * 1.6, sent)
             ok.update(ok2)
             bad = {**{n: e for n, e in bad.items() if n not in again}, **bad2}
         for n in names:
@@ -149,6 +159,21 @@ class Incoming:
     seconds: dict[str, float] = field(default_factory=dict)
     cache_key: str | None = None
     checked_by_copy: bool = False
+
+
+def hops(report: ReceiveReport, sent: float | None, back: float, hop: str, callee: str
+         ) -> ReceiveReport:
+    """``report`` with the callee's ``at_<callee>_enter``/``_exit`` stamps (its
+    ``time.perf_counter()``, the machine's monotonic clock) turned into how long the call
+    took to reach it and its answer to come back (``<hop>_request``, ``<hop>_reply``), given
+    when the caller sent it and got it back. Only for caller and callee on one machine (a
+    host and its workers; a colocated trainer and its engine); ``sent`` None: another
+    machine, the stamps are dropped."""
+    seconds = dict(report.seconds)
+    enter, leave = seconds.pop(f"at_{callee}_enter", None), seconds.pop(f"at_{callee}_exit", None)
+    if enter is not None and leave is not None and sent is not None:
+        seconds[f"{hop}_request"], seconds[f"{hop}_reply"] = enter - sent, back - leave
+    return report.model_copy(update={"seconds": seconds})
 
 
 def payload_key(payload: str) -> str:

@@ -265,7 +265,7 @@ class IpcLeg(SenderLeg):
             (self.cfg.ipc_reuse_buffers or self.direct_note is None) else None
         t = time.perf_counter()
         ok, bad = self.receive_held(names, plan, begun, self.request(apply, handles, commit),
-                                    self._held_by)  # kept shares: by key
+                                    self._held_by, same_machine=True)  # kept shares: by key
         seconds["trainer_rpc"] = time.perf_counter() - t  # Ray call, as we saw it
         return LegOutcome(self._devices[gpus[0]].sums(), ok, bad, seconds)
 
