@@ -11,13 +11,18 @@ library's error hierarchy, and waits for many calls at once without ever hanging
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import ray
 
+from weightsync.engine.channel import ChannelClient, OnChannel
 from weightsync.errors import EngineDeadError, EngineError, EngineUnresponsive, WeightSyncError
+
+logger = logging.getLogger(__name__)
 
 
 def unwrap(e: BaseException) -> WeightSyncError:
@@ -44,6 +49,9 @@ def gather(refs: dict[str, Any], timeout: float) -> tuple[dict[str, Any], dict[s
     end = time.monotonic() + timeout
     for name, ref in refs.items():
         try:
+            if isinstance(ref, OnChannel):  # sent over the host's local channel
+                ok[name] = ref.result(max(0.0, end - time.monotonic()))
+                continue
             ok[name] = ray.get(ref, timeout=max(0.0, end - time.monotonic()))
         except ray.exceptions.GetTimeoutError:
             bad[name] = EngineUnresponsive(f"no answer within {timeout:.1f}s", engine=name)
@@ -74,10 +82,16 @@ class Engines(Protocol):
 
 
 class RayEngines:
-    """``Engines`` over Ray engine actors (``weightsync.engine.actor``)."""
+    """``Engines`` over Ray engine actors (``weightsync.engine.actor``). The calls a host
+    also serves on its local channel (``receive``: one per sync) go that way when this
+    process runs on the host's machine (``weightsync.engine.channel``), else through Ray."""
+
+    #: calls a host serves on its channel (``EngineHost.CHANNEL``)
+    ON_CHANNEL = frozenset({"receive"})
 
     def __init__(self, actors: Mapping[str, Any]) -> None:
         self._actors = dict(actors)
+        self._channels: dict[str, ChannelClient | None] = {}  # None: through Ray
 
     @classmethod
     def connect(cls, actors: Sequence[Any], timeout: float) -> tuple[RayEngines, list]:
@@ -90,14 +104,40 @@ class RayEngines:
         return dict(self._actors)
 
     def submit(self, name: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        channel = self._channel(name) if method in self.ON_CHANNEL else None
+        if channel is not None and set(kwargs) <= {"owner"}:
+            try:
+                channel.send(method, args, kwargs.get("owner"))
+                return OnChannel(channel)
+            except OSError as e:  # nothing was sent: Ray carries this call and the next
+                logger.info("engine %s: its channel failed (%s); calls go through Ray", name, e)
+                self._channels[name] = None
         return getattr(self._actors[name], method).remote(*args, **kwargs)
+
+    def _channel(self, name: str) -> ChannelClient | None:
+        """The host's channel when its socket is on this machine (asked once per host)."""
+        if name not in self._channels:
+            try:
+                path = ray.get(self._actors[name].local_channel.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - an older host, or a dead one: Ray says which
+                path = None
+            self._channels[name] = ChannelClient(path, name) \
+                if path is not None and os.path.exists(path) else None
+        return self._channels[name]
 
     def wait(self, pending: Mapping[str, Any], timeout: float
              ) -> tuple[dict[str, Any], dict[str, WeightSyncError]]:
         return gather(dict(pending), timeout)
 
+    def channel_calls(self) -> dict[str, int | None]:
+        """Calls each host answered over its channel so far (None: its calls go by Ray)."""
+        return {n: c.calls if c is not None else None for n, c in self._channels.items()}
+
     def replace(self, name: str, handle: Any) -> None:
         self._actors[name] = handle
+        old = self._channels.pop(name, None)
+        if old is not None:
+            old.close()
 
 
 class OwnedEngines:

@@ -52,6 +52,7 @@ def test_sync_matches_hf_on_both_engines_and_changes_output(fleet, coord, policy
 
 def test_checksums_agree_and_version_increments_once_per_sync(fleet, coord, policy):
     start = coord.version
+    calls = dict(coord.access.inner.channel_calls())
     for i in range(2):
         perturb_(policy, seed=100 + i)
         res = coord.sync(policy)
@@ -61,6 +62,11 @@ def test_checksums_agree_and_version_increments_once_per_sync(fleet, coord, poli
             assert e.ok and e.checksum_ok is True and e.nbytes == res.nbytes
     versions = {s.version for s in ray.get([a.status.remote() for a in fleet])}
     assert versions == {start + 2}
+    # every sync's receive went over each host's local channel (this process is on their
+    # machine), not through Ray
+    after = coord.access.inner.channel_calls()
+    assert set(after) == {"engine-a", "engine-b"}
+    assert all(after[n] - (calls.get(n) or 0) == 2 for n in after), (calls, after)
 
 
 @pytest.mark.parametrize("breakage", ["unknown", "shape", "dtype"])

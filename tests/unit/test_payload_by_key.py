@@ -130,6 +130,6 @@ def test_a_callees_stamps_become_the_time_each_way_or_are_dropped():
 
     report = ReceiveReport(nbytes=1, checksums=(1,), applied=True,
                            seconds={"worker": 2.0, "at_host_enter": 10.5, "at_host_exit": 12.75})
-    same = hops(report, 10.0, 13.0, "ray", "host").seconds
-    assert same == {"worker": 2.0, "ray_request": 0.5, "ray_reply": 0.25}
-    assert hops(report, None, 13.0, "ray", "host").seconds == {"worker": 2.0}
+    same = hops(report, 10.0, 13.0, "call", "host").seconds
+    assert same == {"worker": 2.0, "call_request": 0.5, "call_reply": 0.25}
+    assert hops(report, None, 13.0, "call", "host").seconds == {"worker": 2.0}

@@ -27,6 +27,7 @@ from weightsync.engine import vllm_compat
 from weightsync.engine.dormancy import Dormancy, Found
 from weightsync.engine.lease import LeaseHolder, SyncLease
 from weightsync.engine.serving import Serving
+from weightsync.engine.channel import ChannelServer
 from weightsync.transport.legs.base import hops
 from weightsync.engine.workers import (check_workers, merge_applies, merge_fingerprints,
                                        merge_layouts, merge_memory, merge_receipts)
@@ -87,6 +88,7 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         self._lease = SyncLease()  # who owns the sync in progress, until when
         self._loaded: FinishReply | None = None  # this sync's load, fingerprinted as it loaded
         self._watchdog: asyncio.Task | None = None
+        self._channel: ChannelServer | None = None
         self._plan = HeldPlan()  # the plan the trainer last sent in full (BeginReply.plan_key)
         self._workers_plan: str | None = None  # the key of the one every worker holds
 
@@ -111,6 +113,11 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         infos = await self._rpc("ws_info", reply=WorkerInfo, timeout=300)
         self.workers = check_workers(infos, self.spec.name)
         self.info = infos[0]
+        # the colocated trainer's short way in for the call every sync makes (RayEngines)
+        if self._channel is not None:  # (a restart)
+            await self._channel.close()
+        self._channel = ChannelServer({"receive": self.receive})
+        await self._channel.start()
         self.state = EngineState.SERVING
         self._serving.set()
         logger.info("engine %s up in %.1fs on %s (runner %s)", self.spec.name,
@@ -126,7 +133,15 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
             lease_left_s=self._lease.left(),
         )
 
+    async def local_channel(self) -> str | None:
+        """The path of the Unix socket this host serves ``receive`` on (``engine.channel``),
+        for a trainer on its machine; None before start."""
+        return self._channel.path if self._channel is not None else None
+
     async def shutdown(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
         if self.engine is not None:
             vllm_compat.shutdown(self.engine)
             self.engine = None

@@ -92,10 +92,10 @@ class SenderLeg(ABC):
         """Wait for submitted ``receive`` calls: (receipts, failures). A host answers with
         its ``ReceiveReport`` as JSON; it is parsed here, once. ``sent``: when they were
         submitted, by this machine's ``time.perf_counter()``, for a leg whose engines are
-        on this machine (then the receipts say how long Ray took each way: ``ray_*``)."""
+        on this machine (then the receipts say how long the call took each way: ``call_*``)."""
         ok, bad = self.engines.wait(pending, timeout)
         back = time.perf_counter()
-        return {n: hops(ReceiveReport.model_validate_json(text), sent, back, "ray", "host")
+        return {n: hops(ReceiveReport.model_validate_json(text), sent, back, "call", "host")
                 for n, text in ok.items()}, bad
 
     def receive_held(self, names: Sequence[str], plan: TransferPlan,
@@ -106,7 +106,7 @@ class SenderLeg(ABC):
         (``held``: engine -> the key of the payload it was last sent whole, kept up to date
         here). An engine that no longer holds it (restarted) is asked again with the payload
         itself: nothing was received the first time. ``same_machine``: the engines run on
-        this machine (``wait_receipts`` reports Ray's hops)."""
+        this machine (``wait_receipts`` reports the call's hops)."""
         key = payload_key(request.payload) if request.payload is not None else None
         by_key = request.model_copy(update={"payload": None, "payload_key": key})
         have = [n for n in names if key is not None and held.get(n) == key]
