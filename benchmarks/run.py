@@ -219,19 +219,9 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
         run["scaling_vs_1"] = run["total"]["p50"] / (runs[0] if runs else run)["total"]["p50"]
         # the fixed cost of one call into an engine's actor (Ray both ways, the actor's event
         # loop): every sync's transfer makes one
-        rtt = []
-        for _ in range(50):
-            t = time.perf_counter()
-            ray.get(actors[0].status.remote())
-            rtt.append(time.perf_counter() - t)
-        run["engine_call_round_trip"] = summary(rtt)
+        run["engine_call_round_trip"] = _round_trips(actors[0].status)
         # and through vLLM to its worker and back (collective_rpc: a trivial worker call)
-        rtt = []
-        for _ in range(50):
-            t = time.perf_counter()
-            ray.get(actors[0].gpu_memory.remote())
-            rtt.append(time.perf_counter() - t)
-        run["engine_worker_round_trip"] = summary(rtt)
+        run["engine_worker_round_trip"] = _round_trips(actors[0].gpu_memory)
         runs.append(run)
         coord.close()
         out.write_text(json.dumps(result, indent=2))  # a later failure keeps what ran
@@ -256,6 +246,18 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
     plot(result, out.with_suffix(".png"))
     typer.echo(f"wrote {out} and {out.with_suffix('.png')}")
     ray.shutdown()
+
+
+def _round_trips(method, n: int = 50) -> dict:
+    """p50/p95 of ``n`` Ray calls of an actor's ``method`` (no arguments), one at a time."""
+    import ray
+
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        ray.get(method.remote())
+        times.append(time.perf_counter() - t)
+    return summary(times)
 
 
 def plot(result: dict, path: Path) -> None:

@@ -115,3 +115,25 @@ def test_a_host_that_dies_mid_call_is_a_dead_engine(tmp_path):
 def _sent(client, plan, request, owner=None) -> OnChannel:
     client.send("receive", (plan, request), owner)
     return OnChannel(client)
+
+
+def test_a_new_server_removes_the_sockets_of_hosts_whose_process_is_gone(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = tmp_path / f"weightsync-{gone}-0123456789ab.sock"
+    mine = tmp_path / f"weightsync-{os.getpid()}-0123456789ab.sock"
+    stale.touch()
+    mine.touch()
+    server = ChannelServer({})
+    path = asyncio.run(_start_and_close(server, str(tmp_path)))
+    assert not stale.exists() and mine.exists() and not os.path.exists(path)
+
+
+async def _start_and_close(server, directory):
+    path = await server.start(directory)
+    await server.close()
+    return path

@@ -67,8 +67,9 @@ class ChannelServer:
         self._connections: set[asyncio.Task] = set()
 
     async def start(self, directory: str | None = None) -> str:
-        path = os.path.join(directory or tempfile.gettempdir(),
-                            f"weightsync-{os.getpid()}-{uuid.uuid4().hex[:12]}.sock")
+        directory = directory or tempfile.gettempdir()
+        _sweep(directory)
+        path = os.path.join(directory, f"weightsync-{os.getpid()}-{uuid.uuid4().hex[:12]}.sock")
         self._server = await asyncio.start_unix_server(self._serve, path=path)
         os.chmod(path, 0o600)  # this user's processes only (as Ray's own sockets)
         self.path = path
@@ -127,6 +128,26 @@ class ChannelServer:
         except Exception as e:  # noqa: BLE001 - any other failure is the engine's, typed
             logger.exception("channel: %s failed", call.method)
             return ChannelReply(code=EngineError.code, message=f"{type(e).__name__}: {e}")
+
+
+def _sweep(directory: str) -> None:
+    """Remove the sockets of hosts whose process is gone (killed before it could): each is
+    named after its process id."""
+    for name in os.listdir(directory):
+        if not (name.startswith("weightsync-") and name.endswith(".sock")):
+            continue
+        try:
+            pid = int(name.split("-")[1])
+            os.kill(pid, 0)  # (signal 0: only asks whether it exists)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            try:
+                os.unlink(os.path.join(directory, name))
+            except OSError:
+                pass
+        except PermissionError:
+            continue  # another user's live process
 
 
 class ChannelClient:

@@ -138,10 +138,14 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         for a trainer on its machine; None before start."""
         return self._channel.path if self._channel is not None else None
 
-    async def shutdown(self) -> None:
+    async def close_channel(self) -> None:
+        """Stop serving the local channel (its calls go through Ray from then on)."""
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
+
+    async def shutdown(self) -> None:
+        await self.close_channel()
         if self.engine is not None:
             vllm_compat.shutdown(self.engine)
             self.engine = None

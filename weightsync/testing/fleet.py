@@ -265,7 +265,8 @@ class LocalEngines:
         raise NotImplementedError("in-process engines are not restarted")
 
     def close(self) -> None:
-        for loop in self._loops.values():
+        for name, loop in self._loops.items():
+            asyncio.run_coroutine_threadsafe(self._hosts[name].close_channel(), loop).result(10)
             asyncio.run_coroutine_threadsafe(_cancel_all(), loop).result(10)
             loop.call_soon_threadsafe(loop.stop)
 

@@ -266,7 +266,7 @@ class IpcLeg(SenderLeg):
         t = time.perf_counter()
         ok, bad = self.receive_held(names, plan, begun, self.request(apply, handles, commit),
                                     self._held_by, same_machine=True)  # kept shares: by key
-        seconds["trainer_rpc"] = time.perf_counter() - t  # Ray call, as we saw it
+        seconds["trainer_rpc"] = time.perf_counter() - t  # the call, channel or Ray
         return LegOutcome(self._devices[gpus[0]].sums(), ok, bad, seconds)
 
     def _why_packed(self, plan: TransferPlan, apply: str, gpus: list[int]) -> str | None:
