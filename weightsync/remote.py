@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import ray
 
-from weightsync.engine.channel import ChannelClient, OnChannel
+from weightsync.engine.channel import SERVED, ChannelClient, OnChannel
 from weightsync.errors import EngineDeadError, EngineError, EngineUnresponsive, WeightSyncError
 
 logger = logging.getLogger(__name__)
@@ -86,9 +86,6 @@ class RayEngines:
     also serves on its local channel (``receive``: one per sync) go that way when this
     process runs on the host's machine (``weightsync.engine.channel``), else through Ray."""
 
-    #: calls a host serves on its channel (``EngineHost.CHANNEL``)
-    ON_CHANNEL = frozenset({"receive"})
-
     def __init__(self, actors: Mapping[str, Any]) -> None:
         self._actors = dict(actors)
         self._channels: dict[str, ChannelClient | None] = {}  # None: through Ray
@@ -104,7 +101,7 @@ class RayEngines:
         return dict(self._actors)
 
     def submit(self, name: str, method: str, *args: Any, **kwargs: Any) -> Any:
-        channel = self._channel(name) if method in self.ON_CHANNEL else None
+        channel = self._channel(name) if method in SERVED else None
         if channel is not None and set(kwargs) <= {"owner"}:
             try:
                 channel.send(method, args, kwargs.get("owner"))

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from weightsync.checkpoint import read_checkpoint
-from weightsync.engine.worker_ext import validate_plan
+from weightsync.engine.manifest import validate_plan
 from weightsync.errors import ManifestError
 from weightsync.transport.packing import plan_buckets, spec_of
 from weightsync.types import TensorSpec
@@ -46,7 +46,7 @@ def test_a_plan_missing_any_tensor_is_refused_unless_partial():
 
 
 def test_an_empty_update_is_refused_even_when_partial():
-    from weightsync.engine.worker_ext import validate_specs
+    from weightsync.engine.manifest import validate_specs
 
     with pytest.raises(ManifestError, match="no tensors"):
         validate_specs([], _expected(), "bfloat16", set(), partial=True)

@@ -36,6 +36,10 @@ from weightsync.errors import (EngineDeadError, EngineError, EngineUnresponsive,
 
 logger = logging.getLogger(__name__)
 
+#: the host methods served on the channel (string arguments, an ``owner`` keyword, a string
+#: result): the one call every sync's transfer makes
+SERVED = frozenset({"receive"})
+
 _LENGTH = struct.Struct("!I")
 MAX_FRAME = 64 << 20  # a plan's JSON is the largest argument (a MoE's: ~128 KB)
 

@@ -24,11 +24,10 @@ from pydantic import BaseModel
 from weightsync.checkpoint import read_checkpoint
 from weightsync.config import EngineSpec
 from weightsync.engine import vllm_compat
+from weightsync.engine.channel import SERVED, ChannelServer
 from weightsync.engine.dormancy import Dormancy, Found
 from weightsync.engine.lease import LeaseHolder, SyncLease
 from weightsync.engine.serving import Serving
-from weightsync.engine.channel import ChannelServer
-from weightsync.transport.legs.base import hops
 from weightsync.engine.workers import (check_workers, merge_applies, merge_fingerprints,
                                        merge_layouts, merge_memory, merge_receipts)
 from weightsync.errors import (DeadlineExceeded, EngineError, IllegalStateError, ManifestError,
@@ -36,6 +35,7 @@ from weightsync.errors import (DeadlineExceeded, EngineError, IllegalStateError,
 from weightsync.messages import (Ack, ApplyReply, BeginReply, CommitReply, EngineWorkers,
                                  Fingerprint, GpuMemory, JoinReply, LayoutStatus, ReceiveRequest,
                                  ReloadReply, WorkerInfo, reply_of)
+from weightsync.transport.legs.base import hops
 from weightsync.types import (IN_SYNC, CheckpointFiles, EngineState, EngineStatus, FinishReply,
                               HeldPlan, PauseMode, ReceiveReport, plan_version)
 
@@ -116,7 +116,7 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         # the colocated trainer's short way in for the call every sync makes (RayEngines)
         if self._channel is not None:  # (a restart)
             await self._channel.close()
-        self._channel = ChannelServer({"receive": self.receive})
+        self._channel = ChannelServer({m: getattr(self, m) for m in SERVED})
         await self._channel.start()
         self.state = EngineState.SERVING
         self._serving.set()

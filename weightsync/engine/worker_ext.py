@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from weightsync.checkpoint import iter_tensors, read_checkpoint, read_checkpoint_files
 from weightsync.engine import vllm_compat
+from weightsync.engine.manifest import validate_plan, validate_specs
 from weightsync.errors import (ConfigError, ManifestError, ReloadError, TransferError,
                                VerificationError, WeightSyncError)
 from weightsync.messages import (Ack, ApplyMode, ApplyReply, Fingerprint, GpuMemory, JoinReply,
@@ -41,8 +42,6 @@ from weightsync.types import (Bucket, CheckpointFiles, HeldPlan, ReceiveReport, 
 
 logger = logging.getLogger(__name__)
 
-_FLOATS = {"float32", "float16", "bfloat16", "float64"}
-
 
 def worker_rpc(fn: Callable[..., BaseModel]) -> Callable[..., str]:
     """A worker method's reply, or the ``WeightSyncError`` it raised, as ``WorkerReply`` JSON
@@ -59,53 +58,6 @@ def worker_rpc(fn: Callable[..., BaseModel]) -> Callable[..., str]:
         return '{"reply":' + reply.model_dump_json() + "}"
 
     return wrapper
-
-
-def validate_plan(plan: TransferPlan, expected: dict[str, TensorSpec], serving_dtype: str,
-                  tied_names: set[str]) -> None:
-    """Raise ``ManifestError`` listing every tensor that does not fit the engine's model, or
-    every tensor the model needs that the plan lacks (unless ``plan.partial``)."""
-    validate_specs(plan.specs, expected, serving_dtype, tied_names, partial=plan.partial)
-
-
-def validate_specs(specs: list[TensorSpec], expected: dict[str, TensorSpec], serving_dtype: str,
-                   tied_names: set[str], *, partial: bool) -> None:
-    """``validate_plan`` for a list of tensors (a plan's, or a checkpoint's headers).
-
-    ``expected`` is the model as the engine loaded it at start. A complete update carries every
-    tensor of it (tied copies aside); a partial one is only accepted when asked for, and never
-    an empty one.
-    """
-    if not specs:
-        raise ManifestError("no tensors: an update must carry at least one tensor")
-    problems: list[str] = []
-    for spec in specs:
-        want = expected.get(spec.name)
-        if want is None:
-            if spec.name in tied_names:
-                continue
-            problems.append(f"unknown parameter {spec.name!r}")
-        elif tuple(want.shape) != tuple(spec.shape):
-            problems.append(f"{spec.name}: shape {list(spec.shape)} != engine's {list(want.shape)}")
-        elif spec.dtype != want.dtype and not (
-            want.dtype in _FLOATS and spec.dtype in {serving_dtype, "float32"}
-        ):
-            # Floats may arrive in the serving dtype or as fp32 master weights (vLLM casts);
-            # anything else is a mistake worth stopping for.
-            problems.append(f"{spec.name}: dtype {spec.dtype} != engine's {want.dtype} "
-                            f"(serving {serving_dtype})")
-    if problems:
-        more = f" (+{len(problems) - 10} more)" if len(problems) > 10 else ""
-        raise ManifestError(f"{len(problems)} tensor(s) do not fit the model: "
-                            + "; ".join(problems[:10]) + more)
-    if not partial:
-        missing = sorted(set(expected) - tied_names - {s.name for s in specs})
-        if missing:
-            more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
-            raise ManifestError(
-                f"incomplete update: {len(missing)} of the model's {len(expected)} tensors are "
-                f"missing ({', '.join(missing[:5])}{more}); ask for a partial update "
-                "explicitly to change only some tensors")
 
 
 def _packed_only(stream: Iterator[tuple[Bucket, Any]]) -> Iterator[tuple[Bucket, Any]]:

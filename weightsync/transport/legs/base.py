@@ -100,14 +100,16 @@ class SenderLeg(ABC):
 
     def receive_held(self, names: Sequence[str], plan: TransferPlan,
                      begun: Mapping[str, BeginReply], request: ReceiveRequest,
-                     held: dict[str, str], *, same_machine: bool = False
-                     ) -> tuple[dict, dict]:
+                     held: dict[str, str], *, key: str | None = None,
+                     same_machine: bool = False) -> tuple[dict, dict]:
         """``receive_everywhere`` with the payload named by key to every engine that holds it
         (``held``: engine -> the key of the payload it was last sent whole, kept up to date
         here). An engine that no longer holds it (restarted) is asked again with the payload
-        itself: nothing was received the first time. ``same_machine``: the engines run on
-        this machine (``wait_receipts`` reports the call's hops)."""
-        key = payload_key(request.payload) if request.payload is not None else None
+        itself: nothing was received the first time. ``key``: the payload's
+        (``payload_key``), when the leg keeps it with the payload. ``same_machine``: the
+        engines run on this machine (``wait_receipts`` reports the call's hops)."""
+        if key is None and request.payload is not None:
+            key = payload_key(request.payload)
         by_key = request.model_copy(update={"payload": None, "payload_key": key})
         have = [n for n in names if key is not None and held.get(n) == key]
         sent = time.perf_counter() if same_machine else None
@@ -206,9 +208,6 @@ class HeldPayload:
             raise PayloadNotHeld(f"payload {request.payload_key} is not held here (holding "
                                  f"{self.key}): send it whole")
         return self._parsed
-
-    def forget(self) -> None:
-        self.key = self._text = self._parsed = None
 
 
 class ReceiverLeg(ABC):

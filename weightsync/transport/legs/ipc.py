@@ -28,7 +28,7 @@ from weightsync.sources.base import HeldFeed
 from weightsync.transport.digest_cuda import ManyDigests
 from weightsync.transport.graphs import Replay
 from weightsync.transport.legs.base import (HeldPayload, Incoming, LegOutcome, ReceiverLeg,
-                                            SenderLeg)
+                                            SenderLeg, payload_key)
 from weightsync.transport.packing import (NotDirect, Piece, bucket_sources, digest_terms,
                                           direct_pieces, fold_spans, fold_terms, pack_bucket,
                                           piece_views, span_views)
@@ -223,7 +223,8 @@ class IpcLeg(SenderLeg):
         self._devices: dict[int, _DeviceBuckets] = {}  # local GPU index -> its buckets
         self._placement: tuple[tuple[str, ...], tuple[int, ...]] | None = None
         self._workers: dict[str, int] = {}  # engine -> its worker count, with the placement
-        self._handles: tuple[tuple, str] | None = None  # (the shares, their JSON as sent)
+        # (the shares, their JSON as sent, its payload_key)
+        self._handles: tuple[tuple, str, str] | None = None
         self._held_by: dict[str, str] = {}  # engine -> the key of the share it holds
         self.direct_note: str | None = None  # why the last sync packed (None: it did not)
 
@@ -256,8 +257,9 @@ class IpcLeg(SenderLeg):
         kept = self._handles is not None and len(self._handles[0]) == len(shares) and \
             all(a is b for a, b in zip(self._handles[0], shares))
         if not kept:  # kept shares (held here, so never a new object at an old address)
-            self._handles = (shares, IpcShare(devices=shares).model_dump_json())
-        handles = self._handles[1]
+            text = IpcShare(devices=shares).model_dump_json()
+            self._handles = (shares, text, payload_key(text))
+        _, handles, key = self._handles
         seconds = {"trainer_queue": queued, "trainer_share": time.perf_counter() - t - queued}
         # and commit in that call too when the coordinator allows it (one_phase) and nothing
         # here waits to be freed after the load: the engine's KV cache wakes in that call
@@ -265,7 +267,7 @@ class IpcLeg(SenderLeg):
             (self.cfg.ipc_reuse_buffers or self.direct_note is None) else None
         t = time.perf_counter()
         ok, bad = self.receive_held(names, plan, begun, self.request(apply, handles, commit),
-                                    self._held_by, same_machine=True)  # kept shares: by key
+                                    self._held_by, key=key, same_machine=True)  # kept: by key
         seconds["trainer_rpc"] = time.perf_counter() - t  # the call, channel or Ray
         return LegOutcome(self._devices[gpus[0]].sums(), ok, bad, seconds)
 
