@@ -81,21 +81,22 @@ class ShardedPolicy(Policy):
         import torch.multiprocessing as mp
 
         from weightsync.errors import ConfigError
-        from weightsync.transport.broadcast import free_port
 
         if not device.startswith("cpu"):  # the step messages are CPU tensors (gloo)
             raise ConfigError("--trainer-ranks > 1 runs on CPU (gloo) for now")
 
-        port = free_port("127.0.0.1")
+        # rank 0's store listens before the others start: its port is taken, not picked free
+        # and released (another process could bind it in between)
+        store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False,
+                              timeout=timedelta(seconds=TIMEOUT_S))
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_follower, args=(r, world, port, str(model_dir),
+        procs = [ctx.Process(target=_follower, args=(r, world, store.port, str(model_dir),
                                                       cfg.model_dump_json(), device),
                              name=f"grpo-rank-{r}", daemon=True) for r in range(1, world)]
         for p in procs:
             p.start()
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
-                                init_method=f"tcp://127.0.0.1:{port}", rank=0,
-                                world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", store=store,
+                                rank=0, world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
         policy = cls(model_dir, cfg, device)
         _shard(policy, world, device)
         policy.world, policy.procs = world, procs
@@ -162,9 +163,10 @@ def _follower(rank: int, world: int, port: int, model_dir: str, cfg_json: str,
 
     from weightsync.sources.sharded import ShardedSync
 
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
-                            init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=TIMEOUT_S))
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=False,
+                          timeout=timedelta(seconds=TIMEOUT_S))
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", store=store,
+                            rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
     if device.startswith("cuda"):
         device = f"cuda:{rank % torch.cuda.device_count()}"
     torch.set_num_threads(1)

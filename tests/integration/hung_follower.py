@@ -24,12 +24,12 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
+
+from weightsync.testing.sharded_trainer import new_rendezvous
 
 HUNG_RANK = 1
 
@@ -39,14 +39,12 @@ def start_ranks(out: Path, deadline_s: float, bucket_bytes: int, seed: int, engi
     """One process per rank; rank ``HUNG_RANK`` stops itself at its ``stop_at_gather``-th
     gather (0: before its first sync). ``engines``: ``--model DIR --ray GCS`` or
     ``--local-fleet DIR``."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    rendezvous = new_rendezvous(out)
     root = str(Path(__file__).parents[2])
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     return {r: subprocess.Popen(
-        [sys.executable, "-m", "tests.integration.hung_follower", str(r), str(world), str(port),
+        [sys.executable, "-m", "tests.integration.hung_follower", str(r), str(world), str(rendezvous),
          str(out), str(deadline_s), str(bucket_bytes), str(seed), *engines,
          *(["--stop-at-gather", str(stop_at_gather)] if r == HUNG_RANK else [])],
         cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -101,7 +99,7 @@ def _outcome(sync, model, **kwargs) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    for name, kind in [("rank", int), ("world", int), ("port", int), ("out", Path),
+    for name, kind in [("rank", int), ("world", int), ("rendezvous", Path), ("out", Path),
                        ("deadline", float), ("bucket_bytes", int), ("seed", int)]:
         p.add_argument(name, type=kind)
     p.add_argument("--model")
@@ -118,7 +116,8 @@ def main() -> None:
     from weightsync.config import Deadlines, TransferConfig
     from weightsync.coordinator import SyncCoordinator
     from weightsync.sources import sharded
-    from weightsync.testing.sharded_trainer import _engines, _expected_sums, _model, _shard
+    from weightsync.testing.sharded_trainer import (_engines, _expected_sums, _model, _shard,
+                                                    join_group)
 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
@@ -132,9 +131,7 @@ def main() -> None:
             bucket_bytes=args.bucket_bytes, deadlines=Deadlines(
                 rendezvous=30, transfer=args.deadline, verify=30, resume=30, reload=30,
                 lease=30)))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}",
-                            rank=args.rank, world_size=args.world,
-                            timeout=timedelta(seconds=180))
+    join_group(args.rank, args.world, args.rendezvous, 180)
     model = _shard(model, args.world)
     syncer = sharded.ShardedSync(coord, timeout_s=120)
 

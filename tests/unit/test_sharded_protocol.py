@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from weightsync.testing.fleet import save_tiny_model
+from weightsync.testing.sharded_trainer import join_group, new_rendezvous
 
 
 def _teardown() -> None:
@@ -32,21 +32,15 @@ def _teardown() -> None:
     os._exit(0)
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(out: Path, common: list[str], per_rank: dict[int, list[str]] | None = None,
               world: int = 2, timeout: float = 240) -> dict[int, dict]:
     """Start one ``sharded_trainer`` process per rank; their reports (a rank killed has none)
     and return codes."""
-    port = _port()
+    rendezvous = new_rendezvous(out)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = {r: subprocess.Popen(
         [sys.executable, "-m", "weightsync.testing.sharded_trainer", str(r), str(world),
-         str(port), str(out), *common, *(per_rank or {}).get(r, [])],
+         str(rendezvous), str(out), *common, *(per_rank or {}).get(r, [])],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for r in range(world)}
     reports = {}
@@ -147,13 +141,10 @@ def test_a_follower_that_hangs_fails_the_sync_on_every_rank_within_the_deadline(
         {("serving", second[0]["version"])}
 
 
-def _gather_rank(rank: int, world: int, port: int, out: str) -> None:
+def _gather_rank(rank: int, world: int, rendezvous: str, out: str) -> None:
     """One rank: FSDP2-shard a module of awkward shapes, gather it with ``ShardGather`` in
     two calls (two buckets), and on the sender compare with ``full_tensor()``."""
-    from datetime import timedelta
-
     import torch
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -162,8 +153,7 @@ def _gather_rank(rank: int, world: int, port: int, out: str) -> None:
     from weightsync.sources.base import whole
     from weightsync.sources.sharded import ShardGather
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
+    join_group(rank, world, rendezvous, 60)
     torch.manual_seed(0)
     m = torch.nn.Module()
     for name, shape in [("odd", (7, 3)), ("one", (1, 5)), ("vec", (5,)), ("big", (64, 33))]:
@@ -200,7 +190,8 @@ def _gather_rank(rank: int, world: int, port: int, out: str) -> None:
 def test_shard_gather_reassembles_uneven_blocks_on_the_sender_only(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_gather_rank, args=(2, _port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_gather_rank, args=(2, str(new_rendezvous(tmp_path)), str(tmp_path)), nprocs=2,
+             join=True)
     r0, r1 = (json.loads((tmp_path / f"gather{r}.json").read_text()) for r in (0, 1))
     assert r0["ok"] and r1["ok"]
     assert "odd is sharded (a DTensor)" in r0["refused"] and "ShardedSync" in r0["refused"]
@@ -208,14 +199,11 @@ def test_shard_gather_reassembles_uneven_blocks_on_the_sender_only(tmp_path):
     assert all(b > 0 for b in r0["bytes"][::2] + r1["bytes"][::2])
 
 
-def _moe_rank(rank: int, world: int, port: int, out: str) -> None:
+def _moe_rank(rank: int, world: int, rendezvous: str, out: str) -> None:
     """One rank of an FSDP2-sharded Qwen3-MoE (fused experts sharded over the expert dim): its
     sharded source, read bucket by bucket on both ranks, gives the sender exactly what
     ``save_pretrained`` writes for the unsharded model."""
-    from datetime import timedelta
-
     import torch
-    import torch.distributed as dist
     from safetensors.torch import load_file
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -224,8 +212,7 @@ def _moe_rank(rank: int, world: int, port: int, out: str) -> None:
     from weightsync.sources.sharded import ShardedSource, ShardGather
     from weightsync.transport.packing import pack_bucket, plan_buckets
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
+    join_group(rank, world, rendezvous, 60)
     model = Qwen3MoeForCausalLM.from_pretrained(out, dtype=torch.float32)
     mesh = init_device_mesh("cpu", (world,))
     for layer in model.model.layers:
@@ -256,6 +243,6 @@ def test_sharded_moe_feeds_the_names_and_bytes_save_pretrained_writes(tmp_path):
     from weightsync.testing.models import build_moe_model
 
     path = build_moe_model(tmp_path / "moe")
-    mp.spawn(_moe_rank, args=(2, _port(), str(path)), nprocs=2, join=True)
+    mp.spawn(_moe_rank, args=(2, str(new_rendezvous(tmp_path)), str(path)), nprocs=2, join=True)
     r0, r1 = (json.loads((path / f"moe{r}.json").read_text()) for r in (0, 1))
     assert r0["ok"] and r1["ok"] and r0["buckets"] > 4

@@ -3,7 +3,7 @@ through ``ShardedSync``. Run one process per rank; each writes a JSON report. Us
 ``tests/integration/test_sharded_cpu.py``, ``tests/unit/test_sharded_protocol.py`` and
 ``benchmarks/sharded.py``.
 
-    python -m weightsync.testing.sharded_trainer RANK WORLD PORT OUT_DIR \
+    python -m weightsync.testing.sharded_trainer RANK WORLD RENDEZVOUS OUT_DIR \
         --model DIR [--ray GCS --namespace NS --engines engine-a,engine-b | --local-fleet DIR]
         [--seed N] [--syncs N] [--bucket-bytes N] [--die-at-gather N]
 
@@ -12,6 +12,7 @@ through ``ShardedSync``. Run one process per rank; each writes a JSON report. Us
 killed mid-sync). The report holds each sync's result or error, its wall time, and the rank's
 extra memory: the bytes of gathered full tensors it held at once (counted by the source) and
 its peak resident set size above the level before the sync (the kernel's high-water mark).
+``RENDEZVOUS`` is a file path no run has used (``new_rendezvous``), shared by the ranks.
 """
 
 from __future__ import annotations
@@ -22,8 +23,28 @@ import os
 import signal
 import sys
 import time
+import uuid
 from datetime import timedelta
 from pathlib import Path
+
+SETUP_S = 180.0  # how long the ranks wait for each other to join (rank 0 reaches the fleet first)
+
+
+def new_rendezvous(out: Path) -> Path:
+    """A file path for the ranks of one run to meet at (``join_group``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    return out.resolve() / f"rendezvous-{uuid.uuid4().hex[:12]}"
+
+
+def join_group(rank: int, world: int, rendezvous: str | Path, timeout_s: float) -> None:
+    """Join the trainer's gloo group through a file, waiting up to ``timeout_s`` for the others.
+
+    A file, not a port: a port picked free and released before rank 0's store binds it can be
+    taken meanwhile (Ray and vLLM bind many), and the other ranks then time out connecting."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=Path(rendezvous).resolve().as_uri(), rank=rank,
+                            world_size=world, timeout=timedelta(seconds=timeout_s))
 
 
 def sync_outcome(sync, model, **kwargs) -> dict:
@@ -116,7 +137,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("rank", type=int)
     p.add_argument("world", type=int)
-    p.add_argument("port", type=int)
+    p.add_argument("rendezvous", type=Path)
     p.add_argument("out", type=Path)
     p.add_argument("--model")
     p.add_argument("--ray")
@@ -146,11 +167,12 @@ def main() -> None:
         d = args.timeout / 3
         cfg = TransferConfig(bucket_bytes=args.bucket_bytes, deadlines=Deadlines(
             rendezvous=d, transfer=d, verify=d, resume=d, reload=d, lease=d))
+        t0 = time.monotonic()
         coord = SyncCoordinator(_engines(args), cfg)
+        print(f"rank 0: reached the fleet in {time.monotonic() - t0:.1f} s", flush=True)
     if args.world > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}",
-                                rank=args.rank, world_size=args.world,
-                                timeout=timedelta(seconds=args.timeout))
+        # the group's own collectives are FSDP's; the sync's waits are ShardedSync's (timeout_s)
+        join_group(args.rank, args.world, args.rendezvous, max(args.timeout, SETUP_S))
         model = _shard(model, args.world)
         syncer = sharded.ShardedSync(coord, timeout_s=args.timeout)
         if args.die_at_gather:
