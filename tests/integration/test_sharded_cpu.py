@@ -15,7 +15,7 @@ import ray
 
 from tests.integration import hung_follower
 from tests.integration.api_server import assert_parity, outputs
-from tests.unit.test_sharded_protocol import run_ranks
+from tests.unit.test_sharded_protocol import logs, run_ranks
 from weightsync.config import TransferConfig
 from weightsync.coordinator import SyncCoordinator
 from weightsync.testing.reference import load_trainer_model, perturb_
@@ -44,7 +44,7 @@ def test_two_fsdp2_ranks_sync_into_two_vllm_engines_that_match_hf(fleet, tiny_mo
                                                                   tmp_path):
     reports = _run(tmp_path, tiny_model, SEED, "--syncs", "2")
     r0, r1 = reports[0], reports[1]
-    assert r0["rc"] == 0 and r1["rc"] == 0, (r0["log"], r1["log"])
+    assert r0["rc"] == 0 and r1["rc"] == 0, logs(reports)
     assert [s["ok"] for s in r0["syncs"]] == [True, True]
     assert all(s["sums_match_unsharded"] for s in r0["syncs"])  # the unsharded model's bytes
     assert [s["result"] for s in r1["syncs"]] == [s["result"] for s in r0["syncs"]]
@@ -70,7 +70,7 @@ def test_rolling_waves_gather_the_shards_again_for_each_wave(fleet, tiny_model, 
     with the sender."""
     reports = _run(tmp_path, tiny_model, SEED + 1, "--wave-size", "1")
     r0, r1 = reports[0], reports[1]
-    assert r0["rc"] == 0 and r1["rc"] == 0, (r0["log"], r1["log"])
+    assert r0["rc"] == 0 and r1["rc"] == 0, logs(reports)
     (sync,) = r0["syncs"]
     assert sync["ok"] and sync["sums_match_unsharded"]
     assert r1["syncs"][0]["result"] == sync["result"]
