@@ -380,6 +380,7 @@ def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Con
     started_s = time.perf_counter() - t
     _say(console, f"engines up in {started_s:.1f}s")
     records: list[StepRecord] = []
+    done = False
     try:
         coord = SyncCoordinator(actors, TransferConfig(backend=cfg.backend, host=cfg.sync_host,
                                                        bucket_bytes=cfg.bucket_mib << 20))
@@ -400,9 +401,10 @@ def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Con
         final = sample_groups(actors, list(PROMPTS), cfg, coord.version)
         final_reward = float(torch.tensor([[token_fraction_reward(r.token_ids, targets) for r in g]
                                            for g in final]).mean())
+        done = True
     finally:
         if cfg.trainer_ranks > 1:
-            policy.close()
+            policy.close(failed=not done)
         stop_engines(actors)
     k = max(1, cfg.steps // 5)
     summary = dict(

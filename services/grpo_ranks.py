@@ -122,9 +122,18 @@ class ShardedPolicy(Policy):
     def syncing(self, coordinator: Any) -> RankedCoordinator:
         return RankedCoordinator(coordinator)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Stop the other ranks: between steps they wait for rank 0's next command. After a
+        failure (``failed``) they may wait anywhere in a step (a follower inside a sync waits up
+        to ``TIMEOUT_S`` for a message that will not come): they are killed instead, and the
+        group is left to the process's exit (gloo's teardown over dead peers can abort it)."""
         import torch.distributed as dist
 
+        if failed:
+            for p in self.procs:
+                p.kill()
+                p.join(10)
+            return
         try:
             dist.broadcast(torch.tensor([_STOP]), 0)
         except RuntimeError:
