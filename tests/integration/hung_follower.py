@@ -44,8 +44,8 @@ def start_ranks(out: Path, deadline_s: float, bucket_bytes: int, seed: int, engi
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     return {r: subprocess.Popen(
-        [sys.executable, "-m", "tests.integration.hung_follower", str(r), str(world), str(rendezvous),
-         str(out), str(deadline_s), str(bucket_bytes), str(seed), *engines,
+        [sys.executable, "-m", "tests.integration.hung_follower", str(r), str(world),
+         str(rendezvous), str(out), str(deadline_s), str(bucket_bytes), str(seed), *engines,
          *(["--stop-at-gather", str(stop_at_gather)] if r == HUNG_RANK else [])],
         cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for r in range(world)}
