@@ -259,7 +259,6 @@ class WeightSyncWorkerExtension:
                 else None
             if incoming.checked_by_copy:
                 report = self._consume_checked_by_copy(plan, incoming.buckets, request.apply,
-                                                       incoming.expected,
                                                        incoming.expected_terms)
             else:
                 report = self._consume(plan, incoming.buckets, request.apply,
@@ -324,16 +323,14 @@ class WeightSyncWorkerExtension:
 
     def _consume_checked_by_copy(self, plan: TransferPlan,
                                  stream: Iterator[tuple[Bucket, Spans]], apply: ApplyMode,
-                                 expected: list[int] | None,
-                                 expected_terms: torch.Tensor | None = None) -> ReceiveReport:
+                                 expected_terms: torch.Tensor | None) -> ReceiveReport:
         """Load direct buckets (``Spans``: the sender's own memory) into the parameters by one
         launch that checksums every piece as it reads it (``digest_cuda.ManyDigests`` with
-        ``copy_to``), then compare with ``expected`` (or the sums of ``expected_terms``, the
-        sender's terms on the device, read back with ours): what is verified is exactly what
-        was written. A mismatch comes after the parameters were overwritten: ``ReloadError``
-        (the host fences the engine until a sync succeeds)."""
-        if apply != "atomic" or plan.format != "kernel" or \
-                (expected is None and expected_terms is None):
+        ``copy_to``), then compare with the sender's checksums (its ``expected_terms`` per
+        piece, on the device, read back with ours in one host sync): what is verified is
+        exactly what was written. A mismatch comes after the parameters were overwritten:
+        ``ReloadError`` (the host fences the engine until a sync succeeds)."""
+        if apply != "atomic" or plan.format != "kernel" or expected_terms is None:
             raise TransferError("a direct share (the sender's own storages) is for a kernel-"
                                 "layout plan applied atomically, with the sender's checksums")
         st = self._ws_state()
@@ -351,12 +348,9 @@ class WeightSyncWorkerExtension:
             else:
                 terms = many.terms()
             spans = [buf for _, buf in staged]
-            if expected_terms is None:
-                sums = fold_spans(spans, terms.tolist())  # (host sync)
-            else:  # ours and the sender's, in the one host sync
-                rows = torch.cat([terms, expected_terms]).tolist()
-                sums, expected = fold_spans(spans, rows[:len(terms)]), \
-                    fold_spans(spans, rows[len(terms):])
+            rows = torch.cat([terms, expected_terms]).tolist()  # (the one host sync)
+            sums = fold_spans(spans, rows[:len(terms)])
+            expected = fold_spans(spans, rows[len(terms):])
         seconds = {"reload": time.perf_counter() - t0}
         bad = [i for i, (a, b) in enumerate(zip(sums, expected, strict=True)) if a != b]
         if bad:

@@ -24,7 +24,7 @@ from weightsync.transport.packing import (NotDirect, Spans, checksum, digest_ter
                                           pack_bucket, piece_views, span_views)
 from weightsync.types import TransferPlan
 
-_MAILBOX: dict[str, list[torch.Tensor]] = {}  # one send's packed buckets, by token
+_MAILBOX: dict[str, tuple] = {}  # one send's (buckets, checksums, direct terms), by token
 _LOCK = threading.Lock()
 
 
@@ -40,15 +40,16 @@ class LoopbackLeg(SenderLeg):
         # as the IPC leg: a wave of one single-worker engine verifies and loads in its
         # receive call, and commits there too (one_phase)
         atomic = one_phase and self.cfg.apply == "staged" and self._one_worker(names)
-        direct = None
+        direct, terms = None, None
         if atomic and plan.format == "kernel" and self.cfg.ipc_direct:
             try:  # as the IPC leg: the engine copies from the trainer's own tensors
                 direct = direct_pieces(plan, tensors, torch.device("cpu"))
             except NotDirect:
                 direct = None
         if direct is not None:
-            bufs = piece_views(*direct)
-            sums = _direct_sums(bufs)
+            bufs = piece_views(*direct)  # each piece digested where it lies
+            terms = digest_terms(span_views(bufs))
+            sums = fold_spans(bufs, terms.tolist())
         else:
             bufs, sums = [], []
             for bucket in plan.buckets:
@@ -59,7 +60,7 @@ class LoopbackLeg(SenderLeg):
         self.direct = direct is not None
         token = uuid.uuid4().hex
         with _LOCK:
-            _MAILBOX[token] = (bufs, sums)
+            _MAILBOX[token] = (bufs, sums, terms)
         try:
             ok, bad = self.receive_everywhere(
                 names, plan, begun,
@@ -79,7 +80,7 @@ class LoopbackLeg(SenderLeg):
 class LoopbackReceiver(ReceiverLeg):
     def receive(self, plan: TransferPlan, request: ReceiveRequest) -> Incoming:
         with _LOCK:
-            bufs, sums = _MAILBOX.get(request.payload or "", (None, None))
+            bufs, sums, terms = _MAILBOX.get(request.payload or "", (None, None, None))
         if bufs is None or len(bufs) != len(plan.buckets):
             raise TransferError("no loopback buckets for this receive")
         faults = getattr(self.worker, "faults", None)
@@ -93,7 +94,7 @@ class LoopbackReceiver(ReceiverLeg):
             if corrupt is not None and corrupt < len(bufs) and bufs[corrupt].views:
                 with torch.no_grad():
                     bufs[corrupt].views[0][0] ^= 0xFF
-            return Incoming(zip(plan.buckets, bufs, strict=True), expected=sums,
+            return Incoming(zip(plan.buckets, bufs, strict=True), expected_terms=terms,
                             checked_by_copy=True)
 
         def buckets():
@@ -106,8 +107,3 @@ class LoopbackReceiver(ReceiverLeg):
         # an atomic apply verifies every bucket before it loads: the sender's checksums
         # come with the buckets then (otherwise the coordinator compares them afterwards)
         return Incoming(buckets(), expected=sums if request.apply == "atomic" else None)
-
-
-def _direct_sums(spans: list[Spans]) -> list[int]:
-    """Per-bucket checksums of direct buckets, each piece digested where it lies."""
-    return fold_spans(spans, digest_terms(span_views(spans)).tolist())

@@ -147,12 +147,12 @@ class Incoming:
     while the buffers are (the worker keeps its kernel-layout copy plan under it).
 
     ``checked_by_copy``: the buckets are the sender's own memory (``packing.Spans``), read in
-    place, and checked as they are copied into the parameters — ``expected`` against the
-    checksums of the bytes written, so what is verified is what was loaded (checking them
-    first would verify a read of memory its owner may write again before the copy). A
-    mismatch is then found after the parameters were overwritten: the engine is fenced.
-    ``expected_terms``: instead of ``expected``, the sender's checksum terms of every piece,
-    still on the device, read back with the receiver's own in one host sync."""
+    place, and checked as they are copied into the parameters — ``expected_terms`` (the
+    sender's checksum terms of every piece, ``packing.digest_terms``, still on the device,
+    read back with the receiver's own in one host sync) against those of the bytes written,
+    so what is verified is what was loaded (checking them first would verify a read of memory
+    its owner may write again before the copy). A mismatch is then found after the
+    parameters were overwritten: the engine is fenced."""
 
     buckets: Iterator[tuple[Bucket, torch.Tensor]]
     expected: list[int] | None = None
