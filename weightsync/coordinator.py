@@ -209,7 +209,9 @@ class SyncCoordinator(Colocation, Outcomes):
             with self._holding(targets):
                 self._begin(runs, None, pause_mode, 0, version)
                 ok, bad = self._call("reload_from_path", targets, path, dl.reload,
-                                     partial=partial, roots=roots, timeout=dl.reload * 1.2)
+                                     partial=partial, roots=roots,
+                                     check_finite=self.transfer.check_finite,
+                                     timeout=dl.reload * 1.2)
                 for n, r in ok.items():
                     runs[n].seconds["reload"] = r.reload
                 result = self._finish(runs, bad, version, "checkpoint", (), t0, partial)
@@ -524,6 +526,7 @@ class SyncCoordinator(Colocation, Outcomes):
             runs[n].seconds.update(reply.seconds)
             runs[n].fingerprint = reply.fingerprint
             runs[n].skipped += reply.skipped
+            runs[n].rebuilt += reply.rebuilt
         # engines disagree (worker by worker, within a shape): fence all but the majority
         bad.update(disagreeing(ok))
         self._phase("resume")

@@ -86,16 +86,19 @@ class ApplyReply(_Message):
     reload: float
     layout: Literal["checkpoint", "kernel"]
     fingerprint: str | None = None
+    rebuilt: tuple[str, ...] = ()
     seconds: dict[str, float] = Field(default_factory=dict)
     finish: FinishReply | None = None
 
 
 class ReloadReply(_Message):
     reload: float
+    rebuilt: tuple[str, ...] = ()  # what the worker restored or rebuilt after loading
 
 
 class Fingerprint(_Message):
     digest: str
+    rebuilt: tuple[str, ...] = ()  # what the worker restored or rebuilt after its last load
 
 
 class EngineWorkers(_Message):
@@ -151,6 +154,8 @@ class ReceiveRequest(_Message):
     # a wave of one engine applying atomically: commit this version in the same call once
     # the load verified (``EngineHost.receive``)
     commit_version: int | None = Field(None, ge=1)
+    # refuse non-finite tensors before applying them (``TransferConfig.check_finite``)
+    check_finite: bool = True
 
     @model_validator(mode="after")
     def _payload_or_key(self) -> ReceiveRequest:

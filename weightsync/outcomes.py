@@ -30,6 +30,7 @@ class EngineRun:
     finish: FinishReply | None = None  # the verify step, done by the engine as it loaded
     committed: bool = False  # the engine committed in its receive call (a wave of one)
     skipped: tuple[str, ...] = ()  # phases an engine skipped after it began, and why
+    rebuilt: tuple[str, ...] = ()  # derived state it restored or rebuilt after loading
     note: str | None = None  # why it rolled back, when it did
 
 
@@ -88,6 +89,7 @@ class Outcomes:
                 engine=n, ok=took, version=version if took else versions.get(n, -1),
                 seconds=run.seconds,
                 skipped=(*(run.begun.skipped if run.begun else ()), *run.skipped),
+                rebuilt=run.rebuilt,
                 nbytes=run.nbytes, checksum_ok=run.checksum_ok, fingerprint=run.fingerprint,
                 error=str(err) if err else (f"rolled back: {run.note or 'another engine failed'}"
                                             if n in rolled_back else None),

@@ -12,7 +12,7 @@ import math
 import re
 from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, model_validator
 
 from weightsync.errors import PlanNotHeld
 
@@ -50,7 +50,8 @@ def _dtype_name(v: object) -> object:
 DtypeName = Annotated[Literal["float32", "float16", "bfloat16", "float64", "float8_e4m3fn",
                               "float8_e5m2", "int8", "uint8", "int16", "int32", "int64", "bool"],
                       BeforeValidator(_dtype_name)]
-Dim = Annotated[int, Field(ge=0)]
+# Strict: a shape is JSON integers, never "4", 4.0 or true (pydantic's lax mode takes all three)
+Dim = Annotated[int, Strict(), Field(ge=0)]
 assert set(get_args(get_args(DtypeName)[0])) == set(DTYPE_ITEMSIZE)
 
 
@@ -117,10 +118,12 @@ class TransferPlan(_Frozen):
 
     @model_validator(mode="after")
     def _unique(self) -> TransferPlan:
-        names = [s.name for b in self.buckets for s in b.slots]
-        if len(names) != len(set(names)):
-            dup = sorted({n for n in names if names.count(n) > 1})
-            raise ValueError(f"tensor names sent twice: {dup[:5]}")
+        seen: set[str] = set()
+        dup: set[str] = set()
+        for s in (s for b in self.buckets for s in b.slots):  # one pass: linear in the names
+            (dup if s.name in seen else seen).add(s.name)
+        if dup:
+            raise ValueError(f"tensor names sent twice: {sorted(dup)[:5]}")
         if [b.index for b in self.buckets] != list(range(len(self.buckets))):
             raise ValueError("bucket indices must be 0..n-1 in order")
         return self
@@ -231,6 +234,7 @@ class CheckpointFiles(_Frozen):
 
     files: tuple[str, ...] = Field(min_length=1)
     partial: bool = False
+    check_finite: bool = True  # refuse a file holding NaN or Inf before loading any tensor
 
 
 class EngineState(str, enum.Enum):
@@ -261,6 +265,8 @@ class FinishReply(_Frozen):
     skipped: tuple[str, ...] = ()
     fingerprints: tuple[str, ...] = ()  # per worker, in rank order
     shape: str = "tp1xpp1x1"
+    # what the load left behind that the engine restored or rebuilt (``engine.derived``)
+    rebuilt: tuple[str, ...] = ()
 
 
 class ReceiveReport(_Frozen):
@@ -280,6 +286,7 @@ class ReceiveReport(_Frozen):
     applied: bool  # True once reload_weights consumed every tensor (streaming)
     seconds: dict[str, float] = Field(default_factory=dict)
     fingerprint: str | None = None  # the worker's, when it applied
+    rebuilt: tuple[str, ...] = ()  # what the worker restored or rebuilt after its load
     finish: FinishReply | None = None  # the engine's verify step, when done with the apply
     commit: dict[str, float] | None = None  # the commit's seconds, when it committed too
 
@@ -300,6 +307,9 @@ class EngineSyncReport(_Frozen):
     version: int  # the version the engine serves after this sync
     seconds: dict[str, float] = Field(default_factory=dict)
     skipped: tuple[str, ...] = ()  # phases skipped and why, e.g. "sleep: unsupported on cpu"
+    # derived state the engine had to restore or rebuild after the load (a tied head's
+    # CPU pack, a parameter vLLM re-created): ``weightsync.engine.derived``
+    rebuilt: tuple[str, ...] = ()
     nbytes: int = 0
     checksum_ok: bool | None = None
     fingerprint: str | None = None

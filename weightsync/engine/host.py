@@ -31,7 +31,7 @@ from weightsync.engine.serving import Serving
 from weightsync.engine.workers import (check_workers, merge_applies, merge_fingerprints,
                                        merge_layouts, merge_memory, merge_receipts)
 from weightsync.errors import (DeadlineExceeded, EngineError, IllegalStateError, ManifestError,
-                               TransferError, WeightSyncError, error_class)
+                               TransferError, VerificationError, WeightSyncError, error_class)
 from weightsync.messages import (Ack, ApplyReply, BeginReply, CommitReply, EngineWorkers,
                                  Fingerprint, GpuMemory, JoinReply, LayoutStatus, ReceiveRequest,
                                  ReloadReply, WorkerInfo, reply_of)
@@ -91,6 +91,10 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         self._channel: ChannelServer | None = None
         self._plan = HeldPlan()  # the plan the trainer last sent in full (BeginReply.plan_key)
         self._workers_plan: str | None = None  # the key of the one every worker holds
+        # the load in progress skipped the finite check (TransferConfig.check_finite=False);
+        # once such a version served, its KV blocks may hold NaN: zeroed at the next commit
+        self._unchecked_load = False
+        self._kv_tainted = False
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> EngineStatus:
@@ -108,6 +112,7 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
             limit_mm_per_prompt=self.spec.limit_mm_per_prompt,
             kv_cache_bytes=int(self.spec.cpu_kvcache_gib * (1 << 30)) if self.device == "cpu"
             else None,
+            engine_args=self.spec.engine_args,
         )
         self.sleep_supported = sleep
         infos = await self._rpc("ws_info", reply=WorkerInfo, timeout=300)
@@ -304,6 +309,7 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         self._expect(*IN_SYNC, EngineState.FENCED, op="receive weights", owner=owner)
         request = ReceiveRequest.model_validate_json(request_json)
         plan_json = self._plan.text(plan_json)  # (or PlanNotHeld: nothing changed yet)
+        self._unchecked_load = not request.check_finite
         if self.state != EngineState.FENCED:
             self.state = EngineState.LOADING
         if request.apply == "streaming":
@@ -359,12 +365,13 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
             return None  # not applied (staged), or a worker that did not fingerprint
         took = max(r.seconds.get("fingerprint", 0.0) for r in replies)
         self._loaded = merge_fingerprints(
-            [Fingerprint(digest=r.fingerprint) for r in replies], self.workers,
+            [Fingerprint(digest=r.fingerprint, rebuilt=r.rebuilt) for r in replies], self.workers,
             seconds={"fingerprint": took}, skipped=(_CLEAN,) if self._caches_clean else ())
         return self._loaded if self._caches_clean else None
 
     async def _checkpoint(self, path: str | None, partial: bool,
-                          roots: Sequence[str] | None, deadline_s: float) -> CheckpointFiles:
+                          roots: Sequence[str] | None, deadline_s: float,
+                          check_finite: bool = True) -> CheckpointFiles:
         """Resolve a checkpoint directory (``None``: the engine's own model) into its files, in
         a thread and under a deadline (``weightsync.checkpoint``: files one by one, inside
         ``roots`` when given, regular files only, bounded headers). The worker checks their
@@ -380,7 +387,8 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         except TimeoutError as e:
             raise DeadlineExceeded(f"reading checkpoint headers took over {deadline_s:.0f}s",
                                    engine=self.spec.name) from e
-        return CheckpointFiles(files=files, partial=partial and path is not None)
+        return CheckpointFiles(files=files, partial=partial and path is not None,
+                               check_finite=check_finite)
 
     async def validate_checkpoint(self, path: str | None, *, partial: bool = False,
                                   roots: Sequence[str] | None = None,
@@ -393,23 +401,26 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
     async def reload_from_path(self, path: str | None, deadline_s: float, *,
                                partial: bool = False,
                                roots: Sequence[str] | None = None,
-                               owner: str | None = None) -> ReloadReply:
+                               owner: str | None = None,
+                               check_finite: bool = True) -> ReloadReply:
         """Reload weights from a safetensors directory (``None``: the original model), loading
         exactly the files that were checked. A checkpoint refused before loading leaves the
         weights as they were."""
         self._expect(*IN_SYNC, EngineState.FENCED, op="reload from a checkpoint", owner=owner)
-        ckpt = await self._checkpoint(path, partial, roots, deadline_s)
+        ckpt = await self._checkpoint(path, partial, roots, deadline_s, check_finite)
         if self.state != EngineState.FENCED:
             self.state = EngineState.LOADING
+        self._unchecked_load = not check_finite
         intact, self.weights_intact = self.weights_intact, False
         try:
             with self._lease.busy():
                 out = await self._rpc("ws_reload_files", ckpt.model_dump_json(),
                                       reply=ReloadReply, timeout=deadline_s)
-        except ManifestError:  # the worker refused the files before loading any of them
+        except (ManifestError, VerificationError):  # refused before loading any tensor
             self.weights_intact = intact
             raise
-        return ReloadReply(reload=max(r.reload for r in out))  # every worker loaded
+        return ReloadReply(reload=max(r.reload for r in out),  # every worker loaded
+                           rebuilt=out[0].rebuilt)
 
     async def finish_load(self, deadline_s: float, *, owner: str | None = None) -> FinishReply:
         """Make sure no cache holds what the old weights computed; return a fingerprint of the
@@ -458,6 +469,11 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
                                     engine=self.spec.name)
         with self._lease.busy():
             seconds = await self._wake_and_resume(deadline_s)
+            if self._kv_tainted:  # the version before may have written NaN into KV blocks
+                t = time.perf_counter()
+                await self._rpc("ws_scrub_kv", reply=Ack, timeout=deadline_s)
+                seconds["scrub_kv"] = time.perf_counter() - t
+        self._kv_tainted = self._unchecked_load
         self._lease.release()
         self._found = None
         self._loaded = None

@@ -79,14 +79,89 @@ def vllm_version() -> str:
     return vllm.__version__
 
 
+# Engine arguments weightsync sets itself: a spec's ``engine_args`` may not name them.
+OWNED_ENGINE_ARGS = {
+    "model": "the model is EngineSpec.model",
+    "worker_extension_cls": "weightsync's worker extension receives, verifies and loads the "
+                            "weights; without it the engine cannot be synced",
+    "enable_sleep_mode": "weightsync turns sleep mode on wherever vLLM supports it (CUDA) and "
+                         "owns sleep and wake (the colocated loop)",
+    "distributed_executor_backend": "weightsync's hosts run vLLM's own multiprocessing "
+                                    "executor inside their Ray actor; a Ray executor would "
+                                    "start workers the transfer groups do not know",
+    "weight_transfer_config": "weightsync owns the weight transfer",
+}
+
+
+def _engine_arg_types() -> dict[str, Any]:
+    """Every field of vLLM's ``AsyncEngineArgs`` and its type (None where it cannot be
+    resolved here: then only the name is checked)."""
+    import dataclasses
+    import sys
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    scope = vars(sys.modules[AsyncEngineArgs.__module__])
+    types: dict[str, Any] = {}
+    for f in dataclasses.fields(AsyncEngineArgs):
+        tp = f.type
+        if isinstance(tp, str):
+            try:
+                tp = eval(tp, scope)  # noqa: S307 - vLLM's own annotation, in its own module
+            except Exception:  # noqa: BLE001 - an annotation only vLLM's type checker resolves
+                tp = None
+        types[f.name] = tp
+    return types
+
+
+def check_engine_args(args: dict[str, Any], typed: dict[str, str]) -> None:
+    """Refuse engine arguments vLLM's ``AsyncEngineArgs`` would not take (unknown names,
+    values of the wrong type: strict, so ``"yes"`` is no bool; a dict is taken for a config
+    dataclass), arguments weightsync owns (``OWNED_ENGINE_ARGS``) and ones ``EngineSpec``
+    has a field for (``typed``: name -> that field). Raises ``ValueError`` saying why."""
+    import difflib
+
+    from pydantic import TypeAdapter, ValidationError
+
+    types = _engine_arg_types()
+    for name, value in args.items():
+        if name in OWNED_ENGINE_ARGS:
+            raise ValueError(f"engine_args[{name!r}]: weightsync sets this itself "
+                             f"({OWNED_ENGINE_ARGS[name]})")
+        if name in typed:
+            raise ValueError(f"engine_args[{name!r}]: set EngineSpec.{typed[name]} instead")
+        if name not in types:
+            near = difflib.get_close_matches(name, list(types), n=3)
+            hint = f" (did you mean {', '.join(near)}?)" if near else ""
+            raise ValueError(f"engine_args[{name!r}]: not an argument of vLLM "
+                             f"{vllm_version()}'s engine{hint}")
+        tp = types[name]
+        if tp is None:
+            continue
+        adapter = TypeAdapter(tp)
+        try:
+            adapter.validate_python(value, strict=True)
+        except ValidationError as e:
+            try:
+                if not isinstance(value, dict):
+                    raise
+                adapter.validate_python(value)  # a config dataclass given as a dict
+            except ValidationError:
+                first = e.errors()[0]
+                raise ValueError(f"engine_args[{name!r}] = {value!r}: {first['msg']}") from None
+
+
 def make_async_engine(*, model: str, dtype: str, max_model_len: int, seed: int,
                       enforce_eager: bool, tensor_parallel_size: int,
                       gpu_memory_utilization: float, enable_sleep_mode: bool,
                       worker_extension_cls: str,
                       limit_mm_per_prompt: dict[str, int] | None,
-                      kv_cache_bytes: int | None = None) -> Any:
+                      kv_cache_bytes: int | None = None,
+                      engine_args: dict[str, Any] | None = None) -> Any:
     """``AsyncLLM`` with our defaults. ``kv_cache_bytes``: an explicit KV-cache size (CPU
-    engines; vLLM's ``VLLM_CPU_KVCACHE_SPACE``, where set, still overrides it in whole GiB)."""
+    engines; vLLM's ``VLLM_CPU_KVCACHE_SPACE``, where set, still overrides it in whole GiB).
+    ``engine_args``: any other argument of vLLM's engine (``EngineSpec.engine_args``, checked
+    by ``check_engine_args`` when the spec was made); they override our defaults."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -106,6 +181,7 @@ def make_async_engine(*, model: str, dtype: str, max_model_len: int, seed: int,
         kwargs["limit_mm_per_prompt"] = limit_mm_per_prompt
     if kv_cache_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
+    kwargs.update(engine_args or {})
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
 
 
@@ -371,6 +447,46 @@ def worker_parallel(worker: Any) -> WorkerParallel:
 def model(worker: Any) -> Any:
     """The worker's ``nn.Module`` as vLLM built it (its parameters in kernel layout)."""
     return worker.model_runner.get_model()
+
+
+def post_load(module: Any) -> Any:
+    """The module's post-load hook (``quant_method.process_weights_after_loading``, bound to
+    nothing: call it with the module), or None. vLLM runs it once per module after loading:
+    it is where CPU engines pack linear weights for their GEMM (``cpu_linear``), where
+    quantized engines quantize and make scales, where MoE experts are repacked."""
+    method = getattr(module, "quant_method", None)
+    hook = getattr(method, "process_weights_after_loading", None)
+    return None if hook is None else (lambda m, _hook=hook: _hook(m))
+
+
+def cuda_graphs(worker: Any) -> bool:
+    """Whether the worker replays captured CUDA graphs (a CUDA engine not in eager mode)."""
+    device = getattr(worker, "device", None)
+    return getattr(device, "type", None) == "cuda" and \
+        not bool(worker.model_runner.model_config.enforce_eager)
+
+
+def kv_cache_tensors(worker: Any) -> list[Any]:
+    """The worker's KV-cache tensors (the model runner's ``kv_caches``, else the attention
+    layers' ``kv_cache`` in the forward context): what ``scrub_kv_cache`` zeroes."""
+    import torch
+
+    found: list[Any] = []
+
+    def add(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            found.append(x)
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                add(y)
+
+    add(getattr(worker.model_runner, "kv_caches", None))
+    if not found:
+        ctx = worker.model_runner.vllm_config.compilation_config.static_forward_context
+        for layer in ctx.values():
+            add(getattr(layer, "kv_cache", None))
+    seen: set[int] = set()
+    return [t for t in found if t.numel() and not (t.data_ptr() in seen or seen.add(t.data_ptr()))]
 
 
 def packed_modules(worker: Any) -> dict[str, list[str]]:

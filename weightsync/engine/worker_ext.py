@@ -23,6 +23,8 @@ from pydantic import BaseModel
 
 from weightsync.checkpoint import iter_tensors, read_checkpoint, read_checkpoint_files
 from weightsync.engine import vllm_compat
+from weightsync.engine.derived import ModelStorage
+from weightsync.engine.finite import nonfinite, require_finite
 from weightsync.engine.manifest import validate_plan, validate_specs
 from weightsync.errors import (ConfigError, ManifestError, ReloadError, TransferError,
                                VerificationError, WeightSyncError)
@@ -99,6 +101,9 @@ class WeightSyncWorkerExtension:
                 st["expected"] = read_checkpoint(str(mc.model)).specs
             except WeightSyncError as e:
                 st["expected_error"] = f"the model's own checkpoint is unreadable: {e}"
+        if st.get("storage") is None:  # what the model computes with, as vLLM left it
+            st["storage"] = ModelStorage(vllm_compat.model(self), vllm_compat.post_load,
+                                         graphs=vllm_compat.cuda_graphs(self))
         par = vllm_compat.worker_parallel(self)
         device = getattr(self, "device", torch.device("cpu"))
         return WorkerInfo(runner=vllm_compat.model_runner_class(self), rank=par.rank,
@@ -152,7 +157,16 @@ class WeightSyncWorkerExtension:
 
     @worker_rpc
     def ws_fingerprint(self) -> Fingerprint:
-        return Fingerprint(digest=self._fingerprint())
+        return Fingerprint(digest=self._fingerprint(), rebuilt=self._ws_state().get("rebuilt", ()))
+
+    @worker_rpc
+    def ws_scrub_kv(self) -> Ack:
+        """Zero the KV cache: nothing a served version wrote there (NaN from unchecked
+        weights) reaches a later version's requests through blocks they reuse."""
+        with torch.no_grad():
+            for t in vllm_compat.kv_cache_tensors(self):
+                t.zero_()
+        return Ack()
 
     def _fingerprint(self) -> str:
         """Digest of every parameter as loaded (vLLM layout). Equal across a verified fleet.
@@ -259,10 +273,11 @@ class WeightSyncWorkerExtension:
                 else None
             if incoming.checked_by_copy:
                 report = self._consume_checked_by_copy(plan, incoming.buckets, request.apply,
-                                                       incoming.expected_terms)
+                                                       incoming.expected_terms,
+                                                       request.check_finite)
             else:
                 report = self._consume(plan, incoming.buckets, request.apply,
-                                       incoming.expected, incoming.known)
+                                       incoming.expected, incoming.known, request.check_finite)
         except BaseException:
             leg.failed()
             raise
@@ -276,7 +291,7 @@ class WeightSyncWorkerExtension:
 
     def _consume(self, plan: TransferPlan, stream: Iterator[tuple[Bucket, torch.Tensor]],
                  apply: ApplyMode, expected: list[int] | None = None,
-                 known: list[int] | None = None) -> ReceiveReport:
+                 known: list[int] | None = None, check_finite: bool = True) -> ReceiveReport:
         """Check every bucket of ``stream`` against ``expected`` (the sender's checksums) and
         stage or apply it. ``known``: the buckets' checksums, already computed by the leg."""
         if apply == "atomic" and expected is None:
@@ -297,6 +312,10 @@ class WeightSyncWorkerExtension:
                 if expected is not None and sums[-1] != expected[bucket.index]:
                     raise VerificationError(f"bucket {bucket.index}: checksum differs from the "
                                             "sender's; nothing applied from it")
+                if check_finite:
+                    t = time.perf_counter()
+                    require_finite(unpack_bucket(bucket, buf), f"bucket {bucket.index}")
+                    seconds["finite"] = seconds.get("finite", 0.0) + time.perf_counter() - t
                 nbytes += buf.numel()
                 yield bucket, buf
 
@@ -319,11 +338,13 @@ class WeightSyncWorkerExtension:
             applied = True
         fingerprint = self._timed_fingerprint(seconds) if applied else None
         return ReceiveReport(nbytes=nbytes, checksums=tuple(sums), applied=applied,
-                             fingerprint=fingerprint, seconds=seconds)
+                             fingerprint=fingerprint, seconds=seconds,
+                             rebuilt=st.get("rebuilt", ()) if applied else ())
 
     def _consume_checked_by_copy(self, plan: TransferPlan,
                                  stream: Iterator[tuple[Bucket, Spans]], apply: ApplyMode,
-                                 expected_terms: torch.Tensor | None) -> ReceiveReport:
+                                 expected_terms: torch.Tensor | None,
+                                 check_finite: bool = True) -> ReceiveReport:
         """Load direct buckets (``Spans``: the sender's own memory) into the parameters by one
         launch that checksums every piece as it reads it (``digest_cuda.ManyDigests`` with
         ``copy_to``), then compare with the sender's checksums (its ``expected_terms`` per
@@ -342,6 +363,8 @@ class WeightSyncWorkerExtension:
         program = self._kernel_program(staged, st.get("staged_key"))
         graph_key = self._copy_graph_key(program)
         many = program[2]
+        if check_finite:  # the sender's pieces, before anything is copied from them
+            self._require_finite_pieces(program[0], program[1])
         with torch.no_grad():
             if graph_key is not None:  # the same pieces and parameters as last sync
                 terms = self._ws_graph("kernel-layout copy").run(graph_key, many.terms)
@@ -357,9 +380,22 @@ class WeightSyncWorkerExtension:
             raise ReloadError(f"bucket {bad[0]}: the bytes copied from the sender's tensors "
                               "differ from its checksum (did it write them during the sync?); "
                               "the engine's weights are not the sender's")
+        st["rebuilt"] = ()
         fingerprint = self._timed_fingerprint(seconds)
         return ReceiveReport(nbytes=sum(buf.numel() for _, buf in staged), checksums=tuple(sums),
                              applied=True, fingerprint=fingerprint, seconds=seconds)
+
+    def _require_finite_pieces(self, dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+        """Refuse direct pieces holding NaN or Inf, named by the parameter they would land in
+        (``TransferError``-like: nothing copied yet)."""
+        bad = set(nonfinite((str(i), s) for i, s in enumerate(srcs)))
+        if not bad:
+            return
+        owners = {p.untyped_storage().data_ptr(): n for n, p in self._params().items()}
+        names = sorted({owners.get(dsts[int(i)].untyped_storage().data_ptr(), f"piece {i}")
+                        for i in bad})
+        raise VerificationError(f"non-finite values (NaN or Inf) in {', '.join(names[:5])}; "
+                                "nothing applied from them")
 
     def _timed_fingerprint(self, seconds: dict[str, float]) -> str:
         """The weights just loaded, fingerprinted in the same call (the sync's verify step
@@ -380,8 +416,9 @@ class WeightSyncWorkerExtension:
         self._leg_done()
         seconds: dict[str, float] = {}
         digest = self._timed_fingerprint(seconds)
-        return ApplyReply(reload=reload_s, layout=self._ws_state()["staged_format"],
-                          fingerprint=digest, seconds=seconds)
+        st = self._ws_state()
+        return ApplyReply(reload=reload_s, layout=st["staged_format"], fingerprint=digest,
+                          seconds=seconds, rebuilt=st.get("rebuilt", ()))
 
     @worker_rpc
     def ws_drop_staged(self) -> Ack:
@@ -410,6 +447,9 @@ class WeightSyncWorkerExtension:
         """Load ``weights``: checkpoint format through vLLM's loaders, kernel layout by copying
         into the parameters (``program``: ``_kernel_program``'s targets, when already known;
         ``graph_key``: what they depend on, when kept across syncs — replayed as one graph)."""
+        st = self._ws_state()
+        storage: ModelStorage | None = st.get("storage")
+        st["rebuilt"] = ()
         with torch.no_grad():
             if kernel and program is not None and graph_key is not None:
                 self._ws_graph("kernel-layout copy").run(graph_key,
@@ -417,7 +457,12 @@ class WeightSyncWorkerExtension:
             elif kernel:
                 copy_tensors(*(program or self._kernel_targets(weights)))
             else:
+                marks = storage.marks() if storage is not None else {}
                 vllm_compat.reload_weights(self, weights, is_checkpoint_format=True)
+                if storage is not None:  # nothing derived left behind (engine.derived)
+                    st["rebuilt"] = tuple(storage.after_load(marks))
+                    for note in st["rebuilt"]:
+                        logger.info("worker %s: %s", getattr(self, "rank", 0), note)
         if getattr(self, "device", torch.device("cpu")).type == "cuda":
             torch.cuda.synchronize()
 
@@ -545,10 +590,12 @@ class WeightSyncWorkerExtension:
         """Load exactly the files of a checkpoint the host resolved (``CheckpointFiles``), after
         checking their headers against the model again: complete unless asked otherwise."""
         ckpt = self._check_files(checkpoint_json)
+        if ckpt.check_finite:  # before any tensor is loaded: a refusal changes nothing
+            require_finite(iter_tensors(ckpt.files), "the checkpoint")
         t0 = time.perf_counter()
         self._reload(iter_tensors(ckpt.files))
         st = self._ws_state()
         st["layout"] = st["layout_status"] = None  # re-derive and re-verify on the next sync
         st["kernel_program"] = st["plan"] = None
-        return ReloadReply(reload=time.perf_counter() - t0)
+        return ReloadReply(reload=time.perf_counter() - t0, rebuilt=st.get("rebuilt", ()))
 

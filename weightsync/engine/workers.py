@@ -71,8 +71,9 @@ def merge_fingerprints(prints: Sequence[Fingerprint], workers: EngineWorkers | N
     agree only with engines of the same shape, worker by worker."""
     digests = tuple(p.digest for p in prints)
     shape = workers.shape if workers is not None else f"tp1xpp1x{len(digests)}"
+    rebuilt = tuple(dict.fromkeys(n for p in prints for n in p.rebuilt))
     return FinishReply(fingerprint="|".join(digests), fingerprints=digests, shape=shape,
-                       seconds=seconds, skipped=skipped)
+                       seconds=seconds, skipped=skipped, rebuilt=rebuilt)
 
 
 def merge_memory(readings: Sequence[GpuMemory], workers: EngineWorkers | None) -> GpuMemory:

@@ -86,6 +86,7 @@ class _Runner:
         self.model_config = SimpleNamespace(model=str(model_dir), dtype=torch.float32,
                                             hf_config=SimpleNamespace(tie_word_embeddings=False))
         self._faults = faults
+        self.kv_caches: list[torch.Tensor] = [torch.zeros(4, 8)]  # what ws_scrub_kv zeroes
 
     def get_model(self) -> torch.nn.Module:
         return self.model

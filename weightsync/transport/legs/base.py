@@ -66,6 +66,7 @@ class SenderLeg(ABC):
     def request(self, apply: ApplyMode | None = None, payload: str | None = None,
                 commit_version: int | None = None) -> ReceiveRequest:
         return ReceiveRequest(leg=self.receiver, apply=apply or self.cfg.apply,
+                              check_finite=self.cfg.check_finite,
                               deadline_s=self.cfg.deadlines.transfer, payload=payload,
                               commit_version=commit_version)
 

@@ -1,0 +1,101 @@
+"""Warm == cold on the GPU: eager and CUDA graphs, a tied dense model and a MoE, in bf16.
+
+The oracle is a cold engine of the same spec — the same model path, so vLLM's compile cache
+(keyed by the model's path) hands it the same compiled kernels — started after the trainer's
+weights were written there by ``save_pretrained``. After 4 colocated IPC syncs (checkpoint
+format first, kernel layout after), the warm engine's greedy tokens and logprobs must equal the
+cold one's bit for bit. Each sync's report says what the engine had to restore or rebuild
+(``engine.derived``). The same engines measure the sync time and rollout throughput of eager vs
+CUDA graphs (``benchmarks.graphs_gpu``).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from benchmarks.graphs_gpu import measure_rollout, measure_sync
+from tests.gpu.parity import PROMPTS, engine_generate, start_colocated, stop_engine
+from weightsync.config import TransferConfig
+from weightsync.coordinator import SyncCoordinator
+from weightsync.testing.reference import perturb_
+
+pytestmark = pytest.mark.gpu
+
+QWEN05_BF16 = dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864,
+                   vocab_size=151936, tie_word_embeddings=True, dtype="bfloat16")
+MOE = dict(hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64, experts=16, top_k=4,
+           moe_intermediate=128, vocab_size=512, dtype="bfloat16")
+
+
+def _plain(outs):
+    return [(list(o.token_ids), list(o.logprobs)) for o in outs]
+
+
+def _max_diff(a, b) -> float:
+    return max((abs(x - y) for (_, la), (_, lb) in zip(a, b, strict=True)
+                for x, y in zip(la, lb, strict=False)), default=0.0)
+
+
+def _model(kind: str, root):
+    from weightsync.testing.models import build_moe_model, build_text_model
+
+    if kind == "dense-tied":
+        return build_text_model(root / "qwen2.5-0.5b-shaped-bf16", **QWEN05_BF16)
+    return build_moe_model(root / "small-qwen3-moe-bf16", **MOE)
+
+
+def _trainer(kind: str, path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+
+
+@pytest.mark.parametrize("kind,mode", [("dense-tied", "eager"), ("dense-tied", "graphs"),
+                                       ("moe", "graphs")])
+def test_warm_engine_equals_cold_engine(gpu_ray, model_root, tmp_path, gpu_results, kind, mode):
+    src = _model(kind, model_root)
+    path = tmp_path / "model"  # the engines' own copy: overwritten with the synced weights
+    shutil.copytree(src, path)
+    eager = mode == "eager"
+    trainer = _trainer(kind, path)
+    warm = start_colocated(f"warm-{kind}-{mode}", path, "bfloat16", enforce_eager=eager,
+                           gpu_memory_utilization=0.25)
+    data = gpu_results.setdefault("warm_cold", {})[f"{kind}-{mode}"] = {}
+    coord = SyncCoordinator([warm], TransferConfig(bucket_bytes=256 << 20,
+                                                   ipc_reuse_buffers=True))
+    try:
+        rebuilt: list[str] = []
+        layouts = []
+        for i in range(4):
+            perturb_(trainer, scale=0.02, seed=300 + i)
+            torch.cuda.synchronize()
+            res = coord.sync(trainer, ipc=True)
+            assert res.ok, res
+            layouts.append(res.layout)
+            rebuilt += [n for e in res.engines for n in e.rebuilt]
+        data.update(layouts=layouts, rebuilt=sorted(set(rebuilt)))
+        warm_out = _plain(engine_generate(warm, PROMPTS))
+        if kind == "dense-tied":
+            perf = measure_sync(coord, trainer, 10, perturb_)
+            perf.update(measure_rollout(warm))
+            gpu_results.setdefault("graphs_vs_eager", {})[mode] = perf
+            warm_out = _plain(engine_generate(warm, PROMPTS))  # (the weights moved again)
+        trainer.save_pretrained(path)
+    finally:
+        coord.close()
+    cold = start_colocated(f"cold-{kind}-{mode}", path, "bfloat16", enforce_eager=eager,
+                           gpu_memory_utilization=0.25)
+    try:
+        cold_out = _plain(engine_generate(cold, PROMPTS))
+        again = _plain(engine_generate(warm, PROMPTS))
+    finally:
+        stop_engine(cold)
+        stop_engine(warm)
+    data.update(max_logprob_diff=_max_diff(warm_out, cold_out),
+                tokens_equal=[w[0] == c[0] for w, c in zip(warm_out, cold_out, strict=True)],
+                warm_repeatable=again == warm_out)
+    assert again == warm_out, "the warm engine is not repeatable run to run"
+    assert warm_out == cold_out, data

@@ -1,0 +1,143 @@
+"""Warm == cold: after syncs and reloads, an engine computes exactly what a cold engine with the
+same spec, started from ``save_pretrained`` of the same weights, computes.
+
+"Verified" used to prove the transport (checksums, fingerprints of the parameters) and not what
+the engine serves: a tied head on vLLM's CPU backend kept its packed GEMM copy of the old
+embedding after a verified sync. The oracle here is a cold engine, compared bit for bit
+(tokens and logprobs of a fixed batch of greedy requests), never "close to HF". One cold engine
+per model serves as the oracle of every warm state that has its weights.
+"""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+
+from weightsync.config import EngineSpec, TransferConfig
+from weightsync.coordinator import SyncCoordinator
+from weightsync.engine.actor import start_engines, stop_engines
+from weightsync.errors import SyncFailedError
+from weightsync.testing.models import build_text_model
+from weightsync.testing.reference import load_trainer_model, perturb_
+from weightsync.types import EngineState
+
+pytestmark = pytest.mark.integration
+PROMPTS = ["hello world", "the quick brown fox", "one two three", "yes no maybe"]
+N_TOK = 8
+
+
+def served(actor) -> list[tuple[tuple[int, ...], tuple[float, ...]]]:
+    """The engine's greedy tokens and their logprobs for the fixed batch, as one request
+    batch (the same requests in the same batch on every engine compared)."""
+    outs = ray.get(actor.generate.remote(PROMPTS, max_tokens=N_TOK, logprobs=True,
+                                         ignore_eos=True), timeout=120)
+    return [(o.token_ids, o.logprobs) for o in outs]
+
+
+def cold(spec: EngineSpec, model_dir) -> list[tuple[tuple[int, ...], tuple[float, ...]]]:
+    """What a cold engine of ``spec`` started from ``model_dir`` serves (then stopped)."""
+    cold_spec = spec.model_copy(update={"name": f"{spec.name}-cold", "model": str(model_dir)})
+    [actor] = start_engines([cold_spec])
+    try:
+        return served(actor)
+    finally:
+        stop_engines([actor], timeout_s=30)
+
+
+def assert_same(warm, oracle, what: str) -> None:
+    diffs = [max((abs(a - b) for a, b in zip(w[1], o[1], strict=False)), default=0.0)
+             for w, o in zip(warm, oracle, strict=True)]
+    assert warm == oracle, f"{what}: warm != cold (max |logprob diff| per prompt {diffs}; " \
+                           f"tokens equal: {[w[0] == o[0] for w, o in zip(warm, oracle)]})"
+
+
+@pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory):
+    return build_text_model(tmp_path_factory.mktemp("models") / "tiny-tied",
+                            tie_word_embeddings=True, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tied_spec(tied_dir) -> EngineSpec:
+    return EngineSpec(name="tied-a", model=str(tied_dir), dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def tied_engine(ray_session, tied_spec):
+    actors = start_engines([tied_spec])
+    yield actors[0]
+    stop_engines(actors, timeout_s=30)
+
+
+def test_tied_head_warm_equals_cold_after_sync_and_checkpoint_reload(tied_engine, tied_spec,
+                                                                     tied_dir, tmp_path):
+    """A Qwen2-style model with tied embeddings (Qwen2.5-0.5B..3B, Qwen3-0.6B..4B, Llama-3.2
+    1B/3B): a sync, a second sync, then a reload of the first sync's weights from disk."""
+    policy = load_trainer_model(tied_dir)
+    assert policy.lm_head.weight.data_ptr() == policy.model.embed_tokens.weight.data_ptr()
+    coord = SyncCoordinator([tied_engine], TransferConfig(bucket_bytes=1 << 20))
+    before = served(tied_engine)
+    perturb_(policy, scale=0.3, seed=5)
+    res = coord.sync(policy)
+    assert res.ok and all(e.checksum_ok for e in res.engines)
+    warm_v1 = served(tied_engine)
+    assert [w[0] for w in warm_v1] != [b[0] for b in before]  # the weights did change
+    v1_dir = tmp_path / "v1"
+    policy.save_pretrained(v1_dir)
+    for f in tied_dir.glob("tok*"):  # the tokenizer travels with the weights
+        (v1_dir / f.name).write_bytes(f.read_bytes())
+    oracle = cold(tied_spec, v1_dir)
+    assert_same(warm_v1, oracle, "tied head after a sync")
+    # a second sync, then the first sync's weights back from disk
+    perturb_(policy, scale=0.3, seed=6)
+    assert coord.sync(policy).ok
+    assert served(tied_engine) != oracle
+    res = coord.reload_checkpoint(str(v1_dir))
+    assert res.ok
+    assert_same(served(tied_engine), oracle, "tied head after reload_checkpoint")
+    # what the sync rebuilt is said, not hidden
+    assert any("lm_head" in note for e in res.engines for note in e.rebuilt), res.engines
+    coord.close()
+
+
+def test_untied_partial_update_warm_equals_cold(fleet, policy, tiny_model, tmp_path):
+    """The session's untied engines: a full sync, then a partial one (the MLP weights only),
+    each equal to a cold engine on the resulting weights."""
+    spec = EngineSpec(name="engine-a", model=str(tiny_model), dtype="float32")
+    coord = SyncCoordinator(fleet[:1], TransferConfig(bucket_bytes=1 << 20))
+    perturb_(policy, scale=0.2, seed=21)
+    assert coord.sync(policy).ok
+    mlp = {n: p.detach().clone() + 0.05 for n, p in policy.named_parameters() if ".mlp." in n}
+    res = coord.sync(mlp, partial=True)
+    assert res.ok and all(e.checksum_ok for e in res.engines)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if n in mlp:
+                p.copy_(mlp[n])
+    warm = served(fleet[0])
+    d = tmp_path / "partial"
+    policy.save_pretrained(d)
+    for f in tiny_model.glob("tok*"):
+        (d / f.name).write_bytes(f.read_bytes())
+    assert_same(warm, cold(spec, d), "untied after a full and a partial sync")
+    coord.close()
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_non_finite_sync_is_refused_and_nothing_changes(tied_engine, tied_dir, bad):
+    """A diverged trainer's weights never go live: refused on the engine, in the pass that
+    checksums them, with the tensor named; the engine keeps serving its version."""
+    policy = load_trainer_model(tied_dir)
+    coord = SyncCoordinator([tied_engine], TransferConfig(bucket_bytes=1 << 20))
+    before, v0 = served(tied_engine), ray.get(tied_engine.status.remote()).version
+    with torch.no_grad():
+        policy.model.layers[1].mlp.down_proj.weight[3, 7] = float(bad)
+    with pytest.raises(SyncFailedError) as e:
+        coord.sync(policy)
+    msg = " ".join(str(x.error) for x in e.value.result.engines)
+    assert "non-finite" in msg and "model.layers.1.mlp.down_proj.weight" in msg, msg
+    st = ray.get(tied_engine.status.remote())
+    assert st.state == EngineState.SERVING and st.version == v0
+    assert served(tied_engine) == before
+    coord.close()

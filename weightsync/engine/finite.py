@@ -1,0 +1,59 @@
+"""Non-finite weights never go live: every floating tensor an engine is given is checked.
+
+A diverged trainer sends NaN or Inf; vLLM would load them and answer token 0 with NaN logprobs
+under a version that verified (the checksums of NaN bytes agree perfectly). So the worker
+checks what it received before it applies it, with one fused reduction per group of tensors
+(``torch._foreach_norm`` with ``ord=inf``: the largest magnitude of each tensor, NaN where it
+holds a NaN, inf where it holds an inf) and one read-back, and names the tensors at fault.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from weightsync.errors import VerificationError
+
+
+def nonfinite(named: Iterable[tuple[str, torch.Tensor]], batch_bytes: int = 256 << 20
+              ) -> list[str]:
+    """The names of the floating tensors in ``named`` holding a NaN or an infinity. Read in
+    batches of about ``batch_bytes`` (a checkpoint streamed from disk is never held whole)."""
+    bad: list[str] = []
+    batch: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, t in named:
+        if t.is_floating_point() and t.numel():
+            batch.append((name, t))
+            size += t.numel() * t.element_size()
+            if size >= batch_bytes:
+                bad += _nonfinite_batch(batch)
+                batch, size = [], 0
+    return bad + _nonfinite_batch(batch)
+
+
+def _nonfinite_batch(named: list[tuple[str, torch.Tensor]]) -> list[str]:
+    if not named:
+        return []
+    groups: dict[tuple[torch.device, torch.dtype], list[tuple[str, torch.Tensor]]] = {}
+    for name, t in named:
+        groups.setdefault((t.device, t.dtype), []).append((name, t))
+    names: list[str] = []
+    norms = []
+    for members in groups.values():
+        norms.append(torch.stack(torch._foreach_norm([t for _, t in members], float("inf")))
+                     .float().to(named[0][1].device))
+        names += [n for n, _ in members]
+    finite = torch.isfinite(torch.cat(norms)).tolist()  # (the one read-back)
+    return [n for n, ok in zip(names, finite, strict=True) if not ok]
+
+
+def require_finite(named: Iterable[tuple[str, torch.Tensor]], what: str) -> None:
+    """Refuse ``named`` if any floating tensor holds a NaN or an infinity
+    (``VerificationError``: refused like a checksum mismatch, nothing applied from it)."""
+    bad = nonfinite(named)
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise VerificationError(f"non-finite values (NaN or Inf) in {what}: "
+                                f"{', '.join(bad[:5])}{more}; nothing applied from them")
