@@ -95,12 +95,23 @@ def serve(host: Annotated[str | None, typer.Option(help="Bind address")] = None,
           port: Annotated[int | None, typer.Option(help="Port")] = None,
           model: Annotated[str | None, typer.Option(help="Model for engines to start")] = None,
           engines: Annotated[int | None, typer.Option(min=1, help="Engine count")] = None,
-          namespace: Annotated[str | None, typer.Option(help="Ray namespace")] = None) -> None:
+          namespace: Annotated[str | None, typer.Option(help="Ray namespace")] = None,
+          engine_args: Annotated[str | None, typer.Option(
+              help="vLLM engine arguments for the engines it starts, as JSON "
+                   "(WEIGHTSYNC_ENGINE_ARGS)")] = None) -> None:
     """Run the control plane (starting any missing engines as detached Ray actors)."""
+    import json
+
     from weightsync.api.server import serve as run_server
 
     overrides = {k: v for k, v in dict(host=host, port=port, model=model, engines=engines,
                                         namespace=namespace).items() if v is not None}
+    if engine_args is not None:
+        try:
+            overrides["engine_args"] = json.loads(engine_args)
+        except json.JSONDecodeError as e:
+            err_console.print(f"[red]--engine-args is not JSON[/red]: {e}")
+            raise typer.Exit(2) from None
     settings = load_settings().model_copy(update=overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:

@@ -7,9 +7,9 @@ environment variables; only entrypoints (services/, the CLI) construct it.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1 << 20
@@ -75,6 +75,11 @@ class TransferConfig(_Frozen):
     # after it (the sync then fails as a whole, as with any failed transfer).
     broadcast: Literal["collective", "chain"] = "collective"
     chain_chunk_bytes: int = Field(4 * MiB, ge=64 * 1024)
+    # Every floating tensor an engine is given is checked finite before it is applied (one
+    # fused reduction per bucket, in the worker): a NaN or Inf is refused like a checksum
+    # mismatch, with the tensor named. False publishes whatever arrives (an engine then zeroes
+    # its KV cache at the next load, so nothing the unchecked version wrote reaches it).
+    check_finite: bool = True
     deadlines: Deadlines = Deadlines()
 
     @model_validator(mode="after")
@@ -107,6 +112,24 @@ class EngineSpec(_Frozen):
     num_gpus: float = Field(0.0, ge=0)  # Ray resource; >0 for a GPU engine of its own
     limit_mm_per_prompt: dict[str, int] | None = None
     load_roots: tuple[str, ...] = ()  # directories /reload may read checkpoints from
+    # Any other argument of vLLM's engine (``AsyncEngineArgs``: quantization, max_num_seqs,
+    # enable_prefix_caching, kv_cache_dtype, compilation_config, ...), checked against the
+    # installed vLLM's own arguments when the spec is made. Arguments weightsync owns (its
+    # worker extension, sleep mode, the executor) and ones with a field above are refused.
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("engine_args")
+    @classmethod
+    def _vllm_accepts(cls, args: dict[str, Any]) -> dict[str, Any]:
+        if args:
+            from weightsync.engine import vllm_compat
+
+            typed = {f: f for f in ("dtype", "max_model_len", "seed", "enforce_eager",
+                                    "tensor_parallel_size", "gpu_memory_utilization",
+                                    "limit_mm_per_prompt")}
+            typed["kv_cache_memory_bytes"] = "cpu_kvcache_gib (CPU engines)"
+            vllm_compat.check_engine_args(args, typed)
+        return args
 
     @model_validator(mode="after")
     def _gpu_consistent(self) -> EngineSpec:
@@ -135,6 +158,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bucket_mib: int = Field(64, ge=1)
     load_roots: tuple[str, ...] = ()
+    # vLLM engine arguments for the engines `serve` starts (EngineSpec.engine_args), as JSON:
+    # WEIGHTSYNC_ENGINE_ARGS='{"max_num_seqs": 64, "enable_prefix_caching": false}'
+    engine_args: dict[str, Any] = Field(default_factory=dict)
     # Request bodies over this are refused (413) before any of it is parsed. A /sessions
     # tensor list takes ~100 bytes a tensor: 8 MiB is ~80,000 tensors.
     max_body_mib: int = Field(8, ge=1, le=1024)

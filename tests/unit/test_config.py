@@ -25,3 +25,40 @@ def test_cpu_threads_bind_names_one_core_list_per_worker():
         EngineSpec(name="e", model="/m", tensor_parallel_size=2, cpu_threads_bind="0-1")
     with pytest.raises(pydantic.ValidationError):
         EngineSpec(name="e", model="/m", cpu_threads_bind="0; rm -rf /")
+
+
+# ---- EngineSpec.engine_args: vLLM's own engine arguments, checked by vLLM's AsyncEngineArgs ----
+def test_engine_args_pass_what_vllm_accepts():
+    from weightsync.config import EngineSpec
+
+    spec = EngineSpec(name="e", model="/m", engine_args={
+        "max_num_seqs": 8, "enable_prefix_caching": False, "kv_cache_dtype": "auto",
+        "compilation_config": {"cudagraph_mode": "NONE"}})
+    assert spec.engine_args["max_num_seqs"] == 8
+
+
+@pytest.mark.parametrize("args,says", [
+    ({"max_num_seq": 8}, "did you mean max_num_seqs"),
+    ({"max_num_seqs": "8"}, "valid integer"),
+    ({"enable_prefix_caching": "yes"}, "valid boolean"),
+    ({"kv_cache_dtype": "fp7"}, "kv_cache_dtype"),
+    ({"worker_extension_cls": "x.Y"}, "weightsync sets this itself"),
+    ({"enable_sleep_mode": False}, "weightsync sets this itself"),
+    ({"distributed_executor_backend": "ray"}, "weightsync sets this itself"),
+    ({"max_model_len": 64}, "set EngineSpec.max_model_len instead"),
+])
+def test_engine_args_vllm_refuses_are_refused_with_the_reason(args, says):
+    from pydantic import ValidationError
+
+    from weightsync.config import EngineSpec
+
+    with pytest.raises(ValidationError) as e:
+        EngineSpec(name="e", model="/m", engine_args=args)
+    assert says in str(e.value)
+
+
+def test_settings_take_engine_args_as_json(monkeypatch):
+    from weightsync.config import Settings
+
+    monkeypatch.setenv("WEIGHTSYNC_ENGINE_ARGS", '{"max_num_seqs": 4}')
+    assert Settings().engine_args == {"max_num_seqs": 4}

@@ -12,29 +12,27 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 import signal
 from typing import Any
 
 from weightsync.api.app import check_bind, create_app
+from weightsync.api.gate import redact_url_credentials
 from weightsync.config import EngineSpec, Settings
 from weightsync.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-_URL_CREDENTIAL = re.compile(r"((?:^|[?&;])(?:access_)?token=)[^&;\s\"]*", re.IGNORECASE)
-
-
 class RedactCredentials(logging.Filter):
     """Blanks ``token=...`` in query strings of log lines (uvicorn's access log prints every
-    request's URL). The service refuses such requests, but the attempt is still logged."""
+    request's URL). The service refuses such requests, but the attempt is still logged. A key
+    is a credential exactly when the gate says so (``gate.url_credential``: ``%74oken`` too)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
-            record.args = tuple(_URL_CREDENTIAL.sub(r"\1[redacted]", a) if isinstance(a, str)
-                                else a for a in record.args)
+            record.args = tuple(redact_url_credentials(a) if isinstance(a, str) else a
+                                for a in record.args)
         elif isinstance(record.msg, str):
-            record.msg = _URL_CREDENTIAL.sub(r"\1[redacted]", record.msg)
+            record.msg = redact_url_credentials(record.msg)
         return True
 
 
@@ -74,7 +72,7 @@ def ensure_engines(settings: Settings, *, timeout_s: float = 900.0) -> tuple[lis
             raise ConfigError(f"engine {name} is not running in namespace "
                               f"{settings.namespace!r} and WEIGHTSYNC_MODEL is not set")
         spec = EngineSpec(name=name, model=settings.model, device=settings.device,
-                          load_roots=settings.load_roots)
+                          load_roots=settings.load_roots, engine_args=settings.engine_args)
         actor = spawn_engine(spec, namespace=settings.namespace, detached=True)
         actors.append(actor)
         started.append(actor)
