@@ -11,7 +11,9 @@ in one place:
   before any read, so a FIFO or device named ``*.safetensors`` is refused at once instead of
   blocking ``open()``.
 - A header is read by hand (8-byte length + JSON), bounded by ``max_header_bytes``; no tensor
-  data is touched and nothing is memory-mapped. Offsets must lie inside the file.
+  data is touched and nothing is memory-mapped. It must pass exactly the rules safetensors' own
+  parser applies when the engine loads the file (``parse_header``), so a file accepted here is
+  never refused later, after the engines paused.
 
 With a ``model.safetensors.index.json`` only the files its ``weight_map`` names are used, as
 vLLM's loader does (a stray ``consolidated.safetensors`` beside shards is not a second copy).
@@ -26,8 +28,10 @@ import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from pydantic import ValidationError
+
 from weightsync.errors import ConfigError, ManifestError
-from weightsync.types import TensorSpec
+from weightsync.types import DTYPE_ITEMSIZE, TensorSpec
 
 MAX_HEADER_BYTES = 16 << 20  # safetensors' own limit is 100 MB; real headers are < 5 MB
 INDEX_FILE = "model.safetensors.index.json"
@@ -36,6 +40,11 @@ SAFETENSORS_DTYPES = {
     "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
 }
+# serde_json's recursion limit as safetensors' parser meets it: 127 nested arrays/objects, the
+# header object itself counted (measured with safetensors 0.8: 128 levels are refused)
+MAX_JSON_DEPTH = 127
+_USIZE = 1 << 64  # safetensors' shapes and offsets are usize (64-bit)
+_I64 = 1 << 63
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,11 @@ class Checkpoint:
     directory: str
     files: tuple[str, ...]
     specs: dict[str, TensorSpec]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data the files hold (their headers' tensors): what a reload moves."""
+        return sum(s.nbytes for s in self.specs.values())
 
 
 def _inside(real: str, roots: Sequence[str]) -> bool:
@@ -89,7 +103,7 @@ def list_files(directory: str, roots: Sequence[str] | None = None) -> tuple[str,
         raise ConfigError(f"cannot list {directory!r}: {e}") from None
     index = os.path.join(directory, INDEX_FILE)
     if os.path.isfile(index):
-        wanted = set(_read_json(index, MAX_HEADER_BYTES, roots).get("weight_map", {}).values())
+        wanted = _index_files(index, roots)
         missing = sorted(wanted - set(names))
         if missing:
             raise ManifestError(f"{INDEX_FILE} names files that are not there: {missing[:5]}")
@@ -104,6 +118,21 @@ def list_files(directory: str, roots: Sequence[str] | None = None) -> tuple[str,
                               f"allowed load roots {list(roots)}")
         files.append(real)
     return tuple(files)
+
+
+def _index_files(index: str, roots: Sequence[str] | None) -> set[str]:
+    """The file names an index's ``weight_map`` (tensor name -> file name) names. vLLM and
+    transformers read ``weight_map`` so, and fail on anything else: refused here first."""
+    weight_map = _read_json(index, MAX_HEADER_BYTES, roots).get("weight_map")
+    if not isinstance(weight_map, dict):
+        bad: str | None = _json_type(weight_map)
+    else:
+        bad = next((f"an object holding {_json_type(v)}" for v in weight_map.values()
+                    if not isinstance(v, str)), None)
+    if bad is not None:
+        raise ManifestError(f"{INDEX_FILE}: 'weight_map' must be an object mapping tensor names "
+                            f"to file names, not {bad}")
+    return set(weight_map.values())
 
 
 def _open_regular(path: str) -> int:
@@ -121,7 +150,10 @@ def _open_regular(path: str) -> int:
 def _read_exactly(fd: int, n: int, path: str) -> bytes:
     chunks, left = [], n
     while left:
-        chunk = os.read(fd, min(left, 1 << 20))
+        try:
+            chunk = os.read(fd, min(left, 1 << 20))
+        except OSError as e:
+            raise ManifestError(f"cannot read {path!r}: {e.strerror}") from None
         if not chunk:
             raise ManifestError(f"{path!r} ends early (truncated safetensors file)")
         chunks.append(chunk)
@@ -144,18 +176,88 @@ def _read_json(path: str, limit: int, roots: Sequence[str] | None) -> dict:
 
 
 def _json_object(raw: bytes, what: str) -> dict:
+    """``raw`` as a JSON object, read as safetensors' parser (serde_json) reads it: strict
+    UTF-8, no ``NaN``/``Infinity``, numbers in range, nesting bounded; a repeated key is refused
+    too (see ``parse_header``). Every refusal is a ``ManifestError``."""
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+        data = json.loads(raw.decode("utf-8"), parse_int=_json_int, parse_float=_json_float,
+                          parse_constant=_json_constant, object_pairs_hook=_json_pairs)
+    except RecursionError:  # far deeper than MAX_JSON_DEPTH: the parser's own stack ran out
+        raise ManifestError(f"{what}: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:  # bad UTF-8, bad JSON, a number out of range, a repeated key
         raise ManifestError(f"{what}: unreadable JSON: {e}") from None
     if not isinstance(data, dict):
         raise ManifestError(f"{what}: not a JSON object")
+    _check_tree(data, what)
     return data
+
+
+def _json_int(text: str) -> int | float:
+    """serde_json's integers: ``-0`` is a float, and so is an integer beyond 64 bits."""
+    if text == "-0":
+        return -0.0
+    if len(text) <= 20:
+        value = int(text)
+        if -_I64 <= value < _USIZE:
+            return value
+    return _json_float(text)
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400: Python reads inf, serde_json "number out of range"
+        raise ValueError(f"number out of range: {text[:40]}")
+    return value
+
+
+def _json_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_pairs(pairs: list[tuple[str, object]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {dup[:200]!r} appears twice in one object")
+    return obj
+
+
+def _check_tree(data: dict, what: str) -> None:
+    """Nesting within ``MAX_JSON_DEPTH``, and every string valid UTF-8 (Python decodes a lone
+    surrogate escape such as ``\\ud800``; serde_json refuses it). Iterative: no recursion."""
+    todo: list[tuple[object, int]] = [(data, 1)]
+    while todo:
+        node, depth = todo.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ManifestError(f"{what}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            for text in (key, value):
+                if isinstance(text, str):
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise ManifestError(f"{what}: a string holds a lone UTF-16 surrogate "
+                                            "escape (not UTF-8)") from None
+            if isinstance(value, (dict, list)):
+                todo.append((value, depth + 1))
+
+
+def _json_type(value: object) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number with a fraction or exponent",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _is_usize(value: object) -> bool:
+    return type(value) is int and 0 <= value < _USIZE  # not bool, not float
 
 
 def read_header(path: str, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[str, TensorSpec]:
     """Tensor names, dtypes and shapes from one safetensors file's header (``ManifestError`` if
-    it is not a regular file, its header is over the bound, malformed, or points past the end)."""
+    it is not a regular file, its header is over the bound, or it breaks a rule of
+    ``parse_header``)."""
     fd = _open_regular(path)
     try:
         size = os.fstat(fd).st_size
@@ -167,27 +269,105 @@ def read_header(path: str, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[str
                                 f"{max_header_bytes}")
         if 8 + n > size:
             raise ManifestError(f"{path!r}: header length {n} runs past the end of the file")
-        header = _json_object(_read_exactly(fd, n, path), f"{path!r}: safetensors header")
+        raw = _read_exactly(fd, n, path)
     finally:
         os.close(fd)
-    data_bytes = size - 8 - n
+    return parse_header(raw, size - 8 - n, repr(path))
+
+
+def parse_header(raw: bytes, data_bytes: int, what: str = "safetensors file"
+                 ) -> dict[str, TensorSpec]:
+    """The tensors of a safetensors header ``raw`` whose file holds ``data_bytes`` after it.
+
+    The rules are safetensors' own (``Metadata::validate`` and the serde types of
+    ``safetensors/src/tensor.rs``), so what passes here loads there:
+
+    - the header is a JSON object; ``__metadata__``, when present and not null, maps strings to
+      strings; every other key is a tensor;
+    - a tensor is an object with ``dtype`` (a known name), ``shape`` (an array of integers in
+      ``[0, 2**64)``: no strings, fractions, booleans) and ``data_offsets`` (exactly two such
+      integers), whose byte count ``end - begin`` is the shape's elements times the dtype's size
+      (computed without overflowing 64 bits, as safetensors does);
+    - sorted by offsets, the tensors' ranges are contiguous from 0 and cover the data exactly:
+      no overlap, no gap, no trailing byte.
+
+    Stricter than safetensors, on purpose: a repeated JSON key (which of two entries is meant
+    is ambiguous), a tensor written as an array instead of an object, and what ``TensorSpec``
+    bounds (dtypes weightsync moves, names of 1-1024 characters, at most 8 dimensions).
+    """
+    where = f"{what}: safetensors header"
+    header = _json_object(raw, where)
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and
+                                 all(isinstance(v, str) for v in meta.values())):
+        raise ManifestError(f"{where}: '__metadata__' must map strings to strings")
     specs: dict[str, TensorSpec] = {}
+    ranges: list[tuple[int, int, str]] = []
     for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-            spec = TensorSpec(name=name, dtype=dtype, shape=shape)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ManifestError(f"{path!r}: bad header entry for {name!r}: "
-                                f"{type(e).__name__}: {e}") from None
-        if not 0 <= begin <= end <= data_bytes or end - begin != spec.nbytes:
-            raise ManifestError(f"{path!r}: {name!r} has offsets [{begin}, {end}) that do not "
-                                f"fit its {math.prod(shape)} elements or the file")
-        specs[name] = spec
+        specs[name], begin, end = _tensor_entry(name, entry, f"{where}: bad header entry for "
+                                                f"{name[:200]!r}")
+        ranges.append((begin, end, name))
+    ranges.sort(key=lambda r: (r[0], r[1]))  # safetensors sorts by data_offsets
+    at = 0
+    for begin, end, name in ranges:
+        if begin != at:
+            why = ("overlaps the tensor before it" if begin < at else
+                   f"leaves {begin - at} unused byte(s) before it")
+            raise ManifestError(f"{where}: {name[:200]!r} has data_offsets [{begin}, {end}), "
+                                f"which {why}: tensors must cover the data contiguously")
+        at = end
+    if at != data_bytes:
+        raise ManifestError(f"{where}: the tensors' data_offsets end at byte {at} of the data, "
+                            f"the file holds {data_bytes} after the header (truncated, or "
+                            "trailing bytes)")
     return specs
+
+
+def _tensor_entry(name: str, entry: object, where: str) -> tuple[TensorSpec, int, int]:
+    """One tensor's spec and data offsets, by safetensors' rules (``parse_header``)."""
+    if not isinstance(entry, dict):
+        raise ManifestError(f"{where}: expected an object with dtype, shape and data_offsets, "
+                            f"not {_json_type(entry)}")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+    if missing:
+        raise ManifestError(f"{where}: missing {', '.join(missing)}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise ManifestError(f"{where}: dtype {str(dtype)[:40]!r} is not one of "
+                            f"{sorted(SAFETENSORS_DTYPES)}")
+    if not isinstance(shape, list) or not all(_is_usize(d) for d in shape):
+        raise ManifestError(f"{where}: shape must be an array of non-negative integers below "
+                            f"2**64, not {_described(shape)}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_usize, offsets)):
+        raise ManifestError(f"{where}: data_offsets must be an array of two non-negative "
+                            f"integers below 2**64, not {_described(offsets)}")
+    begin, end = offsets
+    elements = 1
+    for d in shape:  # checked at every step, as safetensors' checked_mul fold
+        elements *= d
+        if elements >= _USIZE:
+            raise ManifestError(f"{where}: shape {shape[:8]} overflows 64 bits")
+    nbytes = elements * DTYPE_ITEMSIZE[SAFETENSORS_DTYPES[dtype]]
+    if nbytes * 8 >= _USIZE:
+        raise ManifestError(f"{where}: shape {shape[:8]} of {dtype} overflows 64 bits")
+    if end < begin or end - begin != nbytes:
+        raise ManifestError(f"{where}: data_offsets [{begin}, {end}) do not hold the "
+                            f"{nbytes} byte(s) of {dtype} {shape[:8]}")
+    try:
+        spec = TensorSpec(name=name, dtype=SAFETENSORS_DTYPES[dtype], shape=tuple(shape))
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ManifestError(f"{where}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    return spec, begin, end
+
+
+def _described(value: object) -> str:
+    if isinstance(value, list):
+        bad = [v for v in value if not _is_usize(v)]
+        if bad:
+            return f"an array holding {_json_type(bad[0])} ({str(bad[0])[:40]})"
+        return f"an array of {len(value)}"
+    return _json_type(value)
 
 
 def read_checkpoint(path: str, roots: Sequence[str] | None = None, *,

@@ -11,7 +11,9 @@ headers only:
   for anything that changes something, the header or the status page's session cookie for
   GET/HEAD reads (``weightsync.api.deps.authorized``);
 - a body over the limit is a 413 (by ``Content-Length``, or by counting a chunked body);
-- credentials in a URL (``?token=``) are a 422: they would land in access logs and history.
+- credentials in a URL (``?token=``, ``?%74oken=``) are a 422: they would land in access logs
+  and history. ``url_credential`` decides what a credential's key is, for this check and for
+  the access log's redaction (``redact_url_credentials``) alike, so the two cannot disagree.
 
 ``PageSessions`` holds the status page's logins: the cookie carries a random session id, never
 the bearer token, and sessions expire.
@@ -20,11 +22,12 @@ the bearer token, and sessions expire.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import unquote
 
 from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
@@ -42,6 +45,26 @@ PUBLIC = frozenset({"/healthz", "/favicon.ico", "/openapi.json", "/docs",
 LOGIN_BODY_LIMIT = 8 * 1024  # the login form carries one token
 URL_CREDENTIALS = frozenset({"token", "access_token"})
 READS = frozenset({"GET", "HEAD"})
+# One query parameter in a log line: its separator, raw key and raw value. ``;`` separates too
+# (some servers split on it), so the log redacts at least every key the gate sees. A key never
+# holds ``/`` (a path with ``=`` is no key); a value runs to the next separator or whitespace.
+_QUERY_PARAM = re.compile(r"(^|[?&;])([^=&;?#/\s\"]*)=([^&;\s]*)")
+
+
+def url_credential(raw_key: str) -> bool:
+    """Whether a query parameter's key, as it appears in the URL (percent-encoded, ``+`` for
+    space), names a credential: decoded as ``urllib.parse.parse_qsl`` decodes keys. The gate
+    refuses a request with one; the access log redacts its value."""
+    return unquote(raw_key.replace("+", " "), errors="replace").lower() in URL_CREDENTIALS
+
+
+def redact_url_credentials(text: str) -> str:
+    """``text`` (a log line, a URL) with the value of every credential parameter replaced by
+    ``[redacted]``, its key left as written (``?%74oken=[redacted]``)."""
+    if "=" not in text:
+        return text
+    return _QUERY_PARAM.sub(
+        lambda m: f"{m[1]}{m[2]}=[redacted]" if url_credential(m[2]) else m[0], text)
 
 
 class PageSessions:
@@ -85,9 +108,8 @@ class Gate:
             await self.app(scope, receive, send)
             return
         path, method = scope["path"], scope["method"]
-        query = parse_qsl(scope.get("query_string", b"").decode("latin-1"),
-                          keep_blank_values=True)
-        if any(k.lower() in URL_CREDENTIALS for k, _ in query):
+        query = scope.get("query_string", b"").decode("latin-1")
+        if any(url_credential(raw.partition("=")[0]) for raw in query.split("&")):
             await _answer(send, 422, "credentials_in_url",
                           "credentials are refused in URLs (they end up in logs and browser "
                           "history): send 'Authorization: Bearer <token>', or sign in to the "
