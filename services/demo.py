@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from weightsync.local_ray import init_kwargs, own_ray_env
+
 app = typer.Typer(add_completion=False)
 
 
@@ -21,6 +24,7 @@ app = typer.Typer(add_completion=False)
 def main(engines: int = typer.Option(1, min=1), syncs: int = typer.Option(3, min=1),
          workdir: Path = typer.Option(Path("runs/demo")),
          bucket_mib: int = typer.Option(4, min=1)) -> None:
+    os.environ.update(own_ray_env(os.environ))  # token authentication, set before Ray's import
     import ray
     import torch
     from transformers import AutoTokenizer
@@ -34,7 +38,7 @@ def main(engines: int = typer.Option(1, min=1), syncs: int = typer.Option(3, min
     logging.basicConfig(level=logging.WARNING)
     console = Console()
     model_dir = build_text_model(workdir / "tiny-qwen2")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, log_to_driver=False, **init_kwargs())
     t = time.perf_counter()
     specs = [EngineSpec(name=f"engine-{i}", model=str(model_dir), dtype="float32") for i in range(engines)]
     actors = start_engines(specs)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                            TimeElapsedColumn)
 
+from weightsync.local_ray import init_kwargs, own_ray_env
 from weightsync.types import exclusive_phases
 
 logger = logging.getLogger(__name__)
@@ -469,6 +471,8 @@ def main(
 ) -> None:
     import warnings
 
+    if not ray_address:  # a Ray of its own: token authentication (weightsync.local_ray),
+        os.environ.update(own_ray_env(os.environ))  # set before Ray is imported
     import ray
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -477,7 +481,7 @@ def main(
     if ray_address:
         ray.init(address=ray_address, log_to_driver=engine_logs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=engine_logs)
+        ray.init(num_cpus=num_cpus, log_to_driver=engine_logs, **init_kwargs())
     if sync_host == "auto":
         sync_host = ray.util.get_node_ip_address() if ray_address else "127.0.0.1"
     try:

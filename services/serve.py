@@ -9,17 +9,22 @@ Binds 127.0.0.1:8765 by default; a non-loopback ``WEIGHTSYNC_HOST`` needs ``WEIG
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
-from weightsync.api.server import serve
 from weightsync.config import Settings
 from weightsync.errors import ConfigError
+from weightsync.local_ray import own_ray_env, starts_own_ray
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = Settings()
+    if starts_own_ray(settings.ray_address):  # before anything imports Ray
+        os.environ.update(own_ray_env(os.environ))
+    from weightsync.api.server import serve
+
     try:
         serve(settings)
     except ConfigError as e:

@@ -243,6 +243,7 @@ def test_token_never_logged_and_sigterm_leaves_no_engine_process(served):
         page = h.get("/")  # the cookie from the sign-in
         assert page.status_code == 200 and "engine-0" in page.text
         assert h.get("/status", headers=AUTH).json()["engines"][0]["state"] == "serving"
+    _tokenless_driver_is_refused(log)
     family = psutil.Process(proc.pid).children(recursive=True)
     # the engine's processes: its actor, and vLLM's engine core and worker (when vLLM runs them
     # as processes of their own)
@@ -261,6 +262,23 @@ def test_token_never_logged_and_sigterm_leaves_no_engine_process(served):
     text = log.read_text()
     assert TOKEN not in text
     assert "token=[redacted]" in text and "stopped 1 engine(s)" in text
+
+
+def _tokenless_driver_is_refused(log) -> None:
+    """The service's own Ray (weightsync.local_ray) refuses a driver without its token: a
+    driver on this host that could reach the GCS would otherwise get the engine actor by name
+    and pause it, HTTP token or not."""
+    import re
+
+    m = re.search(r"Ray at (\S+) \(started here, token authentication on\)", log.read_text())
+    assert m, log.read_text()[-3000:]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    driver = ("import ray, sys; ray.init(address=sys.argv[1], namespace='served-test'); "
+              "ray.get_actor('engine-0', namespace='served-test'); print('REACHED')")
+    r = subprocess.run([sys.executable, "-c", driver, m.group(1)], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0 and "REACHED" not in r.stdout, r.stdout
+    assert "Authentication" in r.stderr or "InvalidAuthToken" in r.stderr, r.stderr[-2000:]
 
 
 def _name(p: psutil.Process) -> str:

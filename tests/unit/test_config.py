@@ -62,3 +62,25 @@ def test_settings_take_engine_args_as_json(monkeypatch):
 
     monkeypatch.setenv("WEIGHTSYNC_ENGINE_ARGS", '{"max_num_seqs": 4}')
     assert Settings().engine_args == {"max_num_seqs": 4}
+
+
+# ---- the Ray a weightsync entrypoint starts itself (weightsync.local_ray) -----------------
+def test_own_ray_gets_token_auth_unless_the_user_chose_a_mode():
+    from weightsync.local_ray import own_ray_env, starts_own_ray, unauthenticated
+
+    env = own_ray_env({})
+    assert env["RAY_AUTH_MODE"] == "token" and len(env["RAY_AUTH_TOKEN"]) == 64
+    assert own_ray_env({})["RAY_AUTH_TOKEN"] != env["RAY_AUTH_TOKEN"]  # fresh each time
+    assert own_ray_env({"RAY_AUTH_MODE": "disabled"}) == {}
+    assert not unauthenticated(env) and unauthenticated({"RAY_AUTH_MODE": "disabled"})
+    assert starts_own_ray(None) and starts_own_ray("local") and not starts_own_ray("h:6379")
+
+
+def test_serve_refuses_http_beyond_loopback_next_to_an_unauthenticated_own_ray(monkeypatch):
+    from weightsync.api.server import serve
+    from weightsync.config import Settings
+    from weightsync.errors import ConfigError
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with pytest.raises(ConfigError, match="without authentication"):
+        serve(Settings(host="0.0.0.0", token="t0ken", model="/m"))
