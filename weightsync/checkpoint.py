@@ -260,18 +260,25 @@ def read_header(path: str, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[str
     ``parse_header``)."""
     fd = _open_regular(path)
     try:
-        size = os.fstat(fd).st_size
-        if size < 8:
-            raise ManifestError(f"{path!r} is too short for a safetensors header")
-        n = int.from_bytes(_read_exactly(fd, 8, path), "little")
-        if n > max_header_bytes:
-            raise ManifestError(f"{path!r}: header of {n} bytes is over the limit of "
-                                f"{max_header_bytes}")
-        if 8 + n > size:
-            raise ManifestError(f"{path!r}: header length {n} runs past the end of the file")
-        raw = _read_exactly(fd, n, path)
+        return _header_of(fd, path, max_header_bytes)
     finally:
         os.close(fd)
+
+
+def _header_of(fd: int, path: str, max_header_bytes: int = MAX_HEADER_BYTES
+               ) -> dict[str, TensorSpec]:
+    """``read_header`` of a file already open (read from its start, whatever its offset)."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    size = os.fstat(fd).st_size
+    if size < 8:
+        raise ManifestError(f"{path!r} is too short for a safetensors header")
+    n = int.from_bytes(_read_exactly(fd, 8, path), "little")
+    if n > max_header_bytes:
+        raise ManifestError(f"{path!r}: header of {n} bytes is over the limit of "
+                            f"{max_header_bytes}")
+    if 8 + n > size:
+        raise ManifestError(f"{path!r}: header length {n} runs past the end of the file")
+    raw = _read_exactly(fd, n, path)
     return parse_header(raw, size - 8 - n, repr(path))
 
 
@@ -400,3 +407,59 @@ def iter_tensors(files: Sequence[str]) -> Iterator[tuple[str, object]]:
         with safe_open(f, framework="pt") as st:
             for name in st.keys():
                 yield name, st.get_tensor(name)
+
+
+class PinnedFiles:
+    """A checkpoint's files, opened once: what is checked and what is loaded are the same files.
+
+    Resolving paths, checking headers and loading are separate steps, and a file (or a symlink
+    in a load root) swapped between them would be loaded unchecked: the loader's own parser
+    then refuses it half-way, after the engine paused, and fences it. So an engine opens each
+    file once (a regular file; its real path, read from the open file, inside ``roots`` when
+    given), checks its header from that open file, and loads through ``/proc/self/fd``, which
+    reopens the very file it opened, whatever its path names by then. Linux only (as vLLM).
+    """
+
+    def __init__(self, files: Sequence[str], roots: Sequence[str] | None = None) -> None:
+        self.files = tuple(files)
+        self._fds: list[int] = []
+        try:
+            for f in self.files:
+                fd = _open_regular(f)
+                self._fds.append(fd)
+                real = os.path.realpath(f"/proc/self/fd/{fd}")
+                if roots and not _inside(real, roots):
+                    raise ConfigError(f"{f!r} is now {real!r}, outside the allowed load roots "
+                                      f"{list(roots)}")
+        except BaseException:
+            self.close()
+            raise
+
+    def specs(self, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[str, TensorSpec]:
+        """Every tensor in the open files' headers (``read_checkpoint_files``' rules)."""
+        specs: dict[str, TensorSpec] = {}
+        for f, fd in zip(self.files, self._fds, strict=True):
+            for name, spec in _header_of(fd, f, max_header_bytes).items():
+                if name in specs:
+                    raise ManifestError(f"{name!r} appears in more than one checkpoint file")
+                specs[name] = spec
+        return specs
+
+    def nbytes(self) -> int:
+        """Bytes of tensor data the open files hold."""
+        return sum(s.nbytes for s in self.specs().values())
+
+    def tensors(self) -> Iterator[tuple[str, object]]:
+        """``iter_tensors`` of the open files themselves."""
+        return iter_tensors([f"/proc/self/fd/{fd}" for fd in self._fds])
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def __enter__(self) -> PinnedFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -214,6 +214,7 @@ class SyncCoordinator(Colocation, Outcomes):
                                      timeout=dl.reload * 1.2)
                 for n, r in ok.items():
                     runs[n].seconds["reload"] = r.reload
+                    runs[n].nbytes = r.nbytes
                 result = self._finish(runs, bad, version, "checkpoint", (), t0, partial)
             return _raise_unless_ok(result)
 

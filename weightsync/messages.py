@@ -94,6 +94,7 @@ class ApplyReply(_Message):
 class ReloadReply(_Message):
     reload: float
     rebuilt: tuple[str, ...] = ()  # what the worker restored or rebuilt after loading
+    nbytes: int = Field(0, ge=0)  # tensor bytes of the checkpoint it loaded
 
 
 class Fingerprint(_Message):

@@ -235,6 +235,8 @@ class CheckpointFiles(_Frozen):
     files: tuple[str, ...] = Field(min_length=1)
     partial: bool = False
     check_finite: bool = True  # refuse a file holding NaN or Inf before loading any tensor
+    # the engine's load roots: each file, once opened, must still lie inside them
+    roots: tuple[str, ...] = ()
 
 
 class EngineState(str, enum.Enum):

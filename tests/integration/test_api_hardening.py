@@ -147,6 +147,54 @@ def test_glob_characters_in_a_checkpoint_name_are_only_characters(service, clien
 
 
 # ---- state conflicts ---------------------------------------------------------------------------
+def test_a_file_swapped_between_validation_and_load_is_refused_whole_never_fenced(
+        service, client, ckpt_root, policy, tokenizer):
+    """A symlink in a load root flipped between a good checkpoint file and one safetensors
+    refuses (trailing bytes after the data), all through a burst of reloads: each reload is
+    either the good file, loaded and verified, or a 422 with every engine serving as it was.
+    Engines open each file once, check its header and load that open file (PinnedFiles), so a
+    flip can never land between the check and the load (before: 30 of 150 tries fenced)."""
+    client.reload(None)
+    good_dir = ckpt_root / "swap-good"
+    save_checkpoint(policy, tokenizer, good_dir, seed=41)
+    good = good_dir / "model.safetensors"
+    bad = ckpt_root / "swap-bad.safetensors"
+    bad.write_bytes(good.read_bytes() + b"\0" * 8)  # safetensors: trailing bytes, refused
+    served = ckpt_root / "swap"
+    served.mkdir()
+    link = served / "model.safetensors"
+    link.symlink_to(good)
+    stop = threading.Event()
+
+    def flip() -> None:
+        i = 0
+        while not stop.is_set():
+            tmp = served / f".flip-{i}"
+            tmp.symlink_to(bad if i % 2 else good)
+            os.replace(tmp, link)  # atomic: the link always names one of the two
+            i += 1
+            time.sleep(0.002)
+
+    flipper = threading.Thread(target=flip, daemon=True)
+    flipper.start()
+    codes: list[int] = []
+    try:
+        for _ in range(12):
+            before = _states(client)
+            r = _reload(service, {"path": str(served)})
+            codes.append(r.status_code)
+            assert r.status_code in (200, 422), r.text
+            states = [e.state for e in client.status().engines]
+            assert all(s == EngineState.SERVING for s in states), (r.text, states)
+            if r.status_code == 422:
+                assert _states(client) == before  # nothing changed anywhere
+    finally:
+        stop.set()
+        flipper.join(5)
+    print(f"\nswap burst: {codes.count(200)} loaded, {codes.count(422)} refused, 0 fenced")
+    client.reload(None)
+
+
 def test_reload_and_sessions_on_a_paused_engine_are_409_and_fence_nothing(
         service, client, fleet, ckpt_root, policy, tokenizer):
     from weightsync.api.schemas import SessionRequest

@@ -123,10 +123,6 @@ def _checkpoint_bytes(directory: Path) -> int:
     return read_checkpoint(str(directory)).nbytes
 
 
-@pytest.mark.xfail(strict=True, reason="issue 28: the reload path does not carry the bytes it "
-                   "loaded: needs ReloadReply.nbytes set by WeightSyncWorkerExtension."
-                   "ws_reload_files, passed on by EngineHost.reload_from_path, and put on "
-                   "EngineRun.nbytes in SyncCoordinator.reload_checkpoint")
 def test_a_reload_counts_the_checkpoints_bytes(served):
     http, root, coord = served
     good = save_tiny_model(root / "counted", seed=4)

@@ -373,14 +373,22 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
                           roots: Sequence[str] | None, deadline_s: float,
                           check_finite: bool = True) -> CheckpointFiles:
         """Resolve a checkpoint directory (``None``: the engine's own model) into its files, in
-        a thread and under a deadline (``weightsync.checkpoint``: files one by one, inside
-        ``roots`` when given, regular files only, bounded headers). The worker checks their
-        headers against the model before it loads anything (``ws_check_files``,
-        ``ws_reload_files``)."""
+        a thread and under a deadline (``weightsync.checkpoint``: files one by one, inside the
+        load roots, regular files only, bounded headers). The worker opens them, checks their
+        headers against the model and loads those same open files (``ws_check_files``,
+        ``ws_reload_files``).
+
+        The engine's own ``EngineSpec.load_roots`` bind every path it reads, whoever asks:
+        ``roots`` from a caller may only narrow them (a path must be inside both), never widen
+        them. An engine started without load roots reads where its (trusted) caller says."""
+        own = self.spec.load_roots if path is not None else ()
+
         def resolve() -> tuple[str, ...]:
             if path is None:
                 return read_checkpoint(self.spec.model).files
-            return read_checkpoint(path, roots).files
+            if own and roots is not None:
+                read_checkpoint(path, roots)  # (inside the caller's roots too)
+            return read_checkpoint(path, own or roots).files
 
         try:
             files = await asyncio.wait_for(asyncio.to_thread(resolve), deadline_s)
@@ -388,7 +396,8 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
             raise DeadlineExceeded(f"reading checkpoint headers took over {deadline_s:.0f}s",
                                    engine=self.spec.name) from e
         return CheckpointFiles(files=files, partial=partial and path is not None,
-                               check_finite=check_finite)
+                               check_finite=check_finite,
+                               roots=tuple(own or roots or ()) if path is not None else ())
 
     async def validate_checkpoint(self, path: str | None, *, partial: bool = False,
                                   roots: Sequence[str] | None = None,
@@ -420,7 +429,7 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
             self.weights_intact = intact
             raise
         return ReloadReply(reload=max(r.reload for r in out),  # every worker loaded
-                           rebuilt=out[0].rebuilt)
+                           rebuilt=out[0].rebuilt, nbytes=out[0].nbytes)
 
     async def finish_load(self, deadline_s: float, *, owner: str | None = None) -> FinishReply:
         """Make sure no cache holds what the old weights computed; return a fingerprint of the

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from weightsync.checkpoint import iter_tensors, read_checkpoint, read_checkpoint_files
+from weightsync.checkpoint import PinnedFiles, read_checkpoint
 from weightsync.engine import vllm_compat
 from weightsync.engine.derived import ModelStorage
 from weightsync.engine.finite import nonfinite, require_finite
@@ -571,31 +571,39 @@ class WeightSyncWorkerExtension:
         return program
 
     # ---- checkpoints ------------------------------------------------------------------------
-    def _check_files(self, checkpoint_json: str) -> CheckpointFiles:
-        ckpt = CheckpointFiles.model_validate_json(checkpoint_json)
-        specs = read_checkpoint_files(ckpt.files)
+    def _check_files(self, ckpt: CheckpointFiles, files: PinnedFiles) -> int:
+        """Check the open files' headers against the model; returns their tensor bytes."""
+        specs = files.specs()
         validate_specs(list(specs.values()), self._expected(),
                        dtype_name(vllm_compat.model_config(self).dtype), self._tied(),
                        partial=ckpt.partial)
-        return ckpt
+        return sum(s.nbytes for s in specs.values())
 
     @worker_rpc
     def ws_check_files(self, checkpoint_json: str) -> Ack:
         """Check a checkpoint's headers against the model (``CheckpointFiles``); load nothing."""
-        self._check_files(checkpoint_json)
+        ckpt = CheckpointFiles.model_validate_json(checkpoint_json)
+        with PinnedFiles(ckpt.files, ckpt.roots or None) as files:
+            self._check_files(ckpt, files)
         return Ack()
 
     @worker_rpc
     def ws_reload_files(self, checkpoint_json: str) -> ReloadReply:
         """Load exactly the files of a checkpoint the host resolved (``CheckpointFiles``), after
-        checking their headers against the model again: complete unless asked otherwise."""
-        ckpt = self._check_files(checkpoint_json)
-        if ckpt.check_finite:  # before any tensor is loaded: a refusal changes nothing
-            require_finite(iter_tensors(ckpt.files), "the checkpoint")
-        t0 = time.perf_counter()
-        self._reload(iter_tensors(ckpt.files))
+        checking their headers against the model again: complete unless asked otherwise. The
+        files are opened once (``PinnedFiles``): the headers checked, the finite check and the
+        load read the same files, so one swapped in between is never loaded. Any refusal comes
+        before the first tensor is applied."""
+        ckpt = CheckpointFiles.model_validate_json(checkpoint_json)
+        with PinnedFiles(ckpt.files, ckpt.roots or None) as files:
+            nbytes = self._check_files(ckpt, files)
+            if ckpt.check_finite:  # before any tensor is loaded: a refusal changes nothing
+                require_finite(files.tensors(), "the checkpoint")
+            t0 = time.perf_counter()
+            self._reload(files.tensors())
         st = self._ws_state()
         st["layout"] = st["layout_status"] = None  # re-derive and re-verify on the next sync
         st["kernel_program"] = st["plan"] = None
-        return ReloadReply(reload=time.perf_counter() - t0, rebuilt=st.get("rebuilt", ()))
+        return ReloadReply(reload=time.perf_counter() - t0, rebuilt=st.get("rebuilt", ()),
+                           nbytes=nbytes)
 

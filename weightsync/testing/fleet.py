@@ -212,7 +212,7 @@ class LocalEngines:
 
     def __init__(self, model_dir: Path, faults: Mapping[str, Faults],
                  workers: Mapping[str, int] | None = None, *,
-                 sleep_mode: bool = False) -> None:
+                 sleep_mode: bool = False, load_roots: tuple[str, ...] = ()) -> None:
         self.faults = dict(faults)
         workers = workers or {}
         self._hosts: dict[str, EngineHost] = {}
@@ -222,7 +222,8 @@ class LocalEngines:
             threading.Thread(target=loop.run_forever, name=f"fake-{name}", daemon=True).start()
             faults = functools.partial(self.faults.__getitem__, name)
             n = workers.get(name, 1)
-            host = EngineHost(EngineSpec(name=name, model=str(model_dir), device="cpu"),
+            host = EngineHost(EngineSpec(name=name, model=str(model_dir), device="cpu",
+                                         load_roots=load_roots),
                               make_engine=lambda f=faults, n=n, **_: _Engine(
                                   [_Worker(model_dir, f, r, n) for r in range(n)], sleep_mode))
             self._hosts[name], self._loops[name] = host, loop
