@@ -11,6 +11,7 @@ looks the leg's receiver up by name and consumes what it yields, whatever the le
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import logging
@@ -24,7 +25,7 @@ from pydantic import BaseModel
 from weightsync.checkpoint import PinnedFiles, read_checkpoint
 from weightsync.engine import vllm_compat
 from weightsync.engine.derived import ModelStorage
-from weightsync.engine.finite import nonfinite, require_finite
+from weightsync.engine.finite import require_finite
 from weightsync.engine.manifest import validate_plan, validate_specs
 from weightsync.errors import (ConfigError, ManifestError, ReloadError, TransferError,
                                VerificationError, WeightSyncError)
@@ -312,7 +313,7 @@ class WeightSyncWorkerExtension:
                 if expected is not None and sums[-1] != expected[bucket.index]:
                     raise VerificationError(f"bucket {bucket.index}: checksum differs from the "
                                             "sender's; nothing applied from it")
-                if check_finite:
+                if check_finite and apply == "streaming":  # (staged: all at once, below)
                     t = time.perf_counter()
                     require_finite(unpack_bucket(bucket, buf), f"bucket {bucket.index}")
                     seconds["finite"] = seconds.get("finite", 0.0) + time.perf_counter() - t
@@ -333,6 +334,15 @@ class WeightSyncWorkerExtension:
         if len(sums) != len(plan.buckets):
             st["staged"] = []
             raise TransferError(f"received {len(sums)} of {len(plan.buckets)} buckets")
+        if check_finite and apply != "streaming":  # every staged tensor, one read-back
+            t = time.perf_counter()
+            try:
+                require_finite((nt for b, buf in st["staged"] for nt in unpack_bucket(b, buf)),
+                               "the update")
+            except VerificationError:
+                st["staged"] = []
+                raise
+            seconds["finite"] = time.perf_counter() - t
         if apply == "atomic":  # every bucket is here and verified: load in this call
             seconds["reload"] = self._apply_staged()
             applied = True
@@ -364,7 +374,7 @@ class WeightSyncWorkerExtension:
         graph_key = self._copy_graph_key(program)
         many = program[2]
         if check_finite:  # the sender's pieces, before anything is copied from them
-            self._require_finite_pieces(program[0], program[1])
+            self._require_finite_pieces(program)
         with torch.no_grad():
             if graph_key is not None:  # the same pieces and parameters as last sync
                 terms = self._ws_graph("kernel-layout copy").run(graph_key, many.terms)
@@ -385,17 +395,30 @@ class WeightSyncWorkerExtension:
         return ReceiveReport(nbytes=sum(buf.numel() for _, buf in staged), checksums=tuple(sums),
                              applied=True, fingerprint=fingerprint, seconds=seconds)
 
-    def _require_finite_pieces(self, dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
-        """Refuse direct pieces holding NaN or Inf, named by the parameter they would land in
-        (``TransferError``-like: nothing copied yet)."""
-        bad = set(nonfinite((str(i), s) for i, s in enumerate(srcs)))
-        if not bad:
-            return
-        owners = {p.untyped_storage().data_ptr(): n for n, p in self._params().items()}
-        names = sorted({owners.get(dsts[int(i)].untyped_storage().data_ptr(), f"piece {i}")
-                        for i in bad})
-        raise VerificationError(f"non-finite values (NaN or Inf) in {', '.join(names[:5])}; "
-                                "nothing applied from them")
+    def _require_finite_pieces(self, program: tuple) -> None:
+        """Refuse direct pieces holding NaN or Inf, named by the parameter each would land in:
+        nothing is copied yet. The pieces are bytes (``span_targets``); each is read as its
+        parameter's dtype, views made once per kept copy program."""
+        st = self._ws_state()
+        kept = st.get("finite_views")
+        if kept is None or kept[0] is not program:
+            dsts, srcs = program[0], program[1]
+            spans = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), n, p.dtype)
+                           for n, p in self._params().items() if p.numel())
+            starts = [s[0] for s in spans]
+            named = []
+            for d, s in zip(dsts, srcs, strict=True):
+                i = bisect.bisect_right(starts, d.data_ptr()) - 1
+                if i < 0 or d.data_ptr() >= spans[i][1]:
+                    raise TransferError("a direct piece lands outside every parameter")
+                _, _, name, dtype = spans[i]
+                try:
+                    named.append((name, s.view(dtype)))
+                except RuntimeError as e:  # (pieces are whole checkpoint tensors: aligned)
+                    raise TransferError(f"{name}: a direct piece is not whole elements of "
+                                        f"{dtype}: {e}") from None
+            kept = st["finite_views"] = (program, named)
+        require_finite(kept[1], "the sender's tensors")
 
     def _timed_fingerprint(self, seconds: dict[str, float]) -> str:
         """The weights just loaded, fingerprinted in the same call (the sync's verify step
