@@ -42,8 +42,8 @@ from weightsync.transport.legs import sender_leg
 from weightsync.transport.legs.base import LegOutcome, SenderLeg
 from weightsync.transport.legs.external import ExternalSender
 from weightsync.transport.packing import plan_buckets
-from weightsync.types import (EngineState, EngineStatus, PauseMode, SyncResult, TensorSpec,
-                              TransferPlan, plan_json, versionless)
+from weightsync.types import (Canary, EngineState, EngineStatus, PauseMode, SyncResult,
+                              TensorSpec, TransferPlan, plan_json, versionless)
 
 __all__ = ["ExternalSender", "SyncCoordinator"]
 
@@ -162,7 +162,7 @@ class SyncCoordinator(Colocation, Outcomes):
     def sync(self, weights: Any, *, pause_mode: PauseMode = "abort", sleep_level: int = 0,
              engines: Sequence[str] | None = None, wave_size: int | None = None,
              ipc: bool = False, partial: bool = False, leg: str | None = None,
-             takeover: bool = False) -> SyncResult:
+             takeover: bool = False, canary: Canary | None = None) -> SyncResult:
         """Sync ``weights`` to the fleet: a ``weightsync.sources.WeightSource`` (a stream, a
         sharded module through ``weightsync.sources.sharded.ShardedSync``), a module (a
         transformers model goes under its checkpoint names), a state dict or an iterable of
@@ -177,12 +177,13 @@ class SyncCoordinator(Colocation, Outcomes):
         model, ``IllegalStateError`` if an engine is in no state to begin (nothing changed
         anywhere in either case). ``takeover``: engines still held by a sync of another
         coordinator that is gone (a crashed trainer) are taken at once instead of after that
-        sync's lease lapses.
+        sync's lease lapses. ``canary``: reference logprobs every engine must reproduce after
+        its load, before the commit (``types.Canary``; ``weightsync.canary.reference``).
         """
         _check_sleep_level(sleep_level)
         with self._exclusive(takeover):
             return self._sync(weights, pause_mode, sleep_level, engines, wave_size,
-                              leg or ("ipc" if ipc else "broadcast"), partial)
+                              leg or ("ipc" if ipc else "broadcast"), partial, canary)
 
     def reload_checkpoint(self, path: str | None, *, pause_mode: PauseMode = "abort",
                           engines: Sequence[str] | None = None, partial: bool = False,
@@ -356,7 +357,7 @@ class SyncCoordinator(Colocation, Outcomes):
         return names
 
     def _sync(self, weights, pause_mode, sleep_level, engines, wave_size, leg,
-              partial) -> SyncResult:
+              partial, canary: Canary | None = None) -> SyncResult:
         t0 = time.perf_counter()
         targets = self._targets(engines)
         held = self._holds_asleep(targets)  # the colocated loop: asleep for this trainer
@@ -383,7 +384,7 @@ class SyncCoordinator(Colocation, Outcomes):
         for wave in waves:
             try:
                 results.append(self._sync_wave(wave, plan, tensors, leg, pause_mode,
-                                               sleep_level, t0))
+                                               sleep_level, t0, canary))
             except IllegalStateError:
                 if held:  # an engine it held refused: ask them first next time
                     self._trust_held = False
@@ -399,22 +400,23 @@ class SyncCoordinator(Colocation, Outcomes):
         return _raise_unless_ok(result)
 
     def _sync_wave(self, names, plan: TransferPlan, source, leg: str, pause_mode, sleep_level,
-                   t0) -> SyncResult:
+                   t0, canary: Canary | None = None) -> SyncResult:
         with self._holding(names):
-            return self._wave(names, plan, source, leg, pause_mode, sleep_level, t0)
+            return self._wave(names, plan, source, leg, pause_mode, sleep_level, t0, canary)
 
     def _wave(self, names, plan: TransferPlan, source, leg: str, pause_mode, sleep_level,
-              t0) -> SyncResult:
+              t0, canary: Canary | None = None) -> SyncResult:
         runs = {n: EngineRun() for n in names}
         self._begin(runs, plan_json(plan), pause_mode, sleep_level, plan.version)
         dl = self.transfer.deadlines
         self._phase("transfer")
         t = time.perf_counter()
         try:
-            # a wave of one engine has nothing to agree on: it may commit as it loads
+            # a wave of one engine has nothing to agree on: it may commit as it loads (not
+            # with a canary, which runs between the load and the commit)
             out = self._leg(leg).send(list(names), plan, source,
                                       {n: r.begun for n, r in runs.items()},
-                                      one_phase=len(names) == 1)
+                                      one_phase=len(names) == 1 and canary is None)
         except WeightSyncError as e:  # the source failed before the leg reached any engine
             out = LegOutcome([], {}, {n: TransferError(f"sender failed: {e}", engine=n)
                                       for n in names})
@@ -470,7 +472,8 @@ class SyncCoordinator(Colocation, Outcomes):
                                                                                 0.0)
                 runs[n].finish = reply.finish
         self._leg(leg).loaded()  # every engine has applied: free buffers before wake_kv
-        return self._finish(runs, bad, plan.version, leg, tuple(out.sums), t0, plan.partial)
+        return self._finish(runs, bad, plan.version, leg, tuple(out.sums), t0, plan.partial,
+                            canary)
 
     def _begin(self, runs: dict[str, EngineRun], plan_text, pause_mode, sleep_level,
                version: int) -> None:
@@ -513,8 +516,10 @@ class SyncCoordinator(Colocation, Outcomes):
         _raise_refusal(ok, bad)
         self._validated.update({n: key[n] for n in ask})
 
-    def _finish(self, runs, bad, version, mode, sums, t0, partial: bool) -> SyncResult:
-        """Reset caches + fingerprint on engines that loaded, verify agreement, commit."""
+    def _finish(self, runs, bad, version, mode, sums, t0, partial: bool,
+                canary: Canary | None = None) -> SyncResult:
+        """Reset caches + fingerprint on engines that loaded, verify agreement, run the canary
+        where one was asked for, commit."""
         dl = self.transfer.deadlines
         self._phase("verify")
         # engines that fingerprinted as they loaded, with no cache to reset, are done with it
@@ -530,6 +535,15 @@ class SyncCoordinator(Colocation, Outcomes):
             runs[n].rebuilt += reply.rebuilt
         # engines disagree (worker by worker, within a shape): fence all but the majority
         bad.update(disagreeing(ok))
+        if canary is not None:  # what the engines compute, against the trainer's logprobs
+            self._phase("canary")
+            ok, bad4 = self._call("run_canary", [n for n in runs if n not in bad],
+                                  canary.model_dump_json(), dl.verify, timeout=dl.verify * 1.5)
+            bad.update(bad4)
+            for n, reply in ok.items():
+                runs[n].seconds["canary"] = reply.seconds
+                runs[n].skipped += (f"canary: largest gap {reply.max_gap:.3g} at token "
+                                    f"{reply.position} (tolerance {canary.tolerance:g})",)
         self._phase("resume")
         ok, bad3 = self._call("commit", [n for n in runs if n not in bad and
                                          not runs[n].committed], version, dl.resume,

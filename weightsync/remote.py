@@ -143,7 +143,7 @@ class OwnedEngines:
     lease and came back after another took the engine over)."""
 
     SIGNED = frozenset({"join_group", "receive", "apply_staged", "reload_from_path",
-                        "finish_load", "commit", "abort_sync", "wake_up"})
+                        "finish_load", "run_canary", "commit", "abort_sync", "wake_up"})
 
     def __init__(self, inner: Engines, owner: str) -> None:
         self.inner, self.owner = inner, owner

@@ -257,6 +257,38 @@ IN_SYNC = frozenset({EngineState.PAUSED, EngineState.ASLEEP, EngineState.WEIGHTS
                      EngineState.LOADING})
 
 
+class Canary(_Frozen):
+    """An end-to-end check of a sync, on request: the trainer's logprobs of ``token_ids[1:]``
+    (each given the tokens before it, teacher-forced) under the weights it sends. Every engine
+    computes the same after its load and before the commit; a gap over ``tolerance`` at any
+    position fails the sync on that engine as a checksum mismatch would, after the weights
+    were applied: that engine is fenced. ``weightsync.canary.reference`` computes one from a
+    transformers model. Tolerances that fit: fp32 on CPU ~1e-4 (engine and trainer agree to
+    ~1e-6 there); bf16 on a GPU, a few times the gap measured between the engine and the
+    trainer on the first sync (kernels differ: 1e-2 to 1e-1 is common)."""
+
+    token_ids: tuple[int, ...] = Field(min_length=2, max_length=8192)
+    logprobs: tuple[float, ...]
+    tolerance: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _one_per_token(self) -> Canary:
+        if len(self.logprobs) != len(self.token_ids) - 1:
+            raise ValueError(f"{len(self.logprobs)} logprobs for {len(self.token_ids)} tokens: "
+                             "one for each token after the first")
+        if not all(math.isfinite(x) and x <= 0 for x in self.logprobs):
+            raise ValueError("reference logprobs must be finite and <= 0")
+        return self
+
+
+class CanaryReply(_Frozen):
+    """One engine's canary: the largest gap to the reference and where it is."""
+
+    max_gap: float
+    position: int
+    seconds: float
+
+
 class FinishReply(_Frozen):
     """Caches reset (or found clean) and the loaded weights fingerprinted: one digest per
     worker (each holds its own slice of the weights), and the engine's shape

@@ -141,3 +141,34 @@ def test_non_finite_sync_is_refused_and_nothing_changes(tied_engine, tied_dir, b
     assert st.state == EngineState.SERVING and st.version == v0
     assert served(tied_engine) == before
     coord.close()
+
+
+def test_a_canary_passes_on_the_senders_weights_and_fences_an_engine_that_misses_it(
+        tied_engine, tied_dir):
+    """The end-to-end canary (``types.Canary``): the trainer's logprobs of a short sequence,
+    checked on the engine after the load and before the commit. A reference computed from
+    other weights than those sent is missed: that engine is fenced, and a resync recovers."""
+    from transformers import AutoTokenizer
+
+    from weightsync.canary import reference
+
+    ids = AutoTokenizer.from_pretrained(tied_dir)("the quick brown fox jumps over").input_ids
+    policy = load_trainer_model(tied_dir)
+    coord = SyncCoordinator([tied_engine], TransferConfig(bucket_bytes=1 << 20))
+    perturb_(policy, scale=0.2, seed=31)
+    good = reference(policy, ids, tolerance=1e-4)
+    res = coord.sync(policy, canary=good)
+    (rep,) = res.engines
+    assert res.ok and any(s.startswith("canary: largest gap") for s in rep.skipped), rep
+    perturb_(policy, scale=0.2, seed=32)  # the reference is now of other weights
+    with pytest.raises(SyncFailedError) as e:
+        coord.sync(policy, canary=good)
+    (rep,) = e.value.result.engines
+    assert rep.fenced and "canary" in rep.error, rep
+    assert ray.get(tied_engine.status.remote()).state == EngineState.FENCED
+    try:
+        res = coord.sync(policy, canary=reference(policy, ids, tolerance=1e-4))  # a resync
+    except SyncFailedError as err:
+        raise AssertionError(err.result.engines) from err
+    assert res.ok and ray.get(tied_engine.status.remote()).state == EngineState.SERVING
+    coord.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -36,8 +37,9 @@ from weightsync.messages import (Ack, ApplyReply, BeginReply, CommitReply, Engin
                                  Fingerprint, GpuMemory, JoinReply, LayoutStatus, ReceiveRequest,
                                  ReloadReply, WorkerInfo, reply_of)
 from weightsync.transport.legs.base import hops
-from weightsync.types import (IN_SYNC, CheckpointFiles, EngineState, EngineStatus, FinishReply,
-                              HeldPlan, PauseMode, ReceiveReport, plan_version)
+from weightsync.types import (IN_SYNC, Canary, CanaryReply, CheckpointFiles, EngineState,
+                              EngineStatus, FinishReply, HeldPlan, PauseMode, ReceiveReport,
+                              plan_version)
 
 logger = logging.getLogger(__name__)
 
@@ -458,6 +460,35 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
             prints = await self._rpc("ws_fingerprint", reply=Fingerprint, timeout=deadline_s)
         seconds["fingerprint"] = time.perf_counter() - t
         return merge_fingerprints(prints, self.workers, seconds=seconds, skipped=skipped)
+
+    async def run_canary(self, canary_json: str, deadline_s: float, *,
+                         owner: str | None = None) -> CanaryReply:
+        """The sync's canary (``types.Canary``): after the load and the verify step, before
+        the commit, score the trainer's token sequence on the new weights and compare with
+        its logprobs. vLLM's scheduler runs for it (the KV cache woken if a sleep released
+        it) while this host's gate stays closed: no rollout request reaches the engine
+        before the commit. A gap over the tolerance is a ``VerificationError``; the weights
+        are applied, so the coordinator fences this engine."""
+        self._expect(*IN_SYNC, EngineState.FENCED, op="run the canary", owner=owner)
+        canary = Canary.model_validate_json(canary_json)
+        t = time.perf_counter()
+        with self._lease.busy():
+            woke = "kv_cache" in self._asleep
+            if woke:
+                await self._wake(["kv_cache"], deadline_s)
+            if not (woke and vllm_compat.WAKE_RESUMES and not self._asleep):
+                await asyncio.wait_for(vllm_compat.resume_generation(self.engine), deadline_s)
+            got = await asyncio.wait_for(vllm_compat.prompt_logprobs(
+                self.engine, list(canary.token_ids), f"canary-{uuid.uuid4().hex}"), deadline_s)
+        gaps = [abs(a - b) for a, b in zip(got, canary.logprobs, strict=True)]
+        worst = max(range(len(gaps)), key=gaps.__getitem__)
+        if not gaps[worst] <= canary.tolerance:  # (NaN fails too)
+            raise VerificationError(
+                f"canary: the engine's logprob of token {worst + 1} differs from the trainer's "
+                f"by {gaps[worst]:.3g} (tolerance {canary.tolerance:g}): it does not compute "
+                "what the trainer sent", engine=self.spec.name)
+        return CanaryReply(max_gap=gaps[worst], position=worst + 1,
+                           seconds=time.perf_counter() - t)
 
     async def _reset_caches(self) -> None:
         # Requests frozen by pause mode "keep" hold KV blocks computed with the old weights:

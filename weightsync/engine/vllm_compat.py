@@ -207,6 +207,20 @@ async def pause_generation(engine: Any, mode: str, *, clear_cache: bool = True) 
     await core.pause_scheduler_async(mode=mode, clear_cache=clear_cache)
 
 
+async def prompt_logprobs(engine: Any, token_ids: list[int], request_id: str) -> list[float]:
+    """The engine's logprob of each of ``token_ids[1:]`` given the tokens before it (vLLM's
+    ``prompt_logprobs``, teacher-forced; one token generated and dropped)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    final = None
+    async for out in engine.generate({"prompt_token_ids": list(token_ids)}, params,
+                                     request_id=request_id):
+        final = out
+    rows = final.prompt_logprobs  # [None, {token: Logprob}, ...]
+    return [float(row[t].logprob) for t, row in zip(token_ids[1:], rows[1:], strict=True)]
+
+
 def sampling_params(**kw: Any) -> Any:
     from vllm import SamplingParams
 
