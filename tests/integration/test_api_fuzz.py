@@ -136,11 +136,29 @@ def _config(phases: list[str]):
     })
 
 
+def malformed_checkpoints(root) -> list[str]:
+    """One checkpoint directory in the load root per malformed safetensors file of the outside
+    test (``tests/unit/test_checkpoint_rules.MALFORMED``: files safetensors itself refuses),
+    so generated ``/reload`` bodies reach them."""
+    from tests.unit.test_checkpoint_rules import MALFORMED, _write
+
+    dirs = []
+    for i, (_, header, data, raw, _) in enumerate(MALFORMED):
+        d = root / f"malformed-{i}"
+        d.mkdir(exist_ok=True)
+        _write(d / "model.safetensors", header, data, raw)
+        dirs.append(str(d))
+    return dirs
+
+
 class Run:
     """One schemathesis engine run, with the trainer hooks installed on its schema."""
 
-    def __init__(self, url: str, trainers: Trainers, specs: list[dict]) -> None:
+    def __init__(self, url: str, trainers: Trainers, specs: list[dict],
+                 malformed: list[str] = ()) -> None:
         self.url, self.trainers, self.specs = url, trainers, specs
+        self.malformed = list(malformed)
+        self.reached: dict[str, list[int]] = {"malformed file": [], "duplicate names": []}
         self.statuses: dict[str, list[int]] = {}
         self.failures: list[str] = []
         self.phases: dict[str, str] = {}
@@ -174,19 +192,45 @@ class Run:
 
         @schema.hook("flatmap_case").apply_to(method="POST", path="/sessions")
         def sometimes_a_real_session(ctx, case):
-            def real(flag: bool):  # in the stateful phase always: it is where sessions go on
-                if (flag or _phase(case) == "stateful") and isinstance(case.body, dict):
-                    # assigned (not mutated), so schemathesis re-labels the case positive
-                    case.body = {**case.body, "tensors": specs, "host": "127.0.0.1",
+            def real(kind: str):  # in the stateful phase always: where sessions go on
+                if (kind != "as-generated" or _phase(case) == "stateful") and \
+                        isinstance(case.body, dict):
+                    # assigned (not mutated), so schemathesis re-labels the case positive;
+                    # "duplicate" names a tensor twice (a 422, found in one pass)
+                    tensors = specs + specs[:1] if kind == "duplicate" and \
+                        _phase(case) != "stateful" else specs
+                    case.body = {**case.body, "tensors": tensors, "host": "127.0.0.1",
                                  "port": free_port("127.0.0.1"), "partial": False}
                 return case
 
-            return st.booleans().map(real)
+            return st.sampled_from(["as-generated", "real", "duplicate"]).map(real)
+
+        malformed = self.malformed
+
+        @schema.hook("flatmap_case").apply_to(method="POST", path="/reload")
+        def sometimes_a_malformed_file(ctx, case):
+            def pick(i: int):
+                if i < len(malformed) and isinstance(case.body, dict):
+                    case.body = {**case.body, "path": malformed[i]}
+                return case
+
+            return st.integers(0, len(malformed) + 3).map(pick)  # mostly a malformed file
+
+        reached = self.reached
 
         @schema.hook
         def after_call(ctx, case, response):
             key = f"{case.method} {case.operation.path}"
             statuses.setdefault(key, []).append(response.status_code)
+            body = case.body if isinstance(case.body, dict) else {}
+            if key == "POST /reload" and isinstance(body.get("path"), str) and \
+                    body["path"] in malformed:
+                reached["malformed file"].append(response.status_code)
+            tensors = body.get("tensors") if isinstance(body.get("tensors"), list) else []
+            names = [t["name"] for t in tensors
+                     if isinstance(t, dict) and isinstance(t.get("name"), str)]
+            if key == "POST /sessions" and len(names) != len(set(names)):
+                reached["duplicate names"].append(response.status_code)
             if key == "POST /sessions" and response.status_code == 201:
                 trainers.start(response.json(), _phase(case))
             sid = (case.path_parameters or {}).get("session")
@@ -194,7 +238,7 @@ class Run:
                 trainers.closed[sid].set()  # committed or aborted: the trainer may go
 
 
-def test_schemathesis_every_phase_and_check_zero_5xx(service, client, tiny_model):
+def test_schemathesis_every_phase_and_check_zero_5xx(service, client, tiny_model, ckpt_root):
     """Examples, coverage and fuzzing over every operation; then the stateful phase over the
     session operations (and /status): with /pause, /reload and the rest in the mix, nearly
     every session it opens would meet a paused or busy fleet (409), and those operations'
@@ -206,7 +250,8 @@ def test_schemathesis_every_phase_and_check_zero_5xx(service, client, tiny_model
 
     tensors = dict(named_tensors(load_trainer_model(tiny_model)))
     trainers = Trainers(service.url, tensors)
-    run = Run(service.url, trainers, [spec_of(n, t).model_dump() for n, t in tensors.items()])
+    run = Run(service.url, trainers, [spec_of(n, t).model_dump() for n, t in tensors.items()],
+              malformed_checkpoints(ckpt_root))
 
     @schemathesis.hook
     def before_call(ctx, case, **kwargs):
@@ -232,7 +277,12 @@ def test_schemathesis_every_phase_and_check_zero_5xx(service, client, tiny_model
     for key, cs in sorted(run.statuses.items()):
         if not key.startswith(("DELETE", "PATCH", "PUT", "TRACE", "QUERY", "OPTIONS")):
             print(f"  {key}: {len(cs)} -> {sorted(set(cs))}")
+    print(f"  reached: { {k: sorted(set(v)) for k, v in run.reached.items()} } "
+          f"({ {k: len(v) for k, v in run.reached.items()} } calls)")
     assert not run.failures, "\n".join(dict.fromkeys(run.failures))
+    # the malformed files and duplicate names of the outside test were reached: refused, never 5xx
+    assert all(422 in cs for cs in run.reached.values()), run.reached
+    assert all(c < 500 for cs in run.reached.values() for c in cs), run.reached
     assert not trainers.errors, trainers.errors
     assert max(codes) < 500
     # the schema has no examples, so that phase has nothing to run

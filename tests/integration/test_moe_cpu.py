@@ -16,6 +16,7 @@ import pytest
 import ray
 import torch
 
+from tests.integration.oracle import assert_same, cold, served
 from weightsync.config import EngineSpec, TransferConfig
 from weightsync.coordinator import SyncCoordinator
 from weightsync.errors import ManifestError
@@ -89,6 +90,11 @@ def test_moe_module_syncs_and_equals_the_engines_own_load_of_save_pretrained(
     assert _gap_to_hf(trainer, moe_model, synced) < 1e-3  # the engine serves the trainer's model
 
     trainer.save_pretrained(tmp_path / "ckpt")  # per-expert names, written by transformers
+    for f in moe_model.glob("tok*"):
+        (tmp_path / "ckpt" / f.name).write_bytes(f.read_bytes())
+    # warm == cold: a cold MoE engine started on those weights serves the same, bit for bit
+    spec = EngineSpec(name="engine-moe", model=str(moe_model), dtype="float32")
+    assert_same(served(moe_engine), cold(spec, tmp_path / "ckpt"), "MoE after a sync")
     coord.reload_checkpoint(str(tmp_path / "ckpt"))
     assert _outputs(moe_engine) == synced  # bit-identical: the same weights, loaded two ways
     coord.reload_checkpoint(None)

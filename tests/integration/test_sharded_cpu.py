@@ -15,8 +15,9 @@ import ray
 
 from tests.integration import hung_follower
 from tests.integration.api_server import assert_parity, outputs
+from tests.integration.oracle import assert_same, cold, save_weights, served
 from tests.unit.test_sharded_protocol import logs, run_ranks
-from weightsync.config import TransferConfig
+from weightsync.config import EngineSpec, TransferConfig
 from weightsync.coordinator import SyncCoordinator
 from weightsync.testing.reference import load_trainer_model, perturb_
 
@@ -60,6 +61,13 @@ def test_two_fsdp2_ranks_sync_into_two_vllm_engines_that_match_hf(fleet, tiny_mo
             assert 0 < s["peak_gathered_bytes"] <= BUCKET
 
     _assert_engines_serve(fleet, tiny_model, tokenizer, SEED, last["version"])
+    # warm == cold: what the FSDP2 ranks synced is what a cold engine on the unsharded
+    # weights serves, bit for bit
+    policy = load_trainer_model(tiny_model)
+    perturb_(policy, scale=0.3, seed=SEED)
+    spec = EngineSpec(name="engine-a", model=str(tiny_model), dtype="float32")
+    ckpt = save_weights(policy, tmp_path / "unsharded", tiny_model)
+    assert_same(served(fleet[0]), cold(spec, ckpt), "after a 2-rank FSDP2 sync")
     coord = SyncCoordinator(fleet, TransferConfig(bucket_bytes=1 << 20))
     coord.reload_checkpoint(None)  # leave the session's engines on the original weights
 

@@ -15,6 +15,7 @@ import pytest
 import ray
 
 from tests.integration.api_server import assert_matches_hf as _assert_matches_hf
+from tests.integration.oracle import assert_same, cold, save_weights, served
 from weightsync.config import EngineSpec, TransferConfig
 from weightsync.coordinator import SyncCoordinator
 from weightsync.engine.actor import start_engines, stop_engines
@@ -86,7 +87,7 @@ def test_two_tp2_engines_sync_over_gloo_and_match_hf(tp_fleet, policy, tokenizer
         coord.close()
 
 
-def test_a_mixed_fleet_syncs_in_one_group(tp_fleet, policy, tokenizer):
+def test_a_mixed_fleet_syncs_in_one_group(tp_fleet, policy, tokenizer, tiny_model, tmp_path):
     engines = [tp_fleet["tp2-a"], tp_fleet["engine-a"]]  # three workers + the trainer
     coord = SyncCoordinator(engines, TransferConfig(bucket_bytes=1 << 20))
     try:
@@ -98,6 +99,12 @@ def test_a_mixed_fleet_syncs_in_one_group(tp_fleet, policy, tokenizer):
             _assert_matches_hf(_outputs(actor), ref)
     finally:
         coord.close()
+    # warm == cold: the synced TP=2 engine serves exactly what a cold TP=2 engine started on
+    # the same weights serves (tests/integration/oracle.py)
+    spec = EngineSpec(name="tp2-a", model=str(tiny_model), dtype="float32",
+                      cpu_kvcache_gib=0.25, tensor_parallel_size=2)
+    ckpt = save_weights(policy, tmp_path / "tp-weights", tiny_model)
+    assert_same(served(tp_fleet["tp2-a"]), cold(spec, ckpt), "TP=2 after a mixed-fleet sync")
 
 
 def test_one_workers_corrupted_bucket_fences_its_engine_and_the_fleet_rolls_back(

@@ -14,6 +14,7 @@ import pytest
 import ray
 import torch
 
+from tests.integration.oracle import assert_same, cold, save_weights, served
 from weightsync.config import EngineSpec, TransferConfig
 from weightsync.coordinator import SyncCoordinator
 from weightsync.engine.actor import start_engines, stop_engines
@@ -23,33 +24,6 @@ from weightsync.testing.reference import load_trainer_model, perturb_
 from weightsync.types import EngineState
 
 pytestmark = pytest.mark.integration
-PROMPTS = ["hello world", "the quick brown fox", "one two three", "yes no maybe"]
-N_TOK = 8
-
-
-def served(actor) -> list[tuple[tuple[int, ...], tuple[float, ...]]]:
-    """The engine's greedy tokens and their logprobs for the fixed batch, as one request
-    batch (the same requests in the same batch on every engine compared)."""
-    outs = ray.get(actor.generate.remote(PROMPTS, max_tokens=N_TOK, logprobs=True,
-                                         ignore_eos=True), timeout=120)
-    return [(o.token_ids, o.logprobs) for o in outs]
-
-
-def cold(spec: EngineSpec, model_dir) -> list[tuple[tuple[int, ...], tuple[float, ...]]]:
-    """What a cold engine of ``spec`` started from ``model_dir`` serves (then stopped)."""
-    cold_spec = spec.model_copy(update={"name": f"{spec.name}-cold", "model": str(model_dir)})
-    [actor] = start_engines([cold_spec])
-    try:
-        return served(actor)
-    finally:
-        stop_engines([actor], timeout_s=30)
-
-
-def assert_same(warm, oracle, what: str) -> None:
-    diffs = [max((abs(a - b) for a, b in zip(w[1], o[1], strict=False)), default=0.0)
-             for w, o in zip(warm, oracle, strict=True)]
-    assert warm == oracle, f"{what}: warm != cold (max |logprob diff| per prompt {diffs}; " \
-                           f"tokens equal: {[w[0] == o[0] for w, o in zip(warm, oracle)]})"
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +57,7 @@ def test_tied_head_warm_equals_cold_after_sync_and_checkpoint_reload(tied_engine
     assert res.ok and all(e.checksum_ok for e in res.engines)
     warm_v1 = served(tied_engine)
     assert [w[0] for w in warm_v1] != [b[0] for b in before]  # the weights did change
-    v1_dir = tmp_path / "v1"
-    policy.save_pretrained(v1_dir)
-    for f in tied_dir.glob("tok*"):  # the tokenizer travels with the weights
-        (v1_dir / f.name).write_bytes(f.read_bytes())
+    v1_dir = save_weights(policy, tmp_path / "v1", tied_dir)
     oracle = cold(tied_spec, v1_dir)
     assert_same(warm_v1, oracle, "tied head after a sync")
     # a second sync, then the first sync's weights back from disk
@@ -101,26 +72,30 @@ def test_tied_head_warm_equals_cold_after_sync_and_checkpoint_reload(tied_engine
     coord.close()
 
 
-def test_untied_partial_update_warm_equals_cold(fleet, policy, tiny_model, tmp_path):
-    """The session's untied engines: a full sync, then a partial one (the MLP weights only),
-    each equal to a cold engine on the resulting weights."""
+def test_untied_rolling_then_streamed_partial_update_warm_equals_cold(fleet, policy, tiny_model,
+                                                                     tmp_path):
+    """The session's two untied engines: a full sync in rolling waves of one engine, then a
+    partial update (the MLP weights only) from a stream; both engines then serve exactly
+    what one cold engine on the resulting weights serves."""
+    from weightsync.sources import IteratorSource
+    from weightsync.transport.packing import spec_of
+
     spec = EngineSpec(name="engine-a", model=str(tiny_model), dtype="float32")
-    coord = SyncCoordinator(fleet[:1], TransferConfig(bucket_bytes=1 << 20))
+    coord = SyncCoordinator(fleet, TransferConfig(bucket_bytes=1 << 20))
     perturb_(policy, scale=0.2, seed=21)
-    assert coord.sync(policy).ok
+    assert coord.sync(policy, wave_size=1).ok
     mlp = {n: p.detach().clone() + 0.05 for n, p in policy.named_parameters() if ".mlp." in n}
-    res = coord.sync(mlp, partial=True)
-    assert res.ok and all(e.checksum_ok for e in res.engines)
+    stream = IteratorSource([spec_of(n, t) for n, t in mlp.items()], lambda: iter(mlp.items()))
+    res = coord.sync(stream, partial=True)
+    assert res.ok and res.partial and all(e.checksum_ok for e in res.engines)
     with torch.no_grad():
         for n, p in policy.named_parameters():
             if n in mlp:
                 p.copy_(mlp[n])
-    warm = served(fleet[0])
-    d = tmp_path / "partial"
-    policy.save_pretrained(d)
-    for f in tiny_model.glob("tok*"):
-        (d / f.name).write_bytes(f.read_bytes())
-    assert_same(warm, cold(spec, d), "untied after a full and a partial sync")
+    warm = [served(a) for a in fleet]
+    oracle = cold(spec, save_weights(policy, tmp_path / "partial", tiny_model))
+    for name, w in zip(("engine-a", "engine-b"), warm, strict=True):
+        assert_same(w, oracle, f"{name} after a rolling sync and a streamed partial one")
     coord.close()
 
 
