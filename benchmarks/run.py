@@ -138,7 +138,7 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
     per_gpu = 1.0 / (sizes[-1] + (1 if ipc else 0)) if gpu else 0.0
     specs = [EngineSpec(name=f"bench-{i}", model=str(model_dir), dtype=dtype, num_gpus=per_gpu,
                         gpu_memory_utilization=gpu_util / sizes[-1] if gpu else 0.5,
-                        cpu_kvcache_gib=cpu_kv_gib)
+                        cpu_kvcache_gib=cpu_kv_gib, max_model_len=512, enforce_eager=True)
              for i in range(sizes[-1])]
     t = time.perf_counter()
     actors = start_engines(specs)

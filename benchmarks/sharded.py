@@ -53,7 +53,8 @@ def main(shape: str = typer.Option("small"), syncs: int = typer.Option(5, min=1)
     namespace = "weightsync-bench-sharded"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace=namespace)
     (actor,) = start_engines([EngineSpec(name="bench-sharded", model=str(model_dir),
-                                         dtype="float32", cpu_kvcache_gib=cpu_kv_gib)])
+                                         dtype="float32", cpu_kvcache_gib=cpu_kv_gib,
+                                         max_model_len=512, enforce_eager=True)])
     gcs = ray.get_runtime_context().gcs_address
     out = out or Path("benchmarks/results") / f"sharded-cpu-{shape}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

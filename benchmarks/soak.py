@@ -317,7 +317,8 @@ def main(rounds: int = typer.Option(20, min=1), seed: int = typer.Option(0),
     model_dir = build_text_model(workdir.resolve() / "tiny-qwen2")
     ray.init(num_cpus=4, namespace="weightsync-soak", include_dashboard=False,
              log_to_driver=False)
-    specs = [EngineSpec(name=n, model=str(model_dir), dtype="float32") for n in NAMES]
+    specs = [EngineSpec(name=n, model=str(model_dir), dtype="float32", max_model_len=512,
+                        enforce_eager=True) for n in NAMES]
     engines = start_engines(specs)
     gcs = ray.get_runtime_context().gcs_address
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

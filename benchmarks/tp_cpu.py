@@ -37,7 +37,7 @@ def _fleet_run(bind: str, model_dir: Path, syncs: int, gen_tokens: int) -> dict:
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     specs = [EngineSpec(name=n, model=str(model_dir), dtype="float32", cpu_kvcache_gib=0.25,
-                        tensor_parallel_size=tp,
+                        tensor_parallel_size=tp, max_model_len=512, enforce_eager=True,
                         cpu_threads_bind=None if bind == "derived" or tp == 1 else bind)
              for n, tp in (("tp2-a", 2), ("tp2-b", 2), ("tp1-c", 1))]
     t = time.perf_counter()

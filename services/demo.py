@@ -40,7 +40,8 @@ def main(engines: int = typer.Option(1, min=1), syncs: int = typer.Option(3, min
     model_dir = build_text_model(workdir / "tiny-qwen2")
     ray.init(num_cpus=2, log_to_driver=False, **init_kwargs())
     t = time.perf_counter()
-    specs = [EngineSpec(name=f"engine-{i}", model=str(model_dir), dtype="float32") for i in range(engines)]
+    specs = [EngineSpec(name=f"engine-{i}", model=str(model_dir), dtype="float32",
+                        max_model_len=512, enforce_eager=True) for i in range(engines)]
     actors = start_engines(specs)
     console.print(f"{engines} vLLM engine(s) up in {time.perf_counter() - t:.1f}s")
     coord = SyncCoordinator(actors, TransferConfig(bucket_bytes=bucket_mib << 20))

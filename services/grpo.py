@@ -371,8 +371,12 @@ def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Con
         policy = Policy(model_dir, cfg, device)
     targets = target_ids(policy.tokenizer, cfg.task)
     gpus = engine_gpus(device, cfg.engines)
+    # short prompts and completions: a 512-token context; on CPU, eager (vLLM's default there
+    # compiles the model: each engine starts in about twice the time); on a GPU, vLLM's default
+    # (CUDA graphs: 2.9x the rollout throughput of eager on the H100)
     specs = [EngineSpec(name=f"grpo-engine-{i}", model=str(model_dir), dtype="float32",
-                        seed=cfg.seed + i, device=device,
+                        seed=cfg.seed + i, device=device, max_model_len=512,
+                        enforce_eager=True if device == "cpu" else None,
                         num_gpus=gpus, gpu_memory_utilization=cfg.gpu_memory_utilization)
              for i in range(cfg.engines)]
     _say(console, f"starting {cfg.engines} vLLM engine(s) on {device} "

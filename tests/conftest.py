@@ -43,8 +43,10 @@ def fleet(ray_session, tiny_model):
     from weightsync.config import EngineSpec
     from weightsync.engine.actor import start_engines, stop_engines
 
-    specs = [EngineSpec(name=f"engine-{c}", model=str(tiny_model), dtype="float32")
-             for c in "ab"]
+    # eager with a short context: half the start time of vLLM's CPU defaults (compiled, the
+    # model's 32k context); other tests' engines take vLLM's defaults
+    specs = [EngineSpec(name=f"engine-{c}", model=str(tiny_model), dtype="float32",
+                        max_model_len=512, enforce_eager=True) for c in "ab"]
     actors = start_engines(specs)
     yield actors
     stop_engines(actors, timeout_s=30)

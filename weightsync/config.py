@@ -95,11 +95,13 @@ class EngineSpec(_Frozen):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     model: str
     dtype: str = "auto"
-    max_model_len: int = Field(512, ge=16)
+    # None: vLLM's default (the model's own context length)
+    max_model_len: int | None = Field(None, ge=16)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
-    enforce_eager: bool = True
+    # None: vLLM's default (CUDA graphs on a GPU; compiled on CPU); True: eager mode
+    enforce_eager: bool | None = None
     # every worker of a tensor-parallel engine joins the transfer group (transport.ranks)
     tensor_parallel_size: int = Field(1, ge=1)
     cpu_kvcache_gib: float = Field(1.0, gt=0)  # CPU engines' KV cache (fractions allowed)

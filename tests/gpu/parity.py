@@ -15,6 +15,8 @@ def start_colocated(name: str, model, dtype: str, **spec_kw):
     from weightsync.engine.actor import start_engines
 
     spec_kw.setdefault("gpu_memory_utilization", 0.4)
+    spec_kw.setdefault("enforce_eager", True)  # as the suite was measured; graphs: say so
+    spec_kw.setdefault("max_model_len", 512)
     spec = EngineSpec(name=name, model=str(model), dtype=dtype, num_gpus=0.5, **spec_kw)
     (actor,) = start_engines([spec], timeout_s=240)
     return actor

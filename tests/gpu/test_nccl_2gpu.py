@@ -34,7 +34,7 @@ for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "
 @pytest.fixture(scope="module")
 def engine_gpu(gpu_ray, text_model):
     spec = EngineSpec(name="nccl-engine", model=str(text_model), dtype="float32", num_gpus=1,
-                      gpu_memory_utilization=0.5)
+                      gpu_memory_utilization=0.5, max_model_len=512, enforce_eager=True)
     (actor,) = start_engines([spec])
     engine_gpus = ray.get(actor.__ray_call__.remote(lambda self: ray.get_gpu_ids()))
     yield actor, engine_gpus

@@ -52,7 +52,8 @@ def tp_ray():
 def tp_engine(tp_ray, text_model):
     """One TP=2 engine on two GPUs, leaving room on both for a colocated trainer."""
     spec = EngineSpec(name="tp2-gpu", model=str(text_model), dtype="float32",
-                      tensor_parallel_size=2, num_gpus=2, gpu_memory_utilization=0.4)
+                      tensor_parallel_size=2, num_gpus=2, gpu_memory_utilization=0.4,
+                      max_model_len=512, enforce_eager=True)
     (actor,) = start_engines([spec], timeout_s=400)
     yield actor
     stop_engine(actor)

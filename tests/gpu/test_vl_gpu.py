@@ -69,7 +69,8 @@ def vl_trainer(vl_model):
 @pytest.fixture(scope="module")
 def vl_engine(gpu_ray, vl_model, vl_trainer):
     spec = EngineSpec(name="gpu-vl", model=str(vl_model), dtype="float32", num_gpus=0.5,
-                      gpu_memory_utilization=0.25, limit_mm_per_prompt={"image": 1, "video": 0})
+                      gpu_memory_utilization=0.25, limit_mm_per_prompt={"image": 1, "video": 0},
+                      max_model_len=512, enforce_eager=True)
     (actor,) = start_engines([spec], timeout_s=240)
     yield actor
     stop_engine(actor)

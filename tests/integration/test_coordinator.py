@@ -159,7 +159,8 @@ def test_metrics_export_phases_bytes_and_versions(coord):
 
 @pytest.fixture(scope="module")
 def engine_c(ray_session, tiny_model):
-    spec = EngineSpec(name="engine-c", model=str(tiny_model), dtype="float32")
+    spec = EngineSpec(name="engine-c", model=str(tiny_model), dtype="float32",
+                      max_model_len=512, enforce_eager=True)
     actor = spawn_engine(spec)
     ray.get(actor.start.remote(), timeout=600)
     return spec, actor

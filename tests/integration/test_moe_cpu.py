@@ -40,7 +40,8 @@ def moe_engine(ray_session, moe_model):
     from weightsync.engine.actor import start_engines
 
     (actor,) = start_engines([EngineSpec(name="engine-moe", model=str(moe_model),
-                                         dtype="float32")])
+                                         dtype="float32", max_model_len=512,
+                                         enforce_eager=True)])
     yield actor
     try:
         ray.get(actor.shutdown.remote(), timeout=30)
@@ -93,7 +94,8 @@ def test_moe_module_syncs_and_equals_the_engines_own_load_of_save_pretrained(
     for f in moe_model.glob("tok*"):
         (tmp_path / "ckpt" / f.name).write_bytes(f.read_bytes())
     # warm == cold: a cold MoE engine started on those weights serves the same, bit for bit
-    spec = EngineSpec(name="engine-moe", model=str(moe_model), dtype="float32")
+    spec = EngineSpec(name="engine-moe", model=str(moe_model), dtype="float32",
+                      max_model_len=512, enforce_eager=True)
     assert_same(served(moe_engine), cold(spec, tmp_path / "ckpt"), "MoE after a sync")
     coord.reload_checkpoint(str(tmp_path / "ckpt"))
     assert _outputs(moe_engine) == synced  # bit-identical: the same weights, loaded two ways

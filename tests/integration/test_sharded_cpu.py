@@ -65,7 +65,8 @@ def test_two_fsdp2_ranks_sync_into_two_vllm_engines_that_match_hf(fleet, tiny_mo
     # weights serves, bit for bit
     policy = load_trainer_model(tiny_model)
     perturb_(policy, scale=0.3, seed=SEED)
-    spec = EngineSpec(name="engine-a", model=str(tiny_model), dtype="float32")
+    spec = EngineSpec(name="engine-a", model=str(tiny_model), dtype="float32",
+                      max_model_len=512, enforce_eager=True)  # the session fleet's spec
     ckpt = save_weights(policy, tmp_path / "unsharded", tiny_model)
     assert_same(served(fleet[0]), cold(spec, ckpt), "after a 2-rank FSDP2 sync")
     coord = SyncCoordinator(fleet, TransferConfig(bucket_bytes=1 << 20))

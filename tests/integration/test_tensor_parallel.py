@@ -32,7 +32,8 @@ N_TOK = 8
 def tp_fleet(fleet, tiny_model):
     """{"tp2-a", "tp2-b": TP=2 engines, "engine-a": the session fleet's TP=1 engine} -> actor."""
     specs = [EngineSpec(name=n, model=str(tiny_model), dtype="float32", cpu_kvcache_gib=0.25,
-                        tensor_parallel_size=2) for n in ("tp2-a", "tp2-b")]
+                        tensor_parallel_size=2, max_model_len=512, enforce_eager=True)
+             for n in ("tp2-a", "tp2-b")]
     t = time.perf_counter()
     actors = start_engines(specs)
     print(f"\n[tp] two TP=2 engines up in {time.perf_counter() - t:.1f}s")
@@ -102,7 +103,8 @@ def test_a_mixed_fleet_syncs_in_one_group(tp_fleet, policy, tokenizer, tiny_mode
     # warm == cold: the synced TP=2 engine serves exactly what a cold TP=2 engine started on
     # the same weights serves (tests/integration/oracle.py)
     spec = EngineSpec(name="tp2-a", model=str(tiny_model), dtype="float32",
-                      cpu_kvcache_gib=0.25, tensor_parallel_size=2)
+                      cpu_kvcache_gib=0.25, tensor_parallel_size=2, max_model_len=512,
+                      enforce_eager=True)
     ckpt = save_weights(policy, tmp_path / "tp-weights", tiny_model)
     assert_same(served(tp_fleet["tp2-a"]), cold(spec, ckpt), "TP=2 after a mixed-fleet sync")
 

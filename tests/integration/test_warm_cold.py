@@ -80,7 +80,8 @@ def test_untied_rolling_then_streamed_partial_update_warm_equals_cold(fleet, pol
     from weightsync.sources import IteratorSource
     from weightsync.transport.packing import spec_of
 
-    spec = EngineSpec(name="engine-a", model=str(tiny_model), dtype="float32")
+    spec = EngineSpec(name="engine-a", model=str(tiny_model), dtype="float32",
+                      max_model_len=512, enforce_eager=True)  # the session fleet's spec
     coord = SyncCoordinator(fleet, TransferConfig(bucket_bytes=1 << 20))
     perturb_(policy, scale=0.2, seed=21)
     assert coord.sync(policy, wave_size=1).ok

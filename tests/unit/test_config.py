@@ -84,3 +84,12 @@ def test_serve_refuses_http_beyond_loopback_next_to_an_unauthenticated_own_ray(m
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     with pytest.raises(ConfigError, match="without authentication"):
         serve(Settings(host="0.0.0.0", token="t0ken", model="/m"))
+
+
+def test_unset_engine_fields_leave_vllms_defaults():
+    """No opinion where the user gave none: vLLM's own defaults hold (CUDA graphs on a GPU,
+    the model's context length)."""
+    from weightsync.config import EngineSpec
+
+    spec = EngineSpec(name="e", model="/m")
+    assert spec.enforce_eager is None and spec.max_model_len is None

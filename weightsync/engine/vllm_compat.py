@@ -151,8 +151,8 @@ def check_engine_args(args: dict[str, Any], typed: dict[str, str]) -> None:
                 raise ValueError(f"engine_args[{name!r}] = {value!r}: {first['msg']}") from None
 
 
-def make_async_engine(*, model: str, dtype: str, max_model_len: int, seed: int,
-                      enforce_eager: bool, tensor_parallel_size: int,
+def make_async_engine(*, model: str, dtype: str, max_model_len: int | None, seed: int,
+                      enforce_eager: bool | None, tensor_parallel_size: int,
                       gpu_memory_utilization: float, enable_sleep_mode: bool,
                       worker_extension_cls: str,
                       limit_mm_per_prompt: dict[str, int] | None,
@@ -168,15 +168,18 @@ def make_async_engine(*, model: str, dtype: str, max_model_len: int, seed: int,
     kwargs: dict[str, Any] = dict(
         model=model,
         dtype=dtype,
-        max_model_len=max_model_len,
         seed=seed,
-        enforce_eager=enforce_eager,
         tensor_parallel_size=tensor_parallel_size,
         gpu_memory_utilization=gpu_memory_utilization,
         enable_sleep_mode=enable_sleep_mode,
         worker_extension_cls=worker_extension_cls,
         enable_prefix_caching=True,
     )
+    # unset: vLLM's own defaults (the model's context length; CUDA graphs on a GPU)
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
+    if enforce_eager is not None:
+        kwargs["enforce_eager"] = enforce_eager
     if limit_mm_per_prompt:
         kwargs["limit_mm_per_prompt"] = limit_mm_per_prompt
     if kv_cache_bytes is not None:
