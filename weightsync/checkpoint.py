@@ -21,6 +21,7 @@ vLLM's loader does (a stray ``consolidated.safetensors`` beside shards is not a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -448,6 +449,19 @@ class PinnedFiles:
     def nbytes(self) -> int:
         """Bytes of tensor data the open files hold."""
         return sum(s.nbytes for s in self.specs().values())
+
+    def identity(self) -> str:
+        """What was opened: each file's size, modification time and header bytes, hashed.
+        Engines that opened the same files agree on it; a file swapped or rewritten between
+        two engines' opens makes them differ."""
+        h = hashlib.sha256()
+        for fd in self._fds:
+            st = os.fstat(fd)
+            h.update(f"{st.st_size}:{st.st_mtime_ns};".encode())
+            head = os.pread(fd, 8, 0)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            h.update(os.pread(fd, min(n, MAX_HEADER_BYTES), 8))
+        return h.hexdigest()[:32]
 
     def tensors(self) -> Iterator[tuple[str, object]]:
         """``iter_tensors`` of the open files themselves."""

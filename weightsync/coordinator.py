@@ -30,7 +30,8 @@ from typing import Any
 from weightsync.config import TransferConfig
 from weightsync.engine.workers import disagreeing, verify_receipt
 from weightsync.errors import (ConfigError, IllegalStateError, ManifestError, SyncFailedError,
-                               SyncInProgressError, TransferError, WeightSyncError)
+                               SyncInProgressError, TransferError, VerificationError,
+                               WeightSyncError)
 from weightsync.colocation import Colocation
 from weightsync.heartbeat import Heartbeat
 from weightsync.messages import LayoutStatus
@@ -201,9 +202,14 @@ class SyncCoordinator(Colocation, Outcomes):
             version = self._next_version(targets)
             dl = self.transfer.deadlines
             self._phase("validate")
-            _raise_refusal(*self._call("validate_checkpoint", targets, path, partial=partial,
-                                       roots=roots, deadline_s=dl.verify,
-                                       timeout=dl.verify * 1.5))
+            checked, refused = self._call("validate_checkpoint", targets, path, partial=partial,
+                                          roots=roots, deadline_s=dl.verify,
+                                          timeout=dl.verify * 1.5)
+            _raise_refusal(checked, refused)
+            if len(set(checked.values())) != 1:  # a file changed between engines' reads
+                # (each engine closes the files it kept at its next check or reload)
+                raise ManifestError("the checkpoint's files changed while the engines checked "
+                                    "them (they read different files); nothing was loaded")
             self._layout_cache.clear()  # a new checkpoint: engines re-derive and re-verify
             t0 = time.perf_counter()
             runs = {n: EngineRun() for n in targets}
@@ -212,7 +218,14 @@ class SyncCoordinator(Colocation, Outcomes):
                 ok, bad = self._call("reload_from_path", targets, path, dl.reload,
                                      partial=partial, roots=roots,
                                      check_finite=self.transfer.check_finite,
+                                     identity=next(iter(checked.values())),
                                      timeout=dl.reload * 1.2)
+                refused = (ManifestError, ConfigError, VerificationError)
+                if bad and not ok and all(isinstance(e, refused) for e in bad.values()):
+                    # every engine refused before loading a tensor (a non-finite file, files
+                    # no longer held): each goes back as it was found, never fenced
+                    self._abort({}, "reload refused", rollback=set(targets))
+                    raise next(iter(bad.values()))
                 for n, r in ok.items():
                     runs[n].seconds["reload"] = r.reload
                     runs[n].nbytes = r.nbytes

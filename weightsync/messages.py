@@ -97,6 +97,22 @@ class ReloadReply(_Message):
     nbytes: int = Field(0, ge=0)  # tensor bytes of the checkpoint it loaded
 
 
+class JoinProgress(_Message):
+    """A worker's answer to ``ws_join_group``/``ws_join_wait``: its rank in the group, and
+    whether it has joined yet (a failed or cancelled join is the worker's typed error)."""
+
+    rank: int
+    joined: bool
+
+
+class CheckedFiles(_Message):
+    """A checkpoint's files, opened, checked and kept open by a worker until it loads them:
+    ``identity`` is what it checked (every file's size, modification time and header), equal
+    on every engine that read the same files."""
+
+    identity: str
+
+
 class Fingerprint(_Message):
     digest: str
     rebuilt: tuple[str, ...] = ()  # what the worker restored or rebuilt after its last load

@@ -237,6 +237,9 @@ class CheckpointFiles(_Frozen):
     check_finite: bool = True  # refuse a file holding NaN or Inf before loading any tensor
     # the engine's load roots: each file, once opened, must still lie inside them
     roots: tuple[str, ...] = ()
+    # load the files the worker checked and kept open with this identity (``CheckedFiles``);
+    # None: open, check and load in one call
+    identity: str | None = None
 
 
 class EngineState(str, enum.Enum):

@@ -148,3 +148,42 @@ def test_a_canary_passes_on_the_senders_weights_and_fences_an_engine_that_misses
         raise AssertionError(err.result.engines) from err
     assert res.ok and ray.get(tied_engine.status.remote()).state == EngineState.SERVING
     coord.close()
+
+
+def test_a_nan_checkpoint_is_refused_and_nothing_changes(tied_engine, tied_dir, tmp_path):
+    from weightsync.errors import VerificationError
+
+    policy = load_trainer_model(tied_dir)
+    with torch.no_grad():
+        policy.model.layers[0].self_attn.q_proj.weight[1, 2] = float("nan")
+    bad = save_weights(policy, tmp_path / "nan", tied_dir)
+    coord = SyncCoordinator([tied_engine], TransferConfig(bucket_bytes=1 << 20))
+    before, v0 = served(tied_engine), ray.get(tied_engine.status.remote()).version
+    with pytest.raises(VerificationError, match="model.layers.0.self_attn.q_proj.weight"):
+        coord.reload_checkpoint(str(bad))
+    st = ray.get(tied_engine.status.remote())
+    assert (st.state, st.version) == (EngineState.SERVING, v0)
+    assert served(tied_engine) == before
+    coord.close()
+
+
+def test_an_unchecked_nan_version_then_a_restore_serves_cold_outputs_from_the_first_request(
+        tied_engine, tied_spec, tied_dir):
+    """With the finite check turned off, NaN weights go live and their requests write NaN
+    into KV-cache blocks; the restore's commit zeroes the KV cache, so the very first
+    requests after it equal a cold engine's on the restored weights."""
+    oracle = cold(tied_spec, tied_dir)  # the original weights, cold
+    policy = load_trainer_model(tied_dir)
+    with torch.no_grad():
+        policy.model.layers[1].mlp.up_proj.weight.fill_(float("nan"))
+    unchecked = SyncCoordinator([tied_engine], TransferConfig(bucket_bytes=1 << 20,
+                                                              check_finite=False))
+    assert unchecked.sync(policy).ok
+    poisoned = served(tied_engine)  # the NaN version serves, and writes KV blocks
+    assert any(x != x for _, lps in poisoned for x in lps)
+    unchecked.close()
+    coord = SyncCoordinator([tied_engine], TransferConfig(bucket_bytes=1 << 20))
+    res = coord.reload_checkpoint(None)  # restore the original weights
+    assert res.ok and "scrub_kv" in res.engines[0].seconds, res.engines[0].seconds
+    assert_same(served(tied_engine), oracle, "the first requests after a NaN version")
+    coord.close()

@@ -33,9 +33,10 @@ from weightsync.engine.workers import (check_workers, merge_applies, merge_finge
                                        merge_layouts, merge_memory, merge_receipts)
 from weightsync.errors import (DeadlineExceeded, EngineError, IllegalStateError, ManifestError,
                                TransferError, VerificationError, WeightSyncError, error_class)
-from weightsync.messages import (Ack, ApplyReply, BeginReply, CommitReply, EngineWorkers,
-                                 Fingerprint, GpuMemory, JoinReply, LayoutStatus, ReceiveRequest,
-                                 ReloadReply, WorkerInfo, reply_of)
+from weightsync.messages import (Ack, ApplyReply, BeginReply, CheckedFiles, CommitReply,
+                                 EngineWorkers, Fingerprint, GpuMemory, JoinProgress, JoinReply,
+                                 LayoutStatus, ReceiveRequest, ReloadReply, WorkerInfo,
+                                 reply_of)
 from weightsync.transport.legs.base import hops
 from weightsync.types import (IN_SYNC, Canary, CanaryReply, CheckpointFiles, EngineState,
                               EngineStatus, FinishReply, HeldPlan, PauseMode, ReceiveReport,
@@ -45,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 _CLEAN = "reset_caches: vLLM cleared them when the engine paused or slept, and nothing ran since"
 WORKER_EXTENSION = "weightsync.engine.worker_ext.WeightSyncWorkerExtension"
+_JOIN_POLL_S = 0.1  # how long one RPC of a join waits for the workers' rendezvous
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -97,6 +99,7 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         # once such a version served, its KV blocks may hold NaN: zeroed at the next commit
         self._unchecked_load = False
         self._kv_tainted = False
+        self._checked: CheckpointFiles | None = None  # what validate_checkpoint's workers hold
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> EngineStatus:
@@ -271,16 +274,39 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         return BeginReply(seconds=seconds, skipped=tuple(skipped), group_id=self.group_id,
                           plan_key=self._plan.key)
 
+    _join: object | None = None  # the join in progress (join_group); abort_sync ends it
+
     async def join_group(self, backend: str, host: str, port: int, rank_offset: int,
                          world_size: int, timeout_s: float, group_id: str = "",
                          owner: str | None = None) -> JoinReply:
         """Join the trainer's transfer group. It stays open across syncs (rebuilding NCCL
-        communicators every sync is expensive) until a failure or ``leave_group``."""
+        communicators every sync is expensive) until a failure or ``leave_group``.
+
+        The workers join in a thread of their own and are asked every ``_JOIN_POLL_S`` how
+        far they got: a worker answers RPCs one at a time, and one held in the rendezvous
+        would make ``abort_sync`` wait for the whole deadline behind it. ``abort_sync`` ends a
+        join in progress at once (the workers' ``ws_leave_group`` cancels theirs)."""
         self._expect(*IN_SYNC, EngineState.FENCED, op="join a transfer group", owner=owner)
         self.group_id = None
+        token = self._join = object()
+        end = time.monotonic() + timeout_s * 1.5
         with self._lease.busy():
             out = await self._rpc("ws_join_group", backend, host, port, rank_offset, world_size,
-                                  timeout_s, reply=JoinReply, timeout=timeout_s * 1.5)
+                                  timeout_s, _JOIN_POLL_S, reply=JoinProgress,
+                                  timeout=timeout_s * 1.5)
+            while not all(p.joined for p in out):
+                left = end - time.monotonic()
+                if self._join is not token:
+                    raise TransferError("the join was cancelled (the sync was aborted)",
+                                        engine=self.spec.name)
+                if left <= 0:
+                    await self._rpc("ws_leave_group", reply=Ack, timeout=60)
+                    raise DeadlineExceeded(f"ws_join_group exceeded {timeout_s * 1.5}s",
+                                           engine=self.spec.name)
+                out = await self._rpc("ws_join_wait", min(_JOIN_POLL_S, left),
+                                      reply=JoinProgress, timeout=left + _JOIN_POLL_S)
+        if self._join is token:
+            self._join = None
         joined = [r.rank for r in out]
         if joined != list(range(rank_offset, rank_offset + len(out))):
             raise TransferError(f"workers joined at ranks {joined}, not {len(out)} ranks from "
@@ -403,22 +429,37 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
 
     async def validate_checkpoint(self, path: str | None, *, partial: bool = False,
                                   roots: Sequence[str] | None = None,
-                                  deadline_s: float = 60.0) -> None:
+                                  deadline_s: float = 60.0) -> str:
         """Check a checkpoint against the model before anything changes (any state):
-        ``ManifestError``/``ConfigError`` if it does not fit."""
+        ``ManifestError``/``ConfigError`` if it does not fit. The workers keep the files they
+        checked open; returns their identity (``CheckedFiles``), for ``reload_from_path``."""
         ckpt = await self._checkpoint(path, partial, roots, deadline_s)
-        await self._rpc("ws_check_files", ckpt.model_dump_json(), reply=Ack, timeout=deadline_s)
+        checked = await self._rpc("ws_check_files", ckpt.model_dump_json(), reply=CheckedFiles,
+                                  timeout=deadline_s)
+        if len({c.identity for c in checked}) != 1:
+            raise ManifestError("the checkpoint changed while this engine's workers read it; "
+                                "nothing was loaded", engine=self.spec.name)
+        self._checked = ckpt.model_copy(update={"identity": checked[0].identity})
+        return checked[0].identity
 
     async def reload_from_path(self, path: str | None, deadline_s: float, *,
                                partial: bool = False,
                                roots: Sequence[str] | None = None,
                                owner: str | None = None,
-                               check_finite: bool = True) -> ReloadReply:
+                               check_finite: bool = True,
+                               identity: str | None = None) -> ReloadReply:
         """Reload weights from a safetensors directory (``None``: the original model), loading
         exactly the files that were checked. A checkpoint refused before loading leaves the
         weights as they were."""
         self._expect(*IN_SYNC, EngineState.FENCED, op="reload from a checkpoint", owner=owner)
-        ckpt = await self._checkpoint(path, partial, roots, deadline_s, check_finite)
+        kept, self._checked = self._checked, None
+        if identity is not None:  # the files the workers checked and kept open: no new read
+            if kept is None or kept.identity != identity:
+                raise ManifestError("this engine no longer holds the checkpoint it checked; "
+                                    "nothing was loaded", engine=self.spec.name)
+            ckpt = kept.model_copy(update={"check_finite": check_finite})
+        else:
+            ckpt = await self._checkpoint(path, partial, roots, deadline_s, check_finite)
         if self.state != EngineState.FENCED:
             self.state = EngineState.LOADING
         self._unchecked_load = not check_finite
@@ -538,6 +579,7 @@ class EngineHost(Serving, Dormancy, LeaseHolder):
         coordinator took over) changes nothing."""
         if self._lease.held_by_other(owner):
             return self.status()
+        self._join = None  # a join in progress stops asking its workers (who leave below)
         found, self._found = self._found, None
         self._loaded = None
         if found is None:  # no sync in progress: as a sleep (or pause) left the engine

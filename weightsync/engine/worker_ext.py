@@ -29,10 +29,10 @@ from weightsync.engine.finite import require_finite
 from weightsync.engine.manifest import validate_plan, validate_specs
 from weightsync.errors import (ConfigError, ManifestError, ReloadError, TransferError,
                                VerificationError, WeightSyncError)
-from weightsync.messages import (Ack, ApplyMode, ApplyReply, Fingerprint, GpuMemory, JoinReply,
-                                 LayoutStatus, ReceiveRequest, ReloadReply, WorkerError,
-                                 WorkerInfo, WorkerReply)
-from weightsync.transport.broadcast import BroadcastReceiver, open_group
+from weightsync.messages import (Ack, ApplyMode, ApplyReply, CheckedFiles, Fingerprint,
+                                 GpuMemory, JoinProgress, LayoutStatus, ReceiveRequest, ReloadReply,
+                                 WorkerError, WorkerInfo, WorkerReply)
+from weightsync.transport.broadcast import BroadcastReceiver, PendingJoin
 from weightsync.transport.digest_cuda import ManyDigests
 from weightsync.transport.graphs import Replay
 from weightsync.transport.legs import receiver_leg
@@ -208,13 +208,41 @@ class WeightSyncWorkerExtension:
     # ---- transport -----------------------------------------------------------------------
     @worker_rpc
     def ws_join_group(self, backend: str, host: str, port: int, rank_offset: int,
-                      world_size: int, timeout_s: float) -> JoinReply:
+                      world_size: int, timeout_s: float, wait_s: float) -> JoinProgress:
+        """Start joining the trainer's group (leaving any other first) and wait up to
+        ``wait_s`` for it; ``ws_join_wait`` waits more. The rendezvous runs in a thread of its
+        own (``PendingJoin``), so that this worker answers ``ws_leave_group`` meanwhile, which
+        cancels it: vLLM runs a worker's RPCs one at a time."""
         self._leave_group()
         par = vllm_compat.worker_parallel(self)
         rank = worker_group_rank(rank_offset, par.rank, par.workers, world_size)
-        group = open_group(backend, host, port, rank, world_size, timeout_s)
-        self._ws_state()["group"] = BroadcastReceiver(group)
-        return JoinReply(rank=rank)
+        self._ws_state()["joining"] = PendingJoin(backend, host, port, rank, world_size,
+                                                  timeout_s)
+        return self._join_progress(wait_s)
+
+    @worker_rpc
+    def ws_join_wait(self, wait_s: float) -> JoinProgress:
+        """The join ``ws_join_group`` started, after waiting up to ``wait_s`` more for it."""
+        return self._join_progress(wait_s)
+
+    def _join_progress(self, wait_s: float) -> JoinProgress:
+        st = self._ws_state()
+        pending: PendingJoin | None = st.get("joining")
+        if pending is None:
+            raise TransferError("not joining a transfer group (the join was cancelled: "
+                                "ws_leave_group)")
+        try:
+            group = pending.wait(wait_s)
+        except WeightSyncError:
+            if st.get("joining") is pending:
+                st["joining"] = None
+            raise
+        if group is None:
+            return JoinProgress(rank=pending.rank, joined=False)
+        if st.get("joining") is pending:
+            st["joining"] = None
+        st["group"] = BroadcastReceiver(group)
+        return JoinProgress(rank=pending.rank, joined=True)
 
     @worker_rpc
     def ws_leave_group(self) -> Ack:
@@ -222,7 +250,13 @@ class WeightSyncWorkerExtension:
         return Ack()
 
     def _leave_group(self) -> None:
+        """Close the group, and cancel a join in progress (its group, should the rendezvous
+        still complete, is destroyed)."""
         st = self._ws_state()
+        pending = st.get("joining")
+        if pending is not None:
+            st["joining"] = None
+            pending.cancel()
         if st["group"] is not None:
             st["group"].close()
             st["group"] = None
@@ -446,6 +480,7 @@ class WeightSyncWorkerExtension:
     @worker_rpc
     def ws_drop_staged(self) -> Ack:
         self._ws_state()["staged"] = []
+        self._drop_checked()  # (a reload that will not happen: its files are closed)
         self._leg_done()
         return Ack()
 
@@ -603,12 +638,27 @@ class WeightSyncWorkerExtension:
         return sum(s.nbytes for s in specs.values())
 
     @worker_rpc
-    def ws_check_files(self, checkpoint_json: str) -> Ack:
-        """Check a checkpoint's headers against the model (``CheckpointFiles``); load nothing."""
+    def ws_check_files(self, checkpoint_json: str) -> CheckedFiles:
+        """Check a checkpoint's headers against the model (``CheckpointFiles``) and keep its
+        files open for ``ws_reload_files``; load nothing. Returns what was checked: the
+        coordinator loads only when every engine checked the same files, and every engine
+        then loads the files it checked, whatever the paths name by then."""
         ckpt = CheckpointFiles.model_validate_json(checkpoint_json)
-        with PinnedFiles(ckpt.files, ckpt.roots or None) as files:
+        self._drop_checked()
+        files = PinnedFiles(ckpt.files, ckpt.roots or None)
+        try:
             self._check_files(ckpt, files)
-        return Ack()
+            identity = files.identity()
+        except BaseException:
+            files.close()
+            raise
+        self._ws_state()["checked"] = (identity, files)
+        return CheckedFiles(identity=identity)
+
+    def _drop_checked(self) -> None:
+        kept = self._ws_state().pop("checked", None)
+        if kept is not None:
+            kept[1].close()
 
     @worker_rpc
     def ws_reload_files(self, checkpoint_json: str) -> ReloadReply:
@@ -618,7 +668,17 @@ class WeightSyncWorkerExtension:
         load read the same files, so one swapped in between is never loaded. Any refusal comes
         before the first tensor is applied."""
         ckpt = CheckpointFiles.model_validate_json(checkpoint_json)
-        with PinnedFiles(ckpt.files, ckpt.roots or None) as files:
+        kept = self._ws_state().pop("checked", None)
+        if ckpt.identity is not None and (kept is None or kept[0] != ckpt.identity):
+            if kept is not None:
+                kept[1].close()
+            raise ManifestError("this engine no longer holds the checkpoint files it checked "
+                                "(checked again since?); nothing was loaded")
+        if kept is not None and ckpt.identity is None:
+            kept[1].close()
+            kept = None
+        with kept[1] if kept is not None else PinnedFiles(ckpt.files, ckpt.roots or None) \
+                as files:
             nbytes = self._check_files(ckpt, files)
             if ckpt.check_finite:  # before any tensor is loaded: a refusal changes nothing
                 require_finite(files.tensors(), "the checkpoint")
