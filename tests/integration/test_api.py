@@ -229,6 +229,43 @@ def test_trainer_that_dies_mid_session_leaves_fleet_on_old_version(service, clie
     assert r.status_code == 404 and r.json()["code"] == "unknown_session"
 
 
+def test_abort_before_the_trainer_joins_ends_the_session_within_a_second(service, client,
+                                                                          fleet, policy):
+    """Issue 28: the trainer opens a session and gives up before it hosts the group (nobody
+    listens at its port): the abort returns within a second, not at the rendezvous deadline
+    (12 s here), every engine serves its old version, and the next sync goes through."""
+    import copy
+    import time
+
+    from weightsync.api.schemas import SessionRequest
+    from weightsync.testing.reference import perturb_
+    from weightsync.transport.broadcast import free_port as store_port
+    from weightsync.transport.packing import named_tensors, spec_of
+
+    before = [[o.token_ids for o in outputs(a)] for a in fleet]
+    v0 = client.status().version
+    specs = [spec_of(n, t) for n, t in named_tensors(policy)]
+    info = client.open_session(SessionRequest(tensors=specs, port=store_port("127.0.0.1")))
+    time.sleep(1.0)  # every engine's workers are in the join, dialling nobody
+    t0 = time.perf_counter()
+    closed = client.abort_session(info.session, "the trainer gave up before hosting the group")
+    took = time.perf_counter() - t0
+    print(f"\nabort before the trainer joined (real engines): {took:.2f}s "
+          f"(rendezvous deadline {info.transfer.deadlines.rendezvous:g} s)")
+    assert not closed.ok and took < 1.0, closed
+    st = client.status()
+    assert [(e.state, e.version) for e in st.engines] == [(EngineState.SERVING, v0)] * 2
+    assert [[o.token_ids for o in outputs(a)] for a in fleet] == before
+
+    model = copy.deepcopy(policy)  # the fleet takes the next sync right away
+    perturb_(model, scale=0.3, seed=67)
+    t0 = time.perf_counter()
+    result = client.push_weights(model)
+    print(f"next sync after the abort: ok={result.ok} in {time.perf_counter() - t0:.2f}s")
+    assert result.ok and result.version > info.version
+    assert all(e.checksum_ok for e in result.engines)
+
+
 # ---- the CLI ---------------------------------------------------------------------------------
 def test_cli_status_reload_sleep_against_the_service(service, client, ckpt_root, policy,
                                                      tokenizer):

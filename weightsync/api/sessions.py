@@ -6,6 +6,8 @@ the trainer's address, the request returns the plan (bucket layout), backend, ad
 ranks. The trainer hosts the group as rank 0, broadcasts, and commits its checksums; the
 commit answers with the ``SyncResult``. A trainer that never commits is timed out by the
 coordinator's transfer deadline, and the fleet rolls back: a session can never hold it forever.
+An abort before the trainer hosted the group ends the session at once (the external leg stops
+waiting for the engines' joins, and the engines cancel theirs).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class ExternalSession:
         self.finished_at: float | None = None
         self._opened = threading.Event()  # ready() was called, or the sync ended before it
         self._sent = threading.Event()  # the trainer committed or aborted
+        self._aborted = threading.Event()  # the trainer aborted (ends the wait for joins)
         self._done = threading.Event()
         self._sums: list[int] = []
         self._abort: str | None = None
@@ -53,6 +56,9 @@ class ExternalSession:
     def ready(self, plan: TransferPlan, world_size: int) -> None:
         self.plan, self.world_size = plan, world_size
         self._opened.set()
+
+    def wait_aborted(self, timeout: float) -> str | None:
+        return self._abort if self._aborted.wait(timeout) else None
 
     def wait_checksums(self, timeout: float) -> list[int]:
         if not self._sent.wait(timeout):
@@ -72,6 +78,7 @@ class ExternalSession:
         if not self._sent.is_set():
             self._abort = reason
             self._sent.set()
+            self._aborted.set()
 
     def wait_opened(self, timeout: float) -> bool:
         return self._opened.wait(timeout)

@@ -18,13 +18,15 @@ from datetime import timedelta
 import torch
 
 from weightsync.engine import vllm_compat
-from weightsync.errors import DeadlineExceeded, TransferError
+from weightsync.errors import DeadlineExceeded, TransferError, WeightSyncError
 from weightsync.transport.packing import checksum, named_tensors, pack_bucket
 from weightsync.types import Bucket, TransferPlan
 
 logger = logging.getLogger(__name__)
 
 _RENDEZVOUS_GRACE_S = 5.0
+_DIAL_RETRY_S = 0.05  # how often a joining rank dials a rank 0 that does not listen yet
+_DIAL_TIMEOUT_S = 1.0  # one dial's own limit (a host that drops the connection attempt)
 _OP_GRACE = 1.5  # a gloo broadcast's own timeout, in deadlines
 
 
@@ -187,6 +189,109 @@ def open_group(backend: str, host: str, port: int, rank: int, world_size: int,
     if "e" in result:
         raise TransferError(f"rendezvous {host}:{port} rank {rank}/{world_size} failed: {result['e']}")
     return _Group(backend, result["g"], device, rank, world_size, timeout_s)
+
+
+class PendingJoin:
+    """A rank > 0 joining a group in a thread of its own, so that its caller keeps answering
+    while it waits and can give up at once (``cancel``): vLLM runs a worker's RPCs one at a
+    time, and a join that blocked the worker for the rendezvous deadline made every abort
+    wait that long behind it.
+
+    Until rank 0 listens, the thread only dials its address (a plain TCP connect, retried
+    every ``_DIAL_RETRY_S`` while the join is not cancelled; TCPStore's own client would
+    retry for the whole deadline and cannot be interrupted): a trainer that never comes
+    costs nothing to cancel, and the thread ends within a retry. Then the rendezvous runs
+    as ``open_group`` (the group's own timeout is ``timeout_s``, as for any group). A
+    rendezvous that completes after ``cancel`` destroys its group.
+    """
+
+    def __init__(self, backend: str, host: str, port: int, rank: int, world_size: int,
+                 timeout_s: float) -> None:
+        if rank == 0:
+            raise ValueError("rank 0 hosts the group (open_group): it has no one to wait for")
+        self.rank = rank
+        self._where = f"rendezvous {host}:{port} rank {rank}/{world_size}"
+        # the caller's GPU (a thread starts on the first one: CUDA's current device is per thread)
+        self._cuda = torch.cuda.current_device() if backend == "nccl" else None
+        self._lock = threading.Lock()
+        self._cancelled = threading.Event()
+        self._done = threading.Event()
+        self._group: _Group | None = None
+        self._error: WeightSyncError | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(backend, host, port, world_size, timeout_s),
+            name=f"ws-join-r{rank}", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout_s: float) -> _Group | None:
+        """The group, once joined (the caller owns it from then on); None while still joining
+        after ``timeout_s``. Raises the join's error, or ``TransferError`` once cancelled."""
+        self._done.wait(max(timeout_s, 0.0))
+        with self._lock:
+            if self._cancelled.is_set():
+                raise TransferError(f"{self._where}: the join was cancelled")
+            if self._error is not None:
+                raise self._error
+            group, self._group = self._group, None
+            if group is None and self._done.is_set():
+                raise TransferError(f"{self._where}: the group was already handed out")
+            return group
+
+    def cancel(self) -> None:
+        """Stop joining: the dialling thread ends within a retry; a group the rendezvous
+        completes (now or later) and nobody took is destroyed."""
+        with self._lock:
+            self._cancelled.set()
+            group, self._group = self._group, None
+        if group is not None:
+            group.close()
+
+    @property
+    def finished(self) -> bool:
+        """Whether the thread is done (joined, failed or gave up after a cancel)."""
+        return self._done.is_set() and not self._thread.is_alive()
+
+    def _run(self, backend: str, host: str, port: int, world_size: int,
+             timeout_s: float) -> None:
+        try:
+            if self._cuda is not None:
+                torch.cuda.set_device(self._cuda)
+            if not self._dial(host, port, timeout_s):
+                return
+            group = open_group(backend, host, port, self.rank, world_size, timeout_s)
+        except WeightSyncError as e:
+            with self._lock:
+                self._error = e
+        except BaseException as e:  # noqa: BLE001 - surfaced to wait() as a typed error
+            with self._lock:
+                self._error = TransferError(f"{self._where} failed: {e}")
+        else:
+            with self._lock:
+                if not self._cancelled.is_set():
+                    self._group, group = group, None
+            if group is not None:  # cancelled while the rendezvous ran: nobody will use it
+                logger.info("%s completed after its join was cancelled: destroyed", self._where)
+                group.close()
+        finally:
+            self._done.set()
+
+    def _dial(self, host: str, port: int, timeout_s: float) -> bool:
+        """Wait until something listens at ``host:port``: True then, False once cancelled;
+        raises ``DeadlineExceeded`` after ``timeout_s``."""
+        end = time.monotonic() + timeout_s
+        while not self._cancelled.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded(f"{self._where}: nothing listened there within "
+                                       f"{timeout_s:.1f}s")
+            try:
+                with socket.create_connection((host, port), timeout=min(_DIAL_TIMEOUT_S, left)):
+                    return True
+            except socket.gaierror as e:  # a name that does not resolve will not start to
+                raise TransferError(f"{self._where}: {e}") from e
+            except OSError:  # refused (not listening yet), unreachable, or timed out
+                self._cancelled.wait(min(_DIAL_RETRY_S, max(end - time.monotonic(), 0.0)))
+        return False
 
 
 class BroadcastSender:
