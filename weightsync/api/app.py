@@ -2,12 +2,15 @@
 
 The app fronts one fleet: engine actors handed in by the caller, or found as named actors in
 the settings' Ray namespace at startup (lifespan). It never starts or stops engines itself —
-they are detached and outlive it (``weightsync.api.server`` starts missing ones).
+they are detached and outlive it (``weightsync.api.server`` starts missing ones). The lifespan
+also runs the fleet's status poll (``Fleet.watch``), from which ``/status`` answers without
+waiting on any engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -37,6 +40,17 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def settle_heap() -> None:
+    """Collect once, then freeze what is alive (``gc.freeze``): the modules, Ray's and torch's
+    objects, the app. A full collection walks every tracked object with the GIL held — ~230,000
+    of them in this process after startup, ~90 ms on one core, during which no thread runs,
+    the event loop included; allocations (one burst of requests is enough) start one at any
+    time. Frozen objects are never walked again (nor collected: they live as long as the
+    process anyway), so a full collection only walks what came after startup."""
+    gc.collect()
+    gc.freeze()
 
 
 def check_bind(settings: Settings) -> None:
@@ -70,12 +84,21 @@ def create_app(settings: Settings, *, engines: Sequence[Any] | Mapping[str, Any]
         if not actors:
             raise ConfigError(f"no engine actors in Ray namespace {settings.namespace!r}")
         metrics = app.state.metrics
-        app.state.fleet = await Fleet.connect(
-            actors, lambda a: SyncCoordinator(a, wire, metrics=metrics))
-        logger.info("control plane up over %s (version %d)", app.state.fleet.names,
-                    app.state.fleet.coordinator.version)
-        yield
-        app.state.fleet = None  # engines are detached: they keep serving without us
+        fleet = await Fleet.connect(actors, lambda a: SyncCoordinator(a, wire, metrics=metrics))
+        await fleet.statuses()  # the first /status answers from memory too
+        settle_heap()
+        watch = asyncio.create_task(fleet.watch(), name="weightsync-fleet-watch")
+        app.state.fleet = fleet
+        logger.info("control plane up over %s (version %d)", fleet.names,
+                    fleet.coordinator.version)
+        try:
+            yield
+        finally:
+            app.state.fleet = None  # engines are detached: they keep serving without us
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+            fleet.close()
+            gc.unfreeze()  # what only this app held can be collected once it is gone
 
     from weightsync import __version__
 

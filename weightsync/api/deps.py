@@ -11,6 +11,13 @@ sign-in at ``POST /login`` sets (HttpOnly, SameSite=Strict, a random session id 
 token itself); a cookie never authorises a change, so a cross-site form cannot drive the fleet.
 ``weightsync.api.gate.Gate`` applies ``authorized`` before any body is read; the dependencies
 below apply it again per route and declare the scheme in the OpenAPI document.
+
+Every dependency is ``async def``: each does a few dictionary reads, and FastAPI runs a plain
+``def`` dependency in one of anyio's worker threads — a thread hop and a GIL hand-off per
+dependency per request (50 racing reloads made ~200, and a reader's own hops queued behind
+them), and when no worker is idle (such a burst, or the first request after 10 s of quiet,
+when idle workers are dropped) the event loop itself starts a thread and waits until it runs
+(``benchmarks/control_latency.py --stalls`` caught the loop there).
 """
 
 from __future__ import annotations
@@ -34,18 +41,18 @@ COOKIE = "weightsync_session"
 bearer_scheme = HTTPBearer(auto_error=False, description="WEIGHTSYNC_TOKEN")
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_fleet(request: Request) -> Fleet:
+async def get_fleet(request: Request) -> Fleet:
     fleet = getattr(request.app.state, "fleet", None)
     if fleet is None:
         raise EngineError("the control plane is still connecting to its engines")
     return fleet
 
 
-def get_sessions(request: Request) -> SessionRegistry:
+async def get_sessions(request: Request) -> SessionRegistry:
     return request.app.state.sessions
 
 
@@ -72,15 +79,17 @@ def _check(request: Request, credentials: HTTPAuthorizationCredentials | None,
         raise AuthError("missing or wrong bearer token (Authorization: Bearer <token>)")
 
 
-def require_token(request: Request,
-                  credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
-                  settings: Settings = Depends(get_settings)) -> None:
+async def require_token(
+        request: Request,
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
+        settings: Settings = Depends(get_settings)) -> None:
     """Every route that changes something: the bearer header and nothing else."""
     _check(request, credentials, settings, write=True)
 
 
-def require_reader(request: Request,
-                   credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
-                   settings: Settings = Depends(get_settings)) -> None:
+async def require_reader(
+        request: Request,
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
+        settings: Settings = Depends(get_settings)) -> None:
     """Read-only routes: the bearer header, or the status page's session cookie."""
     _check(request, credentials, settings, write=False)

@@ -2,22 +2,29 @@
 
 Routes talk to engines only through ``Fleet``. Actor calls are awaited (Ray ``ObjectRef``s are
 awaitable) under a deadline, so the event loop never blocks; the synchronous coordinator runs
-in a worker thread. Ray's wrapped exceptions come back as the library's typed errors.
+in the fleet's own worker thread (``Fleet.run``), never in the loop's default executor, which
+stays free for everything else. Ray's wrapped exceptions come back as the library's typed
+errors. Readers (``/status``, ``/engines``, the page) answer from ``Fleet.seen``: the statuses
+last seen (``weightsync.api.view``), kept fresh by ``Fleet.watch`` and by every status the
+service asks for, so they never wait on an engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from weightsync.api.errors import UnknownEngineError
-from weightsync.api.schemas import SyncRecord
+from weightsync.api.schemas import FleetStatus, SyncRecord
+from weightsync.api.view import FleetView
 from weightsync.coordinator import SyncCoordinator
 from weightsync.errors import DeadlineExceeded, IllegalStateError, SyncInProgressError
 from weightsync.remote import unwrap
@@ -25,7 +32,11 @@ from weightsync.types import EngineState, EngineStatus, SyncResult, exclusive_ph
 
 logger = logging.getLogger(__name__)
 
-STATUS_TIMEOUT_S = 10.0  # a status probe never waits long: the page and /status stay live
+T = TypeVar("T")
+
+STATUS_TIMEOUT_S = 10.0  # an engine that has not answered a status call by then shows stopped
+WATCH_PERIOD_S = 0.5  # the background poll: what /status shows is at most this much older
+STALE_S = 2.0  # with no poll running (an app without its lifespan), a read this old asks again
 # a reload or sync session may begin (into sleeping engines too: the colocated loop)
 SYNCABLE = {EngineState.SERVING, EngineState.FENCED, EngineState.ASLEEP,
             EngineState.WEIGHTS_AWAKE}
@@ -39,7 +50,10 @@ class Fleet:
         self.actors = dict(actors)
         self.coordinator = coordinator
         self.recent: deque[SyncRecord] = deque(maxlen=history)
+        self.view = FleetView(self.names)
         self._busy = threading.Lock()  # a reload or session holds the fleet (threads release it)
+        self._executor: ThreadPoolExecutor | None = None  # Fleet.run's thread, made on first use
+        self._refresh: asyncio.Task | None = None  # Fleet.seen's background ask, if one runs
 
     @classmethod
     async def connect(cls, actors: Sequence[Any], coordinator_factory) -> Fleet:
@@ -91,14 +105,65 @@ class Fleet:
         return dict(zip(names, outs, strict=True))
 
     async def statuses(self, names: Sequence[str] | None = None) -> list[EngineStatus]:
-        """Every engine's status; an engine that does not answer shows as stopped."""
-        names = list(names) if names else self.names
-        outs = await asyncio.gather(*(self.call(n, "status", timeout=STATUS_TIMEOUT_S)
-                                      for n in names), return_exceptions=True)
-        return [o if isinstance(o, EngineStatus) else EngineStatus(
-                    name=n, state=EngineState.STOPPED, version=-1, device="?",
-                    sleep_supported=False, fenced_reason=str(o), model="?")
-                for n, o in zip(names, outs, strict=True)]
+        """Every engine's status, asked now (and kept in ``view``); an engine that does not
+        answer shows as stopped. For readers, ``seen`` answers without waiting."""
+        asked = time.monotonic()
+
+        async def one(name: str) -> EngineStatus:
+            try:
+                st = await self.call(name, "status", timeout=STATUS_TIMEOUT_S)
+            except Exception as e:  # noqa: BLE001 - shown, not raised: the page stays up
+                st = EngineStatus(name=name, state=EngineState.STOPPED, version=-1, device="?",
+                                  sleep_supported=False, fenced_reason=str(e), model="?")
+            self.view.update([st], asked)  # as each answers: one silent engine holds no other
+            return st
+
+        return list(await asyncio.gather(*(one(n) for n in (list(names) if names
+                                                             else self.names))))
+
+    async def seen(self) -> list[EngineStatus]:
+        """Every engine's status as last seen, without waiting on any engine (except before
+        the first answers). With no ``watch`` running, a view older than ``STALE_S`` is asked
+        again in the background; this read still answers from what is held."""
+        held = self.view.statuses()
+        if held is None:
+            return await self.statuses()
+        loop = asyncio.get_running_loop()
+        if self.view.age() > STALE_S and (self._refresh is None or self._refresh.done()
+                                          or self._refresh.get_loop() is not loop):
+            self._refresh = loop.create_task(self.statuses())
+        return held
+
+    async def status(self) -> FleetStatus:
+        """The fleet as last seen (``seen``): versions, busy, recent syncs."""
+        return FleetStatus(version=self.coordinator.version, busy=self.busy,
+                           engines=await self.seen(), recent=list(self.recent))
+
+    async def watch(self, period_s: float = WATCH_PERIOD_S) -> None:
+        """Ask every engine's status every ``period_s``, forever (the app's lifespan runs it
+        as a task and cancels it): readers see changes made outside this service too."""
+        while True:
+            await self.statuses()  # never raises: an engine that does not answer is stopped
+            await asyncio.sleep(period_s)
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """``fn(*args, **kw)`` (a blocking coordinator call) in the fleet's own thread.
+
+        Not ``asyncio.to_thread``: its default executor has min(32, cores + 4) threads (6 on
+        two cores), shared with everything else in the process; a fleet-wide operation holds
+        its thread for as long as the engines take. The fleet runs one such operation at a
+        time (``claim``), so one thread is enough, and a second one covers the moment a
+        finished call is handing its thread back."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ws-fleet")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, functools.partial(fn, *args, **kw))
+
+    def close(self) -> None:
+        """Let the fleet's thread go (a call in flight finishes first, unawaited)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
 
     async def require_states(self, names: Sequence[str], allowed: set[EngineState],
                              op: str) -> list[EngineStatus]:

@@ -8,11 +8,13 @@ target's state is checked first: an action applies to all the engines it names o
 Sleep and wake are the coordinator's (``SyncCoordinator.sleep``/``wake``), the same calls a
 colocated trainer makes: a reload or sync session goes straight into sleeping engines, and on
 CPU (no sleep mode in vLLM) engines only pause and each report says why nothing was freed.
+
+Reads (``/engines``, ``/status``) answer from the statuses last seen (``Fleet.seen``) and never
+wait on an engine; every action here refreshes the statuses of its targets before it returns,
+so a client reads its own change at once.
 """
 
 from __future__ import annotations
-
-import asyncio
 
 from fastapi import APIRouter, Depends
 
@@ -34,14 +36,15 @@ write = dict(dependencies=[Depends(require_token)], responses=WRITE_ERRORS)
 async def engines(fleet: Fleet = Depends(get_fleet)) -> EngineList:
     return EngineList(engines=[EngineInfo(name=s.name, model=s.model, device=s.device,
                                           sleep_supported=s.sleep_supported)
-                               for s in await fleet.statuses()])
+                               for s in await fleet.seen()])
 
 
 @router.get("/status", response_model=FleetStatus, **read)
 async def status(fleet: Fleet = Depends(get_fleet)) -> FleetStatus:
-    """Per engine: state, version, last sync phases; plus recent syncs through this service."""
-    return FleetStatus(version=fleet.coordinator.version, busy=fleet.busy,
-                       engines=await fleet.statuses(), recent=list(fleet.recent))
+    """Per engine: state, version, last sync phases; plus recent syncs through this service.
+    The engines' statuses as last seen (at most about half a second old, and current after
+    any change made through this service): this never waits on an engine."""
+    return await fleet.status()
 
 
 async def _act(fleet: Fleet, names, method: str, *args, allowed: set[EngineState],
@@ -49,8 +52,11 @@ async def _act(fleet: Fleet, names, method: str, *args, allowed: set[EngineState
     targets = fleet.resolve(names)
     with fleet.exclusive():
         await fleet.require_states(targets, allowed, method)
-        await fleet.each(targets, method, *args, timeout=timeout)
-    return EngineStates(engines=await fleet.statuses(targets))
+        try:
+            await fleet.each(targets, method, *args, timeout=timeout)
+        finally:  # what the engines are now, for this answer and for every reader
+            after = await fleet.statuses(targets)
+    return EngineStates(engines=after)
 
 
 @router.post("/sleep", response_model=SleepResult, **write)
@@ -63,8 +69,11 @@ async def sleep(req: SleepRequest | None = None,
     req = req or SleepRequest()
     targets = fleet.resolve(req.engines)
     with fleet.exclusive():
-        return await asyncio.to_thread(fleet.coordinator.sleep, req.level, engines=targets,
-                                       pause_mode=req.mode)
+        try:
+            return await fleet.run(fleet.coordinator.sleep, req.level, engines=targets,
+                                   pause_mode=req.mode)
+        finally:
+            await fleet.statuses(targets)
 
 
 @router.post("/wake", response_model=EngineStates, **write)
@@ -75,8 +84,11 @@ async def wake(req: WakeRequest | None = None,
     req = req or WakeRequest()
     targets = fleet.resolve(req.engines)
     with fleet.exclusive():
-        return EngineStates(engines=await asyncio.to_thread(
-            fleet.coordinator.wake, engines=targets, tags=req.tags))
+        try:
+            return EngineStates(engines=await fleet.run(fleet.coordinator.wake,
+                                                        engines=targets, tags=req.tags))
+        finally:
+            await fleet.statuses(targets)
 
 
 @router.post("/pause", response_model=EngineStates, **write)

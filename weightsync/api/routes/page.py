@@ -25,7 +25,6 @@ from weightsync.api.deps import COOKIE, get_fleet, get_settings, require_reader,
 from weightsync.api.errors import AuthError
 from weightsync.api.fleet import Fleet
 from weightsync.api.routes.common import PAGE_ERRORS, error_responses
-from weightsync.api.schemas import FleetStatus
 from weightsync.config import Settings
 
 router = APIRouter(tags=["page"])
@@ -36,8 +35,7 @@ SECURITY_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer
 @router.get("/", response_model=str, response_class=HTMLResponse,
             dependencies=[Depends(require_reader)], responses=PAGE_ERRORS)
 async def status_page(fleet: Fleet = Depends(get_fleet)) -> Response:
-    status = FleetStatus(version=fleet.coordinator.version, busy=fleet.busy,
-                         engines=await fleet.statuses(), recent=list(fleet.recent))
+    status = await fleet.status()  # as last seen: the page never waits on an engine
     nonce = secrets.token_urlsafe(16)
     data = (json.dumps(status.model_dump(mode="json"))
             .replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))

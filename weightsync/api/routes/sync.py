@@ -1,10 +1,15 @@
-"""Fleet-wide weight changes: reload from a checkpoint, and sync sessions for outside trainers."""
+"""Fleet-wide weight changes: reload from a checkpoint, and sync sessions for outside trainers.
+
+A reload that cannot start (the fleet is busy) is a 409 before it takes a thread or asks an
+engine anything. Each change refreshes the engines' statuses before it answers (``Fleet.
+statuses``), so ``/status`` shows it to the client at once; the coordinator's blocking calls
+run in the fleet's own thread (``Fleet.run``), never on the event loop.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request
 
@@ -16,7 +21,7 @@ from weightsync.api.schemas import (AbortRequest, CommitRequest, ReloadRequest, 
                                     SessionInfo, SessionRequest)
 from weightsync.api.sessions import SessionRegistry
 from weightsync.config import Settings
-from weightsync.errors import SyncFailedError
+from weightsync.errors import SyncFailedError, WeightSyncError
 from weightsync.types import SyncResult
 
 logger = logging.getLogger(__name__)
@@ -49,13 +54,15 @@ async def reload(request: Request, req: ReloadRequest | None = None,
             raise ClientGoneError("the client went away before the reload began; "
                                   "nothing was changed")
         try:
-            result = await asyncio.to_thread(coord.reload_checkpoint, req.path,
-                                             pause_mode=req.pause_mode, engines=targets,
-                                             partial=req.partial, roots=roots)
+            result = await fleet.run(coord.reload_checkpoint, req.path,
+                                     pause_mode=req.pause_mode, engines=targets,
+                                     partial=req.partial, roots=roots)
         except SyncFailedError as e:
             if e.result is not None:
                 fleet.record(e.result)
             raise
+        finally:  # refused, failed or done: what the engines are now, for every reader
+            await fleet.statuses(targets)
     fleet.record(result)
     logger.info("reloaded %s from %s%s: version %d", targets, req.path or "the original model",
                 " (partial)" if req.partial else "", result.version)
@@ -83,7 +90,9 @@ async def open_session(req: SessionRequest, fleet: Fleet = Depends(get_fleet),
     ``plan`` bucket by bucket, and commits its checksums. ``WeightSyncClient.push_weights`` is
     that whole trainer side in one call.
     """
-    return await sessions.open(fleet, req)
+    info = await sessions.open(fleet, req)
+    await fleet.statuses(info.engines)  # paused and dialling: readers see it now
+    return info
 
 
 @router.post("/sessions/{session}/commit", response_model=SyncResult,
@@ -92,7 +101,7 @@ async def commit_session(session: SessionPath, req: CommitRequest,
                          fleet: Fleet = Depends(get_fleet),
                          sessions: SessionRegistry = Depends(get_sessions)) -> SyncResult:
     """The trainer sent every bucket: verify, apply everywhere, publish. Returns the result."""
-    out = await sessions.close(session, fleet, checksums=req.checksums)
+    out = await _close(sessions, session, fleet, checksums=req.checksums)
     if isinstance(out, BaseException):
         raise out
     return out
@@ -105,8 +114,18 @@ async def abort_session(session: SessionPath, req: AbortRequest | None = None,
                         sessions: SessionRegistry = Depends(get_sessions)) -> SessionClosed:
     """The trainer gave up: the fleet rolls back to (and keeps serving) its old version."""
     req = req or AbortRequest()
-    out = await sessions.close(session, fleet, reason=req.reason)
+    out = await _close(sessions, session, fleet, reason=req.reason)
     if isinstance(out, BaseException):
         return SessionClosed(session=session, ok=False, message=str(out),
                              result=getattr(out, "result", None))
     return SessionClosed(session=session, ok=out.ok, message="the sync completed", result=out)
+
+
+async def _close(sessions: SessionRegistry, sid: str, fleet: Fleet,
+                 **how: Any) -> SyncResult | WeightSyncError:
+    """``sessions.close``, then its engines' statuses asked again for every reader."""
+    engines = sessions.get(sid).engines  # an unknown session is a 404 before anything
+    try:
+        return await sessions.close(sid, fleet, **how)
+    finally:
+        await fleet.statuses(engines)
