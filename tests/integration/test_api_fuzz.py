@@ -78,7 +78,11 @@ class Trainers:
                            json={"reason": "the fuzzing trainer gave up"})
                 self.closed[sid].set()
         except Exception as e:  # noqa: BLE001 - reported by the test
-            self.errors.append(f"{sid}: {type(e).__name__}: {e}")
+            # a session aborted under its trainer (schemathesis follows the abort link; an
+            # abort before the engines joined ends the session at once) leaves the trainer's
+            # group half open: its broadcast failing then is the abort working, not an error
+            if not self.closed[sid].wait(30):
+                self.errors.append(f"{sid}: {type(e).__name__}: {e}")
         finally:
             if group is not None:
                 self.closed[sid].wait(300)
