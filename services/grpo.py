@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                            TimeElapsedColumn)
 
-from weightsync.local_ray import init_kwargs, own_ray_env
+from weightsync.local_ray import init_kwargs, prepare_process_env
 from weightsync.types import exclusive_phases
 
 logger = logging.getLogger(__name__)
@@ -475,8 +474,7 @@ def main(
 ) -> None:
     import warnings
 
-    if not ray_address:  # a Ray of its own: token authentication (weightsync.local_ray),
-        os.environ.update(own_ray_env(os.environ))  # set before Ray is imported
+    prepare_process_env(ray_address)  # a Ray of its own: token authentication, before import
     import ray
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -9,20 +9,18 @@ Binds 127.0.0.1:8765 by default; a non-loopback ``WEIGHTSYNC_HOST`` needs ``WEIG
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from weightsync.config import Settings
 from weightsync.errors import ConfigError
-from weightsync.local_ray import own_ray_env, starts_own_ray
+from weightsync.local_ray import prepare_process_env
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = Settings()
-    if starts_own_ray(settings.ray_address):  # before anything imports Ray
-        os.environ.update(own_ray_env(os.environ))
+    prepare_process_env(settings.ray_address)  # Ray's token authentication, before its import
     from weightsync.api.server import serve
 
     try:

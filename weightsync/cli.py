@@ -101,9 +101,8 @@ def serve(host: Annotated[str | None, typer.Option(help="Bind address")] = None,
                    "(WEIGHTSYNC_ENGINE_ARGS)")] = None) -> None:
     """Run the control plane (starting any missing engines as detached Ray actors)."""
     import json
-    import os
 
-    from weightsync.local_ray import own_ray_env, starts_own_ray
+    from weightsync.local_ray import prepare_process_env
 
     overrides = {k: v for k, v in dict(host=host, port=port, model=model, engines=engines,
                                         namespace=namespace).items() if v is not None}
@@ -114,8 +113,7 @@ def serve(host: Annotated[str | None, typer.Option(help="Bind address")] = None,
             err_console.print(f"[red]--engine-args is not JSON[/red]: {e}")
             raise typer.Exit(2) from None
     settings = load_settings().model_copy(update=overrides)
-    if starts_own_ray(settings.ray_address):  # before anything imports Ray
-        os.environ.update(own_ray_env(os.environ))
+    prepare_process_env(settings.ray_address)  # Ray's token authentication, before its import
     from weightsync.api.server import serve as run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")

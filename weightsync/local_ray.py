@@ -11,16 +11,18 @@ token that only that process and the processes Ray starts for it inherit, and th
 connects.
 
 Ray reads ``RAY_AUTH_MODE`` when it is imported: the entrypoint applies ``own_ray_env`` to its
-environment before anything imports ``ray`` (``check_driver`` refuses to go on otherwise,
-instead of a driver that cannot reach the Ray it started).
+environment before anything imports ``ray`` (``prepare_process_env``; ``check_driver`` refuses
+to go on otherwise, instead of a driver that cannot reach the Ray it started). This is the one
+module that reads or sets Ray's environment, as ``engine.vllm_compat`` is for vLLM's.
 
 For a cluster the user provides (an address), nothing changes: Ray's own security model applies
 (it assumes a trusted network; ``RAY_AUTH_MODE=token`` on the cluster and its drivers requires
-a token). This module never imports ``ray`` and never reads the environment: callers pass it.
+a token). This module never imports ``ray`` itself.
 """
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Mapping
 
@@ -43,16 +45,28 @@ def own_ray_env(environ: Mapping[str, str]) -> dict[str, str]:
     return {AUTH_MODE: "token", AUTH_TOKEN: secrets.token_hex(32)}
 
 
+def prepare_process_env(address: str | None) -> None:
+    """Before this process imports Ray: when it will start Ray itself (``address``), turn
+    Ray's token authentication on for it and its children, unless the user chose a mode."""
+    if starts_own_ray(address):
+        os.environ.update(own_ray_env(os.environ))
+
+
+def auth_mode() -> str | None:
+    """``RAY_AUTH_MODE`` as this process sees it (None: unset, Ray's default, no token)."""
+    return os.environ.get(AUTH_MODE)
+
+
 def unauthenticated(environ: Mapping[str, str]) -> bool:
     """Whether a Ray started under ``environ`` takes drivers without a token."""
     return environ.get(AUTH_MODE, "disabled").strip().lower() != "token"
 
 
-def check_driver(environ: Mapping[str, str]) -> None:
+def check_driver() -> None:
     """Refuse to start Ray when the environment asks for token authentication but this
     process imported Ray before it was set (Ray would start authenticated and refuse its own
     driver)."""
-    if unauthenticated(environ):
+    if unauthenticated(os.environ):
         return
     from ray._private.authentication.authentication_utils import is_token_auth_enabled
 

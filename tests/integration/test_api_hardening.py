@@ -318,7 +318,7 @@ def _tokenless_driver_is_refused(log) -> None:
     and pause it, HTTP token or not."""
     import re
 
-    m = re.search(r"Ray at (\S+) \(started here, token authentication on\)", log.read_text())
+    m = re.search(r"Ray at (\S+) \(started here, RAY_AUTH_MODE=token\)", log.read_text())
     assert m, log.read_text()[-3000:]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     driver = ("import ray, sys; ray.init(address=sys.argv[1], namespace='served-test'); "

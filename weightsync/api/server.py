@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import signal
 from typing import Any
 
@@ -20,7 +19,8 @@ from weightsync.api.app import check_bind, create_app, is_loopback
 from weightsync.api.gate import redact_url_credentials
 from weightsync.config import EngineSpec, Settings
 from weightsync.errors import ConfigError
-from weightsync.local_ray import check_driver, init_kwargs, starts_own_ray, unauthenticated
+from weightsync.local_ray import (auth_mode, check_driver, init_kwargs, starts_own_ray,
+                                  unauthenticated)
 
 logger = logging.getLogger(__name__)
 
@@ -100,20 +100,21 @@ def serve(settings: Settings) -> None:
     own_ray = starts_own_ray(settings.ray_address)  # this process starts Ray
     extra: dict[str, Any] = {}
     if own_ray:  # token-authenticated, no dashboard (weightsync.local_ray)
-        if unauthenticated(os.environ) and not is_loopback(settings.host):
+        mode = auth_mode()
+        if unauthenticated({} if mode is None else {"RAY_AUTH_MODE": mode}) and \
+                not is_loopback(settings.host):
             raise ConfigError(f"refusing to bind {settings.host!r} next to a Ray this process "
-                              "starts without authentication (RAY_AUTH_MODE="
-                              f"{os.environ.get('RAY_AUTH_MODE')!r}): anyone who reaches its "
+                              f"starts without authentication (RAY_AUTH_MODE={mode!r}): "
+                              "anyone who reaches its "
                               "ports could drive the engines. Leave RAY_AUTH_MODE unset "
                               "(weightsync turns Ray's token authentication on) or bind "
                               "127.0.0.1")
-        check_driver(os.environ)
+        check_driver()
         extra = init_kwargs()
     ray.init(address=settings.ray_address, namespace=settings.namespace,
              ignore_reinit_error=True, log_to_driver=False, **extra)
     logger.info("Ray at %s (%s)", ray.get_runtime_context().gcs_address,
-                ("started here, token authentication " +
-                 ("off" if unauthenticated(os.environ) else "on")) if own_ray
+                f"started here, RAY_AUTH_MODE={auth_mode()}" if own_ray
                 else "an existing cluster: its own authentication applies")
     keep = settings.keep_engines if settings.keep_engines is not None else not own_ray
     started: list[Any] = []
