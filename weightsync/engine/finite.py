@@ -9,11 +9,12 @@ holds a NaN, inf where it holds an inf) and one read-back, and names the tensors
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import bisect
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from weightsync.errors import VerificationError
+from weightsync.errors import TransferError, VerificationError
 
 
 def nonfinite(named: Iterable[tuple[str, torch.Tensor]], batch_bytes: int = 256 << 20
@@ -57,3 +58,24 @@ def require_finite(named: Iterable[tuple[str, torch.Tensor]], what: str) -> None
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise VerificationError(f"non-finite values (NaN or Inf) in {what}: "
                                 f"{', '.join(bad[:5])}{more}; nothing applied from them")
+
+
+def typed_pieces(params: Mapping[str, torch.Tensor], dsts: Sequence[torch.Tensor],
+                 srcs: Sequence[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """Direct pieces (bytes of the sender's tensors, ``packing.span_targets``) as their
+    parameter's dtype, each named by the parameter its destination lies in."""
+    spans = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), n, p.dtype)
+                   for n, p in params.items() if p.numel())
+    starts = [s[0] for s in spans]
+    named = []
+    for d, s in zip(dsts, srcs, strict=True):
+        i = bisect.bisect_right(starts, d.data_ptr()) - 1
+        if i < 0 or d.data_ptr() >= spans[i][1]:
+            raise TransferError("a direct piece lands outside every parameter")
+        _, _, name, dtype = spans[i]
+        try:
+            named.append((name, s.view(dtype)))
+        except RuntimeError as e:  # (pieces are whole checkpoint tensors: aligned)
+            raise TransferError(f"{name}: a direct piece is not whole elements of "
+                                f"{dtype}: {e}") from None
+    return named

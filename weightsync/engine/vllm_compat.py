@@ -506,6 +506,15 @@ def kv_cache_tensors(worker: Any) -> list[Any]:
     return [t for t in found if t.numel() and not (t.data_ptr() in seen or seen.add(t.data_ptr()))]
 
 
+def scrub_kv_cache(worker: Any) -> None:
+    """Zero every KV-cache tensor of the worker (``kv_cache_tensors``)."""
+    import torch
+
+    with torch.no_grad():
+        for t in kv_cache_tensors(worker):
+            t.zero_()
+
+
 def packed_modules(worker: Any) -> dict[str, list[str]]:
     """The model's ``packed_modules_mapping`` (fused module -> checkpoint modules)."""
     return dict(getattr(model(worker), "packed_modules_mapping", {}) or {})

@@ -11,9 +11,7 @@ looks the leg's receiver up by name and consumes what it yields, whatever the le
 
 from __future__ import annotations
 
-import bisect
 import functools
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +23,9 @@ from pydantic import BaseModel
 from weightsync.checkpoint import PinnedFiles, read_checkpoint
 from weightsync.engine import vllm_compat
 from weightsync.engine.derived import ModelStorage
-from weightsync.engine.finite import require_finite
+from weightsync.engine.fingerprint import Fingerprinter
+from weightsync.engine.finite import require_finite, typed_pieces
+from weightsync.engine.kept_checkpoint import KeptCheckpoint
 from weightsync.engine.manifest import validate_plan, validate_specs
 from weightsync.errors import (ConfigError, ManifestError, ReloadError, TransferError,
                                VerificationError, WeightSyncError)
@@ -33,13 +33,15 @@ from weightsync.messages import (Ack, ApplyMode, ApplyReply, CheckedFiles, Finge
                                  GpuMemory, JoinProgress, LayoutStatus, ReceiveRequest, ReloadReply,
                                  WorkerError, WorkerInfo, WorkerReply)
 from weightsync.transport.broadcast import BroadcastReceiver, PendingJoin
+from weightsync.transport.ipc import cuda_uuid
 from weightsync.transport.digest_cuda import ManyDigests
 from weightsync.transport.graphs import Replay
 from weightsync.transport.legs import receiver_leg
 from weightsync.transport.ranks import worker_group_rank
+from weightsync.transport.layout import first_mismatch
 from weightsync.transport.packing import (Spans, checksum, copy_split, copy_tensors,
-                                          digest_terms, dtype_name, fold_spans, fold_terms,
-                                          span_targets, unpack_bucket)
+                                          dtype_name, fold_spans, packed_only, span_targets,
+                                          unpack_bucket)
 from weightsync.types import (Bucket, CheckpointFiles, HeldPlan, ReceiveReport, TensorSpec,
                               TransferPlan)
 
@@ -61,22 +63,6 @@ def worker_rpc(fn: Callable[..., BaseModel]) -> Callable[..., str]:
         return '{"reply":' + reply.model_dump_json() + "}"
 
     return wrapper
-
-
-def _packed_only(stream: Iterator[tuple[Bucket, Any]]) -> Iterator[tuple[Bucket, Any]]:
-    for bucket, buf in stream:
-        if isinstance(buf, Spans):
-            raise TransferError("a direct share (the sender's own storages) is checked as it "
-                                "is copied, by a receiver that says so (checked_by_copy)")
-        yield bucket, buf
-
-
-def _device_uuid(device: Any) -> str | None:
-    if getattr(device, "type", None) != "cuda":
-        return None
-    from weightsync.transport.ipc import device_uuid
-
-    return device_uuid(device)
 
 
 class WeightSyncWorkerExtension:
@@ -111,7 +97,7 @@ class WeightSyncWorkerExtension:
                           device=str(device), dtype=dtype_name(mc.dtype), model=str(mc.model),
                           workers=par.workers, tensor_parallel=par.tensor_parallel,
                           pipeline_parallel=par.pipeline_parallel,
-                          device_uuid=_device_uuid(device))
+                          device_uuid=cuda_uuid(device))
 
     @worker_rpc
     def ws_gpu_memory(self) -> GpuMemory:
@@ -162,48 +148,16 @@ class WeightSyncWorkerExtension:
 
     @worker_rpc
     def ws_scrub_kv(self) -> Ack:
-        """Zero the KV cache: nothing a served version wrote there (NaN from unchecked
-        weights) reaches a later version's requests through blocks they reuse."""
-        with torch.no_grad():
-            for t in vllm_compat.kv_cache_tensors(self):
-                t.zero_()
+        """Zero the KV cache: what a served version wrote there reaches no later version."""
+        vllm_compat.scrub_kv_cache(self)
         return Ack()
 
     def _fingerprint(self) -> str:
-        """Digest of every parameter as loaded (vLLM layout). Equal across a verified fleet.
-
-        Each parameter's bytes are checksummed where they live (``packing.digest_terms``), and
-        the checksums hashed with every parameter's name, dtype and shape. The parameters stay
-        where they are from sync to sync (sleep level 2 maps them back at the same addresses),
-        so on CUDA all of them are one kernel (``digest_cuda.ManyDigests``) replayed as a
-        graph (``transport.graphs``), and the names are hashed once: what remains is one pass
-        over the weights at memory bandwidth and one device-to-host copy of the checksums.
-        """
-        params = self._params()
-        key = tuple((p.data_ptr(), p.numel(), p.dtype, p.is_contiguous())
-                    for p in params.values())
+        """Digest of every parameter as loaded (vLLM layout): ``engine.fingerprint``."""
         st = self._ws_state()
-        kept = st.get("print_views")
-        if kept is None or kept[0] != key or not all(k[3] for k in key):  # (a copy is stale)
-            order = sorted(params)
-            head = hashlib.sha256()
-            for name in order:
-                p = params[name]
-                head.update(f"{name}:{dtype_name(p.dtype)}{tuple(p.shape)};".encode())
-            flats = [params[n].detach().contiguous().view(-1).view(torch.uint8) for n in order]
-            many = ManyDigests(flats) if flats and flats[0].is_cuda and \
-                all(k[3] for k in key) else None
-            kept = st["print_views"] = (key, head, flats, many)
-        _, head, flats, many = kept
-        with torch.no_grad():
-            if many is not None:  # one launch, replayed as a graph
-                terms = self._ws_graph("fingerprint").run((key, many), many.terms)
-            else:
-                terms = digest_terms(flats)
-            sums = fold_terms([f.numel() for f in flats], terms.tolist())
-        h = head.copy()
-        h.update(",".join(map(str, sums)).encode())
-        return h.hexdigest()[:32]
+        if "fingerprinter" not in st:
+            st["fingerprinter"] = Fingerprinter(self._ws_graph("fingerprint").run)
+        return st["fingerprinter"].digest(self._params())
 
     # ---- transport -----------------------------------------------------------------------
     @worker_rpc
@@ -358,7 +312,7 @@ class WeightSyncWorkerExtension:
         st["staged"] = []
         kernel = plan.format == "kernel"
         applied = False
-        stream = _packed_only(stream)  # (direct: _consume_checked_by_copy)
+        stream = packed_only(stream)  # (direct: _consume_checked_by_copy)
         if apply == "streaming":
             self._reload((t for b, buf in checked() for t in unpack_bucket(b, buf)), kernel)
             applied = True
@@ -430,28 +384,12 @@ class WeightSyncWorkerExtension:
                              applied=True, fingerprint=fingerprint, seconds=seconds)
 
     def _require_finite_pieces(self, program: tuple) -> None:
-        """Refuse direct pieces holding NaN or Inf, named by the parameter each would land in:
-        nothing is copied yet. The pieces are bytes (``span_targets``); each is read as its
-        parameter's dtype, views made once per kept copy program."""
+        """Refuse direct pieces holding NaN or Inf before any is copied (``typed_pieces``)."""
         st = self._ws_state()
         kept = st.get("finite_views")
         if kept is None or kept[0] is not program:
-            dsts, srcs = program[0], program[1]
-            spans = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), n, p.dtype)
-                           for n, p in self._params().items() if p.numel())
-            starts = [s[0] for s in spans]
-            named = []
-            for d, s in zip(dsts, srcs, strict=True):
-                i = bisect.bisect_right(starts, d.data_ptr()) - 1
-                if i < 0 or d.data_ptr() >= spans[i][1]:
-                    raise TransferError("a direct piece lands outside every parameter")
-                _, _, name, dtype = spans[i]
-                try:
-                    named.append((name, s.view(dtype)))
-                except RuntimeError as e:  # (pieces are whole checkpoint tensors: aligned)
-                    raise TransferError(f"{name}: a direct piece is not whole elements of "
-                                        f"{dtype}: {e}") from None
-            kept = st["finite_views"] = (program, named)
+            kept = st["finite_views"] = (program, typed_pieces(self._params(), program[0],
+                                                               program[1]))
         require_finite(kept[1], "the sender's tensors")
 
     def _timed_fingerprint(self, seconds: dict[str, float]) -> str:
@@ -480,7 +418,7 @@ class WeightSyncWorkerExtension:
     @worker_rpc
     def ws_drop_staged(self) -> Ack:
         self._ws_state()["staged"] = []
-        self._drop_checked()  # (a reload that will not happen: its files are closed)
+        self._kept_checkpoint().drop()  # (a reload that will not happen: its files close)
         self._leg_done()
         return Ack()
 
@@ -557,19 +495,14 @@ class WeightSyncWorkerExtension:
         if not status.candidate or status.verified or layout is None:
             return
         sent = {n: t for b, buf in staged for n, t in unpack_bucket(b, buf)}
-        live = self._params()
-        for p in layout.params:
-            if any(name not in sent for name, _ in p.parts):
-                return  # a partial sync cannot verify every parameter; wait for a full one
-            stacked = torch.cat([sent[name].to(live[p.name].dtype) for name, _ in p.parts]) \
-                if len(p.parts) > 1 else sent[p.parts[0][0]].to(live[p.name].dtype)
-            if not torch.equal(stacked.view(live[p.name].shape), live[p.name].data):
-                st["layout_status"] = LayoutStatus(
-                    candidate=False, verified=False,
-                    reason=f"{p.name}: vLLM's loader does not produce a plain row stack of "
-                           "the checkpoint tensors")
-                return
-        st["layout_status"] = LayoutStatus(candidate=True, verified=True, reason="verified")
+        if any(name not in sent for p in layout.params for name, _ in p.parts):
+            return  # a partial sync cannot verify every parameter; wait for a full one
+        mismatch = first_mismatch(layout, sent, self._params())
+        st["layout_status"] = LayoutStatus(candidate=True, verified=True, reason="verified") \
+            if mismatch is None else LayoutStatus(
+                candidate=False, verified=False,
+                reason=f"{mismatch}: vLLM's loader does not produce a plain row stack of the "
+                       "checkpoint tensors")
 
     def _kernel_targets(self, weights: Iterator[tuple[str, torch.Tensor]]
                         ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -639,46 +572,21 @@ class WeightSyncWorkerExtension:
 
     @worker_rpc
     def ws_check_files(self, checkpoint_json: str) -> CheckedFiles:
-        """Check a checkpoint's headers against the model (``CheckpointFiles``) and keep its
-        files open for ``ws_reload_files``; load nothing. Returns what was checked: the
-        coordinator loads only when every engine checked the same files, and every engine
-        then loads the files it checked, whatever the paths name by then."""
+        """Check a checkpoint's headers against the model; keep its files open for
+        ``ws_reload_files`` (``KeptCheckpoint``)."""
         ckpt = CheckpointFiles.model_validate_json(checkpoint_json)
-        self._drop_checked()
-        files = PinnedFiles(ckpt.files, ckpt.roots or None)
-        try:
-            self._check_files(ckpt, files)
-            identity = files.identity()
-        except BaseException:
-            files.close()
-            raise
-        self._ws_state()["checked"] = (identity, files)
-        return CheckedFiles(identity=identity)
+        return CheckedFiles(identity=self._kept_checkpoint().check(
+            ckpt, lambda files: self._check_files(ckpt, files)))
 
-    def _drop_checked(self) -> None:
-        kept = self._ws_state().pop("checked", None)
-        if kept is not None:
-            kept[1].close()
+    def _kept_checkpoint(self) -> KeptCheckpoint:
+        return self._ws_state().setdefault("checkpoint", KeptCheckpoint())
 
     @worker_rpc
     def ws_reload_files(self, checkpoint_json: str) -> ReloadReply:
-        """Load exactly the files of a checkpoint the host resolved (``CheckpointFiles``), after
-        checking their headers against the model again: complete unless asked otherwise. The
-        files are opened once (``PinnedFiles``): the headers checked, the finite check and the
-        load read the same files, so one swapped in between is never loaded. Any refusal comes
-        before the first tensor is applied."""
+        """Load the files ``ws_check_files`` kept (``KeptCheckpoint``), checked again: every
+        refusal comes before the first tensor is applied."""
         ckpt = CheckpointFiles.model_validate_json(checkpoint_json)
-        kept = self._ws_state().pop("checked", None)
-        if ckpt.identity is not None and (kept is None or kept[0] != ckpt.identity):
-            if kept is not None:
-                kept[1].close()
-            raise ManifestError("this engine no longer holds the checkpoint files it checked "
-                                "(checked again since?); nothing was loaded")
-        if kept is not None and ckpt.identity is None:
-            kept[1].close()
-            kept = None
-        with kept[1] if kept is not None else PinnedFiles(ckpt.files, ckpt.roots or None) \
-                as files:
+        with self._kept_checkpoint().take(ckpt) as files:
             nbytes = self._check_files(ckpt, files)
             if ckpt.check_finite:  # before any tensor is loaded: a refusal changes nothing
                 require_finite(files.tensors(), "the checkpoint")

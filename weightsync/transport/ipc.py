@@ -142,3 +142,8 @@ def open_bucket(h: IpcBucketHandle) -> torch.Tensor:
         False, h.ref_counter_handle, h.ref_counter_offset, h.event_handle,
         h.event_sync_required,
     )
+
+
+def cuda_uuid(device: object) -> str | None:
+    """``device_uuid`` of a CUDA device; None for any other."""
+    return device_uuid(device) if getattr(device, "type", None) == "cuda" else None

@@ -132,3 +132,18 @@ def _rows_in(name: str, shape: tuple[int, ...], part: str, part_shape: tuple[int
         raise LayoutUnavailable(f"{name}: {part} shape {part_shape} does not stack into "
                                 f"{shape}")
     return part_shape[0] if part_shape else 1
+
+
+def first_mismatch(layout: KernelLayout, sent: dict, live: dict) -> str | None:
+    """Compare vLLM's own load (``live`` parameters) with a plain row stack of the checkpoint
+    tensors ``sent`` (every part of every parameter), bit for bit: the first parameter that
+    differs, or None."""
+    import torch
+
+    for p in layout.params:
+        want = live[p.name]
+        stacked = torch.cat([sent[name].to(want.dtype) for name, _ in p.parts]) \
+            if len(p.parts) > 1 else sent[p.parts[0][0]].to(want.dtype)
+        if not torch.equal(stacked.view(want.shape), want.data):
+            return p.name
+    return None

@@ -10,10 +10,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from weightsync.errors import ConfigError
+from weightsync.errors import ConfigError, TransferError
 from weightsync.types import Bucket, ParamSlot, TensorSpec, TransferPlan
 
 ALIGN = 256  # bytes; a multiple of every dtype's size and of the CUDA allocator's granularity
@@ -480,3 +481,13 @@ def _is_persistent(module: torch.nn.Module, name: str) -> bool:
     mod_name, _, buf_name = name.rpartition(".")
     mod = module.get_submodule(mod_name) if mod_name else module
     return buf_name not in mod._non_persistent_buffers_set
+
+
+def packed_only(stream: Iterator[tuple[Bucket, Any]]) -> Iterator[tuple[Bucket, Any]]:
+    """``stream`` as it is, refusing direct buckets (``Spans``): those are checked as they
+    are copied, by a receiver that says so (``Incoming.checked_by_copy``)."""
+    for bucket, buf in stream:
+        if isinstance(buf, Spans):
+            raise TransferError("a direct share (the sender's own storages) is checked as it "
+                                "is copied, by a receiver that says so (checked_by_copy)")
+        yield bucket, buf
