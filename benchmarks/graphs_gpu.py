@@ -25,16 +25,24 @@ ROLLOUT_TOKENS = 128
 
 def measure_sync(coord: Any, trainer: Any, syncs: int, perturb: Any) -> dict[str, Any]:
     """``syncs`` colocated syncs (IPC; the first checkpoint format, then kernel layout): the
-    coordinator's total seconds for each."""
-    totals = []
+    coordinator's total seconds for each, and the median of every phase the coordinator and
+    the engine report (after the first sync), so the two modes can be compared phase by
+    phase."""
+    totals, phases = [], []
     for i in range(syncs):
         perturb(trainer, scale=1e-3, seed=1000 + i)
         t = time.perf_counter()
         res = coord.sync(trainer, ipc=True)
         totals.append(time.perf_counter() - t)
         assert res.ok
+        phases.append({**{f"coord.{p}": s for p, s in res.seconds.items()},
+                       **{f"engine.{p}": s for p, s in res.engines[0].seconds.items()}})
     later = totals[1:] or totals
-    return {"sync_s": totals, "sync_p50_s": statistics.median(later), "syncs": syncs}
+    rest = phases[1:] or phases
+    names = sorted({p for ph in rest for p in ph})
+    medians = {p: statistics.median(ph[p] for ph in rest if p in ph) for p in names}
+    return {"sync_s": totals, "sync_p50_s": statistics.median(later), "syncs": syncs,
+            "phase_p50_s": medians}
 
 
 def measure_rollout(actor: Any) -> dict[str, Any]:

@@ -1,11 +1,12 @@
-"""Warm == cold on the GPU: eager and CUDA graphs, a tied dense model and a MoE, in bf16.
+"""Warm == cold on the GPU: eager and CUDA graphs, a tied dense model, a MoE and an MLA + MoE
+(DeepSeek-V2-shaped), syncs into an awake engine and into one asleep at levels 1 and 2, bf16.
 
 The oracle is a cold engine of the same spec — the same model path, so vLLM's compile cache
 (keyed by the model's path) hands it the same compiled kernels — started after the trainer's
 weights were written there by ``save_pretrained``. After 4 colocated IPC syncs (checkpoint
-format first, kernel layout after), the warm engine's greedy tokens and logprobs must equal the
-cold one's bit for bit. Each sync's report says what the engine had to restore or rebuild
-(``engine.derived``). The same engines measure the sync time and rollout throughput of eager vs
+format first, kernel layout after; in ``graphs-sleep`` into the engine asleep, at levels 1,
+2, 1, 2), the warm engine's greedy tokens and logprobs must equal the cold one's bit for bit.
+Each sync's report says what the engine had to restore or rebuild (``engine.derived``). The same engines measure the sync time and rollout throughput of eager vs
 CUDA graphs (``benchmarks.graphs_gpu``).
 """
 
@@ -26,6 +27,8 @@ pytestmark = pytest.mark.gpu
 
 QWEN05_BF16 = dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864,
                    vocab_size=151936, tie_word_embeddings=True, dtype="bfloat16")
+MLA = dict(hidden=256, layers=2, heads=4, experts=8, top_k=2, moe_intermediate=128,
+           kv_lora_rank=512, vocab_size=512, dtype="bfloat16")
 MOE = dict(hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64, experts=16, top_k=4,
            moe_intermediate=128, vocab_size=512, dtype="bfloat16")
 
@@ -40,10 +43,12 @@ def _max_diff(a, b) -> float:
 
 
 def _model(kind: str, root):
-    from weightsync.testing.models import build_moe_model, build_text_model
+    from weightsync.testing.models import build_mla_model, build_moe_model, build_text_model
 
     if kind == "dense-tied":
         return build_text_model(root / "qwen2.5-0.5b-shaped-bf16", **QWEN05_BF16)
+    if kind == "mla":
+        return build_mla_model(root / "small-deepseek-v2-bf16", **MLA)
     return build_moe_model(root / "small-qwen3-moe-bf16", **MOE)
 
 
@@ -54,7 +59,8 @@ def _trainer(kind: str, path):
 
 
 @pytest.mark.parametrize("kind,mode", [("dense-tied", "eager"), ("dense-tied", "graphs"),
-                                       ("moe", "graphs")])
+                                       ("dense-tied", "graphs-sleep"), ("moe", "graphs"),
+                                       ("mla", "eager"), ("mla", "graphs")])
 def test_warm_engine_equals_cold_engine(gpu_ray, model_root, tmp_path, gpu_results, kind, mode):
     src = _model(kind, model_root)
     path = tmp_path / "model"  # the engines' own copy: overwritten with the synced weights
@@ -72,13 +78,15 @@ def test_warm_engine_equals_cold_engine(gpu_ray, model_root, tmp_path, gpu_resul
         for i in range(4):
             perturb_(trainer, scale=0.02, seed=300 + i)
             torch.cuda.synchronize()
-            res = coord.sync(trainer, ipc=True)
+            sleep = {"sleep_level": 1 + i % 2} if mode == "graphs-sleep" else {}
+            res = coord.sync(trainer, ipc=True, **sleep)
             assert res.ok, res
+            assert not sleep or "sleep" in res.engines[0].seconds, res.engines[0].skipped
             layouts.append(res.layout)
             rebuilt += [n for e in res.engines for n in e.rebuilt]
         data.update(layouts=layouts, rebuilt=sorted(set(rebuilt)))
         warm_out = _plain(engine_generate(warm, PROMPTS))
-        if kind == "dense-tied":
+        if kind == "dense-tied" and mode != "graphs-sleep":
             perf = measure_sync(coord, trainer, 10, perturb_)
             perf.update(measure_rollout(warm))
             gpu_results.setdefault("graphs_vs_eager", {})[mode] = perf

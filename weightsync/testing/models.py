@@ -183,6 +183,41 @@ def build_moe_model(out: str | os.PathLike, *, hidden: int = 128, layers: int = 
     return _init_and_save(model, out, key, seed, device)
 
 
+def build_mla_model(out: str | os.PathLike, *, hidden: int = 256, layers: int = 2,
+                    heads: int = 4, experts: int = 8, top_k: int = 2, moe_intermediate: int = 128,
+                    kv_lora_rank: int = 512, vocab_size: int = 512, dtype: str = "bfloat16",
+                    seed: int = 0, device: str = "cpu") -> Path:
+    """A DeepSeek-V2-Lite-shaped model with random weights: multi-head latent attention (no
+    q LoRA, ``kv_lora_rank`` latent, 128 + 64 query/key head dims, 128 value dims, the dims
+    vLLM's MLA kernels take), its first layer dense, the others one shared expert plus
+    ``experts`` routed ones. vLLM absorbs the attention's ``kv_b_proj`` into derived weights
+    after loading (``process_weights_after_loading``): the state a reload must rebuild."""
+    import torch
+    from transformers import AutoTokenizer, DeepseekV2Config, DeepseekV2ForCausalLM
+
+    out = Path(out)
+    key = dict(kind="deepseek_v2", hidden=hidden, layers=layers, heads=heads, experts=experts,
+               top_k=top_k, inter=moe_intermediate, kv_lora=kv_lora_rank, vocab=vocab_size,
+               dtype=dtype, seed=seed, device=device)
+    if _done(out, key):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    _train_tokenizer(out, vocab_size)
+    cfg = DeepseekV2Config(
+        vocab_size=max(vocab_size, len(AutoTokenizer.from_pretrained(out))), hidden_size=hidden,
+        intermediate_size=4 * hidden, moe_intermediate_size=moe_intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        q_lora_rank=None, kv_lora_rank=kv_lora_rank, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128, head_dim=64, n_shared_experts=1, n_routed_experts=experts,
+        num_experts_per_tok=top_k, first_k_dense_replace=1, topk_method="greedy",
+        norm_topk_prob=False, routed_scaling_factor=1.0, max_position_embeddings=2048,
+        tie_word_embeddings=False, torch_dtype=dtype, eos_token_id=0, pad_token_id=0,
+        bos_token_id=None)
+    torch.manual_seed(seed)
+    return _init_and_save(_build_on(DeepseekV2ForCausalLM, cfg, dtype, device), out, key, seed,
+                          device)
+
+
 def _build_on(cls, cfg, dtype: str, device: str):
     """``cls(cfg)`` made directly on ``device`` in ``dtype`` (no fp32 copy on the CPU first)."""
     import torch
