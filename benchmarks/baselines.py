@@ -74,24 +74,6 @@ def raw_device_copy(nbytes: int, rounds: int) -> list[float]:
     return times
 
 
-def commit() -> str | None:
-    """The commit the benchmark ran on (results keep one current file per benchmark and shape;
-    git history keeps the older runs, and each file names its commit). ``WS_GPU_COMMIT`` wins:
-    the lent GPU gets a copy of the working tree whose git metadata is stale."""
-    import os
-    import subprocess
-
-    if os.environ.get("WS_GPU_COMMIT"):
-        return os.environ["WS_GPU_COMMIT"]
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-    except OSError:
-        return None
-    return out.stdout.strip() or None
-
-
 def summary(xs: list[float]) -> dict[str, float]:
     xs = sorted(xs)
     p95 = xs[min(len(xs) - 1, round(0.95 * (len(xs) - 1)))]

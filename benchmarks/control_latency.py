@@ -35,7 +35,6 @@ log goes to ``<workdir>/server.log``.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import gc
 import json
 import logging
@@ -52,7 +51,7 @@ from typing import Any
 
 import typer
 
-from benchmarks.baselines import commit
+from benchmarks.meta import run_meta, versions
 
 app = typer.Typer(add_completion=False)
 TOKEN = "control-latency-bench"
@@ -478,15 +477,13 @@ def main(rate: float = typer.Option(20.0, min=1.0, help="probes per second, per 
     lag = LoopLag(create_app(settings, engines=engines), stalls=stalls)
     server = ServerThread(lag, settings.port)
     url = server.url
-    result: dict[str, Any] = {"meta": {
-        "benchmark": "control-latency", "commit": commit(), "device": "cpu",
-        "cpus": os.cpu_count(), "date": dt.datetime.now(dt.timezone.utc).isoformat(
-            timespec="seconds"), "versions": _versions(), "label": label, "shape": shape,
-        "sched_group": _sched_group(),
-        "method": METHOD.format(rate=rate, idle_s=idle_s, waves=waves, racers=racers,
+    result: dict[str, Any] = {"meta": run_meta(
+        "control-latency", device="cpu", versions={**versions(), **_versions()}, label=label,
+        shape=shape, sched_group=_sched_group(),
+        method=METHOD.format(rate=rate, idle_s=idle_s, waves=waves, racers=racers,
                                 spaced=spaced_waves,
                                 syncs=syncs, cpus=os.cpu_count(), shape=shape),
-        "target_p99_ms": TARGET_P99_MS}, "phases": {}}
+        target_p99_ms=TARGET_P99_MS), "phases": {}}
     base = {"url": url, "rate": rate}
     try:
         server.start()

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import typer
 
-from benchmarks.baselines import commit, summary
+from benchmarks.baselines import summary
+from benchmarks.meta import commit, run_meta
 
 app = typer.Typer(add_completion=False)
 
@@ -46,7 +47,8 @@ def main(gib: float = typer.Option(2.0), rounds: int = typer.Option(10),
     rows = buf.view(torch.int64).view(-1, _ROW_WORDS)
     want = (rows.sum(dim=1), rows.sum(dim=0))
     dst = torch.empty_like(buf)
-    res = {"commit": commit(), "device": torch.cuda.get_device_name(0), "bytes": n,
+    res = {"meta": run_meta("digest"), "commit": commit(),
+           "device": torch.cuda.get_device_name(0), "bytes": n,
            "floor_read_sum": _time(lambda: rows.sum(), rounds),
            "floor_copy": _time(lambda: dst.copy_(buf), rounds), "shapes": []}
     for band, tile, warps in itertools.product((256, 1024), (4, 8, 16, 32), (4, 8, 16)):

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.meta import PACKAGES, run_meta
+
 ROLLOUT_PROMPTS = 64
 ROLLOUT_TOKENS = 128
 
@@ -73,8 +75,10 @@ def main(results_path: str) -> None:
     src = json.loads(Path(results_path).read_text())
     data = src["data"]["graphs_vs_eager"]
     out = Path(__file__).parent / "results"
-    doc = {"meta": {**src["meta"], "benchmark": "graphs-gpu", "source": "tests/gpu/"
-                    "test_warm_cold_gpu.py (gpu-results.json)"}, "results": data}
+    run = src["meta"]  # the GPU run's own commit, device, date and versions
+    doc = {"meta": run_meta("graphs-gpu", **run, cpus=run.get("cpus"), versions={
+        k: run[k] for k in ("python", *PACKAGES) if run.get(k)},
+        source="tests/gpu/test_warm_cold_gpu.py (gpu-results.json)"), "results": data}
     (out / "graphs-gpu.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
     modes = sorted(data)
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import typer
 
-from benchmarks.baselines import commit, summary
+from benchmarks.baselines import summary
+from benchmarks.meta import commit, run_meta
 
 app = typer.Typer(add_completion=False)
 
@@ -109,6 +110,7 @@ def main(shape: str = typer.Option("0.5b"), rounds: int = typer.Option(20, min=1
 
     src = torch.empty_like(buf)
     res = {
+        "meta": run_meta("kernels", shape=shape),
         "commit": commit(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "shape": shape, "bytes": nbytes, "params": len(dsts),

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import typer
 
-from benchmarks.baselines import commit, raw_device_copy, raw_gloo_broadcast, summary
+from benchmarks.baselines import raw_device_copy, raw_gloo_broadcast, summary
+from benchmarks.meta import commit, run_meta
 
 app = typer.Typer(add_completion=False)
 
@@ -150,7 +151,8 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
                          backend="nccl" if gpu and not ipc else "gloo",
                          broadcast=broadcast if not gpu else "collective")
     runs: list[dict] = []
-    result = {"date": dt.date.today().isoformat(), "versions": _versions(), "device": device,
+    result = {"meta": run_meta("sync", shape=shape, colocated=colocated),
+              "date": dt.date.today().isoformat(), "versions": _versions(), "device": device,
               "shape": shape, "model": model_cfg, "dtype": dtype, "ipc": ipc,
               "trainer_class": type(policy).__name__,
               "trainer_fused_experts": any(n.endswith("mlp.experts.gate_up_proj")

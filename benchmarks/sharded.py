@@ -21,7 +21,8 @@ from pathlib import Path
 
 import typer
 
-from benchmarks.baselines import commit, summary
+from benchmarks.baselines import summary
+from benchmarks.meta import commit, run_meta
 from benchmarks.run import SHAPES, _versions
 
 app = typer.Typer(add_completion=False)
@@ -58,7 +59,8 @@ def main(shape: str = typer.Option("small"), syncs: int = typer.Option(5, min=1)
     gcs = ray.get_runtime_context().gcs_address
     out = out or Path("benchmarks/results") / f"sharded-cpu-{shape}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"date": dt.date.today().isoformat(), "versions": _versions(), "device": "cpu",
+    result = {"meta": run_meta("sharded", device="cpu", shape=shape),
+              "date": dt.date.today().isoformat(), "versions": _versions(), "device": "cpu",
               "shape": shape, "model": SHAPES[shape], "dtype": "float32",
               "bucket_mib": bucket_mib, "syncs": syncs, "engines": 1, "runs": []}
     try:

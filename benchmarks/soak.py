@@ -37,7 +37,7 @@ from pathlib import Path
 
 import typer
 
-from benchmarks.baselines import commit
+from benchmarks.meta import commit, run_meta
 
 app = typer.Typer(add_completion=False)
 PROMPTS = ["hello world", "the quick brown fox"]
@@ -328,7 +328,8 @@ def main(rounds: int = typer.Option(20, min=1), seed: int = typer.Option(0),
 
     buckets = len(plan_buckets([spec_of(n, t) for n, t in named_tensors(trainer)],
                                256 << 10, 1).buckets)
-    result = {"date": dt.date.today().isoformat(), "commit": commit(), "seed": seed,
+    result = {"meta": run_meta("soak", device="cpu", seed=seed),
+              "date": dt.date.today().isoformat(), "commit": commit(), "seed": seed,
               "forced_fault": fault, "rounds": []}
     started = time.monotonic()
     try:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import typer
 
-from benchmarks.baselines import commit, summary
+from benchmarks.baselines import summary
+from benchmarks.meta import commit, run_meta
 
 app = typer.Typer(add_completion=False)
 PROMPTS = ["hello world", "the quick brown fox", "one two three", "a b c d"]
@@ -80,7 +81,8 @@ def main(binds: str = typer.Option("derived,nobind"), syncs: int = typer.Option(
     from weightsync.testing.models import build_text_model
 
     model_dir = build_text_model(workdir / "tiny-qwen2-tp")
-    result = {"date": dt.date.today().isoformat(), "commit": commit(),
+    result = {"meta": run_meta("tp-cpu", device="cpu"),
+              "date": dt.date.today().isoformat(), "commit": commit(),
               "python": platform.python_version(), "cpus": os.cpu_count(),
               "fleet": "2x TP=2 + 1x TP=1 (tiny qwen2, fp32)", "syncs": syncs, "runs": []}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 import typer
 
-from benchmarks.baselines import commit, raw_gloo_broadcast, summary
+from benchmarks.baselines import raw_gloo_broadcast, summary
+from benchmarks.meta import commit, run_meta
 from weightsync.transport.broadcast import (BroadcastReceiver, BroadcastSender, free_port,
                                             open_group)
 from weightsync.transport.packing import checksum, plan_buckets, spec_of
@@ -100,7 +101,8 @@ def main(mib: int = typer.Option(130), bucket_mib: int = typer.Option(32),
     weights = _weights(mib)
     plan = plan_buckets([spec_of(n, t) for n, t in weights.items()], bucket_mib << 20, 1)
     plan = plan.model_copy(update={"chain_chunk": int(chain_mib * (1 << 20))})
-    result = {"date": dt.date.today().isoformat(), "commit": commit(), "cpus": os.cpu_count(),
+    result = {"meta": run_meta("transport", device="cpu"),
+              "date": dt.date.today().isoformat(), "commit": commit(), "cpus": os.cpu_count(),
               "torch": torch.__version__, "python": platform.python_version(),
               "bytes": plan.total_bytes, "buckets": len(plan.buckets), "rounds": rounds,
               "broadcast": "chain" if plan.chain_chunk else "gloo", "chain_chunk": plan.chain_chunk,
