@@ -10,7 +10,8 @@ setup:
 demo: setup
 	$(PY) -m services.grpo
 
-test: setup
+test: setup  # the docs first (seconds): a broken link or a stale API reference fails it
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
 	$(PY) -m pytest -m "not gpu" tests
 
 test-gpu:  # on the lent GPU machine, wheels staged per ../shared/gpu/README.md
