@@ -76,9 +76,11 @@ def main(results_path: str) -> None:
     data = src["data"]["graphs_vs_eager"]
     out = Path(__file__).parent / "results"
     run = src["meta"]  # the GPU run's own commit, device, date and versions
-    doc = {"meta": run_meta("graphs-gpu", **run, cpus=run.get("cpus"), versions={
-        k: run[k] for k in ("python", *PACKAGES) if run.get(k)},
-        source="tests/gpu/test_warm_cold_gpu.py (gpu-results.json)"), "results": data}
+    doc = {"meta": run_meta("graphs-gpu", **{
+        **{k: v for k, v in run.items() if k != "benchmark"}, "cpus": run.get("cpus"),
+        "versions": run.get("versions") or {k: run[k] for k in ("python", *PACKAGES)
+                                            if run.get(k)},
+        "source": "tests/gpu/test_warm_cold_gpu.py (gpu-results.json)"}), "results": data}
     (out / "graphs-gpu.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
     modes = sorted(data)
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
