@@ -21,7 +21,7 @@ def _raw_receiver(port: int, rank: int, world: int, sizes: list[int], rounds: in
     bufs = [torch.empty(n, dtype=torch.uint8) for n in sizes]
     for _ in range(rounds):
         for b in bufs:
-            group.start(b).wait(120, "raw receive")
+            group.start(b, 120).wait(120, "raw receive")
     group.close()
 
 
@@ -39,7 +39,7 @@ def raw_gloo_broadcast(plan: TransferPlan, receivers: int, rounds: int) -> list[
     times = []
     for i in range(rounds + 1):  # first round warms up
         t = time.perf_counter()
-        pending = [group.start(b) for b in bufs]
+        pending = [group.start(b, 120) for b in bufs]
         for p in pending:
             p.wait(120, "raw broadcast")
         if i:
