@@ -244,7 +244,8 @@ def render() -> str:
             head, body = "", f"(could not summarise this file: {type(e).__name__}: {e})"
         anchor = path.stem.replace(".", "-")
         date = str(meta.get("date", ""))[:10]
-        index.append([f"[`{path.name}`](#{anchor})", kind, str(meta.get("device")),
+        label = f"{kind}, colocated" if kind == "sync" and doc.get("colocated") else kind
+        index.append([f"[`{path.stem}`](#{anchor})", label, str(meta.get("device")),
                       f"`{meta.get('commit')}`", date, head])
         notes = [f"{k.replace('_', ' ')}: {meta[k]}" for k in
                  ("commit_note", "commit_source", "device_source", "date_source", "note")
