@@ -1,9 +1,9 @@
 """CUDA graphs vs eager on the GPU: the colocated sync's time and rollout throughput.
 
-Measured by ``tests/gpu/test_warm_cold_gpu.py`` on the same engines it proves warm == cold
-(one engine per mode, the same 0.5B-shaped bf16 model, the trainer in the test process):
-``measure_sync`` times the colocated IPC syncs, ``measure_rollout`` the generated tokens per
-second of a batch of sampled requests. The test puts both into the GPU suite's results
+Measured by ``tests/gpu/test_warm_cold_gpu.py`` (one engine per mode, both alive at once, the
+same 0.5B-shaped bf16 model, the trainer in the test process): ``measure_sync`` times the
+colocated IPC syncs of both, interleaved, ``measure_rollout`` the generated tokens per second
+of a batch of sampled requests. The test puts both into the GPU suite's results
 (``gpu-results.json``, ``data["graphs_vs_eager"]``); this module's ``main`` turns that into
 ``benchmarks/results/graphs-gpu.{json,png}``:
 
@@ -25,26 +25,35 @@ ROLLOUT_PROMPTS = 64
 ROLLOUT_TOKENS = 128
 
 
-def measure_sync(coord: Any, trainer: Any, syncs: int, perturb: Any) -> dict[str, Any]:
-    """``syncs`` colocated syncs (IPC; the first checkpoint format, then kernel layout): the
-    coordinator's total seconds for each, and the median of every phase the coordinator and
-    the engine report (after the first sync), so the two modes can be compared phase by
-    phase."""
-    totals, phases = [], []
-    for i in range(syncs):
+def measure_sync(coords: dict[str, Any], trainer: Any, rounds: int,
+                 perturb: Any) -> dict[str, dict[str, Any]]:
+    """``rounds`` colocated IPC syncs into each engine of ``coords`` (mode -> a coordinator of
+    one engine), interleaved — every round perturbs the trainer, then syncs each mode, the
+    order alternating round by round — so both modes see the same machine state (a separate
+    run per mode differed by 33% for the same mode). Per mode: the coordinator's total
+    seconds of each sync, and the median of every phase the coordinator and the engine report
+    (after the first round, which has the checkpoint-format load)."""
+    totals: dict[str, list[float]] = {m: [] for m in coords}
+    phases: dict[str, list[dict[str, float]]] = {m: [] for m in coords}
+    modes = sorted(coords)
+    for i in range(rounds):
         perturb(trainer, scale=1e-3, seed=1000 + i)
-        t = time.perf_counter()
-        res = coord.sync(trainer, ipc=True)
-        totals.append(time.perf_counter() - t)
-        assert res.ok
-        phases.append({**{f"coord.{p}": s for p, s in res.seconds.items()},
-                       **{f"engine.{p}": s for p, s in res.engines[0].seconds.items()}})
-    later = totals[1:] or totals
-    rest = phases[1:] or phases
-    names = sorted({p for ph in rest for p in ph})
-    medians = {p: statistics.median(ph[p] for ph in rest if p in ph) for p in names}
-    return {"sync_s": totals, "sync_p50_s": statistics.median(later), "syncs": syncs,
-            "phase_p50_s": medians}
+        for mode in modes if i % 2 == 0 else modes[::-1]:
+            t = time.perf_counter()
+            res = coords[mode].sync(trainer, ipc=True)
+            totals[mode].append(time.perf_counter() - t)
+            assert res.ok, res
+            phases[mode].append({**{f"coord.{p}": s for p, s in res.seconds.items()},
+                                 **{f"engine.{p}": s for p, s in res.engines[0].seconds.items()}})
+    out = {}
+    for mode in modes:
+        later, rest = totals[mode][1:], phases[mode][1:]
+        names = sorted({p for ph in rest for p in ph})
+        out[mode] = {"sync_s": totals[mode], "sync_p50_s": statistics.median(later),
+                     "syncs": rounds, "interleaved": True,
+                     "phase_p50_s": {p: statistics.median(ph[p] for ph in rest if p in ph)
+                                     for p in names}}
+    return out
 
 
 def measure_rollout(actor: Any) -> dict[str, Any]:

@@ -198,7 +198,7 @@ def build_mla_model(out: str | os.PathLike, *, hidden: int = 256, layers: int = 
     out = Path(out)
     key = dict(kind="deepseek_v2", hidden=hidden, layers=layers, heads=heads, experts=experts,
                top_k=top_k, inter=moe_intermediate, kv_lora=kv_lora_rank, vocab=vocab_size,
-               dtype=dtype, seed=seed, device=device)
+               dtype=dtype, seed=seed, device=device, groups=1)
     if _done(out, key):
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -210,6 +210,7 @@ def build_mla_model(out: str | os.PathLike, *, hidden: int = 256, layers: int = 
         q_lora_rank=None, kv_lora_rank=kv_lora_rank, qk_nope_head_dim=128, qk_rope_head_dim=64,
         v_head_dim=128, head_dim=64, n_shared_experts=1, n_routed_experts=experts,
         num_experts_per_tok=top_k, first_k_dense_replace=1, topk_method="greedy",
+        n_group=1, topk_group=1,  # vLLM's DeepSeek-V2 routes by groups: one group of all
         norm_topk_prob=False, routed_scaling_factor=1.0, max_position_embeddings=2048,
         tie_word_embeddings=False, torch_dtype=dtype, eos_token_id=0, pad_token_id=0,
         bos_token_id=None)
