@@ -148,7 +148,7 @@ class CheckpointApplier(Applier):
         self.synchronize()
         reload_s = time.perf_counter() - t0
         if load.staged is not None:  # every bucket at hand: may verify the kernel layout
-            st.layout.calibrate(load.staged, self.params())
+            st.layout.calibrate(load.staged, self.params)
         return AppliedReport(reload_s=reload_s, rebuilt=st.rebuilt)
 
 

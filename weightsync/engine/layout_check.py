@@ -42,15 +42,16 @@ class LayoutCheck:
         return self._status, self.layout
 
     def calibrate(self, staged: list[tuple[Bucket, Any]],
-                  params: Mapping[str, torch.Tensor]) -> None:
-        """Compare vLLM's own load of ``staged`` with our stacking of it, bit for bit."""
+                  params: Callable[[], Mapping[str, torch.Tensor]]) -> None:
+        """Compare vLLM's own load of ``staged`` with our stacking of it, bit for bit
+        (``params()``: the live parameters, read only when there is a layout to verify)."""
         status, layout = self.status()
         if not status.candidate or status.verified or layout is None:
             return
         sent = {n: t for b, buf in staged for n, t in unpack_bucket(b, buf)}
         if any(name not in sent for p in layout.params for name, _ in p.parts):
             return  # a partial sync cannot verify every parameter; wait for a full one
-        mismatch = first_mismatch(layout, sent, params)
+        mismatch = first_mismatch(layout, sent, params())
         self._status = LayoutStatus(candidate=True, verified=True, reason="verified") \
             if mismatch is None else LayoutStatus(
                 candidate=False, verified=False,
