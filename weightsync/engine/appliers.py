@@ -193,7 +193,9 @@ class CheckedByCopyApplier(Applier):
 
     def apply(self, load: Load) -> AppliedReport:
         st = self.state
-        staged = load.staged or []
+        staged, sender_terms = load.staged or [], load.expected_terms
+        if sender_terms is None:  # (the intake makes sure: nothing is copied unchecked)
+            raise TransferError("checked-by-copy needs the sender's checksum terms")
         t0 = time.perf_counter()
         program = st.programs.program(staged, load.key, self.params)
         graph_key = st.programs.graph_key(program)
@@ -206,7 +208,7 @@ class CheckedByCopyApplier(Applier):
             else:
                 terms = many.terms()
             spans = [buf for _, buf in staged]
-            rows = torch.cat([terms, load.expected_terms]).tolist()  # (the one host sync)
+            rows = torch.cat([terms, sender_terms]).tolist()  # (the one host sync)
             sums = fold_spans(spans, rows[:len(terms)])
             expected = fold_spans(spans, rows[len(terms):])
         reload_s = time.perf_counter() - t0

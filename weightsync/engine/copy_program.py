@@ -24,6 +24,7 @@ from weightsync.types import Bucket
 
 
 Params = Callable[[], Mapping[str, torch.Tensor]]
+ProgramKey = tuple[str, tuple[int, ...]]  # (the plan's key, the buffers' addresses)
 
 
 class CopyProgram(NamedTuple):
@@ -60,8 +61,8 @@ class CopyPrograms:
     finite check), by the plan's key and the buffers' addresses."""
 
     def __init__(self) -> None:
-        self._kept: tuple[tuple, CopyProgram] | None = None  # (what it depends on, program)
-        self._finite: tuple[CopyProgram, list] | None = None  # (program, its typed pieces)
+        self._kept: tuple[ProgramKey, CopyProgram] | None = None  # (what it depends on, it)
+        self._finite: tuple[CopyProgram, list[tuple[str, torch.Tensor]]] | None = None
 
     def program(self, staged: list[tuple[Bucket, Any]], key: str | None,
                 params: Params) -> CopyProgram:
@@ -91,7 +92,7 @@ class CopyPrograms:
         self._kept = (ck, program) if ck is not None else None
         return program
 
-    def graph_key(self, program: CopyProgram) -> tuple | None:
+    def graph_key(self, program: CopyProgram) -> tuple[ProgramKey, tuple[int, ...]] | None:
         """What a kept program's copy graph depends on (its key, and where the parameters
         are); None when no program is kept (nothing to replay)."""
         kept = self._kept

@@ -51,7 +51,7 @@ class LayoutCheck:
         sent = {n: t for b, buf in staged for n, t in unpack_bucket(b, buf)}
         if any(name not in sent for p in layout.params for name, _ in p.parts):
             return  # a partial sync cannot verify every parameter; wait for a full one
-        mismatch = first_mismatch(layout, sent, params())
+        mismatch = first_mismatch(layout, sent, dict(params()))
         self._status = LayoutStatus(candidate=True, verified=True, reason="verified") \
             if mismatch is None else LayoutStatus(
                 candidate=False, verified=False,
