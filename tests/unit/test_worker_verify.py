@@ -1,5 +1,6 @@
-"""The worker's receive logic, without vLLM: a bucket whose checksum differs from the
-sender's is refused before anything is applied; ``atomic`` applies only verified buckets.
+"""The worker's receive logic (``engine.intake``), without vLLM: a bucket whose checksum differs
+from the sender's is refused before anything is applied; ``atomic`` applies only verified
+buckets. The applier is a peer that records what it was given (``engine.appliers.Applier``).
 (Runs for real on the GPU: tests/gpu/test_fast_path_gpu.py.)"""
 
 from __future__ import annotations
@@ -7,25 +8,50 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weightsync.engine.worker_ext import WeightSyncWorkerExtension
-from weightsync.errors import TransferError, VerificationError
+from weightsync.engine.appliers import AppliedReport, Applier, Load, choose
+from weightsync.engine.intake import Intake
+from weightsync.engine.layout_check import LayoutCheck
+from weightsync.engine.sync_state import WorkerSyncState
+from weightsync.errors import ReloadError, TransferError, VerificationError
 from weightsync.transport.packing import checksums, pack_bucket, plan_buckets, spec_of
 from weightsync.types import plan_json, versionless
 
 
-class _Worker(WeightSyncWorkerExtension):
-    """The extension with its load step recorded instead of run (no model here)."""
+class _Recording(Applier):
+    """An applier that records which buckets it was given instead of loading them."""
+
+    name = layout = "recording"
 
     def __init__(self) -> None:
+        super().__init__(worker=None, state=_state())
         self.loaded: list[int] = []
 
-    def _fingerprint(self) -> str:
-        return f"loaded {self.loaded}"
+    def apply(self, load: Load) -> AppliedReport:
+        self.loaded.extend(b.index for b, _ in (load.staged or load.stream or ()))
+        return AppliedReport(reload_s=0.0)
 
-    def _apply_staged(self) -> float:
-        staged, self._ws["staged"] = self._ws["staged"], []
-        self.loaded.extend(b.index for b, _ in staged)
-        return 0.0
+
+def _state() -> WorkerSyncState:
+    def derive():
+        raise AssertionError("no layout here")
+
+    return WorkerSyncState(layout=LayoutCheck(derive))
+
+
+class _Worker:
+    """The intake with a recording applier (no model here)."""
+
+    def __init__(self) -> None:
+        self.applier = _Recording()
+        self.state = self.applier.state
+        self.intake = Intake(self.state, lambda: f"loaded {self.loaded}")
+
+    @property
+    def loaded(self) -> list[int]:
+        return self.applier.loaded
+
+    def _consume(self, plan, stream, apply, expected):
+        return self.intake.consume(plan, stream, apply, self.applier, expected=expected)
 
 
 def _plan_and_bufs():
@@ -52,7 +78,7 @@ def test_a_differing_bucket_is_refused_and_nothing_is_loaded():
         bad[-1] ^= 1
         with pytest.raises(VerificationError, match=f"bucket {len(sums) - 1}"):
             w._consume(plan, zip(plan.buckets, bufs), mode, bad)
-        assert w.loaded == [] and w._ws["staged"] == []
+        assert w.loaded == [] and w.state.staged is None
 
 
 def test_atomic_needs_the_senders_checksums_and_plan_keys_ignore_the_version():
@@ -70,3 +96,26 @@ def test_atomic_needs_the_senders_checksums_and_plan_keys_ignore_the_version():
     assert plan_json(other) == other.model_dump_json()
     assert plan_json(plan.model_copy(update={"partial": True})) == \
         plan.model_copy(update={"partial": True}).model_dump_json()
+
+
+def test_one_applier_per_format_chosen_once_and_kept():
+    state = _state()
+    checkpoint, kernel = choose(None, state, "checkpoint"), choose(None, state, "kernel")
+    direct = choose(None, state, "kernel", checked_by_copy=True)
+    assert (checkpoint.name, kernel.name, direct.name) == \
+        ("checkpoint", "kernel", "checked-by-copy")
+    assert direct.layout == "kernel" and direct.checks_copies and not kernel.checks_copies
+    assert choose(None, state, "kernel") is kernel  # kept across syncs
+    with pytest.raises(TransferError, match="no applier"):
+        choose(None, state, "fp8")
+
+
+def test_staged_buckets_apply_once_by_the_applier_chosen_for_their_plan():
+    plan, bufs, sums = _plan_and_bufs()
+    w = _Worker()
+    rep = w._consume(plan, zip(plan.buckets, bufs), "staged", sums)
+    assert not rep.applied and w.loaded == [] and w.state.staged is not None
+    report, layout = w.intake.apply_staged()
+    assert layout == "recording" and w.loaded == [b.index for b in plan.buckets]
+    with pytest.raises(ReloadError, match="nothing staged"):
+        w.intake.apply_staged()
