@@ -11,7 +11,7 @@ flattened leading dimensions: 128 experts' ``[768, 2048]`` gate and up rows make
 ``[128, 1536, 2048]`` ``w13_weight``). The trainer then packs buckets already in vLLM's layout
 and the engine copies them straight into its parameters (what
 ``reload_weights(is_checkpoint_format=False)`` does, as batched copies:
-``worker_ext._kernel_targets``), skipping the per-tensor weight loaders.
+``engine.copy_program.kernel_targets``), skipping the per-tensor weight loaders.
 
 A derived layout is only a candidate: the engine verifies it bit for bit against what vLLM's
 own loader produced on a checkpoint-format sync (see ``worker_ext``) before it is used.
