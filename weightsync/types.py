@@ -92,6 +92,33 @@ class Bucket(_Frozen):
         return self
 
 
+# the kernel layout (derived in transport.layout); here so that messages carry it without
+# importing the transport
+class KernelParam(BaseModel):
+    """One vLLM parameter and the checkpoint tensors stacked (dim 0) to form it: ``rows`` count
+    in the parameter viewed as ``(-1, *part.shape[1:])``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    parts: tuple[tuple[str, int], ...]  # (checkpoint name, rows), in order
+
+
+class KernelLayout(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    params: tuple[KernelParam, ...]
+
+    @property
+    def signature(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+    def spec(self, p: KernelParam) -> TensorSpec:
+        return TensorSpec(name=p.name, dtype=p.dtype, shape=p.shape)
+
+
 class TransferPlan(_Frozen):
     """What the sender will send, in order. Both ends derive their work from this one value."""
 

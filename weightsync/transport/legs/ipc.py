@@ -24,8 +24,8 @@ from typing import Any
 
 from weightsync.errors import TransferError
 from weightsync.messages import BeginReply, ReceiveRequest
-from weightsync.sources.base import HeldFeed
 from weightsync.transport.digest_cuda import ManyDigests
+from weightsync.transport.feed import HeldFeed
 from weightsync.transport.graphs import Replay
 from weightsync.transport.legs.base import (HeldPayload, Incoming, LegOutcome, ReceiverLeg,
                                             SenderLeg, payload_key)
