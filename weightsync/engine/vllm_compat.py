@@ -202,10 +202,7 @@ def _cpu_moe_versions(worker: Any) -> list[tuple[Any, list[int]]]:
     MoE engine computed with unpacked weights read as packed (read in 0.32; GPU experts' hook
     is a no-op by default). The digest costs a read of the expert weights per reload, on CPU
     engines only."""
-    try:
-        m = model(worker)
-    except Exception:  # noqa: BLE001 - a stand-in runner has no model to inspect
-        return []
+    m = model(worker)
     cached = getattr(worker, "_ws_cpu_moe_layers", None)
     if cached is None or cached[0] is not m:  # found once per model, not on every reload
         layers = []
@@ -334,10 +331,7 @@ class WorkerParallel:
 def worker_parallel(worker: Any) -> WorkerParallel:
     """``parallel_config.rank`` / ``world_size`` as vLLM set them for this worker (0.24 and
     0.32 both set ``parallel_config.rank = rank`` in ``WorkerBase.__init__``)."""
-    pc = getattr(worker, "parallel_config", None)
-    if pc is None:  # a stand-in worker: one per engine
-        return WorkerParallel(rank=int(getattr(worker, "rank", 0)), workers=1,
-                              tensor_parallel=1, pipeline_parallel=1)
+    pc = worker.parallel_config
     return WorkerParallel(rank=int(pc.rank), workers=int(pc.world_size),
                           tensor_parallel=int(pc.tensor_parallel_size),
                           pipeline_parallel=int(pc.pipeline_parallel_size))
@@ -360,8 +354,7 @@ def post_load(module: Any) -> Any:
 
 def cuda_graphs(worker: Any) -> bool:
     """Whether the worker replays captured CUDA graphs (a CUDA engine not in eager mode)."""
-    device = getattr(worker, "device", None)
-    return getattr(device, "type", None) == "cuda" and \
+    return worker.device.type == "cuda" and \
         not bool(worker.model_runner.model_config.enforce_eager)
 
 
