@@ -26,8 +26,8 @@ from collections.abc import Sequence
 
 from weightsync.types import KernelLayout, KernelParam, TensorSpec
 
-__all__ = ["Expert", "KernelLayout", "KernelParam", "LayoutUnavailable", "derive_layout", "expert_parts",
-           "first_mismatch"]
+__all__ = ["Expert", "KernelLayout", "KernelParam", "LayoutUnavailable", "derive_layout",
+           "expert_parts", "first_mismatch"]
 
 
 class LayoutUnavailable(ValueError):

@@ -51,6 +51,7 @@ class LegEntry(NamedTuple):
 
 _LEGS: dict[str, LegEntry] = {}
 _lock = threading.Lock()
+_load_lock = threading.Lock()
 _engine_modules_loaded = False
 
 
@@ -81,14 +82,15 @@ def _entry(name: str) -> LegEntry:
 
 def _load_engine_modules() -> None:
     """Import the modules this process's start-up environment names (``LEG_MODULES_ENV``),
-    once."""
+    once (a worker thread asking meanwhile waits for them)."""
     global _engine_modules_loaded
-    if _engine_modules_loaded:
-        return
-    _engine_modules_loaded = True
-    for module in filter(None, (m.strip() for m in os.environ.get(LEG_MODULES_ENV, "")
-                                .split(","))):
-        importlib.import_module(module)
+    with _load_lock:  # (not _lock: the modules' register_leg calls take that one)
+        if _engine_modules_loaded:
+            return
+        _engine_modules_loaded = True
+        for module in filter(None, (m.strip() for m in os.environ.get(LEG_MODULES_ENV, "")
+                                    .split(","))):
+            importlib.import_module(module)
 
 
 def sender_leg(name: str) -> type[SenderLeg]:
