@@ -7,6 +7,8 @@ import os
 
 import pytest
 
+import weightsync.testing.legs  # noqa: F401 - registers the test legs (loopback, ...)
+
 
 def pytest_collection_modifyitems(config, items):
     import torch
@@ -45,9 +47,12 @@ def fleet(ray_session, tiny_model):
 
     # eager with a short context: half the start time of vLLM's CPU defaults (compiled, the
     # model's 32k context); other tests' engines take vLLM's defaults
+    from weightsync.testing.legs import ENGINE_RUNTIME_ENV
+
     specs = [EngineSpec(name=f"engine-{c}", model=str(tiny_model), dtype="float32",
                         max_model_len=512, enforce_eager=True) for c in "ab"]
-    actors = start_engines(specs)
+    # the engines know the test legs (tests sync them by corrupt-one-rank)
+    actors = start_engines(specs, runtime_env=ENGINE_RUNTIME_ENV)
     yield actors
     stop_engines(actors, timeout_s=30)
 

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel
 
-from weightsync.api.errors import API_ERRORS, FALLBACK_BY_STATUS
+from weightsync.api.http_errors import API_ERRORS, FALLBACK_BY_STATUS
 from weightsync.api.schemas import (AbortRequest, CommitRequest, EngineList, EngineStates,
                                     FleetStatus, Health, PauseRequest, ReloadRequest,
                                     ResumeRequest, SessionClosed, SessionInfo, SessionRequest,

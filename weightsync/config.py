@@ -124,13 +124,13 @@ class EngineSpec(_Frozen):
     @classmethod
     def _vllm_accepts(cls, args: dict[str, Any]) -> dict[str, Any]:
         if args:
-            from weightsync.engine import vllm_compat
+            from weightsync.engine_args import check_engine_args
 
             typed = {f: f for f in ("dtype", "max_model_len", "seed", "enforce_eager",
                                     "tensor_parallel_size", "gpu_memory_utilization",
                                     "limit_mm_per_prompt")}
             typed["kv_cache_memory_bytes"] = "cpu_kvcache_gib (CPU engines)"
-            vllm_compat.check_engine_args(args, typed)
+            check_engine_args(args, typed)
         return args
 
     @model_validator(mode="after")

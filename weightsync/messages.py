@@ -13,8 +13,7 @@ from typing import Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from weightsync.transport.layout import KernelLayout
-from weightsync.types import FinishReply
+from weightsync.types import FinishReply, KernelLayout
 
 ApplyMode = Literal["staged", "streaming", "atomic"]
 """How a worker applies what it receives. ``staged``: keep every bucket until the coordinator

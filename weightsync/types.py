@@ -12,7 +12,8 @@ import math
 import re
 from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, Strict,
+                      ValidationError, model_validator)
 
 from weightsync.errors import PlanNotHeld
 
@@ -92,6 +93,57 @@ class Bucket(_Frozen):
         return self
 
 
+# the kernel layout (derived in transport.layout); here so that messages carry it without
+# importing the transport
+class KernelParam(BaseModel):
+    """One vLLM parameter and the checkpoint tensors stacked (dim 0) to form it: ``rows`` count
+    in the parameter viewed as ``(-1, *part.shape[1:])``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    parts: tuple[tuple[str, int], ...]  # (checkpoint name, rows), in order
+
+
+class KernelLayout(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    params: tuple[KernelParam, ...]
+
+    @property
+    def signature(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+    def spec(self, p: KernelParam) -> TensorSpec:
+        return TensorSpec(name=p.name, dtype=p.dtype, shape=p.shape)
+
+
+class _PlanBody:
+    """A plan's body (everything but its version) as JSON, and that JSON's key, dumped once
+    for a plan and the copies of it that change only the version: the kernel-layout plan is
+    the same every sync but for its version (``model_copy`` of one plan), a 0.5B model's is
+    ~300 tensors, and it goes out twice a sync. Pydantic's ``model_copy`` copies a private
+    attribute by reference, so such copies share one ``_PlanBody``; it is checked against the
+    plan on every use, so a copy that changed anything else dumps its own."""
+
+    __slots__ = ("buckets", "rest", "text", "key", "members")
+
+    def __init__(self) -> None:
+        self.buckets: tuple[Bucket, ...] | None = None
+        self.rest: tuple = ()
+        self.text = ""  # the body's JSON
+        self.key = ""  # plan_key(text)
+        self.members = ""  # text less its opening brace: what follows the version (_framed)
+
+    def __eq__(self, other: object) -> bool:  # a cache: never part of a plan's value
+        return isinstance(other, _PlanBody)
+
+    def __hash__(self) -> int:
+        return 0
+
+
 class TransferPlan(_Frozen):
     """What the sender will send, in order. Both ends derive their work from this one value."""
 
@@ -107,9 +159,28 @@ class TransferPlan(_Frozen):
     # carry every tensor of the engine's model (a partial one would serve mixed weights).
     partial: bool = False
 
+    _body: _PlanBody = PrivateAttr(default_factory=_PlanBody)
+
     @property
     def total_bytes(self) -> int:
         return sum(b.nbytes for b in self.buckets)
+
+    def body(self) -> tuple[str, str]:
+        """(this plan's JSON without its version, that text's key: ``plan_key``)."""
+        kept = self._kept_body()
+        return kept.text, kept.key
+
+    def _kept_body(self) -> _PlanBody:
+        # (pydantic's own store of private attributes: reading it directly skips the
+        # __getattr__ a private attribute costs, ~1.4 us, on a path taken twice a sync)
+        kept: _PlanBody = self.__pydantic_private__["_body"]  # type: ignore[index]
+        rest = (self.format, self.chain_chunk, self.partial)
+        if kept.buckets is not self.buckets or kept.rest != rest:
+            text = self.model_dump_json(exclude={"version"})
+            kept.buckets, kept.rest, kept.text, kept.key = self.buckets, rest, text, \
+                plan_key(text)
+            kept.members = text[1:]  # (what _frame appends)
+        return kept
 
     @property
     def specs(self) -> list[TensorSpec]:
@@ -129,15 +200,32 @@ class TransferPlan(_Frozen):
         return self
 
 
-_VERSION_FIELD = re.compile(r'^\{"version":(\d+),')
-_REF_START = '{"ref":'  # a PlanRef's JSON; a plan's always starts with its version
-# see plan_json: (the plan's buckets, its other fields, its versionless text, that text's key)
-_kept_plan_text: tuple[tuple[Bucket, ...], tuple, str, str] | None = None
+# A plan's wire text (``plan_json``) is written as its version, then its body's members:
+# ``{"version":N,`` + the body. A receiver reads the version, or gives the body it holds
+# another (``HeldPlan``), without parsing the body; pydantic reads the text as any plan's JSON.
+_FRAME = re.compile(r'^\{"version":(\d+),')
+
+
+def _framed(version: int, body: str) -> str:
+    """The wire text of the plan whose body (``TransferPlan.body``) is ``body``."""
+    return _frame(version, body[1:])
+
+
+def _frame(version: int, members: str) -> str:
+    """The wire text of a plan at ``version`` whose body's members are ``members``."""
+    return f'{{"version":{version},{members}'
+
+
+def _unframed(plan_text: str) -> tuple[int, str] | None:
+    """(version, body) of a plan's wire text; None for text not written so."""
+    m = _FRAME.match(plan_text)
+    return None if m is None else (int(m.group(1)), "{" + plan_text[m.end():])
 
 
 def versionless(plan_text: str) -> str:
     """A plan's JSON without its version: equal for every sync of the same plan."""
-    return _VERSION_FIELD.sub("{", plan_text, count=1)
+    framed = _unframed(plan_text)
+    return plan_text if framed is None else framed[1]
 
 
 def plan_key(body: str) -> str:
@@ -146,37 +234,19 @@ def plan_key(body: str) -> str:
 
 
 def plan_json(plan: TransferPlan) -> str:
-    """``plan.model_dump_json()``. The kernel-layout plan is the same every sync but for its
-    version (``model_copy`` of one plan: the same bucket tuple), so the rest of its text is
-    dumped once and kept (a 0.5B model's plan is ~300 tensors, dumped twice per sync)."""
-    kept = _kept_plan(plan)
-    if kept is not None:
-        return f'{{"version":{plan.version},' + kept[2][1:]
-    return plan.model_dump_json()
+    """The plan's wire text: its version, then its body, dumped once for the copies of a plan
+    that differ only in version (``TransferPlan.body``). Parses as ``plan.model_dump_json()``
+    does (and equals it: pydantic dumps the fields in their declared order)."""
+    return _frame(plan.version, plan._kept_body().members)
 
 
 def plan_text_for(plan: TransferPlan, held: str | None) -> str:
     """What to send a receiver that holds the plan keyed ``held`` (``BeginReply.plan_key``):
     a ``PlanRef`` where that is this plan, else the plan's JSON."""
-    kept = _kept_plan(plan)
-    if kept is not None and held == kept[3]:
+    kept = plan._kept_body()
+    if held == kept.key:
         return PlanRef(ref=held, version=plan.version).model_dump_json()
-    return plan_json(plan)
-
-
-def _kept_plan(plan: TransferPlan) -> tuple | None:
-    """``_kept_plan_text`` for ``plan``, dumped and keyed now if it is another plan."""
-    global _kept_plan_text
-    kept = _kept_plan_text
-    rest = (plan.format, plan.chain_chunk, plan.partial)
-    if kept is not None and kept[0] is plan.buckets and kept[1] == rest:
-        return kept
-    text = plan.model_dump_json()
-    if not _VERSION_FIELD.match(text):
-        return None
-    body = versionless(text)
-    _kept_plan_text = (plan.buckets, rest, body, plan_key(body))
-    return _kept_plan_text
+    return _frame(plan.version, kept.members)
 
 
 class PlanRef(_Frozen):
@@ -202,13 +272,18 @@ class HeldPlan:
     def text(self, plan: str) -> str:
         """The plan's JSON: ``plan`` itself (kept from now on), or the held plan at the
         version a ``PlanRef`` names. ``PlanNotHeld`` when it names a plan not held here."""
-        if plan.startswith(_REF_START):
-            ref = PlanRef.model_validate_json(plan)
-            if ref.ref != self.key or self._body is None:
-                raise PlanNotHeld(f"plan {ref.ref} is not held here (holding {self.key}): "
-                                  "send its JSON")
-            return f'{{"version":{ref.version},' + self._body[1:]
-        body = versionless(plan)
+        framed = _unframed(plan)
+        if framed is None:  # not a plan's wire text: a PlanRef (else a plan written otherwise)
+            try:
+                ref = PlanRef.model_validate_json(plan)
+            except ValidationError:
+                ref = None
+            if ref is not None:
+                if ref.ref != self.key or self._body is None:
+                    raise PlanNotHeld(f"plan {ref.ref} is not held here (holding "
+                                      f"{self.key}): send its JSON")
+                return _framed(ref.version, self._body)
+        body = plan if framed is None else framed[1]
         if body != self._body:
             self._body, self.key = body, plan_key(body)
         return plan
@@ -221,11 +296,11 @@ class HeldPlan:
 
 
 def plan_version(plan_text: str) -> int:
-    """A plan JSON's version (``plan_json`` writes it first)."""
-    m = _VERSION_FIELD.match(plan_text)
-    if m is None:
+    """A plan's version, read from its wire text (``plan_json`` writes it first)."""
+    framed = _unframed(plan_text)
+    if framed is None:
         raise ValueError("not a plan's JSON")
-    return int(m.group(1))
+    return framed[0]
 
 
 class CheckpointFiles(_Frozen):

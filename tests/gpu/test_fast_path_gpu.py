@@ -70,15 +70,16 @@ def test_kernel_layout_is_verified_then_used_and_loads_identical_weights(
 
 @pytest.mark.parametrize("direct", [False, True], ids=["packed", "direct"])
 def test_ipc_bucket_that_differs_from_the_senders_checksum_is_refused_or_fenced(
-        fast_engine, text_model, monkeypatch, direct):
+        fast_engine, text_model, direct):
     """One engine in the wave loads in the same call as it maps (atomic). Packed: it must
     still refuse a bucket whose checksum differs from the sender's, load nothing, and go on
     serving its old version (rolled back, not fenced). ``direct`` (the kernel layout read
     from the trainer's own tensors): the engine checksums every piece as it copies it, so the
     mismatch is found with the parameters overwritten — it is fenced, serves nothing, and
-    the next sync brings it back."""
+    the next sync brings it back. The lying sync goes by the ``ipc-false-checksums`` leg
+    (``weightsync.testing.faulty``): the IPC leg, given a checksum function that flips a bit
+    of every term it tells the engines; the engine's receiver is the IPC leg's own."""
     from weightsync.errors import SyncFailedError
-    from weightsync.transport.legs import ipc as fleet
 
     trainer = load_trainer_model(text_model, torch.bfloat16).cuda()
     coord = SyncCoordinator([fast_engine], TransferConfig(bucket_bytes=256 << 20,
@@ -89,13 +90,11 @@ def test_ipc_bucket_that_differs_from_the_senders_checksum_is_refused_or_fenced(
         assert res.ok and res.layout == "kernel" and coord._leg("ipc").direct_note is None
     before = engine_generate(fast_engine, PROMPTS)
     version = ray.get(fast_engine.status.remote()).version
-    real = fleet.bucket_terms  # what the engine is told the sender's checksums are
-    monkeypatch.setattr(fleet, "bucket_terms", lambda bufs, many=None: real(bufs, many) ^ 1)
     perturb_(trainer, scale=0.05, seed=4242)
     with pytest.raises(SyncFailedError) as info:
-        coord.sync(trainer, ipc=True)
+        coord.sync(trainer, leg="ipc-false-checksums")
     rep = info.value.result.engines[0]
-    assert (coord._leg("ipc").direct_note is None) == direct
+    assert (coord._leg("ipc-false-checksums").direct_note is None) == direct
     status = ray.get(fast_engine.status.remote())
     if direct:
         assert not rep.ok and rep.fenced and "differ from its checksum" in rep.error
@@ -106,5 +105,4 @@ def test_ipc_bucket_that_differs_from_the_senders_checksum_is_refused_or_fenced(
         assert status.state.value == "serving" and status.version == version
         assert [o.token_ids for o in engine_generate(fast_engine, PROMPTS)] == \
             [o.token_ids for o in before]
-    monkeypatch.setattr(fleet, "bucket_terms", real)
     assert coord.sync(trainer, ipc=True).ok  # and the next sync goes through

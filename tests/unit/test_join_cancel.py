@@ -67,7 +67,7 @@ def test_a_rendezvous_that_completes_after_the_cancel_destroys_its_group(monkeyp
         release.wait(10)
         return made
 
-    monkeypatch.setattr(broadcast.vllm_compat, "stateless_group", slow_group)
+    monkeypatch.setattr(broadcast.vllm_groups, "stateless_group", slow_group)
     with socket.create_server(("127.0.0.1", 0)) as trainer:  # rank 0 listens: past the dial
         join = PendingJoin("gloo", "127.0.0.1", trainer.getsockname()[1], 1, 2, 30.0)
         assert entered.wait(5)  # in the rendezvous
@@ -81,7 +81,7 @@ def test_a_rendezvous_that_completes_after_the_cancel_destroys_its_group(monkeyp
 
 def test_a_completed_join_hands_its_group_over_once(monkeypatch):
     made = _Group()
-    monkeypatch.setattr(broadcast.vllm_compat, "stateless_group", lambda *a, **k: made)
+    monkeypatch.setattr(broadcast.vllm_groups, "stateless_group", lambda *a, **k: made)
     with socket.create_server(("127.0.0.1", 0)) as trainer:
         join = PendingJoin("gloo", "127.0.0.1", trainer.getsockname()[1], 1, 2, 30.0)
         group = join.wait(5)

@@ -191,3 +191,10 @@ def test_exclusive_phases_add_up_and_leave_out_sums_and_sub_phases():
     assert exclusive_phases(seconds) == {"pause": 0.01, "transfer": 0.2, "reload": 0.1,
                                          "resume": 0.02}
     assert abs(sum(exclusive_phases(seconds).values()) - seconds["total"]) < 1e-9
+
+
+def test_checksum_without_the_kernel_is_the_same_checksum():
+    """``kernel=False`` (torch's reductions) is how the GPU test compares the CUDA kernel's
+    result; on the CPU both paths are torch's."""
+    buf = torch.randint(0, 256, (4096 * 3 + 8,), dtype=torch.uint8)
+    assert checksum(buf, kernel=False) == checksum(buf)

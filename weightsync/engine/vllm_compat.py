@@ -1,4 +1,7 @@
-"""The only module that imports vLLM internals or sets vLLM's environment.
+"""The only module that imports vLLM internals or sets vLLM's environment, but for two pieces
+that sit below the engine: vLLM's stateless process groups, which the transport uses
+(``weightsync.transport.vllm_groups``), and its engine arguments, which the configuration
+checks (``weightsync.engine_args``).
 
 vLLM renames internal APIs between releases; everything version-dependent lives here so the
 rest of weightsync targets one stable surface. Tested against vLLM 0.24 (GPU) and 0.32 (CPU).
@@ -10,7 +13,6 @@ import inspect
 import logging
 import os
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -73,84 +75,6 @@ def cpu_threads_bind(workers: int, current: str | None = None) -> str:
                     for i in range(workers))
 
 
-def vllm_version() -> str:
-    import vllm
-
-    return vllm.__version__
-
-
-# Engine arguments weightsync sets itself: a spec's ``engine_args`` may not name them.
-OWNED_ENGINE_ARGS = {
-    "model": "the model is EngineSpec.model",
-    "worker_extension_cls": "weightsync's worker extension receives, verifies and loads the "
-                            "weights; without it the engine cannot be synced",
-    "enable_sleep_mode": "weightsync turns sleep mode on wherever vLLM supports it (CUDA) and "
-                         "owns sleep and wake (the colocated loop)",
-    "distributed_executor_backend": "weightsync's hosts run vLLM's own multiprocessing "
-                                    "executor inside their Ray actor; a Ray executor would "
-                                    "start workers the transfer groups do not know",
-    "weight_transfer_config": "weightsync owns the weight transfer",
-}
-
-
-def _engine_arg_types() -> dict[str, Any]:
-    """Every field of vLLM's ``AsyncEngineArgs`` and its type (None where it cannot be
-    resolved here: then only the name is checked)."""
-    import dataclasses
-    import sys
-
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
-    scope = vars(sys.modules[AsyncEngineArgs.__module__])
-    types: dict[str, Any] = {}
-    for f in dataclasses.fields(AsyncEngineArgs):
-        tp = f.type
-        if isinstance(tp, str):
-            try:
-                tp = eval(tp, scope)  # noqa: S307 - vLLM's own annotation, in its own module
-            except Exception:  # noqa: BLE001 - an annotation only vLLM's type checker resolves
-                tp = None
-        types[f.name] = tp
-    return types
-
-
-def check_engine_args(args: dict[str, Any], typed: dict[str, str]) -> None:
-    """Refuse engine arguments vLLM's ``AsyncEngineArgs`` would not take (unknown names,
-    values of the wrong type: strict, so ``"yes"`` is no bool; a dict is taken for a config
-    dataclass), arguments weightsync owns (``OWNED_ENGINE_ARGS``) and ones ``EngineSpec``
-    has a field for (``typed``: name -> that field). Raises ``ValueError`` saying why."""
-    import difflib
-
-    from pydantic import TypeAdapter, ValidationError
-
-    types = _engine_arg_types()
-    for name, value in args.items():
-        if name in OWNED_ENGINE_ARGS:
-            raise ValueError(f"engine_args[{name!r}]: weightsync sets this itself "
-                             f"({OWNED_ENGINE_ARGS[name]})")
-        if name in typed:
-            raise ValueError(f"engine_args[{name!r}]: set EngineSpec.{typed[name]} instead")
-        if name not in types:
-            near = difflib.get_close_matches(name, list(types), n=3)
-            hint = f" (did you mean {', '.join(near)}?)" if near else ""
-            raise ValueError(f"engine_args[{name!r}]: not an argument of vLLM "
-                             f"{vllm_version()}'s engine{hint}")
-        tp = types[name]
-        if tp is None:
-            continue
-        adapter = TypeAdapter(tp)
-        try:
-            adapter.validate_python(value, strict=True)
-        except ValidationError as e:
-            try:
-                if not isinstance(value, dict):
-                    raise
-                adapter.validate_python(value)  # a config dataclass given as a dict
-            except ValidationError:
-                first = e.errors()[0]
-                raise ValueError(f"engine_args[{name!r}] = {value!r}: {first['msg']}") from None
-
-
 def make_async_engine(*, model: str, dtype: str, max_model_len: int | None, seed: int,
                       enforce_eager: bool | None, tensor_parallel_size: int,
                       gpu_memory_utilization: float, enable_sleep_mode: bool,
@@ -161,7 +85,7 @@ def make_async_engine(*, model: str, dtype: str, max_model_len: int | None, seed
     """``AsyncLLM`` with our defaults. ``kv_cache_bytes``: an explicit KV-cache size (CPU
     engines; vLLM's ``VLLM_CPU_KVCACHE_SPACE``, where set, still overrides it in whole GiB).
     ``engine_args``: any other argument of vLLM's engine (``EngineSpec.engine_args``, checked
-    by ``check_engine_args`` when the spec was made); they override our defaults."""
+    by ``weightsync.engine_args`` when the spec was made); they override our defaults."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -278,10 +202,7 @@ def _cpu_moe_versions(worker: Any) -> list[tuple[Any, list[int]]]:
     MoE engine computed with unpacked weights read as packed (read in 0.32; GPU experts' hook
     is a no-op by default). The digest costs a read of the expert weights per reload, on CPU
     engines only."""
-    try:
-        m = model(worker)
-    except Exception:  # noqa: BLE001 - a stand-in runner has no model to inspect
-        return []
+    m = model(worker)
     cached = getattr(worker, "_ws_cpu_moe_layers", None)
     if cached is None or cached[0] is not m:  # found once per model, not on every reload
         layers = []
@@ -320,48 +241,6 @@ def _finish_broken_reload(worker: Any) -> None:
         layerwise.finalize_layerwise_reload(model(worker), model_config(worker))
     except Exception:  # noqa: BLE001 - best effort; the original error is what matters
         logger.warning("finalizing a broken reload failed", exc_info=True)
-
-
-def stateless_group(host: str, port: int, rank: int, world_size: int, backend: str,
-                    timeout_s: float) -> Any:
-    """A process group outside torch.distributed's global state (rank 0 hosts the store).
-
-    gloo: returns a torch ProcessGroup (call ``pg.broadcast(t, root).wait(timeout)``).
-    nccl: returns vLLM's ``PyNcclCommunicator`` over a ``StatelessProcessGroup``.
-    """
-    if backend == "gloo":
-        from vllm.distributed.utils import stateless_init_torch_distributed_process_group as init
-
-        kw: dict[str, Any] = {}
-        if "timeout" in inspect.signature(init).parameters:
-            kw["timeout"] = timedelta(seconds=timeout_s)
-        return init(host, port, rank, world_size, backend="gloo", **kw)
-    if backend == "nccl":
-        import torch
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup
-
-        kw = {}
-        params = inspect.signature(StatelessProcessGroup.create).parameters
-        if "store_timeout" in params:
-            kw["store_timeout"] = int(timeout_s)
-        spg = StatelessProcessGroup.create(host=host, port=port, rank=rank,
-                                           world_size=world_size, **kw)
-        return PyNcclCommunicator(spg, device=torch.cuda.current_device())
-    raise ValueError(f"unknown backend {backend!r}")
-
-
-def destroy_group(group: Any) -> None:
-    """Best-effort teardown so a failed group never lingers (and never blocks a rebuild)."""
-    try:
-        if hasattr(group, "destroy"):  # PyNcclCommunicator: aborts the NCCL comm
-            group.destroy()
-        elif hasattr(group, "abort"):
-            group.abort()
-        elif hasattr(group, "shutdown"):
-            group.shutdown()
-    except Exception:  # noqa: BLE001 - teardown of a possibly broken group
-        logger.debug("group teardown raised", exc_info=True)
 
 
 # ---- the engine (AsyncLLM) ---------------------------------------------------------------------
@@ -452,10 +331,7 @@ class WorkerParallel:
 def worker_parallel(worker: Any) -> WorkerParallel:
     """``parallel_config.rank`` / ``world_size`` as vLLM set them for this worker (0.24 and
     0.32 both set ``parallel_config.rank = rank`` in ``WorkerBase.__init__``)."""
-    pc = getattr(worker, "parallel_config", None)
-    if pc is None:  # a stand-in worker: one per engine
-        return WorkerParallel(rank=int(getattr(worker, "rank", 0)), workers=1,
-                              tensor_parallel=1, pipeline_parallel=1)
+    pc = worker.parallel_config
     return WorkerParallel(rank=int(pc.rank), workers=int(pc.world_size),
                           tensor_parallel=int(pc.tensor_parallel_size),
                           pipeline_parallel=int(pc.pipeline_parallel_size))
@@ -478,8 +354,7 @@ def post_load(module: Any) -> Any:
 
 def cuda_graphs(worker: Any) -> bool:
     """Whether the worker replays captured CUDA graphs (a CUDA engine not in eager mode)."""
-    device = getattr(worker, "device", None)
-    return getattr(device, "type", None) == "cuda" and \
+    return worker.device.type == "cuda" and \
         not bool(worker.model_runner.model_config.enforce_eager)
 
 

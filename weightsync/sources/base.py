@@ -25,6 +25,7 @@ import torch
 
 from weightsync.errors import ConfigError, TransferError, WeightSyncError
 from weightsync.sources.hf_names import CheckpointNames, Group, Slice
+from weightsync.transport.feed import HeldFeed
 from weightsync.transport.packing import dtype_name, named_tensors, spec_of
 from weightsync.types import TensorSpec, TransferPlan
 
@@ -52,17 +53,6 @@ def order_of(plan: TransferPlan, parts: Parts | None) -> list[list[str]]:
     """The checkpoint tensors each bucket of ``plan`` needs, in packing order."""
     return [[n for s in b.slots for n in (parts[s.name] if parts else (s.name,))]
             for b in plan.buckets]
-
-
-class HeldFeed(dict):
-    """A feed handed out again, the same object, for as long as every tensor in it stays
-    where it is (a module's kept views: ``ModuleSource``). A leg may key what it derived
-    from the tensors' addresses on ``token`` instead of asking each tensor again (a MoE's
-    experts are ~1,150 views)."""
-
-    def __init__(self, items: dict[str, Any]) -> None:
-        super().__init__(items)
-        self.token = object()  # (held by whoever keys on it: never reused while it matters)
 
 
 class TensorsSource(WeightSource):

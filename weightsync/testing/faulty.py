@@ -1,11 +1,15 @@
-"""TEST ONLY: a broadcast leg that corrupts one worker's copy of one bucket, on real engines.
+"""TEST ONLY: legs that lie, on real engines (registered by ``weightsync.testing.legs``).
 
-A real leg like any other (one module, one line in ``weightsync.transport.legs.LEGS``): the
+``corrupt-one-rank``: a broadcast leg that corrupts one worker's copy of one bucket. The
 sender is the broadcast leg's, over a real gloo group with every worker of every engine; the
 receiver is the group receiver, which flips one byte of bucket 0 after it arrived on the one
 group rank the request names (the last worker of the first engine), before the worker
 checksums it. The other workers, and every other engine, receive intact bytes: what a worker
 with bad memory or a broken receive path looks like from the outside.
+
+``ipc-false-checksums``: the IPC leg telling the engines checksum terms that differ from the
+bytes it shared (its checksum function, passed at construction, flips a bit of every term);
+the engines' receiver is the IPC leg's own.
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ from typing import Any
 from weightsync.messages import ReceiveRequest
 from weightsync.transport.legs.base import Incoming
 from weightsync.transport.legs.broadcast import BroadcastLeg, GroupReceiver
+from weightsync.transport.legs.ipc import IpcLeg, IpcReceiver, bucket_terms
 from weightsync.types import TransferPlan
+
+__all__ = ["CorruptOneRankLeg", "CorruptOneRankReceiver", "FalseChecksumsIpcLeg", "IpcReceiver"]
 
 
 class CorruptOneRankLeg(BroadcastLeg):
@@ -47,3 +54,15 @@ class CorruptOneRankReceiver(GroupReceiver):
 
         incoming.buckets = buckets()
         return incoming
+
+
+def _false_terms(bufs: Any, many: Any = None) -> Any:
+    return bucket_terms(bufs, many) ^ 1  # what the engines are told: not what was shared
+
+
+class FalseChecksumsIpcLeg(IpcLeg):
+    name = "ipc-false-checksums"
+    receiver = "ipc"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, checksum_terms=_false_terms, **kwargs)

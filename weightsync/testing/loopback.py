@@ -1,6 +1,6 @@
 """The loopback leg: buckets handed from the trainer to engines in the same process.
 
-A real leg like any other (one module, one registry line in ``weightsync.transport.legs``), for
+A real leg like any other (one module, registered by ``weightsync.testing.legs``), for
 engines that live in the trainer's process — the in-process fleet of ``weightsync.testing.fleet``
 that drives the real coordinator in protocol tests. The sender packs and checksums every bucket
 as the broadcast leg does; each receiver gets its own copy, so a fault injected into one engine's

@@ -124,6 +124,7 @@ def _expected_sums(args) -> list[int]:
 
 def _engines(args):
     if args.local_fleet:
+        import weightsync.testing.legs  # noqa: F401 - registers the loopback leg
         from weightsync.testing.fleet import Faults, LocalEngines
 
         return LocalEngines(Path(args.local_fleet), {n: Faults() for n in args.engines})

@@ -17,7 +17,7 @@ from datetime import timedelta
 
 import torch
 
-from weightsync.engine import vllm_compat
+from weightsync.transport import vllm_groups
 from weightsync.errors import DeadlineExceeded, TransferError, WeightSyncError
 from weightsync.transport.packing import checksum, named_tensors, pack_bucket
 from weightsync.types import Bucket, TransferPlan
@@ -79,7 +79,7 @@ class _Group:
         return _Chain(self, buf, chunk, first_tag, deadline_s)
 
     def close(self) -> None:
-        vllm_compat.destroy_group(self.group)
+        vllm_groups.destroy_group(self.group)
 
 
 def _wait_work(work, deadline_s: float, what: str) -> None:
@@ -172,7 +172,7 @@ def open_group(backend: str, host: str, port: int, rank: int, world_size: int,
 
     def target() -> None:
         try:
-            result["g"] = vllm_compat.stateless_group(host, port, rank, world_size, backend,
+            result["g"] = vllm_groups.stateless_group(host, port, rank, world_size, backend,
                                                       timeout_s)
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller
             result["e"] = e

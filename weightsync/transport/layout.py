@@ -21,38 +21,13 @@ shards) means no layout, and syncs keep the checkpoint-format path.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 
-from pydantic import BaseModel, ConfigDict
+from weightsync.types import KernelLayout, KernelParam, TensorSpec
 
-from weightsync.types import TensorSpec
-
-
-class KernelParam(BaseModel):
-    """One vLLM parameter and the checkpoint tensors stacked (dim 0) to form it: ``rows`` count
-    in the parameter viewed as ``(-1, *part.shape[1:])``."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    parts: tuple[tuple[str, int], ...]  # (checkpoint name, rows), in order
-
-
-class KernelLayout(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    params: tuple[KernelParam, ...]
-
-    @property
-    def signature(self) -> str:
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
-
-    def spec(self, p: KernelParam) -> TensorSpec:
-        return TensorSpec(name=p.name, dtype=p.dtype, shape=p.shape)
+__all__ = ["Expert", "KernelLayout", "KernelParam", "LayoutUnavailable", "derive_layout",
+           "expert_parts", "first_mismatch"]
 
 
 class LayoutUnavailable(ValueError):

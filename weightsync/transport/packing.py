@@ -22,7 +22,6 @@ _MOD = (1 << 61) - 1  # Mersenne prime folding (length, sums) into one int
 _U64 = 1 << 64
 _ROW_WORDS = 512  # 64-bit words per checksum row
 _ROW_BYTES = 8 * _ROW_WORDS
-_TORCH_SUMS_ONLY = False  # tests flip this to compare the CUDA kernel with torch's reductions
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -353,12 +352,12 @@ def unpack_bucket(bucket: Bucket, buf: torch.Tensor) -> Iterator[tuple[str, torc
         yield slot.name, raw.view(torch_dtype(slot.dtype)).view(slot.shape)
 
 
-def checksum(buf: torch.Tensor) -> int:
+def checksum(buf: torch.Tensor, *, kernel: bool = True) -> int:
     """Checksum of a flat uint8 buffer, computed where the buffer lives (see ``checksums``)."""
-    return checksums([buf])[0]
+    return checksums([buf], kernel=kernel)[0]
 
 
-def checksums(bufs: Sequence[torch.Tensor]) -> list[int]:
+def checksums(bufs: Sequence[torch.Tensor], *, kernel: bool = True) -> list[int]:
     """Checksums of flat uint8 buffers; CUDA ones share one device-to-host transfer.
 
     The digest reads the bytes as little-endian 64-bit words laid out in rows of
@@ -371,6 +370,10 @@ def checksums(bufs: Sequence[torch.Tensor]) -> list[int]:
     Integer sums are exact and order-independent, so CPU and CUDA give the same value for the
     same bytes, and two whole-buffer reductions run at memory bandwidth on either (no
     per-byte loop, no temporary copy of the buffer).
+
+    ``kernel``: on CUDA, the row and column sums in one pass of weightsync's own kernel
+    (``digest_cuda``) where it runs; False: torch's two reductions. The values are the same
+    (a test compares them).
     """
     for buf in bufs:
         if buf.dtype != torch.uint8 or buf.dim() != 1:
@@ -380,18 +383,19 @@ def checksums(bufs: Sequence[torch.Tensor]) -> list[int]:
         by_device.setdefault(buf.device, []).append(i)
     terms: list[list[int]] = [[] for _ in bufs]
     for idx in by_device.values():  # one host transfer per device
-        for i, row in zip(idx, digest_terms([bufs[i] for i in idx]).tolist(), strict=True):
+        rows = digest_terms([bufs[i] for i in idx], kernel=kernel).tolist()
+        for i, row in zip(idx, rows, strict=True):
             terms[i] = row
     return fold_terms([b.numel() for b in bufs], terms)
 
 
-def digest_terms(bufs: Sequence[torch.Tensor]) -> torch.Tensor:
+def digest_terms(bufs: Sequence[torch.Tensor], *, kernel: bool = True) -> torch.Tensor:
     """The checksum's raw terms of buffers on one device, left there: an ``(n, 3)`` int64
     tensor (``_digest_terms`` per row). Nothing waits for the device; ``fold_terms`` of its
     rows gives ``checksums``. Lets a sender publish its checksums without a host sync."""
     if not bufs:
         return torch.zeros((0, 3), dtype=torch.int64)
-    return torch.stack([_digest_terms(b) for b in bufs])
+    return torch.stack([_digest_terms(b, kernel) for b in bufs])
 
 
 def fold_terms(lengths: Sequence[int], terms: Sequence[Sequence[int]]) -> list[int]:
@@ -400,7 +404,7 @@ def fold_terms(lengths: Sequence[int], terms: Sequence[Sequence[int]]) -> list[i
             for n, (s, r, k) in zip(lengths, terms, strict=True)]
 
 
-def _digest_terms(buf: torch.Tensor) -> torch.Tensor:
+def _digest_terms(buf: torch.Tensor, kernel: bool = True) -> torch.Tensor:
     """``(sum, row-weighted sum, column-weighted sum)`` of ``buf``'s 64-bit words, as an int64
     tensor on ``buf``'s device. Only a partial last row (< ``_ROW_BYTES``) is copied, padded
     with zeros (which add nothing)."""
@@ -415,7 +419,7 @@ def _digest_terms(buf: torch.Tensor) -> torch.Tensor:
         rows.append(tail.view(torch.int64).view(1, _ROW_WORDS))
     if not rows:
         return torch.zeros(3, dtype=torch.int64, device=buf.device)
-    sums = [_row_col_sums(m) for m in rows]
+    sums = [_row_col_sums(m, kernel) for m in rows]
     row_sums = torch.cat([r for r, _ in sums]) if len(sums) > 1 else sums[0][0]
     col_sums = sums[0][1] if len(sums) == 1 else sums[0][1] + sums[1][1]
     r_idx = torch.arange(1, row_sums.numel() + 1, dtype=torch.int64, device=buf.device)
@@ -423,9 +427,10 @@ def _digest_terms(buf: torch.Tensor) -> torch.Tensor:
     return torch.stack([row_sums.sum(), (row_sums * r_idx).sum(), (col_sums * c_idx).sum()])
 
 
-def _row_col_sums(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every row's and every column's sum of an int64 matrix (wrapping mod 2**64)."""
-    if rows.is_cuda and rows.shape[0] > 1 and not _TORCH_SUMS_ONLY:
+def _row_col_sums(rows: torch.Tensor, kernel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's and every column's sum of an int64 matrix (wrapping mod 2**64); ``kernel``:
+    in one pass on CUDA (``digest_cuda``), else torch's two reductions."""
+    if kernel and rows.is_cuda and rows.shape[0] > 1:
         from weightsync.transport.digest_cuda import row_col_sums
 
         out = row_col_sums(rows)  # one pass instead of two; the same values

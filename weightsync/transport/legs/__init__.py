@@ -8,45 +8,107 @@ arrive). The coordinator, the engine host and the worker know legs only by name,
 registry; none of them branches on the kind of leg.
 
 Adding a leg (say RDMA): write ``weightsync/transport/legs/rdma.py`` with its ``SenderLeg`` and
-``ReceiverLeg`` subclasses, and add one line to ``LEGS`` below. ``sync(..., leg="rdma")``
-then uses it.
+``ReceiverLeg`` subclasses and register it, by name and without importing it (the module is
+imported on first use)::
+
+    register_leg("rdma", "weightsync.transport.legs.rdma", "RdmaLeg", "RdmaReceiver")
+
+``sync(..., leg="rdma")`` then uses it. The built-in legs are registered below; test legs are
+registered by ``weightsync.testing.legs`` when a test imports it.
+
+A worker resolves the receiver a request names. An engine process knows the built-in legs and
+those registered by the modules its start-up environment names (``LEG_MODULES_ENV``, set by
+whoever starts the engine, as a test fixture does for the test legs); a request names a leg,
+never a module, so no request makes an engine import anything.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+import os
+import threading
+from typing import TYPE_CHECKING, NamedTuple
 
 from weightsync.errors import ConfigError
 
 if TYPE_CHECKING:
     from weightsync.transport.legs.base import ReceiverLeg, SenderLeg
 
-# name -> (module, sender class, receiver class); imported on first use
-LEGS: dict[str, tuple[str, str, str]] = {
-    "broadcast": ("weightsync.transport.legs.broadcast", "BroadcastLeg", "GroupReceiver"),
-    "ipc": ("weightsync.transport.legs.ipc", "IpcLeg", "IpcReceiver"),
-    "external": ("weightsync.transport.legs.external", "ExternalLeg", "GroupReceiver"),
-    "loopback": ("weightsync.testing.loopback", "LoopbackLeg", "LoopbackReceiver"),
-    # TEST ONLY: the broadcast leg with one worker's copy of bucket 0 corrupted
-    "corrupt-one-rank": ("weightsync.testing.faulty", "CorruptOneRankLeg",
-                         "CorruptOneRankReceiver"),
-}
+LEG_MODULES_ENV = "WEIGHTSYNC_LEG_MODULES"
+"""Comma-separated modules an engine process imports, once, when a request names a leg it does
+not know, so that their ``register_leg`` calls run there. Set in the engine's environment when
+it starts (e.g. ``weightsync.testing.legs.ENGINE_RUNTIME_ENV`` as the Ray actor's runtime_env);
+never read from a request."""
 
 
-def _load(name: str, which: int):
-    try:
-        module, *classes = LEGS[name]
-    except KeyError:
-        raise ConfigError(f"unknown transfer leg {name!r}; known: {sorted(LEGS)}") from None
-    return getattr(importlib.import_module(module), classes[which])
+class LegEntry(NamedTuple):
+    """Where a leg's two classes live, imported on first use."""
+
+    module: str
+    sender: str
+    receiver: str
+
+
+_LEGS: dict[str, LegEntry] = {}
+_lock = threading.Lock()
+_load_lock = threading.Lock()
+_engine_modules_loaded = False
+
+
+def register_leg(name: str, module: str, sender_cls: str, receiver_cls: str) -> None:
+    """Make leg ``name`` known: its ``SenderLeg`` class ``sender_cls`` and ``ReceiverLeg``
+    class ``receiver_cls`` in ``module``, imported when the leg is first used. A name already
+    registered is refused (``ValueError``): a leg is never replaced behind its users' backs."""
+    if not name or not module or not sender_cls or not receiver_cls:
+        raise ValueError("a leg needs a name, a module and both classes")
+    with _lock:
+        if name in _LEGS:
+            raise ValueError(f"transfer leg {name!r} is already registered "
+                             f"({_LEGS[name].module})")
+        _LEGS[name] = LegEntry(module, sender_cls, receiver_cls)
+
+
+def registered_legs() -> list[str]:
+    """The names of every leg known in this process."""
+    return sorted(_LEGS)
+
+
+def _entry(name: str) -> LegEntry:
+    entry = _LEGS.get(name)
+    if entry is None:
+        raise ConfigError(f"unknown transfer leg {name!r}; known: {registered_legs()}")
+    return entry
+
+
+def _load_engine_modules() -> None:
+    """Import the modules this process's start-up environment names (``LEG_MODULES_ENV``),
+    once (a worker thread asking meanwhile waits for them)."""
+    global _engine_modules_loaded
+    with _load_lock:  # (not _lock: the modules' register_leg calls take that one)
+        if _engine_modules_loaded:
+            return
+        _engine_modules_loaded = True
+        for module in filter(None, (m.strip() for m in os.environ.get(LEG_MODULES_ENV, "")
+                                    .split(","))):
+            importlib.import_module(module)
 
 
 def sender_leg(name: str) -> type[SenderLeg]:
     """The trainer-side class of leg ``name``."""
-    return _load(name, 0)
+    entry = _entry(name)
+    return getattr(importlib.import_module(entry.module), entry.sender)
 
 
 def receiver_leg(name: str) -> type[ReceiverLeg]:
-    """The worker-side class of leg ``name``."""
-    return _load(name, 1)
+    """The worker-side class of leg ``name``: a built-in leg, one registered in this process,
+    or one registered by the modules the engine's start-up environment names."""
+    if name not in _LEGS:
+        _load_engine_modules()
+    entry = _entry(name)
+    return getattr(importlib.import_module(entry.module), entry.receiver)
+
+
+register_leg("broadcast", "weightsync.transport.legs.broadcast", "BroadcastLeg",
+             "GroupReceiver")
+register_leg("ipc", "weightsync.transport.legs.ipc", "IpcLeg", "IpcReceiver")
+register_leg("external", "weightsync.transport.legs.external", "ExternalLeg", "GroupReceiver")

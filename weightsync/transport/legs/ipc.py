@@ -19,13 +19,13 @@ and replays its checksum (``transport.graphs``).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from weightsync.errors import TransferError
 from weightsync.messages import BeginReply, ReceiveRequest
-from weightsync.sources.base import HeldFeed
 from weightsync.transport.digest_cuda import ManyDigests
+from weightsync.transport.feed import HeldFeed
 from weightsync.transport.graphs import Replay
 from weightsync.transport.legs.base import (HeldPayload, Incoming, LegOutcome, ReceiverLeg,
                                             SenderLeg, payload_key)
@@ -37,17 +37,21 @@ from weightsync.types import TransferPlan
 
 def bucket_terms(bufs, many: ManyDigests | None = None):
     """The sender's checksum terms of its IPC buckets, on the device (``digest_terms``, or
-    ``many``: the same as one launch; a function of its own so a test can falsify what the
-    engines are told)."""
+    ``many``: the same as one launch). ``IpcLeg`` takes another function in its place where
+    a test falsifies what the engines are told (``weightsync.testing.faulty``)."""
     return many.terms() if many is not None else digest_terms(bufs)
+
+
+TermsFn = Callable[..., Any]  # (bufs, many=None) -> the checksum terms, as bucket_terms
 
 
 class _DeviceBuckets:
     """The trainer's packed buckets on one GPU, and what is kept with them across syncs
     (``ipc_reuse_buffers``): checksum terms, packing views, the packing graph, the event."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, checksum_terms: TermsFn = bucket_terms) -> None:
         self.index = index
+        self.checksum_terms = checksum_terms  # fixed for its life: not part of graph keys
         self.keepalive: list[Any] | None = None  # this sync's CUDA-IPC buckets
         self.share: Any = None  # their IpcDeviceShare, as sent (reused with them)
         self.terms: Any = None  # the sender's checksum terms, shared with the engines
@@ -115,8 +119,8 @@ class _DeviceBuckets:
         flat = many.bufs if many is not None else []
         rows = terms.view(torch.int64).view(len(flat), 3)
         with torch.cuda.device(device):
-            self.graph.run(("direct", key, terms.data_ptr(), bucket_terms),
-                           lambda: rows.copy_(bucket_terms(flat, many)))
+            self.graph.run(("direct", key, terms.data_ptr()),
+                           lambda: rows.copy_(self.checksum_terms(flat, many)))
             self.event.record()
         self.share = share
         return None
@@ -154,7 +158,7 @@ class _DeviceBuckets:
                 bufs = [pack_bucket(b, source, device, out=kept[i] if kept else None,
                                     views=self.views[i])
                         for i, b in enumerate(plan.buckets)]
-                terms.copy_(bucket_terms(bufs))
+                terms.copy_(self.checksum_terms(bufs))
                 return bufs
 
             if kept is None or getattr(source, "transient", False):  # new buffers, or sources
@@ -164,8 +168,7 @@ class _DeviceBuckets:
             else:  # the same launches on the same memory as last sync: one graph
                 key = (plan.buckets, tuple(b.data_ptr() for b in kept), terms.data_ptr(),
                        tuple((s.data_ptr(), s.shape, s.stride(), s.dtype)
-                             for b in plan.buckets for s in bucket_sources(b, source)),
-                       bucket_terms)
+                             for b in plan.buckets for s in bucket_sources(b, source)))
                 self.graph.run(key, pack)
                 bufs = kept
             if self.event is None:
@@ -213,13 +216,18 @@ class IpcLeg(SenderLeg):
 
     Direct (``ipc_direct``): one single-worker engine, kernel layout, every tensor on its GPU
     in the dtype it serves — nothing is packed; the trainer shares its own storages and the
-    engine copies each slot from them (``direct_note`` says why a sync packed instead)."""
+    engine copies each slot from them (``direct_note`` says why a sync packed instead).
+
+    ``checksum_terms``: how the sender's checksum terms are computed (``bucket_terms``; a
+    test leg passes one that lies)."""
 
     name = "ipc"
     receiver = "ipc"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, checksum_terms: TermsFn = bucket_terms,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._checksum_terms = checksum_terms
         self._devices: dict[int, _DeviceBuckets] = {}  # local GPU index -> its buckets
         self._placement: tuple[tuple[str, ...], tuple[int, ...]] | None = None
         self._workers: dict[str, int] = {}  # engine -> its worker count, with the placement
@@ -246,7 +254,7 @@ class IpcLeg(SenderLeg):
         t = time.perf_counter()
         self.direct_note = self._why_packed(plan, apply, gpus)
         for i in gpus:
-            device = self._devices.setdefault(i, _DeviceBuckets(i))
+            device = self._devices.setdefault(i, _DeviceBuckets(i, self._checksum_terms))
             if self.direct_note is None:
                 self.direct_note = device.share_direct(plan, source,
                                                        self.cfg.ipc_reuse_buffers)
