@@ -92,7 +92,7 @@ class WeightSyncWorkerExtension:
             st.storage = ModelStorage(vllm_compat.model(self), vllm_compat.post_load,
                                       graphs=vllm_compat.cuda_graphs(self))
         par = vllm_compat.worker_parallel(self)
-        device = getattr(self, "device", torch.device("cpu"))
+        device = self.device
         return WorkerInfo(runner=vllm_compat.model_runner_class(self), rank=par.rank,
                           device=str(device), dtype=dtype_name(mc.dtype), model=str(mc.model),
                           workers=par.workers, tensor_parallel=par.tensor_parallel,
@@ -102,7 +102,7 @@ class WeightSyncWorkerExtension:
     @worker_rpc
     def ws_gpu_memory(self) -> GpuMemory:
         """``torch.cuda.mem_get_info`` (device-wide) plus this process's allocator counters."""
-        if getattr(self, "device", torch.device("cpu")).type != "cuda":
+        if self.device.type != "cuda":
             return GpuMemory()
         free, total = torch.cuda.mem_get_info(self.device)
         return GpuMemory(free=int(free), total=int(total),
