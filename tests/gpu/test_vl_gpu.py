@@ -4,8 +4,9 @@ The same image prompt before and after the vision tower changes: with the sync's
 the engine follows the new weights (HF parity); with them switched off (a second engine made
 with the test-only ``HostOptions(keep_caches=True)``) it keeps serving what the old vision tower
 produced, and resetting the caches is what brings it back. The sync uses sleep_level=0 on
-purpose: sleeping clears caches inside vLLM. The first two tests name the tower's tensors by hand (``vision_tower_weights``); the last passes
-the whole in-memory transformers 5 module, whose names the sync converts itself.
+purpose: sleeping clears caches inside vLLM. The first two tests name the tower's tensors by hand
+(``vision_tower_weights``); the last passes the whole in-memory transformers 5 module, whose
+names the sync converts itself.
 """
 
 from __future__ import annotations
