@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from weightsync.engine import vllm_compat
 from weightsync.engine.serving import ServingGate
 from weightsync.errors import ConfigError
-from weightsync.messages import GpuMemory
+from weightsync.messages import GpuMemory, SleepReply
 from weightsync.types import EngineState, PauseMode
 
 TAGS = ("weights", "kv_cache")  # what vLLM's sleep mode releases, in the order it wakes them
@@ -96,19 +96,69 @@ class SleepState:
         self._asleep = set(TAGS)
 
     async def sleep_serving(self, engine: Any, level: int, mode: PauseMode, deadline_s: float,
-                            where: str) -> tuple[str, ...]:
-        """Sleep an engine whose gate just closed: admitted requests reach vLLM first, and
-        the sleep returns once none runs. Without sleep mode the engine pauses instead; the
-        phase skipped, and why (``where``: the engine and its device), is returned."""
-        await self._gate.all_in_engine(deadline_s)
-        if self.supported:
-            await self.sleep(engine, level, mode, deadline_s)
-            await self._gate.none_running(deadline_s)
-            return ()
-        await self._gate.pause(engine, mode, deadline_s)
-        await self.sleep(engine, level, mode, deadline_s)
-        return ((f"sleep: sleep mode is CUDA-only; {where}, so it paused and keeps its weights "
-                 "and KV cache in memory"),)
+                            *, memory: Callable[[], Awaitable[GpuMemory]], where: str,
+                            fence: Callable[[str], None]) -> SleepReply:
+        """Sleep an engine whose gate just closed, for a colocated trainer's step: admitted
+        requests reach vLLM first, and the sleep returns once none runs. Without sleep mode
+        the engine pauses instead and the reply says why nothing was released (``where``: the
+        engine and its device). A sleep that fails part-way ``fence``s the engine."""
+        before = await memory() if self.supported else GpuMemory()
+        t = time.perf_counter()
+        skipped: tuple[str, ...] = ()
+        try:
+            await self._gate.all_in_engine(deadline_s)
+            if self.supported:
+                await self.sleep(engine, level, mode, deadline_s)
+                await self._gate.none_running(deadline_s)
+            else:
+                await self._gate.pause(engine, mode, deadline_s)
+                await self.sleep(engine, level, mode, deadline_s)
+                skipped = ((f"sleep: sleep mode is CUDA-only; {where}, so it paused and keeps "
+                            "its weights and KV cache in memory"),)
+        except Exception as e:
+            fence(f"sleep at level {level} failed part-way: {e}")
+            raise
+        seconds = {"sleep": time.perf_counter() - t}
+        after = self.last_memory = await memory() if self.supported else GpuMemory()
+        freed = None if after.free is None or before.free is None else after.free - before.free
+        return SleepReply(level=level, freed_bytes=freed, free_after=after.free,
+                          seconds=seconds, skipped=skipped)
+
+    async def make_resident(self, engine: Any, sleep_level: int, mode: PauseMode,
+                            deadline_s: float, *, asleep: bool, clear_cache: bool,
+                            memory: Callable[[], Awaitable[GpuMemory]], where: str
+                            ) -> tuple[dict[str, float], list[str]]:
+        """A sync's start: pause a serving engine (``sleep_level``: and sleep it, level 2 to
+        free the weights' memory for the transfer), then wake the weights for the transfer;
+        an engine asleep already is paused since it fell asleep, and only its weights wake (the
+        KV cache wakes at the commit). ``asleep``: the engine's state says it sleeps. Returns
+        the seconds of each phase and what was skipped."""
+        seconds: dict[str, float] = {}
+        skipped: list[str] = []
+        if asleep:
+            if sleep_level:  # paused since it fell asleep; nothing to pause or sleep
+                skipped.append(f"sleep: already asleep at level {self.level}")
+        else:
+            t = time.perf_counter()
+            # Requests that passed the gate just before it closed may not have reached vLLM
+            # yet: pausing now would park them unstarted and stamp them with both versions
+            # although the new weights produce all their tokens. Let them in first; the pause
+            # mode then decides their fate like any other request in flight.
+            await self._gate.all_in_engine(deadline_s)
+            await self._gate.pause(engine, mode, deadline_s, clear_cache=clear_cache)
+            seconds["pause"] = time.perf_counter() - t
+            if sleep_level and not self._asleep and self.supported:
+                t = time.perf_counter()
+                await self.sleep(engine, sleep_level, mode, deadline_s)
+                seconds["sleep"] = time.perf_counter() - t
+                self.last_memory = await memory()
+            elif sleep_level and not self._asleep:
+                skipped.append(f"sleep/wake: sleep mode is CUDA-only; {where}")
+        if "weights" in self._asleep:
+            t = time.perf_counter()
+            await self.wake(engine, ["weights"], deadline_s)
+            seconds["wake_weights"] = time.perf_counter() - t
+        return seconds, skipped
 
     def check_tags(self, tags: Sequence[str] | None, engine_name: str) -> None:
         unknown = set(tags or ()) - set(TAGS)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
-from weightsync.errors import SyncInProgressError
+from weightsync.errors import IllegalStateError, SyncInProgressError
 
 
 class SyncLease:
@@ -87,6 +87,19 @@ class SyncLease:
                                       f"{owner} (now: {self.owner or 'nobody'})",
                                       engine=self.engine or None)
         self.check(owner, op)
+
+    def stale_for(self, owner: str, takeover: bool, in_sync: bool) -> str | None:
+        """Before ``owner`` begins a sync: the reason to end another holder's sync first
+        (``in_sync``: the engine is in one) when its lease lapsed or ``takeover`` says that
+        owner is gone; None when nothing stands in the way; refused otherwise."""
+        held_by, left = self.owner, self.left()
+        if held_by is None or held_by == owner or not in_sync:
+            return None
+        if not (takeover or self.lapsed()):
+            raise IllegalStateError(
+                f"a sync owned by {held_by} holds this engine for {max(left or 0, 0):.1f}s "
+                "more; take it over only if that coordinator is gone", engine=self.engine or None)
+        return f"taken over by {owner or 'a new coordinator'} from {held_by}"
 
     def left(self) -> float | None:
         """Seconds until the lease lapses (negative: lapsed); None when nobody holds one."""
