@@ -482,8 +482,8 @@ class EngineHost:
         and the KV cache are awake. Weights that sleep discarded (level 2) are undefined until
         a sync brings new ones: waking them is allowed (a sync can follow), serving them is
         not, so the engine is fenced instead of resuming."""
-        self.machine.expect(S.ASLEEP, S.WEIGHTS_AWAKE, op="wake up")
         self.lease.check(owner, "wake up")
+        self.machine.expect(S.ASLEEP, S.WEIGHTS_AWAKE, op="wake up")
         self.dormancy.check_tags(tags, self.spec.name)
         await self.dormancy.wake(self.engine, tags or TAGS, deadline_s)
         if not self.dormancy.asleep:
