@@ -35,7 +35,7 @@ class SyncLease:
         self._until = 0.0
         self._busy = 0
         self._on_lapse = on_lapse  # the host ends the sync (or sleep) nobody drives
-        self._watchdog: asyncio.Task | None = None
+        self._watchdog: asyncio.Task[None] | None = None
 
     def take(self, owner: str | None, lease_s: float) -> None:
         self.owner, self._until = (owner or None), time.monotonic() + lease_s
@@ -48,7 +48,7 @@ class SyncLease:
         self.take(owner, lease_s)
         if lease_s and self._on_lapse is not None and (self._watchdog is None
                                                        or self._watchdog.done()):
-            self._watchdog = asyncio.create_task(self._watch(lease_s))
+            self._watchdog = asyncio.create_task(self._watch(lease_s, self._on_lapse))
 
     def renew(self, owner: str, lease_s: float) -> bool:
         """Extend the lease if ``owner`` still holds it; False tells it that it does not."""
@@ -121,12 +121,12 @@ class SyncLease:
         finally:
             self._busy -= 1
 
-    async def _watch(self, lease_s: float) -> None:
+    async def _watch(self, lease_s: float, on_lapse: Callable[[], Awaitable[None]]) -> None:
         """Tell the host when the lease lapsed between its owner's calls, until nobody holds
         it; the host decides (``EngineHost._lapsed``) whether a sync or sleep is to end."""
         while True:
             await asyncio.sleep(min(1.0, max(lease_s / 4, 0.05)))
             if self.lapsed():
-                await self._on_lapse()
+                await on_lapse()
             elif self.owner is None:
                 return
