@@ -1,11 +1,12 @@
 """Encoder / multimodal caches across a sync of the vision tower (tiny Qwen2-VL, fp32, v2 runner).
 
 The same image prompt before and after the vision tower changes: with the sync's cache resets
-the engine follows the new weights (HF parity); with them switched off (a test-only knob on the
-engine host) it keeps serving what the old vision tower produced, and resetting the caches is
-what brings it back. The sync uses sleep_level=0 on purpose: sleeping clears caches inside vLLM.
-The first two tests name the tower's tensors by hand (``vision_tower_weights``); the last passes
-the whole in-memory transformers 5 module, whose names the sync converts itself.
+the engine follows the new weights (HF parity); with them switched off (a second engine made
+with the test-only ``HostOptions(keep_caches=True)``) it keeps serving what the old vision tower
+produced, and resetting the caches is what brings it back. The sync uses sleep_level=0 on
+purpose: sleeping clears caches inside vLLM. The first two tests name the tower's tensors by hand
+(``vision_tower_weights``); the last passes the whole in-memory transformers 5 module, whose
+names the sync converts itself.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tests.gpu.parity import (changed, compare_with_hf, engine_generate, parity_
 from weightsync.config import EngineSpec, TransferConfig
 from weightsync.coordinator import SyncCoordinator
 from weightsync.engine.actor import start_engines
+from weightsync.engine.options import HostOptions
 from weightsync.testing.models import CORPUS
 from weightsync.testing.reference import perturb_
 
@@ -66,12 +68,26 @@ def vl_trainer(vl_model):
         vl_model, dtype=torch.float32).cuda().eval()
 
 
-@pytest.fixture(scope="module")
-def vl_engine(gpu_ray, vl_model, vl_trainer):
-    spec = EngineSpec(name="gpu-vl", model=str(vl_model), dtype="float32", num_gpus=0.5,
+def _vl_spec(name: str, vl_model) -> EngineSpec:
+    return EngineSpec(name=name, model=str(vl_model), dtype="float32", num_gpus=0.5,
                       gpu_memory_utilization=0.25, limit_mm_per_prompt={"image": 1, "video": 0},
                       max_model_len=512, enforce_eager=True)
-    (actor,) = start_engines([spec], timeout_s=240)
+
+
+@pytest.fixture(scope="module")
+def vl_engine(gpu_ray, vl_model, vl_trainer):
+    (actor,) = start_engines([_vl_spec("gpu-vl", vl_model)], timeout_s=240)
+    yield actor
+    stop_engine(actor)
+
+
+@pytest.fixture()
+def vl_engine_keeping_caches(gpu_ray, vl_model, vl_trainer):
+    """A second engine of the same model whose syncs neither clear nor reset vLLM's caches:
+    a test-only option fixed when its actor is made, never a call on a running engine. (Both
+    engines fit the one GPU: 0.25 of its memory each.)"""
+    (actor,) = start_engines([_vl_spec("gpu-vl-keep-caches", vl_model)], timeout_s=240,
+                             options=HostOptions(keep_caches=True))
     yield actor
     stop_engine(actor)
 
@@ -161,21 +177,19 @@ def test_image_prompt_follows_a_vision_tower_sync(vl_engine, vl_coord, vl_traine
     assert txt0.token_ids == txt1.token_ids  # only the vision tower moved
 
 
-def test_stale_caches_are_real_and_the_reset_fixes_them(vl_engine, vl_coord, vl_trainer,
+def test_stale_caches_are_real_and_the_reset_fixes_them(vl_engine_keeping_caches, vl_trainer,
                                                         vl_model, processor, image,
                                                         gpu_results):
+    engine = vl_engine_keeping_caches
+    coord = SyncCoordinator([engine], TransferConfig(bucket_bytes=64 << 20))
     hf = _hf(vl_trainer, processor, image)
-    prev, _ = _run(vl_engine, image)  # fills the prefix and encoder caches
-    ray.get(vl_engine.testing_keep_caches.remote(True))
-    try:
-        perturb_(_tower(vl_trainer), scale=0.5, seed=8)
-        res = vl_coord.sync(vision_tower_weights(vl_trainer, str(vl_model)), sleep_level=0,
-                            ipc=True, partial=True)
-        stale, _ = _run(vl_engine, image)
-        ray.get(vl_engine.reset_caches.remote())
-        fixed, _ = _run(vl_engine, image)
-    finally:
-        ray.get(vl_engine.testing_keep_caches.remote(False))
+    prev, _ = _run(engine, image)  # fills the prefix and encoder caches
+    perturb_(_tower(vl_trainer), scale=0.5, seed=8)
+    res = coord.sync(vision_tower_weights(vl_trainer, str(vl_model)), sleep_level=0,
+                     ipc=True, partial=True)
+    stale, _ = _run(engine, image)
+    ray.get(engine.reset_caches.remote())
+    fixed, _ = _run(engine, image)
     rows_stale, rows_fixed = compare_with_hf(hf, [stale]), compare_with_hf(hf, [fixed])
     gpu_results["vl_stale_cache"] = {
         "stale_equals_previous_output": not changed([prev], [stale]),

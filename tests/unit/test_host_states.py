@@ -29,7 +29,7 @@ class _Engine:
 def _host():
     h = EngineHost(EngineSpec(name="e", model="/m"))
     h.engine, h.sleep_supported, h.state = _Engine(), True, EngineState.SERVING
-    h._serving.set()
+    h.gate.open()
     return h
 
 
@@ -57,7 +57,7 @@ def test_sync_waits_for_requests_already_past_the_gate():
         h = _host()
         h.engine = _GenEngine()
         gen = asyncio.create_task(h.generate(["p"], max_tokens=1))
-        while not h._admitted:  # generate passes the gate and is admitted, not yet started
+        while not h.gate.admitted:  # generate passes the gate and is admitted, not yet started
             await asyncio.sleep(0)
         await h.begin_sync(pause_mode="wait", sleep_level=0, deadline_s=5)
         kinds = [c[0] for c in h.engine.calls]
@@ -99,7 +99,7 @@ def test_pause_returns_once_in_flight_requests_have_their_final_output(mode, wai
         assert asyncio.get_running_loop().time() - t0 < 0.05
         await h.abort_sync("test")
         gen = asyncio.create_task(h.generate(["p"], max_tokens=1))
-        while not h._running:
+        while not h.gate.running:
             await asyncio.sleep(0)
         await asyncio.sleep(0.01)
         await h.begin_sync(pause_mode=mode, sleep_level=0, deadline_s=5)

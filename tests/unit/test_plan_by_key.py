@@ -29,14 +29,14 @@ def _plans_sent(engines) -> dict[str, list[str]]:
 
     engines.submit = record
     for host in engines.handles.values():
-        rpc = host._rpc
+        rpc = host.calls.rpc
 
         async def worker_rpc(method, *args, _rpc=rpc, **kwargs):
             if method in ("ws_receive", "ws_validate"):
                 sent.setdefault(method, []).append(args[0])
             return await _rpc(method, *args, **kwargs)
 
-        host._rpc = worker_rpc
+        host.calls.rpc = worker_rpc
     return sent
 
 
@@ -97,7 +97,7 @@ def test_a_plan_named_that_an_engine_does_not_hold_is_refused_and_nothing_change
     coord.sync(TinyModel.seeded(0), leg="loopback")  # the checkpoint-format plan,
     coord.sync(old, leg="loopback")  # then the kernel layout's, kept from now on
     host = engines.handles["a"]
-    key, host._plan = host._plan.key, HeldPlan()  # it lost the plan...
+    key, host.calls.plan = host.calls.plan.key, HeldPlan()  # it lost the plan...
     begin = host.begin_sync
 
     async def claiming(**kwargs):  # ...but claims it still

@@ -14,6 +14,7 @@ import ray
 
 from weightsync.config import EngineSpec
 from weightsync.engine.host import EngineHost
+from weightsync.engine.options import HostOptions
 
 logger = logging.getLogger(__name__)
 
@@ -21,10 +22,12 @@ EngineActor = ray.remote(EngineHost)
 
 
 def spawn_engine(spec: EngineSpec, *, namespace: str | None = None, detached: bool = False,
-                 num_cpus: float = 0.0, runtime_env: dict | None = None) -> ray.actor.ActorHandle:
+                 num_cpus: float = 0.0, runtime_env: dict | None = None,
+                 options: HostOptions | None = None) -> ray.actor.ActorHandle:
     """Start an engine actor named ``spec.name``; call ``.start.remote()`` to boot vLLM.
 
     ``num_cpus`` defaults to 0: vLLM's own processes do the work, the actor only steers them.
+    ``options`` (``engine.options.HostOptions``) are fixed for the actor's life.
     """
     opts: dict = dict(name=spec.name, num_cpus=num_cpus, num_gpus=spec.num_gpus,
                       max_concurrency=64)
@@ -34,7 +37,7 @@ def spawn_engine(spec: EngineSpec, *, namespace: str | None = None, detached: bo
         opts["lifetime"] = "detached"
     if runtime_env:
         opts["runtime_env"] = runtime_env
-    return EngineActor.options(**opts).remote(spec)
+    return EngineActor.options(**opts).remote(spec, options=options)
 
 
 def start_engines(specs: list[EngineSpec], *, timeout_s: float = 600.0, **kw) -> list:

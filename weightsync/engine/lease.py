@@ -3,8 +3,8 @@
 A sync belongs to one coordinator (its ``owner`` id) for a lease that the coordinator renews
 while it lives (``SyncCoordinator`` sends a heartbeat every third of the lease). When a trainer
 dies mid-sync — out of memory, preempted, killed — its heartbeats stop, the lease lapses, and
-the engine ends the sync by itself (``EngineHost`` watches): weights intact, it resumes serving
-its old version; weights touched, it is fenced with the reason. A new coordinator may take the
+the engine ends the sync by itself (the lease watches, the host ends it): weights intact, it
+resumes serving its old version; weights touched, it is fenced with the reason. A new coordinator may take the
 engine over at once when it says the old owner is gone, or otherwise once the lease lapsed.
 
 A lease never lapses in the middle of a call the owner made (``busy``): those end by their own
@@ -14,29 +14,41 @@ deadlines, and the lease is judged when they return.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
-from weightsync.errors import IllegalStateError
-from weightsync.types import IN_SYNC, EngineState
-
-logger = logging.getLogger(__name__)
+from weightsync.errors import IllegalStateError, SyncInProgressError
 
 
 class SyncLease:
-    def __init__(self) -> None:
+    """Who holds one engine, until when, and the watch that tells the host when a hold's
+    owner went silent. Every host call that changes the engine asks ``check`` (or, a step of
+    a sync, ``check_step``) first: while an owner holds the engine, nobody else (a caller that
+    names no owner included) may change it."""
+
+    def __init__(self, engine: str = "",
+                 on_lapse: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.engine = engine  # the engine's name, for errors and logs
         self.owner: str | None = None
         self.duration = 0.0  # the lease_s it was taken with
         self._until = 0.0
         self._busy = 0
+        self._on_lapse = on_lapse  # the host ends the sync (or sleep) nobody drives
+        self._watchdog: asyncio.Task[None] | None = None
 
     def take(self, owner: str | None, lease_s: float) -> None:
         self.owner, self._until = (owner or None), time.monotonic() + lease_s
         self.duration = lease_s
         if not lease_s:  # a caller that asks for no lease holds the sync until it ends it
             self._until = float("inf")
+
+    def hold(self, owner: str | None, lease_s: float) -> None:
+        """``owner`` holds this engine for ``lease_s`` (0: until it lets go), watched."""
+        self.take(owner, lease_s)
+        if lease_s and self._on_lapse is not None and (self._watchdog is None
+                                                       or self._watchdog.done()):
+            self._watchdog = asyncio.create_task(self._watch(lease_s, self._on_lapse))
 
     def renew(self, owner: str, lease_s: float) -> bool:
         """Extend the lease if ``owner`` still holds it; False tells it that it does not."""
@@ -49,10 +61,45 @@ class SyncLease:
         self.owner, self._until, self.duration = None, 0.0, 0.0
 
     def held_by_other(self, owner: str | None) -> bool:
-        """A call from ``owner`` (None: not a coordinator's, e.g. the engine's own) comes
-        from someone other than the holder: a coordinator whose sync was taken over or ended
-        by its lease, come back."""
-        return owner is not None and owner != self.owner
+        """Someone holds this engine, and it is not ``owner`` (None or "": a caller that names
+        no owner, e.g. the control plane or a Ray driver holding the actor handle)."""
+        return self.owner is not None and (owner or None) != self.owner
+
+    def is_holder(self, owner: str | None) -> bool:
+        """``owner`` holds this engine, or nobody does and the caller names no owner."""
+        return (owner or None) == self.owner
+
+    def check(self, owner: str | None, op: str) -> None:
+        """For a change outside a sync (pause, sleep, wake, fence, ...): refuse ``op``
+        (``SyncInProgressError``, nothing changed) while someone other than ``owner`` holds
+        this engine; with nobody holding it, anyone may."""
+        if self.held_by_other(owner):
+            who = f"not {owner}" if owner else "and the caller names no owner"
+            raise SyncInProgressError(f"cannot {op}: a sync or sleep of {self.owner} holds "
+                                      f"this engine, {who}", engine=self.engine or None)
+
+    def check_step(self, owner: str | None, op: str) -> None:
+        """For a step of a sync: ``check``, and a caller that names an owner must be the one
+        holding the engine now (a coordinator whose sync was taken over or ended by its lease,
+        come back, must not touch what another one, or nobody, holds)."""
+        if owner and not self.is_holder(owner):
+            raise SyncInProgressError(f"cannot {op}: this engine's sync is no longer held by "
+                                      f"{owner} (now: {self.owner or 'nobody'})",
+                                      engine=self.engine or None)
+        self.check(owner, op)
+
+    def stale_for(self, owner: str, takeover: bool, in_sync: bool) -> str | None:
+        """Before ``owner`` begins a sync: the reason to end another holder's sync first
+        (``in_sync``: the engine is in one) when its lease lapsed or ``takeover`` says that
+        owner is gone; None when nothing stands in the way; refused otherwise."""
+        held_by, left = self.owner, self.left()
+        if held_by is None or held_by == owner or not in_sync:
+            return None
+        if not (takeover or self.lapsed()):
+            raise IllegalStateError(
+                f"a sync owned by {held_by} holds this engine for {max(left or 0, 0):.1f}s "
+                "more; take it over only if that coordinator is gone", engine=self.engine or None)
+        return f"taken over by {owner or 'a new coordinator'} from {held_by}"
 
     def left(self) -> float | None:
         """Seconds until the lease lapses (negative: lapsed); None when nobody holds one."""
@@ -74,52 +121,12 @@ class SyncLease:
         finally:
             self._busy -= 1
 
-
-class LeaseHolder:
-    """Who may drive this engine's sync (mixed into ``weightsync.engine.host.EngineHost``, which
-    sets up ``_lease`` and ``_watchdog``): the owner holds it for its lease; another coordinator
-    takes it over when that lapsed or when it says the owner is gone; the engine ends a sync or
-    a sleep whose owner went silent by itself."""
-
-    def _hold(self, owner: str, lease_s: float) -> None:
-        """``owner`` holds this engine for ``lease_s`` (0: until it lets go), watched."""
-        self._lease.take(owner, lease_s)
-        if lease_s and (self._watchdog is None or self._watchdog.done()):
-            self._watchdog = asyncio.create_task(self._watch(lease_s))
-
-    async def _take_over(self, owner: str, takeover: bool) -> None:
-        held_by, left = self._lease.owner, self._lease.left()
-        if held_by is None or held_by == owner or self.state not in IN_SYNC:
-            return
-        if not (takeover or self._lease.lapsed()):
-            raise IllegalStateError(
-                f"a sync owned by {held_by} holds this engine for {max(left or 0, 0):.1f}s "
-                "more; take it over only if that coordinator is gone", engine=self.spec.name)
-        await self._end_stale_sync(f"taken over by {owner or 'a new coordinator'} from "
-                                   f"{held_by}")
-
-    async def renew_lease(self, owner: str, lease_s: float) -> bool:
-        """The owner's heartbeat; False when it no longer holds this engine's sync."""
-        return self._lease.renew(owner, lease_s)
-
-    async def _watch(self, lease_s: float) -> None:
-        """End a sync (or a sleep) whose owner went silent (its lease lapsed between calls)."""
+    async def _watch(self, lease_s: float, on_lapse: Callable[[], Awaitable[None]]) -> None:
+        """Tell the host when the lease lapsed between its owner's calls, until nobody holds
+        it; the host decides (``EngineHost._lapsed``) whether a sync or sleep is to end."""
         while True:
             await asyncio.sleep(min(1.0, max(lease_s / 4, 0.05)))
-            if self._lease.lapsed() and self.state in (*IN_SYNC, EngineState.FENCED):
-                held = "mid-sync" if self._found else "while the engine slept for it"
-                await self._end_stale_sync(f"lease of {self._lease.owner} expired: its "
-                                           f"coordinator went silent {held}")
-            elif self._lease.owner is None:
+            if self.lapsed():
+                await on_lapse()
+            elif self.owner is None:
                 return
-
-    async def _end_stale_sync(self, reason: str) -> None:
-        """Weights intact: serve the old version again; touched: fenced with ``reason``."""
-        logger.warning("engine %s: ending a sync nobody drives: %s", self.spec.name, reason)
-        await self.abort_sync(reason, fence=False, restore=False)
-
-    def _check_owner(self, owner: str | None, op: str) -> None:
-        if self._lease.held_by_other(owner):
-            raise IllegalStateError(f"cannot {op}: this engine's sync is no longer held by "
-                                    f"{owner} (now: {self._lease.owner or 'nobody'})",
-                                    engine=self.spec.name)

@@ -1,54 +1,77 @@
-"""The serving half of an engine host: requests in, versions stamped, and the pause that waits
+"""The serving gate of an engine host: requests in, versions stamped, and the pause that waits
 for exactly what it must.
 
-A request passes the serving gate, is admitted, reaches vLLM, and comes back stamped with the
-weight version(s) that produced it. A sync closes the gate, lets admitted requests reach vLLM,
-pauses it (abort, wait or keep), and waits for the final outputs of what it aborted or drained
-— no fixed sleep. Mixed into ``weightsync.engine.host.EngineHost``, whose state it reads.
+A request passes the gate, is admitted, reaches vLLM, and comes back stamped with the weight
+version(s) that produced it. A sync closes the gate, lets admitted requests reach vLLM, pauses
+it (abort, wait or keep), and waits for the final outputs of what it aborted or drained — no
+fixed sleep. The gate also knows whether vLLM's caches are clean: cleared (by a pause that
+cleared them, or a sleep) with no request run since.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from weightsync.engine import vllm_compat
-from weightsync.errors import EngineError, FencedError
-from weightsync.types import EngineState, GenerationResult, PauseMode
+from weightsync.types import GenerationResult, PauseMode
 
 
-class Serving:
-    """Requests and the pause (``EngineHost`` sets up ``_serving``, ``_admitted``,
-    ``_all_in_engine``, ``_running``, ``_none_running`` and ``_caches_clean``)."""
+class ServingGate:
+    """Admission, the requests in flight, and cache cleanliness, for one engine.
 
-    async def generate(self, prompts: list[Any], *, max_tokens: int = 16,
-                       temperature: float = 0.0, logprobs: bool = False, seed: int | None = None,
-                       ignore_eos: bool = False, n: int = 1,
-                       wait_s: float = 300.0) -> list[GenerationResult]:
-        """Generate for each prompt (a string, or a vLLM prompt dict with multimodal data).
+    Invariants: ``admitted`` counts requests past the gate that vLLM has not started yet, and
+    ``running`` those whose final output has not come back; the events that wait for each to
+    reach 0 are set exactly when it is 0. ``caches_clean`` is true only between a clearing
+    (``caches_cleared``) and the next request."""
 
-        Requests that arrive during a sync wait for it and run on the new weights; each result
-        names the version(s) that produced it.
-        """
-        self._require_routable()
-        try:
-            await asyncio.wait_for(self._serving.wait(), wait_s)
-        except TimeoutError as e:
-            raise EngineError(f"engine not serving after {wait_s}s (state {self.state.value})",
-                              engine=self.spec.name) from e
-        self._require_routable()
-        self._admit(len(prompts) * n)  # no await since the gate: begin_sync will wait for them
+    def __init__(self) -> None:
+        self._open = asyncio.Event()
+        self._admitted = 0
+        self._all_in_engine = asyncio.Event()
+        self._all_in_engine.set()
+        self._running = 0
+        self._none_running = asyncio.Event()
+        self._none_running.set()
+        # vLLM cleared its prefix, multimodal and encoder caches (pause or sleep) and no request
+        # has run since: a reset (after loading, or at the next pause) would find them empty
+        self._caches_clean = False
 
-        def params(i: int):  # a seeded request with n copies: copy i uses seed + i
-            return vllm_compat.sampling_params(
-                max_tokens=max_tokens, temperature=temperature, logprobs=0 if logprobs else None,
-                seed=None if seed is None else seed + i, ignore_eos=ignore_eos)
+    # ---- the gate ----------------------------------------------------------------------------
+    def open(self) -> None:
+        self._open.set()
 
-        return list(await asyncio.gather(*(self._one(p, params(i))
-                                           for p in prompts for i in range(n))))
+    def close(self) -> None:
+        self._open.clear()
 
-    def _admit(self, k: int) -> None:
+    @property
+    def is_open(self) -> bool:
+        return self._open.is_set()
+
+    async def wait_open(self, wait_s: float) -> None:
+        """Until the gate opens (``TimeoutError`` after ``wait_s``)."""
+        await asyncio.wait_for(self._open.wait(), wait_s)
+
+    @property
+    def admitted(self) -> int:
+        return self._admitted
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    @property
+    def caches_clean(self) -> bool:
+        return self._caches_clean
+
+    def caches_cleared(self) -> None:
+        """vLLM just cleared its caches (a pause that cleared them, or a sleep)."""
+        self._caches_clean = True
+
+    def admit(self, k: int) -> None:
+        """``k`` requests passed the gate (no await between the gate and this)."""
         self._admitted += k
         if self._admitted:
             self._all_in_engine.clear()
@@ -58,14 +81,25 @@ class Serving:
         if not self._admitted:
             self._all_in_engine.set()
 
-    async def _one(self, prompt: Any, params: Any) -> GenerationResult:
-        v0 = self.version
+    async def all_in_engine(self, deadline_s: float) -> None:
+        """Until every admitted request has reached vLLM."""
+        await asyncio.wait_for(self._all_in_engine.wait(), deadline_s)
+
+    async def none_running(self, deadline_s: float) -> None:
+        """Until every request vLLM runs has its final output."""
+        await asyncio.wait_for(self._none_running.wait(), deadline_s)
+
+    # ---- requests and the pause ------------------------------------------------------------
+    async def run(self, engine: Any, prompt: Any, params: Any,
+                  version: Callable[[], int]) -> GenerationResult:
+        """One admitted request through vLLM, stamped with the version(s) that served it."""
+        v0 = version()
         final = None
         self._running += 1
         self._none_running.clear()
         self._caches_clean = False  # what it computes may be cached from here on
         try:
-            async for out in vllm_compat.generate(self.engine, prompt, params,
+            async for out in vllm_compat.generate(engine, prompt, params,
                                                   request_id=uuid.uuid4().hex):
                 if final is None:
                     self._in_engine()  # its first output: vLLM is running it
@@ -76,7 +110,7 @@ class Serving:
             self._running -= 1
             if not self._running:
                 self._none_running.set()
-        v1 = self.version
+        v1 = version()
         c = vllm_compat.completion(final)
         return GenerationResult(
             prompt=prompt if isinstance(prompt, str) else None, text=c.text,
@@ -85,7 +119,8 @@ class Serving:
             aborted=c.finish_reason == "abort",
         )
 
-    async def _pause(self, mode: PauseMode, deadline_s: float, clear_cache: bool = True) -> None:
+    async def pause(self, engine: Any, mode: PauseMode, deadline_s: float,
+                    clear_cache: bool = True) -> None:
         """Pause vLLM, then wait until every request it aborted or drained has its final
         output (so each is stamped with the version that produced it), and no longer: an idle
         pause costs what vLLM's own steps cost. Requests frozen by ``keep`` finish after the
@@ -96,15 +131,9 @@ class Serving:
         cache reset walks every KV block in Python (vLLM 0.24 ``BlockPool``; ~280k blocks for
         a 0.5B model at a 0.4 share of an H200), which is most of a pause there."""
         clear = clear_cache and not self._caches_clean
-        await asyncio.wait_for(vllm_compat.pause_generation(self.engine, mode,
-                                                            clear_cache=clear), deadline_s)
+        await asyncio.wait_for(vllm_compat.pause_generation(engine, mode, clear_cache=clear),
+                               deadline_s)
         if clear:
             self._caches_clean = True
         if mode != "keep":
-            await asyncio.wait_for(self._none_running.wait(), deadline_s)
-
-    def _require_routable(self) -> None:
-        if self.state == EngineState.FENCED:
-            raise FencedError(f"fenced: {self.fenced_reason}", engine=self.spec.name)
-        if self.state in (EngineState.STARTING, EngineState.STOPPED):
-            raise EngineError(f"engine is {self.state.value}", engine=self.spec.name)
+            await self.none_running(deadline_s)

@@ -1,0 +1,67 @@
+"""The engine host's calls into its engine's workers (vLLM's ``collective_rpc``), and the plan
+they hold.
+
+Every call has a deadline; every worker's ``WorkerReply`` is parsed once, and a worker's error
+comes back as the same typed error. A worker keeps the last plan it was sent whole, and nothing
+but this host sends them plans, so a plan every worker holds is sent by key (``PlanRef``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from weightsync.engine import vllm_compat
+from weightsync.errors import DeadlineExceeded, EngineError, error_class
+from weightsync.messages import reply_of
+from weightsync.types import HeldPlan, plan_version
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class WorkerCalls:
+    """Calls into one engine's workers. Invariant: ``workers_plan`` is the key of the plan
+    every worker holds, or None when that is not known (new workers, a call in progress)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name  # the engine's, for errors
+        self.engine: Any = None
+        self.plan = HeldPlan()  # the plan the trainer last sent in full (BeginReply.plan_key)
+        self.workers_plan: str | None = None  # the key of the one every worker holds
+
+    def attach(self, engine: Any) -> None:
+        """Call into ``engine`` from now on (a start or restart): its workers hold no plan."""
+        self.engine, self.workers_plan = engine, None
+
+    async def rpc(self, method: str, *args: Any, reply: type[M],
+                  timeout: float | None = None) -> list[M]:
+        """``collective_rpc`` with a deadline; every worker's ``WorkerReply`` parsed once, and
+        a worker's error re-raised as the same typed error."""
+        try:
+            out = await asyncio.wait_for(vllm_compat.collective_rpc(self.engine, method, args),
+                                         timeout)
+        except TimeoutError as e:
+            raise DeadlineExceeded(f"{method} exceeded {timeout}s", engine=self.name) from e
+        except Exception as e:  # noqa: BLE001 - vLLM reports worker crashes as plain Exception
+            raise EngineError(f"{method} failed in the worker: {e}", engine=self.name) from e
+        replies = [reply_of(reply).model_validate_json(o) for o in out]
+        for rank, r in enumerate(replies):  # any worker's error fails the call
+            if r.error is not None:
+                where = f"worker rank {rank}/{len(replies)}: " if len(replies) > 1 else ""
+                raise error_class(r.error.code)(where + r.error.message, engine=self.name)
+        return [r.reply for r in replies]
+
+    async def plan_rpc(self, method: str, plan_text: str, *args: Any, reply: type[M],
+                       timeout: float) -> list[M]:
+        """``rpc`` of a worker method whose first argument is a plan: sent by key
+        (``PlanRef``) when every worker holds it already."""
+        key = self.plan.key
+        if key is not None and key == self.workers_plan:
+            plan_text = self.plan.ref(plan_version(plan_text))
+        else:
+            self.workers_plan = None  # until every worker has it
+        out = await self.rpc(method, plan_text, *args, reply=reply, timeout=timeout)
+        self.workers_plan = key
+        return out
