@@ -42,8 +42,8 @@ class Colocation:
             dl = self.transfer.deadlines
             self._phase("sleep")
             self._beat.sleeping(targets, True)
-            ok, bad = self._call("sleep", targets, level, pause_mode, owner=self.owner,
-                                 lease_s=dl.lease, deadline_s=dl.sleep, timeout=dl.sleep * 1.5)
+            ok, bad = self.access.each(targets, lambda n: self.access.sleep(
+                n, level, pause_mode, lease_s=dl.lease, deadline_s=dl.sleep), dl.sleep * 1.5)
             self._beat.sleeping(bad, False)
             if bad:
                 logger.error("sleep failed on %s (asleep: %s)", sorted(bad), sorted(ok))
@@ -62,8 +62,8 @@ class Colocation:
             targets = self._targets(engines)
             self._require(targets, {EngineState.ASLEEP, EngineState.WEIGHTS_AWAKE}, "wake up")
             dl = self.transfer.deadlines
-            ok, bad = self._call("wake_up", targets, list(tags) if tags else None,
-                                 deadline_s=dl.wake, timeout=dl.wake * 1.5)
+            ok, bad = self.access.each(targets, lambda n: self.access.wake_up(
+                n, list(tags) if tags else None, deadline_s=dl.wake), dl.wake * 1.5)
             self._beat.sleeping([n for n, st in ok.items()
                                  if st.state not in (EngineState.ASLEEP,
                                                      EngineState.WEIGHTS_AWAKE)], False)

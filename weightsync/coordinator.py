@@ -37,7 +37,7 @@ from weightsync.heartbeat import Heartbeat
 from weightsync.messages import LayoutStatus
 from weightsync.metrics import SyncMetrics
 from weightsync.outcomes import EngineRun, Outcomes
-from weightsync.remote import Engines, OwnedEngines, RayEngines
+from weightsync.remote import Engines, RayEngines
 from weightsync.sources import as_source
 from weightsync.transport.legs import sender_leg
 from weightsync.transport.legs.base import LegOutcome, SenderLeg
@@ -91,11 +91,11 @@ class SyncCoordinator(Colocation, Outcomes):
             if not engines:
                 raise ConfigError("a coordinator needs at least one engine")
             access, statuses = RayEngines.connect(engines, self.transfer.deadlines.verify)
-            self.access = OwnedEngines(access, self.owner)
+            self.access = access.signed(self.owner)
         else:
-            self.access = OwnedEngines(engines, self.owner)
+            self.access = engines.signed(self.owner)  # every step of a sync signed as ours
             statuses = self.statuses()
-        self._beat = Heartbeat(self.access, self.owner, self.transfer.deadlines.lease)
+        self._beat = Heartbeat(self.access, self.transfer.deadlines.lease)
         self.version = max(s.version for s in statuses)  # the latest published
         self._issued = self.version  # the latest a sync began with, published or not
         self._lock = threading.Lock()
@@ -120,12 +120,6 @@ class SyncCoordinator(Colocation, Outcomes):
         if self.on_phase is not None:
             self.on_phase(phase, engine)
 
-    def _call(self, method: str, names: Sequence[str] | Mapping[str, tuple], *args: Any,
-              timeout: float, **kwargs: Any) -> tuple[dict[str, Any], dict]:
-        """``method`` on every engine of ``names`` at once; (results, typed errors)."""
-        pending = {n: self.access.submit(n, method, *args, **kwargs) for n in names}
-        return self.access.wait(pending, timeout)
-
     def _leg(self, name: str) -> SenderLeg:
         if name not in self._legs:
             self._legs[name] = sender_leg(name)(self.transfer, self.access,
@@ -143,14 +137,15 @@ class SyncCoordinator(Colocation, Outcomes):
         return out
 
     def _ask_statuses(self) -> dict[str, Any]:
-        return {n: self.access.submit(n, "status") for n in self.engines}
+        return {n: self.access.status(n) for n in self.engines}
 
     def replace_engine(self, name: str, actor: Any) -> None:
         """Swap in a restarted actor for ``name``. It is fenced (it serves the original
         checkpoint, not the fleet's version) until the next sync verifies it."""
         self.access.replace(name, actor)
-        _, bad = self._call("fence", [name], f"restarted: awaiting a resync to version "
-                            f"{self.version}", timeout=self.transfer.deadlines.verify)
+        _, bad = self.access.wait({name: self.access.fence(
+            name, f"restarted: awaiting a resync to version {self.version}")},
+            self.transfer.deadlines.verify)
         if bad:
             raise bad[name]
         for leg in self._legs.values():  # groups and IPC handles were shared with the old one
@@ -202,9 +197,9 @@ class SyncCoordinator(Colocation, Outcomes):
             version = self._next_version(targets)
             dl = self.transfer.deadlines
             self._phase("validate")
-            checked, refused = self._call("validate_checkpoint", targets, path, partial=partial,
-                                          roots=roots, deadline_s=dl.verify,
-                                          timeout=dl.verify * 1.5)
+            e = self.access
+            checked, refused = e.each(targets, lambda n: e.validate_checkpoint(
+                n, path, partial=partial, roots=roots, deadline_s=dl.verify), dl.verify * 1.5)
             _raise_refusal(checked, refused)
             if len(set(checked.values())) != 1:  # a file changed between engines' reads
                 # (each engine closes the files it kept at its next check or reload)
@@ -215,11 +210,10 @@ class SyncCoordinator(Colocation, Outcomes):
             runs = {n: EngineRun() for n in targets}
             with self._holding(targets):
                 self._begin(runs, None, pause_mode, 0, version)
-                ok, bad = self._call("reload_from_path", targets, path, dl.reload,
-                                     partial=partial, roots=roots,
-                                     check_finite=self.transfer.check_finite,
-                                     identity=next(iter(checked.values())),
-                                     timeout=dl.reload * 1.2)
+                identity = next(iter(checked.values()))
+                ok, bad = e.each(targets, lambda n: e.reload_from_path(
+                    n, path, dl.reload, partial=partial, roots=roots,
+                    check_finite=self.transfer.check_finite, identity=identity), dl.reload * 1.2)
                 refused = (ManifestError, ConfigError, VerificationError)
                 if bad and not ok and all(isinstance(e, refused) for e in bad.values()):
                     # every engine refused before loading a tensor (a non-finite file, files
@@ -332,7 +326,8 @@ class SyncCoordinator(Colocation, Outcomes):
         if cached is not None:  # verified once; dropped on any failure, reload or restart
             if not {n for p in cached.params for n, _ in p.parts} - set(tensors):
                 return cached, None
-        ok, bad = self._call("kernel_layout", names, timeout=self.transfer.deadlines.verify)
+        ok, bad = self.access.each(names, self.access.kernel_layout,
+                                   self.transfer.deadlines.verify)
         statuses: list[LayoutStatus] = list(ok.values())
         note = None
         if bad:
@@ -475,7 +470,8 @@ class SyncCoordinator(Colocation, Outcomes):
         staged = [n for n in runs if n not in bad and not runs[n].applied]
         if staged:
             self._phase("reload")
-            ok, bad2 = self._call("apply_staged", staged, dl.reload, timeout=dl.reload * 1.2)
+            ok, bad2 = self.access.each(staged, lambda n: self.access.apply_staged(n, dl.reload),
+                                        dl.reload * 1.2)
             bad.update(bad2)
             loaded = time.perf_counter() - t  # trainer's wall time: transfer start -> loaded
             for n, reply in ok.items():
@@ -497,10 +493,9 @@ class SyncCoordinator(Colocation, Outcomes):
             self._validate(list(runs), plan_text)
         self._phase("pause")
         self._issued = max(self._issued, version)  # begun: never handed out again
-        ok, bad = self._call("begin_sync", runs, pause_mode=pause_mode, sleep_level=sleep_level,
-                             deadline_s=max(dl.pause, dl.sleep), owner=self.owner,
-                             lease_s=dl.lease, takeover=self._takeover, version=version,
-                             timeout=dl.pause + 2 * dl.sleep)
+        ok, bad = self.access.each(runs, lambda n: self.access.begin_sync(
+            n, pause_mode=pause_mode, sleep_level=sleep_level, deadline_s=max(dl.pause, dl.sleep),
+            lease_s=dl.lease, takeover=self._takeover, version=version), dl.pause + 2 * dl.sleep)
         for n, reply in ok.items():
             runs[n].begun = reply
             runs[n].seconds.update(reply.seconds)
@@ -525,7 +520,8 @@ class SyncCoordinator(Colocation, Outcomes):
         ask = [n for n in names if self._validated.get(n) != key[n]]
         if not ask:
             return
-        ok, bad = self._call("validate", ask, plan_text, timeout=self.transfer.deadlines.verify)
+        ok, bad = self.access.each(ask, lambda n: self.access.validate(n, plan_text),
+                                   self.transfer.deadlines.verify)
         _raise_refusal(ok, bad)
         self._validated.update({n: key[n] for n in ask})
 
@@ -537,8 +533,9 @@ class SyncCoordinator(Colocation, Outcomes):
         self._phase("verify")
         # engines that fingerprinted as they loaded, with no cache to reset, are done with it
         done = {n: r.finish for n, r in runs.items() if n not in bad and r.finish is not None}
-        ok, bad2 = self._call("finish_load", [n for n in runs if n not in bad and n not in done],
-                              dl.verify, timeout=dl.verify * 1.5)
+        ok, bad2 = self.access.each([n for n in runs if n not in bad and n not in done],
+                                    lambda n: self.access.finish_load(n, dl.verify),
+                                    dl.verify * 1.5)
         ok.update(done)
         bad.update(bad2)
         for n, reply in ok.items():
@@ -550,17 +547,19 @@ class SyncCoordinator(Colocation, Outcomes):
         bad.update(disagreeing(ok))
         if canary is not None:  # what the engines compute, against the trainer's logprobs
             self._phase("canary")
-            ok, bad4 = self._call("run_canary", [n for n in runs if n not in bad],
-                                  canary.model_dump_json(), dl.verify, timeout=dl.verify * 1.5)
+            text = canary.model_dump_json()
+            ok, bad4 = self.access.each([n for n in runs if n not in bad],
+                                        lambda n: self.access.run_canary(n, text, dl.verify),
+                                        dl.verify * 1.5)
             bad.update(bad4)
             for n, reply in ok.items():
                 runs[n].seconds["canary"] = reply.seconds
                 runs[n].skipped += (f"canary: largest gap {reply.max_gap:.3g} at token "
                                     f"{reply.position} (tolerance {canary.tolerance:g})",)
         self._phase("resume")
-        ok, bad3 = self._call("commit", [n for n in runs if n not in bad and
-                                         not runs[n].committed], version, dl.resume,
-                              timeout=dl.resume + dl.wake)
+        ok, bad3 = self.access.each([n for n in runs if n not in bad and not runs[n].committed],
+                                    lambda n: self.access.commit(n, version, dl.resume),
+                                    dl.resume + dl.wake)
         bad.update(bad3)
         for n, reply in ok.items():
             runs[n].seconds.update(reply.seconds)

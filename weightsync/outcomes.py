@@ -39,8 +39,7 @@ class Outcomes:
 
     def _fence_committed(self, bad: dict[str, WeightSyncError]) -> None:
         """Fence engines that committed in their receive call but failed the check here."""
-        pending = {n: self.access.submit(n, "fence", f"verify after commit: {e}")
-                   for n, e in bad.items()}
+        pending = {n: self.access.fence(n, f"verify after commit: {e}") for n, e in bad.items()}
         if pending:
             self.access.wait(pending, self.transfer.deadlines.verify)
 
@@ -53,10 +52,9 @@ class Outcomes:
         # they saw (a broken group, a timed-out bucket) and decide their own fate
         culprits = {n: e for n, e in bad.items()
                     if isinstance(e, (EngineDeadError, EngineUnresponsive)) or n in fence}
-        pending = {n: self.access.submit(n, "abort_sync",
-                                         f"transfer: {bad.get(n) or 'another engine failed'}",
-                                         self.transfer.deadlines.resume, fence=n in fence)
-                   for n in runs}
+        pending = {n: self.access.abort_sync(
+            n, f"transfer: {bad.get(n) or 'another engine failed'}",
+            self.transfer.deadlines.resume, fence=n in fence) for n in runs}
         ok, unreachable = self.access.wait(pending, self.transfer.deadlines.resume * 1.5)
         failed = {**culprits, **unreachable}
         failed.update({n: bad[n] for n, st in ok.items()
@@ -70,11 +68,10 @@ class Outcomes:
     def _abort(self, bad: dict, stage: str, rollback: set[str] = frozenset()) -> None:
         """Fence engines in ``bad``; engines in ``rollback`` resume on their old weights."""
         resume = self.transfer.deadlines.resume
-        pending = {n: self.access.submit(n, "abort_sync", f"{stage}: {err}", resume, fence=True)
+        pending = {n: self.access.abort_sync(n, f"{stage}: {err}", resume, fence=True)
                    for n, err in bad.items()}
-        pending.update({n: self.access.submit(n, "abort_sync", f"{stage}: another engine failed",
-                                              resume, fence=False)
-                        for n in rollback})
+        pending.update({n: self.access.abort_sync(n, f"{stage}: another engine failed", resume,
+                                                  fence=False) for n in rollback})
         if pending:
             self._phase("abort")
             self.access.wait(pending, resume * 1.5)

@@ -22,13 +22,13 @@ S = EngineState
 def _recording(engines) -> list[str]:
     """The host methods the coordinator calls, in order."""
     calls: list[str] = []
-    submit = engines.submit
+    start = engines.inner.start  # (every call's host method, as the transport carries it)
 
-    def record(name, method, *args, **kwargs):
-        calls.append(method)
-        return submit(name, method, *args, **kwargs)
+    def record(name, call):
+        calls.append(call.method)
+        return start(name, call)
 
-    engines.submit = record
+    engines.inner.start = record
     return calls
 
 
