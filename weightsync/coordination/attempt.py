@@ -72,8 +72,10 @@ class SyncAttempt:
 
     # ---- the steps -----------------------------------------------------------------------------
     def begin(self, pause_mode: PauseMode, sleep_level: int, takeover: bool) -> None:
-        """Pause (+ sleep/wake weights) everywhere. An engine that refuses (in no state to
-        begin) leaves every engine as it was found; any other failure fences that engine."""
+        """Pause (+ sleep/wake weights) everywhere. If any engine fails to begin, none goes
+        on: those that began roll back, one that refused (in no state to begin) is left as it
+        was, one that failed otherwise is fenced; the first refusal (else a
+        ``SyncFailedError``) is raised."""
         dl, e = self.dl, self.engines
         ok, bad = e.each(self.runs, lambda n: e.begin_sync(
             n, pause_mode=pause_mode, sleep_level=sleep_level,
@@ -90,7 +92,7 @@ class SyncAttempt:
         if bad:
             self.abort(bad, "begin", rollback=set(ok))
             raise SyncFailedError(f"could not begin the sync on {sorted(bad)}: "
-                                  + "; ".join(str(e) for e in bad.values()),
+                                  + "; ".join(str(err) for err in bad.values()),
                                   engine=next(iter(bad)))
 
     def received(self, out: LegOutcome, transfer_s: float) -> tuple[Failures, set[str]]:
