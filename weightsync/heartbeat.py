@@ -19,8 +19,10 @@ logger = logging.getLogger(__name__)
 
 
 class Heartbeat:
-    def __init__(self, engines: Engines, owner: str, lease_s: float) -> None:
-        self.engines, self.owner, self.lease_s = engines, owner, lease_s
+    """Renews the lease of what it holds, as ``engines`` sign (the coordinator's owner id)."""
+
+    def __init__(self, engines: Engines, lease_s: float) -> None:
+        self.engines, self.lease_s = engines, lease_s
         self._syncing: set[str] = set()
         self.asleep: set[str] = set()  # engines asleep for this coordinator
         self._lock = threading.Lock()
@@ -78,8 +80,7 @@ class Heartbeat:
                     self._thread = None
                     return
             try:
-                pending = {n: self.engines.submit(n, "renew_lease", self.owner, self.lease_s)
-                           for n in names}
-                self.engines.wait(pending, self.lease_s / 3)
+                self.engines.each(names, lambda n: self.engines.renew_lease(n, self.lease_s),
+                                  self.lease_s / 3)
             except Exception:  # noqa: BLE001 - a beat that fails is a beat missed, no more
                 logger.warning("lease renewal failed", exc_info=True)

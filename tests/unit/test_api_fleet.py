@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from weightsync.api import create_app
 from weightsync.api.fleet import Fleet
 from weightsync.config import Settings
+from weightsync.remote import HostCall
 from weightsync.coordinator import SyncCoordinator
 from weightsync.testing.fleet import save_tiny_model
 
@@ -36,7 +37,8 @@ class _Actor:
 
     def __getattr__(self, method: str) -> SimpleNamespace:
         def remote(*args: Any, **kwargs: Any) -> asyncio.Future:
-            return asyncio.wrap_future(self._engines.submit(self._name, method, *args, **kwargs))
+            return asyncio.wrap_future(self._engines.inner.start(
+                self._name, HostCall(method, args, kwargs)))
 
         return SimpleNamespace(remote=remote)
 

@@ -189,18 +189,17 @@ def test_a_coordinator_that_lost_its_sync_cannot_touch_the_next_one(fleet):
     engines = fleet()
     stale, successor = _coord(engines), _coord(engines)
     host = engines.handles["a"]
-    run = engines.submit("a", "begin_sync", pause_mode="abort", sleep_level=0, deadline_s=5,
-                         owner=successor.owner, lease_s=30)
+    theirs, ours = engines.signed(successor.owner), engines.signed(stale.owner)
+    run = theirs.begin_sync("a", pause_mode="abort", sleep_level=0, deadline_s=5, lease_s=30,
+                            takeover=False, version=0)
     assert engines.wait({"a": run}, 5)[0]
-    for method, args in (("commit", (7, 5.0)), ("apply_staged", (5.0,)),
-                         ("finish_load", (5.0,))):
-        _, bad = engines.wait({"a": engines.submit("a", method, *args, owner=stale.owner)}, 5)
+    for step in (lambda: ours.commit("a", 7, 5.0), lambda: ours.apply_staged("a", 5.0),
+                 lambda: ours.finish_load("a", 5.0)):
+        _, bad = engines.wait({"a": step()}, 5)
         assert isinstance(bad["a"], IllegalStateError) and "no longer held" in str(bad["a"])
-    ok, _ = engines.wait({"a": engines.submit("a", "abort_sync", "stale", 5.0, fence=True,
-                                              owner=stale.owner)}, 5)
+    ok, _ = engines.wait({"a": ours.abort_sync("a", "stale", 5.0, fence=True)}, 5)
     assert ok["a"].state == S.PAUSED and ok["a"].owner == successor.owner  # untouched
-    ok, _ = engines.wait({"a": engines.submit("a", "abort_sync", "done", 5.0,
-                                              owner=successor.owner)}, 5)
+    ok, _ = engines.wait({"a": theirs.abort_sync("a", "done", 5.0)}, 5)
     assert ok["a"].state == S.SERVING and host.version == 0
 
 
@@ -210,8 +209,8 @@ def test_engines_asleep_for_this_coordinator_are_synced_without_asking_their_sta
     assert coord.sync(TinyModel.seeded(20), leg="loopback").ok  # validated once; statuses asked
     coord.sleep(2)
     calls: list[str] = []
-    submit = engines.submit
-    engines.submit = lambda n, m, *a, **k: (calls.append(m), submit(n, m, *a, **k))[1]
+    start = engines.inner.start  # (every call's host method, as the transport carries it)
+    engines.inner.start = lambda n, call: (calls.append(call.method), start(n, call))[1]
     res = coord.sync(TinyModel.seeded(21), leg="loopback")
     assert res.ok and res.version == 2
     begun = calls.index("begin_sync")

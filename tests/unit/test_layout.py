@@ -88,16 +88,16 @@ def test_kernel_plan_keeps_its_buckets_across_versions():
     from types import SimpleNamespace
 
     from weightsync.config import TransferConfig
-    from weightsync.coordinator import SyncCoordinator
+    from weightsync.coordination.layout import LayoutNegotiator
 
     layout = derive_layout(*_qwen2_like(), PACKED)
-    coord = SimpleNamespace(_kernel_plan_of=None, transfer=TransferConfig(bucket_bytes=1 << 20))
-    first = SyncCoordinator._kernel_plan(coord, layout, 3)
-    second = SyncCoordinator._kernel_plan(coord, layout, 4)
+    plans = LayoutNegotiator(SimpleNamespace(transfer=TransferConfig(bucket_bytes=1 << 20)))
+    first = plans.kernel_plan(layout, 3)
+    second = plans.kernel_plan(layout, 4)
     assert (first.version, second.version) == (3, 4)
     assert first.format == second.format == "kernel"
     assert second.buckets is first.buckets
-    other = SyncCoordinator._kernel_plan(coord, layout.model_copy(), 5)
+    other = plans.kernel_plan(layout.model_copy(), 5)
     assert other.buckets is not first.buckets and other.buckets == first.buckets
 
 

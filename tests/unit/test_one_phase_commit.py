@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weightsync import coordinator as coordinator_mod
+from weightsync.coordination import attempt as attempt_mod
 from weightsync.config import TransferConfig
 from weightsync.coordinator import SyncCoordinator
 from weightsync.errors import SyncFailedError, VerificationError
@@ -22,13 +22,13 @@ S = EngineState
 def _recording(engines) -> list[str]:
     """The host methods the coordinator calls, in order."""
     calls: list[str] = []
-    submit = engines.submit
+    start = engines.inner.start  # (every call's host method, as the transport carries it)
 
-    def record(name, method, *args, **kwargs):
-        calls.append(method)
-        return submit(name, method, *args, **kwargs)
+    def record(name, call):
+        calls.append(call.method)
+        return start(name, call)
 
-    engines.submit = record
+    engines.inner.start = record
     return calls
 
 
@@ -100,7 +100,7 @@ def test_an_engine_that_committed_and_then_disagrees_with_the_coordinator_is_fen
     its receipt still disagree, the engine that already serves the new version is fenced."""
     engines = local_fleet(workers={"a": 1})
     coord = SyncCoordinator(engines, TransferConfig(bucket_bytes=1 << 16))
-    monkeypatch.setattr(coordinator_mod, "verify_receipt", lambda receipt, sums, name: (
+    monkeypatch.setattr(attempt_mod, "verify_receipt", lambda receipt, sums, name: (
         VerificationError("checksums differ (forced)", engine=name), False))
     with pytest.raises(SyncFailedError):
         coord.sync(TinyModel.seeded(5), leg="loopback")

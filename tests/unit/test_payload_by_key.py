@@ -9,6 +9,7 @@ import pytest
 from weightsync.config import TransferConfig
 from weightsync.errors import PayloadNotHeld, TransferError, WeightSyncError
 from weightsync.messages import BeginReply, ReceiveRequest
+from weightsync.remote import Engines
 from weightsync.transport.legs.base import HeldPayload, LegOutcome, SenderLeg, payload_key
 from weightsync.transport.packing import plan_buckets
 from weightsync.types import ReceiveReport, TensorSpec
@@ -52,14 +53,16 @@ def test_a_request_carries_its_payload_or_a_key_not_both():
 
 
 class _Hosts:
-    """Engines answering ``receive`` as hosts do: the report as JSON, or a typed error. Each
+    """A transport whose hosts answer ``receive`` as hosts do: the report as JSON, or a typed
+    error (``weightsync.remote.Engines`` parses the report). Each
     holds the payload it was last sent whole (its worker's ``HeldPayload``)."""
 
     def __init__(self, names):
         self.held = {n: HeldPayload(lambda text: text) for n in names}
         self.sent: list[tuple[str, ReceiveRequest]] = []
 
-    def submit(self, name, method, plan_text, request_text, **kw):
+    def start(self, name, call):
+        _plan_text, request_text = call.args
         request = ReceiveRequest.model_validate_json(request_text)
         self.sent.append((name, request))
         try:
@@ -68,9 +71,9 @@ class _Hosts:
             return e
         return ReceiveReport(nbytes=1, checksums=(1,), applied=True).model_dump_json()
 
-    def wait(self, pending, timeout):
-        ok = {n: r for n, r in pending.items() if isinstance(r, str)}
-        return ok, {n: r for n, r in pending.items() if not isinstance(r, str)}
+    def resolve(self, started, timeout):
+        ok = {n: r for n, r in started.items() if isinstance(r, str)}
+        return ok, {n: r for n, r in started.items() if not isinstance(r, str)}
 
 
 class _Leg(SenderLeg):
@@ -83,7 +86,7 @@ class _Leg(SenderLeg):
 def test_engines_that_hold_the_payload_get_its_key_and_one_that_lost_it_gets_it_again():
     names = ["a", "b"]
     hosts = _Hosts(names)
-    leg = _Leg(TransferConfig(), hosts, lambda i: None)
+    leg = _Leg(TransferConfig(), Engines(hosts), lambda i: None)
     plan = plan_buckets([TensorSpec(name="w", dtype="float32", shape=(4,))], 1 << 10, 1)
     begun = {n: BeginReply(seconds={}) for n in names}
     held: dict[str, str] = {}
@@ -109,17 +112,17 @@ def test_engines_that_hold_the_payload_get_its_key_and_one_that_lost_it_gets_it_
 def test_an_engine_that_failed_its_receive_gets_the_payload_whole_next_time():
     names = ["a"]
     hosts = _Hosts(names)
-    leg = _Leg(TransferConfig(), hosts, lambda i: None)
+    leg = _Leg(TransferConfig(), Engines(hosts), lambda i: None)
     plan = plan_buckets([TensorSpec(name="w", dtype="float32", shape=(4,))], 1 << 10, 1)
     begun = {"a": BeginReply(seconds={})}
     held: dict[str, str] = {}
     leg.receive_held(names, plan, begun, _request(payload="s"), held)
     assert held == {"a": payload_key("s")}
-    real = hosts.submit
-    hosts.submit = lambda *a, **kw: (real(*a, **kw), TransferError("copy failed"))[1]
+    real = hosts.start
+    hosts.start = lambda *a, **kw: (real(*a, **kw), TransferError("copy failed"))[1]
     ok, bad = leg.receive_held(names, plan, begun, _request(payload="s"), held)
     assert not ok and isinstance(bad["a"], TransferError) and held == {}
-    hosts.submit = real
+    hosts.start = real
     hosts.sent.clear()
     leg.receive_held(names, plan, begun, _request(payload="s"), held)
     assert [r.payload for _, r in hosts.sent] == ["s"]

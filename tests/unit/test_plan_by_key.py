@@ -20,14 +20,14 @@ def _plans_sent(engines) -> dict[str, list[str]]:
     """The plan argument of every host call that takes one, by method; and of every worker
     call (``ws_*``) the hosts make."""
     sent: dict[str, list[str]] = {}
-    submit = engines.submit
+    start = engines.inner.start  # (every call's host method, as the transport carries it)
 
-    def record(name, method, *args, **kwargs):
-        if method in ("receive", "validate"):
-            sent.setdefault(method, []).append(args[0])
-        return submit(name, method, *args, **kwargs)
+    def record(name, call):
+        if call.method in ("receive", "validate"):
+            sent.setdefault(call.method, []).append(call.args[0])
+        return start(name, call)
 
-    engines.submit = record
+    engines.inner.start = record
     for host in engines.handles.values():
         rpc = host.calls.rpc
 

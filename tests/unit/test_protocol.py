@@ -34,7 +34,7 @@ def _states(coord) -> dict[str, tuple[EngineState, int]]:
 def _prints(engines) -> dict[str, str]:
     out = {}
     for name in engines.handles:
-        ok, bad = engines.wait({name: engines.submit(name, "finish_load", 5.0)}, 5)
+        ok, bad = engines.wait({name: engines.finish_load(name, 5.0)}, 5)
         out[name] = ok[name].fingerprint
     return out
 

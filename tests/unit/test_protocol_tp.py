@@ -37,7 +37,7 @@ def test_a_mixed_fleet_syncs_and_every_worker_is_fingerprinted(fleet):
     # one digest per worker; the engines' shapes differ, so neither is the other's "minority"
     assert len(tp2.fingerprint.split("|")) == 2 and len(tp1.fingerprint.split("|")) == 1
     assert _states(coord) == {"tp2": (EngineState.SERVING, 1), "tp1": (EngineState.SERVING, 1)}
-    ok, _ = engines.wait({"tp2": engines.submit("tp2", "engine_workers")}, 5)
+    ok, _ = engines.wait({"tp2": engines.engine_workers("tp2")}, 5)
     assert ok["tp2"].workers == 2 and ok["tp2"].shape == "tp2xpp1x2"
 
 
@@ -81,7 +81,7 @@ def test_weights_that_differ_on_one_engine_of_a_shape_fence_it(fleet):
 
 def test_a_tensor_parallel_engine_says_why_it_takes_checkpoint_format(fleet):
     engines = fleet({"a": 2})
-    ok, _ = engines.wait({"a": engines.submit("a", "kernel_layout")}, 5)
+    ok, _ = engines.wait({"a": engines.kernel_layout("a")}, 5)
     assert not ok["a"].candidate and "tensor-parallel engine (2 workers" in ok["a"].reason
 
 

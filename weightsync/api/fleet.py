@@ -26,7 +26,8 @@ from weightsync.api.errors import UnknownEngineError
 from weightsync.api.schemas import FleetStatus, SyncRecord
 from weightsync.api.view import FleetView
 from weightsync.coordinator import SyncCoordinator
-from weightsync.errors import DeadlineExceeded, IllegalStateError, SyncInProgressError
+from weightsync.coordination.states import require_states, unreachable
+from weightsync.errors import DeadlineExceeded, SyncInProgressError
 from weightsync.remote import unwrap
 from weightsync.types import EngineState, EngineStatus, SyncResult, exclusive_phases
 
@@ -113,8 +114,7 @@ class Fleet:
             try:
                 st = await self.call(name, "status", timeout=STATUS_TIMEOUT_S)
             except Exception as e:  # noqa: BLE001 - shown, not raised: the page stays up
-                st = EngineStatus(name=name, state=EngineState.STOPPED, version=-1, device="?",
-                                  sleep_supported=False, fenced_reason=str(e), model="?")
+                st = unreachable(name, e)
             self.view.update([st], asked)  # as each answers: one silent engine holds no other
             return st
 
@@ -170,12 +170,7 @@ class Fleet:
         """Every engine in ``names`` is in an ``allowed`` state, or an ``IllegalStateError``
         (409) naming the first that is not. Checked before anything is touched."""
         statuses = await self.statuses(names)
-        for st in statuses:
-            if st.state not in allowed:
-                raise IllegalStateError(
-                    f"cannot {op} while {st.state.value} (needs "
-                    f"{'/'.join(sorted(s.value for s in allowed))}); no engine was touched",
-                    engine=st.name)
+        require_states(statuses, allowed, op)
         return statuses
 
     # ---- fleet-wide operations ---------------------------------------------------------------

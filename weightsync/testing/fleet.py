@@ -32,6 +32,7 @@ from weightsync.config import EngineSpec
 from weightsync.engine.host import EngineHost
 from weightsync.engine.worker_ext import WeightSyncWorkerExtension
 from weightsync.errors import EngineDeadError, EngineUnresponsive, WeightSyncError
+from weightsync.remote import Engines, HostCall
 
 
 @dataclass(frozen=True)
@@ -207,8 +208,50 @@ class _Engine:
         pass
 
 
-class LocalEngines:
+class _InProcess:
+    """A ``weightsync.remote.Transport`` over in-process hosts, each on its own event loop:
+    a call runs on its host's loop as a Ray async actor's would; a dead engine answers none."""
+
+    def __init__(self, hosts: dict[str, EngineHost], loops: dict[str, asyncio.AbstractEventLoop],
+                 faults: dict[str, Faults]) -> None:
+        self._hosts, self._loops, self._faults = hosts, loops, faults
+
+    @property
+    def handles(self) -> dict[str, EngineHost]:
+        return dict(self._hosts)
+
+    def start(self, name: str, call: HostCall) -> Future:
+        if self._faults[name].dead:
+            fut: Future = Future()
+            fut.set_exception(EngineDeadError("engine died", engine=name))
+            return fut
+        return asyncio.run_coroutine_threadsafe(
+            _call(getattr(self._hosts[name], call.method), *call.args, **call.kwargs),
+            self._loops[name])
+
+    def resolve(self, started: Mapping[str, Future], timeout: float
+                ) -> tuple[dict[str, Any], dict[str, WeightSyncError]]:
+        ok: dict[str, Any] = {}
+        bad: dict[str, WeightSyncError] = {}
+        end = time.monotonic() + timeout
+        for name, fut in started.items():
+            try:
+                ok[name] = fut.result(max(0.0, end - time.monotonic()))
+            except FutureTimeout:
+                bad[name] = EngineUnresponsive(f"no answer within {timeout:.1f}s", engine=name)
+            except WeightSyncError as e:
+                e.engine = e.engine or name
+                bad[name] = e
+        return ok, bad
+
+    def replace(self, name: str, handle: Any) -> None:
+        raise NotImplementedError("in-process engines are not restarted")
+
+
+class LocalEngines(Engines):
     """``weightsync.remote.Engines`` over in-process hosts, each on its own event loop."""
+
+    inner: _InProcess
 
     def __init__(self, model_dir: Path, faults: Mapping[str, Faults],
                  workers: Mapping[str, int] | None = None, *,
@@ -229,6 +272,7 @@ class LocalEngines:
             self._hosts[name], self._loops[name] = host, loop
             asyncio.run_coroutine_threadsafe(host.start(), loop).result(30)
             host.sleep_supported = sleep_mode  # a CPU "device" with GPU sleep semantics
+        super().__init__(_InProcess(self._hosts, self._loops, self.faults))
 
     @property
     def handles(self) -> dict[str, EngineHost]:
@@ -239,32 +283,6 @@ class LocalEngines:
         sleep released them: vLLM's woken memory without a backup)."""
         model = self._hosts[name].engine.worker.model_runner.model
         return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-    def submit(self, name: str, method: str, *args: Any, **kwargs: Any) -> Future:
-        if self.faults[name].dead:
-            fut: Future = Future()
-            fut.set_exception(EngineDeadError("engine died", engine=name))
-            return fut
-        return asyncio.run_coroutine_threadsafe(
-            _call(getattr(self._hosts[name], method), *args, **kwargs), self._loops[name])
-
-    def wait(self, pending: Mapping[str, Future], timeout: float
-             ) -> tuple[dict[str, Any], dict[str, WeightSyncError]]:
-        ok: dict[str, Any] = {}
-        bad: dict[str, WeightSyncError] = {}
-        end = time.monotonic() + timeout
-        for name, fut in pending.items():
-            try:
-                ok[name] = fut.result(max(0.0, end - time.monotonic()))
-            except FutureTimeout:
-                bad[name] = EngineUnresponsive(f"no answer within {timeout:.1f}s", engine=name)
-            except WeightSyncError as e:
-                e.engine = e.engine or name
-                bad[name] = e
-        return ok, bad
-
-    def replace(self, name: str, handle: Any) -> None:
-        raise NotImplementedError("in-process engines are not restarted")
 
     def close(self) -> None:
         for name, loop in self._loops.items():

@@ -72,8 +72,7 @@ class LoopbackLeg(SenderLeg):
         return LegOutcome(sums, ok, bad)
 
     def _one_worker(self, names: Sequence[str]) -> bool:
-        pending = {n: self.engines.submit(n, "engine_workers") for n in names}
-        ok, _ = self.engines.wait(pending, self.cfg.deadlines.verify)
+        ok, _ = self.engines.each(names, self.engines.engine_workers, self.cfg.deadlines.verify)
         return len(names) == 1 and len(ok) == 1 and next(iter(ok.values())).workers == 1
 
 

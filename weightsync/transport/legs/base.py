@@ -18,7 +18,7 @@ from weightsync.types import Bucket, ReceiveReport, TransferPlan, plan_text_for
 if TYPE_CHECKING:
     import torch
 
-    from weightsync.remote import Engines
+    from weightsync.remote import Engines, Pending
 
 
 @dataclass
@@ -73,31 +73,29 @@ class SenderLeg(ABC):
     def group_ranks(self, names: Sequence[str]) -> tuple[GroupRanks | None, dict]:
         """Every engine's workers (``EngineHost.engine_workers``) laid out as group ranks
         (``transport.ranks``): (ranks, failures)."""
-        pending = {n: self.engines.submit(n, "engine_workers") for n in names}
-        ok, bad = self.engines.wait(pending, self.cfg.deadlines.verify)
+        ok, bad = self.engines.each(names, self.engines.engine_workers, self.cfg.deadlines.verify)
         if bad:
             return None, bad
         return GroupRanks.of({n: ok[n].workers for n in names}), {}
 
     def submit_receive(self, names: Sequence[str], plan: TransferPlan,
-                       begun: Mapping[str, BeginReply], request: ReceiveRequest) -> dict:
+                       begun: Mapping[str, BeginReply], request: ReceiveRequest
+                       ) -> dict[str, Pending[ReceiveReport]]:
         """Every engine's ``receive``, submitted: the plan by key (``PlanRef``) to an engine
         that holds it already (its ``BeginReply.plan_key``), else as JSON."""
         text = request.model_dump_json()
-        return {n: self.engines.submit(n, "receive", plan_text_for(plan, begun[n].plan_key),
-                                       text) for n in names}
+        return {n: self.engines.receive(n, plan_text_for(plan, begun[n].plan_key), text)
+                for n in names}
 
-    def wait_receipts(self, pending: Mapping[str, Any], timeout: float,
+    def wait_receipts(self, pending: Mapping[str, Pending[ReceiveReport]], timeout: float,
                       sent: float | None = None
                       ) -> tuple[dict[str, ReceiveReport], dict[str, WeightSyncError]]:
-        """Wait for submitted ``receive`` calls: (receipts, failures). A host answers with
-        its ``ReceiveReport`` as JSON; it is parsed here, once. ``sent``: when they were
+        """Wait for submitted ``receive`` calls: (receipts, failures). ``sent``: when they were
         submitted, by this machine's ``time.perf_counter()``, for a leg whose engines are
         on this machine (then the receipts say how long the call took each way: ``call_*``)."""
         ok, bad = self.engines.wait(pending, timeout)
         back = time.perf_counter()
-        return {n: hops(ReceiveReport.model_validate_json(text), sent, back, "call", "host")
-                for n, text in ok.items()}, bad
+        return {n: hops(report, sent, back, "call", "host") for n, report in ok.items()}, bad
 
     def receive_held(self, names: Sequence[str], plan: TransferPlan,
                      begun: Mapping[str, BeginReply], request: ReceiveRequest,

@@ -81,8 +81,8 @@ class BroadcastLeg(SenderLeg):
         group_id = uuid.uuid4().hex
         world = ranks.world_size
         port = free_port(self.cfg.host, self.cfg.port)
-        joins = {n: self.engines.submit(n, "join_group", self.cfg.backend, self.cfg.host, port,
-                                        ranks.offset(n), world, dl.rendezvous, group_id)
+        joins = {n: self.engines.join_group(n, self.cfg.backend, self.cfg.host, port,
+                                            ranks.offset(n), world, dl.rendezvous, group_id)
                  for n in names}
         try:
             sender = BroadcastSender(open_group(self.cfg.backend, self.cfg.host, port, 0, world,

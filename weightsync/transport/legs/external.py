@@ -57,8 +57,8 @@ class ExternalLeg(SenderLeg):
             return LegOutcome([], {}, bad)
         world = ranks.world_size
         host, port = source.address
-        joins = {n: self.engines.submit(n, "join_group", self.cfg.backend, host, port,
-                                        ranks.offset(n), world, dl.rendezvous)
+        joins = {n: self.engines.join_group(n, self.cfg.backend, host, port,
+                                            ranks.offset(n), world, dl.rendezvous)
                  for n in names}
         source.ready(plan, world)
         bad = self._wait_joins(joins, source, dl.rendezvous * 1.2)

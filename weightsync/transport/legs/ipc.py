@@ -300,8 +300,7 @@ class IpcLeg(SenderLeg):
 
         if self._placement is not None and self._placement[0] == tuple(names):
             return list(self._placement[1]), {}
-        pending = {n: self.engines.submit(n, "engine_workers") for n in names}
-        ok, bad = self.engines.wait(pending, self.cfg.deadlines.verify)
+        ok, bad = self.engines.each(names, self.engines.engine_workers, self.cfg.deadlines.verify)
         if bad:
             return [], bad
         self._workers = {n: ok[n].workers for n in names}
