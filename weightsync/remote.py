@@ -200,7 +200,7 @@ class Engines:
         return self._start(name, "abort_sync", reason, deadline_s, signed=True, fence=fence)
 
     def fence(self, name: str, reason: str) -> Pending[None]:
-        return self._start(name, "fence", reason)
+        return self._start(name, "fence", reason, signed=True)  # refused from a non-holder
 
     def sleep(self, name: str, level: int, mode: PauseMode, *, lease_s: float,
               deadline_s: float) -> Pending[SleepReply]:

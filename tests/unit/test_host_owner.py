@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from weightsync.errors import IllegalStateError, SyncInProgressError
+from weightsync.remote import HostCall
 from weightsync.types import EngineState
 
 S = EngineState
@@ -19,7 +20,10 @@ CONTROL = {"pause": (), "resume": (), "sleep": (1,), "wake_up": (), "reset_cache
 
 
 def _call(engines, method, *args, **kwargs):
-    ok, bad = engines.wait({"a": engines.submit("a", method, *args, **kwargs)}, 10)
+    """Actor method ``method`` of engine ``a``, called as any holder of its handle may call it
+    (through the in-process transport, as Ray would carry it)."""
+    started = {"a": engines.inner.start("a", HostCall(method, args, kwargs))}
+    ok, bad = engines.inner.resolve(started, 10)
     if bad:
         raise bad["a"]
     return ok["a"]
