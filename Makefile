@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-gpu bench
+.PHONY: setup demo test lint test-gpu bench
 
 setup:
 	bash scripts/bootstrap.sh $(VENV)
@@ -10,7 +10,11 @@ setup:
 demo: setup
 	$(PY) -m services.grpo
 
-test: setup  # the docs first (seconds): a broken link or a stale API reference fails it
+lint: setup  # ruff on everything; mypy --strict on the files pyproject.toml's [tool.mypy] names
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: setup lint  # lint and the docs first (seconds): a broken link or a stale API reference fails it
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
 	$(PY) -m pytest -m "not gpu" tests
 

@@ -263,7 +263,7 @@ class LoopLag:
             now = time.monotonic()
             if now - self._beat < LAG_TICK_S + STALL_S:
                 continue
-            frames = sys._current_frames()  # noqa: SLF001 - a diagnostic
+            frames = sys._current_frames()
             self.stall_samples.append((now, "loop: " + _stack(frames.get(self._loop_thread))))
             if len(names) != threading.active_count():
                 names = {t.ident: t.name for t in threading.enumerate()}

@@ -54,7 +54,8 @@ def main(gib: float = typer.Option(2.0), rounds: int = typer.Option(10),
     for band, tile, warps in itertools.product((256, 1024), (4, 8, 16, 32), (4, 8, 16)):
         got = row_col_sums(rows, band, tile, warps)
         ok = got is not None and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-        t = _time(lambda: row_col_sums(rows, band, tile, warps), rounds) if ok else None
+        t = _time(lambda b=band, t=tile, w=warps: row_col_sums(rows, b, t, w), rounds) \
+            if ok else None
         res["shapes"].append({"band": band, "tile": tile, "warps": warps, "equal": ok,
                               "seconds": t, "GBps": n / t["p50"] / 1e9 if t else None})
         typer.echo(json.dumps(res["shapes"][-1]))

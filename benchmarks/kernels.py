@@ -73,9 +73,15 @@ def main(shape: str = typer.Option("0.5b"), rounds: int = typer.Option(20, min=1
     import torch
 
     from benchmarks.run import SHAPES
-    from weightsync.transport.packing import (checksums, copy_split, copy_tensors,
-                                              digest_tensors, pack_bucket, plan_buckets,
-                                              unpack_bucket)
+    from weightsync.transport.packing import (
+        checksums,
+        copy_split,
+        copy_tensors,
+        digest_tensors,
+        pack_bucket,
+        plan_buckets,
+        unpack_bucket,
+    )
     from weightsync.types import TensorSpec
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

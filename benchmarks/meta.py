@@ -73,7 +73,7 @@ def run_meta(benchmark: str, **fields: Any) -> dict[str, Any]:
     commit, device, date and versions)."""
     meta: dict[str, Any] = {
         "benchmark": benchmark, "commit": commit(), "device": None,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "versions": versions(), "cpus": os.cpu_count()}
     meta.update(fields)
     if meta["device"] is None:

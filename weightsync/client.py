@@ -22,10 +22,22 @@ import httpx
 from pydantic import BaseModel
 
 from weightsync.api.http_errors import API_ERRORS, FALLBACK_BY_STATUS
-from weightsync.api.schemas import (AbortRequest, CommitRequest, EngineList, EngineStates,
-                                    FleetStatus, Health, PauseRequest, ReloadRequest,
-                                    ResumeRequest, SessionClosed, SessionInfo, SessionRequest,
-                                    SleepRequest, WakeRequest)
+from weightsync.api.schemas import (
+    AbortRequest,
+    CommitRequest,
+    EngineList,
+    EngineStates,
+    FleetStatus,
+    Health,
+    PauseRequest,
+    ReloadRequest,
+    ResumeRequest,
+    SessionClosed,
+    SessionInfo,
+    SessionRequest,
+    SleepRequest,
+    WakeRequest,
+)
 from weightsync.errors import WeightSyncError
 from weightsync.types import PauseMode, SleepResult, SyncResult
 

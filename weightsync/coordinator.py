@@ -36,8 +36,15 @@ from weightsync.coordination.layout import LayoutNegotiator
 from weightsync.coordination.reach import PhaseHook, Reach, raise_refusal
 from weightsync.coordination.states import FleetStatuses
 from weightsync.coordination.versions import VersionBook
-from weightsync.errors import (ConfigError, IllegalStateError, ManifestError, SyncFailedError,
-                               SyncInProgressError, TransferError, WeightSyncError)
+from weightsync.errors import (
+    ConfigError,
+    IllegalStateError,
+    ManifestError,
+    SyncFailedError,
+    SyncInProgressError,
+    TransferError,
+    WeightSyncError,
+)
 from weightsync.heartbeat import Heartbeat
 from weightsync.metrics import SyncMetrics
 from weightsync.remote import Engines, Pending, RayEngines
@@ -46,8 +53,16 @@ from weightsync.transport.legs import sender_leg
 from weightsync.transport.legs.base import LegOutcome, SenderLeg
 from weightsync.transport.legs.external import ExternalSender
 from weightsync.transport.packing import plan_buckets
-from weightsync.types import (Canary, EngineStatus, PauseMode, SleepResult, SyncResult,
-                              TensorSpec, TransferPlan, plan_json)
+from weightsync.types import (
+    Canary,
+    EngineStatus,
+    PauseMode,
+    SleepResult,
+    SyncResult,
+    TensorSpec,
+    TransferPlan,
+    plan_json,
+)
 
 __all__ = ["ExternalSender", "SyncCoordinator"]
 

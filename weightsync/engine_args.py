@@ -45,7 +45,7 @@ def _engine_arg_types() -> dict[str, Any]:
         tp = f.type
         if isinstance(tp, str):
             try:
-                tp = eval(tp, scope)  # noqa: S307 - vLLM's own annotation, in its own module
+                tp = eval(tp, scope)
             except Exception:  # noqa: BLE001 - an annotation only vLLM's type checker resolves
                 tp = None
         types[f.name] = tp

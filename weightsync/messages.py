@@ -9,7 +9,7 @@ never a default. The user-facing values (plans, results, statuses) live in ``wei
 from __future__ import annotations
 
 import functools
-from typing import Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -51,10 +51,10 @@ class WorkerReply(_Message, Generic[R]):
 
 
 @functools.cache
-def reply_of(model: type[BaseModel]) -> type[WorkerReply]:
+def reply_of(model: type[BaseModel]) -> type[WorkerReply[Any]]:
     """``WorkerReply[model]``, built once and kept (pydantic keeps parametrized generics only
     weakly: rebuilt after a garbage collection, each costs a schema build on the sync's path)."""
-    return WorkerReply[model]
+    return WorkerReply[model]  # type: ignore[valid-type]  # (a generic built at run time)
 
 
 class Ack(_Message):

@@ -33,9 +33,17 @@ import ray
 
 from weightsync.engine.channel import SERVED, ChannelClient, OnChannel
 from weightsync.errors import EngineDeadError, EngineError, EngineUnresponsive, WeightSyncError
-from weightsync.messages import (ApplyReply, BeginReply, CommitReply, EngineWorkers, JoinReply,
-                                 LayoutStatus, ReloadReply, SleepReply)
-from weightsync.types import (CanaryReply, EngineStatus, FinishReply, PauseMode, ReceiveReport)
+from weightsync.messages import (
+    ApplyReply,
+    BeginReply,
+    CommitReply,
+    EngineWorkers,
+    JoinReply,
+    LayoutStatus,
+    ReloadReply,
+    SleepReply,
+)
+from weightsync.types import CanaryReply, EngineStatus, FinishReply, PauseMode, ReceiveReport
 
 logger = logging.getLogger(__name__)
 

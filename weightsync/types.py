@@ -10,10 +10,18 @@ import enum
 import hashlib
 import math
 import re
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, Strict,
-                      ValidationError, model_validator)
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    Strict,
+    ValidationError,
+    model_validator,
+)
 
 from weightsync.errors import PlanNotHeld
 
@@ -132,7 +140,7 @@ class _PlanBody:
 
     def __init__(self) -> None:
         self.buckets: tuple[Bucket, ...] | None = None
-        self.rest: tuple = ()
+        self.rest: tuple[Any, ...] = ()
         self.text = ""  # the body's JSON
         self.key = ""  # plan_key(text)
         self.members = ""  # text less its opening brace: what follows the version (_framed)

@@ -15,7 +15,14 @@ import pytest
 import ray
 import torch
 
-from tests.gpu.parity import PROMPTS, changed, compare_with_hf, engine_generate, parity_ok, stop_engine
+from tests.gpu.parity import (
+    PROMPTS,
+    changed,
+    compare_with_hf,
+    engine_generate,
+    parity_ok,
+    stop_engine,
+)
 from weightsync.config import Deadlines, EngineSpec, TransferConfig
 from weightsync.coordinator import SyncCoordinator
 from weightsync.engine.actor import start_engines

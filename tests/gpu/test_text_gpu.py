@@ -13,8 +13,16 @@ import pytest
 import ray
 import torch
 
-from tests.gpu.parity import (PROMPTS, changed, compare_with_hf, engine_generate, parity_ok,
-                              start_colocated, stop_engine, summary)
+from tests.gpu.parity import (
+    PROMPTS,
+    changed,
+    compare_with_hf,
+    engine_generate,
+    parity_ok,
+    start_colocated,
+    stop_engine,
+    summary,
+)
 from weightsync.config import TransferConfig
 from weightsync.coordinator import SyncCoordinator
 from weightsync.testing.reference import perturb_

@@ -19,8 +19,14 @@ import pytest
 import ray
 import torch
 
-from tests.gpu.parity import (changed, compare_with_hf, engine_generate, parity_ok, stop_engine,
-                              summary)
+from tests.gpu.parity import (
+    changed,
+    compare_with_hf,
+    engine_generate,
+    parity_ok,
+    stop_engine,
+    summary,
+)
 from weightsync.config import EngineSpec, TransferConfig
 from weightsync.coordinator import SyncCoordinator
 from weightsync.engine.actor import start_engines

@@ -116,8 +116,13 @@ def main() -> None:
     from weightsync.config import Deadlines, TransferConfig
     from weightsync.coordinator import SyncCoordinator
     from weightsync.sources import sharded
-    from weightsync.testing.sharded_trainer import (_engines, _expected_sums, _model, _shard,
-                                                    join_group)
+    from weightsync.testing.sharded_trainer import (
+        _engines,
+        _expected_sums,
+        _model,
+        _shard,
+        join_group,
+    )
 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")

@@ -16,13 +16,11 @@ import httpx
 import pytest
 import ray
 
-from tests.integration.api_server import (AUTH, TOKEN, assert_parity, outputs,
-                                          save_checkpoint)
+from tests.integration.api_server import AUTH, TOKEN, assert_parity, outputs, save_checkpoint
 from weightsync.api import create_app
-from weightsync.client import WeightSyncClient
-from weightsync.config import Deadlines, Settings, TransferConfig
+from weightsync.config import Settings
 from weightsync.errors import ConfigError, IllegalStateError
-from weightsync.testing.reference import greedy, load_trainer_model
+from weightsync.testing.reference import load_trainer_model
 from weightsync.types import EngineState
 
 pytestmark = pytest.mark.integration
@@ -121,8 +119,8 @@ def test_reload_checkpoint_matches_hf_then_original(service, client, fleet, ckpt
 
 def test_reload_rejects_bad_paths_without_touching_engines(service, client, ckpt_root,
                                                            tmp_path):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     (ckpt_root / "empty").mkdir(exist_ok=True)
     (ckpt_root / "alien").mkdir(exist_ok=True)

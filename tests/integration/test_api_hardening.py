@@ -22,8 +22,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.integration.api_server import (AUTH, TOKEN, assert_parity, free_port, outputs,
-                                          save_checkpoint)
+from tests.integration.api_server import (
+    AUTH,
+    TOKEN,
+    assert_parity,
+    free_port,
+    outputs,
+    save_checkpoint,
+)
 from weightsync.coordinator import SyncCoordinator
 from weightsync.errors import IllegalStateError
 from weightsync.testing.reference import load_trainer_model
@@ -197,7 +203,6 @@ def test_a_file_swapped_between_validation_and_load_is_refused_whole_never_fence
 
 def test_reload_and_sessions_on_a_paused_engine_are_409_and_fence_nothing(
         service, client, fleet, ckpt_root, policy, tokenizer):
-    from weightsync.api.schemas import SessionRequest
     from weightsync.transport.packing import named_tensors, spec_of
 
     save_checkpoint(policy, tokenizer, ckpt_root / "while-paused", seed=95)

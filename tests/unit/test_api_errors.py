@@ -7,14 +7,30 @@ import httpx
 import pytest
 
 from weightsync.api.app import check_bind, is_loopback
-from weightsync.api.errors import (AuthError, NotFoundError, UnknownEngineError,
-                                   UnknownSessionError, status_for)
+from weightsync.api.errors import (
+    AuthError,
+    NotFoundError,
+    UnknownEngineError,
+    UnknownSessionError,
+    status_for,
+)
 from weightsync.client import _error_from
 from weightsync.config import Settings
-from weightsync.errors import (ConfigError, DeadlineExceeded, EngineError, FencedError,
-                               IllegalStateError, ManifestError, ReloadError, SyncFailedError,
-                               SyncInProgressError, TransferError, UnsupportedError,
-                               VerificationError, WeightSyncError)
+from weightsync.errors import (
+    ConfigError,
+    DeadlineExceeded,
+    EngineError,
+    FencedError,
+    IllegalStateError,
+    ManifestError,
+    ReloadError,
+    SyncFailedError,
+    SyncInProgressError,
+    TransferError,
+    UnsupportedError,
+    VerificationError,
+    WeightSyncError,
+)
 from weightsync.types import EngineSyncReport, SyncResult
 
 

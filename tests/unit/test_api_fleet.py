@@ -20,8 +20,8 @@ from fastapi.testclient import TestClient
 from weightsync.api import create_app
 from weightsync.api.fleet import Fleet
 from weightsync.config import Settings
-from weightsync.remote import HostCall
 from weightsync.coordinator import SyncCoordinator
+from weightsync.remote import HostCall
 from weightsync.testing.fleet import save_tiny_model
 
 TOKEN = "unit-token"
@@ -165,12 +165,12 @@ def test_abort_before_the_trainer_joins_ends_the_session_within_a_second(local_f
     """The trainer opens a session and gives up before it hosts the group: the abort ends the
     session at once (not at the rendezvous deadline), every engine serves its old version,
     the workers stop dialling, and the fleet takes the next session right away."""
+    import vllm.distributed.utils  # noqa: F401 - imported here, not within a rendezvous deadline
+
     from weightsync.config import Deadlines, TransferConfig
     from weightsync.testing.fleet import TinyModel
     from weightsync.transport.broadcast import BroadcastSender, open_group
     from weightsync.types import TransferPlan
-
-    import vllm.distributed.utils  # noqa: F401 - imported here, not within a rendezvous deadline
 
     engines = local_fleet()
     deadlines = Deadlines() if rendezvous is None else Deadlines(rendezvous=rendezvous)

@@ -144,7 +144,7 @@ def test_a_reload_that_cannot_start_takes_no_thread_and_asks_no_engine():
     with fleet.exclusive():
         r = http.post("/reload", json={}, headers=AUTH)
     assert (r.status_code, r.json()["code"]) == (409, "sync_in_progress")
-    assert fleet._executor is None and engines["a"].asked == asked  # noqa: SLF001
+    assert fleet._executor is None and engines["a"].asked == asked
 
 
 def _dependencies(dependant: Any) -> list[Any]:

@@ -15,8 +15,15 @@ from weightsync.engine.layout_check import LayoutCheck
 from weightsync.engine.sync_state import WorkerSyncState
 from weightsync.errors import ReloadError, VerificationError
 from weightsync.transport.layout import LayoutUnavailable, derive_layout
-from weightsync.transport.packing import (digest_terms, direct_pieces, pack_bucket,
-                                          piece_views, plan_buckets, span_views, spec_of)
+from weightsync.transport.packing import (
+    digest_terms,
+    direct_pieces,
+    pack_bucket,
+    piece_views,
+    plan_buckets,
+    span_views,
+    spec_of,
+)
 from weightsync.types import TensorSpec
 
 
@@ -118,7 +125,7 @@ def test_kernel_applier_copies_into_the_parameters_and_keeps_its_program_by_key(
     kept = state.programs.program(staged, "plan:ipc", lambda: {})  # (no resolve: kept)
     assert state.programs.graph_key(kept) is not None
     other = _new_weights(2)
-    for (b, buf), (_, new) in zip(staged, _staged(other)[1], strict=True):
+    for (_b, buf), (_, new) in zip(staged, _staged(other)[1], strict=True):
         buf.copy_(new)  # the same buffers, new bytes: the kept program copies them
     applier.apply(Load(staged=staged, key="plan:ipc"))
     assert _loaded(worker, other)

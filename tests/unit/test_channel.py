@@ -11,8 +11,13 @@ import time
 import pytest
 
 from weightsync.engine.channel import ChannelClient, ChannelServer, OnChannel
-from weightsync.errors import (EngineDeadError, EngineError, EngineUnresponsive,
-                               IllegalStateError, PayloadNotHeld)
+from weightsync.errors import (
+    EngineDeadError,
+    EngineError,
+    EngineUnresponsive,
+    IllegalStateError,
+    PayloadNotHeld,
+)
 from weightsync.remote import gather
 
 

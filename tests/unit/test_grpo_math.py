@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weightsync.rl.grpo_math import (grpo_loss, group_advantages, kl_k3, pack_sequences,
-                                     sequence_logprobs, token_fraction_reward)
+from weightsync.rl.grpo_math import (
+    group_advantages,
+    grpo_loss,
+    kl_k3,
+    pack_sequences,
+    sequence_logprobs,
+    token_fraction_reward,
+)
 
 
 def test_reward_is_the_fraction_of_target_tokens():

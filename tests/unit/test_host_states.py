@@ -8,7 +8,6 @@ import pytest
 
 from weightsync.config import EngineSpec
 from weightsync.engine.host import EngineHost
-from weightsync.errors import IllegalStateError
 from weightsync.types import EngineState
 
 

@@ -11,8 +11,13 @@ from pathlib import Path
 import pytest
 
 from weightsync.errors import ConfigError
-from weightsync.transport.legs import (LEG_MODULES_ENV, receiver_leg, register_leg,
-                                       registered_legs, sender_leg)
+from weightsync.transport.legs import (
+    LEG_MODULES_ENV,
+    receiver_leg,
+    register_leg,
+    registered_legs,
+    sender_leg,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weightsync.coordination import attempt as attempt_mod
 from weightsync.config import TransferConfig
+from weightsync.coordination import attempt as attempt_mod
 from weightsync.coordinator import SyncCoordinator
 from weightsync.errors import SyncFailedError, VerificationError
 from weightsync.testing.fleet import Faults, TinyModel

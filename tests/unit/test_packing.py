@@ -2,8 +2,14 @@ import pytest
 import torch
 
 from weightsync.errors import ConfigError
-from weightsync.transport.packing import (ALIGN, checksum, pack_bucket, plan_buckets, spec_of,
-                                          unpack_bucket)
+from weightsync.transport.packing import (
+    ALIGN,
+    checksum,
+    pack_bucket,
+    plan_buckets,
+    spec_of,
+    unpack_bucket,
+)
 from weightsync.types import TensorSpec, TransferPlan
 
 

@@ -12,8 +12,7 @@ from weightsync.config import TransferConfig
 from weightsync.coordinator import SyncCoordinator
 from weightsync.errors import PlanNotHeld, SyncFailedError
 from weightsync.testing.fleet import TinyModel
-from weightsync.types import (EngineState, HeldPlan, PlanRef, TransferPlan, plan_json,
-                              plan_text_for)
+from weightsync.types import EngineState, HeldPlan, PlanRef, TransferPlan, plan_json, plan_text_for
 
 
 def _plans_sent(engines) -> dict[str, list[str]]:

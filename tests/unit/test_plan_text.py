@@ -7,8 +7,15 @@ from __future__ import annotations
 import json
 
 from weightsync.transport.packing import plan_buckets
-from weightsync.types import (HeldPlan, TensorSpec, TransferPlan, plan_json, plan_text_for,
-                              plan_version, versionless)
+from weightsync.types import (
+    HeldPlan,
+    TensorSpec,
+    TransferPlan,
+    plan_json,
+    plan_text_for,
+    plan_version,
+    versionless,
+)
 
 
 def _plan(n: int = 30) -> TransferPlan:

@@ -25,9 +25,17 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 # the errors and their statuses, without FastAPI (the client reads them too)
-from weightsync.api.http_errors import (API_ERRORS, FALLBACK_BY_STATUS, STATUS, AuthError,
-                                        ClientGoneError, NotFoundError, UnknownEngineError,
-                                        UnknownSessionError, status_for)
+from weightsync.api.http_errors import (
+    API_ERRORS,
+    FALLBACK_BY_STATUS,
+    STATUS,
+    AuthError,
+    ClientGoneError,
+    NotFoundError,
+    UnknownEngineError,
+    UnknownSessionError,
+    status_for,
+)
 from weightsync.errors import WeightSyncError
 
 __all__ = ["API_ERRORS", "FALLBACK_BY_STATUS", "STATUS", "AuthError", "ClientGoneError",

@@ -25,8 +25,8 @@ from typing import Any, TypeVar
 from weightsync.api.errors import UnknownEngineError
 from weightsync.api.schemas import FleetStatus, SyncRecord
 from weightsync.api.view import FleetView
-from weightsync.coordinator import SyncCoordinator
 from weightsync.coordination.states import require_states, unreachable
+from weightsync.coordinator import SyncCoordinator
 from weightsync.errors import DeadlineExceeded, SyncInProgressError
 from weightsync.remote import unwrap
 from weightsync.types import EngineState, EngineStatus, SyncResult, exclusive_phases
@@ -85,7 +85,7 @@ class Fleet:
         except TimeoutError as e:
             raise DeadlineExceeded(f"{method} gave no answer within {timeout:.1f}s",
                                    engine=name) from e
-        except Exception as e:  # noqa: BLE001 - classified into the hierarchy
+        except Exception as e:
             err = unwrap(e)
             err.engine = err.engine or name
             raise err from e

@@ -3,8 +3,16 @@ statuses (``weightsync.api.errors`` installs it). No FastAPI here: the client re
 
 from __future__ import annotations
 
-from weightsync.errors import (ConfigError, DeadlineExceeded, EngineError, IllegalStateError,
-                               SyncFailedError, TransferError, UnsupportedError, WeightSyncError)
+from weightsync.errors import (
+    ConfigError,
+    DeadlineExceeded,
+    EngineError,
+    IllegalStateError,
+    SyncFailedError,
+    TransferError,
+    UnsupportedError,
+    WeightSyncError,
+)
 
 
 class AuthError(WeightSyncError):

@@ -12,8 +12,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictBool,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    model_validator,
+)
 
 from weightsync.config import TransferConfig
 from weightsync.types import EngineStatus, PauseMode, SyncResult, TensorSpec, TransferPlan

@@ -19,8 +19,13 @@ from weightsync.api.app import check_bind, create_app, is_loopback
 from weightsync.api.gate import redact_url_credentials
 from weightsync.config import EngineSpec, Settings
 from weightsync.errors import ConfigError
-from weightsync.local_ray import (auth_mode, check_driver, init_kwargs, starts_own_ray,
-                                  unauthenticated)
+from weightsync.local_ray import (
+    auth_mode,
+    check_driver,
+    init_kwargs,
+    starts_own_ray,
+    unauthenticated,
+)
 
 logger = logging.getLogger(__name__)
 

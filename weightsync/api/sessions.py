@@ -23,8 +23,15 @@ from collections.abc import Sequence
 from weightsync.api.errors import UnknownSessionError
 from weightsync.api.fleet import SYNCABLE, Fleet
 from weightsync.api.schemas import SessionInfo, SessionRequest
-from weightsync.errors import (ConfigError, DeadlineExceeded, EngineError, IllegalStateError,
-                               SyncFailedError, TransferError, WeightSyncError)
+from weightsync.errors import (
+    ConfigError,
+    DeadlineExceeded,
+    EngineError,
+    IllegalStateError,
+    SyncFailedError,
+    TransferError,
+    WeightSyncError,
+)
 from weightsync.transport.broadcast import free_port
 from weightsync.types import SyncResult, TransferPlan
 
@@ -100,7 +107,7 @@ class ExternalSession:
                 fleet.record(e.result)
         except WeightSyncError as e:
             self.error = e
-        except Exception as e:  # noqa: BLE001 - surfaced to the trainer as a typed error
+        except Exception as e:
             logger.exception("session %s: unexpected failure", self.id)
             self.error = EngineError(f"{type(e).__name__}: {e}")
         finally:

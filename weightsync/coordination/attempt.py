@@ -16,14 +16,28 @@ from dataclasses import dataclass, field
 from weightsync.config import Deadlines
 from weightsync.coordination.reach import Reach
 from weightsync.engine.workers import disagreeing, verify_receipt
-from weightsync.errors import (ConfigError, EngineDeadError, EngineUnresponsive,
-                               IllegalStateError, ManifestError, SyncFailedError,
-                               VerificationError, WeightSyncError)
+from weightsync.errors import (
+    ConfigError,
+    EngineDeadError,
+    EngineUnresponsive,
+    IllegalStateError,
+    ManifestError,
+    SyncFailedError,
+    VerificationError,
+    WeightSyncError,
+)
 from weightsync.messages import BeginReply
 from weightsync.remote import Engines
 from weightsync.transport.legs.base import LegOutcome
-from weightsync.types import (Canary, EngineStatus, EngineState, EngineSyncReport, FinishReply,
-                              PauseMode, SyncResult)
+from weightsync.types import (
+    Canary,
+    EngineState,
+    EngineStatus,
+    EngineSyncReport,
+    FinishReply,
+    PauseMode,
+    SyncResult,
+)
 
 Failures = dict[str, WeightSyncError]
 

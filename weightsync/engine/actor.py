@@ -53,7 +53,7 @@ def stop_engines(actors: list[Any], timeout_s: float = 60.0) -> None:
     refs = [a.shutdown.remote() for a in actors]
     try:
         ray.get(refs, timeout=timeout_s)
-    except Exception:  # noqa: BLE001 - a dead or stuck engine is killed below anyway
+    except Exception:
         logger.warning("engine shutdown did not finish cleanly", exc_info=True)
     for a in actors:
         try:

@@ -31,8 +31,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from weightsync.errors import (EngineDeadError, EngineError, EngineUnresponsive,
-                               WeightSyncError, error_class)
+from weightsync.errors import (
+    EngineDeadError,
+    EngineError,
+    EngineUnresponsive,
+    WeightSyncError,
+    error_class,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +134,7 @@ class ChannelServer:
             return ChannelReply(result=await fn(*call.args, owner=call.owner))
         except WeightSyncError as e:
             return ChannelReply(code=e.code, message=e.message)
-        except Exception as e:  # noqa: BLE001 - any other failure is the engine's, typed
+        except Exception as e:
             logger.exception("channel: %s failed", call.method)
             return ChannelReply(code=EngineError.code, message=f"{type(e).__name__}: {e}")
 

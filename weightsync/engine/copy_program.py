@@ -22,7 +22,6 @@ from weightsync.transport.digest_cuda import ManyDigests
 from weightsync.transport.packing import Spans, copy_split, span_targets, unpack_bucket
 from weightsync.types import Bucket
 
-
 Params = Callable[[], Mapping[str, torch.Tensor]]
 ProgramKey = tuple[str, tuple[int, ...]]  # (the plan's key, the buffers' addresses)
 

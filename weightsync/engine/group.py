@@ -52,7 +52,7 @@ class TransferGroup:
             raise TransferError(f"workers joined at ranks {joined}, not {len(out)} ranks from "
                                 f"{rank_offset}", engine=name)
         self.group_id = group_id or None
-        return out[0]
+        return JoinReply(rank=out[0].rank)
 
     def cancel(self) -> None:
         """A join in progress stops asking its workers (who leave when told to)."""

@@ -61,11 +61,28 @@ from weightsync.engine.serving import ServingGate
 from weightsync.engine.worker_calls import WorkerCalls
 from weightsync.engine.workers import check_workers, merge_layouts, merge_memory
 from weightsync.errors import ConfigError, EngineError, IllegalStateError, WeightSyncError
-from weightsync.messages import (Ack, ApplyReply, BeginReply, CommitReply, EngineWorkers,
-                                 GpuMemory, JoinReply, LayoutStatus, ReloadReply, SleepReply,
-                                 WorkerInfo)
-from weightsync.types import (IN_SYNC, CanaryReply, EngineState, EngineStatus, FinishReply,
-                              GenerationResult, PauseMode)
+from weightsync.messages import (
+    Ack,
+    ApplyReply,
+    BeginReply,
+    CommitReply,
+    EngineWorkers,
+    GpuMemory,
+    JoinReply,
+    LayoutStatus,
+    ReloadReply,
+    SleepReply,
+    WorkerInfo,
+)
+from weightsync.types import (
+    IN_SYNC,
+    CanaryReply,
+    EngineState,
+    EngineStatus,
+    FinishReply,
+    GenerationResult,
+    PauseMode,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -21,10 +21,22 @@ from weightsync.engine.machine import EngineMachine
 from weightsync.engine.serving import ServingGate
 from weightsync.engine.worker_calls import WorkerCalls
 from weightsync.engine.workers import merge_applies, merge_fingerprints, merge_receipts
-from weightsync.errors import (EngineError, ManifestError, TransferError, VerificationError,
-                               WeightSyncError)
-from weightsync.messages import (Ack, ApplyReply, CommitReply, EngineWorkers, Fingerprint,
-                                 ReceiveRequest, ReloadReply)
+from weightsync.errors import (
+    EngineError,
+    ManifestError,
+    TransferError,
+    VerificationError,
+    WeightSyncError,
+)
+from weightsync.messages import (
+    Ack,
+    ApplyReply,
+    CommitReply,
+    EngineWorkers,
+    Fingerprint,
+    ReceiveRequest,
+    ReloadReply,
+)
 from weightsync.transport.legs.base import hops
 from weightsync.types import Canary, CanaryReply, FinishReply, ReceiveReport
 

@@ -239,7 +239,7 @@ def _finish_broken_reload(worker: Any) -> None:
         return
     try:
         layerwise.finalize_layerwise_reload(model(worker), model_config(worker))
-    except Exception:  # noqa: BLE001 - best effort; the original error is what matters
+    except Exception:
         logger.warning("finalizing a broken reload failed", exc_info=True)
 
 
@@ -406,6 +406,6 @@ def expert_mapping(worker: Any) -> list[tuple[str, str, int, str]]:
         return []
     try:
         return [tuple(e) for e in get()]
-    except Exception:  # noqa: BLE001 - a model that cannot tell keeps the checkpoint path
+    except Exception:
         logger.warning("the model's expert mapping is unavailable", exc_info=True)
         return []

@@ -9,7 +9,7 @@ but this host sends them plans, so a plan every worker holds is sent by key (``P
 from __future__ import annotations
 
 import asyncio
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel
 
@@ -44,14 +44,16 @@ class WorkerCalls:
                                          timeout)
         except TimeoutError as e:
             raise DeadlineExceeded(f"{method} exceeded {timeout}s", engine=self.name) from e
-        except Exception as e:  # noqa: BLE001 - vLLM reports worker crashes as plain Exception
+        except Exception as e:
             raise EngineError(f"{method} failed in the worker: {e}", engine=self.name) from e
         replies = [reply_of(reply).model_validate_json(o) for o in out]
+        got: list[M] = []
         for rank, r in enumerate(replies):  # any worker's error fails the call
             if r.error is not None:
                 where = f"worker rank {rank}/{len(replies)}: " if len(replies) > 1 else ""
                 raise error_class(r.error.code)(where + r.error.message, engine=self.name)
-        return [r.reply for r in replies]
+            got.append(cast(M, r.reply))  # (a WorkerReply holds its reply or its error)
+        return got
 
     async def plan_rpc(self, method: str, plan_text: str, *args: Any, reply: type[M],
                        timeout: float) -> list[M]:

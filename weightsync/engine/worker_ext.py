@@ -34,9 +34,20 @@ from weightsync.engine.layout_check import LayoutCheck
 from weightsync.engine.manifest import validate_plan, validate_specs
 from weightsync.engine.sync_state import WorkerSyncState
 from weightsync.errors import ManifestError, TransferError, WeightSyncError
-from weightsync.messages import (Ack, ApplyReply, CheckedFiles, Fingerprint, GpuMemory,
-                                 JoinProgress, LayoutStatus, ReceiveRequest, ReloadReply,
-                                 WorkerError, WorkerInfo, WorkerReply)
+from weightsync.messages import (
+    Ack,
+    ApplyReply,
+    CheckedFiles,
+    Fingerprint,
+    GpuMemory,
+    JoinProgress,
+    LayoutStatus,
+    ReceiveRequest,
+    ReloadReply,
+    WorkerError,
+    WorkerInfo,
+    WorkerReply,
+)
 from weightsync.transport.broadcast import BroadcastReceiver, PendingJoin
 from weightsync.transport.graphs import Replay
 from weightsync.transport.ipc import cuda_uuid

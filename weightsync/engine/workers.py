@@ -14,8 +14,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from weightsync.errors import EngineError, ReloadError, VerificationError
-from weightsync.messages import (ApplyReply, EngineWorkers, Fingerprint, GpuMemory,
-                                 LayoutStatus, WorkerInfo)
+from weightsync.messages import (
+    ApplyReply,
+    EngineWorkers,
+    Fingerprint,
+    GpuMemory,
+    LayoutStatus,
+    WorkerInfo,
+)
 from weightsync.types import FinishReply, ReceiveReport
 
 

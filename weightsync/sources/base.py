@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import weakref
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -129,7 +129,7 @@ class BucketFeed(Mapping):
                 self.tensors = self.producer.produce(self.order[k])
         except WeightSyncError:
             raise
-        except Exception as e:  # noqa: BLE001 - a trainer-side failure fails the transfer
+        except Exception as e:
             raise TransferError(f"the weight source failed making bucket {k}: "
                                 f"{type(e).__name__}: {e}") from e
         return self.tensors

@@ -89,8 +89,12 @@ class CheckpointNames:
         reversed_ = _reversed_transforms(model)
         if reversed_ is None:
             return None
-        from transformers.core_model_loading import (WeightConverter, WeightRenaming,
-                                                     dot_natural_key, rename_source_key)
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            dot_natural_key,
+            rename_source_key,
+        )
 
         renamings = [t for t in reversed_ if isinstance(t, WeightRenaming)]
         converters = [t for t in reversed_ if isinstance(t, WeightConverter)]
@@ -230,7 +234,7 @@ def _apply(model, group: Group, tensors: dict[str, torch.Tensor]) -> dict[str, t
         transform.add_tensor(group.key, name, pattern, tensors[name])
     try:
         realized = transform.convert(group.key, model=model, config=model.config)
-    except Exception as e:  # noqa: BLE001 - any failure inside transformers' op names the tensor
+    except Exception as e:
         raise ManifestError(f"transformers cannot convert {group.sources[0]!r} to its checkpoint "
                             f"names: {type(e).__name__}: {e}") from e
     return {k: (v[0] if isinstance(v, list) else v) for k, v in realized.items()}

@@ -53,8 +53,13 @@ from typing import Any
 
 import torch
 
-from weightsync.errors import (ConfigError, SyncFailedError, TransferError, WeightSyncError,
-                               error_class)
+from weightsync.errors import (
+    ConfigError,
+    SyncFailedError,
+    TransferError,
+    WeightSyncError,
+    error_class,
+)
 from weightsync.sources.base import BucketFeed, ModuleTensors, Parts, WeightSource, order_of
 from weightsync.sources.hf_names import CheckpointNames
 from weightsync.transport.packing import named_tensors, spec_of
@@ -197,7 +202,7 @@ class ShardGather:
                 layout[i].append((sizes[i], rows * row_bytes, rows))
                 sizes[i] += -(-rows * row_bytes // _ALIGN) * _ALIGN
         me = peers.index(rank)
-        for (n, t), (_, nbytes, rows) in zip(blocks, layout[me], strict=True):
+        for (n, t), (_, _nbytes, rows) in zip(blocks, layout[me], strict=True):
             if t.to_local().shape[0] != rows:
                 raise ConfigError(f"{n}: this rank holds {t.to_local().shape[0]} rows of "
                                   f"{t.shape[0]}, not the Shard(0) block of {rows}")

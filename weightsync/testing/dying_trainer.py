@@ -18,7 +18,6 @@ import signal
 import sys
 import threading
 
-
 DEADLINE_S = 6.0
 LEASE_S = 3.0
 

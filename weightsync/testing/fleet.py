@@ -39,9 +39,10 @@ from weightsync.remote import Engines, HostCall
 class Faults:
     """What goes wrong in one engine. ``corrupt_bucket``: a byte of that bucket flips on the
     way in (on worker ``corrupt_rank`` only, when set; read in place from the trainer's own
-    tensors — ``ipc_direct`` — the trainer writes that byte during the sync). ``fail_load_after``: the loader
-    raises after that many tensors (a load broken half-way). ``skew_load``: the loader adds a tiny offset to one parameter (its weights no
-    longer match the fleet's). ``stall``: worker RPC name -> seconds it hangs before running
+    tensors — ``ipc_direct`` — the trainer writes that byte during the sync).
+    ``fail_load_after``: the loader raises after that many tensors (a load broken half-way).
+    ``skew_load``: the loader adds a tiny offset to one parameter (its weights no longer match
+    the fleet's). ``stall``: worker RPC name -> seconds it hangs before running
     (a deadline to expire). ``dead``: the engine does not answer at all."""
 
     corrupt_bucket: int | None = None

@@ -19,9 +19,18 @@ import torch
 from weightsync.errors import TransferError
 from weightsync.messages import BeginReply, ReceiveRequest
 from weightsync.transport.legs.base import Incoming, LegOutcome, ReceiverLeg, SenderLeg
-from weightsync.transport.packing import (NotDirect, Spans, checksum, digest_terms,
-                                          direct_pieces, fold_spans, named_tensors,
-                                          pack_bucket, piece_views, span_views)
+from weightsync.transport.packing import (
+    NotDirect,
+    Spans,
+    checksum,
+    digest_terms,
+    direct_pieces,
+    fold_spans,
+    named_tensors,
+    pack_bucket,
+    piece_views,
+    span_views,
+)
 from weightsync.types import TransferPlan
 
 _MAILBOX: dict[str, tuple] = {}  # one send's (buckets, checksums, direct terms), by token

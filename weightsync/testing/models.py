@@ -99,8 +99,13 @@ def build_vl_model(out: str | os.PathLike, *, hidden: int = 128, layers: int = 2
                    vocab_size: int = 512, dtype: str = "float32", seed: int = 0) -> Path:
     """A tiny Qwen2-VL (vision tower + text model) with random weights and a processor."""
     import torch
-    from transformers import (AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                              Qwen2VLImageProcessor, Qwen2VLProcessor)
+    from transformers import (
+        AutoTokenizer,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+    )
 
     out = Path(out)
     key = dict(kind="qwen2vl", hidden=hidden, layers=layers, vocab=vocab_size, dtype=dtype, seed=seed)

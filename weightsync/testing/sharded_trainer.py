@@ -75,9 +75,10 @@ def _rss_hwm_reset() -> int:
 
 
 def _status(key: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
     raise KeyError(key)
 
 
@@ -194,7 +195,7 @@ def main() -> None:
     if args.wave_size and args.rank == 0:  # each wave reads the source again, every rank too
         kwargs["wave_size"] = args.wave_size
     expected = _expected_sums(args) if args.rank == 0 else None
-    for i in range(args.syncs):
+    for _i in range(args.syncs):
         before = _rss_hwm_reset()
         entry = sync_outcome(sync, model, **kwargs)
         if expected is not None and entry["ok"]:  # the gathered bytes are the unsharded model's

@@ -17,8 +17,8 @@ from datetime import timedelta
 
 import torch
 
-from weightsync.transport import vllm_groups
 from weightsync.errors import DeadlineExceeded, TransferError, WeightSyncError
+from weightsync.transport import vllm_groups
 from weightsync.transport.packing import checksum, named_tensors, pack_bucket
 from weightsync.types import Bucket, TransferPlan
 

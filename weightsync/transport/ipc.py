@@ -56,7 +56,8 @@ def share_bucket(index: int, buf: torch.Tensor, reusable: bool = False) -> IpcBu
     #        event_handle, event_sync_required)
     return IpcBucketHandle(
         index=index, nbytes=buf.numel(), device_uuid=device_uuid(buf.device),
-        tensor_offset=args[3], storage_cls=args[4].__name__, handle=args[7], storage_size=args[8], storage_offset=args[9],
+        tensor_offset=args[3], storage_cls=args[4].__name__, handle=args[7],
+        storage_size=args[8], storage_offset=args[9],
         ref_counter_handle=args[11], ref_counter_offset=args[12],
         event_handle=args[13], event_sync_required=args[14], reusable=reusable,
     )

@@ -53,5 +53,5 @@ def destroy_group(group: Any) -> None:
             group.abort()
         elif hasattr(group, "shutdown"):
             group.shutdown()
-    except Exception:  # noqa: BLE001 - teardown of a possibly broken group
+    except Exception:
         logger.debug("group teardown raised", exc_info=True)

@@ -21,8 +21,16 @@ from fastapi import APIRouter, Depends
 from weightsync.api.deps import get_fleet, require_reader, require_token
 from weightsync.api.fleet import Fleet
 from weightsync.api.routes.common import READ_ERRORS, WRITE_ERRORS
-from weightsync.api.schemas import (EngineInfo, EngineList, EngineStates, FleetStatus,
-                                    PauseRequest, ResumeRequest, SleepRequest, WakeRequest)
+from weightsync.api.schemas import (
+    EngineInfo,
+    EngineList,
+    EngineStates,
+    FleetStatus,
+    PauseRequest,
+    ResumeRequest,
+    SleepRequest,
+    WakeRequest,
+)
 from weightsync.types import EngineState, SleepResult
 
 S = EngineState

@@ -17,8 +17,14 @@ from weightsync.api.deps import get_fleet, get_sessions, get_settings, require_t
 from weightsync.api.errors import ClientGoneError
 from weightsync.api.fleet import SYNCABLE, Fleet
 from weightsync.api.routes.common import WRITE_ERRORS
-from weightsync.api.schemas import (AbortRequest, CommitRequest, ReloadRequest, SessionClosed,
-                                    SessionInfo, SessionRequest)
+from weightsync.api.schemas import (
+    AbortRequest,
+    CommitRequest,
+    ReloadRequest,
+    SessionClosed,
+    SessionInfo,
+    SessionRequest,
+)
 from weightsync.api.sessions import SessionRegistry
 from weightsync.config import Settings
 from weightsync.errors import SyncFailedError, WeightSyncError

@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib
 import os
 import threading
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from weightsync.errors import ConfigError
 
@@ -93,10 +93,19 @@ def _load_engine_modules() -> None:
             importlib.import_module(module)
 
 
+def _class(name: str, module: str, attr: str, base: type) -> type[Any]:
+    cls = getattr(importlib.import_module(module), attr)
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError(f"transfer leg {name!r}: {module}.{attr} is not a {base.__name__}")
+    return cls
+
+
 def sender_leg(name: str) -> type[SenderLeg]:
     """The trainer-side class of leg ``name``."""
+    from weightsync.transport.legs.base import SenderLeg
+
     entry = _entry(name)
-    return getattr(importlib.import_module(entry.module), entry.sender)
+    return _class(name, entry.module, entry.sender, SenderLeg)
 
 
 def receiver_leg(name: str) -> type[ReceiverLeg]:
@@ -104,8 +113,10 @@ def receiver_leg(name: str) -> type[ReceiverLeg]:
     or one registered by the modules the engine's start-up environment names."""
     if name not in _LEGS:
         _load_engine_modules()
+    from weightsync.transport.legs.base import ReceiverLeg
+
     entry = _entry(name)
-    return getattr(importlib.import_module(entry.module), entry.receiver)
+    return _class(name, entry.module, entry.receiver, ReceiverLeg)
 
 
 register_leg("broadcast", "weightsync.transport.legs.broadcast", "BroadcastLeg",

@@ -70,7 +70,8 @@ class SenderLeg(ABC):
                               deadline_s=self.cfg.deadlines.transfer, payload=payload,
                               commit_version=commit_version)
 
-    def group_ranks(self, names: Sequence[str]) -> tuple[GroupRanks | None, dict]:
+    def group_ranks(self, names: Sequence[str]
+                    ) -> tuple[GroupRanks | None, dict[str, WeightSyncError]]:
         """Every engine's workers (``EngineHost.engine_workers``) laid out as group ranks
         (``transport.ranks``): (ranks, failures)."""
         ok, bad = self.engines.each(names, self.engines.engine_workers, self.cfg.deadlines.verify)
@@ -100,7 +101,8 @@ class SenderLeg(ABC):
     def receive_held(self, names: Sequence[str], plan: TransferPlan,
                      begun: Mapping[str, BeginReply], request: ReceiveRequest,
                      held: dict[str, str], *, key: str | None = None,
-                     same_machine: bool = False) -> tuple[dict, dict]:
+                     same_machine: bool = False
+                     ) -> tuple[dict[str, ReceiveReport], dict[str, WeightSyncError]]:
         """``receive_everywhere`` with the payload named by key to every engine that holds it
         (``held``: engine -> the key of the payload it was last sent whole, kept up to date
         here). An engine that no longer holds it (restarted) is asked again with the payload
@@ -132,7 +134,8 @@ class SenderLeg(ABC):
 
     def receive_everywhere(self, names: Sequence[str], plan: TransferPlan,
                            begun: Mapping[str, BeginReply],
-                           request: ReceiveRequest) -> tuple[dict, dict]:
+                           request: ReceiveRequest
+                           ) -> tuple[dict[str, ReceiveReport], dict[str, WeightSyncError]]:
         """Every engine's ``receive`` under the transfer deadline: (receipts, failures)."""
         pending = self.submit_receive(names, plan, begun, request)
         return self.wait_receipts(pending, self.cfg.deadlines.transfer * 1.6)

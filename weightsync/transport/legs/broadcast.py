@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from weightsync.errors import TransferError, WeightSyncError
@@ -66,7 +66,7 @@ class BroadcastLeg(SenderLeg):
         return LegOutcome(sums, ok, bad, seconds)
 
     def _group_for(self, names: Sequence[str], begun: Mapping[str, BeginReply]
-                   ) -> tuple[BroadcastSender | None, dict]:
+                   ) -> tuple[BroadcastSender | None, dict[str, WeightSyncError]]:
         """The open group when every member still reports it, else a new one."""
         dl = self.cfg.deadlines
         members = tuple(names)
@@ -113,8 +113,8 @@ class GroupReceiver(ReceiverLeg):
 
     def __init__(self, worker: Any) -> None:
         super().__init__(worker)
-        self._pool: list | None = None  # last sync's buffers, offered to the next
-        self._received: list = []
+        self._pool: list[Any] | None = None  # last sync's buffers, offered to the next
+        self._received: list[Any] = []
 
     def receive(self, plan: TransferPlan, request: ReceiveRequest) -> Incoming:
         group = self.worker._ws_group()
@@ -123,7 +123,7 @@ class GroupReceiver(ReceiverLeg):
         pool, self._pool = self._pool, None
         self._received = []
 
-        def buckets():
+        def buckets() -> Iterator[tuple[Any, Any]]:
             for bucket, buf in group.receive(plan, request.deadline_s, pool):
                 self._received.append(buf)
                 yield bucket, buf

@@ -27,15 +27,30 @@ from weightsync.messages import BeginReply, ReceiveRequest
 from weightsync.transport.digest_cuda import ManyDigests
 from weightsync.transport.feed import HeldFeed
 from weightsync.transport.graphs import Replay
-from weightsync.transport.legs.base import (HeldPayload, Incoming, LegOutcome, ReceiverLeg,
-                                            SenderLeg, payload_key)
-from weightsync.transport.packing import (NotDirect, Piece, bucket_sources, digest_terms,
-                                          direct_pieces, fold_spans, fold_terms, pack_bucket,
-                                          piece_views, span_views)
+from weightsync.transport.legs.base import (
+    HeldPayload,
+    Incoming,
+    LegOutcome,
+    ReceiverLeg,
+    SenderLeg,
+    payload_key,
+)
+from weightsync.transport.packing import (
+    NotDirect,
+    Piece,
+    bucket_sources,
+    digest_terms,
+    direct_pieces,
+    fold_spans,
+    fold_terms,
+    pack_bucket,
+    piece_views,
+    span_views,
+)
 from weightsync.types import TransferPlan
 
 
-def bucket_terms(bufs, many: ManyDigests | None = None):
+def bucket_terms(bufs: Sequence[Any], many: ManyDigests | None = None) -> Any:
     """The sender's checksum terms of its IPC buckets, on the device (``digest_terms``, or
     ``many``: the same as one launch). ``IpcLeg`` takes another function in its place where
     a test falsifies what the engines are told (``weightsync.testing.faulty``)."""
@@ -57,11 +72,11 @@ class _DeviceBuckets:
         self.terms: Any = None  # the sender's checksum terms, shared with the engines
         self.event: Any = None  # interprocess CUDA event recorded after packing
         self.graph = Replay(f"IPC packing cuda:{index}")  # reused buffers: one launch a sync
-        self.views: list[dict] = []  # packing's cached destination views per bucket
+        self.views: list[dict[str, Any]] = []  # packing's cached destination views per bucket
         # direct: (key, the pieces' Spans, checksum terms, share) of the trainer's own
         # storages, shared as they are (the views keep the storages alive)
-        self.direct: tuple | None = None
-        self.direct_held: tuple | None = None  # the HeldFeed it was derived from, if any
+        self.direct: tuple[Any, ...] | None = None
+        self.direct_held: tuple[Any, ...] | None = None  # the HeldFeed it was derived from, if any
 
     def share_direct(self, plan: TransferPlan, source: Any, reuse: bool) -> str | None:
         """Share the trainer's own storages and where every slot lies in them (no packed
@@ -72,8 +87,12 @@ class _DeviceBuckets:
         nothing was queued)."""
         import torch
 
-        from weightsync.transport.ipc import IpcDeviceShare, device_uuid, interprocess_event, \
-            share_bucket
+        from weightsync.transport.ipc import (
+            IpcDeviceShare,
+            device_uuid,
+            interprocess_event,
+            share_bucket,
+        )
 
         if getattr(source, "transient", False):
             return "the source makes its tensors per bucket (nothing to map across syncs)"
@@ -136,8 +155,12 @@ class _DeviceBuckets:
         """Queue packing + checksum terms on this GPU and record the event after them."""
         import torch
 
-        from weightsync.transport.ipc import (IpcDeviceShare, device_uuid,
-                                              interprocess_event, share_bucket)
+        from weightsync.transport.ipc import (
+            IpcDeviceShare,
+            device_uuid,
+            interprocess_event,
+            share_bucket,
+        )
 
         self.forget_direct()
         sizes = [b.nbytes for b in plan.buckets]
@@ -154,7 +177,7 @@ class _DeviceBuckets:
                 self.share = None
             terms = self.terms.view(torch.int64).view(len(sizes), 3)
 
-            def pack() -> list:
+            def pack() -> list[Any]:
                 bufs = [pack_bucket(b, source, device, out=kept[i] if kept else None,
                                     views=self.views[i])
                         for i, b in enumerate(plan.buckets)]
@@ -204,7 +227,7 @@ class _DeviceBuckets:
         self.terms = None
         self.graph.reset()  # its launches address the buffers freed here
         with torch.cuda.device(self.index):
-            torch.cuda.ipc_collect()  # blocks the engines released are freed only now
+            torch.cuda.ipc_collect()  # type: ignore[no-untyped-call]  # blocks the engines released are freed only now
             torch.cuda.empty_cache()
 
 
@@ -232,7 +255,7 @@ class IpcLeg(SenderLeg):
         self._placement: tuple[tuple[str, ...], tuple[int, ...]] | None = None
         self._workers: dict[str, int] = {}  # engine -> its worker count, with the placement
         # (the shares, their JSON as sent, its payload_key)
-        self._handles: tuple[tuple, str, str] | None = None
+        self._handles: tuple[tuple[Any, ...], str, str] | None = None
         self._held_by: dict[str, str] = {}  # engine -> the key of the share it holds
         self.direct_note: str | None = None  # why the last sync packed (None: it did not)
 
@@ -264,8 +287,8 @@ class IpcLeg(SenderLeg):
         shares = tuple(self._devices[i].share for i in gpus)
         kept = self._handles is not None and len(self._handles[0]) == len(shares) and \
             all(a is b for a, b in zip(self._handles[0], shares))
-        if not kept:  # kept shares (held here, so never a new object at an old address)
-            text = IpcShare(devices=shares).model_dump_json()
+        if not kept or self._handles is None:  # kept shares (held here, so never a new
+            text = IpcShare(devices=shares).model_dump_json()  # object at an old address)
             self._handles = (shares, text, payload_key(text))
         _, handles, key = self._handles
         seconds = {"trainer_queue": queued, "trainer_share": time.perf_counter() - t - queued}
@@ -290,7 +313,7 @@ class IpcLeg(SenderLeg):
             return "more than one engine or worker: buckets are staged on every one"
         return None
 
-    def _gpus_for(self, names: Sequence[str]) -> tuple[list[int], dict]:
+    def _gpus_for(self, names: Sequence[str]) -> tuple[list[int], dict[str, Any]]:
         """Local indices of the GPUs the engines' workers use (this process's current GPU
         first when a worker uses it: the first GPU's checksums are the ones reported), asked
         once per set of engines."""
@@ -350,13 +373,13 @@ class IpcReceiver(ReceiverLeg):
 
     def __init__(self, worker: Any) -> None:
         super().__init__(worker)
-        self._mapped: dict[tuple, Any] = {}
+        self._mapped: dict[tuple[Any, ...], Any] = {}
         self._events: dict[str, Any] = {}
-        self._spans: tuple | None = None  # direct: (what they depend on, Spans, their views)
-        self._digests: tuple | None = None  # (the buffers' addresses, their ManyDigests)
+        self._spans: tuple[Any, ...] | None = None  # direct: (what they depend on, Spans, their views)
+        self._digests: tuple[Any, ...] | None = None  # (the buffers' addresses, their ManyDigests)
         # the sender's share, parsed once while it keeps it (then it names it by key)
         self._share = HeldPayload(self._parse)
-        self._opened: tuple | None = None  # (a kept share, its mapped buffers)
+        self._opened: tuple[Any, ...] | None = None  # (a kept share, its mapped buffers)
 
     def _parse(self, payload: str) -> Any:
         from weightsync.transport.ipc import IpcShare, device_uuid
@@ -428,7 +451,7 @@ class IpcReceiver(ReceiverLeg):
                         seconds={"ipc_open": opened, "checksum": time.perf_counter() - t0},
                         cache_key="ipc" if reused else None)
 
-    def _open(self, handles) -> list:
+    def _open(self, handles: Any) -> list[Any]:
         """Map every handle (those the trainer reuses: once, kept mapped) and unmap the kept
         mappings it no longer shares."""
         from weightsync.transport.ipc import open_bucket
