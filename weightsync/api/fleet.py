@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -29,7 +29,7 @@ from weightsync.coordination.states import require_states, unreachable
 from weightsync.coordinator import SyncCoordinator
 from weightsync.errors import DeadlineExceeded, SyncInProgressError
 from weightsync.remote import unwrap
-from weightsync.types import EngineState, EngineStatus, SyncResult, exclusive_phases
+from weightsync.types import EngineState, EngineStatus, PauseMode, SyncResult, exclusive_phases
 
 logger = logging.getLogger(__name__)
 
@@ -77,33 +77,46 @@ class Fleet:
                                      engine=unknown[0])
         return list(dict.fromkeys(names))
 
-    async def call(self, name: str, method: str, *args: Any, timeout: float, **kw: Any) -> Any:
-        """``actor.method.remote(*args, **kw)`` awaited under ``timeout``, typed errors."""
-        ref = getattr(self.actors[name], method).remote(*args, **kw)
+    # the engine calls the control plane makes itself (syncs and reloads go through the
+    # coordinator's typed seam, ``weightsync.remote.Engines``): one named method each
+    async def engine_status(self, name: str) -> EngineStatus:
+        return await self._call(name, self.actors[name].status.remote(), "status",
+                                STATUS_TIMEOUT_S)
+
+    async def pause(self, name: str, mode: PauseMode, *, timeout: float) -> EngineStatus:
+        return await self._call(name, self.actors[name].pause.remote(mode), "pause", timeout)
+
+    async def resume(self, name: str, *, timeout: float) -> EngineStatus:
+        return await self._call(name, self.actors[name].resume.remote(), "resume", timeout)
+
+    async def _call(self, name: str, ref: Any, what: str, timeout: float) -> Any:
+        """A started actor call awaited under ``timeout``, typed errors."""
         try:
             return await asyncio.wait_for(_awaited(ref), timeout)
         except TimeoutError as e:
-            raise DeadlineExceeded(f"{method} gave no answer within {timeout:.1f}s",
+            raise DeadlineExceeded(f"{what} gave no answer within {timeout:.1f}s",
                                    engine=name) from e
         except Exception as e:
             err = unwrap(e)
             err.engine = err.engine or name
             raise err from e
 
-    async def each(self, names: Sequence[str], method: str, *args: Any, timeout: float,
-                   **kw: Any) -> dict[str, Any]:
-        """Call every engine concurrently; wait for all, then raise the first error if any."""
-        outs = await asyncio.gather(*(self.call(n, method, *args, timeout=timeout, **kw)
-                                      for n in names), return_exceptions=True)
+    async def each(self, names: Sequence[str],
+                   call: Callable[[str], Awaitable[T]]) -> dict[str, T]:
+        """``call(name)`` on every engine concurrently; wait for all, then raise the first
+        error if any."""
+        outs = await asyncio.gather(*(call(n) for n in names), return_exceptions=True)
         errors = [o for o in outs if isinstance(o, BaseException)]
         if errors:
             done = [n for n, o in zip(names, outs, strict=True)
                     if not isinstance(o, BaseException)]
             if done:
-                logger.warning("%s: succeeded on %s, failed on %s", method, done,
+                logger.warning("%s: succeeded on %s, failed on %s",
+                               getattr(call, "__name__", "call"), done,
                                [getattr(e, "engine", None) for e in errors])
             raise errors[0]
-        return dict(zip(names, outs, strict=True))
+        return {n: o for n, o in zip(names, outs, strict=True)
+                if not isinstance(o, BaseException)}
 
     async def statuses(self, names: Sequence[str] | None = None) -> list[EngineStatus]:
         """Every engine's status, asked now (and kept in ``view``); an engine that does not
@@ -112,7 +125,7 @@ class Fleet:
 
         async def one(name: str) -> EngineStatus:
             try:
-                st = await self.call(name, "status", timeout=STATUS_TIMEOUT_S)
+                st = await self.engine_status(name)
             except Exception as e:  # noqa: BLE001 - shown, not raised: the page stays up
                 st = unreachable(name, e)
             self.view.update([st], asked)  # as each answers: one silent engine holds no other

@@ -16,6 +16,8 @@ so a client reads its own change at once.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from fastapi import APIRouter, Depends
 
 from weightsync.api.deps import get_fleet, require_reader, require_token
@@ -31,7 +33,7 @@ from weightsync.api.schemas import (
     SleepRequest,
     WakeRequest,
 )
-from weightsync.types import EngineState, SleepResult
+from weightsync.types import EngineState, EngineStatus, SleepResult
 
 S = EngineState
 
@@ -55,13 +57,13 @@ async def status(fleet: Fleet = Depends(get_fleet)) -> FleetStatus:
     return await fleet.status()
 
 
-async def _act(fleet: Fleet, names, method: str, *args, allowed: set[EngineState],
-               timeout: float) -> EngineStates:
+async def _act(fleet: Fleet, names, what: str, call: Callable[[str], Awaitable[EngineStatus]],
+               allowed: set[EngineState]) -> EngineStates:
     targets = fleet.resolve(names)
     with fleet.exclusive():
-        await fleet.require_states(targets, allowed, method)
+        await fleet.require_states(targets, allowed, what)
         try:
-            await fleet.each(targets, method, *args, timeout=timeout)
+            await fleet.each(targets, call)
         finally:  # what the engines are now, for this answer and for every reader
             after = await fleet.statuses(targets)
     return EngineStates(engines=after)
@@ -103,14 +105,16 @@ async def wake(req: WakeRequest | None = None,
 async def pause(req: PauseRequest | None = None,
                 fleet: Fleet = Depends(get_fleet)) -> EngineStates:
     req = req or PauseRequest()
-    return await _act(fleet, req.engines, "pause", req.mode, allowed={S.SERVING},
-                      timeout=fleet.coordinator.transfer.deadlines.pause)
+    timeout = fleet.coordinator.transfer.deadlines.pause
+    return await _act(fleet, req.engines, "pause",
+                      lambda n: fleet.pause(n, req.mode, timeout=timeout), allowed={S.SERVING})
 
 
 @router.post("/resume", response_model=EngineStates, **write)
 async def resume(req: ResumeRequest | None = None,
                  fleet: Fleet = Depends(get_fleet)) -> EngineStates:
     req = req or ResumeRequest()
-    return await _act(fleet, req.engines, "resume", allowed={S.PAUSED},
-                      timeout=fleet.coordinator.transfer.deadlines.resume)
+    timeout = fleet.coordinator.transfer.deadlines.resume
+    return await _act(fleet, req.engines, "resume",
+                      lambda n: fleet.resume(n, timeout=timeout), allowed={S.PAUSED})
 
