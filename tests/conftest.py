@@ -47,12 +47,13 @@ def fleet(ray_session, tiny_model):
 
     # eager with a short context: half the start time of vLLM's CPU defaults (compiled, the
     # model's 32k context); other tests' engines take vLLM's defaults
-    from weightsync.testing.legs import ENGINE_RUNTIME_ENV
+    from weightsync.testing import legs
 
-    specs = [EngineSpec(name=f"engine-{c}", model=str(tiny_model), dtype="float32",
-                        max_model_len=512, enforce_eager=True) for c in "ab"]
     # the engines know the test legs (tests sync them by corrupt-one-rank)
-    actors = start_engines(specs, runtime_env=ENGINE_RUNTIME_ENV)
+    specs = [EngineSpec(name=f"engine-{c}", model=str(tiny_model), dtype="float32",
+                        max_model_len=512, enforce_eager=True, leg_modules=legs.MODULES)
+             for c in "ab"]
+    actors = start_engines(specs)
     yield actors
     stop_engines(actors, timeout_s=30)
 

@@ -114,6 +114,11 @@ class EngineSpec(_Frozen):
     num_gpus: float = Field(0.0, ge=0)  # Ray resource; >0 for a GPU engine of its own
     limit_mm_per_prompt: dict[str, int] | None = None
     load_roots: tuple[str, ...] = ()  # directories /reload may read checkpoints from
+    # modules the engine's workers import once at start so that their ``register_leg`` calls
+    # run there (``transport.legs.import_leg_modules``): a leg of your own, or the test legs
+    # (``weightsync.testing.legs.MODULES``). Set by whoever starts the engine; a sync request
+    # names a leg, never a module.
+    leg_modules: tuple[str, ...] = ()
     # Any other argument of vLLM's engine (``AsyncEngineArgs``: quantization, max_num_seqs,
     # enable_prefix_caching, kv_cache_dtype, compilation_config, ...), checked against the
     # installed vLLM's own arguments when the spec is made. Arguments weightsync owns (its

@@ -20,7 +20,7 @@ from weightsync.config import EngineSpec, TransferConfig
 from weightsync.coordinator import SyncCoordinator
 from weightsync.engine.actor import start_engines, stop_engines
 from weightsync.errors import SyncFailedError
-from weightsync.testing.legs import ENGINE_RUNTIME_ENV
+from weightsync.testing import legs
 from weightsync.testing.reference import greedy, perturb_
 from weightsync.types import EngineState
 
@@ -33,10 +33,11 @@ N_TOK = 8
 def tp_fleet(fleet, tiny_model):
     """{"tp2-a", "tp2-b": TP=2 engines, "engine-a": the session fleet's TP=1 engine} -> actor."""
     specs = [EngineSpec(name=n, model=str(tiny_model), dtype="float32", cpu_kvcache_gib=0.25,
-                        tensor_parallel_size=2, max_model_len=512, enforce_eager=True)
+                        tensor_parallel_size=2, max_model_len=512, enforce_eager=True,
+                        leg_modules=legs.MODULES)  # they know corrupt-one-rank
              for n in ("tp2-a", "tp2-b")]
     t = time.perf_counter()
-    actors = start_engines(specs, runtime_env=ENGINE_RUNTIME_ENV)  # they know corrupt-one-rank
+    actors = start_engines(specs)
     print(f"\n[tp] two TP=2 engines up in {time.perf_counter() - t:.1f}s")
     yield {"tp2-a": actors[0], "tp2-b": actors[1], "engine-a": fleet[0]}
     stop_engines(actors)

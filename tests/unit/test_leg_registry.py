@@ -12,7 +12,6 @@ import pytest
 
 from weightsync.errors import ConfigError
 from weightsync.transport.legs import (
-    LEG_MODULES_ENV,
     receiver_leg,
     register_leg,
     registered_legs,
@@ -23,9 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _python(code: str, **env: str) -> str:
-    base = {k: v for k, v in os.environ.items() if k != LEG_MODULES_ENV}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=REPO, env={**base, **env}, check=True)
+                         cwd=REPO, env={**os.environ, **env}, check=True)
     return out.stdout.strip()
 
 
@@ -61,12 +59,14 @@ def test_production_knows_the_built_in_legs_only():
     assert _python(code) == "['broadcast', 'external', 'ipc']"
 
 
-def test_an_engine_learns_test_legs_from_its_start_up_environment_only():
-    code = ("import sys; from weightsync.transport.legs import receiver_leg; "
+def test_an_engine_learns_test_legs_only_from_the_modules_its_spec_names():
+    """A worker resolving a leg by name (what a request carries) imports nothing: an engine
+    knows the test legs only after ``import_leg_modules(EngineSpec.leg_modules)`` at start."""
+    code = ("import sys; from weightsync.transport.legs import receiver_leg, import_leg_modules\n"
             "from weightsync.errors import ConfigError\n"
             "try:\n    print(receiver_leg('corrupt-one-rank').__name__)\n"
             "except ConfigError:\n    print('unknown')\n"
-            "print('weightsync.testing.legs' in sys.modules)")
-    assert _python(code).split() == ["unknown", "False"]
-    assert _python(code, **{LEG_MODULES_ENV: "weightsync.testing.legs"}).split() == \
-        ["CorruptOneRankReceiver", "True"]
+            "print('weightsync.testing.legs' in sys.modules)\n"
+            "import_leg_modules(['weightsync.testing.legs'])\n"
+            "print(receiver_leg('corrupt-one-rank').__name__)")
+    assert _python(code).split() == ["unknown", "False", "CorruptOneRankReceiver"]

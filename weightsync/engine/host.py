@@ -142,6 +142,9 @@ class EngineHost:
         infos = await self.calls.rpc("ws_info", reply=WorkerInfo, timeout=300)
         self.loads.workers = check_workers(infos, self.spec.name)
         self.info = infos[0]
+        if self.spec.leg_modules:  # the legs its spec adds (never named by a request)
+            await self.calls.rpc("ws_import_legs", list(self.spec.leg_modules), reply=Ack,
+                                 timeout=60)
         # the colocated trainer's short way in for the call every sync makes (RayEngines)
         if self._channel is not None:  # (a restart)
             await self._channel.close()

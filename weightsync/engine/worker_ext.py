@@ -158,6 +158,14 @@ class WeightSyncWorkerExtension:
         return Fingerprint(digest=self._fingerprint(), rebuilt=self._ws_state().rebuilt)
 
     @worker_rpc
+    def ws_import_legs(self, modules: list[str]) -> Ack:
+        """Import the leg modules the engine's own spec names (``EngineSpec.leg_modules``)."""
+        from weightsync.transport.legs import import_leg_modules
+
+        import_leg_modules(modules)
+        return Ack()
+
+    @worker_rpc
     def ws_scrub_kv(self) -> Ack:
         """Zero the KV cache: what a served version wrote there reaches no later version."""
         vllm_compat.scrub_kv_cache(self)

@@ -8,17 +8,16 @@
   sent (``testing.faulty``); its receiver is the IPC leg's own.
 
 Real engines resolve a test leg's receiver in their own workers: they must be started with
-``ENGINE_RUNTIME_ENV`` (Ray's ``runtime_env`` of the engine actor), which names this module in
-``LEG_MODULES_ENV`` so that the engine imports it there too. Nothing else makes an engine
-import it.
+``EngineSpec(leg_modules=MODULES)``, so that their workers import this module at start too.
+Nothing else makes an engine import it.
 """
 
 from __future__ import annotations
 
-from weightsync.transport.legs import LEG_MODULES_ENV, register_leg
+from weightsync.transport.legs import register_leg
 
-ENGINE_RUNTIME_ENV = {"env_vars": {LEG_MODULES_ENV: __name__}}
-"""Ray ``runtime_env`` for engine actors that tests sync through a test leg."""
+MODULES = (__name__,)
+"""``EngineSpec.leg_modules`` for engines that tests sync through a test leg."""
 
 register_leg("loopback", "weightsync.testing.loopback", "LoopbackLeg", "LoopbackReceiver")
 register_leg("corrupt-one-rank", "weightsync.testing.faulty", "CorruptOneRankLeg",

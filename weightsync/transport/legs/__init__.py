@@ -17,28 +17,23 @@ imported on first use)::
 registered by ``weightsync.testing.legs`` when a test imports it.
 
 A worker resolves the receiver a request names. An engine process knows the built-in legs and
-those registered by the modules its start-up environment names (``LEG_MODULES_ENV``, set by
-whoever starts the engine, as a test fixture does for the test legs); a request names a leg,
-never a module, so no request makes an engine import anything.
+those registered by the modules its own spec names (``EngineSpec.leg_modules``, set by whoever
+starts the engine, as a test fixture does for the test legs: imported once at engine start,
+``import_leg_modules``); a request names a leg, never a module, so no request makes an engine
+import anything.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from weightsync.errors import ConfigError
 
 if TYPE_CHECKING:
     from weightsync.transport.legs.base import ReceiverLeg, SenderLeg
-
-LEG_MODULES_ENV = "WEIGHTSYNC_LEG_MODULES"
-"""Comma-separated modules an engine process imports, once, when a request names a leg it does
-not know, so that their ``register_leg`` calls run there. Set in the engine's environment when
-it starts (e.g. ``weightsync.testing.legs.ENGINE_RUNTIME_ENV`` as the Ray actor's runtime_env);
-never read from a request."""
 
 
 class LegEntry(NamedTuple):
@@ -52,7 +47,6 @@ class LegEntry(NamedTuple):
 _LEGS: dict[str, LegEntry] = {}
 _lock = threading.Lock()
 _load_lock = threading.Lock()
-_engine_modules_loaded = False
 
 
 def register_leg(name: str, module: str, sender_cls: str, receiver_cls: str) -> None:
@@ -80,17 +74,14 @@ def _entry(name: str) -> LegEntry:
     return entry
 
 
-def _load_engine_modules() -> None:
-    """Import the modules this process's start-up environment names (``LEG_MODULES_ENV``),
-    once (a worker thread asking meanwhile waits for them)."""
-    global _engine_modules_loaded
+def import_leg_modules(modules: Sequence[str]) -> list[str]:
+    """Import ``modules`` (once each) so that their ``register_leg`` calls run in this
+    process: an engine's workers, from the engine's own spec at start. Returns the legs known
+    after."""
     with _load_lock:  # (not _lock: the modules' register_leg calls take that one)
-        if _engine_modules_loaded:
-            return
-        _engine_modules_loaded = True
-        for module in filter(None, (m.strip() for m in os.environ.get(LEG_MODULES_ENV, "")
-                                    .split(","))):
+        for module in modules:
             importlib.import_module(module)
+    return registered_legs()
 
 
 def _class(name: str, module: str, attr: str, base: type) -> type[Any]:
@@ -110,9 +101,7 @@ def sender_leg(name: str) -> type[SenderLeg]:
 
 def receiver_leg(name: str) -> type[ReceiverLeg]:
     """The worker-side class of leg ``name``: a built-in leg, one registered in this process,
-    or one registered by the modules the engine's start-up environment names."""
-    if name not in _LEGS:
-        _load_engine_modules()
+    or one registered by the modules the engine's spec names (``import_leg_modules``)."""
     from weightsync.transport.legs.base import ReceiverLeg
 
     entry = _entry(name)
