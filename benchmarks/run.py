@@ -115,7 +115,7 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
          gpu_util: float = typer.Option(0.4, help="GPU: vLLM memory share for all engines"),
          ipc_reuse: bool = typer.Option(False, help="keep IPC buckets mapped across syncs"),
          ipc_direct: bool = typer.Option(False, help="IPC into one engine: copy from the "
-                                         "trainer's own tensors (TransferConfig.ipc_direct)"),
+                                         "trainer's own tensors (TransferConfig.ipc.direct)"),
          cpu_kv_gib: float = typer.Option(1.0, help="CPU: each engine's KV cache (8 engines "
                                           "of the small shape fit 24 GiB at 0.25)"),
          broadcast: str = typer.Option("collective", help="gloo: collective | chain"),
@@ -125,7 +125,7 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
     import ray
     import torch
 
-    from weightsync.config import EngineSpec, TransferConfig
+    from weightsync.config import BroadcastSettings, EngineSpec, IpcSettings, TransferConfig
     from weightsync.coordinator import SyncCoordinator
     from weightsync.engine.actor import start_engines, stop_engines
     from weightsync.testing.reference import load_trainer_model, perturb_
@@ -146,10 +146,11 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
     boot = time.perf_counter() - t
     device = "cuda" if gpu else "cpu"
     policy = load_trainer_model(model_dir, dtype=getattr(torch, dtype)).to(device)
-    cfg = TransferConfig(bucket_bytes=bucket_mib << 20, apply=apply, ipc_reuse_buffers=ipc_reuse,
-                         ipc_direct=ipc_direct,
-                         backend="nccl" if gpu and not ipc else "gloo",
-                         broadcast=broadcast if not gpu else "collective")
+    cfg = TransferConfig(bucket_bytes=bucket_mib << 20, apply=apply,
+                         ipc=IpcSettings(reuse_buffers=ipc_reuse, direct=ipc_direct),
+                         broadcast=BroadcastSettings(
+                             backend="nccl" if gpu and not ipc else "gloo",
+                             mode=broadcast if not gpu else "collective"))
     runs: list[dict] = []
     result = {"meta": run_meta("sync", shape=shape, colocated=colocated),
               "date": dt.date.today().isoformat(), "versions": _versions(), "device": device,
@@ -160,7 +161,7 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
               "ipc_reuse_buffers": ipc_reuse, "ipc_direct": ipc_direct,
               "sleep_level": sleep_level, "apply": apply, "bucket_mib": bucket_mib,
               "colocated": colocated, "gpu_memory_utilization": gpu_util if gpu else None,
-              "broadcast": cfg.broadcast,
+              "broadcast": cfg.broadcast.mode,
               "syncs": syncs, "engine_boot_s": boot, "runs": runs,
               "baseline_vllm_native_ipc": None}
     out = out or Path("benchmarks/results") / f"sync-{device}-{shape}.json"

@@ -31,7 +31,7 @@ PROMPTS = ["hello world", "the quick brown fox", "one two three", "a b c d"]
 def _fleet_run(bind: str, model_dir: Path, syncs: int, gen_tokens: int) -> dict:
     import ray
 
-    from weightsync.config import EngineSpec, TransferConfig
+    from weightsync.config import BroadcastSettings, EngineSpec, TransferConfig
     from weightsync.coordinator import SyncCoordinator
     from weightsync.engine.actor import start_engines, stop_engines
     from weightsync.testing.reference import load_trainer_model, perturb_
@@ -47,8 +47,8 @@ def _fleet_run(bind: str, model_dir: Path, syncs: int, gen_tokens: int) -> dict:
     policy = load_trainer_model(model_dir)
     try:
         for broadcast in ("collective", "chain"):
-            coord = SyncCoordinator(actors, TransferConfig(bucket_bytes=1 << 20,
-                                                           broadcast=broadcast))
+            coord = SyncCoordinator(actors, TransferConfig(
+                bucket_bytes=1 << 20, broadcast=BroadcastSettings(mode=broadcast)))
             totals, transfers = [], []
             for i in range(syncs + 1):  # sync 0 builds the group
                 perturb_(policy, scale=1e-3, seed=i)

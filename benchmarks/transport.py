@@ -4,8 +4,8 @@ process has a core, without vLLM. Writes JSON + PNG under benchmarks/results/.
 
     python -m benchmarks.transport --mib 130 --receivers 1,2,4,8 --rounds 5
 
-``--chain-mib`` sends the leg down a chain (``TransferConfig(broadcast="chain")``); the raw
-baseline stays gloo's own broadcast.
+``--chain-mib`` sends the leg down a chain (``BroadcastSettings(mode="chain")``, in
+``TransferConfig.broadcast``); the raw baseline stays gloo's own broadcast.
 
 Each round: the sender packs and broadcasts every bucket (``BroadcastSender.send``: packing
 overlaps the previous bucket's broadcast, checksums computed as it goes); every receiver takes

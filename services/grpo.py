@@ -356,7 +356,7 @@ def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Con
     """Train for ``cfg.steps`` steps on already-initialised Ray; returns the JSON summary."""
     import torch
 
-    from weightsync.config import EngineSpec, TransferConfig
+    from weightsync.config import BroadcastSettings, EngineSpec, TransferConfig
     from weightsync.coordinator import SyncCoordinator
     from weightsync.engine.actor import start_engines, stop_engines
     from weightsync.engine.vllm_compat import resolve_device
@@ -392,8 +392,9 @@ def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Con
     records: list[StepRecord] = []
     done = False
     try:
-        coord = SyncCoordinator(actors, TransferConfig(backend=cfg.backend, host=cfg.sync_host,
-                                                       bucket_bytes=cfg.bucket_mib << 20))
+        coord = SyncCoordinator(actors, TransferConfig(
+            broadcast=BroadcastSettings(backend=cfg.backend, host=cfg.sync_host),
+            bucket_bytes=cfg.bucket_mib << 20))
         if cfg.trainer_ranks > 1:
             coord = policy.syncing(coord)  # every sync is one ShardedSync across the ranks
         columns = (SpinnerColumn(), TextColumn("[bold]GRPO"), BarColumn(), MofNCompleteColumn(),

@@ -35,8 +35,74 @@ class Deadlines(_Frozen):
     lease: float = Field(30.0, gt=0)
 
 
+class BroadcastSettings(_Frozen):
+    """The transfer group's settings (``TransferConfig.broadcast``).
+
+    The broadcast leg hosts the group as rank 0 on ``host:port`` with ``backend``; the external
+    leg's engines join a group with the same ``backend`` at the address the outside sender
+    gives (``host`` and ``port`` are the broadcast leg's own).
+    """
+
+    backend: Literal["gloo", "nccl"] = "gloo"
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)  # 0: pick a free port per session
+    # gloo only. "collective": gloo's broadcast (the sender's bytes go out once per receiver,
+    # or down a tree: 8 receivers took 3.6x one on 16 CPUs). "chain": the sender sends to the
+    # first engine only and every engine forwards each chunk to the next as it arrives, so the
+    # time grows by a chunk per engine instead of a bucket; one dead engine fails the engines
+    # after it (the sync then fails as a whole, as with any failed transfer).
+    mode: Literal["collective", "chain"] = "collective"
+    chain_chunk_bytes: int = Field(4 * MiB, ge=64 * 1024)
+
+    @model_validator(mode="after")
+    def _chain_is_gloo(self) -> BroadcastSettings:
+        if self.mode == "chain" and self.backend != "gloo":
+            raise ValueError("broadcast mode 'chain' is for gloo; NCCL's broadcast is pipelined")
+        return self
+
+
+class IpcSettings(_Frozen):
+    """The CUDA IPC leg's settings (``TransferConfig.ipc``)."""
+
+    # Keep the trainer's packed buckets (one model-sized GPU allocation) and the engine's
+    # mapping of them across syncs, instead of allocating, mapping and freeing them every
+    # sync. Faster; costs that memory on the trainer's GPU between syncs.
+    reuse_buffers: bool = False
+    # Into one single-worker engine, kernel layout, where every tensor lies on the engine's
+    # GPU in the dtype it serves: share the trainer's own storages and let the engine copy
+    # from them (no packed copy on the trainer). Every piece is checksummed by the trainer,
+    # and by the engine in the launch that copies it (what is verified is what was loaded):
+    # a mismatch — the trainer wrote its tensors during the sync — is found with the
+    # parameters overwritten, so that engine is fenced until the next sync (packed, it would
+    # refuse the sync and keep serving its old weights). Anything else is packed as before.
+    # Off until it has run on a GPU (its CPU stand-in, the loopback leg, is tested in CI;
+    # tests/gpu/test_fast_path_gpu.py and test_moe_gpu.py turn it on).
+    direct: bool = False
+
+
+# The flat keyword arguments TransferConfig still accepts as a shorthand on input, and the
+# leg setting each one stands for (``broadcast="chain"``, a string, is ``broadcast.mode``).
+FLAT_SHORTHAND: dict[str, tuple[str, str]] = {
+    "backend": ("broadcast", "backend"),
+    "host": ("broadcast", "host"),
+    "port": ("broadcast", "port"),
+    "chain_chunk_bytes": ("broadcast", "chain_chunk_bytes"),
+    "ipc_reuse_buffers": ("ipc", "reuse_buffers"),
+    "ipc_direct": ("ipc", "direct"),
+}
+
+
 class TransferConfig(_Frozen):
     """Wire parameters shared by sender and receivers.
+
+    Leg-independent fields sit here; each leg's own settings sit in its model
+    (``broadcast``: the transfer group's, read by the broadcast and external legs; ``ipc``:
+    the CUDA IPC leg's), and each leg reads only its own. The old flat keywords are accepted as
+    a shorthand on input: ``TransferConfig(backend="nccl", ipc_reuse_buffers=True)`` is
+    ``TransferConfig(broadcast=BroadcastSettings(backend="nccl"),
+    ipc=IpcSettings(reuse_buffers=True))``, and ``broadcast="chain"`` is
+    ``broadcast=BroadcastSettings(mode="chain")``. A flat keyword that contradicts the nested
+    setting it stands for is refused.
 
     ``apply``: ``staged`` receives every bucket, checks checksums on all engines, and only then
     calls ``reload_weights`` everywhere — a failed transfer leaves every engine on its old
@@ -45,48 +111,51 @@ class TransferConfig(_Frozen):
     an engine whose transfer breaks midway is fenced until a resync verifies.
     """
 
-    backend: Literal["gloo", "nccl"] = "gloo"
     # "auto": send buckets in vLLM's kernel layout once every engine has verified it (see
     # transport.layout), else checkpoint format; "checkpoint": always checkpoint format;
     # "kernel": kernel layout or a ConfigError saying why not.
     layout: Literal["auto", "checkpoint", "kernel"] = "auto"
     bucket_bytes: int = Field(64 * MiB, ge=64 * 1024)
     apply: Literal["staged", "streaming"] = "staged"
-    host: str = "127.0.0.1"
-    port: int = Field(0, ge=0, le=65535)  # 0: pick a free port per session
-    # CUDA IPC: keep the trainer's packed buckets (one model-sized GPU allocation) and the
-    # engine's mapping of them across syncs, instead of allocating, mapping and freeing them
-    # every sync. Faster; costs that memory on the trainer's GPU between syncs.
-    ipc_reuse_buffers: bool = False
-    # CUDA IPC into one single-worker engine, kernel layout, where every tensor lies on the
-    # engine's GPU in the dtype it serves: share the trainer's own storages and let the engine
-    # copy from them (no packed copy on the trainer). Every piece is checksummed by the
-    # trainer, and by the engine in the launch that copies it (what is verified is what was
-    # loaded): a mismatch — the trainer wrote its tensors during the sync — is found with the
-    # parameters overwritten, so that engine is fenced until the next sync (packed, it would
-    # refuse the sync and keep serving its old weights). Anything else is packed as before.
-    # Off until it has run on a GPU (its CPU stand-in, the loopback leg, is tested in CI;
-    # tests/gpu/test_fast_path_gpu.py and test_moe_gpu.py turn it on).
-    ipc_direct: bool = False
-    # gloo only. "collective": gloo's broadcast (the sender's bytes go out once per receiver,
-    # or down a tree: 8 receivers took 3.6x one on 16 CPUs). "chain": the sender sends to the
-    # first engine only and every engine forwards each chunk to the next as it arrives, so the
-    # time grows by a chunk per engine instead of a bucket; one dead engine fails the engines
-    # after it (the sync then fails as a whole, as with any failed transfer).
-    broadcast: Literal["collective", "chain"] = "collective"
-    chain_chunk_bytes: int = Field(4 * MiB, ge=64 * 1024)
     # Every floating tensor an engine is given is checked finite before it is applied (one
     # fused reduction per bucket, in the worker): a NaN or Inf is refused like a checksum
     # mismatch, with the tensor named. False publishes whatever arrives (an engine then zeroes
     # its KV cache at the next load, so nothing the unchecked version wrote reaches it).
     check_finite: bool = True
     deadlines: Deadlines = Deadlines()
+    broadcast: BroadcastSettings = BroadcastSettings()
+    ipc: IpcSettings = IpcSettings()
 
-    @model_validator(mode="after")
-    def _chain_is_gloo(self) -> TransferConfig:
-        if self.broadcast == "chain" and self.backend != "gloo":
-            raise ValueError("broadcast='chain' is for gloo; NCCL's broadcast is pipelined")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_shorthand(cls, data: Any) -> Any:
+        """Move the old flat keywords into the leg models they belong to."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        moved: dict[str, dict[str, Any]] = {}
+        if isinstance(data.get("broadcast"), str):
+            moved["broadcast"] = {"mode": data.pop("broadcast")}
+        for flat, (leg, key) in FLAT_SHORTHAND.items():
+            if flat in data:
+                moved.setdefault(leg, {})[key] = data.pop(flat)
+        for leg, values in moved.items():
+            nested = data.get(leg)
+            if nested is None:
+                data[leg] = values
+                continue
+            if isinstance(nested, BaseModel):  # only what it was given counts as set
+                nested = nested.model_dump(exclude_unset=True)
+            if not isinstance(nested, dict):
+                continue  # the leg model's own validation says what is wrong with it
+            for key, value in values.items():
+                if key in nested and nested[key] != value:
+                    flat = next((f for f, lk in FLAT_SHORTHAND.items() if lk == (leg, key)),
+                                leg)
+                    raise ValueError(f"{flat}={value!r} contradicts {leg}.{key}="
+                                     f"{nested[key]!r}: give one of them")
+            data[leg] = {**nested, **values}
+        return data
 
 
 class EngineSpec(_Frozen):

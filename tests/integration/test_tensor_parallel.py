@@ -52,7 +52,7 @@ def _sync(coord, policy, **kw):
     t = time.perf_counter()
     res = coord.sync(policy, **kw)
     print(f"[tp] sync v{res.version} on {[e.engine for e in res.engines]} "
-          f"({coord.transfer.broadcast}): {time.perf_counter() - t:.3f}s; per engine "
+          f"({coord.transfer.broadcast.mode}): {time.perf_counter() - t:.3f}s; per engine "
           + "; ".join(f"{e.engine} transfer {e.seconds.get('transfer', 0):.3f}s reload "
                       f"{e.seconds.get('reload', 0):.3f}s" for e in res.engines))
     return res

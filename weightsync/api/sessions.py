@@ -168,7 +168,7 @@ class SessionRegistry:
             raise DeadlineExceeded(f"session {session.id} did not open in time")
         logger.info("session %s open: version %d, %d bucket(s), trainer at %s:%d",
                     session.id, session.plan.version, len(session.plan.buckets), *session.address)
-        return SessionInfo(session=session.id, backend=fleet.coordinator.transfer.backend,
+        return SessionInfo(session=session.id, backend=fleet.coordinator.transfer.broadcast.backend,
                            host=request.host, port=port, world_size=session.world_size, rank=0,
                            version=session.plan.version, plan=session.plan,
                            transfer=fleet.coordinator.transfer, engines=targets)

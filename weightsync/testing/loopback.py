@@ -50,7 +50,7 @@ class LoopbackLeg(SenderLeg):
         # receive call, and commits there too (one_phase)
         atomic = one_phase and self.cfg.apply == "staged" and self._one_worker(names)
         direct, terms = None, None
-        if atomic and plan.format == "kernel" and self.cfg.ipc_direct:
+        if atomic and plan.format == "kernel" and self.cfg.ipc.direct:
             try:  # as the IPC leg: the engine copies from the trainer's own tensors
                 direct = direct_pieces(plan, tensors, torch.device("cpu"))
             except NotDirect:

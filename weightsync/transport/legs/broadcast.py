@@ -4,9 +4,10 @@ Every worker of every engine is a rank of its own (``transport.ranks``: an engin
 offset advances by its worker count), so tensor-parallel engines receive on every worker.
 The group stays open across syncs while its members are unchanged and every one of them still
 reports it (``BeginReply.group_id``): a rendezvous, and NCCL communicator setup, per sync cost
-more than the transfer of a small model. Any failure tears it down. With
-``TransferConfig(broadcast="chain")`` (gloo) the sender feeds the first engine and each engine
-forwards every chunk to the next (``transport.broadcast``).
+more than the transfer of a small model. Any failure tears it down. The leg reads its settings
+from ``TransferConfig.broadcast`` (``config.BroadcastSettings``). With ``mode="chain"`` (gloo)
+the sender feeds the first engine and each engine forwards every chunk to the next
+(``transport.broadcast``).
 """
 
 from __future__ import annotations
@@ -39,12 +40,12 @@ class BroadcastLeg(SenderLeg):
     def send(self, names: Sequence[str], plan: TransferPlan, source: Any,
              begun: Mapping[str, BeginReply], *,
              one_phase: bool = False) -> LegOutcome:
-        dl = self.cfg.deadlines
+        dl, settings = self.cfg.deadlines, self.cfg.broadcast
         sender, bad = self._group_for(names, begun)
         if sender is None:
             return LegOutcome([], {}, bad)
-        if self.cfg.broadcast == "chain":  # engines forward in join (rank) order
-            plan = plan.model_copy(update={"chain_chunk": self.cfg.chain_chunk_bytes})
+        if settings.mode == "chain":  # engines forward in join (rank) order
+            plan = plan.model_copy(update={"chain_chunk": settings.chain_chunk_bytes})
         pending = self.submit_receive(names, plan, begun, self.request())
         sums: list[int] = []
         send_error: WeightSyncError | None = None
@@ -68,7 +69,7 @@ class BroadcastLeg(SenderLeg):
     def _group_for(self, names: Sequence[str], begun: Mapping[str, BeginReply]
                    ) -> tuple[BroadcastSender | None, dict[str, WeightSyncError]]:
         """The open group when every member still reports it, else a new one."""
-        dl = self.cfg.deadlines
+        dl, settings = self.cfg.deadlines, self.cfg.broadcast
         members = tuple(names)
         cached = self._group
         if cached and cached[0] == members and \
@@ -80,12 +81,12 @@ class BroadcastLeg(SenderLeg):
             return None, bad
         group_id = uuid.uuid4().hex
         world = ranks.world_size
-        port = free_port(self.cfg.host, self.cfg.port)
-        joins = {n: self.engines.join_group(n, self.cfg.backend, self.cfg.host, port,
+        port = free_port(settings.host, settings.port)
+        joins = {n: self.engines.join_group(n, settings.backend, settings.host, port,
                                             ranks.offset(n), world, dl.rendezvous, group_id)
                  for n in names}
         try:
-            sender = BroadcastSender(open_group(self.cfg.backend, self.cfg.host, port, 0, world,
+            sender = BroadcastSender(open_group(settings.backend, settings.host, port, 0, world,
                                                 dl.rendezvous))
         except WeightSyncError as e:
             _, bad = self.engines.wait(joins, dl.rendezvous * 0.5)

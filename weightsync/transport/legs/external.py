@@ -57,7 +57,7 @@ class ExternalLeg(SenderLeg):
             return LegOutcome([], {}, bad)
         world = ranks.world_size
         host, port = source.address
-        joins = {n: self.engines.join_group(n, self.cfg.backend, host, port,
+        joins = {n: self.engines.join_group(n, self.cfg.broadcast.backend, host, port,
                                             ranks.offset(n), world, dl.rendezvous)
                  for n in names}
         source.ready(plan, world)

@@ -11,9 +11,10 @@ holds trivially, and a round trip is saved.
 Tensor-parallel engines: the trainer packs a copy on every GPU the engines' workers use (keyed
 by GPU UUID in one ``IpcShare``) and each worker opens only its own GPU's copy.
 
-With ``ipc_reuse_buffers`` the trainer keeps its buckets, checksum terms and packing views
-across syncs, and replays packing + checksum as one CUDA graph; the worker keeps its mappings
-and replays its checksum (``transport.graphs``).
+The leg reads its settings from ``TransferConfig.ipc`` (``config.IpcSettings``). With
+``ipc.reuse_buffers`` the trainer keeps its buckets, checksum terms and packing views across
+syncs, and replays packing + checksum as one CUDA graph; the worker keeps its mappings and
+replays its checksum (``transport.graphs``).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ TermsFn = Callable[..., Any]  # (bufs, many=None) -> the checksum terms, as buck
 
 class _DeviceBuckets:
     """The trainer's packed buckets on one GPU, and what is kept with them across syncs
-    (``ipc_reuse_buffers``): checksum terms, packing views, the packing graph, the event."""
+    (``ipc.reuse_buffers``): checksum terms, packing views, the packing graph, the event."""
 
     def __init__(self, index: int, checksum_terms: TermsFn = bucket_terms) -> None:
         self.index = index
@@ -237,7 +238,7 @@ class IpcLeg(SenderLeg):
     worker maps the copy on its own GPU. A worker on a GPU this process cannot see fails the
     sync before anything is packed (``TransferError``: not colocated).
 
-    Direct (``ipc_direct``): one single-worker engine, kernel layout, every tensor on its GPU
+    Direct (``ipc.direct``): one single-worker engine, kernel layout, every tensor on its GPU
     in the dtype it serves — nothing is packed; the trainer shares its own storages and the
     engine copies each slot from them (``direct_note`` says why a sync packed instead).
 
@@ -280,9 +281,9 @@ class IpcLeg(SenderLeg):
             device = self._devices.setdefault(i, _DeviceBuckets(i, self._checksum_terms))
             if self.direct_note is None:
                 self.direct_note = device.share_direct(plan, source,
-                                                       self.cfg.ipc_reuse_buffers)
+                                                       self.cfg.ipc.reuse_buffers)
             if self.direct_note is not None:
-                device.pack(plan, source, self.cfg.ipc_reuse_buffers)
+                device.pack(plan, source, self.cfg.ipc.reuse_buffers)
         queued = time.perf_counter() - t
         shares = tuple(self._devices[i].share for i in gpus)
         kept = self._handles is not None and len(self._handles[0]) == len(shares) and \
@@ -295,7 +296,7 @@ class IpcLeg(SenderLeg):
         # and commit in that call too when the coordinator allows it (one_phase) and nothing
         # here waits to be freed after the load: the engine's KV cache wakes in that call
         commit = plan.version if one_phase and apply == "atomic" and \
-            (self.cfg.ipc_reuse_buffers or self.direct_note is None) else None
+            (self.cfg.ipc.reuse_buffers or self.direct_note is None) else None
         t = time.perf_counter()
         ok, bad = self.receive_held(names, plan, begun, self.request(apply, handles, commit),
                                     self._held_by, key=key, same_machine=True)  # kept: by key
@@ -305,8 +306,8 @@ class IpcLeg(SenderLeg):
     def _why_packed(self, plan: TransferPlan, apply: str, gpus: list[int]) -> str | None:
         """Why this sync packs its buckets instead of sharing the trainer's storages (None:
         it may share them, if the tensors allow: ``_DeviceBuckets.share_direct``)."""
-        if not self.cfg.ipc_direct:
-            return "ipc_direct is off"
+        if not self.cfg.ipc.direct:
+            return "ipc.direct is off"
         if plan.format != "kernel":
             return "checkpoint format (vLLM's loaders take whole tensors)"
         if apply != "atomic" or len(gpus) != 1:
@@ -349,8 +350,8 @@ class IpcLeg(SenderLeg):
     def loaded(self) -> None:
         """Hand this sync's buckets back to the devices once every engine applied (or dropped)
         them — before any engine wakes its KV cache into the same GPU. With
-        ``ipc_reuse_buffers`` they are kept for the next sync."""
-        if not self.cfg.ipc_reuse_buffers:
+        ``ipc.reuse_buffers`` they are kept for the next sync."""
+        if not self.cfg.ipc.reuse_buffers:
             for d in self._devices.values():
                 d.release()
 
