@@ -49,7 +49,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from weightsync.config import EngineSpec
-from weightsync.engine import vllm_compat
+from weightsync.engine import requests, vllm_compat
 from weightsync.engine.channel import SERVED, ChannelServer
 from weightsync.engine.dormancy import TAGS, Found, SleepState
 from weightsync.engine.group import TransferGroup
@@ -436,15 +436,31 @@ class EngineHost:
                                                  timeout=30), self.loads.workers)
 
     # ---- serving ---------------------------------------------------------------------------
-    async def generate(self, prompts: list[Any], *, max_tokens: int = 16,
+    async def generate(self, prompts: list[Any] | None = None, *, max_tokens: int = 16,
                        temperature: float = 0.0, logprobs: bool = False, seed: int | None = None,
-                       ignore_eos: bool = False, n: int = 1,
-                       wait_s: float = 300.0) -> list[GenerationResult]:
-        """Generate for each prompt (a string, or a vLLM prompt dict with multimodal data).
+                       ignore_eos: bool = False, n: int = 1, wait_s: float = 300.0,
+                       sampling: dict[str, Any] | None = None,
+                       messages: list[list[dict[str, Any]]] | None = None
+                       ) -> list[GenerationResult]:
+        """Generate for each prompt (a string, or a vLLM prompt dict with multimodal data), or
+        each conversation in ``messages`` (the model's chat template); ``sampling``: any other
+        field of vLLM's ``SamplingParams`` (``engine.requests``). Results are in order, the
+        ``n`` samples of a prompt next to each other.
 
         Requests that arrive during a sync wait for it and run on the new weights; each result
         names the version(s) that produced it.
         """
+        if (prompts is None) == (messages is None):
+            raise ConfigError("give prompts or messages, not both or neither",
+                              engine=self.spec.name)
+        if n < 1:
+            raise ConfigError(f"n must be at least 1, not {n}", engine=self.spec.name)
+        base = dict(max_tokens=max_tokens, temperature=temperature,
+                    logprobs=0 if logprobs else None, ignore_eos=ignore_eos)
+        params = [requests.sampling({**base, "seed": None if seed is None else seed + i},
+                                    sampling, self.spec.name) for i in range(n)]
+        items = prompts if messages is None else \
+            requests.chat_prompts(self.engine, messages, self.spec.name)
         self.machine.require_routable()
         try:
             await self.gate.wait_open(wait_s)
@@ -452,16 +468,11 @@ class EngineHost:
             raise EngineError(f"engine not serving after {wait_s}s (state {self.state.value})",
                               engine=self.spec.name) from e
         self.machine.require_routable()
-        self.gate.admit(len(prompts) * n)  # no await since the gate: begin_sync waits for them
-
-        def params(i: int):  # a seeded request with n copies: copy i uses seed + i
-            return vllm_compat.sampling_params(
-                max_tokens=max_tokens, temperature=temperature, logprobs=0 if logprobs else None,
-                seed=None if seed is None else seed + i, ignore_eos=ignore_eos)
-
-        return list(await asyncio.gather(*(self.gate.run(self.engine, p, params(i),
+        self.gate.admit(len(items) * n)  # no await since the gate: begin_sync waits for them
+        # (a seeded request with n copies: copy i uses seed + i)
+        return list(await asyncio.gather(*(self.gate.run(self.engine, p, params[i],
                                                          lambda: self.version)
-                                           for p in prompts for i in range(n))))
+                                           for p in items for i in range(n))))
 
     # ---- sleep and wake (the colocated loop; engine.dormancy) ------------------------------
     async def memory_after_sleep(self) -> GpuMemory | None:

@@ -149,9 +149,24 @@ async def prompt_logprobs(engine: Any, token_ids: list[int], request_id: str) ->
 
 
 def sampling_params(**kw: Any) -> Any:
+    """vLLM's ``SamplingParams(**kw)``: an unknown field is a TypeError, a value vLLM's own
+    checks refuse a ValueError (vLLM 0.24 raises ValueError; 0.32 its ``VLLMValidationError``,
+    which is not one)."""
     from vllm import SamplingParams
 
-    return SamplingParams(**kw)
+    try:
+        return SamplingParams(**kw)
+    except (TypeError, ValueError):
+        raise
+    except Exception as e:
+        if type(e).__name__ == "VLLMValidationError":
+            raise ValueError(str(e)) from e
+        raise
+
+
+def tokenizer(engine: Any) -> Any:
+    """The engine's tokenizer (``AsyncLLM.get_tokenizer``; vLLM 0.24 and 0.32)."""
+    return engine.get_tokenizer()
 
 
 def sleep_mode_available() -> bool:

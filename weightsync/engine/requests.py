@@ -1,0 +1,64 @@
+"""Rollout requests on the Ray path (``EngineHost.generate``): prompts or chat conversations,
+with vLLM's full sampling parameters, validated by vLLM's own ``SamplingParams``.
+
+``generate``'s own arguments (``max_tokens``, ``temperature``, ``logprobs``, ``seed``,
+``ignore_eos``, ``n``) keep their meaning; ``sampling`` carries any other ``SamplingParams``
+field (``top_p``, ``top_k``, ``min_p``, ``stop``, ``repetition_penalty``, ...). A field vLLM
+does not know, or a value it refuses, is a ``ConfigError`` naming it, before any request
+starts. Fields weightsync owns are refused with the reason: ``n`` (each of the ``n`` samples
+is its own request, stamped with the version that produced it and seeded ``seed + i``) and
+``output_kind`` (the host reads each request's final output).
+
+Conversations (``messages``: one list of ``{"role", "content"}`` messages per request) become
+prompts through the model's own chat template (the tokenizer's ``apply_chat_template``, with
+the generation prompt), as vLLM's chat endpoint renders text conversations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from weightsync.engine import vllm_compat
+from weightsync.errors import ConfigError
+
+OWN_ARGS = ("max_tokens", "temperature", "logprobs", "seed", "ignore_eos")
+OWNED = {"n": "pass n to generate: each sample is its own request, stamped with its version",
+         "output_kind": "the host reads each request's final output"}
+
+
+def sampling(base: Mapping[str, Any], extra: Mapping[str, Any] | None, engine: str) -> Any:
+    """vLLM's ``SamplingParams`` of ``base`` (generate's own arguments) and ``extra``."""
+    extra = dict(extra or {})
+    for key in extra:
+        if key in OWNED:
+            raise ConfigError(f"sampling[{key!r}] is not allowed: {OWNED[key]}", engine=engine)
+        if key in OWN_ARGS:
+            raise ConfigError(f"sampling[{key!r}]: pass {key} as generate's own argument",
+                              engine=engine)
+    try:
+        return vllm_compat.sampling_params(**base, **extra)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"vLLM refused the sampling parameters: {e}", engine=engine) from e
+
+
+def chat_prompts(engine: Any, conversations: Sequence[Sequence[Mapping[str, Any]]],
+                 name: str) -> list[str]:
+    """Each conversation rendered by the model's chat template, ready to generate from."""
+    tokenizer = vllm_compat.tokenizer(engine)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigError("the model has no chat template: send prompts, not messages",
+                          engine=name)
+    prompts = []
+    for i, messages in enumerate(conversations):
+        if not messages or not all(isinstance(m, Mapping) and isinstance(m.get("role"), str)
+                                   for m in messages):
+            raise ConfigError(f"messages[{i}]: a non-empty list of {{'role', 'content'}} "
+                              "messages", engine=name)
+        try:
+            prompts.append(tokenizer.apply_chat_template(
+                [dict(m) for m in messages], tokenize=False, add_generation_prompt=True))
+        except Exception as e:
+            raise ConfigError(f"messages[{i}]: the chat template refused them: {e}",
+                              engine=name) from e
+    return prompts
