@@ -449,9 +449,9 @@ def main(rate: float = typer.Option(20.0, min=1.0, help="probes per second, per 
                                                  "while it is late (perturbs the timings)"),
          shape: str = typer.Option("tiny", help="model shape (benchmarks.run.SHAPES)"),
          workdir: Path = typer.Option(Path("runs/control-latency"))) -> None:
-    from weightsync.local_ray import init_kwargs, own_ray_env
+    from weightsync.local_ray import init_kwargs, ray_env
 
-    os.environ.update(own_ray_env(os.environ))  # token authentication, set before Ray's import
+    os.environ.update(ray_env(None, os.environ))  # token authentication, set before Ray's import
     import ray
 
     from benchmarks.run import SHAPES

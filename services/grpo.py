@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,7 +45,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from weightsync.local_ray import init_kwargs, prepare_process_env
+from weightsync.local_ray import init_kwargs, ray_env
 from weightsync.types import exclusive_phases
 
 logger = logging.getLogger(__name__)
@@ -480,7 +481,7 @@ def main(
 ) -> None:
     import warnings
 
-    prepare_process_env(ray_address)  # a Ray of its own: token authentication, before import
+    os.environ.update(ray_env(ray_address, os.environ))  # own Ray: token auth, before import
     import ray
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -10,10 +10,11 @@ token that only that process and the processes Ray starts for it inherit, and th
 (whose job API runs code as this user) stays off. A driver without the token is refused when it
 connects.
 
-Ray reads ``RAY_AUTH_MODE`` when it is imported: the entrypoint applies ``own_ray_env`` to its
-environment before anything imports ``ray`` (``prepare_process_env``; ``check_driver`` refuses
-to go on otherwise, instead of a driver that cannot reach the Ray it started). This is the one
-module that reads or sets Ray's environment, as ``engine.vllm_compat`` is for vLLM's.
+Ray reads ``RAY_AUTH_MODE`` when it is imported: the entrypoint adds ``ray_env``'s variables to
+its environment before anything imports ``ray`` (``check_driver`` refuses to go on otherwise,
+instead of a driver that cannot reach the Ray it started). This module decides what Ray's
+environment must hold; it never reads or writes the process's own: entrypoints pass it in
+(``os.environ``, read once there) and apply what comes back.
 
 For a cluster the user provides (an address), nothing changes: Ray's own security model applies
 (it assumes a trusted network; ``RAY_AUTH_MODE=token`` on the cluster and its drivers requires
@@ -22,7 +23,6 @@ a token). This module never imports ``ray`` itself.
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Mapping
 
@@ -45,16 +45,16 @@ def own_ray_env(environ: Mapping[str, str]) -> dict[str, str]:
     return {AUTH_MODE: "token", AUTH_TOKEN: secrets.token_hex(32)}
 
 
-def prepare_process_env(address: str | None) -> None:
-    """Before this process imports Ray: when it will start Ray itself (``address``), turn
-    Ray's token authentication on for it and its children, unless the user chose a mode."""
-    if starts_own_ray(address):
-        os.environ.update(own_ray_env(os.environ))
+def ray_env(address: str | None, environ: Mapping[str, str]) -> dict[str, str]:
+    """What the entrypoint adds to its environment ``environ`` before it imports Ray: when it
+    will start Ray itself (``address``), Ray's token authentication for it and its children,
+    unless the user chose a mode; nothing for a cluster the user provides."""
+    return own_ray_env(environ) if starts_own_ray(address) else {}
 
 
-def auth_mode() -> str | None:
-    """``RAY_AUTH_MODE`` as this process sees it (None: unset, Ray's default, no token)."""
-    return os.environ.get(AUTH_MODE)
+def auth_mode(environ: Mapping[str, str]) -> str | None:
+    """``RAY_AUTH_MODE`` in ``environ`` (None: unset, Ray's default, no token)."""
+    return environ.get(AUTH_MODE)
 
 
 def unauthenticated(environ: Mapping[str, str]) -> bool:
@@ -62,11 +62,11 @@ def unauthenticated(environ: Mapping[str, str]) -> bool:
     return environ.get(AUTH_MODE, "disabled").strip().lower() != "token"
 
 
-def check_driver() -> None:
-    """Refuse to start Ray when the environment asks for token authentication but this
-    process imported Ray before it was set (Ray would start authenticated and refuse its own
-    driver)."""
-    if unauthenticated(os.environ):
+def check_driver(environ: Mapping[str, str]) -> None:
+    """Refuse to start Ray when ``environ`` (this process's) asks for token authentication but
+    the process imported Ray before it was set (Ray would start authenticated and refuse its
+    own driver)."""
+    if unauthenticated(environ):
         return
     from ray._private.authentication.authentication_utils import is_token_auth_enabled
 

@@ -66,7 +66,7 @@ def test_settings_take_engine_args_as_json(monkeypatch):
 
 # ---- the Ray a weightsync entrypoint starts itself (weightsync.local_ray) -----------------
 def test_own_ray_gets_token_auth_unless_the_user_chose_a_mode():
-    from weightsync.local_ray import own_ray_env, starts_own_ray, unauthenticated
+    from weightsync.local_ray import own_ray_env, ray_env, starts_own_ray, unauthenticated
 
     env = own_ray_env({})
     assert env["RAY_AUTH_MODE"] == "token" and len(env["RAY_AUTH_TOKEN"]) == 64
@@ -74,16 +74,16 @@ def test_own_ray_gets_token_auth_unless_the_user_chose_a_mode():
     assert own_ray_env({"RAY_AUTH_MODE": "disabled"}) == {}
     assert not unauthenticated(env) and unauthenticated({"RAY_AUTH_MODE": "disabled"})
     assert starts_own_ray(None) and starts_own_ray("local") and not starts_own_ray("h:6379")
+    assert ray_env("h:6379", {}) == {} and ray_env("local", {})["RAY_AUTH_MODE"] == "token"
 
 
-def test_serve_refuses_http_beyond_loopback_next_to_an_unauthenticated_own_ray(monkeypatch):
+def test_serve_refuses_http_beyond_loopback_next_to_an_unauthenticated_own_ray():
     from weightsync.api.server import serve
     from weightsync.config import Settings
     from weightsync.errors import ConfigError
 
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     with pytest.raises(ConfigError, match="without authentication"):
-        serve(Settings(host="0.0.0.0", token="t0ken", model="/m"))
+        serve(Settings(host="0.0.0.0", token="t0ken", model="/m"), {"RAY_AUTH_MODE": "disabled"})
 
 
 def test_unset_engine_fields_leave_vllms_defaults():

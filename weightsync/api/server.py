@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import signal
+from collections.abc import Mapping
 from typing import Any
 
 from weightsync.api.app import check_bind, create_app, is_loopback
@@ -94,10 +95,11 @@ def ensure_engines(settings: Settings, *, timeout_s: float = 900.0) -> tuple[lis
     return actors, started
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, environ: Mapping[str, str]) -> None:
     """Blocks until the server stops (SIGINT/SIGTERM: uvicorn shuts down gracefully), then
     stops the engines it started unless they should outlive it. Refuses unsafe settings
-    before touching Ray."""
+    before touching Ray. ``environ``: the process's environment as the entrypoint set it up
+    (``local_ray.ray_env`` applied), read for Ray's authentication mode."""
     import ray
     import uvicorn
 
@@ -105,8 +107,8 @@ def serve(settings: Settings) -> None:
     own_ray = starts_own_ray(settings.ray_address)  # this process starts Ray
     extra: dict[str, Any] = {}
     if own_ray:  # token-authenticated, no dashboard (weightsync.local_ray)
-        mode = auth_mode()
-        if unauthenticated({} if mode is None else {"RAY_AUTH_MODE": mode}) and \
+        mode = auth_mode(environ)
+        if unauthenticated(environ) and \
                 not is_loopback(settings.host):
             raise ConfigError(f"refusing to bind {settings.host!r} next to a Ray this process "
                               f"starts without authentication (RAY_AUTH_MODE={mode!r}): "
@@ -114,12 +116,12 @@ def serve(settings: Settings) -> None:
                               "ports could drive the engines. Leave RAY_AUTH_MODE unset "
                               "(weightsync turns Ray's token authentication on) or bind "
                               "127.0.0.1")
-        check_driver()
+        check_driver(environ)
         extra = init_kwargs()
     ray.init(address=settings.ray_address, namespace=settings.namespace,
              ignore_reinit_error=True, log_to_driver=False, **extra)
     logger.info("Ray at %s (%s)", ray.get_runtime_context().gcs_address,
-                f"started here, RAY_AUTH_MODE={auth_mode()}" if own_ray
+                f"started here, RAY_AUTH_MODE={auth_mode(environ)}" if own_ray
                 else "an existing cluster: its own authentication applies")
     keep = settings.keep_engines if settings.keep_engines is not None else not own_ray
     started: list[Any] = []
