@@ -1,9 +1,9 @@
 """Encoder / multimodal caches across a sync of the vision tower (tiny Qwen2-VL, fp32, v2 runner).
 
 The same image prompt before and after the vision tower changes: with the sync's cache resets
-the engine follows the new weights (HF parity); with them switched off (a second engine made
-with the test-only ``HostOptions(keep_caches=True)``) it keeps serving what the old vision tower
-produced, and resetting the caches is what brings it back. The sync uses sleep_level=0 on
+the engine follows the new weights (HF parity); with them switched off (a second engine
+built by ``weightsync.testing.engines.cache_keeping_engine``) it keeps serving what the old
+vision tower produced, and resetting the caches is what brings it back. The sync uses sleep_level=0 on
 purpose: sleeping clears caches inside vLLM. The first two tests name the tower's tensors by hand
 (``vision_tower_weights``); the last passes the whole in-memory transformers 5 module, whose
 names the sync converts itself.
@@ -30,7 +30,7 @@ from tests.gpu.parity import (
 from weightsync.config import EngineSpec, TransferConfig
 from weightsync.coordinator import SyncCoordinator
 from weightsync.engine.actor import start_engines
-from weightsync.engine.options import HostOptions
+from weightsync.testing.engines import cache_keeping_engine
 from weightsync.testing.models import CORPUS
 from weightsync.testing.reference import perturb_
 
@@ -90,10 +90,11 @@ def vl_engine(gpu_ray, vl_model, vl_trainer):
 @pytest.fixture()
 def vl_engine_keeping_caches(gpu_ray, vl_model, vl_trainer):
     """A second engine of the same model whose syncs neither clear nor reset vLLM's caches:
-    a test-only option fixed when its actor is made, never a call on a running engine. (Both
+    its engine is vLLM's with cache clears made no-ops (``testing.engines``), fixed when its
+    actor is made, never a call on a running engine. (Both
     engines fit the one GPU: 0.25 of its memory each.)"""
     (actor,) = start_engines([_vl_spec("gpu-vl-keep-caches", vl_model)], timeout_s=240,
-                             options=HostOptions(keep_caches=True))
+                             make_engine=cache_keeping_engine)
     yield actor
     stop_engine(actor)
 

@@ -8,13 +8,13 @@ running sync instead of queueing behind it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import ray
 
 from weightsync.config import EngineSpec
 from weightsync.engine.host import EngineHost
-from weightsync.engine.options import HostOptions
 
 logger = logging.getLogger(__name__)
 
@@ -23,11 +23,13 @@ EngineActor = ray.remote(EngineHost)
 
 def spawn_engine(spec: EngineSpec, *, namespace: str | None = None, detached: bool = False,
                  num_cpus: float = 0.0, runtime_env: dict | None = None,
-                 options: HostOptions | None = None) -> ray.actor.ActorHandle:
+                 make_engine: Callable[..., Any] | None = None) -> ray.actor.ActorHandle:
     """Start an engine actor named ``spec.name``; call ``.start.remote()`` to boot vLLM.
 
     ``num_cpus`` defaults to 0: vLLM's own processes do the work, the actor only steers them.
-    ``options`` (``engine.options.HostOptions``) are fixed for the actor's life.
+    ``make_engine``: what builds its engine from the spec's arguments (default vLLM's
+    ``AsyncLLM``; a test passes a wrapped engine from ``weightsync.testing``), fixed for the
+    actor's life.
     """
     opts: dict = dict(name=spec.name, num_cpus=num_cpus, num_gpus=spec.num_gpus,
                       max_concurrency=64)
@@ -37,7 +39,8 @@ def spawn_engine(spec: EngineSpec, *, namespace: str | None = None, detached: bo
         opts["lifetime"] = "detached"
     if runtime_env:
         opts["runtime_env"] = runtime_env
-    return EngineActor.options(**opts).remote(spec, options=options)
+    kwargs = {} if make_engine is None else {"make_engine": make_engine}
+    return EngineActor.options(**opts).remote(spec, **kwargs)
 
 
 def start_engines(specs: list[EngineSpec], *, timeout_s: float = 600.0, **kw) -> list:

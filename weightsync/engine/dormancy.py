@@ -125,7 +125,7 @@ class SleepState:
                           seconds=seconds, skipped=skipped)
 
     async def make_resident(self, engine: Any, sleep_level: int, mode: PauseMode,
-                            deadline_s: float, *, asleep: bool, clear_cache: bool,
+                            deadline_s: float, *, asleep: bool,
                             memory: Callable[[], Awaitable[GpuMemory]], where: str
                             ) -> tuple[dict[str, float], list[str]]:
         """A sync's start: pause a serving engine (``sleep_level``: and sleep it, level 2 to
@@ -145,7 +145,7 @@ class SleepState:
             # although the new weights produce all their tokens. Let them in first; the pause
             # mode then decides their fate like any other request in flight.
             await self._gate.all_in_engine(deadline_s)
-            await self._gate.pause(engine, mode, deadline_s, clear_cache=clear_cache)
+            await self._gate.pause(engine, mode, deadline_s)
             seconds["pause"] = time.perf_counter() - t
             if sleep_level and not self._asleep and self.supported:
                 t = time.perf_counter()

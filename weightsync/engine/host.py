@@ -12,8 +12,8 @@ admission, requests in flight, cache cleanliness), the sleep state (``engine.dor
 is asleep, whether the weights are intact), the lease (``engine.lease``: who holds the engine,
 until when), the load of a sync (``engine.loading``: its steps, its fingerprint, the KV taint),
 the calls into the workers (``engine.worker_calls``), the transfer group (``engine.group``) and
-the checkpoint files (``engine.checkpoints``). Test seams are fixed at construction
-(``engine.options.HostOptions``).
+the checkpoint files (``engine.checkpoints``). The engine itself comes from ``make_engine``,
+fixed at construction (a stand-in or a wrapped engine in tests, from ``weightsync.testing``).
 
 Public actor methods (all others are private; callers in parentheses). "owner": takes
 ``owner`` and, while a sync or a trainer's sleep holds the engine, refuses any other caller
@@ -56,7 +56,7 @@ from weightsync.engine.group import TransferGroup
 from weightsync.engine.lease import SyncLease
 from weightsync.engine.loading import Loads
 from weightsync.engine.machine import EngineMachine
-from weightsync.engine.options import HostOptions, engine_args
+from weightsync.engine.options import engine_args
 from weightsync.engine.serving import ServingGate
 from weightsync.engine.worker_calls import WorkerCalls
 from weightsync.engine.workers import check_workers, merge_layouts, merge_memory
@@ -97,12 +97,8 @@ class EngineHost:
     """
 
     def __init__(self, spec: EngineSpec,
-                 make_engine: Callable[..., Any] = vllm_compat.make_async_engine,
-                 options: HostOptions | None = None) -> None:
+                 make_engine: Callable[..., Any] = vllm_compat.make_async_engine) -> None:
         self.spec = spec
-        self.options = options or HostOptions()
-        if self.options.keep_caches:
-            logger.warning("engine %s: TEST ONLY cache resets DISABLED", spec.name)
         self.device = vllm_compat.resolve_device(spec.device)
         self._make_engine = make_engine
         self.version = 0
@@ -116,8 +112,7 @@ class EngineHost:
         self.calls = WorkerCalls(spec.name)
         self.group = TransferGroup(self.calls)
         self.loads = Loads(spec, self.calls, machine=self.machine, gate=self.gate,
-                           dormancy=self.dormancy, lease=self.lease, group=self.group,
-                           keep_caches=self.options.keep_caches)
+                           dormancy=self.dormancy, lease=self.lease, group=self.group)
         self._sync_started = 0.0
         self._found: Found | None = None  # how the sync in progress found the engine
         self._channel: ChannelServer | None = None
@@ -246,7 +241,7 @@ class EngineHost:
         seconds, skipped = await self.dormancy.make_resident(
             self.engine, sleep_level, pause_mode, deadline_s,
             asleep=self.state in (S.ASLEEP, S.WEIGHTS_AWAKE),
-            clear_cache=not self.options.keep_caches, memory=self.gpu_memory,
+            memory=self.gpu_memory,
             where=f"engine {self.spec.name} runs on {self.device}")
         if self.state != S.FENCED:
             self.state = S.WEIGHTS_AWAKE if self.dormancy.asleep else S.PAUSED

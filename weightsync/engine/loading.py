@@ -48,14 +48,14 @@ class Loads:
     byte a load may apply until a commit; the fingerprint the workers took as they loaded is
     kept for the verify step and dropped at every begin and end (``forget``); KV blocks that a
     version loaded without the finite check may have written are zeroed at the next commit
-    (``scrub_kv``). ``keep_caches`` (``HostOptions``, tests only) skips the cache resets."""
+    (``scrub_kv``)."""
 
     def __init__(self, spec: EngineSpec, calls: WorkerCalls, *, machine: EngineMachine,
                  gate: ServingGate, dormancy: SleepState, lease: SyncLease,
-                 group: TransferGroup, keep_caches: bool = False) -> None:
+                 group: TransferGroup) -> None:
         self.name = spec.name
         self.calls, self.machine, self.gate, self.dormancy = calls, machine, gate, dormancy
-        self.lease, self.group, self.keep_caches = lease, group, keep_caches
+        self.lease, self.group = lease, group
         self.checkpoints = CheckpointReader(spec, calls)
         self.workers: EngineWorkers | None = None  # every worker vLLM started, at start
         self._loaded: FinishReply | None = None  # this sync's load, fingerprinted as it loaded
@@ -180,7 +180,7 @@ class Loads:
         with self.lease.busy():
             if self.gate.caches_clean:
                 skipped = (CLEAN,)
-            elif not self.keep_caches:
+            else:
                 await asyncio.wait_for(self.reset_caches(), deadline_s)
                 seconds["reset_caches"] = time.perf_counter() - t
             loaded, self._loaded = self._loaded, None
