@@ -155,13 +155,13 @@ def sampling_params(**kw: Any) -> Any:
     from vllm import SamplingParams
 
     try:
+        from vllm.exceptions import VLLMValidationError as refused  # 0.32 (not in 0.24)
+    except ImportError:
+        refused = ValueError
+    try:
         return SamplingParams(**kw)
-    except (TypeError, ValueError):
-        raise
-    except Exception as e:
-        if type(e).__name__ == "VLLMValidationError":
-            raise ValueError(str(e)) from e
-        raise
+    except refused as e:
+        raise ValueError(str(e)) from e
 
 
 def tokenizer(engine: Any) -> Any:
