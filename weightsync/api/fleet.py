@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from weightsync.api.errors import UnknownEngineError
 from weightsync.api.schemas import FleetStatus, SyncRecord
@@ -101,22 +101,20 @@ class Fleet:
             err.engine = err.engine or name
             raise err from e
 
-    async def each(self, names: Sequence[str],
-                   call: Callable[[str], Awaitable[T]]) -> dict[str, T]:
-        """``call(name)`` on every engine concurrently; wait for all, then raise the first
-        error if any."""
+    async def each(self, names: Sequence[str], call: Callable[[str], Awaitable[T]], *,
+                   what: str) -> dict[str, T]:
+        """``call(name)`` (``what``, for the log) on every engine concurrently; wait for all,
+        then raise the first error if any."""
         outs = await asyncio.gather(*(call(n) for n in names), return_exceptions=True)
         errors = [o for o in outs if isinstance(o, BaseException)]
         if errors:
             done = [n for n, o in zip(names, outs, strict=True)
                     if not isinstance(o, BaseException)]
             if done:
-                logger.warning("%s: succeeded on %s, failed on %s",
-                               getattr(call, "__name__", "call"), done,
+                logger.warning("%s: succeeded on %s, failed on %s", what, done,
                                [getattr(e, "engine", None) for e in errors])
             raise errors[0]
-        return {n: o for n, o in zip(names, outs, strict=True)
-                if not isinstance(o, BaseException)}
+        return dict(zip(names, cast(list[T], outs), strict=True))
 
     async def statuses(self, names: Sequence[str] | None = None) -> list[EngineStatus]:
         """Every engine's status, asked now (and kept in ``view``); an engine that does not

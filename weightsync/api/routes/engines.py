@@ -63,7 +63,7 @@ async def _act(fleet: Fleet, names, what: str, call: Callable[[str], Awaitable[E
     with fleet.exclusive():
         await fleet.require_states(targets, allowed, what)
         try:
-            await fleet.each(targets, call)
+            await fleet.each(targets, call, what=what)
         finally:  # what the engines are now, for this answer and for every reader
             after = await fleet.statuses(targets)
     return EngineStates(engines=after)
