@@ -240,6 +240,9 @@ class Settings(BaseSettings):
     # Request bodies over this are refused (413) before any of it is parsed. A /sessions
     # tensor list takes ~100 bytes a tensor: 8 MiB is ~80,000 tensors.
     max_body_mib: int = Field(8, ge=1, le=1024)
+    # The fleet's OpenAI-compatible base URL (/v1, weightsync.routing): each engine serves
+    # vLLM's own OpenAI app on a port of its node, behind a token only the router holds.
+    rollouts: bool = True
     # What `serve` does with the engines it started when it stops: None keeps them when Ray is
     # an external cluster (they are detached, and a restarted service finds them) and stops
     # them when the service starts Ray itself (ray_address unset or "local": they would be

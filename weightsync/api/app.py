@@ -23,12 +23,13 @@ from weightsync.api.errors import install_error_handlers
 from weightsync.api.fleet import Fleet
 from weightsync.api.gate import Gate, PageSessions
 from weightsync.api.routes import engines as engine_routes
-from weightsync.api.routes import health, page, sync
+from weightsync.api.routes import health, openai, page, sync
 from weightsync.api.sessions import SessionRegistry
 from weightsync.config import MiB, Settings, TransferConfig
 from weightsync.coordinator import SyncCoordinator
 from weightsync.errors import ConfigError
 from weightsync.metrics import SyncMetrics
+from weightsync.routing.router import RolloutRouter
 
 logger = logging.getLogger(__name__)
 
@@ -89,14 +90,26 @@ def create_app(settings: Settings, *, engines: Sequence[Any] | Mapping[str, Any]
         settle_heap()
         watch = asyncio.create_task(fleet.watch(), name="weightsync-fleet-watch")
         app.state.fleet = fleet
+        rollouts = None
+        if settings.rollouts:  # the fleet's OpenAI base URL (/v1): weightsync.routing
+            rollouts = RolloutRouter(fleet.seen, fleet.statuses,
+                                     lambda name, token: fleet.serve_openai(name, token))
+            watch_apps = asyncio.create_task(rollouts.keep_adopting(fleet.seen),
+                                             name="weightsync-rollout-apps")
+            app.state.rollouts = rollouts
         logger.info("control plane up over %s (version %d)", fleet.names,
                     fleet.coordinator.version)
         try:
             yield
         finally:
             app.state.fleet = None  # engines are detached: they keep serving without us
-            watch.cancel()
-            await asyncio.gather(watch, return_exceptions=True)
+            app.state.rollouts = None
+            tasks = [watch] if rollouts is None else [watch, watch_apps]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if rollouts is not None:
+                await rollouts.close()
             fleet.close()
             gc.unfreeze()  # what only this app held can be collected once it is gone
 
@@ -112,8 +125,9 @@ def create_app(settings: Settings, *, engines: Sequence[Any] | Mapping[str, Any]
     app.state.sessions = SessionRegistry()
     app.state.page_sessions = PageSessions()
     app.state.fleet = None
+    app.state.rollouts = None
     app.add_middleware(Gate, settings=settings, sessions=app.state.page_sessions)
     install_error_handlers(app)
-    for module in (health, engine_routes, sync, page):
+    for module in (health, engine_routes, sync, page, openai):
         app.include_router(module.router)
     return app

@@ -89,6 +89,11 @@ class Fleet:
     async def resume(self, name: str, *, timeout: float) -> EngineStatus:
         return await self._call(name, self.actors[name].resume.remote(), "resume", timeout)
 
+    async def serve_openai(self, name: str, token: str, *, timeout: float = 120.0) -> str:
+        """Start the engine's vLLM OpenAI app (or give it another token); its base URL."""
+        return await self._call(name, self.actors[name].serve_openai.remote(token),
+                                "serve_openai", timeout)
+
     async def _call(self, name: str, ref: Any, what: str, timeout: float) -> Any:
         """A started actor call awaited under ``timeout``, typed errors."""
         try:

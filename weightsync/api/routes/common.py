@@ -9,7 +9,8 @@ from weightsync.api.schemas import ErrorBody
 _WHY = {
     401: "No or wrong bearer token",
     404: "Unknown engine or session",
-    409: "Illegal engine state, or a sync is in progress (nothing was changed)",
+    409: "Illegal engine state, or a sync is in progress (nothing was changed); for a "
+         "rollout, a weight-version bound no engine can meet",
     413: "Request body over the service's limit (WEIGHTSYNC_MAX_BODY_MIB)",
     422: "Bad input (validation, path outside the load roots, a checkpoint or tensor list "
          "that does not cover the model, unsupported on this engine)",
