@@ -15,6 +15,7 @@ import pytest
 from weightsync.config import Deadlines, TransferConfig
 from weightsync.coordinator import SyncCoordinator
 from weightsync.errors import DeadlineExceeded, SyncFailedError, TransferError
+from weightsync.messages import JoinProgress, reply_of
 from weightsync.testing.fleet import TinyModel
 from weightsync.transport import broadcast
 from weightsync.transport.broadcast import PendingJoin, free_port
@@ -161,3 +162,26 @@ def test_an_abort_before_the_join_does_not_wait_behind_it(local_fleet):
         assert "ws_leave_group" in ran  # the workers were told to stop joining
     finally:
         coord.close()
+
+
+def test_a_worker_that_joined_at_an_earlier_poll_says_so_when_asked_again(monkeypatch, tmp_path):
+    """A tensor-parallel engine's workers are polled together until all joined: one that got
+    its group at the first poll is asked again while the other has not. It used to answer
+    "not joining a transfer group" and fail the sync (seen in CI: TP and mixed-fleet syncs)."""
+    from safetensors.torch import save_file
+
+    from weightsync.testing.fleet import _Worker
+
+    made = _Group()
+    monkeypatch.setattr(broadcast.vllm_groups, "stateless_group", lambda *a, **k: made)
+    save_file(TinyModel().state_dict(), str(tmp_path / "model.safetensors"))
+    worker = _Worker(tmp_path, lambda: None, rank=0, workers=2)
+    progress = reply_of(JoinProgress).model_validate_json
+    with socket.create_server(("127.0.0.1", 0)) as trainer:
+        first = progress(worker.ws_join_group("gloo", "127.0.0.1", trainer.getsockname()[1],
+                                              1, 3, 30.0, 5.0))
+        assert first.reply.joined and first.reply.rank == 1
+        again = progress(worker.ws_join_wait(0.1))  # the other worker is still dialling
+        assert again.reply == first.reply
+        worker.ws_leave_group()
+        assert "not joining a transfer group" in progress(worker.ws_join_wait(0.1)).error.message

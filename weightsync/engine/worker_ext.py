@@ -201,6 +201,9 @@ class WeightSyncWorkerExtension:
         st = self._ws_state()
         pending = st.joining
         if pending is None:
+            if st.group is not None:  # joined at an earlier poll, while another worker of
+                # this engine (tensor parallel) had not: the host asks all of them again
+                return JoinProgress(rank=st.group.group.rank, joined=True)
             raise TransferError("not joining a transfer group (the join was cancelled: "
                                 "ws_leave_group)")
         try:
