@@ -181,6 +181,9 @@ class EngineSpec(_Frozen):
     cpu_threads_bind: str | None = Field(None, min_length=1,
                                          pattern=r"^[0-9,|\-]+$|^nobind$|^auto$")
     num_gpus: float = Field(0.0, ge=0)  # Ray resource; >0 for a GPU engine of its own
+    # Ray custom resources the engine's actor needs: pins it to the nodes that have them
+    # (``ray start --resources='{"rollout": 4}'``; ``{"rollout": 1}`` here)
+    resources: dict[str, float] = Field(default_factory=dict)
     limit_mm_per_prompt: dict[str, int] | None = None
     load_roots: tuple[str, ...] = ()  # directories /reload may read checkpoints from
     # modules the engine's workers import once at start so that their ``register_leg`` calls

@@ -273,7 +273,8 @@ class RayTransport:
         """The host's channel when its socket is on this machine (asked once per host)."""
         if name not in self._channels:
             try:
-                path = ray.get(self._actors[name].local_channel.remote(), timeout=5)
+                here = ray.get_runtime_context().get_node_id()
+                path = ray.get(self._actors[name].local_channel.remote(here), timeout=5)
             except Exception:  # noqa: BLE001 - an older host, or a dead one: Ray says which
                 path = None
             self._channels[name] = ChannelClient(path, name) \

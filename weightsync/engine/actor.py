@@ -33,6 +33,8 @@ def spawn_engine(spec: EngineSpec, *, namespace: str | None = None, detached: bo
     """
     opts: dict = dict(name=spec.name, num_cpus=num_cpus, num_gpus=spec.num_gpus,
                       max_concurrency=64)
+    if spec.resources:
+        opts["resources"] = dict(spec.resources)
     if namespace:
         opts["namespace"] = namespace
     if detached:

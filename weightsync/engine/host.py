@@ -89,6 +89,13 @@ logger = logging.getLogger(__name__)
 S = EngineState
 
 
+def _ray_node() -> str | None:
+    """The Ray node this process runs on (None outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 class EngineHost:
     """Hosts one engine. All methods are coroutines; none blocks the event loop for long.
 
@@ -159,10 +166,13 @@ class EngineHost:
             lease_left_s=self.lease.left(),
         )
 
-    async def local_channel(self) -> str | None:
+    async def local_channel(self, node_id: str | None = None) -> str | None:
         """The path of the Unix socket this host serves ``receive`` on (``engine.channel``),
-        for a trainer on its machine; None before start."""
-        return self._channel.path if self._channel is not None else None
+        for a caller on this host's Ray node (``node_id``: the caller's); None before start or
+        for a caller on another node (a path alone could also exist there: a shared /tmp)."""
+        if self._channel is None or node_id is None or node_id != _ray_node():
+            return None
+        return self._channel.path
 
     async def close_channel(self) -> None:
         """Stop serving the local channel (its calls go through Ray from then on)."""
