@@ -226,13 +226,12 @@ class PlanBody(_PlanFields):
 
 
 class TransferPlan(_PlanFields):
-    """What the sender will send, in order. Both ends derive their work from this one value.
-
-    The plans of one layout differ only in their version (``at``): they share one body
-    (``body``), whose JSON is dumped once for all of them."""
+    """What the sender will send, in order. Both ends derive their work from this one value."""
 
     version: int = Field(ge=1)
 
+    # the plans of one layout differ only in their version (``at``): they share one body,
+    # whose JSON is dumped once for all of them
     _body: _Kept[PlanBody] = PrivateAttr(default_factory=_Kept)
 
     def body(self) -> PlanBody:
