@@ -61,7 +61,6 @@ from weightsync.types import (
     SyncResult,
     TensorSpec,
     TransferPlan,
-    plan_json,
 )
 
 __all__ = ["ExternalSender", "SyncCoordinator"]
@@ -355,7 +354,7 @@ class SyncCoordinator:
               pause_mode: PauseMode, sleep_level: int, t0: float,
               canary: Canary | None) -> SyncResult:
         attempt = SyncAttempt(self._reach, names, plan.version, leg, self.statuses)
-        self._begin(attempt, plan_json(plan), pause_mode, sleep_level)
+        self._begin(attempt, plan, pause_mode, sleep_level)
         self._phase("transfer")
         t = time.perf_counter()
         try:
@@ -374,12 +373,12 @@ class SyncCoordinator:
         self._leg(leg).loaded()  # every engine has applied: free buffers before wake_kv
         return attempt.finish(bad, tuple(out.sums), t0, plan.partial, canary)
 
-    def _begin(self, attempt: SyncAttempt, plan_text: str | None, pause_mode: PauseMode,
+    def _begin(self, attempt: SyncAttempt, plan: TransferPlan | None, pause_mode: PauseMode,
                sleep_level: int) -> None:
         """Validate + pause (+ sleep/wake weights) everywhere; a bad manifest changes nothing."""
-        if plan_text is not None:  # validate everywhere before touching any engine
+        if plan is not None:  # validate everywhere before touching any engine
             self._phase("validate")
-            self._plans.validate(list(attempt.runs), plan_text)
+            self._plans.validate(list(attempt.runs), plan)
         self._phase("pause")
         self._book.issue(attempt.version)  # begun: never handed out again
         attempt.begin(pause_mode, sleep_level, self._takeover)

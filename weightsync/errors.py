@@ -86,8 +86,8 @@ class TransferError(WeightSyncError):
 
 
 class PlanNotHeld(TransferError):
-    """A receiver was sent a plan by key (``PlanRef``) that it does not hold: nothing was
-    received; send the plan's JSON."""
+    """A receiver was sent a plan whose body was named by key (``plan_wire.PlanMessage``)
+    that it does not hold: nothing was received; send the body's JSON."""
 
     code = "plan_not_held"
 

@@ -183,8 +183,8 @@ class ReceiveRequest(_Message):
 # ---- host -> coordinator -----------------------------------------------------------------------
 class BeginReply(_Message):
     """The engine paused (and slept and woke its weights where asked): each phase's seconds,
-    what was skipped and why, the transfer group it is still in, if any, and the plan it
-    holds (``types.PlanRef`` may name it instead of sending it again)."""
+    what was skipped and why, the transfer group it is still in, if any, and the key of the
+    plan body it holds (``plan_wire.plan_message`` names it instead of sending it again)."""
 
     seconds: dict[str, float]
     skipped: tuple[str, ...] = ()

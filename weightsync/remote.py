@@ -156,8 +156,9 @@ class Engines:
     def kernel_layout(self, name: str) -> Pending[LayoutStatus]:
         return self._start(name, "kernel_layout")
 
-    def validate(self, name: str, plan_text: str) -> Pending[None]:
-        return self._start(name, "validate", plan_text)
+    def validate(self, name: str, plan: str) -> Pending[None]:
+        """Check ``plan`` (a ``plan_wire.PlanMessage``) against the engine's model."""
+        return self._start(name, "validate", plan)
 
     def validate_checkpoint(self, name: str, path: str | None, *, partial: bool,
                             roots: Sequence[str] | None, deadline_s: float) -> Pending[str]:
@@ -177,10 +178,11 @@ class Engines:
         return self._start(name, "join_group", backend, host, port, rank_offset, world_size,
                            timeout_s, group_id, signed=True)
 
-    def receive(self, name: str, plan_text: str, request_json: str) -> Pending[ReceiveReport]:
-        """The one call inside every sync's transfer: strings in (the plan or its key, a
-        ``ReceiveRequest``), the host's ``ReceiveReport`` JSON out, parsed on ``wait``."""
-        return self._start(name, "receive", plan_text, request_json, signed=True,
+    def receive(self, name: str, plan: str, request_json: str) -> Pending[ReceiveReport]:
+        """The one call inside every sync's transfer: strings in (a ``plan_wire.PlanMessage``:
+        the plan's version, its body whole or by key; a ``ReceiveRequest``), the host's
+        ``ReceiveReport`` JSON out, parsed on ``wait``."""
+        return self._start(name, "receive", plan, request_json, signed=True,
                            parse=ReceiveReport.model_validate_json)
 
     def apply_staged(self, name: str, deadline_s: float) -> Pending[ApplyReply]:

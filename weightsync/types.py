@@ -9,8 +9,8 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
-import re
-from typing import Annotated, Any, Literal, get_args
+from collections.abc import Mapping
+from typing import Annotated, Any, Generic, Literal, Self, TypeVar, get_args
 
 from pydantic import (
     BaseModel,
@@ -19,11 +19,8 @@ from pydantic import (
     Field,
     PrivateAttr,
     Strict,
-    ValidationError,
     model_validator,
 )
-
-from weightsync.errors import PlanNotHeld
 
 # dtype names as torch spells them (``str(torch.float32).removeprefix("torch.")``).
 DTYPE_ITEMSIZE: dict[str, int] = {
@@ -42,6 +39,7 @@ DTYPE_ITEMSIZE: dict[str, int] = {
 }
 
 PauseMode = Literal["abort", "wait", "keep"]
+T = TypeVar("T")
 
 
 class _Frozen(BaseModel):
@@ -128,34 +126,28 @@ class KernelLayout(BaseModel):
         return TensorSpec(name=p.name, dtype=p.dtype, shape=p.shape)
 
 
-class _PlanBody:
-    """A plan's body (everything but its version) as JSON, and that JSON's key, dumped once
-    for a plan and the copies of it that change only the version: the kernel-layout plan is
-    the same every sync but for its version (``model_copy`` of one plan), a 0.5B model's is
-    ~300 tensors, and it goes out twice a sync. Pydantic's ``model_copy`` copies a private
-    attribute by reference, so such copies share one ``_PlanBody``; it is checked against the
-    plan on every use, so a copy that changed anything else dumps its own."""
+class _Kept(Generic[T]):
+    """A value computed once from a model's fields and kept with the model (a private
+    attribute), no part of its value: equal to any other, so ``==`` and ``hash`` compare the
+    fields alone. Pydantic copies a private attribute by reference, so a copy shares it; a copy
+    that changes the fields it was computed from gets its own (``_PlanFields.model_copy``)."""
 
-    __slots__ = ("buckets", "rest", "text", "key", "members")
+    __slots__ = ("value",)
 
     def __init__(self) -> None:
-        self.buckets: tuple[Bucket, ...] | None = None
-        self.rest: tuple[Any, ...] = ()
-        self.text = ""  # the body's JSON
-        self.key = ""  # plan_key(text)
-        self.members = ""  # text less its opening brace: what follows the version (_framed)
+        self.value: T | None = None
 
-    def __eq__(self, other: object) -> bool:  # a cache: never part of a plan's value
-        return isinstance(other, _PlanBody)
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Kept)
 
     def __hash__(self) -> int:
         return 0
 
 
-class TransferPlan(_Frozen):
-    """What the sender will send, in order. Both ends derive their work from this one value."""
+class _PlanFields(_Frozen):
+    """What a plan says but its version: a ``PlanBody``'s fields, and a ``TransferPlan``'s
+    with its version."""
 
-    version: int = Field(ge=1)
     buckets: tuple[Bucket, ...]
     # "checkpoint": HF names, applied by vLLM's weight loaders; "kernel": vLLM parameter
     # names and fused layout, copied straight into the parameters (see transport.layout)
@@ -167,28 +159,9 @@ class TransferPlan(_Frozen):
     # carry every tensor of the engine's model (a partial one would serve mixed weights).
     partial: bool = False
 
-    _body: _PlanBody = PrivateAttr(default_factory=_PlanBody)
-
     @property
     def total_bytes(self) -> int:
         return sum(b.nbytes for b in self.buckets)
-
-    def body(self) -> tuple[str, str]:
-        """(this plan's JSON without its version, that text's key: ``plan_key``)."""
-        kept = self._kept_body()
-        return kept.text, kept.key
-
-    def _kept_body(self) -> _PlanBody:
-        # (pydantic's own store of private attributes: reading it directly skips the
-        # __getattr__ a private attribute costs, ~1.4 us, on a path taken twice a sync)
-        kept: _PlanBody = self.__pydantic_private__["_body"]  # type: ignore[index]
-        rest = (self.format, self.chain_chunk, self.partial)
-        if kept.buckets is not self.buckets or kept.rest != rest:
-            text = self.model_dump_json(exclude={"version"})
-            kept.buckets, kept.rest, kept.text, kept.key = self.buckets, rest, text, \
-                plan_key(text)
-            kept.members = text[1:]  # (what _frame appends)
-        return kept
 
     @property
     def specs(self) -> list[TensorSpec]:
@@ -196,7 +169,7 @@ class TransferPlan(_Frozen):
                 for b in self.buckets for s in b.slots]
 
     @model_validator(mode="after")
-    def _unique(self) -> TransferPlan:
+    def _unique(self) -> Self:
         seen: set[str] = set()
         dup: set[str] = set()
         for s in (s for b in self.buckets for s in b.slots):  # one pass: linear in the names
@@ -207,108 +180,72 @@ class TransferPlan(_Frozen):
             raise ValueError("bucket indices must be 0..n-1 in order")
         return self
 
-
-# A plan's wire text (``plan_json``) is written as its version, then its body's members:
-# ``{"version":N,`` + the body. A receiver reads the version, or gives the body it holds
-# another (``HeldPlan``), without parsing the body; pydantic reads the text as any plan's JSON.
-_FRAME = re.compile(r'^\{"version":(\d+),')
-
-
-def _framed(version: int, body: str) -> str:
-    """The wire text of the plan whose body (``TransferPlan.body``) is ``body``."""
-    return _frame(version, body[1:])
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy. One that changes anything but a plan's version keeps nothing this one
+        computed from its fields (``_Kept``: its body, that body's JSON)."""
+        copy = super().model_copy(update=update, deep=deep)
+        if update is not None and set(update) - {"version"}:
+            for name in type(self).__private_attributes__:
+                setattr(copy, name, _Kept())
+        return copy
 
 
-def _frame(version: int, members: str) -> str:
-    """The wire text of a plan at ``version`` whose body's members are ``members``."""
-    return f'{{"version":{version},{members}'
+class PlanBody(_PlanFields):
+    """A transfer plan but its version: the same from one sync to the next of one layout, so
+    a receiver keeps it and its sender names it by key from then on (``weightsync.plan_wire``).
+    Its JSON (pydantic's) and key are computed once, on first use; a receiver parses that JSON
+    as a ``PlanBody`` (the same checks as a plan's) and makes each sync's plan with ``at``."""
 
+    _dumped: _Kept[tuple[str, str]] = PrivateAttr(default_factory=_Kept)
 
-def _unframed(plan_text: str) -> tuple[int, str] | None:
-    """(version, body) of a plan's wire text; None for text not written so."""
-    m = _FRAME.match(plan_text)
-    return None if m is None else (int(m.group(1)), "{" + plan_text[m.end():])
+    @property
+    def json_text(self) -> str:
+        """This body's JSON, dumped once."""
+        return self._dump()[0]
 
+    @property
+    def key(self) -> str:
+        """What names this body on the wire: a hash of its JSON."""
+        return self._dump()[1]
 
-def versionless(plan_text: str) -> str:
-    """A plan's JSON without its version: equal for every sync of the same plan."""
-    framed = _unframed(plan_text)
-    return plan_text if framed is None else framed[1]
+    def _dump(self) -> tuple[str, str]:
+        kept = self._dumped
+        if kept.value is None:
+            text = self.model_dump_json()
+            kept.value = (text, hashlib.blake2b(text.encode(), digest_size=12).hexdigest())
+        return kept.value
 
-
-def plan_key(body: str) -> str:
-    """The key of a plan's versionless text (``versionless``): what ``PlanRef`` names."""
-    return hashlib.blake2b(body.encode(), digest_size=12).hexdigest()
-
-
-def plan_json(plan: TransferPlan) -> str:
-    """The plan's wire text: its version, then its body, dumped once for the copies of a plan
-    that differ only in version (``TransferPlan.body``). Parses as ``plan.model_dump_json()``
-    does (and equals it: pydantic dumps the fields in their declared order)."""
-    return _frame(plan.version, plan._kept_body().members)
-
-
-def plan_text_for(plan: TransferPlan, held: str | None) -> str:
-    """What to send a receiver that holds the plan keyed ``held`` (``BeginReply.plan_key``):
-    a ``PlanRef`` where that is this plan, else the plan's JSON."""
-    kept = plan._kept_body()
-    if held == kept.key:
-        return PlanRef(ref=held, version=plan.version).model_dump_json()
-    return _frame(plan.version, kept.members)
-
-
-class PlanRef(_Frozen):
-    """A plan its receiver already holds (``HeldPlan``), named by key at a new version and
-    sent instead of the plan's JSON. A kernel-layout plan is the same every sync but for its
-    version, and a MoE's is large: Qwen3-MoE with 128 experts, 3 layers, ~128 KB (every
-    expert's tensors are named); Ray passes an argument over 100 KB through its object store
-    (on this project's 2-core box a call took 7.6 ms with 128 KB, 1.2 ms with 1 KB)."""
-
-    ref: str
-    version: int = Field(ge=0)
-
-
-class HeldPlan:
-    """The plan a receiver was last given as JSON, so that its sender may name it by key
-    (``PlanRef``) from then on. Each hop keeps its own: the engine host (for the trainer)
-    and every worker (for the host)."""
-
-    def __init__(self) -> None:
-        self.key: str | None = None
-        self._body: str | None = None
-
-    def text(self, plan: str) -> str:
-        """The plan's JSON: ``plan`` itself (kept from now on), or the held plan at the
-        version a ``PlanRef`` names. ``PlanNotHeld`` when it names a plan not held here."""
-        framed = _unframed(plan)
-        if framed is None:  # not a plan's wire text: a PlanRef (else a plan written otherwise)
-            try:
-                ref = PlanRef.model_validate_json(plan)
-            except ValidationError:
-                ref = None
-            if ref is not None:
-                if ref.ref != self.key or self._body is None:
-                    raise PlanNotHeld(f"plan {ref.ref} is not held here (holding "
-                                      f"{self.key}): send its JSON")
-                return _framed(ref.version, self._body)
-        body = plan if framed is None else framed[1]
-        if body != self._body:
-            self._body, self.key = body, plan_key(body)
+    def at(self, version: int) -> TransferPlan:
+        """The plan of this body at ``version``: the body is not validated again (it was, as
+        this body), the version is checked here."""
+        if version < 1:
+            raise ValueError(f"a plan's version is 1 or more, not {version}")
+        plan = TransferPlan.model_construct(version=version, **dict(self))
+        plan._body.value = self
         return plan
 
-    def ref(self, version: int) -> str:
-        """A ``PlanRef`` to the held plan at ``version``."""
-        if self.key is None:
-            raise ValueError("no plan is held")
-        return PlanRef(ref=self.key, version=version).model_dump_json()
 
+class TransferPlan(_PlanFields):
+    """What the sender will send, in order. Both ends derive their work from this one value."""
 
-def plan_version(plan_text: str) -> int:
-    """A plan's version, read from its wire text (``plan_json`` writes it first)."""
-    framed = _unframed(plan_text)
-    if framed is None:
-        raise ValueError("not a plan's JSON")
-    return framed[0]
+    version: int = Field(ge=1)
+
+    # the plans of one layout differ only in their version (``at``): they share one body,
+    # whose JSON is dumped once for all of them
+    _body: _Kept[PlanBody] = PrivateAttr(default_factory=_Kept)
+
+    def body(self) -> PlanBody:
+        """This plan but its version: made once for this plan and its copies at other
+        versions."""
+        kept = self._body
+        if kept.value is None:  # (not validated again: these fields were, as this plan's)
+            kept.value = PlanBody.model_construct(
+                **{name: getattr(self, name) for name in PlanBody.model_fields})
+        return kept.value
+
+    def at(self, version: int) -> TransferPlan:
+        """This plan at ``version``, sharing its body (``body``): each sync of one layout."""
+        return self.body().at(version)
 
 
 class CheckpointFiles(_Frozen):

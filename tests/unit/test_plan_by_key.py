@@ -1,7 +1,7 @@
-"""A plan is sent whole once and named by key (``PlanRef``) in later syncs, on both hops
-(trainer -> engine host, host -> workers): a kernel-layout plan is the same every sync but for
-its version, and a MoE's is ~128 KB, which Ray ships through its object store. Real
-coordinator, hosts and workers; vLLM stood in for (``weightsync.testing.fleet``)."""
+"""A plan's body is sent whole once and named by key (``plan_wire.PlanMessage``) in later
+syncs, on both hops (trainer -> engine host, host -> workers): a kernel-layout plan is the same
+every sync but for its version, and a MoE's is ~128 KB, which Ray ships through its object
+store. Real coordinator, hosts and workers; vLLM stood in for (``weightsync.testing.fleet``)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import torch
 
 from weightsync.config import TransferConfig
 from weightsync.coordinator import SyncCoordinator
-from weightsync.errors import PlanNotHeld, SyncFailedError
+from weightsync.errors import SyncFailedError
+from weightsync.plan_wire import HeldPlan, PlanMessage
 from weightsync.testing.fleet import TinyModel
-from weightsync.types import EngineState, HeldPlan, PlanRef, TransferPlan, plan_json, plan_text_for
+from weightsync.types import EngineState
 
 
 def _plans_sent(engines) -> dict[str, list[str]]:
@@ -40,7 +41,7 @@ def _plans_sent(engines) -> dict[str, list[str]]:
 
 
 def _is_ref(text: str) -> bool:
-    return text.startswith('{"ref":')
+    return PlanMessage.model_validate_json(text).body is None
 
 
 @pytest.mark.parametrize("leg", ["loopback", "broadcast"])
@@ -60,7 +61,7 @@ def test_a_plan_goes_whole_once_then_by_key(local_fleet, leg):
     assert res.layout == "kernel"
     assert len(sent["validate"]) == 4 and not any(map(_is_ref, sent["validate"]))
     assert len(sent["receive"]) == 8 and all(map(_is_ref, sent["receive"]))
-    assert [PlanRef.model_validate_json(t).version for t in sent["receive"]] == \
+    assert [PlanMessage.model_validate_json(t).version for t in sent["receive"]] == \
         [1, 1, 2, 2, 3, 3, 4, 4]
     assert max(map(len, sent["receive"])) < 100 < min(map(len, sent["validate"]))
     # the same between each host and its workers
@@ -111,17 +112,3 @@ def test_a_plan_named_that_an_engine_does_not_hold_is_refused_and_nothing_change
     assert (st.state, st.version) == (EngineState.SERVING, 2)
     want = {n: p.detach() for n, p in old.named_parameters()}
     assert all(torch.equal(engines.weights("a")[n], want[n]) for n in want)
-
-
-def test_a_worker_names_what_it_does_not_hold():
-    held = HeldPlan()
-    plan = TransferPlan(version=4, buckets=())
-    with pytest.raises(PlanNotHeld, match="not held"):
-        held.text(PlanRef(ref="x" * 24, version=5).model_dump_json())
-    assert held.text(plan_json(plan)) == plan_json(plan)
-    again = held.text(held.ref(9))
-    assert TransferPlan.model_validate_json(again) == plan.model_copy(update={"version": 9})
-    assert plan_text_for(plan, held.key) == PlanRef(ref=held.key, version=4).model_dump_json()
-    assert plan_text_for(plan, None) == plan_json(plan)
-    with pytest.raises(PlanNotHeld):
-        HeldPlan().text(held.ref(1))

@@ -14,10 +14,11 @@ from typing import Any
 from weightsync.coordination.reach import Reach, raise_refusal
 from weightsync.errors import ConfigError
 from weightsync.messages import LayoutStatus
+from weightsync.plan_wire import plan_message
 from weightsync.sources.base import WeightSource
 from weightsync.transport.layout import KernelLayout
 from weightsync.transport.packing import plan_buckets
-from weightsync.types import EngineStatus, TensorSpec, TransferPlan, versionless
+from weightsync.types import EngineStatus, TensorSpec, TransferPlan
 
 
 class LayoutNegotiator:
@@ -31,7 +32,7 @@ class LayoutNegotiator:
         self.reach = reach
         self._layouts: dict[tuple[str, ...], KernelLayout] = {}  # engine set -> verified
         self._kernel_plan: tuple[KernelLayout, TransferPlan] | None = None
-        self._accepted: dict[str, tuple[str | None, str]] = {}  # engine -> (model, plan body)
+        self._accepted: dict[str, tuple[str | None, str]] = {}  # engine -> (model, body key)
         self._models: dict[str, str] = {}  # the model each engine served, as last seen
 
     def saw(self, statuses: Sequence[EngineStatus]) -> None:
@@ -97,20 +98,21 @@ class LayoutNegotiator:
             plan = plan_buckets([layout.spec(p) for p in layout.params],
                                 self.reach.transfer.bucket_bytes, version)
             cached = self._kernel_plan = (layout, plan.model_copy(update={"format": "kernel"}))
-        return cached[1].model_copy(update={"version": version})
+        return cached[1].at(version)  # (its body, and that body's JSON, made once)
 
-    def validate(self, names: list[str], plan_text: str) -> None:
+    def validate(self, names: list[str], plan: TransferPlan) -> None:
         """Every engine checks the plan against its model (``ManifestError`` before anything
         is touched). Whether a plan fits depends on the plan and the engine's model only, so
-        an engine that accepted this plan (its version aside) is not asked again until it is
-        replaced (``forget``): the kernel-layout plan is the same every sync."""
-        body = versionless(plan_text)
+        an engine that accepted this plan's body (its version aside) is not asked again until
+        it is replaced (``forget``): the kernel-layout plan is the same every sync."""
+        body = plan.body().key
         key = {n: (self._models.get(n), body) for n in names}  # (the model it serves, plan)
         ask = [n for n in names if self._accepted.get(n) != key[n]]
         if not ask:
             return
         engines = self.reach.engines
-        _, bad = engines.each(ask, lambda n: engines.validate(n, plan_text),
+        whole = plan_message(plan)  # (what an engine holds is known only once it begins)
+        _, bad = engines.each(ask, lambda n: engines.validate(n, whole),
                               self.reach.deadlines.verify)
         raise_refusal(bad)
         self._accepted.update({n: key[n] for n in ask})

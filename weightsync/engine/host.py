@@ -218,9 +218,10 @@ class EngineHost:
             raise EngineError("engine not started", engine=self.spec.name)
         return self.loads.workers
 
-    async def validate(self, plan_json: str) -> None:
-        """Check a plan against the model before anything changes (raises ManifestError)."""
-        await self.calls.plan_rpc("ws_validate", self.calls.plan.text(plan_json), reply=Ack,
+    async def validate(self, plan: str) -> None:
+        """Check a plan (a ``plan_wire.PlanMessage``) against the model before anything
+        changes (raises ManifestError)."""
+        await self.calls.plan_rpc("ws_validate", self.calls.plan.read(plan), reply=Ack,
                                   timeout=60)
 
     async def begin_sync(self, *, pause_mode: PauseMode, sleep_level: int, deadline_s: float,
@@ -272,13 +273,14 @@ class EngineHost:
         self.lease.check(owner, "leave the transfer group")
         await self.group.leave()
 
-    async def receive(self, plan_json: str, request_json: str, *,
+    async def receive(self, plan: str, request_json: str, *,
                       owner: str | None = None) -> str:
-        """Receive a plan through the leg ``request_json`` (a ``ReceiveRequest``) names;
-        returns the ``ReceiveReport`` as JSON (``engine.loading.Loads.receive``). An atomic
-        apply in a wave of this engine alone may commit here."""
+        """Receive a plan (a ``plan_wire.PlanMessage``) through the leg ``request_json`` (a
+        ``ReceiveRequest``) names; returns the ``ReceiveReport`` as JSON
+        (``engine.loading.Loads.receive``). An atomic apply in a wave of this engine alone
+        may commit here."""
         self._expect(*IN_SYNC, S.FENCED, op="receive weights", owner=owner)
-        return await self.loads.receive(plan_json, request_json, self._commit)
+        return await self.loads.receive(plan, request_json, self._commit)
 
     async def apply_staged(self, deadline_s: float, *, owner: str | None = None) -> ApplyReply:
         self._expect(S.LOADING, S.FENCED, op="apply staged weights", owner=owner)

@@ -68,10 +68,11 @@ class Loads:
         """A sync begins or ends: no load of it is kept."""
         self._loaded = None
 
-    async def receive(self, plan_json: str, request_json: str,
+    async def receive(self, plan: str, request_json: str,
                       commit: Callable[[int, float], Awaitable[CommitReply]]) -> str:
-        """Receive a plan through the leg ``request_json`` (a ``ReceiveRequest``) names; the
-        worker stages it, streams it into the loader, or verifies and loads it (``atomic``).
+        """Receive a plan (a ``plan_wire.PlanMessage``: its body whole or named by key)
+        through the leg ``request_json`` (a ``ReceiveRequest``) names; the worker stages it,
+        streams it into the loader, or verifies and loads it (``atomic``).
         Returns the ``ReceiveReport`` as JSON, which the sender leg parses
         (``SenderLeg.wait_receipts``): this is the one call inside every sync's transfer, and
         Ray passes a string for less than it pickles a model.
@@ -85,7 +86,7 @@ class Loads:
         coordinator's ``commit`` follows."""
         t_enter = time.perf_counter()
         request = ReceiveRequest.model_validate_json(request_json)
-        plan_json = self.calls.plan.text(plan_json)  # (or PlanNotHeld: nothing changed yet)
+        message = self.calls.plan.read(plan)  # (or PlanNotHeld: nothing changed yet)
         self._unchecked = not request.check_finite
         self.machine.loading()
         if request.apply == "streaming":
@@ -93,7 +94,7 @@ class Loads:
         t = time.perf_counter()
         try:
             with self.lease.busy():
-                reports = await self.calls.plan_rpc("ws_receive", plan_json, request_json,
+                reports = await self.calls.plan_rpc("ws_receive", message, request_json,
                                                     reply=ReceiveReport,
                                                     timeout=request.deadline_s * 1.5)
             report = merge_receipts([hops(r, t, time.perf_counter(), "vllm", "worker")

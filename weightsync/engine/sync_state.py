@@ -15,9 +15,10 @@ from weightsync.engine.derived import ModelStorage
 from weightsync.engine.fingerprint import Fingerprinter
 from weightsync.engine.kept_checkpoint import KeptCheckpoint
 from weightsync.engine.layout_check import LayoutCheck
+from weightsync.plan_wire import HeldPlan
 from weightsync.transport.broadcast import BroadcastReceiver, PendingJoin
 from weightsync.transport.graphs import Replay
-from weightsync.types import Bucket, HeldPlan, TensorSpec, TransferPlan
+from weightsync.types import Bucket, TensorSpec
 
 if TYPE_CHECKING:
     from weightsync.engine.appliers import Applier
@@ -44,9 +45,8 @@ class WorkerSyncState:
     expected: dict[str, TensorSpec] | None = None
     expected_error: str | None = None  # why ``expected`` could not be read
     storage: ModelStorage | None = None  # storage/ties/derived state at start (ws_info)
-    # plans: the JSON last sent whole (named by key later), and its parse (ws_receive)
+    # the plan body last sent whole (named by key later), parsed once (ws_validate, ws_receive)
     held_plan: HeldPlan = field(default_factory=HeldPlan)
-    plan: tuple[str | None, TransferPlan] | None = None
     # transfer group (ws_join_group / ws_join_wait / ws_leave_group)
     group: BroadcastReceiver | None = None
     joining: PendingJoin | None = None
@@ -67,20 +67,14 @@ class WorkerSyncState:
             self.graphs[name] = Replay(name)
         return self.graphs[name]
 
-    def parsed(self, key: str | None, text: str) -> TransferPlan:
-        """The plan ``text`` (held under ``key``), parsed once per plan, not per sync."""
-        if self.plan is None or self.plan[0] != key:
-            self.plan = (key, TransferPlan.model_validate_json(text))
-        return self.plan[1]
-
     def take_staged(self) -> Staged | None:
         staged, self.staged = self.staged, None
         return staged
 
     def reloaded_from_files(self) -> None:
         """A checkpoint reload: re-derive and re-verify the layout on the next sync, and
-        drop what was kept for the plan before."""
+        drop the copy program kept for the plan before (the plan's body stays held: it
+        describes no weights)."""
         self.layout.forget()
         self.programs.forget()
-        self.plan = None
 

@@ -2,8 +2,9 @@
 they hold.
 
 Every call has a deadline; every worker's ``WorkerReply`` is parsed once, and a worker's error
-comes back as the same typed error. A worker keeps the last plan it was sent whole, and nothing
-but this host sends them plans, so a plan every worker holds is sent by key (``PlanRef``).
+comes back as the same typed error. A worker keeps the last plan body it was sent whole, and
+nothing but this host sends them plans, so a body every worker holds is named by key
+(``plan_wire.PlanMessage.by_key``).
 """
 
 from __future__ import annotations
@@ -16,20 +17,21 @@ from pydantic import BaseModel
 from weightsync.engine import vllm_compat
 from weightsync.errors import DeadlineExceeded, EngineError, error_class
 from weightsync.messages import reply_of
-from weightsync.types import HeldPlan, plan_version
+from weightsync.plan_wire import HeldPlan, PlanMessage
 
 M = TypeVar("M", bound=BaseModel)
 
 
 class WorkerCalls:
     """Calls into one engine's workers. Invariant: ``workers_plan`` is the key of the plan
-    every worker holds, or None when that is not known (new workers, a call in progress)."""
+    body every worker holds, or None when that is not known (new workers, a call in
+    progress)."""
 
     def __init__(self, name: str) -> None:
         self.name = name  # the engine's, for errors
         self.engine: Any = None
-        self.plan = HeldPlan()  # the plan the trainer last sent in full (BeginReply.plan_key)
-        self.workers_plan: str | None = None  # the key of the one every worker holds
+        self.plan = HeldPlan()  # the body the trainer last sent whole (BeginReply.plan_key)
+        self.workers_plan: str | None = None  # the key of the body every worker holds
 
     def attach(self, engine: Any) -> None:
         """Call into ``engine`` from now on (a start or restart): its workers hold no plan."""
@@ -55,15 +57,15 @@ class WorkerCalls:
             got.append(cast(M, r.reply))  # (a WorkerReply holds its reply or its error)
         return got
 
-    async def plan_rpc(self, method: str, plan_text: str, *args: Any, reply: type[M],
+    async def plan_rpc(self, method: str, plan: PlanMessage, *args: Any, reply: type[M],
                        timeout: float) -> list[M]:
-        """``rpc`` of a worker method whose first argument is a plan: sent by key
-        (``PlanRef``) when every worker holds it already."""
-        key = self.plan.key
-        if key is not None and key == self.workers_plan:
-            plan_text = self.plan.ref(plan_version(plan_text))
+        """``rpc`` of a worker method whose first argument is a plan (``plan``, with its
+        body: ``HeldPlan.read``), its body named by key when every worker holds it already."""
+        if plan.key == self.workers_plan:
+            plan = plan.by_key()
         else:
             self.workers_plan = None  # until every worker has it
-        out = await self.rpc(method, plan_text, *args, reply=reply, timeout=timeout)
-        self.workers_plan = key
+        out = await self.rpc(method, plan.model_dump_json(), *args, reply=reply,
+                             timeout=timeout)
+        self.workers_plan = plan.key
         return out

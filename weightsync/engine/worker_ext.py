@@ -55,7 +55,7 @@ from weightsync.transport.layout import KernelLayout, derive_layout
 from weightsync.transport.legs import receiver_leg
 from weightsync.transport.packing import dtype_name
 from weightsync.transport.ranks import worker_group_rank
-from weightsync.types import CheckpointFiles, ReceiveReport, TensorSpec, TransferPlan
+from weightsync.types import CheckpointFiles, ReceiveReport, TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +140,9 @@ class WeightSyncWorkerExtension:
         return {"lm_head.weight"} if getattr(hf, "tie_word_embeddings", False) else set()
 
     @worker_rpc
-    def ws_validate(self, plan_json: str) -> Ack:
-        plan = TransferPlan.model_validate_json(self._ws_state().held_plan.text(plan_json))
+    def ws_validate(self, message: str) -> Ack:
+        """Check the plan a ``PlanMessage`` carries or names against the model."""
+        plan = self._ws_state().held_plan.plan(message)
         if plan.format == "kernel":
             live = self._vllm_specs()
             validate_plan(plan, live, "", set())
@@ -258,16 +259,16 @@ class WeightSyncWorkerExtension:
         self._ws_state().programs.forget()
 
     @worker_rpc
-    def ws_receive(self, plan_json: str, request_json: str) -> ReceiveReport:
-        """Receive a plan through the leg the request names; stage it, stream it into the
+    def ws_receive(self, message: str, request_json: str) -> ReceiveReport:
+        """Receive the plan a ``PlanMessage`` carries or names (the body held here: parsed
+        once per body) through the leg the request names; stage it, stream it into the
         loader, or (``atomic``) verify every bucket against the sender's checksums and load.
         The applier is chosen once, from the plan's format and how its buckets arrive."""
         t_call = time.perf_counter()
         request = ReceiveRequest.model_validate_json(request_json)
         st = self._ws_state()
         held = st.held_plan
-        text = held.text(plan_json)  # the JSON, or a PlanRef to the plan held here
-        plan = st.parsed(held.key, text)
+        plan = held.plan(message)
         leg = st.legs.get(request.leg)
         if leg is None:
             leg = st.legs[request.leg] = receiver_leg(request.leg)(self)

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from weightsync.config import TransferConfig
 from weightsync.errors import PayloadNotHeld, TransferError, WeightSyncError
 from weightsync.messages import ApplyMode, BeginReply, ReceiveRequest
+from weightsync.plan_wire import plan_message
 from weightsync.transport.ranks import GroupRanks
-from weightsync.types import Bucket, ReceiveReport, TransferPlan, plan_text_for
+from weightsync.types import Bucket, ReceiveReport, TransferPlan
 
 if TYPE_CHECKING:
     import torch
@@ -82,11 +83,12 @@ class SenderLeg(ABC):
     def submit_receive(self, names: Sequence[str], plan: TransferPlan,
                        begun: Mapping[str, BeginReply], request: ReceiveRequest
                        ) -> dict[str, Pending[ReceiveReport]]:
-        """Every engine's ``receive``, submitted: the plan by key (``PlanRef``) to an engine
-        that holds it already (its ``BeginReply.plan_key``), else as JSON."""
+        """Every engine's ``receive``, submitted: the plan's body named by key to an engine
+        that holds it already (its ``BeginReply.plan_key``), else whole
+        (``plan_wire.plan_message``: one message per body held)."""
         text = request.model_dump_json()
-        return {n: self.engines.receive(n, plan_text_for(plan, begun[n].plan_key), text)
-                for n in names}
+        messages = {k: plan_message(plan, k) for k in {begun[n].plan_key for n in names}}
+        return {n: self.engines.receive(n, messages[begun[n].plan_key], text) for n in names}
 
     def wait_receipts(self, pending: Mapping[str, Pending[ReceiveReport]], timeout: float,
                       sent: float | None = None
