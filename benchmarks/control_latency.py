@@ -294,32 +294,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-class ServerThread:
-    """uvicorn on 127.0.0.1 in a daemon thread, lifespan included, its access log at INFO
-    (into the root logger: ``<workdir>/server.log``)."""
-
-    def __init__(self, app: Any, port: int) -> None:
-        import uvicorn
-
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                                    log_config=None, log_level="info",
-                                                    lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
-
-    def start(self, timeout_s: float = 180.0) -> None:
-        self.thread.start()
-        end = time.monotonic() + timeout_s
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > end:
-                raise RuntimeError("uvicorn did not start (see server.log)")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(60)
-
-
 # ---- statistics, results, plot -----------------------------------------------------------------
 def _stats_ms(seconds: list[float]) -> dict[str, Any]:
     """Milliseconds: count, mean, p1/p25/p50/p75/p95/p99, max, and every sample over p99 (the
@@ -475,7 +449,9 @@ def main(rate: float = typer.Option(20.0, min=1.0, help="probes per second, per 
     settings = Settings(host="127.0.0.1", port=_free_port(), token=TOKEN,
                         load_roots=(str(root),), namespace="weightsync-control-latency")
     lag = LoopLag(create_app(settings, engines=engines), stalls=stalls)
-    server = ServerThread(lag, settings.port)
+    from weightsync.api.server import ServerThread
+
+    server = ServerThread(lag, settings.port, log_level="info", own_logging=False)
     url = server.url
     result: dict[str, Any] = {"meta": run_meta(
         "control-latency", device="cpu", versions={**versions(), **_versions()}, label=label,

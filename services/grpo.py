@@ -30,6 +30,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +46,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from services.grpo_plot import write_plot
+from services.grpo_rollouts import OpenAIRollouts, RayRollouts
 from weightsync.local_ray import init_kwargs, ray_env
 from weightsync.types import exclusive_phases
 
@@ -85,6 +88,11 @@ class GrpoConfig(BaseModel):
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
     max_logprob_gap: float = Field(0.05, gt=0)  # engine vs trainer logprobs on the same weights
     trainer_ranks: int = Field(1, ge=1)  # > 1: FSDP2 over that many processes (grpo_ranks)
+    # how groups are sampled (services.grpo_rollouts): Ray's generate, or the fleet's OpenAI
+    # router with the openai client
+    rollout: Literal["ray", "openai"] = "ray"
+    # Ray custom resources every engine needs (EngineSpec.resources): pins them to nodes
+    engine_resources: dict[str, float] = Field(default_factory=dict)
 
 
 class StepRecord(BaseModel):
@@ -111,6 +119,10 @@ class StepRecord(BaseModel):
     freed_bytes: int | None = None  # colocated: free device memory the trainer gained by the
     # fleet's sleep (None on CPU)
     trainer_peak_bytes: int | None = None  # the step's peak device allocation (GPU)
+    # the weight version each sample reported (engine-stamped), in sampling order, and the
+    # engines that served them (the router's choice on the OpenAI path)
+    sample_versions: tuple[int | None, ...] = ()
+    sample_engines: dict[str, int] = Field(default_factory=dict)
 
 
 # ---- task ------------------------------------------------------------------------------------
@@ -179,34 +191,6 @@ class Policy:
 
 
 # ---- engine side -----------------------------------------------------------------------------
-def sample_groups(actors: list, prompts: list[str], cfg: GrpoConfig, expect_version: int,
-                  timeout_s: float = 600.0) -> list[list[Any]]:
-    """``group_size`` completions per prompt, prompts spread round-robin over the engines.
-
-    Raises ``VerificationError`` unless every completion was produced by ``expect_version``.
-    """
-    import ray
-
-    from weightsync.errors import VerificationError
-
-    shards = [list(range(len(prompts)))[i::len(actors)] for i in range(len(actors))]
-    refs = {i: actors[i].generate.remote([prompts[j] for j in shard], max_tokens=cfg.max_tokens,
-                                         temperature=1.0, n=cfg.group_size, logprobs=True,
-                                         ignore_eos=True)
-            for i, shard in enumerate(shards) if shard}
-    groups: list[list[Any]] = [[] for _ in prompts]
-    for i, ref in refs.items():
-        out = ray.get(ref, timeout=timeout_s)
-        for k, j in enumerate(shards[i]):
-            groups[j] = out[k * cfg.group_size:(k + 1) * cfg.group_size]
-    for g in groups:
-        for r in g:
-            if r.version != expect_version:
-                raise VerificationError(f"a sample came from weight version {r.version} "
-                                        f"(spanning {r.versions}), expected {expect_version}")
-    return groups
-
-
 def engine_gpus(device: str, engines: int) -> float:
     """Ray GPU share per engine: none on CPU; a whole GPU each when the cluster has enough,
     else an equal share of what it has (engines colocated with each other and the trainer)."""
@@ -221,58 +205,6 @@ def engine_gpus(device: str, engines: int) -> float:
 
 
 # ---- outputs ---------------------------------------------------------------------------------
-def write_plot(records: list[StepRecord], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r.step for r in records]
-    mean = [r.reward_mean for r in records]
-    std = [r.reward_std for r in records]
-    memory = [r for r in records if r.freed_bytes is not None]
-    fig, axes = plt.subplots(3 if memory else 2, 1, figsize=(9, 10 if memory else 7),
-                             sharex=True)
-    top, bottom = axes[0], axes[1]
-    top.plot(steps, mean, marker="o", ms=3, label="mean reward (all groups)")
-    top.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                     alpha=0.2, label="± std")
-    top.set_ylabel("reward")
-    top.set_ylim(bottom=min(0.0, min(mean)))
-    top.grid(alpha=0.3)
-    top.legend(loc="upper left")
-    top.set_title(title)
-    first = next(iter(records[0].engine_seconds))
-    phases = list(dict.fromkeys(p for r in records
-                                for p in exclusive_phases(r.engine_seconds.get(first, {}))))
-    stack = [[r.engine_seconds.get(first, {}).get(p, 0.0) * 1e3 for r in records] for p in phases]
-    bottom.stackplot(steps, stack, labels=[f"{first}: {p}" for p in phases], alpha=0.7)
-    bottom.plot(steps, [r.sync_seconds * 1e3 for r in records], color="black", lw=1.5,
-                label="coordinator total")
-    first, rest = records[0].sync_seconds * 1e3, [r.sync_seconds * 1e3 for r in records[1:]]
-    if rest and first > 1.2 * max(rest):  # the first sync also sets up the transfer group
-        bottom.set_ylim(0, 1.2 * max(rest))
-        bottom.annotate(f"step 1: {first:.0f} ms (off scale: first sync)", xy=(1, 1.2 * max(rest)),
-                        xytext=(4, -12), textcoords="offset points", fontsize=8)
-    bottom.set_xlabel("step (sync after each; version = step)")
-    bottom.set_ylabel("sync time (ms)")
-    bottom.grid(alpha=0.3)
-    bottom.legend(loc="upper right", fontsize=7, ncol=2)
-    if memory:  # colocated on a GPU: what each sleep gave the trainer, and what it used
-        mem = axes[2]
-        mem.bar([r.step for r in memory], [r.freed_bytes / (1 << 30) for r in memory],
-                alpha=0.5, label="freed by the engines' sleep")
-        mem.plot([r.step for r in memory], [(r.trainer_peak_bytes or 0) / (1 << 30)
-                                            for r in memory], "k.-", label="train step peak")
-        mem.set_ylabel("GiB")
-        mem.set_xlabel("step")
-        mem.grid(alpha=0.3)
-        mem.legend(loc="upper right", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def _say(console: Console, text: str) -> None:
     """Print a plain line: no wrapping (logs are parsed), no markup (phases use brackets)."""
     console.print(text, soft_wrap=True, highlight=False, markup=False)
@@ -294,7 +226,7 @@ def _step_line(r: StepRecord, total_steps: int) -> str:
             f"{r.sync_seconds:.3f}s on {len(r.engine_seconds)} engine(s) [{phases}]{slept}")
 
 
-def grpo_step(step: int, cfg: GrpoConfig, actors: list, coord: Any, policy: Policy,
+def grpo_step(step: int, cfg: GrpoConfig, rollouts: Any, coord: Any, policy: Policy,
               targets: frozenset[int]) -> StepRecord:
     """Sample groups on the current version, score, update the policy, sync, verify."""
     import torch
@@ -305,11 +237,11 @@ def grpo_step(step: int, cfg: GrpoConfig, actors: list, coord: Any, policy: Poli
     prompts = [PROMPTS[(step + i) % len(PROMPTS)] for i in range(cfg.prompts_per_step)]
     t = time.perf_counter()
     sampled_version = coord.version
-    groups = sample_groups(actors, prompts, cfg, sampled_version)
+    groups = rollouts.sample(prompts, cfg.group_size, cfg.max_tokens, sampled_version)
     sample_s = time.perf_counter() - t
     rewards = torch.tensor([[token_fraction_reward(r.token_ids, targets) for r in g]
                             for g in groups])
-    flat = [(policy.prompt_ids(p), r) for p, g in zip(prompts, groups, strict=True) for r in g]
+    flat = [(r.prompt_ids, r) for g in groups for r in g]
     batch = pack_sequences([p for p, _ in flat], [r.token_ids for _, r in flat],
                            pad_id=policy.tokenizer.pad_token_id)
     cuda = policy.device.type == "cuda"
@@ -348,7 +280,9 @@ def grpo_step(step: int, cfg: GrpoConfig, actors: list, coord: Any, policy: Poli
         skipped=(*(slept.engines[0].skipped if slept else ()), *result.engines[0].skipped),
         sample_seconds=sample_s, train_seconds=train_s,
         sleep_seconds=max(e.seconds["sleep"] for e in slept.engines) if slept else None,
-        freed_bytes=freed, trainer_peak_bytes=peak)
+        freed_bytes=freed, trainer_peak_bytes=peak,
+        sample_versions=tuple(r.version for g in groups for r in g),
+        sample_engines=dict(Counter(r.engine for g in groups for r in g if r.engine)))
 
 
 
@@ -382,7 +316,8 @@ def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Con
     specs = [EngineSpec(name=f"grpo-engine-{i}", model=str(model_dir), dtype="float32",
                         seed=cfg.seed + i, device=device, max_model_len=512,
                         enforce_eager=True if device == "cpu" else None,
-                        num_gpus=gpus, gpu_memory_utilization=cfg.gpu_memory_utilization)
+                        num_gpus=gpus, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                        resources=cfg.engine_resources)
              for i in range(cfg.engines)]
     _say(console, f"starting {cfg.engines} vLLM engine(s) on {device} "
                   f"(model {model_dir}, task {cfg.task!r}: {len(targets)} target tokens) ...")
@@ -392,7 +327,15 @@ def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Con
     _say(console, f"engines up in {started_s:.1f}s")
     records: list[StepRecord] = []
     done = False
+    rollouts: Any = None
     try:
+        if cfg.rollout == "openai":
+            import ray
+
+            rollouts = OpenAIRollouts(actors, namespace=ray.get_runtime_context().namespace)
+            _say(console, f"rollouts through the fleet's router at {rollouts.base_url}")
+        else:
+            rollouts = RayRollouts(actors, policy.prompt_ids)
         coord = SyncCoordinator(actors, TransferConfig(
             broadcast=BroadcastSettings(backend=cfg.backend, host=cfg.sync_host),
             bucket_bytes=cfg.bucket_mib << 20))
@@ -403,18 +346,20 @@ def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Con
         with Progress(*columns, console=console) as progress:
             bar = progress.add_task("grpo", total=cfg.steps, status="sampling ...")
             for step in range(1, cfg.steps + 1):
-                rec = grpo_step(step, cfg, actors, coord, policy, targets)
+                rec = grpo_step(step, cfg, rollouts, coord, policy, targets)
                 records.append(rec)
                 _say(progress.console, _step_line(rec, cfg.steps))
                 progress.update(bar, advance=1,
                                 status=f"reward {rec.reward_mean:.3f}  sync v{rec.sync_version} "
                                        f"{rec.sync_seconds * 1e3:.0f} ms")
         # the last sync must reach the engines too: sample once more on its version
-        final = sample_groups(actors, list(PROMPTS), cfg, coord.version)
+        final = rollouts.sample(list(PROMPTS), cfg.group_size, cfg.max_tokens, coord.version)
         final_reward = float(torch.tensor([[token_fraction_reward(r.token_ids, targets) for r in g]
                                            for g in final]).mean())
         done = True
     finally:
+        if rollouts is not None:
+            rollouts.close()
         if cfg.trainer_ranks > 1:
             policy.close(failed=not done)
         stop_engines(actors)
@@ -428,7 +373,14 @@ def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Con
         sync_seconds_median=sorted(r.sync_seconds for r in records)[len(records) // 2],
         engine_start_seconds=started_s, device=device,
         skipped=list(records[0].skipped) if records else [],
-        colocated=cfg.colocate,
+        colocated=cfg.colocate, rollout=cfg.rollout,
+        every_sample_on_its_version=all(v == r.sampled_version for r in records
+                                        for v in r.sample_versions),
+        sample_engines=dict(sum((Counter(r.sample_engines) for r in records), Counter())),
+        # calls each engine answered over its local channel (None: all through Ray, as for
+        # an engine on another node)
+        channel_calls=getattr(getattr(coord, "access", None), "inner", None)
+        and coord.access.inner.channel_calls(),
         freed_bytes_min=min((r.freed_bytes for r in records if r.freed_bytes is not None),
                             default=None),
         trainer_peak_bytes_max=max((r.trainer_peak_bytes for r in records
@@ -478,6 +430,10 @@ def main(
     num_cpus: int = typer.Option(2, min=1, help="CPUs for a local Ray (no address)"),
     engine_logs: bool = typer.Option(False, help="forward engine actor logs to this console"),
     trainer_ranks: int = typer.Option(1, min=1, help="FSDP2 trainer ranks (processes; CPU)"),
+    rollout: str = typer.Option("ray", help="ray: the engines' generate over Ray; openai: the "
+                                "fleet's OpenAI router (/v1) with the openai client"),
+    engine_resources: str = typer.Option("{}", help="Ray custom resources each engine needs, "
+                                         "as JSON (pins engines to nodes): '{\"rollout\": 1}'"),
 ) -> None:
     import warnings
 
@@ -499,7 +455,8 @@ def main(
                          beta=beta, clip_eps=clip_eps, epochs=epochs, seed=seed, device=device,
                          backend=backend, sync_host=sync_host, ipc=ipc, colocate=colocate,
                          sleep_level=sleep_level, bucket_mib=bucket_mib,
-                         trainer_ranks=trainer_ranks)
+                         trainer_ranks=trainer_ranks, rollout=rollout,
+                         engine_resources=json.loads(engine_resources))
         summary = run(cfg, run_dir, name, model_dir, console)
     finally:
         ray.shutdown()

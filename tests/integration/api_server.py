@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import copy
 import socket
-import threading
-import time
 from pathlib import Path
 
-import uvicorn
-
+from weightsync.api.server import ServerThread  # noqa: F401 - the tests' server
 from weightsync.testing.reference import perturb_
 
 
@@ -17,31 +14,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class ServerThread:
-    """uvicorn on 127.0.0.1 in a daemon thread, lifespan included."""
-
-    def __init__(self, app, port: int) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                                    log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, name="test-uvicorn", daemon=True)
-
-    def start(self, timeout_s: float = 180.0) -> ServerThread:
-        self.thread.start()
-        end = time.monotonic() + timeout_s
-        while not self.server.started:
-            if not self.thread.is_alive():
-                raise RuntimeError("uvicorn exited during startup (see the log)")
-            if time.monotonic() > end:
-                raise RuntimeError(f"uvicorn not started after {timeout_s}s")
-            time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(60)
 
 
 def save_checkpoint(policy, tokenizer, out: Path, seed: int, scale: float = 0.3):

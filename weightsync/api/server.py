@@ -143,3 +143,47 @@ def serve(settings: Settings, environ: Mapping[str, str]) -> None:
 
             stop_engines(started)
         ray.shutdown()
+
+
+class ServerThread:
+    """An app served by uvicorn on 127.0.0.1 in a daemon thread of this process, lifespan
+    included: the control plane (and its rollout router) next to a job that drives the fleet
+    itself (``services.grpo --rollout openai``), tests, benchmarks. ``port`` 0: a free one."""
+
+    def __init__(self, app: Any, port: int = 0, *, log_level: str = "warning",
+                 own_logging: bool = True) -> None:
+        """``own_logging``: uvicorn's loggers with credentials redacted (``log_config``);
+        False: into the root logger as the process configured it."""
+        import socket
+        import threading
+
+        import uvicorn
+
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", port))
+        self.port = self._socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(
+            app, log_level=log_level, lifespan="on",
+            log_config=log_config() if own_logging else None))
+        self.thread = threading.Thread(target=self.server.run,
+                                       kwargs={"sockets": [self._socket]},
+                                       name="weightsync-uvicorn", daemon=True)
+
+    def start(self, timeout_s: float = 180.0) -> ServerThread:
+        import time
+
+        self.thread.start()
+        end = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("uvicorn exited during startup (see the log)")
+            if time.monotonic() > end:
+                raise RuntimeError(f"uvicorn not started after {timeout_s}s")
+            time.sleep(0.05)
+        return self
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
+        self._socket.close()
