@@ -293,9 +293,11 @@ async def reset_caches(engine: Any) -> bool:
     return bool(ok)
 
 
-def generate(engine: Any, prompt: Any, params: Any, request_id: str) -> Any:
-    """``AsyncLLM.generate``: an async iterator of ``RequestOutput``."""
-    return engine.generate(prompt, params, request_id=request_id)
+def generate(engine: Any, prompt: Any, params: Any, request_id: str, **kwargs: Any) -> Any:
+    """``AsyncLLM.generate``: an async generator of ``RequestOutput``. ``kwargs``: what vLLM's
+    own OpenAI app passes besides (``lora_request``, ``trace_headers``, ``priority``, ...;
+    keyword-only in 0.24 and 0.32)."""
+    return engine.generate(prompt, params, request_id=request_id, **kwargs)
 
 
 @dataclass(frozen=True)
