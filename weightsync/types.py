@@ -491,6 +491,7 @@ class EngineStatus(_Frozen):
     version_seen: int = 0  # the highest version any sync here was for, published or not
     owner: str | None = None  # the coordinator whose sync holds the engine, if one does
     lease_left_s: float | None = None  # until its lease lapses (negative: lapsed)
+    openai_url: str | None = None  # vLLM's OpenAI API for it, once served (serve_openai)
 
 
 class GenerationResult(_Frozen):
