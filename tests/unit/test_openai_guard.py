@@ -17,6 +17,7 @@ from starlette.routing import Route
 from weightsync.engine.gated_engine import GatedEngineClient
 from weightsync.engine.openai_guard import MAX_SALT, OpenAIGuard, salted
 from weightsync.engine.serving import ServingGate
+from weightsync.errors import WeightSyncError
 from weightsync.types import EngineState, EngineStatus
 
 TOKEN = "t0k3n"
@@ -66,13 +67,13 @@ def _vllm_like(client: GatedEngineClient, seen: list) -> Starlette:
                 try:
                     async for out in gen:
                         yield f"data: {json.dumps({'text': out})}\n\n"
-                except Exception as e:
+                except WeightSyncError as e:  # vLLM: an error chunk
                     yield f"data: {json.dumps({'error': str(e)})}\n\n"
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
         try:
             outs = [o async for o in gen]
-        except Exception as e:
+        except WeightSyncError as e:  # vLLM: its error response
             return JSONResponse({"error": str(e)}, status_code=500)
         return JSONResponse({"choices": outs, "salt": body.get("cache_salt")})
 
@@ -265,3 +266,13 @@ def test_the_engine_client_passes_everything_else_to_the_engine():
     client = GatedEngineClient(engine, _Host())
     assert asyncio.run(client.get_supported_tasks()) == ("generate",)
     assert client.calls is engine.calls
+
+
+def test_an_in_process_stand_in_engine_cannot_serve_the_openai_app(local_fleet):
+    """vLLM's app needs a real ``AsyncLLM``: the in-process fleet's engines refuse, typed."""
+    from weightsync.errors import UnsupportedError
+
+    engines = local_fleet()
+    ok, bad = engines.wait({"a": engines.serve_openai("a", TOKEN)}, 30)
+    assert not ok and isinstance(bad["a"], UnsupportedError)
+    assert "could not be built" in str(bad["a"])

@@ -314,6 +314,7 @@ async def openai_app(engine_client: Any, *, model: str, served_model_name: str,
     ``build_app`` and ``init_app_state``. Nothing is served: the caller serves it and gives it
     its server (``attach_http_server``). Refused (ValueError) while vLLM's dev mode, runtime
     LoRA updating or its own API key is set: they add control routes or a second key check."""
+    engine_client.vllm_config  # noqa: B018 - a stand-in engine fails here, before vLLM loads
     import vllm.envs as envs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
