@@ -120,7 +120,7 @@ class EngineHost:
         self._sync_started = 0.0
         self._found: Found | None = None  # how the sync in progress found the engine
         self._channel: ChannelServer | None = None
-        self.openai = OpenAIServer(self, spec.name, spec.model)  # serves once asked
+        self.openai_server = OpenAIServer(self, spec.name, spec.model)  # serves once asked
 
     # the composed objects' state, as callers and tests read (and stand-ins set) it
     engine = property(lambda self: self.calls.engine,
@@ -133,6 +133,7 @@ class EngineHost:
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self, *, owner: str | None = None) -> EngineStatus:
         self.lease.check(owner, "start")
+        await self.openai_server.close()  # (a restart: the next serve_openai builds a fresh app)
         vllm_compat.prepare_process_env(self.device, self.spec.tensor_parallel_size,
                                         self.spec.cpu_threads_bind)
         sleep = self.device == "cuda" and vllm_compat.sleep_mode_available()
@@ -146,7 +147,6 @@ class EngineHost:
             await self.calls.rpc("ws_import_legs", list(self.spec.leg_modules), reply=Ack,
                                  timeout=60)
         # the colocated trainer's short way in for the call every sync makes (RayEngines)
-        await self.openai.close()  # (a restart: the next serve_openai builds a fresh app)
         if self._channel is not None:  # (a restart)
             await self._channel.close()
         self._channel = ChannelServer({m: getattr(self, m) for m in SERVED})
@@ -162,7 +162,7 @@ class EngineHost:
             sleep_supported=self.sleep_supported, sleep_level=self.dormancy.level,
             fenced_reason=self.machine.fenced_reason, last_sync=self.last_sync,
             model=self.spec.model, version_seen=self.version_seen, owner=self.lease.owner,
-            lease_left_s=self.lease.left(), openai_url=self.openai.url,
+            lease_left_s=self.lease.left(), openai_url=self.openai_server.url,
         )
 
     async def local_channel(self) -> str | None:
@@ -178,7 +178,7 @@ class EngineHost:
 
     async def shutdown(self) -> None:
         await self.close_channel()
-        await self.openai.close()
+        await self.openai_server.close()
         if self.engine is not None:
             vllm_compat.shutdown(self.engine)
             self.engine = None
@@ -485,7 +485,7 @@ class EngineHost:
         self.lease.check(owner, "serve the OpenAI API")
         if self.engine is None:
             raise EngineError("engine not started", engine=self.spec.name)
-        return await self.openai.serve(self.engine, token, host)
+        return await self.openai_server.serve(self.engine, token, host)
 
     # ---- sleep and wake (the colocated loop; engine.dormancy) ------------------------------
     async def memory_after_sleep(self) -> GpuMemory | None:
