@@ -221,6 +221,13 @@ class Engines:
                 deadline_s: float) -> Pending[EngineStatus]:
         return self._start(name, "wake_up", tags, signed=True, deadline_s=deadline_s)
 
+    def serve_openai(self, name: str, token: str, *, host: str | None = None
+                     ) -> Pending[str]:
+        """Serve vLLM's OpenAI API on the engine (bearer ``token``; ``host``: the address to
+        bind, default its node's IP); the reply is its base URL. Refused by an in-process
+        stand-in engine (``UnsupportedError``): the app needs a real ``AsyncLLM``."""
+        return self._start(name, "serve_openai", token, signed=True, host=host)
+
     def renew_lease(self, name: str, lease_s: float) -> Pending[bool]:
         """The owner's heartbeat: False when the engine's sync is no longer its own."""
         return self._start(name, "renew_lease", self.owner or "", lease_s)

@@ -35,6 +35,9 @@ Public actor methods (all others are private; callers in parentheses). "owner": 
   (coordinator, signed), ``pause``/``resume`` (api), ``fence`` (coordinator, after a commit or
   on a restarted engine: nobody holds it then), ``reset_caches`` (tests), ``leave_group``,
   ``start`` (``actor.start_engines``).
+- ``serve_openai`` (owner; whoever runs the fleet's router): vLLM's own OpenAI API for this
+  engine over HTTP behind the serving gate, a bearer token and a route allowlist
+  (``engine.openai_server``); its URL is ``status().openai_url``.
 - no owner: ``generate`` (api, rollouts: the serving gate decides), ``shutdown``
   (``actor.stop_engines``; whoever holds the handle can ``ray.kill`` the actor anyway, so
   refusing would only orphan vLLM's processes), ``close_channel`` (calls then go by Ray).
@@ -56,6 +59,7 @@ from weightsync.engine.group import TransferGroup
 from weightsync.engine.lease import SyncLease
 from weightsync.engine.loading import Loads
 from weightsync.engine.machine import EngineMachine
+from weightsync.engine.openai_server import OpenAIServer
 from weightsync.engine.options import engine_args
 from weightsync.engine.serving import ServingGate
 from weightsync.engine.worker_calls import WorkerCalls
@@ -123,6 +127,7 @@ class EngineHost:
         self._sync_started = 0.0
         self._found: Found | None = None  # how the sync in progress found the engine
         self._channel: ChannelServer | None = None
+        self.openai_server = OpenAIServer(self, spec.name, spec.model)  # serves once asked
 
     # the composed objects' state, as callers and tests read (and stand-ins set) it
     engine = property(lambda self: self.calls.engine,
@@ -135,6 +140,7 @@ class EngineHost:
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self, *, owner: str | None = None) -> EngineStatus:
         self.lease.check(owner, "start")
+        await self.openai_server.close()  # (a restart: the next serve_openai builds a fresh app)
         vllm_compat.prepare_process_env(self.device, self.spec.tensor_parallel_size,
                                         self.spec.cpu_threads_bind)
         sleep = self.device == "cuda" and vllm_compat.sleep_mode_available()
@@ -163,7 +169,7 @@ class EngineHost:
             sleep_supported=self.sleep_supported, sleep_level=self.dormancy.level,
             fenced_reason=self.machine.fenced_reason, last_sync=self.last_sync,
             model=self.spec.model, version_seen=self.version_seen, owner=self.lease.owner,
-            lease_left_s=self.lease.left(),
+            lease_left_s=self.lease.left(), openai_url=self.openai_server.url,
         )
 
     async def local_channel(self, node_id: str | None = None) -> str | None:
@@ -182,6 +188,7 @@ class EngineHost:
 
     async def shutdown(self) -> None:
         await self.close_channel()
+        await self.openai_server.close()
         if self.engine is not None:
             vllm_compat.shutdown(self.engine)
             self.engine = None
@@ -480,6 +487,17 @@ class EngineHost:
         return list(await asyncio.gather(*(self.gate.run(self.engine, p, params[i],
                                                          lambda: self.version)
                                            for p in items for i in range(n))))
+
+    async def serve_openai(self, token: str, *, host: str | None = None,
+                           owner: str | None = None) -> str:
+        """Serve vLLM's own OpenAI API for this engine (``engine.openai_server``) on a free
+        port of ``host`` (default: this node's IP), every request needing ``token`` as its
+        bearer token and passing the serving gate like ``generate``; returns the base URL.
+        Serving already: the token changes (and the address, if ``host`` names another)."""
+        self.lease.check(owner, "serve the OpenAI API")
+        if self.engine is None:
+            raise EngineError("engine not started", engine=self.spec.name)
+        return await self.openai_server.serve(self.engine, token, host)
 
     # ---- sleep and wake (the colocated loop; engine.dormancy) ------------------------------
     async def memory_after_sleep(self) -> GpuMemory | None:

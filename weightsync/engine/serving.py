@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
 from weightsync.engine import vllm_compat
@@ -90,26 +91,40 @@ class ServingGate:
         await asyncio.wait_for(self._none_running.wait(), deadline_s)
 
     # ---- requests and the pause ------------------------------------------------------------
+    async def outputs(self, engine: Any, prompt: Any, params: Any, request_id: str,
+                      **kwargs: Any) -> AsyncIterator[Any]:
+        """One admitted request through vLLM: its outputs as vLLM yields them, counted in
+        flight (``admitted`` until the first output, ``running`` until the last) and marking
+        the caches dirty. Both ways in share it: ``run`` (Ray path) and the OpenAI app's
+        engine client (``engine.gated_engine``); ``kwargs`` go to vLLM's ``generate``. A
+        consumer that stops early (an HTTP client gone) closes vLLM's generator, which aborts
+        the request in vLLM."""
+        first = True
+        self._running += 1
+        self._none_running.clear()
+        self._caches_clean = False  # what it computes may be cached from here on
+        try:
+            async with aclosing(vllm_compat.generate(engine, prompt, params, request_id,
+                                                     **kwargs)) as stream:
+                async for out in stream:
+                    if first:
+                        self._in_engine()  # its first output: vLLM is running it
+                        first = False
+                    yield out
+        finally:
+            if first:
+                self._in_engine()
+            self._running -= 1
+            if not self._running:
+                self._none_running.set()
+
     async def run(self, engine: Any, prompt: Any, params: Any,
                   version: Callable[[], int]) -> GenerationResult:
         """One admitted request through vLLM, stamped with the version(s) that served it."""
         v0 = version()
         final = None
-        self._running += 1
-        self._none_running.clear()
-        self._caches_clean = False  # what it computes may be cached from here on
-        try:
-            async for out in vllm_compat.generate(engine, prompt, params,
-                                                  request_id=uuid.uuid4().hex):
-                if final is None:
-                    self._in_engine()  # its first output: vLLM is running it
-                final = out
-        finally:
-            if final is None:
-                self._in_engine()
-            self._running -= 1
-            if not self._running:
-                self._none_running.set()
+        async for out in self.outputs(engine, prompt, params, uuid.uuid4().hex):
+            final = out
         v1 = version()
         c = vllm_compat.completion(final)
         return GenerationResult(

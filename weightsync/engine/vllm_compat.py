@@ -293,9 +293,71 @@ async def reset_caches(engine: Any) -> bool:
     return bool(ok)
 
 
-def generate(engine: Any, prompt: Any, params: Any, request_id: str) -> Any:
-    """``AsyncLLM.generate``: an async iterator of ``RequestOutput``."""
-    return engine.generate(prompt, params, request_id=request_id)
+def generate(engine: Any, prompt: Any, params: Any, request_id: str, **kwargs: Any) -> Any:
+    """``AsyncLLM.generate``: an async generator of ``RequestOutput``. ``kwargs``: what vLLM's
+    own OpenAI app passes besides (``lora_request``, ``trace_headers``, ``priority``, ...;
+    keyword-only in 0.24 and 0.32)."""
+    return engine.generate(prompt, params, request_id=request_id, **kwargs)
+
+
+# ---- vLLM's OpenAI app (weightsync.engine.openai_server) -------------------------------------
+# vLLM 0.32 moved the app factory to entrypoints/launchers/ (0.24: openai/api_server.py); in
+# 0.32 the token-in/token-out route is registered only with --enable-scale-out (0.24: always)
+_DEV_ONLY = ("VLLM_SERVER_DEV_MODE", "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_API_KEY")
+
+
+async def openai_app(engine_client: Any, *, model: str, served_model_name: str,
+                     extra_args: tuple[str, ...] = ()) -> Any:
+    """vLLM's own OpenAI FastAPI app around ``engine_client``, its state initialised, as
+    ``vllm serve`` builds it: arguments from vLLM's serve parser (``--model``,
+    ``--served-model-name``, ``extra_args``) checked by vLLM's own validation, then
+    ``build_app`` and ``init_app_state``. Nothing is served: the caller serves it and gives it
+    its server (``attach_http_server``). Refused (ValueError) while vLLM's dev mode, runtime
+    LoRA updating or its own API key is set: they add control routes or a second key check."""
+    engine_client.vllm_config  # noqa: B018 - a stand-in engine fails here, before vLLM loads
+    import vllm.envs as envs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    on = [name for name in _DEV_ONLY if getattr(envs, name, None)]
+    if on:
+        raise ValueError(f"unset {', '.join(on)} in the engine's environment: the OpenAI "
+                         "server must not expose vLLM's dev routes or check a second key")
+    checks: list[Any] = []
+    try:  # vLLM 0.32
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.app import build_app
+        from vllm.entrypoints.launchers.cli_args import (
+            make_arg_parser,
+            validate_parsed_serve_args,
+        )
+    except ImportError:  # vLLM 0.24
+        from vllm.entrypoints.openai.api_server import (
+            build_app,
+            init_app_state,
+            validate_api_server_args,
+        )
+        from vllm.entrypoints.openai.cli_args import (
+            make_arg_parser,
+            validate_parsed_serve_args,
+        )
+        checks.append(validate_api_server_args)
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(
+        ["--model", model, "--served-model-name", served_model_name, "--disable-fastapi-docs",
+         *extra_args])
+    if hasattr(args, "enable_scale_out"):  # 0.32: registers /inference/v1/generate
+        args.enable_scale_out = True
+    for check in (validate_parsed_serve_args, *checks):
+        check(args)
+    tasks = await engine_client.get_supported_tasks()
+    app = build_app(args, tasks, engine_client.model_config)
+    await init_app_state(engine_client, app.state, args, tasks)
+    return app
+
+
+def attach_http_server(app: Any, server: Any) -> None:
+    """The uvicorn server that serves ``app``: vLLM's engine-error handler reads it
+    (``app.state.server``) to stop serving once the engine died."""
+    app.state.server = server
 
 
 @dataclass(frozen=True)
