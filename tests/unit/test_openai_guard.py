@@ -241,12 +241,22 @@ def test_other_allowed_routes_pass_with_the_current_version(rig):
     assert r.headers["x-weight-version"] == "3" and seen == ["/v1/models"]
 
 
-def test_the_token_can_be_replaced(rig):
+def test_tokens_granted_later_are_accepted_too_and_the_oldest_goes(rig):
     _, _, _, guard = rig
-    guard.token = "new"
+
+    def status(token: str) -> int:
+        return _run(guard, lambda c: c.get("/v1/models", headers={
+            "Authorization": f"Bearer {token}"})).status_code
+
+    guard.grant("router-2")  # a second router: both work
+    assert _run(guard, lambda c: c.get("/v1/models", headers=AUTH)).status_code == 200
+    assert status("router-2") == 200 and status("router-3") == 401
+    for i in range(3, 3 + guard.TOKENS - 1):
+        guard.grant(f"router-{i}")
     assert _run(guard, lambda c: c.get("/v1/models", headers=AUTH)).status_code == 401
-    assert _run(guard, lambda c: c.get("/v1/models", headers={
-        "Authorization": "Bearer new"})).status_code == 200
+    assert all(status(f"router-{i}") == 200 for i in range(2, 2 + guard.TOKENS))
+    with pytest.raises(ValueError):
+        guard.grant(" spaced ")
 
 
 def test_salts_name_the_version_and_keep_the_callers():

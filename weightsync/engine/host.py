@@ -493,7 +493,8 @@ class EngineHost:
         """Serve vLLM's own OpenAI API for this engine (``engine.openai_server``) on a free
         port of ``host`` (default: this node's IP), every request needing ``token`` as its
         bearer token and passing the serving gate like ``generate``; returns the base URL.
-        Serving already: the token changes (and the address, if ``host`` names another)."""
+        Serving already: ``token`` is accepted too, besides the few given last (several
+        routers share an engine); another ``host``: served there instead."""
         self.lease.check(owner, "serve the OpenAI API")
         if self.engine is None:
             raise EngineError("engine not started", engine=self.spec.name)

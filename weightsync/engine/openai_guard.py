@@ -104,12 +104,24 @@ def _header_number(headers: Headers, name: str, default: float, cap: float) -> f
 
 class OpenAIGuard:
     """ASGI app: the guard (see the module's doc) around vLLM's OpenAI ``app`` for one engine
-    host. ``token`` may be replaced while it serves (``EngineHost.serve_openai``)."""
+    host. Tokens are added while it serves (``EngineHost.serve_openai``, ``grant``): the
+    ``TOKENS`` most recent are accepted, so several routers (the control plane's, a job's
+    own) share the engine without taking it from each other."""
+
+    TOKENS = 4
 
     def __init__(self, app: ASGIApp, host: Served, name: str, token: str) -> None:
-        if not token:
-            raise ValueError("the OpenAI server needs a non-empty token")
-        self.app, self.host, self.name, self.token = app, host, name, token
+        self.app, self.host, self.name = app, host, name
+        self.tokens: list[bytes] = []
+        self.grant(token)
+
+    def grant(self, token: str) -> None:
+        """Accept ``token`` too (the oldest of more than ``TOKENS`` is dropped)."""
+        if not token or token != token.strip():
+            raise ValueError("the OpenAI server needs a non-empty token without surrounding "
+                             "whitespace")
+        raw = token.encode()
+        self.tokens = [raw, *(t for t in self.tokens if t != raw)][:self.TOKENS]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":  # no allowed route is one
@@ -138,8 +150,10 @@ class OpenAIGuard:
 
     def _authorized(self, value: str) -> bool:
         scheme, _, presented = value.partition(" ")
+        given = presented.strip().encode()
+        # every token compared (no early exit): the time says nothing about which matched
         return scheme.lower() == "bearer" and \
-            hmac.compare_digest(presented.strip().encode(), self.token.encode())
+            sum(hmac.compare_digest(given, t) for t in self.tokens) > 0
 
     async def _generation(self, scope: Scope, receive: Receive, send: Send,
                           headers: Headers) -> None:

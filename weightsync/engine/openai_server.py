@@ -72,11 +72,12 @@ class OpenAIServer:
 
     async def serve(self, engine: Any, token: str, host: str | None = None) -> str:
         """Serve ``engine`` (the host's ``AsyncLLM``) with ``token``; already serving on the
-        same address: only the token changes. Returns the base URL."""
+        same address: ``token`` is accepted too (``OpenAIGuard.grant``). Returns the base
+        URL."""
         address = host or node_ip()
         if self.url is not None and self._guard is not None and self._bound is not None \
                 and self._bound[0] == address:
-            self._guard.token = token
+            self._guard.grant(token)
             return self.url
         await self.close()
         try:

@@ -190,6 +190,7 @@ class RolloutRouter:
         """An engine for ``ask``, waiting for one until ``deadline``; ``RoutingError`` 409
         for a bound that cannot be met, 503 when the wait runs out."""
         statuses = await self._statuses()
+        asked = False  # whether the fleet was asked during this request (the view may lag)
         while True:
             min_version = ask.min_version
             if ask.max_staleness is not None:
@@ -202,6 +203,9 @@ class RolloutRouter:
                 self._turn += 1
                 return choice
             if isinstance(choice, Conflict):
+                if not asked:  # a sync may have committed since the view was filled
+                    statuses, asked = await self.fresh(), True
+                    continue
                 raise RoutingError(409, "version_unavailable", choice.reason)
             assert isinstance(choice, Wait)
             if any(s.openai_url is None and s.state == EngineState.SERVING for s in statuses):
@@ -213,7 +217,7 @@ class RolloutRouter:
                                    retry_after=max(1.0, min(ask.wait_s, 5.0)))
             await asyncio.sleep(min(POLL_S, left))
             skip = frozenset()  # a refusal was about then; the fleet is asked again now
-            statuses = await self.fresh()
+            statuses, asked = await self.fresh(), True
 
     def upstream_headers(self, headers: Any, left_s: float, min_version: int | None
                          ) -> dict[str, str]:
