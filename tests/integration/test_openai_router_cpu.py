@@ -22,7 +22,6 @@ from weightsync.types import EngineState
 
 pytestmark = pytest.mark.integration
 PROMPT = "the quick brown fox"
-ENGINE_TOKEN = "test-engine-token-3f"  # the test's own token at the engines (a second router)
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +63,9 @@ def oai_models(router):
 def serving(fleet, coord, policy):
     yield
     states = [ray.get(a.status.remote()).state for a in fleet]
+    for actor, state in zip(fleet, states, strict=True):
+        if state == EngineState.PAUSED:
+            ray.get(actor.resume.remote())
     if EngineState.FENCED in states:
         assert coord.sync(policy).ok
 
@@ -157,21 +159,37 @@ def test_versions_follow_a_sync_and_a_bound_is_met_or_refused(fleet, oai, model,
 
 def test_a_request_during_a_sync_waits_for_it_and_reports_the_new_version(fleet, oai, model,
                                                                           coord, policy):
+    """Sent once the sync paused both engines (its transfer phase, held 0.8 s), bound to the
+    version that sync brings: the router waits for it instead of a 409, and it is served by
+    the new weights."""
     perturb_(policy, scale=0.1, seed=6)
     v = max(_versions(fleet)) + 1
     got: dict = {}
 
-    def sample() -> None:
+    def send() -> None:
+        t0 = time.monotonic()
         got["out"] = _complete(oai, model, extra_body={"min_weight_version": v},
                                extra_headers={"X-Wait-S": "60"})
+        got["took"] = time.monotonic() - t0
 
-    t = threading.Thread(target=sample)
-    t.start()  # before the sync: no engine serves v yet, the sync brings it
-    time.sleep(0.3)
-    assert coord.sync(policy).ok
-    t.join(60)
+    def hold(phase: str, engine: str | None) -> None:
+        if phase == "transfer" and "thread" not in got:
+            got["thread"] = threading.Thread(target=send)
+            got["thread"].start()
+            time.sleep(0.8)
+
+    coord.on_phase = hold
+    try:
+        assert coord.sync(policy).ok
+    finally:
+        coord.on_phase = None
+    got["thread"].join(60)
     out, headers = got["out"]
-    assert out.model_extra["weight_version"] == v
+    assert out.model_extra["weight_version"] == v and got["took"] > 0.5
+    # before any sync brings it, the same bound is refused at once
+    with pytest.raises(openai.APIStatusError) as e:
+        _complete(oai, model, extra_body={"min_weight_version": v + 1})
+    assert e.value.status_code == 409
 
 
 def test_a_rolling_sync_routes_around_its_wave(fleet, oai, model, coord, policy):
@@ -203,8 +221,12 @@ def test_no_token_is_401_and_vllms_own_routes_are_not_reachable(router, fleet):
     assert r.status_code == 401
     auth = {"Authorization": f"Bearer {TOKEN}"}
     base = router.removesuffix("/v1")
-    for path in ("/pause", "/resume", "/sleep", "/wake_up", "/update_weights",
-                 "/v1/load_lora_adapter", "/collective_rpc", "/scale_elastic_ep"):
+    # vLLM's own lifecycle and weight routes: the router forwards none of them (the control
+    # plane's own /pause, /sleep, ... are weightsync's, behind the same token)
+    for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/collective_rpc",
+                 "/scale_elastic_ep", "/update_weight_version", "/init_weight_transfer_engine",
+                 "/update_weights", "/wake_up", "/is_sleeping", "/reset_prefix_cache",
+                 "/inference/v1/abort_requests", "/invocations", "/v1/responses"):
         assert httpx.post(base + path, headers=auth, json={}).status_code in (404, 405), path
     url = ray.get(fleet[0].status.remote()).openai_url
     # the engine itself: not with the control plane's token (only the router's)
@@ -212,29 +234,24 @@ def test_no_token_is_401_and_vllms_own_routes_are_not_reachable(router, fleet):
 
 
 def test_a_client_that_goes_away_aborts_the_engines_request(fleet, router, model):
-    url = ray.get(fleet[0].status.remote()).openai_url
-    ray.get(fleet[0].serve_openai.remote(ENGINE_TOKEN))  # the test's own way in, to read
-    metrics = {"Authorization": f"Bearer {ENGINE_TOKEN}"}
-
-    def running() -> float:
-        text = httpx.get(f"{url}/metrics", headers=metrics).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("vllm:num_requests_running{"))
-
-    home = ray.get(fleet[0].status.remote()).name
-    body = {"model": model, "prompt": PROMPT, "max_tokens": 4000, "stream": True,
-            "ignore_eos": True, "temperature": 1.0}
-    with httpx.Client(timeout=60) as c:
-        for s in range(50):  # a session that lands on fleet[0]
-            with c.stream("POST", f"{router}/completions", json=body,
-                          headers={"Authorization": f"Bearer {TOKEN}",
-                                   "X-Session-ID": f"gone-{s}"}) as r:
-                if r.headers["x-engine"] != home:
-                    continue
-                next(r.iter_raw())
-                assert running() >= 1
-                break
-    end = time.monotonic() + 10
-    while running() and time.monotonic() < end:
-        time.sleep(0.1)
-    assert running() == 0
+    """Gone after its first chunk through the router, the stream's request leaves vLLM on its
+    engine: a draining pause of that engine right after returns long before the request would
+    have finished."""
+    auth = {"Authorization": f"Bearer {TOKEN}", "X-Session-ID": "gone-1"}
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 480, "ignore_eos": True}
+    with httpx.Client(timeout=120) as c:
+        t0 = time.monotonic()
+        r = c.post(f"{router}/completions", json=body, headers=auth)
+        whole = time.monotonic() - t0
+        home = fleet[0] if r.headers["x-engine"] == ray.get(fleet[0].status.remote()).name \
+            else fleet[1]
+        with c.stream("POST", f"{router}/completions", json={**body, "stream": True},
+                      headers=auth) as r:
+            assert r.status_code == 200
+            next(line for line in r.iter_lines() if line.startswith("data: {"))
+    t0 = time.monotonic()
+    ray.get(home.pause.remote("wait"), timeout=120)
+    try:
+        assert time.monotonic() - t0 < whole / 2, whole
+    finally:
+        ray.get(home.resume.remote())

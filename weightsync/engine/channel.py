@@ -65,6 +65,14 @@ class ChannelReply(BaseModel):
     message: str | None = None
 
 
+def ray_node() -> str | None:
+    """The Ray node this process runs on (None outside Ray): a channel serves callers on its
+    own node only (``EngineHost.local_channel``)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 class ChannelServer:
     """Serves ``methods`` (async, string arguments, ``owner`` keyword, string result) on a
     Unix socket of its own, on the event loop that starts it (the host's)."""

@@ -160,6 +160,15 @@ class SleepState:
             seconds["wake_weights"] = time.perf_counter() - t
         return seconds, skipped
 
+    @staticmethod
+    def check_sleep(level: int, mode: str, engine_name: str) -> None:
+        """A sleep's arguments, checked before anything changes."""
+        if level not in (1, 2):
+            raise ConfigError(f"sleep level must be 1 or 2, not {level}", engine=engine_name)
+        if mode == "keep":
+            raise ConfigError("pause mode 'keep' cannot hold requests through sleep: their KV "
+                              "cache is released; use 'abort' or 'wait'", engine=engine_name)
+
     def check_tags(self, tags: Sequence[str] | None, engine_name: str) -> None:
         unknown = set(tags or ()) - set(TAGS)
         if unknown:

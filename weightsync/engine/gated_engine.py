@@ -40,6 +40,9 @@ class Served(Protocol):
     @property
     def version(self) -> int: ...
 
+    @property
+    def engine(self) -> Any: ...
+
     def status(self) -> EngineStatus: ...
 
 

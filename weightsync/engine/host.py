@@ -15,37 +15,12 @@ the calls into the workers (``engine.worker_calls``), the transfer group (``engi
 the checkpoint files (``engine.checkpoints``). The engine itself comes from ``make_engine``,
 fixed at construction (a stand-in or a wrapped engine in tests, from ``weightsync.testing``).
 
-Public actor methods (all others are private; callers in parentheses). "owner": takes
-``owner`` and, while a sync or a trainer's sleep holds the engine, refuses any other caller
-(``SyncInProgressError``, nothing changed), one naming no owner included (``SyncLease.check``);
-"step": also refuses a named owner that does not hold it (``SyncLease.check_step``). "signed":
-``remote.OwnedEngines.SIGNED`` adds the coordinator's owner; "explicit": the caller passes it.
-
-- reads: ``status`` (coordinator, api, CLI), ``engine_workers`` (legs), ``kernel_layout``
-  (coordinator), ``runner_class``, ``gpu_memory``, ``memory_after_sleep`` (tests),
-  ``local_channel`` (``remote.RayEngines``); no owner.
-- checks, no owner: ``validate``, ``validate_checkpoint`` (coordinator, unsigned; they change
-  no engine state: the workers keep the plan or the checked files for the next step).
-- sync steps: ``begin_sync`` (coordinator, explicit; another holder is ended only when its
-  lease lapsed or ``takeover``), ``renew_lease`` (heartbeat, explicit); step, signed:
-  ``join_group`` and ``receive`` (legs; or the local channel), ``apply_staged``,
-  ``reload_from_path``, ``finish_load``, ``run_canary``, ``commit``, ``abort_sync`` (a no-op
-  for another caller).
-- control, owner: ``sleep`` (coordinator, explicit: the sleep's holder), ``wake_up``
-  (coordinator, signed), ``pause``/``resume`` (api), ``fence`` (coordinator, after a commit or
-  on a restarted engine: nobody holds it then), ``reset_caches`` (tests), ``leave_group``,
-  ``start`` (``actor.start_engines``).
-- ``serve_openai`` (owner; whoever runs the fleet's router): vLLM's own OpenAI API for this
-  engine over HTTP behind the serving gate, a bearer token and a route allowlist
-  (``engine.openai_server``); its URL is ``status().openai_url``.
-- no owner: ``generate`` (api, rollouts: the serving gate decides), ``shutdown``
-  (``actor.stop_engines``; whoever holds the handle can ``ray.kill`` the actor anyway, so
-  refusing would only orphan vLLM's processes), ``close_channel`` (calls then go by Ray).
+Its public methods are its Ray actor's, each with the rule for who may call it (the owner
+checks of ``SyncLease``): docs/development/architecture.md, "The engine host's actor methods".
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -53,7 +28,7 @@ from typing import Any
 
 from weightsync.config import EngineSpec
 from weightsync.engine import requests, vllm_compat
-from weightsync.engine.channel import SERVED, ChannelServer
+from weightsync.engine.channel import SERVED, ChannelServer, ray_node
 from weightsync.engine.dormancy import TAGS, Found, SleepState
 from weightsync.engine.group import TransferGroup
 from weightsync.engine.lease import SyncLease
@@ -64,7 +39,7 @@ from weightsync.engine.options import engine_args
 from weightsync.engine.serving import ServingGate
 from weightsync.engine.worker_calls import WorkerCalls
 from weightsync.engine.workers import check_workers, merge_layouts, merge_memory
-from weightsync.errors import ConfigError, EngineError, IllegalStateError, WeightSyncError
+from weightsync.errors import EngineError, IllegalStateError, WeightSyncError
 from weightsync.messages import (
     Ack,
     ApplyReply,
@@ -91,13 +66,6 @@ from weightsync.types import (
 logger = logging.getLogger(__name__)
 
 S = EngineState
-
-
-def _ray_node() -> str | None:
-    """The Ray node this process runs on (None outside Ray)."""
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 class EngineHost:
@@ -176,7 +144,7 @@ class EngineHost:
         """The path of the Unix socket this host serves ``receive`` on (``engine.channel``),
         for a caller on this host's Ray node (``node_id``: the caller's); None before start or
         for a caller on another node (a path alone could also exist there: a shared /tmp)."""
-        if self._channel is None or node_id is None or node_id != _ray_node():
+        if self._channel is None or node_id is None or node_id != ray_node():
             return None
         return self._channel.path
 
@@ -464,29 +432,11 @@ class EngineHost:
         Requests that arrive during a sync wait for it and run on the new weights; each result
         names the version(s) that produced it.
         """
-        if (prompts is None) == (messages is None):
-            raise ConfigError("give prompts or messages, not both or neither",
-                              engine=self.spec.name)
-        if n < 1:
-            raise ConfigError(f"n must be at least 1, not {n}", engine=self.spec.name)
-        base = dict(max_tokens=max_tokens, temperature=temperature,
-                    logprobs=0 if logprobs else None, ignore_eos=ignore_eos)
-        params = [requests.sampling({**base, "seed": None if seed is None else seed + i},
-                                    sampling, self.spec.name) for i in range(n)]
-        items = prompts if messages is None else \
-            requests.chat_prompts(self.engine, messages, self.spec.name)
-        self.machine.require_routable()
-        try:
-            await self.gate.wait_open(wait_s)
-        except TimeoutError as e:
-            raise EngineError(f"engine not serving after {wait_s}s (state {self.state.value})",
-                              engine=self.spec.name) from e
-        self.machine.require_routable()
-        self.gate.admit(len(items) * n)  # no await since the gate: begin_sync waits for them
-        # (a seeded request with n copies: copy i uses seed + i)
-        return list(await asyncio.gather(*(self.gate.run(self.engine, p, params[i],
-                                                         lambda: self.version)
-                                           for p in items for i in range(n))))
+        return await requests.generate(
+            self, prompts, messages, dict(max_tokens=max_tokens, temperature=temperature,
+                                          logprobs=0 if logprobs else None,
+                                          ignore_eos=ignore_eos),
+            sampling, seed=seed, n=n, wait_s=wait_s)
 
     async def serve_openai(self, token: str, *, host: str | None = None,
                            owner: str | None = None) -> str:
@@ -518,11 +468,7 @@ class EngineHost:
         With ``owner`` the sleep belongs to that coordinator for ``lease_s`` (renewed while its
         trainer lives); if it goes silent the engine serves again (level 1) or, its weights
         gone, stays asleep fenced (level 2). A sleep that fails part-way fences the engine."""
-        if level not in (1, 2):
-            raise ConfigError(f"sleep level must be 1 or 2, not {level}", engine=self.spec.name)
-        if mode == "keep":
-            raise ConfigError("pause mode 'keep' cannot hold requests through sleep: their KV "
-                              "cache is released; use 'abort' or 'wait'", engine=self.spec.name)
+        self.dormancy.check_sleep(level, mode, self.spec.name)
         self.lease.check(owner, "sleep")
         self.machine.expect(S.SERVING, S.PAUSED, op="sleep")
         self.gate.close()

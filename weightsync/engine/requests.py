@@ -16,11 +16,14 @@ the generation prompt), as vLLM's chat endpoint renders text conversations.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from weightsync.engine import vllm_compat
+from weightsync.engine.gated_engine import Served, wait_routable
 from weightsync.errors import ConfigError
+from weightsync.types import GenerationResult
 
 OWN_ARGS = ("max_tokens", "temperature", "logprobs", "seed", "ignore_eos")
 OWNED = {"n": "pass n to generate: each sample is its own request, stamped with its version",
@@ -62,3 +65,27 @@ def chat_prompts(engine: Any, conversations: Sequence[Sequence[Mapping[str, Any]
             raise ConfigError(f"messages[{i}]: the chat template refused them: {e}",
                               engine=name) from e
     return prompts
+
+
+async def generate(host: Served, prompts: Sequence[Any] | None,
+                   messages: Sequence[Sequence[Mapping[str, Any]]] | None,
+                   base: Mapping[str, Any], extra: Mapping[str, Any] | None, *,
+                   seed: int | None, n: int, wait_s: float) -> list[GenerationResult]:
+    """``EngineHost.generate``: every request checked before any runs, then admitted through
+    the host's serving gate as the HTTP path admits (``gated_engine.wait_routable``: waits
+    while a sync or pause holds the gate, refuses a fenced, stopped or unheld sleeping
+    engine), ``n`` requests per prompt (copy ``i`` seeded ``seed + i``), each stamped."""
+    name = host.status().name
+    if (prompts is None) == (messages is None):
+        raise ConfigError("give prompts or messages, not both or neither", engine=name)
+    if n < 1:
+        raise ConfigError(f"n must be at least 1, not {n}", engine=name)
+    params = [sampling({**base, "seed": None if seed is None else seed + i}, extra, name)
+              for i in range(n)]
+    items = list(prompts) if messages is None else chat_prompts(host.engine, messages, name)
+    await wait_routable(host, wait_s)
+    host.gate.admit(len(items) * n)  # no await since the gate: begin_sync waits for them
+    return list(await asyncio.gather(*(host.gate.run(host.engine, p, params[i],
+                                                     lambda: host.version)
+                                       for p in items for i in range(n))))
+
