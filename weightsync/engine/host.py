@@ -427,16 +427,13 @@ class EngineHost:
         """Generate for each prompt (a string, or a vLLM prompt dict with multimodal data), or
         each conversation in ``messages`` (the model's chat template); ``sampling``: any other
         field of vLLM's ``SamplingParams`` (``engine.requests``). Results are in order, the
-        ``n`` samples of a prompt next to each other.
-
-        Requests that arrive during a sync wait for it and run on the new weights; each result
-        names the version(s) that produced it.
+        ``n`` samples of a prompt next to each other. Requests that arrive during a sync wait
+        for it and run on the new weights; each result names the version(s) that produced it.
         """
-        return await requests.generate(
-            self, prompts, messages, dict(max_tokens=max_tokens, temperature=temperature,
-                                          logprobs=0 if logprobs else None,
-                                          ignore_eos=ignore_eos),
-            sampling, seed=seed, n=n, wait_s=wait_s)
+        base = dict(max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos,
+                    logprobs=0 if logprobs else None)
+        return await requests.generate(self, prompts, messages, base, sampling, seed=seed, n=n,
+                                       wait_s=wait_s)
 
     async def serve_openai(self, token: str, *, host: str | None = None,
                            owner: str | None = None) -> str:
