@@ -91,6 +91,10 @@ class GrpoConfig(BaseModel):
     # how groups are sampled (services.grpo_rollouts): Ray's generate, or the fleet's OpenAI
     # router with the openai client
     rollout: Literal["ray", "openai"] = "ray"
+    # --rollout openai: where the job's router listens (another address than loopback needs
+    # WEIGHTSYNC_TOKEN: rollout clients outside the job use it as their API key)
+    router_host: str = "127.0.0.1"
+    router_port: int = Field(0, ge=0, le=65535)
     # Ray custom resources every engine needs (EngineSpec.resources): pins them to nodes
     engine_resources: dict[str, float] = Field(default_factory=dict)
 
@@ -287,7 +291,8 @@ def grpo_step(step: int, cfg: GrpoConfig, rollouts: Any, coord: Any, policy: Pol
 
 
 # ---- the loop --------------------------------------------------------------------------------
-def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Console) -> dict:
+def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Console,
+        router_token: str | None = None) -> dict:
     """Train for ``cfg.steps`` steps on already-initialised Ray; returns the JSON summary."""
     import torch
 
@@ -332,7 +337,9 @@ def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Con
         if cfg.rollout == "openai":
             import ray
 
-            rollouts = OpenAIRollouts(actors, namespace=ray.get_runtime_context().namespace)
+            rollouts = OpenAIRollouts(actors, namespace=ray.get_runtime_context().namespace,
+                                      host=cfg.router_host, port=cfg.router_port,
+                                      token=router_token)
             _say(console, f"rollouts through the fleet's router at {rollouts.base_url}")
         else:
             rollouts = RayRollouts(actors, policy.prompt_ids)
@@ -434,6 +441,9 @@ def main(
                                 "fleet's OpenAI router (/v1) with the openai client"),
     engine_resources: str = typer.Option("{}", help="Ray custom resources each engine needs, "
                                          "as JSON (pins engines to nodes): '{\"rollout\": 1}'"),
+    router_host: str = typer.Option("127.0.0.1", help="--rollout openai: the router's address "
+                                    "(not loopback: needs WEIGHTSYNC_TOKEN)"),
+    router_port: int = typer.Option(0, min=0, max=65535, help="the router's port (0: free)"),
 ) -> None:
     import warnings
 
@@ -456,8 +466,10 @@ def main(
                          backend=backend, sync_host=sync_host, ipc=ipc, colocate=colocate,
                          sleep_level=sleep_level, bucket_mib=bucket_mib,
                          trainer_ranks=trainer_ranks, rollout=rollout,
-                         engine_resources=json.loads(engine_resources))
-        summary = run(cfg, run_dir, name, model_dir, console)
+                         engine_resources=json.loads(engine_resources),
+                         router_host=router_host, router_port=router_port)
+        summary = run(cfg, run_dir, name, model_dir, console,
+                      router_token=os.environ.get("WEIGHTSYNC_TOKEN"))
     finally:
         ray.shutdown()
     _say(console, f"reward: first {summary['first_steps']} steps {summary['first_reward_mean']:.3f}"

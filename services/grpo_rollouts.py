@@ -77,16 +77,21 @@ class OpenAIRollouts:
 
     name = "openai"
 
-    def __init__(self, actors: list[Any], *, namespace: str, wait_s: float = 120.0) -> None:
+    def __init__(self, actors: list[Any], *, namespace: str, host: str = "127.0.0.1",
+                 port: int = 0, token: str | None = None, wait_s: float = 120.0) -> None:
+        """``host``/``port``: where the router listens (loopback and a free port by default;
+        another address needs ``token``, the job's bearer token for rollout clients outside
+        it, as the control plane's rules say: ``api.app.check_bind``)."""
         import openai
 
         from weightsync.api import create_app
         from weightsync.api.server import ServerThread
         from weightsync.config import Settings
 
-        token = secrets.token_urlsafe(24)
-        settings = Settings(host="127.0.0.1", port=0, token=token, namespace=namespace)
-        self.server = ServerThread(create_app(settings, engines=actors)).start()
+        token = token or secrets.token_urlsafe(24)
+        settings = Settings(host=host, port=port, token=token, namespace=namespace)
+        self.server = ServerThread(create_app(settings, engines=actors), port,
+                                   host=host).start()
         self.base_url = f"{self.server.url}/v1"
         self.client = openai.OpenAI(base_url=self.base_url, api_key=token, max_retries=0,
                                     timeout=wait_s + 600.0)

@@ -1,11 +1,15 @@
-"""The GRPO loop as a Ray job: a real local Ray head on loopback, ``deploy/submit.sh`` (which
-wraps ``ray job submit --working-dir . --runtime-env deploy/runtime_env.yaml``), and checks that
+"""The GRPO loop as a Ray job on a two-node Ray cluster on one host: a real Ray head on loopback
+and a second node (``ray start --address ... --resources``) that alone has the resource the
+engines ask for, so the engines run on another node than the job's driver (the trainer) and
+its rollout router. ``deploy/submit.sh`` (which wraps ``ray job submit --working-dir .
+--runtime-env deploy/runtime_env.yaml``) submits ``services.grpo --rollout openai``; the checks:
 the job succeeded with every sync verified, versions 1..N, each step sampling the version the
-previous step synced.
+previous step synced, every sample (read back by the real ``openai`` client through the router)
+stamped with it, and every sync call to the engines carried by Ray, not a local channel.
 
-The head is started with ``ray start --head --block`` in a process session of its own and
-stopped in teardown, even on failure, by signalling exactly the processes it started (by pid:
-``ray stop --force`` would kill every Ray process on the machine, other users' included).
+Each node is started with ``ray start --block`` in a process session of its own and stopped in
+teardown, even on failure, by signalling exactly the processes it started (by pid: ``ray stop
+--force`` would kill every Ray process on the machine, other users' included).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent  # the interpreter running pytest: the project venv
 STEPS = 3
+ROLLOUT_NODE = "ws_rollout_node"  # the second node's resource: the engines need it
 
 
 def _free_ports(n: int) -> list[int]:
@@ -55,6 +60,25 @@ def _wait_ready(address: str, proc: subprocess.Popen, timeout_s: float) -> None:
         except Exception:  # noqa: BLE001 - not up yet
             time.sleep(1.0)
     raise TimeoutError(f"the Ray job API at {address} did not come up in {timeout_s:.0f}s")
+
+
+def _wait_nodes(address: str, n: int, proc: subprocess.Popen, timeout_s: float) -> None:
+    """Until the cluster (its dashboard at ``address``) has ``n`` live nodes."""
+    import httpx
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"`ray start --address` exited with {proc.returncode}")
+        try:
+            nodes = httpx.get(f"{address}/nodes?view=summary", timeout=5).json()
+            alive = [x for x in nodes["data"]["summary"] if x["raylet"]["state"] == "ALIVE"]
+            if len(alive) >= n:
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(1.0)
+    raise TimeoutError(f"the cluster did not reach {n} nodes in {timeout_s:.0f}s")
 
 
 def _stop_tree(proc: subprocess.Popen) -> None:
@@ -106,7 +130,24 @@ def ray_head():
             _wait_ready(address, proc, timeout_s=180)
         except Exception as e:
             raise RuntimeError(f"{e}\n{(temp_dir / 'ray-start.log').read_text()[-3000:]}") from e
-        yield address
+        # the second node: its own ports, the resource the engines need
+        ports = _free_ports(5)
+        node_cmd = [str(VENV_BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{gcs}",
+                    "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
+                    f"--resources={json.dumps({ROLLOUT_NODE: 2})}",
+                    f"--metrics-export-port={ports[0]}",
+                    f"--dashboard-agent-listen-port={ports[1]}",
+                    f"--dashboard-agent-grpc-port={ports[2]}",
+                    f"--runtime-env-agent-port={ports[3]}", "--disable-usage-stats"]
+        node_log = open(temp_dir / "ray-node.log", "w")  # noqa: SIM115 - closed in teardown
+        node = subprocess.Popen(node_cmd, env=env, cwd=temp_dir, stdout=node_log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_nodes(address, 2, node, timeout_s=180)
+            yield address
+        finally:
+            _stop_tree(node)
+            node_log.close()
     finally:
         _stop_tree(proc)
         log.close()
@@ -126,7 +167,7 @@ def _wait_job(client, job_id: str, timeout_s: float):
 
 
 @pytest.mark.timeout(1500)
-def test_grpo_job_succeeds_with_every_sync_verified(ray_head, tmp_path):
+def test_grpo_job_on_two_nodes_samples_through_the_router_and_every_sync_verifies(ray_head, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     job_id = f"grpo-e2e-{uuid.uuid4().hex[:8]}"
@@ -141,7 +182,8 @@ def test_grpo_job_succeeds_with_every_sync_verified(ray_head, tmp_path):
             ["deploy/submit.sh", "--no-wait", "--submission-id", job_id, "--",
              "--steps", str(STEPS), "--engines", "1", "--prompts-per-step", "2",
              "--group-size", "4", "--max-tokens", "8", "--device", "cpu",
-             "--run-dir", str(run_dir), "--colocate", "--model-dir", str(tmp_path / "model")],
+             "--run-dir", str(run_dir), "--model-dir", str(tmp_path / "model"),
+             "--rollout", "openai", "--engine-resources", json.dumps({ROLLOUT_NODE: 1})],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         if submit.returncode == 0 or "No available agent" not in submit.stderr + submit.stdout \
                 or time.monotonic() > end:
@@ -166,11 +208,13 @@ def test_grpo_job_succeeds_with_every_sync_verified(ray_head, tmp_path):
     assert log["summary"]["all_syncs_verified"] is True
     assert all(s["sync_ok"] and s["engine_seconds"]["grpo-engine-0"]["transfer"] > 0
                for s in log["steps"])
-    # colocated: the engine slept for every training step and each sync went into it (on CPU
-    # the sleep only pauses: nothing to pause at sync time, and the log says why)
-    assert log["summary"]["colocated"] is True
-    phases = [s["engine_seconds"]["grpo-engine-0"] for s in log["steps"]]
-    assert all(s["sleep_seconds"] is not None for s in log["steps"])
-    assert not any("pause" in p for p in phases)
-    assert logs.count("freed nothing (no sleep mode on this device)") == STEPS
+    # rollouts through the router with the openai client, each sample on the version just
+    # synced; the engine on the other node: every call by Ray, none over a local channel
+    summary = log["summary"]
+    assert summary["rollout"] == "openai" and summary["every_sample_on_its_version"] is True
+    assert all(len(s["sample_versions"]) == 2 * 4 and set(s["sample_versions"]) ==
+               {s["sampled_version"]} for s in log["steps"])
+    assert summary["sample_engines"] == {"grpo-engine-0": STEPS * 2 * 4}
+    assert summary["channel_calls"] == {"grpo-engine-0": None}
+    assert "rollouts through the fleet's router at http://127.0.0.1:" in logs
     assert (run_dir / "grpo.png").stat().st_size > 0

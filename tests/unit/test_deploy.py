@@ -124,6 +124,14 @@ def test_rayjob_entrypoint_is_the_grpo_loop_with_valid_flags():
     _grpo_cli_accepts(_module_args(command, "services.grpo"))
     assert doc["spec"]["entrypointNumGpus"] >= 1  # the trainer holds a GPU
     assert isinstance(yaml.safe_load(doc["spec"]["runtimeEnvYAML"]), dict)
+    # the job's rollout router is exposed on the head's weightsync port, with a token from a
+    # Secret (a non-loopback router refuses to start without one)
+    args = _module_args(command, "services.grpo")
+    router = {a: args[args.index(a) + 1] for a in ("--rollout", "--router-host", "--router-port")}
+    assert router == {"--rollout": "openai", "--router-host": "0.0.0.0", "--router-port": "8765"}
+    head = _containers(doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"])[0]
+    assert {p["name"]: p["containerPort"] for p in head["ports"]}["weightsync"] == 8765
+    assert "secretKeyRef" in {e["name"]: e for e in head["env"]}["WEIGHTSYNC_TOKEN"]["valueFrom"]
 
 
 def test_dockerfile_entrypoint_and_sources_exist():

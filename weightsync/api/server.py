@@ -146,12 +146,13 @@ def serve(settings: Settings, environ: Mapping[str, str]) -> None:
 
 
 class ServerThread:
-    """An app served by uvicorn on 127.0.0.1 in a daemon thread of this process, lifespan
-    included: the control plane (and its rollout router) next to a job that drives the fleet
-    itself (``services.grpo --rollout openai``), tests, benchmarks. ``port`` 0: a free one."""
+    """An app served by uvicorn in a daemon thread of this process (on ``host``, loopback by
+    default), lifespan included: the control plane (and its rollout router) next to a job that
+    drives the fleet itself (``services.grpo --rollout openai``), tests, benchmarks. ``port``
+    0: a free one."""
 
-    def __init__(self, app: Any, port: int = 0, *, log_level: str = "warning",
-                 own_logging: bool = True) -> None:
+    def __init__(self, app: Any, port: int = 0, *, host: str = "127.0.0.1",
+                 log_level: str = "warning", own_logging: bool = True) -> None:
         """``own_logging``: uvicorn's loggers with credentials redacted (``log_config``);
         False: into the root logger as the process configured it."""
         import socket
@@ -159,10 +160,12 @@ class ServerThread:
 
         import uvicorn
 
-        self._socket = socket.socket()
-        self._socket.bind(("127.0.0.1", port))
+        self._socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((host, port))
         self.port = self._socket.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        self.url = f"http://{shown}:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(
             app, log_level=log_level, lifespan="on",
             log_config=log_config() if own_logging else None))
