@@ -5,6 +5,7 @@ what comes back (vLLM's answers unchanged, streams, the versions), and what is r
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
@@ -255,3 +256,34 @@ def test_a_client_that_goes_away_aborts_the_engines_request(fleet, router, model
         assert time.monotonic() - t0 < whole / 2, whole
     finally:
         ray.get(home.resume.remote())
+
+
+def test_a_stream_that_lives_across_a_keep_mode_sync_shows_both_versions(fleet, router, model,
+                                                                         coord, policy):
+    """vLLM holds the request through a ``keep``-mode sync and finishes it on the new weights:
+    its chunks say which version produced them, old first, then new."""
+    perturb_(policy, scale=0.1, seed=9)
+    v = max(_versions(fleet))
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 480, "ignore_eos": True,
+            "stream": True}
+    stamps: list[int] = []
+    synced: dict = {}
+
+    def sync() -> None:
+        synced["res"] = coord.sync(policy, pause_mode="keep")
+
+    with httpx.Client(timeout=120) as c, c.stream(
+            "POST", f"{router}/completions", json=body,
+            headers={"Authorization": f"Bearer {TOKEN}", "X-Session-ID": "keep-1"}) as r:
+        t = None
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            stamps.append(json.loads(line[6:])["weight_version"])
+            if t is None:  # the first chunk is out: sync now, while the rest is generated
+                t = threading.Thread(target=sync)
+                t.start()
+        t.join(60)
+    assert synced["res"].ok and synced["res"].version == v + 1
+    assert stamps[0] == v and stamps[-1] == v + 1, sorted(set(stamps))
+    assert stamps == sorted(stamps)  # never back to the old weights
