@@ -1,11 +1,13 @@
-"""The GRPO loop as a Ray job on a two-node Ray cluster on one host: a real Ray head on loopback
-and a second node (``ray start --address ... --resources``) that alone has the resource the
-engines ask for, so the engines run on another node than the job's driver (the trainer) and
-its rollout router. ``deploy/submit.sh`` (which wraps ``ray job submit --working-dir .
---runtime-env deploy/runtime_env.yaml``) submits ``services.grpo --rollout openai``; the checks:
+"""The GRPO loop as a Ray job: a real local Ray head on loopback, ``deploy/submit.sh`` (which
+wraps ``ray job submit --working-dir . --runtime-env deploy/runtime_env.yaml``), and checks that
 the job succeeded with every sync verified, versions 1..N, each step sampling the version the
-previous step synced, every sample (read back by the real ``openai`` client through the router)
-stamped with it, and every sync call to the engines carried by Ray, not a local channel.
+previous step synced.
+
+Then the same cluster gets a second node (``ray start --address ... --resources``) that alone
+has the resource the engines ask for, and ``services.grpo --rollout openai`` runs as a driver of
+the cluster: the engines live on another Ray node than the trainer and its rollout router, every
+sync goes over the broadcast leg through Ray (no local channel, no IPC), and every sample comes
+through the router (the real ``openai`` client) stamped with the version just synced.
 
 Each node is started with ``ray start --block`` in a process session of its own and stopped in
 teardown, even on failure, by signalling exactly the processes it started (by pid: ``ray stop
@@ -62,25 +64,6 @@ def _wait_ready(address: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise TimeoutError(f"the Ray job API at {address} did not come up in {timeout_s:.0f}s")
 
 
-def _wait_nodes(address: str, n: int, proc: subprocess.Popen, timeout_s: float) -> None:
-    """Until the cluster (its dashboard at ``address``) has ``n`` live nodes."""
-    import httpx
-
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"`ray start --address` exited with {proc.returncode}")
-        try:
-            nodes = httpx.get(f"{address}/nodes?view=summary", timeout=5).json()
-            alive = [x for x in nodes["data"]["summary"] if x["raylet"]["state"] == "ALIVE"]
-            if len(alive) >= n:
-                return
-        except Exception:  # noqa: BLE001 - not up yet
-            pass
-        time.sleep(1.0)
-    raise TimeoutError(f"the cluster did not reach {n} nodes in {timeout_s:.0f}s")
-
-
 def _stop_tree(proc: subprocess.Popen) -> None:
     """SIGTERM the `ray start --block` process (it stops the Ray processes it started), then
     make sure every process it had started is gone — by pid, nothing else."""
@@ -130,24 +113,7 @@ def ray_head():
             _wait_ready(address, proc, timeout_s=180)
         except Exception as e:
             raise RuntimeError(f"{e}\n{(temp_dir / 'ray-start.log').read_text()[-3000:]}") from e
-        # the second node: its own ports, the resource the engines need
-        ports = _free_ports(5)
-        node_cmd = [str(VENV_BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{gcs}",
-                    "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
-                    f"--resources={json.dumps({ROLLOUT_NODE: 2})}",
-                    f"--metrics-export-port={ports[0]}",
-                    f"--dashboard-agent-listen-port={ports[1]}",
-                    f"--dashboard-agent-grpc-port={ports[2]}",
-                    f"--runtime-env-agent-port={ports[3]}", "--disable-usage-stats"]
-        node_log = open(temp_dir / "ray-node.log", "w")  # noqa: SIM115 - closed in teardown
-        node = subprocess.Popen(node_cmd, env=env, cwd=temp_dir, stdout=node_log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            _wait_nodes(address, 2, node, timeout_s=180)
-            yield address
-        finally:
-            _stop_tree(node)
-            node_log.close()
+        yield address, f"127.0.0.1:{gcs}", env, temp_dir
     finally:
         _stop_tree(proc)
         log.close()
@@ -167,9 +133,10 @@ def _wait_job(client, job_id: str, timeout_s: float):
 
 
 @pytest.mark.timeout(1500)
-def test_grpo_job_on_two_nodes_samples_through_the_router_and_every_sync_verifies(ray_head, tmp_path):
+def test_grpo_job_succeeds_with_every_sync_verified(ray_head, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    ray_head, _, _, _ = ray_head
     job_id = f"grpo-e2e-{uuid.uuid4().hex[:8]}"
     run_dir = tmp_path / "run"
     env = {**os.environ, "RAY_ADDRESS": ray_head, "RAY": str(VENV_BIN / "ray")}
@@ -182,8 +149,7 @@ def test_grpo_job_on_two_nodes_samples_through_the_router_and_every_sync_verifie
             ["deploy/submit.sh", "--no-wait", "--submission-id", job_id, "--",
              "--steps", str(STEPS), "--engines", "1", "--prompts-per-step", "2",
              "--group-size", "4", "--max-tokens", "8", "--device", "cpu",
-             "--run-dir", str(run_dir), "--model-dir", str(tmp_path / "model"),
-             "--rollout", "openai", "--engine-resources", json.dumps({ROLLOUT_NODE: 1})],
+             "--run-dir", str(run_dir), "--colocate", "--model-dir", str(tmp_path / "model")],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         if submit.returncode == 0 or "No available agent" not in submit.stderr + submit.stdout \
                 or time.monotonic() > end:
@@ -208,13 +174,74 @@ def test_grpo_job_on_two_nodes_samples_through_the_router_and_every_sync_verifie
     assert log["summary"]["all_syncs_verified"] is True
     assert all(s["sync_ok"] and s["engine_seconds"]["grpo-engine-0"]["transfer"] > 0
                for s in log["steps"])
-    # rollouts through the router with the openai client, each sample on the version just
-    # synced; the engine on the other node: every call by Ray, none over a local channel
-    summary = log["summary"]
+    # colocated: the engine slept for every training step and each sync went into it (on CPU
+    # the sleep only pauses: nothing to pause at sync time, and the log says why)
+    assert log["summary"]["colocated"] is True
+    phases = [s["engine_seconds"]["grpo-engine-0"] for s in log["steps"]]
+    assert all(s["sleep_seconds"] is not None for s in log["steps"])
+    assert not any("pause" in p for p in phases)
+    assert logs.count("freed nothing (no sleep mode on this device)") == STEPS
+    assert (run_dir / "grpo.png").stat().st_size > 0
+
+
+def _wait_nodes(gcs: str, n: int, proc: subprocess.Popen, timeout_s: float) -> None:
+    """Until the cluster has ``n`` live nodes (asked with ``ray status``)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"`ray start --address` exited with {proc.returncode}")
+        out = subprocess.run([str(VENV_BIN / "ray"), "status", f"--address={gcs}"],
+                             capture_output=True, text=True, timeout=60).stdout
+        if len(re.findall(r"^\s*1 node_", out, re.M)) >= n:
+            return
+        time.sleep(1.0)
+    raise TimeoutError(f"the cluster did not reach {n} nodes in {timeout_s:.0f}s")
+
+
+@pytest.fixture(scope="module")
+def second_node(ray_head):
+    """A second node on the same cluster (after the job test), with the engines' resource."""
+    _, gcs, env, temp_dir = ray_head
+    ports = _free_ports(4)
+    cmd = [str(VENV_BIN / "ray"), "start", "--block", f"--address={gcs}",
+           "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
+           f"--resources={json.dumps({ROLLOUT_NODE: 2})}", f"--metrics-export-port={ports[0]}",
+           f"--dashboard-agent-listen-port={ports[1]}", f"--dashboard-agent-grpc-port={ports[2]}",
+           f"--runtime-env-agent-port={ports[3]}", "--disable-usage-stats"]
+    log = open(temp_dir / "ray-node.log", "w")  # noqa: SIM115 - closed in teardown
+    proc = subprocess.Popen(cmd, env=env, cwd=temp_dir, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        _wait_nodes(gcs, 2, proc, timeout_s=180)
+        yield gcs
+    finally:
+        _stop_tree(proc)
+        log.close()
+
+
+@pytest.mark.timeout(900)
+def test_engines_on_another_node_sync_by_broadcast_and_serve_rollouts_through_the_router(
+        ray_head, second_node, tmp_path):
+    _, _, env, _ = ray_head
+    run_dir = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, "-m", "services.grpo", "--ray-address", second_node, "--steps",
+         str(STEPS), "--engines", "1", "--prompts-per-step", "2", "--group-size", "4",
+         "--max-tokens", "8", "--device", "cpu", "--run-dir", str(run_dir), "--model-dir",
+         str(tmp_path / "model"), "--rollout", "openai", "--engine-resources",
+         json.dumps({ROLLOUT_NODE: 1})],
+        cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=800)
+    logs = out.stdout + out.stderr
+    assert out.returncode == 0, logs[-6000:]
+    assert f"all {STEPS} syncs verified (versions 1..{STEPS})" in logs
+    assert "rollouts through the fleet's router at http://127.0.0.1:" in logs
+    summary = json.loads((run_dir / "grpo.json").read_text())["summary"]
+    steps = json.loads((run_dir / "grpo.json").read_text())["steps"]
     assert summary["rollout"] == "openai" and summary["every_sample_on_its_version"] is True
     assert all(len(s["sample_versions"]) == 2 * 4 and set(s["sample_versions"]) ==
-               {s["sampled_version"]} for s in log["steps"])
+               {s["sampled_version"]} for s in steps)
     assert summary["sample_engines"] == {"grpo-engine-0": STEPS * 2 * 4}
+    # the engine is on the other node: its host refused the local channel, Ray carried all
     assert summary["channel_calls"] == {"grpo-engine-0": None}
-    assert "rollouts through the fleet's router at http://127.0.0.1:" in logs
-    assert (run_dir / "grpo.png").stat().st_size > 0
+
