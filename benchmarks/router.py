@@ -228,7 +228,7 @@ def main(pairs: int = typer.Option(300, min=20), requests: int = typer.Option(96
     workdir.mkdir(parents=True, exist_ok=True)
     model_dir = build_text_model(workdir / "tiny-qwen2")
     ray.init(num_cpus=4, namespace="weightsync-bench-router", log_to_driver=False,
-             include_dashboard=False, **init_kwargs())
+             **init_kwargs())
     specs = [EngineSpec(name=f"router-{c}", model=str(model_dir), dtype="float32",
                         max_model_len=4096, enforce_eager=True,
                         engine_args={"enable_prefix_caching": True}) for c in "ab"]
