@@ -394,7 +394,10 @@ def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Con
                                     if r.trainer_peak_bytes is not None), default=None),
     )
     run_dir.mkdir(parents=True, exist_ok=True)
-    log = dict(command=" ".join(["python -m services.grpo", *sys.argv[1:]]),
+    from benchmarks.meta import run_meta  # (the repo's one writer of results metadata)
+
+    log = dict(meta=run_meta("grpo", device=device),
+               command=" ".join(["python -m services.grpo", *sys.argv[1:]]),
                config=cfg.model_dump(), summary=summary,
                steps=[r.model_dump() for r in records])
     (run_dir / f"{name}.json").write_text(json.dumps(log, indent=1))
