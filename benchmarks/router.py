@@ -117,9 +117,9 @@ async def _throughput(client: Any, url: str, headers: dict, body: dict, requests
 async def _sessions(client: Any, router: str, auth: dict, model: str, sessions: int, turns: int,
                     sticky: bool, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
-    task = "You are playing a word game. " + _text(rng, 400)
+    task = "You are playing a word game. " + _text(rng, 200)
     chats = [[{"role": "system", "content": task},
-              {"role": "user", "content": _text(rng, 60)}] for _ in range(sessions)]
+              {"role": "user", "content": _text(rng, 20)}] for _ in range(sessions)]
     engines: list[set[str]] = [set() for _ in range(sessions)]
     for _ in range(turns):
         for s, messages in enumerate(chats):
@@ -133,7 +133,7 @@ async def _sessions(client: Any, router: str, auth: dict, model: str, sessions: 
             engines[s].add(r.headers["x-engine"])
             messages.append({"role": "assistant",
                              "content": r.json()["choices"][0]["message"]["content"]})
-            messages.append({"role": "user", "content": _text(rng, 20)})
+            messages.append({"role": "user", "content": _text(rng, 8)})
     return {"engines_per_session_mean": statistics.mean(len(e) for e in engines)}
 
 
@@ -230,7 +230,7 @@ def main(pairs: int = typer.Option(300, min=20), requests: int = typer.Option(96
     ray.init(num_cpus=4, namespace="weightsync-bench-router", log_to_driver=False,
              **init_kwargs())
     specs = [EngineSpec(name=f"router-{c}", model=str(model_dir), dtype="float32",
-                        max_model_len=4096, enforce_eager=True,
+                        max_model_len=2048, enforce_eager=True,
                         engine_args={"enable_prefix_caching": True}) for c in "ab"]
     actors = start_engines(specs)
     token, engine_token = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
