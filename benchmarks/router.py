@@ -146,9 +146,14 @@ async def _run(router: str, urls: list[str], token: str, engine_token: str, mode
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64, keepalive_expiry=3)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         # a session key the router sends to engine A (urls[0])
-        session = next(f"pin-{i}" for i in range(1000) if (await client.post(
-            f"{router}/v1/tokenize", json={"model": model, "prompt": "x"},
-            headers={**auth, "X-Session-ID": f"pin-{i}"})).headers["x-engine"] == args["a"])
+        session = ""
+        for i in range(1000):
+            r = await client.post(f"{router}/tokenize", json={"model": model, "prompt": "x"},
+                                  headers={**auth, "X-Session-ID": f"pin-{i}"})
+            r.raise_for_status()
+            if r.headers["x-engine"] == args["a"]:
+                session = f"pin-{i}"
+                break
         one = {"model": model, "prompt": "the answer is", "max_tokens": 1, "temperature": 0}
         overhead = await _overhead(client, router, urls[0], auth, engine_auth, session, one,
                                    args["pairs"])
