@@ -16,10 +16,11 @@ client in this process (httpx). Three measurements, written to
 - **throughput**: ``--concurrency`` clients send ``--requests`` completions of
   ``--max-tokens`` tokens each, all to engine A, once through the router and once direct,
   three rounds alternating; tokens per second, router / direct;
-- **sessions**: ``--sessions`` multi-turn chats of ``--turns`` turns (one shared task prompt,
-  each session its own first message, the engine's answer and a new user message appended each
-  turn), the sessions' turns interleaved, across both engines, twice: with a session key
-  (``X-Session-ID``: sticky) and without (least-loaded, in turn: round-robin when idle). The
+- **sessions**: ``--sessions`` multi-turn chats of ``--turns`` turns (a short shared task
+  prompt, each session its own long first message, the engine's answer and a short user message
+  appended each turn), ``--concurrency`` sessions at a time, each session's turns in order,
+  across both engines, twice: with a session key (``X-Session-ID``: sticky) and without
+  (least-loaded, in turn). The
   prefix-cache hit rate is vLLM's own: the change of ``vllm:prefix_cache_hits_total`` over
   ``vllm:prefix_cache_queries_total`` (tokens), summed over both engines' ``/metrics``, with
   every cache reset in between (a real sync would reset it too).
@@ -115,26 +116,37 @@ async def _throughput(client: Any, url: str, headers: dict, body: dict, requests
 
 
 async def _sessions(client: Any, router: str, auth: dict, model: str, sessions: int, turns: int,
-                    sticky: bool, seed: int) -> dict[str, Any]:
+                    sticky: bool, seed: int, concurrency: int) -> dict[str, Any]:
+    """Every session's turns one after another (each waits for its answer), ``concurrency``
+    sessions at a time, as an agent rollout runs them."""
     rng = random.Random(seed)
-    task = "You are playing a word game. " + _text(rng, 200)
+    task = "You are playing a word game. " + _text(rng, 30)
     chats = [[{"role": "system", "content": task},
-              {"role": "user", "content": _text(rng, 20)}] for _ in range(sessions)]
-    engines: list[set[str]] = [set() for _ in range(sessions)]
-    for _ in range(turns):
-        for s, messages in enumerate(chats):
-            headers = dict(auth)
-            if sticky:
-                headers["X-Session-ID"] = f"session-{seed}-{s}"
-            r = await client.post(f"{router}/v1/chat/completions", headers=headers, json={
-                "model": model, "messages": messages, "max_tokens": 12, "temperature": 0,
-                "ignore_eos": True})
-            r.raise_for_status()
-            engines[s].add(r.headers["x-engine"])
-            messages.append({"role": "assistant",
-                             "content": r.json()["choices"][0]["message"]["content"]})
-            messages.append({"role": "user", "content": _text(rng, 8)})
-    return {"engines_per_session_mean": statistics.mean(len(e) for e in engines)}
+              {"role": "user", "content": _text(rng, 150)}] for _ in range(sessions)]
+    additions = [[_text(rng, 8) for _ in range(turns)] for _ in range(sessions)]
+    engines: list[list[str]] = [[] for _ in range(sessions)]
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one(s: int) -> None:
+        async with limit:
+            messages = chats[s]
+            for turn in range(turns):
+                headers = dict(auth)
+                if sticky:
+                    headers["X-Session-ID"] = f"session-{seed}-{s}"
+                r = await client.post(f"{router}/v1/chat/completions", headers=headers, json={
+                    "model": model, "messages": messages, "max_tokens": 12, "temperature": 0,
+                    "ignore_eos": True})
+                r.raise_for_status()
+                engines[s].append(r.headers["x-engine"])
+                messages.append({"role": "assistant",
+                                 "content": r.json()["choices"][0]["message"]["content"]})
+                messages.append({"role": "user", "content": additions[s][turn]})
+
+    await asyncio.gather(*(one(s) for s in range(sessions)))
+    moves = sum(a != b for e in engines for a, b in zip(e, e[1:]))
+    return {"engines_per_session_mean": statistics.mean(len(set(e)) for e in engines),
+            "engine_changes_per_session_mean": moves / sessions}
 
 
 async def _run(router: str, urls: list[str], token: str, engine_token: str, model: str,
@@ -178,7 +190,7 @@ async def _run(router: str, urls: list[str], token: str, engine_token: str, mode
                                          "vllm:prefix_cache_queries_total")) for u in urls]
             t0 = time.perf_counter()
             out = await _sessions(client, router, auth, model, args["sessions"], args["turns"],
-                                  sticky, seed=11)
+                                  sticky, seed=11, concurrency=args["concurrency"])
             rate, _ = await _hit_rate(client, urls, engine_token, before)
             out.update(hit_rate=rate, seconds=time.perf_counter() - t0)
             sessions["sticky" if sticky else "round_robin"] = out
@@ -216,7 +228,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 
 def main(pairs: int = typer.Option(300, min=20), requests: int = typer.Option(96, min=8),
          concurrency: int = typer.Option(8, min=1), max_tokens: int = typer.Option(16, min=1),
-         sessions: int = typer.Option(50, min=2), turns: int = typer.Option(4, min=2),
+         sessions: int = typer.Option(50, min=2), turns: int = typer.Option(8, min=2),
          workdir: Path = typer.Option(Path("runs/bench-router")),
          out: Path = typer.Option(RESULTS / "router-cpu.json")) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
