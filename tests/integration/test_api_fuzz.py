@@ -112,6 +112,8 @@ def _phase(case) -> str:
     return meta.phase.name.value if meta is not None else ""
 
 
+ROLLOUT_PATHS = r"^/(v1/|tokenize$|detokenize$|inference/)"
+
 def _config(phases: list[str]):
     import schemathesis
 
@@ -175,6 +177,11 @@ class Run:
                                                config=_config(phases))
         if path_regex is not None:
             schema = schema.include(path_regex=path_regex)
+        # not the rollout routes: their bodies are vLLM's (an open object in this schema), and
+        # whether an engine can take one follows the fleet state the fuzzer itself changes
+        # (/pause, /sleep: then 503 is the right answer); tests/integration/
+        # test_openai_router_cpu.py covers them
+        schema = schema.exclude(path_regex=ROLLOUT_PATHS)
         self._install(schema)
         for event in schemathesis.engine.from_schema(schema).execute():
             if isinstance(event, events.ScenarioFinished):

@@ -7,6 +7,8 @@ from typing import Any
 from weightsync.api.schemas import ErrorBody
 
 _WHY = {
+    400: "Malformed HTTP (answered by the server before the app); on the rollout routes, "
+         "also vLLM's own refusal of a request",
     401: "No or wrong bearer token",
     404: "Unknown engine or session",
     409: "Illegal engine state, or a sync is in progress (nothing was changed); for a "
@@ -29,6 +31,6 @@ def error_responses(*statuses: int, json_route: bool = True) -> dict[int | str, 
             for s in statuses}
 
 
-READ_ERRORS = error_responses(401, 503, 504)
-WRITE_ERRORS = error_responses(401, 404, 409, 413, 422, 503, 504)
-PAGE_ERRORS = error_responses(401, 422, 503, 504, json_route=False)
+READ_ERRORS = error_responses(400, 401, 503, 504)
+WRITE_ERRORS = error_responses(400, 401, 404, 409, 413, 422, 503, 504)
+PAGE_ERRORS = error_responses(400, 401, 422, 503, 504, json_route=False)

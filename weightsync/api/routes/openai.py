@@ -48,7 +48,7 @@ ANSWERS = {
           "streamed chunks each carry the `weight_version` that produced them.",
           "content": {"application/json": {"schema": {"type": "object"}},
                       "text/event-stream": {"schema": {"type": "string"}}}},
-    **error_responses(401, 409, 413, 422, 503),
+    **error_responses(400, 401, 404, 409, 413, 422, 503),
 }
 BODY = {"requestBody": {"required": True, "description": "vLLM's OpenAI request body",
                         "content": {"application/json": {"schema": {"type": "object"}}}}}
