@@ -24,11 +24,15 @@ _WHY = {
 def error_responses(*statuses: int, json_route: bool = True) -> dict[int | str, dict[str, Any]]:
     """Documented error answers. Errors are JSON even on text/HTML routes, whose media type
     FastAPI would otherwise give them, so those name the schema explicitly."""
-    if json_route:
-        return {s: {"model": ErrorBody, "description": _WHY[s]} for s in statuses}
     ref = {"$ref": "#/components/schemas/ErrorBody"}
-    return {s: {"description": _WHY[s], "content": {"application/json": {"schema": ref}}}
-            for s in statuses}
+    out: dict[int | str, dict[str, Any]] = {
+        s: {"model": ErrorBody, "description": _WHY[s]} if json_route else
+        {"description": _WHY[s], "content": {"application/json": {"schema": ref}}}
+        for s in statuses}
+    if 400 in out:  # uvicorn answers malformed HTTP itself, in plain text, before the app
+        out[400] = {"description": _WHY[400], "content": {
+            "application/json": {"schema": ref}, "text/plain": {"schema": {"type": "string"}}}}
+    return out
 
 
 READ_ERRORS = error_responses(400, 401, 503, 504)
