@@ -33,6 +33,7 @@ from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
 
 from weightsync.api.deps import COOKIE, authorized
+from weightsync.asgi import replayed
 from weightsync.config import Settings
 
 Scope = MutableMapping[str, Any]
@@ -143,7 +144,7 @@ class Gate:
             await _answer(send, 413, "body_too_large",
                           f"request body is over the limit of {limit} bytes")
             return
-        await self.app(scope, _replay(body, receive), send)
+        await self.app(scope, replayed(body, receive), send)
 
     @staticmethod
     def _cookie(headers: Headers) -> str | None:
@@ -164,15 +165,3 @@ class Gate:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay

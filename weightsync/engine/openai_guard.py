@@ -46,6 +46,7 @@ from typing import Any
 
 from starlette.datastructures import Headers, MutableHeaders
 
+from weightsync.asgi import replayed
 from weightsync.engine.gated_engine import (
     TICKET,
     Served,
@@ -184,7 +185,7 @@ class OpenAIGuard:
         scope["headers"] = raw.raw
         token = TICKET.set(ticket)
         try:
-            await self.app(scope, _replay(body, receive),
+            await self.app(scope, replayed(body, receive),
                            _Stamps(send, self.host, ticket, self).send)
         finally:
             TICKET.reset(token)
@@ -218,20 +219,6 @@ async def _read_body(receive: Receive) -> bytes | None:
         if not message.get("more_body", False):
             return b"".join(parts)
 
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """``receive`` with the (salted) body first, then the client's own messages (vLLM listens
-    for its disconnect)."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
 
 
 class _Stamps:
