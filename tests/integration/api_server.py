@@ -74,3 +74,17 @@ def restore(c) -> None:
     if any(e.state == EngineState.FENCED for e in c.status().engines):
         c.reload(None)
     assert all(e.state == EngineState.SERVING for e in c.status().engines)
+
+
+def serve_again(fleet, coord, policy) -> None:
+    """Both engines serving again after a test: resumed if paused, resynced if fenced."""
+    import ray
+
+    from weightsync.types import EngineState
+
+    states = [ray.get(a.status.remote()).state for a in fleet]
+    for actor, state in zip(fleet, states, strict=True):
+        if state == EngineState.PAUSED:
+            ray.get(actor.resume.remote())
+    if EngineState.FENCED in states:
+        assert coord.sync(policy).ok

@@ -13,10 +13,10 @@ import openai
 import pytest
 import ray
 
+from tests.integration.api_server import serve_again
 from weightsync.config import TransferConfig
 from weightsync.coordinator import SyncCoordinator
 from weightsync.testing.reference import perturb_
-from weightsync.types import EngineState
 
 pytestmark = pytest.mark.integration
 TOKEN = "engine-token-7c1d"
@@ -60,12 +60,7 @@ def http(urls):
 def serving(fleet, coord, policy):
     """Every test ends with both engines serving (resumed, or resynced if fenced)."""
     yield
-    states = [ray.get(a.status.remote()).state for a in fleet]
-    for actor, state in zip(fleet, states, strict=True):
-        if state == EngineState.PAUSED:
-            ray.get(actor.resume.remote())
-    if EngineState.FENCED in states:
-        assert coord.sync(policy).ok
+    serve_again(fleet, coord, policy)
 
 
 def _version(actor) -> int:
