@@ -135,6 +135,23 @@ def test_kernel_applier_copies_into_the_parameters_and_keeps_its_program_by_key(
     assert _loaded(worker, weights)
 
 
+def test_a_program_made_again_over_the_same_addresses_never_replays_the_old_graph():
+    """The direct-IPC regression an H100 run found (illegal memory access): a program made
+    again over the same buffers and parameters (after ``forget``, e.g. a packed sync between
+    two direct ones) got the old program's graph key, so the old capture replayed and its
+    launches read the old program's freed tensors. Each program made has its own key."""
+    worker, state = _worker()
+    plan, staged = _staged(_new_weights())
+    params = lambda: dict(worker.model_runner.model.named_parameters())  # noqa: E731
+    first = state.programs.program(staged, "plan:ipc", params)
+    key = state.programs.graph_key(first)
+    assert state.programs.graph_key(state.programs.program(staged, "plan:ipc", params)) == key
+    state.programs.forget()
+    again = state.programs.program(staged, "plan:ipc", params)  # same addresses, new program
+    assert again is not first and state.programs.graph_key(again) not in (None, key)
+    assert state.programs.graph_key(first) is None  # (no longer the kept one)
+
+
 def test_kernel_applier_refuses_a_tensor_that_is_not_the_parameter():
     worker, state = _worker()
     weights = _new_weights()

@@ -61,6 +61,10 @@ class CopyPrograms:
 
     def __init__(self) -> None:
         self._kept: tuple[ProgramKey, CopyProgram] | None = None  # (what it depends on, it)
+        # programs made so far: a copy graph captured from one program must never replay for
+        # another made over the same addresses (its launches read the old one's own tensors,
+        # e.g. ``ManyDigests``' tables and outputs, freed once that program goes)
+        self._made = 0
         self._finite: tuple[CopyProgram, list[tuple[str, torch.Tensor]]] | None = None
 
     def program(self, staged: list[tuple[Bucket, Any]], key: str | None,
@@ -88,14 +92,18 @@ class CopyPrograms:
             dsts, srcs = kernel_targets(params(), (t for b, buf in staged
                                                  for t in unpack_bucket(b, buf)))
             program = CopyProgram(dsts, srcs, copy_split(dsts, srcs))
+        self._made += 1
         self._kept = (ck, program) if ck is not None else None
         return program
 
-    def graph_key(self, program: CopyProgram) -> tuple[ProgramKey, tuple[int, ...]] | None:
-        """What a kept program's copy graph depends on (its key, and where the parameters
-        are); None when no program is kept (nothing to replay)."""
+    def graph_key(self, program: CopyProgram
+                  ) -> tuple[int, ProgramKey, tuple[int, ...]] | None:
+        """What a kept program's copy graph depends on (which program it is, its key, and
+        where the parameters are); None when no program is kept (nothing to replay)."""
         kept = self._kept
-        return None if kept is None else (kept[0], tuple(d.data_ptr() for d in program.dsts))
+        if kept is None or kept[1] is not program:
+            return None
+        return (self._made, kept[0], tuple(d.data_ptr() for d in program.dsts))
 
     def require_finite(self, program: CopyProgram, params: Params) -> None:
         """Refuse direct pieces holding NaN or Inf before any is copied (``typed_pieces``)."""
