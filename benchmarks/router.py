@@ -5,7 +5,7 @@
 
 Two real vLLM CPU engines (the tiny test model, eager, prefix caching on), the real control
 plane with its router (``weightsync.routing``) served by uvicorn on a loopback port, and a
-client in this process (httpx). Three measurements, written to
+client in this process (aiohttp, as the router's own client to the engines). Three measurements, written to
 ``benchmarks/results/router-cpu.json`` (``meta``: commit, device, date, versions, method) and
 ``router-cpu.png``:
 
@@ -24,6 +24,11 @@ client in this process (httpx). Three measurements, written to
   prefix-cache hit rate is vLLM's own: the change of ``vllm:prefix_cache_hits_total`` over
   ``vllm:prefix_cache_queries_total`` (tokens), summed over both engines' ``/metrics``, with
   every cache reset in between (a real sync would reset it too).
+
+vLLM's prefix cache holds whole KV blocks: a turn re-reads the previous turn's last partial
+block. vLLM's CPU backend makes blocks of 128 tokens unless told (GPU backends: 16), which
+costs a multi-turn chat about a block per turn; the engines here use ``--block-size`` 32 (the
+CPU backend's preferred multiple), as a rollout fleet serving multi-turn sessions would.
 """
 
 from __future__ import annotations
@@ -53,9 +58,28 @@ def _text(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
+class _Answer:
+    """What a benchmark request got back (read whole)."""
+
+    def __init__(self, status: int, headers: Any, body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def _post(client: Any, url: str, headers: dict, body: dict) -> _Answer:
+    async with client.post(url, json=body, headers=headers) as r:
+        answer = _Answer(r.status, r.headers, await r.read())
+    if answer.status != 200:
+        raise RuntimeError(f"{url}: {answer.status} {answer.body[:300]!r}")
+    return answer
+
+
 async def _metric_sum(client: Any, url: str, token: str, name: str) -> float:
-    text = (await client.get(f"{url}/metrics",
-                             headers={"Authorization": f"Bearer {token}"})).text
+    async with client.get(f"{url}/metrics",
+                          headers={"Authorization": f"Bearer {token}"}) as r:
+        text = await r.text()
     return sum(float(v) for v in re.findall(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", text, re.M))
 
 
@@ -79,11 +103,10 @@ async def _overhead(client: Any, router: str, direct: str, auth: dict, engine_au
         for which in order:
             t0 = time.perf_counter()
             if which == "router":
-                r = await client.post(f"{router}/v1/completions", json=body,
-                                      headers={**auth, "X-Session-ID": session})
+                await _post(client, f"{router}/v1/completions",
+                            {**auth, "X-Session-ID": session}, body)
             else:
-                r = await client.post(f"{direct}/v1/completions", json=body, headers=engine_auth)
-            r.raise_for_status()
+                await _post(client, f"{direct}/v1/completions", engine_auth, body)
             took[which] = time.perf_counter() - t0
         if i >= 5:  # warm-up pairs dropped
             diffs.append(took["router"] - took["direct"])
@@ -106,8 +129,7 @@ async def _throughput(client: Any, url: str, headers: dict, body: dict, requests
         nonlocal tokens
         while queue:
             queue.pop()
-            r = await client.post(f"{url}/v1/completions", json=body, headers=headers)
-            r.raise_for_status()
+            r = await _post(client, f"{url}/v1/completions", headers, body)
             tokens += r.json()["usage"]["completion_tokens"]
 
     t0 = time.perf_counter()
@@ -137,10 +159,9 @@ async def _sessions(client: Any, router: str, auth: dict, model: str, sessions: 
                 # time is mostly where its last request went)
                 key = f"session-{seed}-{s}" if sticky else secrets.token_hex(8)
                 headers = {**auth, "X-Session-ID": key}
-                r = await client.post(f"{router}/v1/chat/completions", headers=headers, json={
+                r = await _post(client, f"{router}/v1/chat/completions", headers, {
                     "model": model, "messages": messages, "max_tokens": 12, "temperature": 0,
                     "ignore_eos": True})
-                r.raise_for_status()
                 engines[s].append(r.headers["x-engine"])
                 messages.append({"role": "assistant",
                                  "content": r.json()["choices"][0]["message"]["content"]})
@@ -154,18 +175,18 @@ async def _sessions(client: Any, router: str, auth: dict, model: str, sessions: 
 
 async def _run(router: str, urls: list[str], token: str, engine_token: str, model: str,
                args: dict[str, Any], reset: Any) -> dict[str, Any]:
-    import httpx
+    import aiohttp
 
     auth = {"Authorization": f"Bearer {token}"}
     engine_auth = {"Authorization": f"Bearer {engine_token}"}
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64, keepalive_expiry=3)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+    async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=120),
+            connector=aiohttp.TCPConnector(limit=64, keepalive_timeout=3)) as client:
         # a session key the router sends to engine A (urls[0])
         session = ""
         for i in range(1000):
-            r = await client.post(f"{router}/tokenize", json={"model": model, "prompt": "x"},
-                                  headers={**auth, "X-Session-ID": f"pin-{i}"})
-            r.raise_for_status()
+            r = await _post(client, f"{router}/tokenize", {**auth, "X-Session-ID": f"pin-{i}"},
+                            {"model": model, "prompt": "x"})
             if r.headers["x-engine"] == args["a"]:
                 session = f"pin-{i}"
                 break
@@ -232,6 +253,8 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 def main(pairs: int = typer.Option(300, min=20), requests: int = typer.Option(96, min=8),
          concurrency: int = typer.Option(8, min=1), max_tokens: int = typer.Option(16, min=1),
          sessions: int = typer.Option(50, min=2), turns: int = typer.Option(16, min=2),
+         block_size: int = typer.Option(32, min=16, help="the engines' KV block size (vLLM "
+                                        "caches whole blocks: see the module docstring)"),
          workdir: Path = typer.Option(Path("runs/bench-router")),
          out: Path = typer.Option(RESULTS / "router-cpu.json")) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -251,7 +274,8 @@ def main(pairs: int = typer.Option(300, min=20), requests: int = typer.Option(96
              **init_kwargs())
     specs = [EngineSpec(name=f"router-{c}", model=str(model_dir), dtype="float32",
                         max_model_len=2048, enforce_eager=True,
-                        engine_args={"enable_prefix_caching": True}) for c in "ab"]
+                        engine_args={"enable_prefix_caching": True,
+                                     "block_size": block_size}) for c in "ab"]
     actors = start_engines(specs)
     token, engine_token = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
     settings = Settings(host="127.0.0.1", port=0, token=token,
@@ -265,7 +289,8 @@ def main(pairs: int = typer.Option(300, min=20), requests: int = typer.Option(96
             await asyncio.gather(*(a.reset_caches.remote() for a in actors))
 
         args = dict(pairs=pairs, requests=requests, concurrency=concurrency,
-                    max_tokens=max_tokens, sessions=sessions, turns=turns, a=specs[0].name)
+                    max_tokens=max_tokens, sessions=sessions, turns=turns,
+                    block_size=block_size, a=specs[0].name)
         result = asyncio.run(_run(server.url, urls, token, engine_token, model, args, reset))
     finally:
         server.stop()

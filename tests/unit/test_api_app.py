@@ -209,3 +209,24 @@ def test_405_names_every_method_of_the_path(http):
     assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
     r = http.request("DELETE", "/healthz")
     assert r.status_code == 405 and r.headers["allow"] == "GET"
+
+
+@pytest.mark.parametrize("method,path", [("post", "/v1/completions"),
+                                         ("post", "/v1/chat/completions"),
+                                         ("get", "/v1/models")])
+def test_rollout_routes_are_gated_documented_and_say_when_no_router_runs(app, http, method,
+                                                                        path):
+    """The ``/v1`` routes skip FastAPI's request handling (``ProxiedRoute``): the gate still
+    answers 401 first, the app's handlers still shape a 503 while no router runs, and OpenAPI
+    still documents the router's own parameters and the bearer scheme."""
+    call = getattr(http, method)
+    kwargs = {"json": {"model": "m", "prompt": "x"}} if method == "post" else {}
+    r = call(path, **kwargs)
+    assert r.status_code == 401 and r.json()["code"] == "unauthorized"
+    r = call(path, headers={"Authorization": f"Bearer {TOKEN}"}, **kwargs)
+    assert r.status_code == 503 and set(r.json()) == {"code", "message", "engine"}
+    assert "rollout router is not running" in r.json()["message"]
+    op = app.openapi()["paths"][path][method]
+    assert op["security"] == [{"HTTPBearer": []}] and "503" in op["responses"]
+    if method == "post":
+        assert {p["name"] for p in op["parameters"]} >= {"X-Session-ID", "X-Min-Weight-Version"}

@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-import httpx
+import aiohttp
 
 from weightsync.routing.router import Ask, RolloutRouter, RoutingError
 
@@ -91,35 +91,38 @@ class ProxyResponse:
                 return
             router.in_flight[route.engine] += 1
             try:
-                request = router.client.build_request(
-                    self.method, route.url + self.path, content=ask.body,
-                    headers=router.upstream_headers(self.headers, deadline - time.monotonic(),
-                                                    ask.min_version))
                 try:
-                    response = await router.client.send(request, stream=True)
-                except httpx.TransportError as e:
-                    logger.warning("engine %s unreachable (%s): trying another", route.engine, e)
+                    response = await router.client.request(
+                        self.method, route.url + self.path, data=ask.body or None,
+                        headers=router.upstream_headers(self.headers,
+                                                        deadline - time.monotonic(),
+                                                        ask.min_version))
+                except (TimeoutError, aiohttp.ClientConnectionError) as e:
+                    logger.warning("engine %s unreachable (%s: %s): trying another",
+                                   route.engine, type(e).__name__, e)
                     skip.add(route.engine)
                     continue
                 try:
-                    if response.status_code == 401 and route.engine not in retokened:
+                    if response.status == 401 and route.engine not in retokened:
                         retokened.add(route.engine)  # restarted, or re-tokened by another router
                         await router.adopt(await router.fresh(), again=frozenset({route.engine}))
                         continue
-                    if response.status_code == 503 and time.monotonic() < deadline:
+                    if response.status == 503 and time.monotonic() < deadline:
                         skip.add(route.engine)  # it began a sync or was fenced since
                         continue
-                    headers = [(k, v) for k, v in response.headers.raw
+                    headers = [(k, v) for k, v in response.raw_headers
                                if k.lower().decode("latin-1") not in DROPPED]
                     headers.append((b"x-engine", route.engine.encode()))
-                    await send({"type": "http.response.start", "status": response.status_code,
+                    await send({"type": "http.response.start", "status": response.status,
                                 "headers": headers})
-                    async for chunk in response.aiter_raw():
+                    async for chunk in response.content.iter_any():
                         await send({"type": "http.response.body", "body": chunk,
                                     "more_body": True})
                     await send({"type": "http.response.body", "body": b""})
                     return
                 finally:
-                    await response.aclose()
+                    # read to the end, the connection goes back to the pool; otherwise (a
+                    # refusal not read, the client gone) it is closed, and vLLM aborts there
+                    response.release()
             finally:
                 router.in_flight[route.engine] -= 1

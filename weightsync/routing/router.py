@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 
 from weightsync.routing.choice import Conflict, Route, Wait, choose
 from weightsync.types import EngineState, EngineStatus
@@ -134,15 +134,18 @@ class RolloutRouter:
         self._refreshing: asyncio.Task[Sequence[EngineStatus]] | None = None
         self._serving: dict[str, asyncio.Task[str]] = {}
         self._failed: dict[str, str] = {}  # engine -> why its app could not be started
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(10.0, read=read_timeout_s),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=512,
-                                keepalive_expiry=KEEPALIVE_S))
+        # aiohttp, not httpx: one proxied request cost 0.5 ms less of the router's CPU
+        # (a loopback round trip to a trivial server on the 2-core box: 0.15 vs 0.65 ms).
+        # Bytes pass through as the engine sent them (no decompression, no added headers).
+        self.client = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, connect=10.0, sock_read=read_timeout_s),
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S),
+            auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"))
 
     async def close(self) -> None:
         for t in self._serving.values():
             t.cancel()
-        await self.client.aclose()
+        await self.client.close()
 
     # ---- the engines' apps -------------------------------------------------------------
     async def adopt(self, statuses: Sequence[EngineStatus], *, again: frozenset[str] = frozenset()
