@@ -38,10 +38,19 @@ def tied_spec(tied_dir) -> EngineSpec:
 
 
 @pytest.fixture(scope="module")
-def tied_engine(ray_session, tied_spec):
+def tied_started(ray_session, tied_spec):
+    """The tied engine, and what it serves before anything is loaded into it: a cold engine's
+    answers on ``tied_dir``'s weights (it was started from them), the oracle of any state
+    that restores those weights, without starting another engine."""
     actors = start_engines([tied_spec])
-    yield actors[0]
+    first = served(actors[0])
+    yield actors[0], first
     stop_engines(actors, timeout_s=30)
+
+
+@pytest.fixture(scope="module")
+def tied_engine(tied_started):
+    return tied_started[0]
 
 
 def test_tied_head_warm_equals_cold_after_sync_and_checkpoint_reload(tied_engine, tied_spec,
@@ -168,11 +177,11 @@ def test_a_nan_checkpoint_is_refused_and_nothing_changes(tied_engine, tied_dir, 
 
 
 def test_an_unchecked_nan_version_then_a_restore_serves_cold_outputs_from_the_first_request(
-        tied_engine, tied_spec, tied_dir):
+        tied_started, tied_dir):
     """With the finite check turned off, NaN weights go live and their requests write NaN
     into KV-cache blocks; the restore's commit zeroes the KV cache, so the very first
     requests after it equal a cold engine's on the restored weights."""
-    oracle = cold(tied_spec, tied_dir)  # the original weights, cold
+    tied_engine, oracle = tied_started  # the original weights, cold (the engine's first answers)
     policy = load_trainer_model(tied_dir)
     with torch.no_grad():
         policy.model.layers[1].mlp.up_proj.weight.fill_(float("nan"))
