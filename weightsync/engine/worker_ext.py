@@ -23,6 +23,13 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
+from weightsync.adapters import (
+    AdapterLoad,
+    AdapterLoaded,
+    LoadedAdapters,
+    check_adapter_shapes,
+    unpack_adapter,
+)
 from weightsync.checkpoint import PinnedFiles, read_checkpoint
 from weightsync.engine import vllm_compat
 from weightsync.engine.appliers import Load, choose
@@ -33,7 +40,7 @@ from weightsync.engine.intake import Intake
 from weightsync.engine.layout_check import LayoutCheck
 from weightsync.engine.manifest import validate_plan, validate_specs
 from weightsync.engine.sync_state import WorkerSyncState
-from weightsync.errors import ManifestError, TransferError, WeightSyncError
+from weightsync.errors import ManifestError, TransferError, VerificationError, WeightSyncError
 from weightsync.messages import (
     Ack,
     ApplyReply,
@@ -53,7 +60,7 @@ from weightsync.transport.graphs import Replay
 from weightsync.transport.ipc import cuda_uuid
 from weightsync.transport.layout import KernelLayout, derive_layout
 from weightsync.transport.legs import receiver_leg
-from weightsync.transport.packing import dtype_name
+from weightsync.transport.packing import checksum, dtype_name
 from weightsync.transport.ranks import worker_group_rank
 from weightsync.types import CheckpointFiles, ReceiveReport, TensorSpec
 
@@ -362,3 +369,35 @@ class WeightSyncWorkerExtension:
             choose(self, st, "checkpoint").apply(Load(tensors=files.tensors()))
         st.reloaded_from_files()  # re-derive and re-verify the layout on the next sync
         return ReloadReply(reload=time.perf_counter() - t0, rebuilt=st.rebuilt, nbytes=nbytes)
+
+    # ---- LoRA adapters (weightsync.adapters; engine.adapters keeps their versions) -----------
+    @worker_rpc
+    def ws_load_adapter(self, load_json: str, data: bytes) -> AdapterLoaded:
+        """Load an adapter from memory: its bytes (``data``: vLLM's RPC carries bytes as they
+        are, a tensor as a list) checked against the sender's checksum, its tensors against
+        the model (``check_adapter_shapes``) and vLLM's rules (``vllm_compat.add_adapter``),
+        all before anything is loaded; then added and pinned under the load's id."""
+        load = AdapterLoad.model_validate_json(load_json)
+        m = load.manifest
+        if not isinstance(data, (bytes, bytearray)) or len(data) != m.bucket.nbytes:
+            raise TransferError(f"adapter {load.versioned}: expected {m.bucket.nbytes} bytes, "
+                                f"got {type(data).__name__} of {len(data)}")
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        got = checksum(buf)
+        if got != m.checksum:
+            raise VerificationError(f"adapter {load.versioned}: checksum {got:#x} of the bytes "
+                                    f"received, {m.checksum:#x} as sent: nothing loaded")
+        check_adapter_shapes(list(m.bucket.slots), self._expected(), m.config)
+        modules = vllm_compat.add_adapter(self, load.lora_int_id, unpack_adapter(load, buf),
+                                          m.config.peft_dict())
+        return AdapterLoaded(lora_int_id=load.lora_int_id, modules=modules)
+
+    @worker_rpc
+    def ws_remove_adapter(self, lora_int_id: int) -> Ack:
+        """Unpin and unload an adapter (loaded or not: nothing to do then)."""
+        vllm_compat.remove_adapter(self, lora_int_id)
+        return Ack()
+
+    @worker_rpc
+    def ws_loaded_adapters(self) -> LoadedAdapters:
+        return LoadedAdapters(ids=tuple(sorted(vllm_compat.loaded_adapters(self))))

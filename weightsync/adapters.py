@@ -1,0 +1,205 @@
+"""LoRA adapters as weightsync moves them: the adapter's config, its tensors packed into one
+checksummed buffer, and the checks both ends can make without vLLM (#31, first slice).
+
+A trainer makes an ``AdapterPayload`` from a peft model (``from_peft``) or from tensors under
+peft's names and a peft config (``from_tensors``); the payload's bytes are checksummed once,
+as sent. The engine host gives each sync a version (``<name>@v<N>``, ``engine.adapters``) and
+its workers check the checksum, then the tensors against the model (``check_adapter_shapes``
+here, vLLM's own rules in ``vllm_compat.add_adapter``), before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from weightsync.errors import ManifestError
+from weightsync.transport.packing import checksum, pack_bucket, plan_buckets, spec_of, unpack_bucket
+from weightsync.types import Bucket, TensorSpec
+
+NAME = r"^[A-Za-z0-9_.-]+$"  # an adapter's name; its versions are "<name>@v<N>"
+_PEFT_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+
+
+class AdapterConfig(BaseModel):
+    """The fields of a peft ``LoraConfig`` that vLLM reads (its ``PEFTHelper``), including the
+    features it refuses, so that an adapter using one is refused rather than served wrongly."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    r: int = Field(gt=0)
+    lora_alpha: int | float = Field(gt=0)
+    target_modules: tuple[str, ...] | str
+    bias: str = "none"
+    modules_to_save: tuple[str, ...] | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    lora_bias: bool = False
+    init_lora_weights: bool | str = True
+    alora_invocation_tokens: tuple[int, ...] | None = None
+    layer_replication: tuple[tuple[int, ...], ...] | None = None
+    use_qalora: bool = False
+    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("target_modules", "modules_to_save", mode="before")
+    @classmethod
+    def _sorted(cls, v: Any) -> Any:  # peft keeps them as sets
+        return tuple(sorted(v)) if isinstance(v, (set, frozenset, list)) else v
+
+    def ranks(self) -> set[int]:
+        return {self.r, *self.rank_pattern.values()}
+
+    def peft_dict(self) -> dict[str, Any]:
+        """As peft's ``adapter_config.json`` spells it (what vLLM's ``PEFTHelper`` reads)."""
+        d = self.model_dump()
+        for key in ("target_modules", "modules_to_save", "alora_invocation_tokens"):
+            if isinstance(d[key], tuple):
+                d[key] = list(d[key])
+        if d["layer_replication"] is not None:
+            d["layer_replication"] = [list(x) for x in d["layer_replication"]]
+        return d
+
+
+class AdapterManifest(BaseModel):
+    """What a trainer sends besides the bytes: the adapter's name, config, the layout of its
+    packed tensors and their checksum as sent."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=NAME)
+    config: AdapterConfig
+    bucket: Bucket
+    checksum: int
+
+
+class AdapterLoad(BaseModel):
+    """What a worker is told to load (``ws_load_adapter``), besides the bytes themselves: the
+    manifest, the version the host gave it and its vLLM id (never reused)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    manifest: AdapterManifest
+    version: int = Field(ge=1)
+    lora_int_id: int = Field(ge=1)
+
+    @property
+    def versioned(self) -> str:
+        return f"{self.manifest.name}@v{self.version}"
+
+
+class AdapterLoaded(BaseModel):
+    """A worker's reply: the adapter is loaded and pinned under ``lora_int_id``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    lora_int_id: int
+    modules: int  # vLLM modules the adapter changes (packed ones counted once)
+
+
+class LoadedAdapters(BaseModel):
+    """A worker's reply: the vLLM ids of the adapters it holds."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ids: tuple[int, ...]
+
+
+class AdapterSyncReply(BaseModel):
+    """An engine's answer to an adapter sync: the version it now serves under ``name``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    version: int
+    served_as: str  # "<name>@v<N>"
+    lora_int_id: int
+    nbytes: int
+    removed: tuple[str, ...]  # older versions unloaded by this sync (beyond the kept ones)
+    seconds: float
+
+
+@dataclass(frozen=True)
+class AdapterPayload:
+    """An adapter's tensors packed back to back into ``buf`` (one ``Bucket``) and its
+    manifest, whose checksum of ``buf`` is made here: the worker compares it before loading.
+    Sent to an engine host as ``sync_adapter(manifest.model_dump_json(), buf)``."""
+
+    manifest: AdapterManifest
+    buf: torch.Tensor
+
+    @classmethod
+    def from_tensors(cls, name: str, tensors: Mapping[str, torch.Tensor],
+                     config: AdapterConfig | Mapping[str, Any]) -> AdapterPayload:
+        """``tensors`` under peft's names (``base_model.model.<module>.lora_A.weight``; as
+        ``get_peft_model_state_dict`` gives them), ``config`` a peft ``LoraConfig`` as a dict
+        (``to_dict()``) or an ``AdapterConfig``. Copied: later changes to them do not move."""
+        if not re.match(NAME, name):
+            raise ManifestError(f"adapter name {name!r}: letters, digits, '_', '.', '-' only")
+        cfg = config if isinstance(config, AdapterConfig) else AdapterConfig.model_validate(
+            dict(config))
+        if not tensors:
+            raise ManifestError(f"adapter {name!r} has no tensors")
+        cpu = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+        specs = [spec_of(k, t) for k, t in cpu.items()]
+        bucket = plan_buckets(specs, sum(s.nbytes for s in specs) + 1, version=1).buckets[0]
+        buf = pack_bucket(bucket, dict(cpu), "cpu")
+        return cls(AdapterManifest(name=name, config=cfg, bucket=bucket, checksum=checksum(buf)),
+                   buf)
+
+    @classmethod
+    def from_peft(cls, name: str, model: Any, adapter_name: str = "default") -> AdapterPayload:
+        """The adapter ``adapter_name`` of a peft model (``peft.PeftModel``)."""
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        return cls.from_tensors(name, state, model.peft_config[adapter_name].to_dict())
+
+
+def unpack_adapter(load: AdapterLoad, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The adapter's tensors: views of ``buf`` (``vllm_compat.add_adapter`` builds from copies
+    of them: vLLM scales B by alpha/r in place)."""
+    return dict(unpack_bucket(load.manifest.bucket, buf))
+
+
+def check_adapter_shapes(specs: list[TensorSpec], base: Mapping[str, TensorSpec],
+                         config: AdapterConfig) -> None:
+    """Refuse (``ManifestError``) an adapter that does not fit the base model's checkpoint
+    (``base``: its tensors as on disk): every tensor a ``lora_A``/``lora_B`` weight of a linear
+    module the model has, ``A`` of shape (rank, in), ``B`` (out, rank) for that module's
+    (out, in) weight, each module both, at a rank its config declares."""
+    pairs: dict[str, dict[str, TensorSpec]] = {}
+    bad: list[str] = []
+    for s in specs:
+        m = _LORA_KEY.match(s.name.removeprefix(_PEFT_PREFIX))
+        if m is None:
+            bad.append(f"{s.name}: not a LoRA A/B weight")
+            continue
+        pairs.setdefault(m["module"], {})[m["ab"]] = s
+    ranks = config.ranks()
+    for module, ab in sorted(pairs.items()):
+        weight = base.get(f"{module}.weight")
+        if weight is None:
+            bad.append(f"{module}: the model has no such module")
+            continue
+        if len(weight.shape) != 2:
+            bad.append(f"{module}: not a linear module (weight shape {weight.shape})")
+            continue
+        if set(ab) != {"A", "B"}:
+            bad.append(f"{module}: lora_A and lora_B come together (got {sorted(ab)})")
+            continue
+        out, inp = weight.shape
+        a, b = ab["A"].shape, ab["B"].shape
+        if len(a) != 2 or len(b) != 2 or a[1] != inp or b[0] != out or a[0] != b[1]:
+            bad.append(f"{module}: A {a} and B {b} do not fit its weight ({out}, {inp})")
+        elif a[0] not in ranks:
+            bad.append(f"{module}: rank {a[0]} is not one its config declares {sorted(ranks)}")
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise ManifestError(f"the adapter does not fit the model: {'; '.join(bad[:5])}{more}")
