@@ -196,6 +196,10 @@ class EngineSpec(_Frozen):
     # installed vLLM's own arguments when the spec is made. Arguments weightsync owns (its
     # worker extension, sleep mode, the executor) and ones with a field above are refused.
     engine_args: dict[str, Any] = Field(default_factory=dict)
+    # LoRA adapter syncs (engine_args enable_lora): the versions of each adapter kept loaded,
+    # the latest included, so requests on an older one finish there (engine.adapters); the
+    # engine's max_loras must leave room for them and the one being loaded
+    lora_versions_kept: int = Field(2, ge=1)
 
     @field_validator("engine_args")
     @classmethod

@@ -446,3 +446,4 @@ class GenerationResult(_Frozen):
     version: int | None
     versions: tuple[int, int]
     aborted: bool = False
+    adapter: str | None = None  # the LoRA adapter version that served it ("<name>@v<N>")

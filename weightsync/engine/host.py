@@ -26,8 +26,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from weightsync.adapters import AdapterSyncReply
 from weightsync.config import EngineSpec
 from weightsync.engine import requests, vllm_compat
+from weightsync.engine.adapters import Adapters
 from weightsync.engine.channel import SERVED, ChannelServer, ray_node
 from weightsync.engine.dormancy import TAGS, Found, SleepState
 from weightsync.engine.group import TransferGroup
@@ -90,6 +92,7 @@ class EngineHost:
         self.lease = SyncLease(spec.name, on_lapse=self._lapsed)
         self.calls = WorkerCalls(spec.name)
         self.group = TransferGroup(self.calls)
+        self.adapters = Adapters(spec, self.calls)  # LoRA adapter versions (engine.adapters)
         self.loads = Loads(spec, self.calls, machine=self.machine, gate=self.gate,
                            dormancy=self.dormancy, lease=self.lease, group=self.group)
         self._sync_started = 0.0
@@ -310,6 +313,7 @@ class EngineHost:
         with self.lease.busy():
             seconds = await self.dormancy.wake_and_resume(self.engine, deadline_s)
             seconds.update(await self.loads.scrub_kv(deadline_s))
+            await self.adapters.weights_replaced(deadline_s)
         self.loads.committed()
         self.lease.release()
         self._found = None
@@ -422,18 +426,31 @@ class EngineHost:
                        temperature: float = 0.0, logprobs: bool = False, seed: int | None = None,
                        ignore_eos: bool = False, n: int = 1, wait_s: float = 300.0,
                        sampling: dict[str, Any] | None = None,
-                       messages: list[list[dict[str, Any]]] | None = None
-                       ) -> list[GenerationResult]:
+                       messages: list[list[dict[str, Any]]] | None = None,
+                       lora: str | None = None) -> list[GenerationResult]:
         """Generate for each prompt (a string, or a vLLM prompt dict with multimodal data), or
         each conversation in ``messages`` (the model's chat template); ``sampling``: any other
         field of vLLM's ``SamplingParams`` (``engine.requests``). Results are in order, the
         ``n`` samples of a prompt next to each other. Requests that arrive during a sync wait
         for it and run on the new weights; each result names the version(s) that produced it.
-        """
+        ``lora``: a LoRA adapter's name (its latest version) or ``<name>@v<N>``
+        (``sync_adapter``); the results name the version that served them."""
         base = dict(max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos,
                     logprobs=0 if logprobs else None)
-        return await requests.generate(self, prompts, messages, base, sampling, seed=seed, n=n,
-                                       wait_s=wait_s)
+        with self.adapters.use(lora) as v:
+            return await requests.generate(
+                self, prompts, messages, base, sampling, seed=seed, n=n, wait_s=wait_s,
+                adapter=None if v is None else (v.served_as, v.request()))
+
+    async def sync_adapter(self, manifest_json: str, buf: Any, *,
+                           deadline_s: float = 120.0) -> AdapterSyncReply:
+        """Load a LoRA adapter from memory as its next version, ``<name>@v<N>``, and serve it
+        as ``<name>`` (``engine.adapters``): ``manifest_json`` an ``AdapterManifest``, ``buf``
+        its packed bytes (``weightsync.adapters.AdapterPayload``). Refused before anything
+        changes (``ManifestError``, ``ConfigError``, ``VerificationError``) if it does not fit.
+        Only into a serving engine (not mid-sync, asleep or fenced: a later slice of #31)."""
+        self.machine.expect(S.SERVING, op="sync an adapter")
+        return await self.adapters.sync(manifest_json, buf, deadline_s)
 
     async def serve_openai(self, token: str, *, host: str | None = None,
                            owner: str | None = None) -> str:

@@ -70,11 +70,13 @@ def chat_prompts(engine: Any, conversations: Sequence[Sequence[Mapping[str, Any]
 async def generate(host: Served, prompts: Sequence[Any] | None,
                    messages: Sequence[Sequence[Mapping[str, Any]]] | None,
                    base: Mapping[str, Any], extra: Mapping[str, Any] | None, *,
-                   seed: int | None, n: int, wait_s: float) -> list[GenerationResult]:
+                   seed: int | None, n: int, wait_s: float,
+                   adapter: tuple[str, Any] | None = None) -> list[GenerationResult]:
     """``EngineHost.generate``: every request checked before any runs, then admitted through
     the host's serving gate as the HTTP path admits (``gated_engine.wait_routable``: waits
     while a sync or pause holds the gate, refuses a fenced, stopped or unheld sleeping
-    engine), ``n`` requests per prompt (copy ``i`` seeded ``seed + i``), each stamped."""
+    engine), ``n`` requests per prompt (copy ``i`` seeded ``seed + i``), each stamped.
+    ``adapter``: the LoRA adapter version every request runs with (``engine.adapters``)."""
     name = host.status().name
     if (prompts is None) == (messages is None):
         raise ConfigError("give prompts or messages, not both or neither", engine=name)
@@ -86,6 +88,6 @@ async def generate(host: Served, prompts: Sequence[Any] | None,
     await wait_routable(host, wait_s)
     host.gate.admit(len(items) * n)  # no await since the gate: begin_sync waits for them
     return list(await asyncio.gather(*(host.gate.run(host.engine, p, params[i],
-                                                     lambda: host.version)
+                                                     lambda: host.version, adapter)
                                        for p in items for i in range(n))))
 

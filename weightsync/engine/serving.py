@@ -118,12 +118,14 @@ class ServingGate:
             if not self._running:
                 self._none_running.set()
 
-    async def run(self, engine: Any, prompt: Any, params: Any,
-                  version: Callable[[], int]) -> GenerationResult:
-        """One admitted request through vLLM, stamped with the version(s) that served it."""
+    async def run(self, engine: Any, prompt: Any, params: Any, version: Callable[[], int],
+                  adapter: tuple[str, Any] | None = None) -> GenerationResult:
+        """One admitted request through vLLM, stamped with the version(s) that served it.
+        ``adapter``: the LoRA adapter version's name and vLLM ``LoRARequest``."""
         v0 = version()
         final = None
-        async for out in self.outputs(engine, prompt, params, uuid.uuid4().hex):
+        extra = {} if adapter is None else {"lora_request": adapter[1]}
+        async for out in self.outputs(engine, prompt, params, uuid.uuid4().hex, **extra):
             final = out
         v1 = version()
         c = vllm_compat.completion(final)
@@ -131,7 +133,7 @@ class ServingGate:
             prompt=prompt if isinstance(prompt, str) else None, text=c.text,
             token_ids=c.token_ids, logprobs=c.logprobs, finish_reason=c.finish_reason,
             version=v0 if v0 == v1 else None, versions=(v0, v1),
-            aborted=c.finish_reason == "abort",
+            aborted=c.finish_reason == "abort", adapter=None if adapter is None else adapter[0],
         )
 
     async def pause(self, engine: Any, mode: PauseMode, deadline_s: float,

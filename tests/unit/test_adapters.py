@@ -1,0 +1,189 @@
+"""LoRA adapters without an engine: the payload and its checksum, the shape checks against a
+model's checkpoint, and an engine's versions (``engine.adapters.Adapters``) against a peer that
+answers as its workers would. The real loads into vLLM: tests/integration/test_lora_cpu.py."""
+
+import asyncio
+
+import pytest
+import torch
+
+from weightsync.adapters import (
+    AdapterConfig,
+    AdapterLoad,
+    AdapterLoaded,
+    AdapterPayload,
+    LoadedAdapters,
+    check_adapter_shapes,
+    unpack_adapter,
+)
+from weightsync.config import EngineSpec
+from weightsync.engine.adapters import Adapters
+from weightsync.errors import ConfigError, ManifestError, VerificationError
+from weightsync.messages import Ack
+from weightsync.transport.packing import checksum
+from weightsync.types import TensorSpec
+
+P = "base_model.model.model.layers.0."
+BASE = {f"model.layers.0.{m}.weight": TensorSpec(name=f"model.layers.0.{m}.weight",
+                                                  dtype="float32", shape=shape)
+        for m, shape in (("self_attn.q_proj", (128, 128)), ("mlp.down_proj", (128, 256)))}
+CONFIG = {"r": 4, "lora_alpha": 8, "target_modules": {"q_proj", "down_proj"},
+          "task_type": "CAUSAL_LM"}
+
+
+def _tensors(r=4):
+    return {f"{P}self_attn.q_proj.lora_A.weight": torch.randn(r, 128),
+            f"{P}self_attn.q_proj.lora_B.weight": torch.randn(128, r),
+            f"{P}mlp.down_proj.lora_A.weight": torch.randn(r, 256),
+            f"{P}mlp.down_proj.lora_B.weight": torch.randn(128, r)}
+
+
+def test_the_payload_carries_the_tensors_and_the_checksum_of_their_bytes():
+    tensors = _tensors()
+    p = AdapterPayload.from_tensors("pol", tensors, CONFIG)
+    assert p.manifest.checksum == checksum(p.buf)
+    assert p.manifest.config.target_modules == ("down_proj", "q_proj")  # peft's set, sorted
+    assert p.manifest.config.peft_dict()["target_modules"] == ["down_proj", "q_proj"]
+    load = AdapterLoad(manifest=p.manifest, version=3, lora_int_id=7)
+    assert load.versioned == "pol@v3"
+    got = unpack_adapter(load, p.buf)
+    assert got.keys() == tensors.keys()
+    assert all(torch.equal(got[k], tensors[k]) for k in tensors)
+    tensors[f"{P}self_attn.q_proj.lora_A.weight"].add_(1)  # the payload made a copy
+    assert p.manifest.checksum == checksum(p.buf)
+
+
+@pytest.mark.parametrize("name", ["", "a@v1", "a b", "a/b"])
+def test_adapter_names_are_plain(name):
+    with pytest.raises(ManifestError):
+        AdapterPayload.from_tensors(name, _tensors(), CONFIG)
+
+
+def test_an_adapter_that_fits_the_checkpoint_passes():
+    p = AdapterPayload.from_tensors("pol", _tensors(), CONFIG)
+    check_adapter_shapes(list(p.manifest.bucket.slots), BASE, p.manifest.config)
+
+
+def _specs(tensors):
+    return [TensorSpec(name=k, dtype="float32", shape=tuple(t.shape)) for k, t in tensors.items()]
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda t: t.update({f"{P}self_attn.x_proj.lora_A.weight": torch.zeros(4, 128),
+                         f"{P}self_attn.x_proj.lora_B.weight": torch.zeros(128, 4)}),
+     "x_proj: the model has no such module"),
+    (lambda t: t.update({f"{P}self_attn.q_proj.lora_B.weight": torch.zeros(64, 4)}),
+     "do not fit its weight"),
+    (lambda t: t.update({f"{P}mlp.down_proj.lora_A.weight": torch.zeros(4, 128)}),
+     "do not fit its weight"),
+    (lambda t: t.pop(f"{P}mlp.down_proj.lora_B.weight"), "come together"),
+    (lambda t: t.update({f"{P}self_attn.q_proj.weight": torch.zeros(128, 128)}),
+     "not a LoRA A/B weight"),
+])
+def test_an_adapter_that_does_not_fit_is_refused(change, match):
+    tensors = _tensors()
+    change(tensors)
+    with pytest.raises(ManifestError, match=match):
+        check_adapter_shapes(_specs(tensors), BASE, AdapterConfig.model_validate(CONFIG))
+
+
+def test_a_rank_the_config_does_not_declare_is_refused():
+    with pytest.raises(ManifestError, match="rank 6 is not one its config declares"):
+        check_adapter_shapes(_specs(_tensors(r=6)), BASE, AdapterConfig.model_validate(CONFIG))
+
+
+# ---- an engine's versions ----------------------------------------------------------------------
+class _Workers:
+    """Answers ``ws_load_adapter`` / ``ws_remove_adapter`` / ``ws_loaded_adapters`` as an
+    engine's workers do, holding the ids they were given; ``refuse`` fails the next load."""
+
+    def __init__(self):
+        self.name, self.engine = "e", object()
+        self.held: set[int] = set()
+        self.refuse: Exception | None = None
+        self.calls: list[tuple] = []
+
+    async def rpc(self, method, *args, reply, timeout=None):
+        self.calls.append((method, *args[:1]))
+        if method == "ws_load_adapter":
+            if self.refuse is not None:
+                e, self.refuse = self.refuse, None
+                raise e
+            load = AdapterLoad.model_validate_json(args[0])
+            self.held.add(load.lora_int_id)
+            return [AdapterLoaded(lora_int_id=load.lora_int_id, modules=2)]
+        if method == "ws_remove_adapter":
+            self.held.discard(args[0])
+            return [Ack()]
+        assert method == "ws_loaded_adapters"
+        return [LoadedAdapters(ids=tuple(sorted(self.held)))]
+
+
+def _adapters(**args):
+    spec = EngineSpec(name="e", model="/m",
+                      engine_args={"enable_lora": True, "max_loras": 4, **args})
+    workers = _Workers()
+    return Adapters(spec, workers), workers
+
+
+def _sync(adapters, name="pol"):
+    p = AdapterPayload.from_tensors(name, _tensors(), CONFIG)
+    return asyncio.run(adapters.sync(p.manifest.model_dump_json(), p.buf, 10.0))
+
+
+def test_each_sync_is_a_new_version_and_the_last_two_stay():
+    a, workers = _adapters()
+    replies = [_sync(a) for _ in range(3)]
+    assert [r.served_as for r in replies] == ["pol@v1", "pol@v2", "pol@v3"]
+    assert [r.lora_int_id for r in replies] == [1, 2, 3]
+    assert [r.removed for r in replies] == [(), (), ("pol@v1",)]
+    assert workers.held == {2, 3}
+    assert a.resolve("pol").served_as == "pol@v3" and a.resolve("pol@v2").lora_int_id == 2
+    with pytest.raises(ConfigError, match="no adapter 'pol@v1'"):
+        a.resolve("pol@v1")
+
+
+def test_a_version_in_use_is_unloaded_only_once_released():
+    a, workers = _adapters()
+    _sync(a), _sync(a)
+    with a.use("pol@v1") as v:
+        assert v is not None and v.served_as == "pol@v1"
+        assert _sync(a).removed == ()  # v1 is retired, but a request still runs on it
+        with pytest.raises(ConfigError):
+            a.resolve("pol@v1")
+        assert 1 in workers.held
+    assert _sync(a).removed == ("pol@v1", "pol@v2")
+    assert workers.held == {3, 4}
+
+
+def test_a_refused_load_changes_nothing_and_uses_no_version():
+    a, workers = _adapters()
+    _sync(a)
+    workers.refuse = VerificationError("checksum")
+    with pytest.raises(VerificationError):
+        _sync(a)
+    assert workers.calls[-1] == ("ws_remove_adapter", 2)  # whichever worker loaded it
+    assert a.resolve("pol").served_as == "pol@v1"
+    assert _sync(a).served_as == "pol@v2"
+
+
+def test_an_engine_without_lora_or_without_room_is_refused_before_any_call():
+    a = Adapters(EngineSpec(name="e", model="/m"), _Workers())
+    with pytest.raises(ManifestError, match="without LoRA"):
+        _sync(a)
+    a, workers = _adapters(max_loras=2)
+    _sync(a)
+    _sync(a)  # two kept, and the new one: three slots
+    with pytest.raises(ConfigError, match="needs 3 adapter slots"):
+        _sync(a)
+    assert [c[0] for c in workers.calls] == ["ws_load_adapter", "ws_load_adapter"]
+
+
+def test_a_full_weight_load_forgets_the_adapters_vllm_dropped():
+    a, workers = _adapters()
+    _sync(a), _sync(a, "other")
+    workers.held.discard(1)  # vLLM's reload unloaded it
+    asyncio.run(a.weights_replaced(10.0))
+    assert a.served() == {"other": "other@v1"}
+    with pytest.raises(ConfigError):
+        a.resolve("pol")

@@ -1,0 +1,183 @@
+"""The LoRA adapters one engine serves, by name and version (#31, first slice).
+
+Each adapter sync loads a new version ``<name>@v<N>`` from memory into every worker
+(``ws_load_adapter``) under a vLLM id never used before, then makes it what ``<name>``
+resolves to. The last ``keep`` versions of a name stay loaded (pinned), so a request that
+named an older one, or started on it, finishes there; older ones are unloaded once no request
+of this host uses them. Each version has its own vLLM name and id, so vLLM's prefix cache,
+keyed by the adapter's name, never serves one version's KV cache to another.
+
+A refusal (engine without LoRA, too few adapter slots, bad bytes, an adapter that does not fit
+the model) changes nothing: ``<name>`` stays on its previous version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from weightsync.adapters import (
+    AdapterLoad,
+    AdapterLoaded,
+    AdapterManifest,
+    AdapterSyncReply,
+    LoadedAdapters,
+)
+from weightsync.config import EngineSpec
+from weightsync.engine import vllm_compat
+from weightsync.engine.worker_calls import WorkerCalls
+from weightsync.errors import ConfigError, ManifestError, WeightSyncError
+from weightsync.messages import Ack
+
+logger = logging.getLogger(__name__)
+
+_MEMORY = "weightsync-memory://"  # the path vLLM is given: never read (loaded from memory)
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    name: str
+    version: int
+    lora_int_id: int
+
+    @property
+    def served_as(self) -> str:
+        return f"{self.name}@v{self.version}"
+
+    def request(self) -> Any:
+        """vLLM's ``LoRARequest`` for this version."""
+        return vllm_compat.lora_request(self.served_as, self.lora_int_id,
+                                        _MEMORY + self.served_as)
+
+
+class Adapters:
+    """The engine's adapter versions. Invariants: ``_latest[name]`` is in ``_loaded``; every
+    version in ``_loaded`` or ``_retired`` is loaded in every worker; a retired version is no
+    longer resolvable and is unloaded once ``_in_use`` of it is 0; ids are never reused."""
+
+    def __init__(self, spec: EngineSpec, calls: WorkerCalls) -> None:
+        self.engine_name = spec.name
+        self.calls = calls
+        args = spec.engine_args
+        self.enabled = bool(args.get("enable_lora", False))
+        self.keep = spec.lora_versions_kept
+        # vLLM's defaults: max_loras 1, max_cpu_loras = max_loras
+        self._slots = min(int(args.get("max_loras", 1)),
+                          int(args.get("max_cpu_loras") or args.get("max_loras", 1)))
+        self._next_id = 1
+        self._latest: dict[str, AdapterVersion] = {}
+        self._loaded: dict[str, AdapterVersion] = {}  # by served_as
+        self._retired: dict[str, AdapterVersion] = {}
+        self._in_use: Counter[str] = Counter()
+        self._lock = asyncio.Lock()
+
+    def resolve(self, name: str) -> AdapterVersion:
+        """``<name>``: its latest committed version; ``<name>@v<N>``: that version, while kept."""
+        v = self._latest.get(name) or self._loaded.get(name)
+        if v is None:
+            known = sorted([*self._latest, *self._loaded])
+            raise ConfigError(f"no adapter {name!r} is served here (served: {known})",
+                              engine=self.engine_name)
+        return v
+
+    @contextmanager
+    def use(self, name: str | None) -> Iterator[AdapterVersion | None]:
+        """The version ``name`` resolves to now, held (never unloaded) until the block ends."""
+        if name is None:
+            yield None
+            return
+        v = self.resolve(name)
+        self._in_use[v.served_as] += 1
+        try:
+            yield v
+        finally:
+            self._in_use[v.served_as] -= 1
+            if not self._in_use[v.served_as]:
+                del self._in_use[v.served_as]
+
+    def served(self) -> dict[str, str]:
+        """Each adapter name -> the version it resolves to."""
+        return {n: v.served_as for n, v in self._latest.items()}
+
+    async def sync(self, manifest_json: str, buf: Any, deadline_s: float) -> AdapterSyncReply:
+        """Load a new version of the adapter on every worker and make ``<name>`` resolve to it;
+        then unload the versions beyond ``keep`` that no request holds."""
+        t0 = time.perf_counter()
+        manifest = AdapterManifest.model_validate_json(manifest_json)
+        async with self._lock:
+            self._check_ready()
+            previous = [v for v in self._loaded.values() if v.name == manifest.name]
+            load = AdapterLoad(manifest=manifest, lora_int_id=self._next_id,
+                               version=max((v.version for v in previous), default=0) + 1)
+            self._next_id += 1  # (a failed load's id is not reused either)
+            try:
+                await self.calls.rpc("ws_load_adapter", load.model_dump_json(),
+                                     buf.numpy().tobytes(), reply=AdapterLoaded,
+                                     timeout=deadline_s)
+            except WeightSyncError:
+                if self.calls.engine is not None:  # another worker may have loaded it
+                    await self._unload(load.lora_int_id, deadline_s)
+                raise
+            v = AdapterVersion(manifest.name, load.version, load.lora_int_id)
+            self._loaded[v.served_as] = self._latest[v.name] = v
+            for old in previous[:max(0, len(previous) + 1 - self.keep)]:
+                self._retired[old.served_as] = self._loaded.pop(old.served_as)
+            removed = await self._sweep(deadline_s)
+        logger.info("engine %s: adapter %s loaded (id %d, %d bytes); unloaded %s",
+                    self.engine_name, v.served_as, v.lora_int_id, buf.numel(), removed)
+        return AdapterSyncReply(name=v.name, version=v.version, served_as=v.served_as,
+                                lora_int_id=v.lora_int_id, nbytes=int(buf.numel()),
+                                removed=tuple(removed), seconds=time.perf_counter() - t0)
+
+    async def weights_replaced(self, deadline_s: float) -> None:
+        """After a full-weight load: vLLM's reload unloads every adapter (its
+        ``reset_lora_state``), so the versions the workers no longer hold are forgotten (a
+        name whose latest version is gone resolves to nothing until its next sync)."""
+        if not (self._loaded or self._retired):
+            return
+        try:
+            held = await self.calls.rpc("ws_loaded_adapters", reply=LoadedAdapters,
+                                        timeout=deadline_s)
+            ids = set.intersection(*(set(h.ids) for h in held))
+        except WeightSyncError:  # unknown: forget them all (a request for one vLLM dropped
+            # would make it read the version's made-up path)
+            logger.warning("engine %s: the adapters loaded after a weight load are unknown; "
+                           "forgetting them all", self.engine_name, exc_info=True)
+            ids = set()
+        for table in (self._loaded, self._retired):
+            for key in [k for k, v in table.items() if v.lora_int_id not in ids]:
+                del table[key]
+        self._latest = {n: v for n, v in self._latest.items() if v.served_as in self._loaded}
+
+    def _check_ready(self) -> None:
+        if not self.enabled:
+            raise ManifestError("the engine was started without LoRA: start it with "
+                                "engine_args {'enable_lora': true, 'max_lora_rank': ..., "
+                                "'max_loras': ...}", engine=self.engine_name)
+        pinned = len(self._loaded) + len(self._retired) + 1
+        if pinned > self._slots:
+            raise ConfigError(f"an adapter sync needs {pinned} adapter slots here (the kept "
+                              f"versions, {self.keep} per name, and the new one): the engine "
+                              f"has max_loras/max_cpu_loras {self._slots}",
+                              engine=self.engine_name)
+
+    async def _sweep(self, deadline_s: float) -> list[str]:
+        """Unload the retired versions no request holds."""
+        gone = [v for name, v in self._retired.items() if not self._in_use[name]]
+        for v in gone:
+            await self._unload(v.lora_int_id, deadline_s)
+            del self._retired[v.served_as]
+        return [v.served_as for v in gone]
+
+    async def _unload(self, lora_int_id: int, deadline_s: float) -> None:
+        try:
+            await self.calls.rpc("ws_remove_adapter", lora_int_id, reply=Ack, timeout=deadline_s)
+        except WeightSyncError:
+            logger.warning("engine %s: unloading adapter id %d failed", self.engine_name,
+                           lora_int_id, exc_info=True)
