@@ -42,3 +42,36 @@ class CacheKeepingEngine:
 def cache_keeping_engine(**engine_args: Any) -> CacheKeepingEngine:
     """``make_engine`` for a ``CacheKeepingEngine`` around vLLM's ``AsyncLLM``."""
     return CacheKeepingEngine(vllm_compat.make_async_engine(**engine_args))
+
+
+COLD_ADAPTER = "weightsync_cold_adapter"  # the SamplingParams.extra_args key ColdAdapterEngine reads
+
+
+class ColdAdapterEngine:
+    """vLLM's engine that serves a request whose sampling parameters carry
+    ``extra_args={COLD_ADAPTER: <directory>}`` with the peft adapter saved in that directory,
+    loaded the way vLLM loads one itself: a ``LoRARequest`` naming the directory, read from
+    disk on first use (its own name and id, never one of the host's). That is the cold-load
+    oracle an adapter synced from memory is compared with (``tests/integration/
+    test_lora_cpu.py``). Everything else is the engine's own."""
+
+    FIRST_ID = 1_000_000  # far above the ids the host gives its versions
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+        self._ids: dict[str, int] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def generate(self, prompt: Any, params: Any, *, request_id: str, **kwargs: Any) -> Any:
+        path = (getattr(params, "extra_args", None) or {}).get(COLD_ADAPTER)
+        if path is not None:
+            lora_id = self._ids.setdefault(path, self.FIRST_ID + len(self._ids))
+            kwargs["lora_request"] = vllm_compat.lora_request(f"cold:{path}", lora_id, path)
+        return self._engine.generate(prompt, params, request_id=request_id, **kwargs)
+
+
+def cold_adapter_engine(**engine_args: Any) -> ColdAdapterEngine:
+    """``make_engine`` for a ``ColdAdapterEngine`` around vLLM's ``AsyncLLM``."""
+    return ColdAdapterEngine(vllm_compat.make_async_engine(**engine_args))
