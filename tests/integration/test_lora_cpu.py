@@ -128,7 +128,7 @@ def test_versions_never_share_prefix_cache_entries(lora_engine, tiny_model):
     assert generate(lora_engine, long, lora="kv@v1")[0] == v1  # (both cached now)
 
 
-def _renamed(payload: AdapterPayload, old: str, new: str, tiny_model) -> AdapterPayload:
+def _renamed(payload: AdapterPayload, old: str, new: str) -> AdapterPayload:
     state = {k.replace(old, new): v for k, v in _tensors(payload).items()}
     return AdapterPayload.from_tensors(payload.manifest.name, state, payload.manifest.config)
 
@@ -149,9 +149,14 @@ def test_bad_adapters_are_refused_and_the_name_stays_on_its_version(lora_engine,
     with pytest.raises(ManifestError, match="greater than max_lora_rank 16"):
         sync(lora_engine, too_big)
 
-    unknown = _renamed(good, ".self_attn.o_proj.", ".self_attn.x_proj.", tiny_model)
+    unknown = _renamed(good, ".self_attn.o_proj.", ".self_attn.x_proj.")
     with pytest.raises(ManifestError, match="x_proj: the model has no such module"):
         sync(lora_engine, unknown)
+
+    lm_head = {**_tensors(good), "base_model.model.lm_head.lora_A.weight": torch.ones(8, 128),
+               "base_model.model.lm_head.lora_B.weight": torch.ones(512, 8)}
+    with pytest.raises(ManifestError, match="cannot adapt"):  # in the model, not one vLLM adapts
+        sync(lora_engine, AdapterPayload.from_tensors("guard", lm_head, good.manifest.config))
 
     corrupt = AdapterPayload.from_peft("guard", peft_lora(tiny_model, seed=23))
     corrupt.buf[100] ^= 0xFF  # a byte changed after the checksum was made: in transit
