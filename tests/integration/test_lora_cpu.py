@@ -163,6 +163,13 @@ def test_bad_adapters_are_refused_and_the_name_stays_on_its_version(lora_engine,
     with pytest.raises(VerificationError, match="checksum"):
         sync(lora_engine, corrupt)
 
+    diverged = _tensors(good)
+    key = next(k for k in diverged if k.endswith("v_proj.lora_B.weight"))
+    diverged[key] = diverged[key].clone()
+    diverged[key][0, 0] = float("nan")  # a diverged trainer's adapter never goes live
+    with pytest.raises(VerificationError, match="non-finite.*v_proj.lora_B"):
+        sync(lora_engine, AdapterPayload.from_tensors("guard", diverged, good.manifest.config))
+
     shapes = _tensors(good)
     key = next(k for k in shapes if k.endswith("q_proj.lora_B.weight"))
     shapes[key] = torch.randn(shapes[key].shape[0] + 8, shapes[key].shape[1])

@@ -388,8 +388,9 @@ class WeightSyncWorkerExtension:
             raise VerificationError(f"adapter {load.versioned}: checksum {got:#x} of the bytes "
                                     f"received, {m.checksum:#x} as sent: nothing loaded")
         check_adapter_shapes(list(m.bucket.slots), self._expected(), m.config)
-        modules = vllm_compat.add_adapter(self, load.lora_int_id, unpack_adapter(load, buf),
-                                          m.config.peft_dict())
+        tensors = unpack_adapter(load, buf)
+        require_finite(tensors.items(), f"adapter {load.versioned}")  # a diverged trainer's
+        modules = vllm_compat.add_adapter(self, load.lora_int_id, tensors, m.config.peft_dict())
         return AdapterLoaded(lora_int_id=load.lora_int_id, modules=modules)
 
     @worker_rpc
