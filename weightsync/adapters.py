@@ -125,6 +125,21 @@ class AdapterSyncReply(BaseModel):
     seconds: float
 
 
+class AdapterState(BaseModel):
+    """What one engine holds of its adapters (``EngineHost.adapter_state``): ``served`` each
+    name -> the version it resolves to; ``kept`` the versions servable by ``<name>@v<N>``;
+    ``staged`` loaded but not committed (not servable); ``highest`` each name's highest
+    version here, staged included; ``held_ids`` the vLLM ids the workers hold now."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    served: dict[str, str]
+    kept: tuple[str, ...]
+    staged: tuple[str, ...]
+    highest: dict[str, int]
+    held_ids: tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class AdapterPayload:
     """An adapter's tensors packed back to back into ``buf`` (one ``Bucket``) and its

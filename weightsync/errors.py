@@ -73,6 +73,13 @@ class SyncInProgressError(IllegalStateError):
     code = "sync_in_progress"
 
 
+class StaleVersionError(IllegalStateError):
+    """A version number not above the latest the engine holds (a coordinator behind another
+    one, or a replayed step): refused, nothing changed."""
+
+    code = "stale_version"
+
+
 class FencedError(IllegalStateError):
     """The engine is fenced: it failed a sync and must be resynced before it serves again."""
 
@@ -138,6 +145,7 @@ class SyncFailedError(WeightSyncError):
 
 def _rebuild_failed(message, engine, result):
     return SyncFailedError(message, engine=engine, result=result)
+
 
 
 def error_class(code: str) -> type[WeightSyncError]:

@@ -18,7 +18,13 @@ from weightsync.adapters import (
 )
 from weightsync.config import EngineSpec
 from weightsync.engine.adapters import Adapters
-from weightsync.errors import ConfigError, ManifestError, VerificationError
+from weightsync.errors import (
+    ConfigError,
+    IllegalStateError,
+    ManifestError,
+    StaleVersionError,
+    VerificationError,
+)
 from weightsync.messages import Ack
 from weightsync.transport.packing import checksum
 from weightsync.types import TensorSpec
@@ -187,3 +193,60 @@ def test_a_full_weight_load_forgets_the_adapters_vllm_dropped():
     assert a.served() == {"other": "other@v1"}
     with pytest.raises(ConfigError):
         a.resolve("pol")
+
+
+def _stage(adapters, version, name="pol"):
+    p = AdapterPayload.from_tensors(name, _tensors(), CONFIG)
+    return asyncio.run(adapters.stage(p.manifest.model_dump_json(), p.buf, version, 10.0))
+
+
+def test_a_staged_version_is_not_served_until_committed():
+    a, workers = _adapters()
+    _sync(a)
+    staged = _stage(a, 5)  # the coordinator's number: may skip (another engine was ahead)
+    assert (staged.served_as, staged.removed) == ("pol@v5", ())
+    assert staged.lora_int_id in workers.held and a.resolve("pol").served_as == "pol@v1"
+    with pytest.raises(ConfigError, match="no adapter 'pol@v5'"):
+        a.resolve("pol@v5")
+    assert a.highest("pol") == 5
+    done = asyncio.run(a.commit("pol", 5, 10.0))
+    assert done.served_as == "pol@v5" and a.resolve("pol").served_as == "pol@v5"
+    with pytest.raises(IllegalStateError, match="not staged"):  # once only
+        asyncio.run(a.commit("pol", 5, 10.0))
+
+
+def test_an_aborted_stage_is_unloaded_idempotently_and_frees_its_number():
+    a, workers = _adapters()
+    _sync(a)
+    staged = _stage(a, 2)
+    assert asyncio.run(a.abort("pol", 2, 10.0)) is True
+    assert staged.lora_int_id not in workers.held and workers.held == {1}
+    assert asyncio.run(a.abort("pol", 2, 10.0)) is False  # again: nothing to do
+    assert asyncio.run(a.abort("pol", 7, 10.0)) is False  # never staged
+    assert a.highest("pol") == 1 and a.resolve("pol").served_as == "pol@v1"
+    assert _stage(a, 2).lora_int_id != staged.lora_int_id  # the number again, a new vLLM id
+    with pytest.raises(IllegalStateError):
+        asyncio.run(a.commit("pol", 3, 10.0))  # not the staged version
+
+
+def test_a_stage_not_above_the_highest_version_is_refused_before_any_call():
+    a, workers = _adapters()
+    _sync(a), _sync(a)
+    calls = len(workers.calls)
+    for stale in (1, 2):
+        with pytest.raises(StaleVersionError, match=f"version {stale} is not above 2"):
+            _stage(a, stale)
+    assert len(workers.calls) == calls
+    _stage(a, 3)
+    with pytest.raises(StaleVersionError, match="not above 3"):  # staged counts too
+        _stage(a, 3)
+
+
+def test_a_new_stage_replaces_one_never_committed():
+    a, workers = _adapters()
+    first = _stage(a, 1)  # its coordinator died before committing
+    second = _stage(a, 2)
+    assert first.lora_int_id not in workers.held and second.lora_int_id in workers.held
+    state = asyncio.run(a.state(10.0))
+    assert (state.staged, state.highest, state.served) == (("pol@v2",), {"pol": 2}, {})
+    assert state.held_ids == (second.lora_int_id,)

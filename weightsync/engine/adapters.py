@@ -1,10 +1,14 @@
-"""The LoRA adapters one engine serves, by name and version (#31, first slice).
+"""The LoRA adapters one engine serves, by name and version (#31).
 
 Each adapter sync loads a new version ``<name>@v<N>`` from memory into every worker
-(``ws_load_adapter``) under a vLLM id never used before, then makes it what ``<name>``
-resolves to. The last ``keep`` versions of a name stay loaded (pinned), so a request that
-named an older one, or started on it, finishes there; older ones are unloaded once no request
-of this host uses them. Each version has its own vLLM name and id, so vLLM's prefix cache,
+(``ws_load_adapter``) under a vLLM id never used before (``stage``: not servable yet), then
+makes it what ``<name>`` resolves to (``commit``), or unloads it again (``abort``). A fleet
+sync (``SyncCoordinator.sync_adapter``) stages the same N on every engine and commits only
+if all staged; ``sync`` is both phases on one engine.
+
+The last ``keep`` versions of a name stay loaded (pinned), so a request that named an older
+one, or started on it, finishes there; older ones are unloaded once no request of this host
+uses them. Each version has its own vLLM name and id, so vLLM's prefix cache,
 keyed by the adapter's name, never serves one version's KV cache to another.
 
 A refusal (engine without LoRA, too few adapter slots, bad bytes, an adapter that does not fit
@@ -26,13 +30,20 @@ from weightsync.adapters import (
     AdapterLoad,
     AdapterLoaded,
     AdapterManifest,
+    AdapterState,
     AdapterSyncReply,
     LoadedAdapters,
 )
 from weightsync.config import EngineSpec
 from weightsync.engine import vllm_compat
 from weightsync.engine.worker_calls import WorkerCalls
-from weightsync.errors import ConfigError, ManifestError, WeightSyncError
+from weightsync.errors import (
+    ConfigError,
+    IllegalStateError,
+    ManifestError,
+    StaleVersionError,
+    WeightSyncError,
+)
 from weightsync.messages import Ack
 
 logger = logging.getLogger(__name__)
@@ -74,6 +85,7 @@ class Adapters:
         self._latest: dict[str, AdapterVersion] = {}
         self._loaded: dict[str, AdapterVersion] = {}  # by served_as
         self._retired: dict[str, AdapterVersion] = {}
+        self._staged: dict[str, AdapterVersion] = {}  # by name: loaded, not yet committed
         self._in_use: Counter[str] = Counter()
         self._lock = asyncio.Lock()
 
@@ -105,35 +117,107 @@ class Adapters:
         """Each adapter name -> the version it resolves to."""
         return {n: v.served_as for n, v in self._latest.items()}
 
+    def highest(self, name: str) -> int:
+        """The highest version of ``name`` here: kept, retired or staged (0: none)."""
+        held = [*self._loaded.values(), *self._retired.values(), *self._staged.values()]
+        return max((v.version for v in held if v.name == name), default=0)
+
+    async def state(self, deadline_s: float) -> AdapterState:
+        """What this engine holds, the workers asked for the vLLM ids they hold."""
+        held = await self.calls.rpc("ws_loaded_adapters", reply=LoadedAdapters,
+                                    timeout=deadline_s) if self.enabled else []
+        names = {v.name for t in (self._loaded, self._retired, self._staged) for v in t.values()}
+        return AdapterState(served=self.served(), kept=tuple(sorted(self._loaded)),
+                            staged=tuple(sorted(v.served_as for v in self._staged.values())),
+                            highest={n: self.highest(n) for n in sorted(names)},
+                            held_ids=tuple(sorted({i for h in held for i in h.ids})))
+
     async def sync(self, manifest_json: str, buf: Any, deadline_s: float) -> AdapterSyncReply:
-        """Load a new version of the adapter on every worker and make ``<name>`` resolve to it;
-        then unload the versions beyond ``keep`` that no request holds."""
-        t0 = time.perf_counter()
+        """One engine on its own: stage the next version of the adapter and commit it."""
         manifest = AdapterManifest.model_validate_json(manifest_json)
         async with self._lock:
-            self._check_ready()
-            previous = [v for v in self._loaded.values() if v.name == manifest.name]
-            load = AdapterLoad(manifest=manifest, lora_int_id=self._next_id,
-                               version=max((v.version for v in previous), default=0) + 1)
-            self._next_id += 1  # (a failed load's id is not reused either)
-            try:
-                await self.calls.rpc("ws_load_adapter", load.model_dump_json(),
-                                     buf.numpy().tobytes(), reply=AdapterLoaded,
-                                     timeout=deadline_s)
-            except WeightSyncError:
-                if self.calls.engine is not None:  # another worker may have loaded it
-                    await self._unload(load.lora_int_id, deadline_s)
-                raise
-            v = AdapterVersion(manifest.name, load.version, load.lora_int_id)
-            self._loaded[v.served_as] = self._latest[v.name] = v
-            for old in previous[:max(0, len(previous) + 1 - self.keep)]:
-                self._retired[old.served_as] = self._loaded.pop(old.served_as)
-            removed = await self._sweep(deadline_s)
-        logger.info("engine %s: adapter %s loaded (id %d, %d bytes); unloaded %s",
-                    self.engine_name, v.served_as, v.lora_int_id, buf.numel(), removed)
-        return AdapterSyncReply(name=v.name, version=v.version, served_as=v.served_as,
+            staged = await self._stage(manifest, buf, self.highest(manifest.name) + 1,
+                                       deadline_s)
+            done = await self._commit(manifest.name, staged.version, deadline_s)
+        return done.model_copy(update={"nbytes": staged.nbytes,
+                                       "seconds": staged.seconds + done.seconds})
+
+    async def stage(self, manifest_json: str, buf: Any, version: int,
+                    deadline_s: float) -> AdapterSyncReply:
+        """Phase one of a fleet-wide sync: load ``<name>@v<version>`` on every worker under a
+        new vLLM id, not yet servable (``<name>`` still resolves to its committed version).
+        ``version`` is the coordinator's, the same on every engine: refused
+        (``StaleVersionError``) unless above every version of the name here. An earlier
+        staged version of the name (its coordinator never committed it) is unloaded first."""
+        manifest = AdapterManifest.model_validate_json(manifest_json)
+        async with self._lock:
+            return await self._stage(manifest, buf, version, deadline_s)
+
+    async def commit(self, name: str, version: int, deadline_s: float) -> AdapterSyncReply:
+        """Phase two: ``<name>`` resolves to the staged ``version``; the versions beyond
+        ``keep`` are retired and those no request holds unloaded."""
+        async with self._lock:
+            return await self._commit(name, version, deadline_s)
+
+    async def abort(self, name: str, version: int, deadline_s: float) -> bool:
+        """Unload the staged ``<name>@v<version>``; False if it is not staged (never was,
+        or already aborted or committed): idempotent."""
+        async with self._lock:
+            v = self._staged.get(name)
+            if v is None or v.version != version:
+                return False
+            del self._staged[name]
+            await self._unload(v.lora_int_id, deadline_s)
+        logger.info("engine %s: staged adapter %s aborted", self.engine_name, v.served_as)
+        return True
+
+    async def _stage(self, manifest: AdapterManifest, buf: Any, version: int,
+                     deadline_s: float) -> AdapterSyncReply:
+        t0 = time.perf_counter()
+        name = manifest.name
+        highest = self.highest(name)
+        if version <= highest:
+            raise StaleVersionError(f"adapter {name!r}: version {version} is not above "
+                                    f"{highest}, the highest here", engine=self.engine_name)
+        stale = self._staged.pop(name, None)
+        if stale is not None:  # staged by a sync that never committed it
+            await self._unload(stale.lora_int_id, deadline_s)
+        self._check_ready()
+        load = AdapterLoad(manifest=manifest, lora_int_id=self._next_id, version=version)
+        self._next_id += 1  # (a failed load's id is not reused either)
+        try:
+            await self.calls.rpc("ws_load_adapter", load.model_dump_json(),
+                                 buf.numpy().tobytes(), reply=AdapterLoaded,
+                                 timeout=deadline_s)
+        except WeightSyncError:
+            if self.calls.engine is not None:  # another worker may have loaded it
+                await self._unload(load.lora_int_id, deadline_s)
+            raise
+        v = self._staged[name] = AdapterVersion(name, version, load.lora_int_id)
+        logger.info("engine %s: adapter %s staged (id %d, %d bytes)", self.engine_name,
+                    v.served_as, v.lora_int_id, buf.numel())
+        return AdapterSyncReply(name=name, version=version, served_as=v.served_as,
                                 lora_int_id=v.lora_int_id, nbytes=int(buf.numel()),
-                                removed=tuple(removed), seconds=time.perf_counter() - t0)
+                                removed=(), seconds=time.perf_counter() - t0)
+
+    async def _commit(self, name: str, version: int, deadline_s: float) -> AdapterSyncReply:
+        t0 = time.perf_counter()
+        v = self._staged.get(name)
+        if v is None or v.version != version:
+            raise IllegalStateError(f"adapter {name}@v{version} is not staged here (staged: "
+                                    f"{sorted(s.served_as for s in self._staged.values())})",
+                                    engine=self.engine_name)
+        del self._staged[name]
+        previous = [p for p in self._loaded.values() if p.name == name]
+        self._loaded[v.served_as] = self._latest[name] = v
+        for old in previous[:max(0, len(previous) + 1 - self.keep)]:
+            self._retired[old.served_as] = self._loaded.pop(old.served_as)
+        removed = await self._sweep(deadline_s)
+        logger.info("engine %s: adapter %s committed; unloaded %s", self.engine_name,
+                    v.served_as, removed)
+        return AdapterSyncReply(name=name, version=version, served_as=v.served_as,
+                                lora_int_id=v.lora_int_id, nbytes=0, removed=tuple(removed),
+                                seconds=time.perf_counter() - t0)
 
     async def weights_replaced(self, deadline_s: float) -> None:
         """After a full-weight load: vLLM's reload unloads every adapter (its
@@ -150,7 +234,7 @@ class Adapters:
             logger.warning("engine %s: the adapters loaded after a weight load are unknown; "
                            "forgetting them all", self.engine_name, exc_info=True)
             ids = set()
-        for table in (self._loaded, self._retired):
+        for table in (self._loaded, self._retired, self._staged):
             for key in [k for k, v in table.items() if v.lora_int_id not in ids]:
                 del table[key]
         self._latest = {n: v for n, v in self._latest.items() if v.served_as in self._loaded}
@@ -160,7 +244,7 @@ class Adapters:
             raise ManifestError("the engine was started without LoRA: start it with "
                                 "engine_args {'enable_lora': true, 'max_lora_rank': ..., "
                                 "'max_loras': ...}", engine=self.engine_name)
-        pinned = len(self._loaded) + len(self._retired) + 1
+        pinned = len(self._loaded) + len(self._retired) + len(self._staged) + 1
         if pinned > self._slots:
             raise ConfigError(f"an adapter sync needs {pinned} adapter slots here (the kept "
                               f"versions, {self.keep} per name, and the new one): the engine "
