@@ -140,6 +140,26 @@ class AdapterState(BaseModel):
     held_ids: tuple[int, ...]
 
 
+class AdapterFleetResult(BaseModel):
+    """A fleet-wide adapter sync (``SyncCoordinator.sync_adapter``): ``committed`` the
+    engines now serving ``<name>@v<version>``; ``failed`` engine -> why it failed (staging or
+    commit); ``aborted`` the engines whose staged version was unloaded again;
+    ``uncommitted`` engines that staged but whose commit failed after others committed (the
+    fleet is split: those still serve v(N-1) and hold vN staged)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    version: int
+    ok: bool
+    committed: tuple[str, ...] = ()
+    failed: dict[str, str] = {}
+    aborted: tuple[str, ...] = ()
+    uncommitted: tuple[str, ...] = ()
+    replies: dict[str, AdapterSyncReply] = {}
+    seconds: float = 0.0
+
+
 @dataclass(frozen=True)
 class AdapterPayload:
     """An adapter's tensors packed back to back into ``buf`` (one ``Bucket``) and its

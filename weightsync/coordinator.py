@@ -29,7 +29,9 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from weightsync.adapters import AdapterFleetResult, AdapterPayload
 from weightsync.config import TransferConfig
+from weightsync.coordination.adapter_flip import AdapterFlip
 from weightsync.coordination.attempt import SyncAttempt
 from weightsync.coordination.colocation import Colocation
 from weightsync.coordination.layout import LayoutNegotiator
@@ -106,6 +108,7 @@ class SyncCoordinator:
         self._book = VersionBook(self.owner, max(s.version for s in statuses))
         self._plans = LayoutNegotiator(self._reach)
         self._colocation = Colocation(self._reach, self._statuses, self._book, self._beat)
+        self._adapters = AdapterFlip(self._reach)
         self._lock = threading.Lock()
         self._legs: dict[str, SenderLeg] = {}
         self._takeover = False  # the sync in progress may take engines from a silent owner
@@ -231,6 +234,27 @@ class SyncCoordinator:
             plan = plan.model_copy(update={"partial": partial})
             return _raise_unless_ok(self._sync_wave(targets, plan, sender, "external",
                                                     pause_mode, sleep_level, t0))
+
+    def sync_adapter(self, adapter: AdapterPayload | Any, *, name: str | None = None,
+                     engines: Sequence[str] | None = None) -> AdapterFleetResult:
+        """Sync a LoRA adapter to the fleet as its next version ``<name>@v<N>``, all or
+        nothing: ``adapter`` an ``AdapterPayload`` or a peft model (then ``name`` is
+        required). N is 1 + the highest version of the name on any engine; every engine
+        stages vN (loaded, not served), then all commit (``<name>`` resolves to vN) or, if
+        any refused or failed, all abort and ``AdapterSyncFailedError`` names them: ``<name>``
+        stays on v(N-1) everywhere (``coordination.adapter_flip``, which also says what a
+        commit failing part-way leaves)."""
+        if isinstance(adapter, AdapterPayload):
+            if name is not None and name != adapter.manifest.name:
+                raise ConfigError(f"name {name!r} differs from the payload's "
+                                  f"{adapter.manifest.name!r}")
+            payload = adapter
+        elif name is None:
+            raise ConfigError("sync_adapter of a peft model needs its name")
+        else:
+            payload = AdapterPayload.from_peft(name, adapter)
+        with self._exclusive():
+            return self._adapters.run(self._targets(engines), payload)
 
     def sleep(self, level: int = 1, *, engines: Sequence[str] | None = None,
               pause_mode: PauseMode = "abort") -> SleepResult:

@@ -147,6 +147,19 @@ def _rebuild_failed(message, engine, result):
     return SyncFailedError(message, engine=engine, result=result)
 
 
+class AdapterSyncFailedError(SyncFailedError):
+    """A fleet-wide adapter sync failed; ``result`` is its ``AdapterFleetResult`` (which
+    engines failed and why, which were aborted, any left uncommitted)."""
+
+    code = "adapter_sync_failed"
+
+    def __reduce__(self):
+        return (_rebuild_adapter_failed, (self.message, self.engine, self.result))
+
+
+def _rebuild_adapter_failed(message, engine, result):
+    return AdapterSyncFailedError(message, engine=engine, result=result)
+
 
 def error_class(code: str) -> type[WeightSyncError]:
     """The error class for a ``code`` (for errors that crossed a process boundary as data)."""

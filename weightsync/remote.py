@@ -31,6 +31,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import ray
 
+from weightsync.adapters import AdapterState, AdapterSyncReply
 from weightsync.engine.channel import SERVED, ChannelClient, OnChannel
 from weightsync.errors import EngineDeadError, EngineError, EngineUnresponsive, WeightSyncError
 from weightsync.messages import (
@@ -227,6 +228,22 @@ class Engines:
         bind, default its node's IP); the reply is its base URL. Refused by an in-process
         stand-in engine (``UnsupportedError``): the app needs a real ``AsyncLLM``."""
         return self._start(name, "serve_openai", token, signed=True, host=host)
+
+    def adapter_state(self, name: str, deadline_s: float) -> Pending[AdapterState]:
+        return self._start(name, "adapter_state", deadline_s=deadline_s)
+
+    def stage_adapter(self, name: str, manifest_json: str, buf: Any, version: int,
+                      deadline_s: float) -> Pending[AdapterSyncReply]:
+        return self._start(name, "stage_adapter", manifest_json, buf, version,
+                           deadline_s=deadline_s)
+
+    def commit_adapter(self, name: str, adapter: str, version: int,
+                       deadline_s: float) -> Pending[AdapterSyncReply]:
+        return self._start(name, "commit_adapter", adapter, version, deadline_s=deadline_s)
+
+    def abort_adapter(self, name: str, adapter: str, version: int,
+                      deadline_s: float) -> Pending[bool]:
+        return self._start(name, "abort_adapter", adapter, version, deadline_s=deadline_s)
 
     def renew_lease(self, name: str, lease_s: float) -> Pending[bool]:
         """The owner's heartbeat: False when the engine's sync is no longer its own."""

@@ -1,9 +1,10 @@
-"""LoRA adapters synced from memory into a real vLLM CPU engine (#31, first slice).
+"""LoRA adapters synced from memory into real vLLM CPU engines (#31).
 
-One LoRA-enabled engine for the module, built by ``ColdAdapterEngine`` so that the same engine
-can also load an adapter from disk through vLLM's own path: the cold-load oracle. Adapters are
-real peft LoRAs (rank 8 on every linear layer of the tiny model) with random non-zero B, so
-they change what the model says. Each test uses an adapter name of its own.
+Two LoRA-enabled engines for the module, built by ``ColdAdapterEngine`` so that the same
+engine can also load an adapter from disk through vLLM's own path: the cold-load oracle. The
+fleet-wide flip tests use both engines, the others the first. Adapters are real peft LoRAs
+(rank 8 on every linear layer of the tiny model) with random non-zero B, so they change what
+the model says. Each test uses an adapter name of its own.
 """
 
 from __future__ import annotations
@@ -22,19 +23,27 @@ TIMEOUT = 120
 
 
 @pytest.fixture(scope="module")
-def lora_engine(ray_session, tiny_model):
+def lora_fleet(ray_session, tiny_model):
+    """Two LoRA engines: the fleet-wide tests use both, the one-engine tests the first."""
     from weightsync.config import EngineSpec
     from weightsync.engine.actor import start_engines, stop_engines
     from weightsync.testing.engines import cold_adapter_engine
 
-    # max_loras 8: the kept versions of the tests' four names (pinned, 7 at most), the one
+    # max_loras 12: the kept versions of the tests' five names (pinned, 9 at most), the one
     # being loaded, and room for the cold oracle's adapter (vLLM loads it unpinned, in test 1)
-    spec = EngineSpec(name="engine-lora", model=str(tiny_model), dtype="float32",
-                      max_model_len=512, enforce_eager=True,
-                      engine_args={"enable_lora": True, "max_lora_rank": 16, "max_loras": 8})
-    actors = start_engines([spec], make_engine=cold_adapter_engine)
-    yield actors[0]
+    specs = [EngineSpec(name=f"engine-lora-{x}", model=str(tiny_model), dtype="float32",
+                        max_model_len=512, enforce_eager=True,
+                        engine_args={"enable_lora": True, "max_lora_rank": 16,
+                                     "max_loras": 12})
+             for x in "ab"]
+    actors = start_engines(specs, make_engine=cold_adapter_engine)
+    yield actors
     stop_engines(actors, timeout_s=30)
+
+
+@pytest.fixture(scope="module")
+def lora_engine(lora_fleet):
+    return lora_fleet[0]
 
 
 def peft_lora(tiny_model, seed: int, r: int = 8):
@@ -180,3 +189,78 @@ def test_bad_adapters_are_refused_and_the_name_stays_on_its_version(lora_engine,
     # refusals used no version number: the next good sync is v2
     assert sync(lora_engine, AdapterPayload.from_peft(
         "guard", peft_lora(tiny_model, seed=24))).served_as == "guard@v2"
+
+
+def state(actor):
+    return ray.get(actor.adapter_state.remote(), timeout=TIMEOUT)
+
+
+def test_a_fleet_sync_flips_the_name_on_every_engine(lora_fleet, tiny_model):
+    from weightsync.coordinator import SyncCoordinator
+
+    a, b = lora_fleet
+    coord = SyncCoordinator(lora_fleet)
+    try:
+        first = coord.sync_adapter(peft_lora(tiny_model, seed=41), name="fleet")
+        assert (first.ok, first.version, first.committed) == (
+            True, 1, ("engine-lora-a", "engine-lora-b"))
+        v1 = generate(a, lora="fleet")
+        assert v1[1] == {"fleet@v1"} and generate(b, lora="fleet") == v1
+        second = coord.sync_adapter(AdapterPayload.from_peft("fleet",
+                                                            peft_lora(tiny_model, seed=42)))
+        assert (second.ok, second.version) == (True, 2)
+        assert {r.served_as for r in second.replies.values()} == {"fleet@v2"}
+        assert all(r.nbytes > 0 for r in second.replies.values())
+        v2 = generate(a, lora="fleet")
+        assert v2[1] == {"fleet@v2"} and v2[0] != v1[0]
+        assert generate(b, lora="fleet") == v2  # both engines answer alike, token for token
+        assert generate(b, lora="fleet@v1") == v1  # the previous version is still kept
+        assert state(a).served["fleet"] == state(b).served["fleet"] == "fleet@v2"
+    finally:
+        coord.close()
+
+
+def test_a_fleet_sync_refused_by_one_engine_changes_no_engine(lora_fleet, tiny_model):
+    """Engine B is paused (a real state in which it refuses to stage): A stages v3, then the
+    flip is aborted everywhere; both still answer as v2; once B resumes, v3 goes everywhere."""
+    from weightsync.coordinator import SyncCoordinator
+    from weightsync.errors import AdapterSyncFailedError
+
+    a, b = lora_fleet
+    coord = SyncCoordinator(lora_fleet)
+    try:
+        if state(a).highest.get("fleet", 0) < 2:  # run alone: make v1 and v2 first
+            for seed in (41, 42):
+                coord.sync_adapter(peft_lora(tiny_model, seed=seed), name="fleet")
+        before = {x: (generate(x, lora="fleet"), state(x)) for x in (a, b)}
+        assert {s.served["fleet"] for _, s in before.values()} == {"fleet@v2"}
+
+        ray.get(b.pause.remote(), timeout=TIMEOUT)
+        try:
+            with pytest.raises(AdapterSyncFailedError, match="engine-lora-b") as err:
+                coord.sync_adapter(peft_lora(tiny_model, seed=43), name="fleet")
+        finally:
+            ray.get(b.resume.remote(), timeout=TIMEOUT)
+        result = err.value.result
+        assert (result.ok, result.version, result.committed) == (False, 3, ())
+        assert set(result.failed) == {"engine-lora-b"} and "paused" in result.failed[
+            "engine-lora-b"]
+        assert result.aborted == ("engine-lora-a",)  # A had staged v3: unloaded again
+
+        for x in (a, b):
+            answer, was = before[x]
+            now = state(x)
+            assert now.served["fleet"] == "fleet@v2" and now.staged == ()
+            assert now.held_ids == was.held_ids  # vLLM holds no adapter it did not hold
+            assert now.highest["fleet"] == 2
+            assert generate(x, lora="fleet") == answer  # exactly as before
+            with pytest.raises(Exception, match="no adapter 'fleet@v3'"):
+                generate(x, lora="fleet@v3")
+
+        again = coord.sync_adapter(peft_lora(tiny_model, seed=43), name="fleet")
+        assert (again.ok, again.version) == (True, 3)
+        v3 = generate(a, lora="fleet")
+        assert v3[1] == {"fleet@v3"} and generate(b, lora="fleet") == v3
+        assert v3[0] != before[a][0][0]
+    finally:
+        coord.close()

@@ -11,4 +11,6 @@ and the invariants that go with it:
 - ``attempt.SyncAttempt``: one sync of one set of engines from begin to commit or rollback;
   all-or-nothing, fencing whoever failed after its weights were touched.
 - ``colocation.Colocation``: the colocated loop's sleep and wake.
+- ``adapter_flip.AdapterFlip``: a LoRA adapter's next version staged on every engine, then
+  committed everywhere or aborted everywhere.
 """

@@ -1,0 +1,92 @@
+"""The fleet-wide, all-or-nothing flip of a LoRA adapter's name to its next version (#31).
+
+One ``AdapterFlip.run`` per ``SyncCoordinator.sync_adapter``:
+
+    ask each engine's versions -> N = 1 + the highest of the name anywhere
+    -> stage <name>@vN everywhere (loaded, not served) -> all staged: commit everywhere
+                                                       -> any failed: abort everywhere
+
+so a refusal or a failure on any engine leaves ``<name>`` on v(N-1) on every engine, with vN
+unloaded again. What is not closed: a commit that fails on one engine after others committed
+(a commit only flips the host's table, so this takes an engine that stops answering between
+the two phases) leaves the fleet split; it is reported (``uncommitted``), not fenced, and the
+next sync of the name (N+1, staged everywhere) brings every engine together again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import NoReturn
+
+from weightsync.adapters import AdapterFleetResult, AdapterPayload
+from weightsync.coordination.reach import Reach, raise_refusal
+from weightsync.errors import AdapterSyncFailedError, WeightSyncError
+
+logger = logging.getLogger(__name__)
+
+
+class AdapterFlip:
+    """Stages, then commits or aborts, one adapter version on a set of engines."""
+
+    def __init__(self, reach: Reach) -> None:
+        self.reach = reach
+
+    def next_version(self, targets: Sequence[str], name: str) -> int:
+        """1 + the highest version of ``name`` any engine holds (staged included)."""
+        e, dl = self.reach.engines, self.reach.deadlines
+        states, bad = e.each(targets, lambda n: e.adapter_state(n, dl.verify), dl.verify * 1.5)
+        raise_refusal(bad)  # nothing changed anywhere
+        return 1 + max(s.highest.get(name, 0) for s in states.values())
+
+    def run(self, targets: Sequence[str], payload: AdapterPayload) -> AdapterFleetResult:
+        t0 = time.perf_counter()
+        e, dl = self.reach.engines, self.reach.deadlines
+        name = payload.manifest.name
+        version = self.next_version(targets, name)
+        manifest_json = payload.manifest.model_dump_json()
+        self.reach.phase("adapter:stage", None)
+        staged, bad = e.each(targets, lambda n: e.stage_adapter(
+            n, manifest_json, payload.buf, version, dl.transfer), dl.transfer + dl.verify)
+        if bad:
+            return self._abort(targets, name, version, bad, t0)
+        self.reach.phase("adapter:commit", None)
+        done, bad = e.each(targets, lambda n: e.commit_adapter(n, name, version, dl.verify),
+                           dl.verify * 1.5)
+        replies = {n: done[n].model_copy(update={"nbytes": staged[n].nbytes}) for n in done}
+        result = AdapterFleetResult(
+            name=name, version=version, ok=not bad, committed=tuple(sorted(done)),
+            failed={n: str(err) for n, err in bad.items()}, uncommitted=tuple(sorted(bad)),
+            replies=replies, seconds=time.perf_counter() - t0)
+        if bad:
+            raise AdapterSyncFailedError(
+                f"adapter {name}@v{version}: committed on {list(result.committed)} but the "
+                f"commit failed on {result.failed}: the fleet is split (those still serve "
+                f"v{version - 1}) until the next sync of {name!r}", result=result)
+        logger.info("adapter %s@v%d committed on %s", name, version, list(result.committed))
+        return result
+
+    def _abort(self, targets: Sequence[str], name: str, version: int,
+               bad: dict[str, WeightSyncError], t0: float) -> NoReturn:
+        """Unload the staged version everywhere (idempotent: an engine that refused, or whose
+        stage is still running, answers False or unloads it) and raise."""
+        e, dl = self.reach.engines, self.reach.deadlines
+        self.reach.phase("adapter:abort", None)
+        aborted, abort_bad = e.each(targets, lambda n: e.abort_adapter(n, name, version,
+                                                                       dl.verify),
+                                    dl.verify * 1.5)
+        failed = {n: str(err) for n, err in bad.items()}
+        for n, err in abort_bad.items():
+            logger.warning("engine %s: aborting adapter %s@v%d failed: %s", n, name, version,
+                           err)
+            failed.setdefault(n, f"abort failed: {err}")
+        result = AdapterFleetResult(
+            name=name, version=version, ok=False, failed=failed,
+            aborted=tuple(sorted(n for n, was in aborted.items() if was)),
+            seconds=time.perf_counter() - t0)
+        left = f"still staged on {sorted(abort_bad)}" if abort_bad else "staged nowhere now"
+        raise AdapterSyncFailedError(
+            f"adapter {name}@v{version} was refused or failed on {failed}; {left} (aborted "
+            f"on {list(result.aborted)}); {name!r} still resolves to v{version - 1} on every "
+            f"engine", engine=next(iter(bad)), result=result)
