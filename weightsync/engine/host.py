@@ -454,26 +454,20 @@ class EngineHost:
 
     async def stage_adapter(self, manifest_json: str, buf: Any, version: int, *,
                             deadline_s: float = 120.0) -> AdapterSyncReply:
-        """Phase one of a fleet-wide adapter sync (``SyncCoordinator.sync_adapter``): load
-        ``<name>@v<version>`` on every worker without serving it (``Adapters.stage``).
-        Refused like ``sync_adapter``, and with ``StaleVersionError`` unless ``version`` is
-        above every version of the name here."""
+        """A fleet flip's phase one: load ``<name>@v<version>``, not served yet; refused like
+        ``sync_adapter``, or ``StaleVersionError`` (``Adapters.stage``)."""
         self.machine.expect(S.SERVING, op="stage an adapter")
         return await self.adapters.stage(manifest_json, buf, version, deadline_s)
 
     async def commit_adapter(self, name: str, version: int, *,
                              deadline_s: float = 120.0) -> AdapterSyncReply:
-        """Phase two: ``<name>`` resolves to the staged ``version`` (``Adapters.commit``)."""
         return await self.adapters.commit(name, version, deadline_s)
 
     async def abort_adapter(self, name: str, version: int, *,
                             deadline_s: float = 120.0) -> bool:
-        """Unload the staged ``<name>@v<version>``; False if not staged (idempotent)."""
         return await self.adapters.abort(name, version, deadline_s)
 
     async def adapter_state(self, *, deadline_s: float = 30.0) -> AdapterState:
-        """The adapter versions this engine serves, keeps and has staged, and the vLLM ids
-        its workers hold."""
         return await self.adapters.state(deadline_s)
 
     async def serve_openai(self, token: str, *, host: str | None = None,
