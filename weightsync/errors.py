@@ -139,12 +139,12 @@ class SyncFailedError(WeightSyncError):
         super().__init__(message, engine=engine)
         self.result = result
 
-    def __reduce__(self):
-        return (_rebuild_failed, (self.message, self.engine, self.result))
+    def __reduce__(self):  # (subclasses too: rebuilt as their own class)
+        return (_rebuild_failed, (type(self), self.message, self.engine, self.result))
 
 
-def _rebuild_failed(message, engine, result):
-    return SyncFailedError(message, engine=engine, result=result)
+def _rebuild_failed(cls, message, engine, result):
+    return cls(message, engine=engine, result=result)
 
 
 class AdapterSyncFailedError(SyncFailedError):
@@ -152,13 +152,6 @@ class AdapterSyncFailedError(SyncFailedError):
     engines failed and why, which were aborted, any left uncommitted)."""
 
     code = "adapter_sync_failed"
-
-    def __reduce__(self):
-        return (_rebuild_adapter_failed, (self.message, self.engine, self.result))
-
-
-def _rebuild_adapter_failed(message, engine, result):
-    return AdapterSyncFailedError(message, engine=engine, result=result)
 
 
 def error_class(code: str) -> type[WeightSyncError]:

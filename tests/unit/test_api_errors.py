@@ -92,3 +92,16 @@ def test_non_loopback_bind_needs_a_non_empty_token():
         check_bind(Settings(host="0.0.0.0"))
     with pytest.raises(ConfigError, match="empty"):
         check_bind(Settings(host="127.0.0.1", token=""))
+
+
+def test_sync_failures_keep_their_class_and_result_across_a_process_boundary():
+    """Ray pickles an error raised in an actor: a ``SyncFailedError`` subclass (the fleet
+    adapter flip's) must arrive as itself, with its engine and per-engine result."""
+    import pickle
+
+    from weightsync.errors import AdapterSyncFailedError, SyncFailedError
+
+    for cls in (SyncFailedError, AdapterSyncFailedError):
+        e = pickle.loads(pickle.dumps(cls("failed on b", engine="b", result={"failed": ["b"]})))
+        assert type(e) is cls and e.engine == "b" and e.result == {"failed": ["b"]}
+        assert e.message == "failed on b"

@@ -87,19 +87,18 @@ class ProxiedRoute(APIRoute):
 
     def __init__(self, path: str, endpoint: Any, **kwargs: Any) -> None:
         super().__init__(path, endpoint, **kwargs)
-        self.forward_to = path
         self.app = self._serve
 
     async def _serve(self, scope: Any, receive: Any, send: Any) -> None:
         rollouts = rollouts_of(scope["app"])
         body = await _read_body(receive) if scope["method"] == "POST" else b""
+        headers = Headers(scope=scope)
         try:
-            ask = read_ask(Headers(scope=scope), body, rollouts.wait_s)
+            ask = read_ask(headers, body, rollouts.wait_s)
         except RoutingError as e:
             await send_error(send, e)
             return
-        proxy = ProxyResponse(rollouts, scope["method"], self.forward_to, Headers(scope=scope),
-                              ask)
+        proxy = ProxyResponse(rollouts, scope["method"], self.path, headers, ask)
         await proxy(scope, receive, send)
 
 
