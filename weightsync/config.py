@@ -158,6 +158,11 @@ class TransferConfig(_Frozen):
         return data
 
 
+# vLLM engine arguments EngineSpec has a field of the same name for
+_TYPED_ARGS = ("dtype", "max_model_len", "seed", "enforce_eager", "tensor_parallel_size",
+               "gpu_memory_utilization", "limit_mm_per_prompt")
+
+
 class EngineSpec(_Frozen):
     """How to start one vLLM engine. The same spec starts it on CPU or GPU."""
 
@@ -194,12 +199,33 @@ class EngineSpec(_Frozen):
     # Any other argument of vLLM's engine (``AsyncEngineArgs``: quantization, max_num_seqs,
     # enable_prefix_caching, kv_cache_dtype, compilation_config, ...), checked against the
     # installed vLLM's own arguments when the spec is made. Arguments weightsync owns (its
-    # worker extension, sleep mode, the executor) and ones with a field above are refused.
+    # worker extension, sleep mode, the executor) are refused; ones with a field above
+    # (max_model_len, enforce_eager, ...) become that field.
     engine_args: dict[str, Any] = Field(default_factory=dict)
     # LoRA adapter syncs (engine_args enable_lora): the versions of each adapter kept loaded,
     # the latest included, so requests on an older one finish there (engine.adapters); the
     # engine's max_loras must leave room for them and the one being loaded
     lora_versions_kept: int = Field(2, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lift_typed_args(cls, data: Any) -> Any:
+        """vLLM's arguments that have a field here (``max_model_len``, ``enforce_eager``, ...)
+        may come in ``engine_args`` too, as ``WEIGHTSYNC_ENGINE_ARGS`` and the CLI give them:
+        they become the field. Given both ways, they must agree."""
+        if not isinstance(data, dict) or not isinstance(data.get("engine_args"), dict):
+            return data
+        out, args = dict(data), dict(data["engine_args"])
+        for name in _TYPED_ARGS:
+            if name not in args:
+                continue
+            value = args.pop(name)
+            if name in out and out[name] != value:
+                raise ValueError(f"{name} given twice, differently: {out[name]!r} and "
+                                 f"engine_args[{name!r}] = {value!r}")
+            out[name] = value
+        out["engine_args"] = args
+        return out
 
     @field_validator("engine_args")
     @classmethod
@@ -207,11 +233,7 @@ class EngineSpec(_Frozen):
         if args:
             from weightsync.engine_args import check_engine_args
 
-            typed = {f: f for f in ("dtype", "max_model_len", "seed", "enforce_eager",
-                                    "tensor_parallel_size", "gpu_memory_utilization",
-                                    "limit_mm_per_prompt")}
-            typed["kv_cache_memory_bytes"] = "cpu_kvcache_gib (CPU engines)"
-            check_engine_args(args, typed)
+            check_engine_args(args, {"kv_cache_memory_bytes": "cpu_kvcache_gib (CPU engines)"})
         return args
 
     @model_validator(mode="after")

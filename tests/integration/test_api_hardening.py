@@ -7,6 +7,7 @@ reaches a log and whose shutdown leaves no engine process behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -258,6 +259,9 @@ def served(tiny_model, tmp_path):
     env.update(WEIGHTSYNC_MODEL=str(tiny_model), WEIGHTSYNC_ENGINES="1",
                WEIGHTSYNC_DEVICE="cpu", WEIGHTSYNC_TOKEN=TOKEN, WEIGHTSYNC_PORT=str(port),
                WEIGHTSYNC_RAY_ADDRESS="local", WEIGHTSYNC_NAMESPACE="served-test",
+               # eager, a short context: the engine starts in half the time of vLLM's CPU
+               # defaults (compiled, the model's full context); nothing here needs those
+               WEIGHTSYNC_ENGINE_ARGS=json.dumps({"enforce_eager": True, "max_model_len": 512}),
                PYTHONUNBUFFERED="1")
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:

@@ -45,7 +45,7 @@ def test_engine_args_pass_what_vllm_accepts():
     ({"worker_extension_cls": "x.Y"}, "weightsync sets this itself"),
     ({"enable_sleep_mode": False}, "weightsync sets this itself"),
     ({"distributed_executor_backend": "ray"}, "weightsync sets this itself"),
-    ({"max_model_len": 64}, "set EngineSpec.max_model_len instead"),
+    ({"kv_cache_memory_bytes": 1 << 30}, "set EngineSpec.cpu_kvcache_gib"),
 ])
 def test_engine_args_vllm_refuses_are_refused_with_the_reason(args, says):
     from pydantic import ValidationError
@@ -55,6 +55,22 @@ def test_engine_args_vllm_refuses_are_refused_with_the_reason(args, says):
     with pytest.raises(ValidationError) as e:
         EngineSpec(name="e", model="/m", engine_args=args)
     assert says in str(e.value)
+
+
+def test_engine_args_with_a_field_of_their_own_become_that_field():
+    """As ``WEIGHTSYNC_ENGINE_ARGS`` and the CLI give them (they have no typed fields)."""
+    from pydantic import ValidationError
+
+    from weightsync.config import EngineSpec
+
+    spec = EngineSpec(name="e", model="/m", engine_args={
+        "max_model_len": 512, "enforce_eager": True, "max_num_seqs": 8})
+    assert (spec.max_model_len, spec.enforce_eager) == (512, True)
+    assert spec.engine_args == {"max_num_seqs": 8}
+    assert EngineSpec(name="e", model="/m", max_model_len=512,
+                      engine_args={"max_model_len": 512}).max_model_len == 512
+    with pytest.raises(ValidationError, match="max_model_len given twice"):
+        EngineSpec(name="e", model="/m", max_model_len=256, engine_args={"max_model_len": 512})
 
 
 def test_settings_take_engine_args_as_json(monkeypatch):
