@@ -31,11 +31,12 @@ import os
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import typer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -97,6 +98,25 @@ class GrpoConfig(BaseModel):
     router_port: int = Field(0, ge=0, le=65535)
     # Ray custom resources every engine needs (EngineSpec.resources): pins them to nodes
     engine_resources: dict[str, float] = Field(default_factory=dict)
+    # train a LoRA adapter (peft) on the frozen base instead of every weight; each step syncs
+    # only the adapter (``SyncCoordinator.sync_adapter``) and samples with it by name
+    lora: bool = False
+    lora_rank: int = Field(16, ge=1, le=512)
+    lora_alpha: float = Field(32.0, gt=0)
+
+    @model_validator(mode="after")
+    def _lora_fits(self) -> GrpoConfig:
+        if not self.lora:
+            return self
+        for flag, why in ((self.rollout == "openai", "--rollout openai (the router does not "
+                           "route by adapter name yet)"),
+                          (self.colocate, "--colocate (adapter syncs go into serving engines "
+                           "only)"),
+                          (self.trainer_ranks > 1, "--trainer-ranks > 1 (the FSDP2 trainer "
+                           "trains every weight)")):
+            if flag:
+                raise ValueError(f"--lora does not combine with {why}")
+        return self
 
 
 class StepRecord(BaseModel):
@@ -115,6 +135,7 @@ class StepRecord(BaseModel):
     sync_version: int
     sync_ok: bool
     sync_seconds: float
+    sync_bytes: int  # bytes each engine received for the sync (the adapter's, with --lora)
     engine_seconds: dict[str, dict[str, float]]  # engine -> phase -> seconds
     skipped: tuple[str, ...] = ()
     sample_seconds: float
@@ -143,7 +164,9 @@ def target_ids(tokenizer: Any, task: Task) -> frozenset[int]:
 
 # ---- trainer side ----------------------------------------------------------------------------
 class Policy:
-    """The trainer's model, its frozen reference copy and the optimizer."""
+    """The trainer's model, its frozen reference and the optimizer. With ``cfg.lora`` the model
+    is the base wrapped by peft with a LoRA adapter on every linear layer (only the adapter
+    trains) and the reference is the base itself (the adapter disabled)."""
 
     def __init__(self, model_dir: Path, cfg: GrpoConfig, device: str) -> None:
         import copy
@@ -154,9 +177,26 @@ class Policy:
         self.cfg, self.device = cfg, torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        self.ref: Any = None
+        if cfg.lora:
+            from peft import LoraConfig, get_peft_model
+
+            self.model = get_peft_model(self.model, LoraConfig(
+                r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules="all-linear",
+                lora_dropout=0.0))
+        else:
+            self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.model.to(self.device).train()
-        self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0)
+        if self.ref is not None:
+            self.ref.to(self.device)
+        self.trained = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.trained, lr=cfg.lr, weight_decay=0.0)
+
+    def _ref_logprobs(self, batch: Any) -> Any:
+        if self.ref is not None:
+            return self._logprobs(self.ref, batch)
+        with self.model.disable_adapter():  # LoRA: the base is the reference
+            return self._logprobs(self.model, batch)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt).input_ids)
@@ -181,7 +221,7 @@ class Policy:
         advantages = advantages.to(self.device)
         with torch.no_grad():
             old = self._logprobs(self.model, batch)
-            ref = self._logprobs(self.ref, batch)
+            ref = self._ref_logprobs(batch)
         stats = None
         for _ in range(self.cfg.epochs):
             logp = self._logprobs(self.model, batch)
@@ -189,7 +229,7 @@ class Policy:
                                     clip_eps=self.cfg.clip_eps, beta=self.cfg.beta)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(self.trained, 1.0)
             self.opt.step()
         return old.cpu(), stats
 
@@ -206,6 +246,91 @@ def engine_gpus(device: str, engines: int) -> float:
     if gpus <= 0:
         raise RuntimeError("device is cuda but the Ray cluster advertises no GPU")
     return min(1.0, gpus / engines)
+
+
+def lora_args(cfg: GrpoConfig) -> dict[str, Any]:
+    """vLLM's engine arguments for serving the job's adapter (none without --lora): slots for
+    the versions kept (``EngineSpec.lora_versions_kept``, 2) and the one being synced."""
+    if not cfg.lora:
+        return {}
+    return {"enable_lora": True, "max_loras": 3,
+            "max_lora_rank": next(r for r in LORA_RANKS if r >= cfg.lora_rank)}
+
+
+def model_bytes(policy: Any) -> int:
+    """The bytes of the base model's weights (what a full sync moves)."""
+    model = policy.model.get_base_model() if hasattr(policy.model, "get_base_model") else \
+        policy.model
+    return sum(t.numel() * t.element_size() for n, t in model.state_dict().items()
+               if "lora_" not in n)
+
+
+# ---- syncing --------------------------------------------------------------------------------
+ADAPTER = "policy"  # the adapter's name on the engines (--lora)
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+@dataclass(frozen=True)
+class Synced:
+    """One step's sync, whichever kind: the version it made, its time and bytes per engine."""
+
+    version: int
+    seconds: float
+    nbytes: int
+    engine_seconds: dict[str, dict[str, float]]
+    skipped: tuple[str, ...] = ()
+
+
+class FullSync:
+    """Every weight after each step (``SyncCoordinator.sync``): the version is the fleet's."""
+
+    lora: str | None = None
+
+    def __init__(self, coord: Any, cfg: GrpoConfig) -> None:
+        self.coord, self.cfg = coord, cfg
+
+    @property
+    def version(self) -> int:
+        return int(self.coord.version)
+
+    def sync(self, policy: Any) -> Synced:
+        from weightsync.errors import VerificationError
+
+        cfg = self.cfg
+        result = self.coord.sync(policy.model, pause_mode="abort",  # colocated: into the
+                                 sleep_level=0 if cfg.colocate else cfg.sleep_level,  # sleeping
+                                 ipc=cfg.ipc)  # fleet
+        if not (result.ok and all(e.ok and e.checksum_ok and e.version == result.version
+                                  for e in result.engines)):
+            raise VerificationError(f"sync to version {result.version} did not verify: "
+                                    f"{result.failed}")
+        return Synced(version=result.version, seconds=result.seconds.get("total", 0.0),
+                      nbytes=result.nbytes,
+                      engine_seconds={e.engine: dict(e.seconds) for e in result.engines},
+                      skipped=tuple(result.engines[0].skipped))
+
+
+class AdapterSync:
+    """Only the LoRA adapter after each step (``SyncCoordinator.sync_adapter``, all or
+    nothing across the fleet): the version is the adapter's, ``policy@v<N>``, which every
+    sample names; the base weights never move."""
+
+    lora: str | None = ADAPTER
+
+    def __init__(self, coord: Any, engines: int) -> None:
+        self.coord, self.engines, self.version = coord, engines, 0
+
+    def sync(self, policy: Any) -> Synced:
+        from weightsync.errors import VerificationError
+
+        result = self.coord.sync_adapter(policy.model, name=ADAPTER)
+        if not (result.ok and len(result.committed) == self.engines):
+            raise VerificationError(f"adapter sync {ADAPTER}@v{result.version} did not commit "
+                                    f"everywhere: {result.failed}")
+        self.version = result.version
+        return Synced(version=result.version, seconds=result.seconds,
+                      nbytes=next(iter(result.replies.values())).nbytes,
+                      engine_seconds={n: {"total": r.seconds} for n, r in result.replies.items()})
 
 
 # ---- outputs ---------------------------------------------------------------------------------
@@ -230,8 +355,8 @@ def _step_line(r: StepRecord, total_steps: int) -> str:
             f"{r.sync_seconds:.3f}s on {len(r.engine_seconds)} engine(s) [{phases}]{slept}")
 
 
-def grpo_step(step: int, cfg: GrpoConfig, rollouts: Any, coord: Any, policy: Policy,
-              targets: frozenset[int]) -> StepRecord:
+def grpo_step(step: int, cfg: GrpoConfig, rollouts: Any, coord: Any, syncer: Any,
+              policy: Policy, targets: frozenset[int]) -> StepRecord:
     """Sample groups on the current version, score, update the policy, sync, verify."""
     import torch
 
@@ -240,7 +365,7 @@ def grpo_step(step: int, cfg: GrpoConfig, rollouts: Any, coord: Any, policy: Pol
 
     prompts = [PROMPTS[(step + i) % len(PROMPTS)] for i in range(cfg.prompts_per_step)]
     t = time.perf_counter()
-    sampled_version = coord.version
+    sampled_version = syncer.version
     groups = rollouts.sample(prompts, cfg.group_size, cfg.max_tokens, sampled_version)
     sample_s = time.perf_counter() - t
     rewards = torch.tensor([[token_fraction_reward(r.token_ids, targets) for r in g]
@@ -268,20 +393,15 @@ def grpo_step(step: int, cfg: GrpoConfig, rollouts: Any, coord: Any, policy: Pol
     if gap > cfg.max_logprob_gap:
         raise VerificationError(f"engines sampled v{sampled_version} with logprobs {gap:.3g} "
                                 f"away from the trainer's: they do not serve its weights")
-    result = coord.sync(policy.model, pause_mode="abort",  # colocated: into the sleeping fleet
-                        sleep_level=0 if cfg.colocate else cfg.sleep_level, ipc=cfg.ipc)
-    if not (result.ok and all(e.ok and e.checksum_ok and e.version == result.version
-                              for e in result.engines)):
-        raise VerificationError(f"sync to version {result.version} did not verify: "
-                                f"{result.failed}")
+    synced = syncer.sync(policy)
     return StepRecord(
         step=step, sampled_version=sampled_version,
         reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
         loss=stats.loss, kl=stats.kl, clip_fraction=stats.clip_fraction,
-        logprob_gap=gap, sync_version=result.version, sync_ok=result.ok,
-        sync_seconds=result.seconds.get("total", 0.0),
-        engine_seconds={e.engine: dict(e.seconds) for e in result.engines},
-        skipped=(*(slept.engines[0].skipped if slept else ()), *result.engines[0].skipped),
+        logprob_gap=gap, sync_version=synced.version, sync_ok=True,
+        sync_seconds=synced.seconds, sync_bytes=synced.nbytes,
+        engine_seconds=synced.engine_seconds,
+        skipped=(*(slept.engines[0].skipped if slept else ()), *synced.skipped),
         sample_seconds=sample_s, train_seconds=train_s,
         sleep_seconds=max(e.seconds["sleep"] for e in slept.engines) if slept else None,
         freed_bytes=freed, trainer_peak_bytes=peak,
@@ -292,8 +412,10 @@ def grpo_step(step: int, cfg: GrpoConfig, rollouts: Any, coord: Any, policy: Pol
 
 # ---- the loop --------------------------------------------------------------------------------
 def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Console,
-        router_token: str | None = None) -> dict:
-    """Train for ``cfg.steps`` steps on already-initialised Ray; returns the JSON summary."""
+        router_token: str | None = None, actors: list[Any] | None = None) -> dict:
+    """Train for ``cfg.steps`` steps on already-initialised Ray; returns the JSON summary.
+    ``actors``: engines already serving the model this builds in ``model_dir`` (with LoRA
+    enabled for ``cfg.lora``), used instead of starting ``cfg.engines`` and left running."""
     import torch
 
     from weightsync.config import BroadcastSettings, EngineSpec, TransferConfig
@@ -322,17 +444,22 @@ def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Con
                         seed=cfg.seed + i, device=device, max_model_len=512,
                         enforce_eager=True if device == "cpu" else None,
                         num_gpus=gpus, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                        resources=cfg.engine_resources)
+                        resources=cfg.engine_resources, engine_args=lora_args(cfg))
              for i in range(cfg.engines)]
     _say(console, f"starting {cfg.engines} vLLM engine(s) on {device} "
                   f"(model {model_dir}, task {cfg.task!r}: {len(targets)} target tokens) ...")
     t = time.perf_counter()
-    actors = start_engines(specs)
+    own = actors is None
+    if actors is None:
+        actors = start_engines(specs)
+    elif len(actors) != cfg.engines:
+        raise ValueError(f"{len(actors)} engines given, the config says {cfg.engines}")
     started_s = time.perf_counter() - t
     _say(console, f"engines up in {started_s:.1f}s")
     records: list[StepRecord] = []
     done = False
     rollouts: Any = None
+    fleet: Any = None
     try:
         if cfg.rollout == "openai":
             import ray
@@ -342,25 +469,32 @@ def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Con
                                       token=router_token)
             _say(console, f"rollouts through the fleet's router at {rollouts.base_url}")
         else:
-            rollouts = RayRollouts(actors, policy.prompt_ids)
-        coord = SyncCoordinator(actors, TransferConfig(
+            rollouts = RayRollouts(actors, policy.prompt_ids,
+                                   lora=ADAPTER if cfg.lora else None)
+        coord = fleet = SyncCoordinator(actors, TransferConfig(
             broadcast=BroadcastSettings(backend=cfg.backend, host=cfg.sync_host),
             bucket_bytes=cfg.bucket_mib << 20))
         if cfg.trainer_ranks > 1:
             coord = policy.syncing(coord)  # every sync is one ShardedSync across the ranks
+        syncer: FullSync | AdapterSync = FullSync(coord, cfg)
+        if cfg.lora:  # the untrained adapter first (B = 0: the base's outputs), as v1
+            syncer = AdapterSync(coord, cfg.engines)
+            first = syncer.sync(policy)
+            _say(console, f"adapter {ADAPTER}@v{first.version} synced: {first.nbytes} bytes "
+                          f"per engine (the base model: {model_bytes(policy)} bytes)")
         columns = (SpinnerColumn(), TextColumn("[bold]GRPO"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TextColumn("{task.fields[status]}"))
         with Progress(*columns, console=console) as progress:
             bar = progress.add_task("grpo", total=cfg.steps, status="sampling ...")
             for step in range(1, cfg.steps + 1):
-                rec = grpo_step(step, cfg, rollouts, coord, policy, targets)
+                rec = grpo_step(step, cfg, rollouts, coord, syncer, policy, targets)
                 records.append(rec)
                 _say(progress.console, _step_line(rec, cfg.steps))
                 progress.update(bar, advance=1,
                                 status=f"reward {rec.reward_mean:.3f}  sync v{rec.sync_version} "
                                        f"{rec.sync_seconds * 1e3:.0f} ms")
         # the last sync must reach the engines too: sample once more on its version
-        final = rollouts.sample(list(PROMPTS), cfg.group_size, cfg.max_tokens, coord.version)
+        final = rollouts.sample(list(PROMPTS), cfg.group_size, cfg.max_tokens, syncer.version)
         final_reward = float(torch.tensor([[token_fraction_reward(r.token_ids, targets) for r in g]
                                            for g in final]).mean())
         done = True
@@ -369,15 +503,20 @@ def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Con
             rollouts.close()
         if cfg.trainer_ranks > 1:
             policy.close(failed=not done)
-        stop_engines(actors)
+        if fleet is not None:
+            fleet.close()
+        if own:
+            stop_engines(actors)
     k = max(1, cfg.steps // 5)
     summary = dict(
         first_steps=k, first_reward_mean=sum(r.reward_mean for r in records[:k]) / k,
         last_reward_mean=sum(r.reward_mean for r in records[-k:]) / k,
-        final_eval_reward=final_reward, final_version=coord.version,
+        final_eval_reward=final_reward, final_version=syncer.version,
         all_syncs_verified=all(r.sync_ok for r in records),
         versions=[r.sync_version for r in records],
         sync_seconds_median=sorted(r.sync_seconds for r in records)[len(records) // 2],
+        sync_bytes_median=sorted(r.sync_bytes for r in records)[len(records) // 2],
+        model_bytes=model_bytes(policy), lora=cfg.lora,
         engine_start_seconds=started_s, device=device,
         skipped=list(records[0].skipped) if records else [],
         colocated=cfg.colocate, rollout=cfg.rollout,
@@ -447,6 +586,10 @@ def main(
     router_host: str = typer.Option("127.0.0.1", help="--rollout openai: the router's address "
                                     "(not loopback: needs WEIGHTSYNC_TOKEN)"),
     router_port: int = typer.Option(0, min=0, max=65535, help="the router's port (0: free)"),
+    lora: bool = typer.Option(False, help="train a LoRA adapter (peft, every linear layer) on "
+                              "the frozen base and sync only the adapter each step"),
+    lora_rank: int = typer.Option(16, min=1, max=512, help="--lora: the adapter's rank"),
+    lora_alpha: float = typer.Option(32.0, help="--lora: peft's lora_alpha (scale alpha/rank)"),
 ) -> None:
     import warnings
 
@@ -470,7 +613,8 @@ def main(
                          sleep_level=sleep_level, bucket_mib=bucket_mib,
                          trainer_ranks=trainer_ranks, rollout=rollout,
                          engine_resources=json.loads(engine_resources),
-                         router_host=router_host, router_port=router_port)
+                         router_host=router_host, router_port=router_port, lora=lora,
+                         lora_rank=lora_rank, lora_alpha=lora_alpha)
         summary = run(cfg, run_dir, name, model_dir, console,
                       router_token=os.environ.get("WEIGHTSYNC_TOKEN"))
     finally:
@@ -480,8 +624,10 @@ def main(
                   f" (final eval on v{summary['final_version']}: "
                   f"{summary['final_eval_reward']:.3f})")
     _say(console, f"all {len(summary['versions'])} syncs verified "
-                  f"(versions 1..{summary['final_version']}), median sync "
-                  f"{summary['sync_seconds_median'] * 1e3:.0f} ms")
+                  f"(versions {summary['versions'][0]}..{summary['final_version']}"
+                  f"{' of adapter ' + ADAPTER if lora else ''}), median sync "
+                  f"{summary['sync_seconds_median'] * 1e3:.0f} ms, "
+                  f"{summary['sync_bytes_median']} bytes per engine")
     _say(console, f"log:  {(run_dir / f'{name}.json').resolve()}")
     _say(console, f"plot: {(run_dir / f'{name}.png').resolve()}")
 

@@ -39,12 +39,21 @@ def _check(groups: list[list[Sample]], expect_version: int) -> list[list[Sample]
 
 class RayRollouts:
     """``group_size`` completions per prompt through the engines' ``generate`` (Ray), prompts
-    spread round-robin over the engines."""
+    spread round-robin over the engines. With ``lora`` (an adapter's name) every request names
+    the adapter, and a sample's version is the adapter version that served it
+    (``<name>@v<N>``), not the base weights'."""
 
     name = "ray"
 
-    def __init__(self, actors: list[Any], prompt_ids: Callable[[str], list[int]]) -> None:
-        self.actors, self.prompt_ids = actors, prompt_ids
+    def __init__(self, actors: list[Any], prompt_ids: Callable[[str], list[int]],
+                 lora: str | None = None) -> None:
+        self.actors, self.prompt_ids, self.lora = actors, prompt_ids, lora
+
+    def _version(self, result: Any) -> int | None:
+        if self.lora is None:
+            return result.version
+        name, _, n = (result.adapter or "").rpartition("@v")
+        return int(n) if name == self.lora and n.isdigit() else None
 
     def sample(self, prompts: Sequence[str], group_size: int, max_tokens: int,
                expect_version: int, timeout_s: float = 600.0) -> list[list[Sample]]:
@@ -54,14 +63,15 @@ class RayRollouts:
         shards = [list(range(len(prompts)))[i::n] for i in range(n)]
         refs = {i: self.actors[i].generate.remote([prompts[j] for j in shard],
                                                   max_tokens=max_tokens, temperature=1.0,
-                                                  n=group_size, logprobs=True, ignore_eos=True)
+                                                  n=group_size, logprobs=True, ignore_eos=True,
+                                                  lora=self.lora)
                 for i, shard in enumerate(shards) if shard}
         groups: list[list[Sample]] = [[] for _ in prompts]
         for i, ref in refs.items():
             out = ray.get(ref, timeout=timeout_s)
             for k, j in enumerate(shards[i]):
                 ids = self.prompt_ids(prompts[j])
-                groups[j] = [Sample(ids, r.token_ids, r.logprobs, r.version)
+                groups[j] = [Sample(ids, r.token_ids, r.logprobs, self._version(r))
                              for r in out[k * group_size:(k + 1) * group_size]]
         return _check(groups, expect_version)
 

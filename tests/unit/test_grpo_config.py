@@ -1,0 +1,27 @@
+"""The GRPO job's configuration: what ``--lora`` combines with, and the engine arguments it
+asks vLLM for."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from services.grpo import GrpoConfig, lora_args
+
+
+@pytest.mark.parametrize(("extra", "named"), [
+    ({"rollout": "openai"}, "--rollout openai"),
+    ({"colocate": True}, "--colocate"),
+    ({"trainer_ranks": 2}, "--trainer-ranks"),
+])
+def test_lora_refuses_what_it_does_not_combine_with_and_says_which(extra, named):
+    with pytest.raises(ValidationError, match=named):
+        GrpoConfig(lora=True, **extra)
+    GrpoConfig(**extra)  # each is fine without --lora
+
+
+@pytest.mark.parametrize(("rank", "max_rank"), [(1, 1), (4, 8), (16, 16), (17, 32), (512, 512)])
+def test_lora_engines_get_the_smallest_max_rank_vllm_accepts_and_three_slots(rank, max_rank):
+    assert lora_args(GrpoConfig(lora=True, lora_rank=rank)) == {
+        "enable_lora": True, "max_loras": 3, "max_lora_rank": max_rank}
+    assert lora_args(GrpoConfig()) == {}
