@@ -14,9 +14,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from weightsync.config import EngineSpec
+from weightsync.engine.adapters import Adapters
 from weightsync.engine.gated_engine import GatedEngineClient
 from weightsync.engine.openai_guard import MAX_SALT, OpenAIGuard, salted
 from weightsync.engine.serving import ServingGate
+from weightsync.engine.worker_calls import WorkerCalls
 from weightsync.errors import WeightSyncError
 from weightsync.types import EngineState, EngineStatus
 
@@ -28,6 +31,7 @@ class _Host:
     def __init__(self) -> None:
         self.gate, self.version = ServingGate(), 3
         self.state, self.fenced_reason, self.owner = EngineState.SERVING, None, None
+        self.adapters = Adapters(EngineSpec(name="e", model="/m"), WorkerCalls("e"))  # none
         self.gate.open()
 
     def status(self) -> EngineStatus:

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -88,6 +88,27 @@ class Adapters:
         self._staged: dict[str, AdapterVersion] = {}  # by name: loaded, not yet committed
         self._in_use: Counter[str] = Counter()
         self._lock = asyncio.Lock()
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` whenever what ``requests`` returns changes (a commit, a version
+        unloaded, the adapters a weight load dropped)."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            try:
+                listener()
+            except Exception:  # a listener never fails an adapter sync
+                logger.warning("engine %s: an adapter listener failed", self.engine_name,
+                               exc_info=True)
+
+    def requests(self) -> dict[str, Any]:
+        """Each name a request may give -> vLLM's ``LoRARequest`` it runs with: ``<name>``
+        its latest version's, every kept ``<name>@v<N>`` its own."""
+        out = {v.served_as: v.request() for v in self._loaded.values()}
+        out.update({n: v.request() for n, v in self._latest.items()})
+        return out
 
     def resolve(self, name: str) -> AdapterVersion:
         """``<name>``: its latest committed version; ``<name>@v<N>``: that version, while kept."""
@@ -213,6 +234,7 @@ class Adapters:
         for old in previous[:max(0, len(previous) + 1 - self.keep)]:
             self._retired[old.served_as] = self._loaded.pop(old.served_as)
         removed = await self._sweep(deadline_s)
+        self._changed()
         logger.info("engine %s: adapter %s committed; unloaded %s", self.engine_name,
                     v.served_as, removed)
         return AdapterSyncReply(name=name, version=version, served_as=v.served_as,
@@ -238,6 +260,7 @@ class Adapters:
             for key in [k for k, v in table.items() if v.lora_int_id not in ids]:
                 del table[key]
         self._latest = {n: v for n, v in self._latest.items() if v.served_as in self._loaded}
+        self._changed()
 
     def _check_ready(self) -> None:
         if not self.enabled:

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from weightsync.engine.adapters import Adapters
 from weightsync.engine.serving import ServingGate
 from weightsync.errors import DeadlineExceeded, EngineError, FencedError, WeightSyncError
 from weightsync.types import EngineState, EngineStatus
@@ -43,6 +44,9 @@ class Served(Protocol):
     @property
     def engine(self) -> Any: ...
 
+    @property
+    def adapters(self) -> Adapters: ...
+
     def status(self) -> EngineStatus: ...
 
 
@@ -51,12 +55,14 @@ class Ticket:
     """One HTTP request on its way through vLLM. ``deadline``: monotonic time until which it
     may wait for a closed gate; ``first``/``last``: the engine's version when its first
     sub-request was admitted and when its latest output came (None: none yet); ``refused``:
-    why it was not admitted."""
+    why it was not admitted; ``adapter``: the LoRA adapter version it ran on
+    (``<name>@v<N>``), if it named one."""
 
     deadline: float
     first: int | None = None
     last: int | None = None
     refused: WeightSyncError | None = None
+    adapter: str | None = None
 
     def left(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
@@ -136,10 +142,17 @@ class GatedEngineClient:
         except WeightSyncError as e:
             ticket.refused = e
             raise
-        gate = self._host.gate
-        gate.admit(1)  # no await since the gate was open: begin_sync waits for it
-        ticket.admitted(self._host.version)
-        async for out in gate.outputs(self._engine, prompt, sampling_params,
-                                      request_id or uuid.uuid4().hex, **kwargs):
-            ticket.produced(self._host.version)
-            yield out
+        lora = kwargs.get("lora_request")
+        # an adapter of the host's (vLLM's app found its model name in the table the host
+        # publishes): held, so that version stays loaded until the request ends
+        with self._host.adapters.use(None if lora is None else lora.lora_name) as held:
+            if held is not None:
+                kwargs["lora_request"] = held.request()
+                ticket.adapter = held.served_as
+            gate = self._host.gate
+            gate.admit(1)  # no await since the gate was open: begin_sync waits for it
+            ticket.admitted(self._host.version)
+            async for out in gate.outputs(self._engine, prompt, sampling_params,
+                                          request_id or uuid.uuid4().hex, **kwargs):
+                ticket.produced(self._host.version)
+                yield out

@@ -24,7 +24,10 @@ In order, for every HTTP request (vLLM's app itself is never changed):
    one for routes that generate nothing); a JSON answer of a generation route gets
    ``weight_version`` (null when a sync changed the version during the request) and
    ``weight_versions: [first, last]``; each streamed SSE chunk gets ``weight_version``, the
-   engine's version when vLLM produced the output it carries.
+   engine's version when vLLM produced the output it carries. A request that named a LoRA
+   adapter (``model="<name>"`` or ``"<name>@v<N>"``, ``engine.adapters``) also gets
+   ``X-Adapter-Version: <name>@v<N>``, the version that ran it (vLLM's ``model`` field in
+   the answer names it too).
 
 The response's start is held until its first body part, so the header names the version the
 request was admitted at; a request refused inside vLLM's app (the gate closed after this
@@ -277,6 +280,8 @@ class _Stamps:
             await self._guard.refuse(self._send, t.refused)
             return "refused"
         self._set_header("x-weight-version", str(self._version()))
+        if t is not None and t.adapter is not None:
+            self._set_header("x-adapter-version", t.adapter)
         kind = Headers(raw=self._start.get("headers", [])).get("content-type", "")
         if t is not None and self._start["status"] == 200 and \
                 kind.startswith("application/json"):

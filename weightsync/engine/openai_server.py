@@ -62,6 +62,14 @@ class OpenAIServer:
         self._task: asyncio.Task[None] | None = None
         self._sock: socket.socket | None = None
         self._bound: tuple[str, int] | None = None
+        self._app: Any = None
+        host.adapters.on_change(self._publish_adapters)
+
+    def _publish_adapters(self) -> None:
+        """The host's LoRA adapters by name in vLLM's app (``model="<name>"`` or
+        ``"<name>@v<N>"``), the same table ``generate(lora=...)`` resolves in."""
+        if self._app is not None:
+            vllm_compat.publish_adapters(self._app, self._host.adapters.requests())
 
     @property
     def url(self) -> str | None:
@@ -89,6 +97,8 @@ class OpenAIServer:
                            exc_info=True)
             raise UnsupportedError(f"vLLM's OpenAI app could not be built around this "
                                    f"engine: {type(e).__name__}: {e}", engine=self._name) from e
+        self._app = app
+        self._publish_adapters()
         guard = OpenAIGuard(app, self._host, self._name, token)
         sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET,
                              socket.SOCK_STREAM)
@@ -114,7 +124,7 @@ class OpenAIServer:
     async def close(self) -> None:
         """Stop serving (requests in flight get 5 s to finish)."""
         server, task, sock = self._server, self._task, self._sock
-        self._guard = self._server = self._task = self._sock = self._bound = None
+        self._guard = self._server = self._task = self._sock = self._bound = self._app = None
         if server is not None and task is not None:
             server.should_exit = True
             try:

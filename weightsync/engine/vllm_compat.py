@@ -354,6 +354,17 @@ async def openai_app(engine_client: Any, *, model: str, served_model_name: str,
     return app
 
 
+def publish_adapters(app: Any, requests: dict[str, Any]) -> None:
+    """The LoRA adapters ``app`` (``openai_app``'s) serves by model name: exactly
+    ``requests`` (model name -> ``LoRARequest``, of adapters the workers hold). vLLM's serving
+    routes look a request's ``model`` up in this table (``OpenAIServingModels.lora_requests``),
+    generate with that ``LoRARequest`` and name it in the response's ``model``; ``/v1/models``
+    lists them. vLLM's own adapter-loading routes are never reachable (``openai_guard``)."""
+    table = app.state.openai_serving_models.lora_requests
+    table.clear()
+    table.update(requests)
+
+
 def attach_http_server(app: Any, server: Any) -> None:
     """The uvicorn server that serves ``app``: vLLM's engine-error handler reads it
     (``app.state.server``) to stop serving once the engine died."""
