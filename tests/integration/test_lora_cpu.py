@@ -29,12 +29,12 @@ def lora_fleet(ray_session, tiny_model):
     from weightsync.engine.actor import start_engines, stop_engines
     from weightsync.testing.engines import cold_adapter_engine
 
-    # max_loras 12: the kept versions of the tests' five names (pinned, 9 at most), the one
+    # max_loras 20: the kept versions of the tests' eight names (pinned, 16 at most), the one
     # being loaded, and room for the cold oracle's adapter (vLLM loads it unpinned, in test 1)
     specs = [EngineSpec(name=f"engine-lora-{x}", model=str(tiny_model), dtype="float32",
                         max_model_len=512, enforce_eager=True,
                         engine_args={"enable_lora": True, "max_lora_rank": 16,
-                                     "max_loras": 12})
+                                     "max_loras": 20})
              for x in "ab"]
     actors = start_engines(specs, make_engine=cold_adapter_engine)
     yield actors
@@ -263,4 +263,141 @@ def test_a_fleet_sync_refused_by_one_engine_changes_no_engine(lora_fleet, tiny_m
         assert v3[1] == {"fleet@v3"} and generate(b, lora="fleet") == v3
         assert v3[0] != before[a][0][0]
     finally:
+        coord.close()
+
+
+def test_the_grpo_main_job_trains_an_adapter_and_syncs_only_it(lora_fleet, tiny_model,
+                                                               tmp_path):
+    """``services.grpo --lora`` on the first engine (the job's model is the tiny model: same
+    factory, same seed): a peft adapter on every linear layer trains on the frozen base; each
+    step syncs only the adapter as ``policy@v<N>`` (v1 the untrained one) and samples with it
+    by name; the engine's logprobs of its samples are the trainer's (peft's) on the same
+    weights. Whether it learns is the 40-step run in benchmarks/results/grpo-cpu-lora.json."""
+    import io
+    import json
+
+    from rich.console import Console
+
+    from services.grpo import ADAPTER, GrpoConfig, run
+
+    cfg = GrpoConfig(steps=2, engines=1, prompts_per_step=2, group_size=4, max_tokens=8,
+                     device="cpu", lora=True, lora_rank=8)
+    v = state(lora_fleet[0]).highest.get(ADAPTER, 0)  # (another test may have used the name)
+    summary = run(cfg, tmp_path, "lora", tmp_path / "model", Console(file=io.StringIO()),
+                  actors=lora_fleet[:1])
+    log = json.loads((tmp_path / "lora.json").read_text())
+    steps = log["steps"]
+    # v+1 the untrained adapter, then one version per step
+    assert summary["all_syncs_verified"] and summary["versions"] == [v + 2, v + 3]
+    assert [s["sampled_version"] for s in steps] == [v + 1, v + 2]  # each on the last sync
+    assert summary["every_sample_on_its_version"] and summary["final_version"] == v + 3
+    assert all(s["logprob_gap"] < 1e-4 for s in steps), [s["logprob_gap"] for s in steps]
+    # only the adapter moved: rank 8 on 7 linear layers x 2 layers, fp32
+    assert summary["sync_bytes_median"] == 4 * 8 * 2 * (
+        (128 + 128) + (128 + 64) * 2 + (128 + 128) + (128 + 256) * 2 + (256 + 128))
+    assert summary["sync_bytes_median"] < summary["model_bytes"] / 5
+    served = state(lora_fleet[0]).served
+    assert served[ADAPTER] == f"{ADAPTER}@v{v + 3}"
+
+
+@pytest.mark.parametrize("phase", ["adapter:commit"])
+def test_a_trainer_killed_between_stage_and_commit_changes_no_engine(lora_fleet, ray_session,
+                                                                     tiny_model, phase):
+    """A trainer process SIGKILLed once every engine staged its adapter's next version and
+    before it committed: ``<name>`` still answers as before on both engines (the staged
+    version is not servable), and the next trainer's sync unloads the orphan and flips both."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from weightsync.coordinator import SyncCoordinator
+    from weightsync.testing.dying_trainer import adapter
+
+    coord = SyncCoordinator(lora_fleet)
+    try:
+        v = coord.sync_adapter(adapter(str(tiny_model), 71), name="dying").version
+        before = {x: generate(x, lora="dying") for x in lora_fleet}
+        proc = subprocess.run(
+            [sys.executable, "-m", "weightsync.testing.dying_trainer",
+             ray_session.get_runtime_context().gcs_address, "weightsync-tests",
+             str(tiny_model), "adapter", phase, "0", "72", "engine-lora-a", "engine-lora-b"],
+            cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == -9 and f"dying at {phase}" in proc.stdout, \
+            proc.stdout + proc.stderr
+        for x in lora_fleet:
+            st = state(x)
+            assert st.served["dying"] == f"dying@v{v}" and st.staged == (f"dying@v{v + 1}",)
+            assert generate(x, lora="dying") == before[x]
+            with pytest.raises(Exception, match=f"no adapter 'dying@v{v + 1}'"):
+                generate(x, lora=f"dying@v{v + 1}")
+        orphan_ids = {x: set(state(x).held_ids) for x in lora_fleet}
+        again = coord.sync_adapter(adapter(str(tiny_model), 72), name="dying")
+        assert (again.ok, again.version, again.committed) == (
+            True, v + 2, ("engine-lora-a", "engine-lora-b"))
+        answers = [generate(x, lora="dying") for x in lora_fleet]
+        assert answers[0] == answers[1] and answers[0][1] == {f"dying@v{v + 2}"}
+        assert answers[0][0] != before[lora_fleet[0]][0]
+        for x in lora_fleet:  # the orphan's vLLM id is gone: unloaded before the new stage
+            st = state(x)
+            assert st.staged == () and len(set(st.held_ids) - orphan_ids[x]) == 1
+            assert len(st.held_ids) == len(orphan_ids[x])
+    finally:
+        coord.close()
+
+
+def test_adapters_are_served_by_name_through_the_fleets_openai_router(lora_fleet, tiny_model):
+    """The real ``openai`` client against the control plane's router over both LoRA engines
+    (each serving vLLM's own OpenAI app): ``model="<name>"`` runs the latest committed
+    version, ``"<name>@v<N>"`` a kept one, each answer names the version (``model`` and
+    ``X-Adapter-Version``) and equals ``generate(lora=...)`` token for token; ``/v1/models``
+    lists the kept versions; the next fleet sync moves ``<name>`` on every engine."""
+    import openai
+
+    from tests.integration.api_server import free_port
+    from weightsync.api import create_app
+    from weightsync.api.server import ServerThread
+    from weightsync.config import Settings
+    from weightsync.coordinator import SyncCoordinator
+
+    coord = SyncCoordinator(lora_fleet)
+    settings = Settings(host="127.0.0.1", port=free_port(), token="router-lora-token",
+                        namespace="weightsync-tests")
+    server = ServerThread(create_app(settings, engines=lora_fleet), settings.port).start()
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=settings.token, max_retries=0,
+                           timeout=TIMEOUT)
+
+    def complete(model: str, prompt: str = PROMPTS[0]):
+        raw = client.completions.with_raw_response.create(
+            model=model, prompt=prompt, max_tokens=12, temperature=0.0, logprobs=1,
+            extra_body={"ignore_eos": True, "return_token_ids": True})
+        c = raw.parse()
+        choice = c.choices[0]
+        return (tuple(choice.model_extra["token_ids"]), c.model,
+                raw.headers.get("x-adapter-version"), raw.headers["x-engine"])
+
+    try:
+        for seed in (81, 82):
+            v = coord.sync_adapter(peft_lora(tiny_model, seed=seed), name="chat").version
+        listed = {m.id for m in client.models.list().data}  # each kept version ("chat" is
+        assert {f"chat@v{v}", f"chat@v{v - 1}"} <= listed, listed  # an alias of the latest)
+        base = complete(ray.get(lora_fleet[0].status.remote()).model)[0]
+        engines = set()
+        for name, served in (("chat", v), (f"chat@v{v}", v), (f"chat@v{v - 1}", v - 1)):
+            want = [t for t, _ in generate(lora_fleet[0], [PROMPTS[0]],
+                                           lora=f"chat@v{served}")[0]][0]
+            for _ in range(2):  # least-loaded: both engines answer in turn
+                tokens, model, header, engine = complete(name)
+                assert (model, header) == (f"chat@v{served}", f"chat@v{served}")
+                assert tokens == want and tokens != base, name
+                engines.add(engine)
+        assert engines == {"engine-lora-a", "engine-lora-b"}
+        nxt = coord.sync_adapter(peft_lora(tiny_model, seed=83), name="chat").version
+        for _ in range(2):
+            tokens, model, header, _ = complete("chat")
+            assert (model, header) == (f"chat@v{nxt}", f"chat@v{nxt}")
+        with pytest.raises(openai.NotFoundError):
+            complete(f"chat@v{v - 1}")  # no longer kept: not served by any name
+    finally:
+        client.close()
+        server.stop()
         coord.close()

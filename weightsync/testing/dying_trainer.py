@@ -5,9 +5,12 @@ point of the sync: what an out-of-memory kill or a preemption looks like to the 
     python -m weightsync.testing.dying_trainer GCS_ADDRESS NAMESPACE MODEL_DIR APPLY PHASE DELAY \
         [SEED] [ENGINE ...]
 
-DELAY is the seconds between reaching PHASE and the SIGKILL, or ``stop``: the trainer SIGSTOPs
-itself there instead (a bucket held past its deadline: a long GC pause, a swapped-out or
-debugged process) and goes on when it gets SIGCONT; a sync that failed then exits with code 3.
+APPLY ``adapter`` syncs a LoRA adapter named ``dying`` (rank 8 on every linear layer, B drawn
+from SEED) with ``sync_adapter`` instead of the model (PHASE ``adapter:stage`` or
+``adapter:commit``). DELAY is the seconds between reaching PHASE and the SIGKILL, or
+``stop``: the trainer SIGSTOPs itself there instead (a bucket held past its deadline: a long
+GC pause, a swapped-out or debugged process) and goes on when it gets SIGCONT; a sync that
+failed then exits with code 3.
 Its deadlines are ``DEADLINE_S`` and its lease ``LEASE_S``.
 """
 
@@ -17,6 +20,7 @@ import os
 import signal
 import sys
 import threading
+from typing import Any
 
 DEADLINE_S = 6.0
 LEASE_S = 3.0
@@ -36,8 +40,9 @@ def main(gcs: str, namespace: str, model_dir: str, apply: str, phase: str, delay
     policy = load_trainer_model(model_dir)
     perturb_(policy, scale=0.3, seed=int(seed))
     d = DEADLINE_S
-    cfg = TransferConfig(bucket_bytes=256 << 10, apply=apply, deadlines=Deadlines(
-        rendezvous=d, transfer=d, verify=d, resume=d, reload=d, lease=LEASE_S))
+    deadlines = Deadlines(rendezvous=d, transfer=d, verify=d, resume=d, reload=d, lease=LEASE_S)
+    cfg = TransferConfig(bucket_bytes=256 << 10, deadlines=deadlines,
+                         apply="staged" if apply == "adapter" else apply)
 
     def die(p: str, engine) -> None:
         if p == phase and delay == "stop":
@@ -52,11 +57,32 @@ def main(gcs: str, namespace: str, model_dir: str, apply: str, phase: str, delay
 
     coord = SyncCoordinator(engines, cfg, on_phase=die)
     try:
-        coord.sync(policy)
+        if apply == "adapter":
+            coord.sync_adapter(adapter(model_dir, int(seed)), name="dying")
+        else:
+            coord.sync(policy)
     except SyncFailedError as e:
         print(f"the sync failed: {e}", flush=True)
         sys.exit(3)
     print("the sync finished: the fault came too late", flush=True)
+
+
+def adapter(model_dir: str, seed: int, r: int = 8) -> Any:
+    """A peft LoRA on every linear layer of the model in ``model_dir``, B random from
+    ``seed`` (peft starts it at 0, which would change nothing)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=16, target_modules="all-linear",
+                                            lora_dropout=0.0))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
 
 
 if __name__ == "__main__":
