@@ -41,7 +41,7 @@ def test_vllm_024_openai_app_serves_and_stamps_versions(gpu_ray, text_model, gpu
         r = httpx.post(f"{url}/collective_rpc", json={}, timeout=30,
                        headers={"Authorization": f"Bearer {TOKEN}"})
         assert r.status_code == 404
-        gpu_results["data"]["openai_024"] = {
+        gpu_results["openai_024"] = {
             "url_scheme": url.split(":")[0], "versions": [0, res.version],
             "texts_differ": first.choices[0].text != after.choices[0].text}
     finally:
