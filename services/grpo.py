@@ -108,9 +108,7 @@ class GrpoConfig(BaseModel):
     def _lora_fits(self) -> GrpoConfig:
         if not self.lora:
             return self
-        for flag, why in ((self.rollout == "openai", "--rollout openai (the router does not "
-                           "route by adapter name yet)"),
-                          (self.colocate, "--colocate (adapter syncs go into serving engines "
+        for flag, why in ((self.colocate, "--colocate (adapter syncs go into serving engines "
                            "only)"),
                           (self.trainer_ranks > 1, "--trainer-ranks > 1 (the FSDP2 trainer "
                            "trains every weight)")):
@@ -466,7 +464,7 @@ def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Con
 
             rollouts = OpenAIRollouts(actors, namespace=ray.get_runtime_context().namespace,
                                       host=cfg.router_host, port=cfg.router_port,
-                                      token=router_token)
+                                      token=router_token, lora=ADAPTER if cfg.lora else None)
             _say(console, f"rollouts through the fleet's router at {rollouts.base_url}")
         else:
             rollouts = RayRollouts(actors, policy.prompt_ids,

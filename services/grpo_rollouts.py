@@ -88,10 +88,13 @@ class OpenAIRollouts:
     name = "openai"
 
     def __init__(self, actors: list[Any], *, namespace: str, host: str = "127.0.0.1",
-                 port: int = 0, token: str | None = None, wait_s: float = 120.0) -> None:
+                 port: int = 0, token: str | None = None, wait_s: float = 120.0,
+                 lora: str | None = None) -> None:
         """``host``/``port``: where the router listens (loopback and a free port by default;
         another address needs ``token``, the job's bearer token for rollout clients outside
-        it, as the control plane's rules say: ``api.app.check_bind``)."""
+        it, as the control plane's rules say: ``api.app.check_bind``). ``lora``: an adapter's
+        name: requests ask for it as their model, and a sample's version is the adapter
+        version that ran it (``X-Adapter-Version``), not the base weights'."""
         import openai
 
         from weightsync.api import create_app
@@ -107,7 +110,8 @@ class OpenAIRollouts:
                                     timeout=wait_s + 600.0)
         self.wait_s = wait_s
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="rollout")
-        self.model = self.client.models.list().data[0].id
+        self.lora = lora
+        self.model = lora or self.client.models.list().data[0].id
 
     def _one(self, prompt: str, group_size: int, max_tokens: int, version: int) -> list[Sample]:
         raw = self.client.chat.completions.with_raw_response.create(
@@ -115,11 +119,16 @@ class OpenAIRollouts:
             max_tokens=max_tokens, temperature=1.0, logprobs=True,
             extra_headers={"X-Wait-S": str(self.wait_s)},
             extra_body={"ignore_eos": True, "return_token_ids": True,
-                        "min_weight_version": version})
+                        # (an adapter's version is not the fleet's: no bound on the base)
+                        **({} if self.lora else {"min_weight_version": version})})
         resp = raw.parse()
         extra = resp.model_extra or {}
         prompt_ids = list(extra["prompt_token_ids"])
         engine = raw.headers.get("x-engine")
+        served = extra.get("weight_version")
+        if self.lora is not None:
+            name, _, n = raw.headers.get("x-adapter-version", "").rpartition("@v")
+            served = int(n) if name == self.lora and n.isdigit() else None
         out = []
         for choice in resp.choices:
             ids = tuple((choice.model_extra or {})["token_ids"])
@@ -127,7 +136,7 @@ class OpenAIRollouts:
                 if choice.logprobs is not None else ()
             if len(lps) != len(ids):
                 raise VerificationError(f"{len(ids)} tokens but {len(lps)} logprobs came back")
-            out.append(Sample(prompt_ids, ids, lps, extra.get("weight_version"), engine))
+            out.append(Sample(prompt_ids, ids, lps, served, engine))
         return out
 
     def sample(self, prompts: Sequence[str], group_size: int, max_tokens: int,

@@ -266,13 +266,16 @@ def test_a_fleet_sync_refused_by_one_engine_changes_no_engine(lora_fleet, tiny_m
         coord.close()
 
 
+@pytest.mark.parametrize("rollout", ["ray", "openai"])
 def test_the_grpo_main_job_trains_an_adapter_and_syncs_only_it(lora_fleet, tiny_model,
-                                                               tmp_path):
+                                                               tmp_path, rollout):
     """``services.grpo --lora`` on the first engine (the job's model is the tiny model: same
     factory, same seed): a peft adapter on every linear layer trains on the frozen base; each
     step syncs only the adapter as ``policy@v<N>`` (v1 the untrained one) and samples with it
     by name; the engine's logprobs of its samples are the trainer's (peft's) on the same
-    weights. Whether it learns is the 40-step run in benchmarks/results/grpo-cpu-lora.json."""
+    weights. Sampled through Ray's ``generate`` or through the fleet's OpenAI router
+    (``model="policy"``, the version from ``X-Adapter-Version``). Whether it learns is the
+    40-step run in benchmarks/results/grpo-cpu-lora.json."""
     import io
     import json
 
@@ -281,7 +284,7 @@ def test_the_grpo_main_job_trains_an_adapter_and_syncs_only_it(lora_fleet, tiny_
     from services.grpo import ADAPTER, GrpoConfig, run
 
     cfg = GrpoConfig(steps=2, engines=1, prompts_per_step=2, group_size=4, max_tokens=8,
-                     device="cpu", lora=True, lora_rank=8)
+                     device="cpu", lora=True, lora_rank=8, rollout=rollout)
     v = state(lora_fleet[0]).highest.get(ADAPTER, 0)  # (another test may have used the name)
     summary = run(cfg, tmp_path, "lora", tmp_path / "model", Console(file=io.StringIO()),
                   actors=lora_fleet[:1])
