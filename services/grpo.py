@@ -539,7 +539,8 @@ def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Con
                steps=[r.model_dump() for r in records])
     (run_dir / f"{name}.json").write_text(json.dumps(log, indent=1))
     write_plot(records, run_dir / f"{name}.png",
-               f"GRPO on {cfg.engines} vLLM engine(s), {device}, task {cfg.task!r}: "
+               f"GRPO{' (LoRA r' + str(cfg.lora_rank) + ', adapter-only syncs)' if cfg.lora else ''}"
+               f" on {cfg.engines} vLLM engine(s), {device}, task {cfg.task!r}: "
                f"reward {summary['first_reward_mean']:.2f} -> {summary['last_reward_mean']:.2f}")
     return summary
 
