@@ -1,8 +1,9 @@
 """LoRA adapters as weightsync moves them: the adapter's config, its tensors packed into one
 checksummed buffer, and the checks both ends can make without vLLM (#31, first slice).
 
-A trainer makes an ``AdapterPayload`` from a peft model (``from_peft``) or from tensors under
-peft's names and a peft config (``from_tensors``); the payload's bytes are checksummed once,
+A trainer makes an ``AdapterPayload`` from a peft model (``from_peft``), from tensors under
+peft's names and a peft config (``from_tensors``), or the control plane from a peft adapter
+directory inside its load roots (``from_directory``); the payload's bytes are checksummed once,
 as sent. The engine host gives each sync a version (``<name>@v<N>``, ``engine.adapters``) and
 its workers check the checksum, then the tensors against the model (``check_adapter_shapes``
 here, vLLM's own rules in ``vllm_compat.add_adapter``), before anything is loaded.
@@ -11,12 +12,12 @@ here, vLLM's own rules in ``vllm_compat.add_adapter``), before anything is loade
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from weightsync.errors import ManifestError
 from weightsync.transport.packing import checksum, pack_bucket, plan_buckets, spec_of, unpack_bucket
@@ -187,6 +188,22 @@ class AdapterPayload:
         buf = pack_bucket(bucket, dict(cpu), "cpu")
         return cls(AdapterManifest(name=name, config=cfg, bucket=bucket, checksum=checksum(buf)),
                    buf)
+
+    @classmethod
+    def from_directory(cls, name: str, path: str,
+                       roots: Sequence[str] | None = None) -> AdapterPayload:
+        """A peft adapter directory (``save_pretrained``'s files), read under the load-root
+        rules of ``weightsync.checkpoint.read_adapter`` (``roots`` None: a trusted caller)."""
+        from weightsync.checkpoint import read_adapter
+
+        config, tensors = read_adapter(path, roots)
+        try:
+            cfg = AdapterConfig.model_validate(config)
+        except ValidationError as e:
+            raise ManifestError(f"{path}/adapter_config.json is not a LoRA config peft and "
+                                f"vLLM read: {e.errors()[0]['loc']}: "
+                                f"{e.errors()[0]['msg']}") from None
+        return cls.from_tensors(name, tensors, cfg)  # type: ignore[arg-type]
 
     @classmethod
     def from_peft(cls, name: str, model: Any, adapter_name: str = "default") -> AdapterPayload:

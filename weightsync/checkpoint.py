@@ -477,3 +477,30 @@ class PinnedFiles:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+ADAPTER_CONFIG = "adapter_config.json"  # peft's save_pretrained of a LoRA adapter
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MAX_ADAPTER_BYTES = 4 << 30
+
+
+def read_adapter(path: str, roots: Sequence[str] | None = None
+                 ) -> tuple[dict, dict[str, object]]:
+    """A peft adapter directory (``save_pretrained``: ``adapter_config.json`` and
+    ``adapter_model.safetensors``) as its config and its tensors (CPU), under this module's
+    rules: the directory and both files inside ``roots``, regular files only, the config and
+    the header bounded, the header checked as safetensors checks it before any tensor is read,
+    and the tensors read from the very file whose header was checked."""
+    directory = resolve_directory(path, roots)
+    config = _read_json(os.path.join(directory, ADAPTER_CONFIG), 1 << 20, roots)
+    weights = os.path.realpath(os.path.join(directory, ADAPTER_WEIGHTS))
+    if roots is not None and not _inside(weights, roots):
+        raise ConfigError(f"{ADAPTER_WEIGHTS} in {path!r} resolves outside the allowed load "
+                          f"roots {list(roots)}")
+    with PinnedFiles([weights], roots) as pinned:
+        specs = pinned.specs()
+        size = sum(s.nbytes for s in specs.values())
+        if size > MAX_ADAPTER_BYTES:
+            raise ManifestError(f"{ADAPTER_WEIGHTS} holds {size} bytes of tensors (an adapter "
+                                f"may hold {MAX_ADAPTER_BYTES})")
+        return config, dict(pinned.tensors())

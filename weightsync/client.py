@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 from pydantic import BaseModel
@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from weightsync.api.http_errors import API_ERRORS, FALLBACK_BY_STATUS
 from weightsync.api.schemas import (
     AbortRequest,
+    AdapterReloadRequest,
     CommitRequest,
     EngineList,
     EngineStates,
@@ -40,6 +41,9 @@ from weightsync.api.schemas import (
 )
 from weightsync.errors import WeightSyncError
 from weightsync.types import PauseMode, SleepResult, SyncResult
+
+if TYPE_CHECKING:  # (weightsync.adapters brings torch: imported where used)
+    from weightsync.adapters import AdapterFleetResult, AdapterState
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +184,24 @@ class WeightSyncClient:
         return self._post("/reload", ReloadRequest(path=path, engines=_names(engines),
                                                    pause_mode=pause_mode, partial=partial),
                           SyncResult, timeout=LONG_TIMEOUT_S)
+
+    # ---- LoRA adapters -----------------------------------------------------------------------
+    def adapters(self) -> dict[str, AdapterState]:
+        """Each engine's LoRA adapters (``GET /adapters``)."""
+        from weightsync.adapters import AdapterState
+
+        raw = self._request("GET", "/adapters").json()
+        return {name: AdapterState.model_validate(s) for name, s in raw.items()}
+
+    def reload_adapter(self, name: str, path: str, *,
+                       engines: Sequence[str] | None = None) -> AdapterFleetResult:
+        """Load a peft adapter directory under a load root as ``name``'s next version on every
+        engine, all or nothing (``POST /adapters/{name}/reload``)."""
+        from weightsync.adapters import AdapterFleetResult
+
+        return self._post(f"/adapters/{name}/reload",
+                          AdapterReloadRequest(path=path, engines=_names(engines)),
+                          AdapterFleetResult, timeout=LONG_TIMEOUT_S)
 
     # ---- sync sessions -----------------------------------------------------------------------
     def open_session(self, request: SessionRequest) -> SessionInfo:

@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from weightsync.adapters import AdapterFleetResult, AdapterPayload
+from weightsync.adapters import AdapterFleetResult, AdapterPayload, AdapterState
 from weightsync.config import TransferConfig
 from weightsync.coordination.adapter_flip import AdapterFlip
 from weightsync.coordination.attempt import SyncAttempt
@@ -255,6 +255,14 @@ class SyncCoordinator:
             payload = AdapterPayload.from_peft(name, adapter)
         with self._exclusive():
             return self._adapters.run(self._targets(engines), payload)
+
+    def adapter_states(self, engines: Sequence[str] | None = None) -> dict[str, AdapterState]:
+        """What each engine holds of its LoRA adapters (``EngineHost.adapter_state``)."""
+        e, dl = self.access, self.transfer.deadlines
+        states, bad = e.each(self._targets(engines), lambda n: e.adapter_state(n, dl.verify),
+                             dl.verify * 1.5)
+        raise_refusal(bad)
+        return dict(sorted(states.items()))
 
     def sleep(self, level: int = 1, *, engines: Sequence[str] | None = None,
               pause_mode: PauseMode = "abort") -> SleepResult:

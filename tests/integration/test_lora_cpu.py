@@ -29,12 +29,12 @@ def lora_fleet(ray_session, tiny_model):
     from weightsync.engine.actor import start_engines, stop_engines
     from weightsync.testing.engines import cold_adapter_engine
 
-    # max_loras 20: the kept versions of the tests' eight names (pinned, 16 at most), the one
+    # max_loras 24: the kept versions of the tests' ten names (pinned, 20 at most), the one
     # being loaded, and room for the cold oracle's adapter (vLLM loads it unpinned, in test 1)
     specs = [EngineSpec(name=f"engine-lora-{x}", model=str(tiny_model), dtype="float32",
                         max_model_len=512, enforce_eager=True,
                         engine_args={"enable_lora": True, "max_lora_rank": 16,
-                                     "max_loras": 20})
+                                     "max_loras": 24})
              for x in "ab"]
     actors = start_engines(specs, make_engine=cold_adapter_engine)
     yield actors
@@ -404,3 +404,50 @@ def test_adapters_are_served_by_name_through_the_fleets_openai_router(lora_fleet
         client.close()
         server.stop()
         coord.close()
+
+
+def test_an_adapter_directory_loads_through_the_control_plane_inside_its_load_roots(
+        lora_fleet, tiny_model, tmp_path):
+    """``POST /adapters/{name}/reload`` (``WeightSyncClient.reload_adapter``) of peft's
+    ``save_pretrained`` directory under a load root: both engines serve it as the name's next
+    version, exactly as the same adapter synced from memory; a directory outside the roots and
+    an adapter for another base are refused (422) with no engine changed."""
+    from weightsync.api import create_app
+    from weightsync.api.server import ServerThread
+    from weightsync.client import WeightSyncClient
+    from weightsync.config import Settings
+    from weightsync.coordinator import SyncCoordinator
+    from weightsync.errors import ConfigError
+    from weightsync.testing.models import build_text_model
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    model = peft_lora(tiny_model, seed=91)
+    model.save_pretrained(root / "a91")
+    model.save_pretrained(outside / "a91")
+    other_base = build_text_model(tmp_path / "bigger", hidden=256, heads=4)
+    peft_lora(other_base, seed=92).save_pretrained(root / "other-base")
+    settings = Settings(host="127.0.0.1", port=0, token="adapter-reload-token",
+                        namespace="weightsync-tests", load_roots=(str(root),), rollouts=False)
+    server = ServerThread(create_app(settings, engines=lora_fleet), 0).start()
+    coord = SyncCoordinator(lora_fleet)
+    try:
+        with WeightSyncClient(server.url, token=settings.token) as c:
+            r = c.reload_adapter("disk", str(root / "a91"))
+            assert r.ok and r.committed == ("engine-lora-a", "engine-lora-b")
+            states = c.adapters()
+            assert {s.served["disk"] for s in states.values()} == {f"disk@v{r.version}"}
+            coord.sync_adapter(AdapterPayload.from_peft("mem", model))
+            for x in lora_fleet:  # the same tensors, read from disk or sent from memory
+                assert generate(x, lora="disk")[0] == generate(x, lora="mem")[0]
+            before = {x: generate(x, lora="disk") for x in lora_fleet}
+            states = c.adapters()
+            with pytest.raises(ConfigError, match="outside the allowed load roots"):
+                c.reload_adapter("disk", str(outside / "a91"))
+            with pytest.raises(ConfigError, match="does not fit the model"):
+                c.reload_adapter("disk", str(root / "other-base"))
+            assert c.adapters() == states  # nothing changed, staged nowhere
+            for x in lora_fleet:
+                assert generate(x, lora="disk") == before[x]
+    finally:
+        coord.close()
+        server.stop()

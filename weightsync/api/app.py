@@ -22,8 +22,8 @@ from fastapi import FastAPI
 from weightsync.api.errors import install_error_handlers
 from weightsync.api.fleet import Fleet
 from weightsync.api.gate import Gate, PageSessions
+from weightsync.api.routes import adapters, health, openai, page, sync
 from weightsync.api.routes import engines as engine_routes
-from weightsync.api.routes import health, openai, page, sync
 from weightsync.api.sessions import SessionRegistry
 from weightsync.config import MiB, Settings, TransferConfig
 from weightsync.coordinator import SyncCoordinator
@@ -128,6 +128,6 @@ def create_app(settings: Settings, *, engines: Sequence[Any] | Mapping[str, Any]
     app.state.rollouts = None
     app.add_middleware(Gate, settings=settings, sessions=app.state.page_sessions)
     install_error_handlers(app)
-    for module in (health, engine_routes, sync, page, openai):
+    for module in (health, engine_routes, sync, adapters, page, openai):
         app.include_router(module.router)
     return app

@@ -88,6 +88,14 @@ class ReloadRequest(Targeted):
                            "it, a checkpoint must hold every tensor of the model.")
 
 
+class AdapterReloadRequest(Targeted):
+    path: str = Field(
+        min_length=1, max_length=4096, pattern=r"^/[^\x00]*$",
+        description="Absolute path of a peft adapter directory (save_pretrained's "
+                    "adapter_config.json and adapter_model.safetensors) inside a configured "
+                    "load root.")
+
+
 class SessionRequest(Targeted):
     """Open a sync whose weights a trainer outside the Ray cluster broadcasts as rank 0."""
 

@@ -7,7 +7,12 @@ One ``AdapterFlip.run`` per ``SyncCoordinator.sync_adapter``:
                                                        -> any failed: abort everywhere
 
 so a refusal or a failure on any engine leaves ``<name>`` on v(N-1) on every engine, with vN
-unloaded again. What is not closed: a commit that fails on one engine after others committed
+unloaded again. Where every engine that failed refused the input itself (``ConfigError``,
+``ManifestError``: another base's shapes, a rank above ``max_lora_rank``, no LoRA) and every
+abort succeeded, that refusal is raised as it is (HTTP 422 through the control plane); any
+other failure is an ``AdapterSyncFailedError`` naming each engine's.
+
+What is not closed: a commit that fails on one engine after others committed
 (a commit only flips the host's table, so this takes an engine that stops answering between
 the two phases) leaves the fleet split; it is reported (``uncommitted``), not fenced, and the
 next sync of the name (N+1, staged everywhere) brings every engine together again.
@@ -22,7 +27,7 @@ from typing import NoReturn
 
 from weightsync.adapters import AdapterFleetResult, AdapterPayload
 from weightsync.coordination.reach import Reach, raise_refusal
-from weightsync.errors import AdapterSyncFailedError, WeightSyncError
+from weightsync.errors import AdapterSyncFailedError, ConfigError, WeightSyncError
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +90,12 @@ class AdapterFlip:
             name=name, version=version, ok=False, failed=failed,
             aborted=tuple(sorted(n for n, was in aborted.items() if was)),
             seconds=time.perf_counter() - t0)
+        refusals = [err for err in bad.values() if isinstance(err, ConfigError)]
+        if not abort_bad and len(refusals) == len(bad):  # bad input: refused as such (422)
+            first = refusals[0]
+            raise type(first)(f"{first.message} (adapter {name}@v{version} refused: nothing "
+                              f"changed on any engine, {name!r} still resolves to "
+                              f"v{version - 1})", engine=first.engine)
         left = f"still staged on {sorted(abort_bad)}" if abort_bad else "staged nowhere now"
         raise AdapterSyncFailedError(
             f"adapter {name}@v{version} was refused or failed on {failed}; {left} (aborted "
