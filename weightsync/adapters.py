@@ -11,15 +11,16 @@ here, vLLM's own rules in ``vllm_compat.add_adapter``), before anything is loade
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from weightsync.errors import ManifestError
+from weightsync.errors import ManifestError, VerificationError
 from weightsync.transport.packing import checksum, pack_bucket, plan_buckets, spec_of, unpack_bucket
 from weightsync.types import Bucket, TensorSpec
 
@@ -255,3 +256,52 @@ def check_adapter_shapes(specs: list[TensorSpec], base: Mapping[str, TensorSpec]
     if bad:
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
         raise ManifestError(f"the adapter does not fit the model: {'; '.join(bad[:5])}{more}")
+
+
+def _pattern(pattern: Mapping[str, Any], module: str, default: Any) -> Any:
+    """peft's per-module override (``rank_pattern``/``alpha_pattern``): the first key the
+    module's name ends with (as ``.<key>``), else ``default``."""
+    return next((v for k, v in pattern.items() if re.match(rf"(.*\.)?{k}$", module)), default)
+
+
+def lora_scale(config: AdapterConfig, module: str, rank: int) -> float:
+    """The factor peft applies to ``B @ A`` of ``module`` (and vLLM folds into B):
+    alpha / r, or alpha / sqrt(r) with rsLoRA, per-module overrides included."""
+    alpha = _pattern(config.alpha_pattern, module, config.lora_alpha)
+    return float(alpha / (math.sqrt(rank) if config.use_rslora else rank))
+
+
+def verify_held(sent: Mapping[str, torch.Tensor],
+                held: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
+                module_of: Callable[[str], tuple[str, bool]], config: AdapterConfig,
+                what: str) -> None:
+    """What vLLM holds after loading an adapter against what the trainer sent, scaled the
+    same way. ``sent``: peft's names -> tensors as sent; ``held``: vLLM's module name ->
+    ``(A, B, scale)`` as its kernels apply them (``vllm_compat.adapter_held``);
+    ``module_of``: a sent tensor's module as vLLM names it, and whether it is A. Every module
+    sent is held and nothing else; A equals the sent A, and B times its scale equals the sent
+    B times peft's scale for that module, both computed as vLLM computes them (in the held
+    dtype), bit for bit. A ``VerificationError`` names what differs (an adapter scaled twice,
+    a stale one, a wrong module)."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in sent.items():
+        module, is_a = module_of(name)
+        pairs.setdefault(module, {})["A" if is_a else "B"] = t
+    bad = [f"{m}: sent, not held" for m in sorted(set(pairs) - set(held))]
+    bad += [f"{m}: held, not sent" for m in sorted(set(held) - set(pairs))]
+    for module in sorted(set(pairs) & set(held)):
+        a, b, scale = held[module]
+        want_a, want_b = pairs[module]["A"].to(a.dtype), pairs[module]["B"].to(b.dtype)
+        want = want_b * lora_scale(config, module, want_a.shape[0])
+        got = b if scale == 1 else b * scale
+        if not torch.equal(a, want_a):
+            bad.append(f"{module}: A differs from the A sent")
+        elif got.shape != want.shape or not torch.equal(got, want):
+            ratio = float((got.double().norm() / want.double().norm()).item()) \
+                if got.shape == want.shape and want.abs().sum() > 0 else float("nan")
+            bad.append(f"{module}: B x scale differs from the B sent x its scale "
+                       f"(norm ratio {ratio:.4g})")
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise VerificationError(f"{what}: what vLLM holds is not what was sent: "
+                                f"{'; '.join(bad[:5])}{more}")

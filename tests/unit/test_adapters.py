@@ -250,3 +250,65 @@ def test_a_new_stage_replaces_one_never_committed():
     state = asyncio.run(a.state(10.0))
     assert (state.staged, state.highest, state.served) == (("pol@v2",), {"pol": 2}, {})
     assert state.held_ids == (second.lora_int_id,)
+
+
+# ---- what vLLM holds after a load, against what was sent (verify_held) -----------------------
+def _sent_and_held(scale_folded: bool, alpha: float = 16, r: int = 8):
+    g = torch.Generator().manual_seed(0)
+    sent, held = {}, {}
+    for m, (out, inp) in {"model.layers.0.self_attn.q_proj": (16, 8),
+                          "model.layers.0.mlp.down_proj": (8, 32)}.items():
+        a, b = torch.randn(r, inp, generator=g), torch.randn(out, r, generator=g)
+        sent[f"base_model.model.{m}.lora_A.weight"] = a
+        sent[f"base_model.model.{m}.lora_B.weight"] = b
+        scale = alpha / r
+        held[m] = (a.clone(), b.clone() * scale, 1.0) if scale_folded else \
+            (a.clone(), b.clone(), scale)
+    return sent, held
+
+
+def _module_of(name: str):
+    stem = name.removeprefix("base_model.model.")
+    return stem.rsplit(".lora_", 1)[0], ".lora_A." in name
+
+
+def _config(**kw):
+    from weightsync.adapters import AdapterConfig
+
+    return AdapterConfig(**{"r": 8, "lora_alpha": 16, "target_modules": "all-linear", **kw})
+
+
+@pytest.mark.parametrize("folded", [True, False])
+def test_what_vllm_holds_equals_what_was_sent_scaled_once(folded):
+    from weightsync.adapters import verify_held
+
+    sent, held = _sent_and_held(folded)
+    verify_held(sent, held, _module_of, _config(), "a@v1")  # no error
+
+
+def test_an_adapter_scaled_twice_a_stale_one_and_a_missing_module_are_named():
+    from weightsync.adapters import verify_held
+    from weightsync.errors import VerificationError
+
+    sent, held = _sent_and_held(True)
+    a, b, s = held["model.layers.0.mlp.down_proj"]
+    held["model.layers.0.mlp.down_proj"] = (a, b * 2.0, s)  # alpha/r applied twice
+    with pytest.raises(VerificationError, match=r"down_proj: B x scale differs .*ratio 2"):
+        verify_held(sent, held, _module_of, _config(), "a@v1")
+    sent2, held2 = _sent_and_held(True)
+    held2["model.layers.0.self_attn.q_proj"] = _sent_and_held(True, alpha=8)[1][
+        "model.layers.0.self_attn.q_proj"]  # another version's B (the same A)
+    with pytest.raises(VerificationError, match="q_proj: B x scale differs"):
+        verify_held(sent2, held2, _module_of, _config(), "a@v1")
+    del held2["model.layers.0.self_attn.q_proj"]
+    with pytest.raises(VerificationError, match="q_proj: sent, not held"):
+        verify_held(sent2, held2, _module_of, _config(), "a@v1")
+
+
+def test_peft_scales_per_module_and_with_rslora():
+    from weightsync.adapters import lora_scale
+
+    cfg = _config(alpha_pattern={"down_proj": 32})
+    assert lora_scale(cfg, "model.layers.0.self_attn.q_proj", 8) == 2.0
+    assert lora_scale(cfg, "model.layers.0.mlp.down_proj", 8) == 4.0
+    assert lora_scale(_config(use_rslora=True), "x.q_proj", 16) == 4.0

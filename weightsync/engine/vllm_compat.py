@@ -589,6 +589,38 @@ def add_adapter(worker: Any, lora_int_id: int, tensors: dict[str, Any],
     return len(lora.loras)
 
 
+def adapter_held(worker: Any, lora_int_id: int) -> dict[str, tuple[Any, Any, float]]:
+    """What vLLM holds of the loaded adapter ``lora_int_id`` (the ``LoRAModel`` registered in
+    the worker's adapter manager, that its slots are filled from): each adapted module, packed
+    ones (``qkv_proj``, ``gate_up_proj``) split back into the modules they pack, -> its
+    ``(A, B, scale)``, the kernels applying ``x @ A.T @ (B * scale).T`` (vLLM folds alpha/r
+    into B in place when it packs: the scale is then 1)."""
+    am = _lora_manager(worker)._adapter_manager
+    lora = am._registered_adapters[lora_int_id]
+    out: dict[str, tuple[Any, Any, float]] = {}
+    for name, w in lora.loras.items():
+        if isinstance(w.lora_a, list):
+            for sub, a, b, s in zip(am.packed_modules.get(name, ()), w.lora_a, w.lora_b,
+                                    w.scaling, strict=False):
+                if a is not None:
+                    out[sub] = (a, b, float(s))
+        else:
+            out[name] = (w.lora_a, w.lora_b, float(w.scaling))
+    return out
+
+
+def adapter_module(worker: Any, tensor_name: str) -> tuple[str, bool]:
+    """The module a peft adapter tensor adapts, as vLLM names it (its weights mapper
+    applied), and whether it is the A matrix."""
+    from vllm.lora.utils import parse_fine_tuned_lora_name
+
+    model_ = _lora_manager(worker)._adapter_manager.model
+    mapper = getattr(model_, "hf_to_vllm_mapper", None)
+    mapper = mapper.get_rename_mapper() if mapper is not None else None
+    module, is_a = parse_fine_tuned_lora_name(tensor_name, mapper)
+    return module, bool(is_a)
+
+
 def remove_adapter(worker: Any, lora_int_id: int) -> bool:
     """Unpin and remove an adapter (False if it was not loaded)."""
     return bool(_lora_manager(worker).remove_adapter(lora_int_id))

@@ -29,6 +29,7 @@ from weightsync.adapters import (
     LoadedAdapters,
     check_adapter_shapes,
     unpack_adapter,
+    verify_held,
 )
 from weightsync.checkpoint import PinnedFiles, read_checkpoint
 from weightsync.engine import vllm_compat
@@ -376,7 +377,9 @@ class WeightSyncWorkerExtension:
         """Load an adapter from memory: its bytes (``data``: vLLM's RPC carries bytes as they
         are, a tensor as a list) checked against the sender's checksum, its tensors against
         the model (``check_adapter_shapes``) and vLLM's rules (``vllm_compat.add_adapter``),
-        all before anything is loaded; then added and pinned under the load's id."""
+        all before anything is loaded; then added and pinned under the load's id, and what
+        vLLM then holds compared with what was sent (``verify_held``: unloaded again if it
+        differs)."""
         load = AdapterLoad.model_validate_json(load_json)
         m = load.manifest
         if not isinstance(data, (bytes, bytearray)) or len(data) != m.bucket.nbytes:
@@ -391,6 +394,13 @@ class WeightSyncWorkerExtension:
         tensors = unpack_adapter(load, buf)
         require_finite(tensors.items(), f"adapter {load.versioned}")  # a diverged trainer's
         modules = vllm_compat.add_adapter(self, load.lora_int_id, tensors, m.config.peft_dict())
+        try:  # after vLLM's load: what it holds is what was sent, alpha/r applied once
+            verify_held(tensors, vllm_compat.adapter_held(self, load.lora_int_id),
+                        functools.partial(vllm_compat.adapter_module, self), m.config,
+                        f"adapter {load.versioned}")
+        except BaseException:
+            vllm_compat.remove_adapter(self, load.lora_int_id)
+            raise
         return AdapterLoaded(lora_int_id=load.lora_int_id, modules=modules)
 
     @worker_rpc
