@@ -15,6 +15,7 @@ import torch
 
 from weightsync.adapters import AdapterPayload
 from weightsync.errors import ManifestError, VerificationError
+from weightsync.testing.models import peft_lora
 
 pytestmark = pytest.mark.integration
 
@@ -44,22 +45,6 @@ def lora_fleet(ray_session, tiny_model):
 @pytest.fixture(scope="module")
 def lora_engine(lora_fleet):
     return lora_fleet[0]
-
-
-def peft_lora(tiny_model, seed: int, r: int = 8):
-    """A peft LoRA on every linear layer of the tiny model, B random (peft starts it at 0)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=16, target_modules="all-linear",
-                                            lora_dropout=0.0))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
 
 
 def sync(actor, payload: AdapterPayload):
@@ -314,11 +299,10 @@ def test_a_trainer_killed_between_stage_and_commit_changes_no_engine(lora_fleet,
     from pathlib import Path
 
     from weightsync.coordinator import SyncCoordinator
-    from weightsync.testing.dying_trainer import adapter
 
     coord = SyncCoordinator(lora_fleet)
     try:
-        v = coord.sync_adapter(adapter(str(tiny_model), 71), name="dying").version
+        v = coord.sync_adapter(peft_lora(tiny_model, seed=71), name="dying").version
         before = {x: generate(x, lora="dying") for x in lora_fleet}
         proc = subprocess.run(
             [sys.executable, "-m", "weightsync.testing.dying_trainer",
@@ -334,7 +318,7 @@ def test_a_trainer_killed_between_stage_and_commit_changes_no_engine(lora_fleet,
             with pytest.raises(Exception, match=f"no adapter 'dying@v{v + 1}'"):
                 generate(x, lora=f"dying@v{v + 1}")
         orphan_ids = {x: set(state(x).held_ids) for x in lora_fleet}
-        again = coord.sync_adapter(adapter(str(tiny_model), 72), name="dying")
+        again = coord.sync_adapter(peft_lora(tiny_model, seed=72), name="dying")
         assert (again.ok, again.version, again.committed) == (
             True, v + 2, ("engine-lora-a", "engine-lora-b"))
         answers = [generate(x, lora="dying") for x in lora_fleet]

@@ -20,7 +20,6 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
 
 DEADLINE_S = 6.0
 LEASE_S = 3.0
@@ -33,6 +32,7 @@ def main(gcs: str, namespace: str, model_dir: str, apply: str, phase: str, delay
     from weightsync.config import Deadlines, TransferConfig
     from weightsync.coordinator import SyncCoordinator
     from weightsync.errors import SyncFailedError
+    from weightsync.testing.models import peft_lora
     from weightsync.testing.reference import load_trainer_model, perturb_
 
     ray.init(address=gcs, namespace=namespace, log_to_driver=False)
@@ -58,31 +58,13 @@ def main(gcs: str, namespace: str, model_dir: str, apply: str, phase: str, delay
     coord = SyncCoordinator(engines, cfg, on_phase=die)
     try:
         if apply == "adapter":
-            coord.sync_adapter(adapter(model_dir, int(seed)), name="dying")
+            coord.sync_adapter(peft_lora(model_dir, int(seed)), name="dying")
         else:
             coord.sync(policy)
     except SyncFailedError as e:
         print(f"the sync failed: {e}", flush=True)
         sys.exit(3)
     print("the sync finished: the fault came too late", flush=True)
-
-
-def adapter(model_dir: str, seed: int, r: int = 8) -> Any:
-    """A peft LoRA on every linear layer of the model in ``model_dir``, B random from
-    ``seed`` (peft starts it at 0, which would change nothing)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=16, target_modules="all-linear",
-                                            lora_dropout=0.0))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -250,3 +251,21 @@ def _init_and_save(model, out, key: str, seed: int, device: str):
     model.save_pretrained(out, safe_serialization=True)
     _mark(out, key)
     return out
+
+
+def peft_lora(model_dir: str | os.PathLike, seed: int, r: int = 8) -> Any:
+    """A peft LoRA (rank ``r``, alpha 16) on every linear layer of the model in ``model_dir``,
+    B drawn from ``seed`` (peft starts it at 0, which would change nothing)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=16, target_modules="all-linear",
+                                            lora_dropout=0.0))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
