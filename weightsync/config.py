@@ -240,6 +240,12 @@ class EngineSpec(_Frozen):
     def _gpu_consistent(self) -> EngineSpec:
         if self.device == "cpu" and self.num_gpus:
             raise ValueError("a cpu engine asks for no GPUs")
+        if self.engine_args:
+            from weightsync.engine_args import device_refusal
+
+            why = device_refusal(self.engine_args, self.device)
+            if why is not None:
+                raise ValueError(why)
         bind = self.cpu_threads_bind
         if bind not in (None, "nobind", "auto") and \
                 len(bind.split("|")) != self.tensor_parallel_size:

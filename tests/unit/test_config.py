@@ -109,3 +109,32 @@ def test_unset_engine_fields_leave_vllms_defaults():
 
     spec = EngineSpec(name="e", model="/m")
     assert spec.enforce_eager is None and spec.max_model_len is None
+
+
+# ---- FP8 needs a GPU (#32): refused before anything starts, with the reason ---------------
+@pytest.mark.parametrize("method", ["fp8", "fbgemm_fp8"])
+def test_fp8_on_a_cpu_engine_is_refused_when_the_spec_is_made(method):
+    from pydantic import ValidationError
+
+    from weightsync.config import EngineSpec
+
+    with pytest.raises(ValidationError, match="needs a CUDA GPU"):
+        EngineSpec(name="e", model="/m", device="cpu", engine_args={"quantization": method})
+    EngineSpec(name="e", model="/m", device="cuda", engine_args={"quantization": method})
+
+
+def test_fp8_on_an_auto_engine_that_lands_on_cpu_is_refused_before_vllm_starts():
+    import asyncio
+
+    import torch
+
+    from weightsync.config import EngineSpec
+    from weightsync.engine.host import EngineHost
+    from weightsync.errors import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has a GPU: an auto engine lands there")
+    host = EngineHost(EngineSpec(name="e", model="/m", engine_args={"quantization": "fp8"}))
+    with pytest.raises(ConfigError, match=r"\[e\] quantization 'fp8' needs a CUDA GPU"):
+        asyncio.run(host.start())
+    assert host.engine is None  # nothing was started

@@ -41,7 +41,7 @@ from weightsync.engine.options import engine_args
 from weightsync.engine.serving import ServingGate
 from weightsync.engine.worker_calls import WorkerCalls
 from weightsync.engine.workers import check_workers, merge_layouts, merge_memory
-from weightsync.errors import EngineError, IllegalStateError, WeightSyncError
+from weightsync.errors import ConfigError, EngineError, IllegalStateError, WeightSyncError
 from weightsync.messages import (
     Ack,
     ApplyReply,
@@ -111,6 +111,9 @@ class EngineHost:
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self, *, owner: str | None = None) -> EngineStatus:
         self.lease.check(owner, "start")
+        why = vllm_compat.quantization_refusal(self.spec.engine_args, self.device)
+        if why is not None:  # before vLLM starts anything
+            raise ConfigError(why, engine=self.spec.name)
         await self.openai_server.close()  # (a restart: the next serve_openai builds a fresh app)
         vllm_compat.prepare_process_env(self.device, self.spec.tensor_parallel_size,
                                         self.spec.cpu_threads_bind)

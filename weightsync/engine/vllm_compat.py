@@ -169,6 +169,29 @@ def tokenizer(engine: Any) -> Any:
     return engine.get_tokenizer()
 
 
+def quantization_refusal(args: dict[str, Any], device: str) -> str | None:
+    """Why this engine's device cannot run its ``quantization``, or None: the CPU rule of
+    ``weightsync.engine_args.device_refusal``, and on a GPU vLLM's own minimum compute
+    capability for the method (``get_min_capability``) against this GPU's."""
+    from weightsync.engine_args import device_refusal
+
+    why = device_refusal(args, device)
+    method = args.get("quantization")
+    if why is not None or device != "cuda" or not method:
+        return why
+    from vllm.model_executor.layers.quantization import get_quantization_config
+    from vllm.platforms import current_platform
+
+    need = int(get_quantization_config(str(method)).get_min_capability())
+    cap = current_platform.get_device_capability()
+    have = cap.to_int() if cap is not None else 0
+    if have < need:
+        return (f"quantization {method!r} needs a GPU of compute capability "
+                f"{need // 10}.{need % 10} or above (vLLM's minimum for it); this GPU is "
+                f"{have // 10}.{have % 10}")
+    return None
+
+
 def sleep_mode_available() -> bool:
     from vllm.platforms import current_platform
 
