@@ -6,7 +6,7 @@ peft's names and a peft config (``from_tensors``), or the control plane from a p
 directory inside its load roots (``from_directory``); the payload's bytes are checksummed once,
 as sent. The engine host gives each sync a version (``<name>@v<N>``, ``engine.adapters``) and
 its workers check the checksum, then the tensors against the model (``check_adapter_shapes``
-here, vLLM's own rules in ``vllm_compat.add_adapter``), before anything is loaded.
+here, vLLM's own rules in ``vllm_lora.add_adapter``), before anything is loaded.
 """
 
 from __future__ import annotations
@@ -25,6 +25,12 @@ from weightsync.transport.packing import checksum, pack_bucket, plan_buckets, sp
 from weightsync.types import Bucket, TensorSpec
 
 NAME = r"^[A-Za-z0-9_.-]+$"  # an adapter's name; its versions are "<name>@v<N>"
+
+
+def version_of(served_as: str | None, name: str) -> int | None:
+    """N of ``"<name>@v<N>"`` (an answer's adapter version), None for anything else."""
+    got, _, n = (served_as or "").rpartition("@v")
+    return int(n) if got == name and n.isdigit() else None
 _PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 
@@ -216,7 +222,7 @@ class AdapterPayload:
 
 
 def unpack_adapter(load: AdapterLoad, buf: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The adapter's tensors: views of ``buf`` (``vllm_compat.add_adapter`` builds from copies
+    """The adapter's tensors: views of ``buf`` (``vllm_lora.add_adapter`` builds from copies
     of them: vLLM scales B by alpha/r in place)."""
     return dict(unpack_bucket(load.manifest.bucket, buf))
 
@@ -277,7 +283,7 @@ def verify_held(sent: Mapping[str, torch.Tensor],
                 what: str) -> None:
     """What vLLM holds after loading an adapter against what the trainer sent, scaled the
     same way. ``sent``: peft's names -> tensors as sent; ``held``: vLLM's module name ->
-    ``(A, B, scale)`` as its kernels apply them (``vllm_compat.adapter_held``);
+    ``(A, B, scale)`` as its kernels apply them (``vllm_lora.adapter_held``);
     ``module_of``: a sent tensor's module as vLLM names it, and whether it is A. Every module
     sent is held and nothing else; A equals the sent A, and B times its scale equals the sent
     B times peft's scale for that module, both computed as vLLM computes them (in the held

@@ -266,7 +266,8 @@ def test_the_grpo_main_job_trains_an_adapter_and_syncs_only_it(lora_fleet, tiny_
 
     from rich.console import Console
 
-    from services.grpo import ADAPTER, GrpoConfig, run
+    from services.grpo import GrpoConfig, run
+    from services.grpo_sync import ADAPTER
 
     cfg = GrpoConfig(steps=2, engines=1, prompts_per_step=2, group_size=4, max_tokens=8,
                      device="cpu", lora=True, lora_rank=8, rollout=rollout)

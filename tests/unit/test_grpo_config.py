@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from services.grpo import GrpoConfig, lora_args
+from services.grpo import GrpoConfig
+from services.grpo_sync import lora_args
 
 
 @pytest.mark.parametrize(("extra", "named"), [

@@ -35,7 +35,7 @@ from weightsync.adapters import (
     LoadedAdapters,
 )
 from weightsync.config import EngineSpec
-from weightsync.engine import vllm_compat
+from weightsync.engine import vllm_lora
 from weightsync.engine.worker_calls import WorkerCalls
 from weightsync.errors import (
     ConfigError,
@@ -63,7 +63,7 @@ class AdapterVersion:
 
     def request(self) -> Any:
         """vLLM's ``LoRARequest`` for this version."""
-        return vllm_compat.lora_request(self.served_as, self.lora_int_id,
+        return vllm_lora.lora_request(self.served_as, self.lora_int_id,
                                         _MEMORY + self.served_as)
 
 

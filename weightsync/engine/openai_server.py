@@ -25,7 +25,7 @@ from typing import Any
 
 import uvicorn
 
-from weightsync.engine import vllm_compat
+from weightsync.engine import vllm_compat, vllm_lora
 from weightsync.engine.gated_engine import GatedEngineClient, Served
 from weightsync.engine.openai_guard import OpenAIGuard
 from weightsync.errors import EngineError, UnsupportedError
@@ -69,7 +69,7 @@ class OpenAIServer:
         """The host's LoRA adapters by name in vLLM's app (``model="<name>"`` or
         ``"<name>@v<N>"``), the same table ``generate(lora=...)`` resolves in."""
         if self._app is not None:
-            vllm_compat.publish_adapters(self._app, self._host.adapters.requests())
+            vllm_lora.publish_adapters(self._app, self._host.adapters.requests())
 
     @property
     def url(self) -> str | None:

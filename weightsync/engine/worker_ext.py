@@ -32,7 +32,7 @@ from weightsync.adapters import (
     verify_held,
 )
 from weightsync.checkpoint import PinnedFiles, read_checkpoint
-from weightsync.engine import vllm_compat
+from weightsync.engine import vllm_compat, vllm_lora
 from weightsync.engine.appliers import Load, choose
 from weightsync.engine.derived import ModelStorage
 from weightsync.engine.fingerprint import Fingerprinter
@@ -376,7 +376,7 @@ class WeightSyncWorkerExtension:
     def ws_load_adapter(self, load_json: str, data: bytes) -> AdapterLoaded:
         """Load an adapter from memory: its bytes (``data``: vLLM's RPC carries bytes as they
         are, a tensor as a list) checked against the sender's checksum, its tensors against
-        the model (``check_adapter_shapes``) and vLLM's rules (``vllm_compat.add_adapter``),
+        the model (``check_adapter_shapes``) and vLLM's rules (``vllm_lora.add_adapter``),
         all before anything is loaded; then added and pinned under the load's id, and what
         vLLM then holds compared with what was sent (``verify_held``: unloaded again if it
         differs)."""
@@ -393,22 +393,22 @@ class WeightSyncWorkerExtension:
         check_adapter_shapes(list(m.bucket.slots), self._expected(), m.config)
         tensors = unpack_adapter(load, buf)
         require_finite(tensors.items(), f"adapter {load.versioned}")  # a diverged trainer's
-        modules = vllm_compat.add_adapter(self, load.lora_int_id, tensors, m.config.peft_dict())
+        modules = vllm_lora.add_adapter(self, load.lora_int_id, tensors, m.config.peft_dict())
         try:  # after vLLM's load: what it holds is what was sent, alpha/r applied once
-            verify_held(tensors, vllm_compat.adapter_held(self, load.lora_int_id),
-                        functools.partial(vllm_compat.adapter_module, self), m.config,
+            verify_held(tensors, vllm_lora.adapter_held(self, load.lora_int_id),
+                        functools.partial(vllm_lora.adapter_module, self), m.config,
                         f"adapter {load.versioned}")
         except BaseException:
-            vllm_compat.remove_adapter(self, load.lora_int_id)
+            vllm_lora.remove_adapter(self, load.lora_int_id)
             raise
         return AdapterLoaded(lora_int_id=load.lora_int_id, modules=modules)
 
     @worker_rpc
     def ws_remove_adapter(self, lora_int_id: int) -> Ack:
         """Unpin and unload an adapter (loaded or not: nothing to do then)."""
-        vllm_compat.remove_adapter(self, lora_int_id)
+        vllm_lora.remove_adapter(self, lora_int_id)
         return Ack()
 
     @worker_rpc
     def ws_loaded_adapters(self) -> LoadedAdapters:
-        return LoadedAdapters(ids=tuple(sorted(vllm_compat.loaded_adapters(self))))
+        return LoadedAdapters(ids=tuple(sorted(vllm_lora.loaded_adapters(self))))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from weightsync.engine import vllm_compat
+from weightsync.engine import vllm_compat, vllm_lora
 
 
 class CacheKeepingEngine:
@@ -68,7 +68,7 @@ class ColdAdapterEngine:
         path = (getattr(params, "extra_args", None) or {}).get(COLD_ADAPTER)
         if path is not None:
             lora_id = self._ids.setdefault(path, self.FIRST_ID + len(self._ids))
-            kwargs["lora_request"] = vllm_compat.lora_request(f"cold:{path}", lora_id, path)
+            kwargs["lora_request"] = vllm_lora.lora_request(f"cold:{path}", lora_id, path)
         return self._engine.generate(prompt, params, request_id=request_id, **kwargs)
 
 
