@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from weightsync.adapters import version_of
 from weightsync.errors import VerificationError
 
 
@@ -52,8 +53,7 @@ class RayRollouts:
     def _version(self, result: Any) -> int | None:
         if self.lora is None:
             return result.version
-        name, _, n = (result.adapter or "").rpartition("@v")
-        return int(n) if name == self.lora and n.isdigit() else None
+        return version_of(result.adapter, self.lora)
 
     def sample(self, prompts: Sequence[str], group_size: int, max_tokens: int,
                expect_version: int, timeout_s: float = 600.0) -> list[list[Sample]]:
@@ -127,8 +127,7 @@ class OpenAIRollouts:
         engine = raw.headers.get("x-engine")
         served = extra.get("weight_version")
         if self.lora is not None:
-            name, _, n = raw.headers.get("x-adapter-version", "").rpartition("@v")
-            served = int(n) if name == self.lora and n.isdigit() else None
+            served = version_of(raw.headers.get("x-adapter-version"), self.lora)
         out = []
         for choice in resp.choices:
             ids = tuple((choice.model_extra or {})["token_ids"])

@@ -144,10 +144,9 @@ class GatedEngineClient:
             raise
         lora = kwargs.get("lora_request")
         # an adapter of the host's (vLLM's app found its model name in the table the host
-        # publishes): held, so that version stays loaded until the request ends
+        # publishes: the version's own request): held, so it stays loaded until the end
         with self._host.adapters.use(None if lora is None else lora.lora_name) as held:
             if held is not None:
-                kwargs["lora_request"] = held.request()
                 ticket.adapter = held.served_as
             gate = self._host.gate
             gate.admit(1)  # no await since the gate was open: begin_sync waits for it

@@ -37,8 +37,6 @@ def main(gcs: str, namespace: str, model_dir: str, apply: str, phase: str, delay
 
     ray.init(address=gcs, namespace=namespace, log_to_driver=False)
     engines = [ray.get_actor(n, namespace=namespace) for n in names or ("engine-a", "engine-b")]
-    policy = load_trainer_model(model_dir)
-    perturb_(policy, scale=0.3, seed=int(seed))
     d = DEADLINE_S
     deadlines = Deadlines(rendezvous=d, transfer=d, verify=d, resume=d, reload=d, lease=LEASE_S)
     cfg = TransferConfig(bucket_bytes=256 << 10, deadlines=deadlines,
@@ -60,6 +58,8 @@ def main(gcs: str, namespace: str, model_dir: str, apply: str, phase: str, delay
         if apply == "adapter":
             coord.sync_adapter(peft_lora(model_dir, int(seed)), name="dying")
         else:
+            policy = load_trainer_model(model_dir)
+            perturb_(policy, scale=0.3, seed=int(seed))
             coord.sync(policy)
     except SyncFailedError as e:
         print(f"the sync failed: {e}", flush=True)
