@@ -124,9 +124,12 @@ def test_chain_broadcast_with_a_dead_middle_rank_fails_after_it_without_hanging(
     assert waited < 30
 
 
-def _silent_sender(port, hold_s):
+def _silent_sender(port, hold_s, ready):
     """Rank 0 of the group that never sends, and keeps its end open (a trainer whose failed
-    send left a reference to the group behind)."""
+    send left a reference to the group behind). ``ready`` is set once its imports are done, just
+    before it hosts the store: a spawned interpreter importing torch can take longer than the
+    4 s group timeout on a loaded 2-core box (CI at 4d0fac9 lost this race)."""
+    ready.set()
     group = open_group("gloo", "127.0.0.1", port, 0, 2, 30)
     time.sleep(hold_s)
     del group
@@ -145,9 +148,12 @@ def test_a_receive_that_timed_out_does_not_hold_its_group_past_the_deadline(grou
     ws = _weights()
     plan = plan_buckets([spec_of(n, t) for n, t in ws.items()], 100_000, 1)
     port = free_port("127.0.0.1")
-    sender = mp.get_context("spawn").Process(target=_silent_sender, args=(port, 40))
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    sender = ctx.Process(target=_silent_sender, args=(port, 40, ready))
     sender.start()
     try:
+        assert ready.wait(60), "the sender process never started"
         rx = BroadcastReceiver(open_group("gloo", "127.0.0.1", port, 1, 2, group_s))
         t = time.monotonic()
         with pytest.raises(DeadlineExceeded):
