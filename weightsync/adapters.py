@@ -151,9 +151,9 @@ class AdapterState(BaseModel):
 class AdapterFleetResult(BaseModel):
     """A fleet-wide adapter sync (``SyncCoordinator.sync_adapter``): ``committed`` the
     engines now serving ``<name>@v<version>``; ``failed`` engine -> why it failed (staging or
-    commit); ``aborted`` the engines whose staged version was unloaded again;
-    ``uncommitted`` engines that staged but whose commit failed after others committed (the
-    fleet is split: those still serve v(N-1) and hold vN staged)."""
+    commit); ``aborted`` the engines on which the version was undone (unloaded from staging,
+    or its commit undone after a commit failed elsewhere); ``uncommitted`` the engines that
+    could not be asked to undo it after a failed commit: fenced, what they serve unknown."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -149,7 +149,7 @@ def _rebuild_failed(cls, message, engine, result):
 
 class AdapterSyncFailedError(SyncFailedError):
     """A fleet-wide adapter sync failed; ``result`` is its ``AdapterFleetResult`` (which
-    engines failed and why, which were aborted, any left uncommitted)."""
+    engines failed and why, on which it was undone, any fenced because they could not be asked)."""
 
     code = "adapter_sync_failed"
 

@@ -30,12 +30,13 @@ def lora_fleet(ray_session, tiny_model):
     from weightsync.engine.actor import start_engines, stop_engines
     from weightsync.testing.engines import cold_adapter_engine
 
-    # max_loras 24: the kept versions of the tests' ten names (pinned, 20 at most), the one
-    # being loaded, and room for the cold oracle's adapter (vLLM loads it unpinned, in test 1)
+    # max_loras 26: the kept versions of the tests' eleven names (pinned, 22 at most), the one
+    # being loaded, room for the cold oracle's adapter (vLLM loads it unpinned, in test 1),
+    # and a version a fleet commit retired, held for its undo until the name's next stage
     specs = [EngineSpec(name=f"engine-lora-{x}", model=str(tiny_model), dtype="float32",
                         max_model_len=512, enforce_eager=True,
                         engine_args={"enable_lora": True, "max_lora_rank": 16,
-                                     "max_loras": 24})
+                                     "max_loras": 26})
              for x in "ab"]
     actors = start_engines(specs, make_engine=cold_adapter_engine)
     yield actors
@@ -247,6 +248,57 @@ def test_a_fleet_sync_refused_by_one_engine_changes_no_engine(lora_fleet, tiny_m
         v3 = generate(a, lora="fleet")
         assert v3[1] == {"fleet@v3"} and generate(b, lora="fleet") == v3
         assert v3[0] != before[a][0][0]
+    finally:
+        coord.close()
+
+
+def test_a_commit_that_fails_on_one_engine_is_undone_on_the_other(lora_fleet, tiny_model):
+    """Engine B's staged v3 is aborted by another caller just before the commit (as a second
+    coordinator would): A commits v3, B refuses to, and A undoes it. Both answer exactly as
+    on v2, v1 is kept again on A (v3's commit had retired it), neither holds an adapter it
+    did not hold before, and the next sync makes v4 everywhere (3 is never used again)."""
+    from weightsync.coordinator import SyncCoordinator
+    from weightsync.errors import AdapterSyncFailedError
+
+    a, b = lora_fleet
+    coord = SyncCoordinator(lora_fleet)
+    try:
+        for seed in (51, 52):
+            coord.sync_adapter(peft_lora(tiny_model, seed=seed), name="undo")
+        before = {x: (generate(x, lora="undo"), generate(x, lora="undo@v1"), state(x))
+                  for x in (a, b)}
+        assert {s.served["undo"] for _, _, s in before.values()} == {"undo@v2"}
+
+        def snatch(phase, _engine):
+            if phase == "adapter:commit":
+                assert ray.get(b.abort_adapter.remote("undo", 3), timeout=TIMEOUT) is True
+
+        coord.on_phase = snatch
+        try:
+            with pytest.raises(AdapterSyncFailedError, match="undone on") as err:
+                coord.sync_adapter(peft_lora(tiny_model, seed=53), name="undo")
+        finally:
+            coord.on_phase = None
+        result = err.value.result
+        assert (result.ok, result.version, result.committed, result.uncommitted) == (
+            False, 3, (), ())
+        assert set(result.failed) == {"engine-lora-b"}
+        assert "not staged" in result.failed["engine-lora-b"]
+        assert result.aborted == ("engine-lora-a",)
+        for x in (a, b):
+            latest, first, was = before[x]
+            now = state(x)
+            assert now.served["undo"] == "undo@v2" and now.staged == ()
+            assert now.held_ids == was.held_ids
+            assert generate(x, lora="undo") == latest  # exactly as before
+            assert generate(x, lora="undo@v1") == first
+            with pytest.raises(Exception, match="no adapter 'undo@v3'"):
+                generate(x, lora="undo@v3")
+
+        again = coord.sync_adapter(peft_lora(tiny_model, seed=53), name="undo")
+        assert (again.ok, again.version) == (True, 4)
+        assert generate(a, lora="undo")[1] == {"undo@v4"}
+        assert generate(b, lora="undo") == generate(a, lora="undo")
     finally:
         coord.close()
 

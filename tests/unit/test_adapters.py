@@ -229,6 +229,73 @@ def test_an_aborted_stage_is_unloaded_idempotently_and_frees_its_number():
         asyncio.run(a.commit("pol", 3, 10.0))  # not the staged version
 
 
+def test_a_fleet_commit_is_undone_until_the_names_next_stage():
+    """Undoing v3 (committed by a fleet flip that failed on another engine) brings back v2 as
+    what the name resolves to, and v1, which v3's commit retired but kept loaded for this;
+    v3 is unloaded and its number never staged again here."""
+    a, workers = _adapters()
+    _sync(a), _sync(a)
+    held = set(workers.held)
+    _stage(a, 3)
+    asyncio.run(a.commit("pol", 3, 10.0))
+    assert a.resolve("pol").served_as == "pol@v3" and 1 in workers.held  # retired, held
+    with pytest.raises(ConfigError):
+        a.resolve("pol@v1")
+    assert asyncio.run(a.abort("pol", 3, 10.0)) is True
+    assert workers.held == held and a.served() == {"pol": "pol@v2"}
+    assert a.resolve("pol@v1").lora_int_id == 1
+    assert asyncio.run(a.abort("pol", 3, 10.0)) is False  # idempotent
+    assert a.highest("pol") == 3
+    with pytest.raises(StaleVersionError, match="not above 3"):
+        _stage(a, 3)
+    assert _stage(a, 4).served_as == "pol@v4"
+
+
+def test_a_first_version_undone_leaves_the_name_unserved():
+    a, workers = _adapters()
+    _stage(a, 1)
+    asyncio.run(a.commit("pol", 1, 10.0))
+    assert asyncio.run(a.abort("pol", 1, 10.0)) is True
+    assert a.served() == {} and workers.held == set()
+
+
+def test_a_commit_stands_once_the_name_stages_again():
+    """The next stage of the name releases what the last commit retired (before counting
+    slots) and that commit can no longer be undone; a commit of ``sync`` never could be."""
+    a, workers = _adapters(max_loras=3)
+    _sync(a), _sync(a)
+    _stage(a, 3)
+    asyncio.run(a.commit("pol", 3, 10.0))
+    assert workers.held == {1, 2, 3}  # v1 held for an undo
+    _stage(a, 4)  # three slots: v2, v3 kept, v4; v1 let go first
+    assert workers.held == {2, 3, 4}
+    assert asyncio.run(a.abort("pol", 3, 10.0)) is False and a.served() == {"pol": "pol@v3"}
+    asyncio.run(a.commit("pol", 4, 10.0))
+    assert asyncio.run(a.abort("pol", 4, 10.0)) is True
+    assert a.served() == {"pol": "pol@v3"}
+    _sync(a)  # v5 by sync, both phases: not undoable
+    assert asyncio.run(a.abort("pol", 5, 10.0)) is False and a.served() == {"pol": "pol@v5"}
+
+
+def test_another_names_undo_gives_way_when_slots_run_out():
+    """Held retirees take slots: a stage of another name that needs one lets the undo go
+    (that commit stands) instead of being refused; one that fits leaves it undoable."""
+    a, workers = _adapters(max_loras=4)
+    _sync(a), _sync(a)
+    _stage(a, 3)
+    asyncio.run(a.commit("pol", 3, 10.0))  # v2, v3 kept, v1 held: three pinned
+    _stage(a, 1, name="other")  # four: fits, the undo stays
+    asyncio.run(a.commit("other", 1, 10.0))
+    assert workers.held == {1, 2, 3, 4}
+    assert asyncio.run(a.abort("pol", 3, 10.0)) is True and a.served()["pol"] == "pol@v2"
+    _stage(a, 4)
+    asyncio.run(a.commit("pol", 4, 10.0))  # pol v2, v4 kept, v1 held, other v1: full
+    assert len(workers.held) == 4
+    _stage(a, 2, name="other")  # needs a slot: pol's undo gives way, v1 is unloaded first
+    assert 1 not in workers.held
+    assert asyncio.run(a.abort("pol", 4, 10.0)) is False and a.served()["pol"] == "pol@v4"
+
+
 def test_a_stage_not_above_the_highest_version_is_refused_before_any_call():
     a, workers = _adapters()
     _sync(a), _sync(a)

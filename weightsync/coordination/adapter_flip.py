@@ -5,6 +5,7 @@ One ``AdapterFlip.run`` per ``SyncCoordinator.sync_adapter``:
     ask each engine's versions -> N = 1 + the highest of the name anywhere
     -> stage <name>@vN everywhere (loaded, not served) -> all staged: commit everywhere
                                                        -> any failed: abort everywhere
+    -> a commit failed anywhere: abort everywhere (the engines that committed undo it)
 
 so a refusal or a failure on any engine leaves ``<name>`` on v(N-1) on every engine, with vN
 unloaded again. Where every engine that failed refused the input itself (``ConfigError``,
@@ -12,10 +13,12 @@ unloaded again. Where every engine that failed refused the input itself (``Confi
 abort succeeded, that refusal is raised as it is (HTTP 422 through the control plane); any
 other failure is an ``AdapterSyncFailedError`` naming each engine's.
 
-What is not closed: a commit that fails on one engine after others committed
-(a commit only flips the host's table, so this takes an engine that stops answering between
-the two phases) leaves the fleet split; it is reported (``uncommitted``), not fenced, and the
-next sync of the name (N+1, staged everywhere) brings every engine together again.
+A commit only flips the host's table, so one fails after others succeeded when an engine
+stops answering between the two phases, or another coordinator aborted its stage. The
+engines that committed undo it (``Adapters.abort``: ``<name>`` back on v(N-1), vN never
+used again); an engine that cannot be asked to (its state unknown) is fenced. What is not
+closed: a trainer that dies mid-commit leaves the fleet split until the next sync of the
+name, which stages N+1 everywhere.
 """
 
 from __future__ import annotations
@@ -59,18 +62,43 @@ class AdapterFlip:
         self.reach.phase("adapter:commit", None)
         done, bad = e.each(targets, lambda n: e.commit_adapter(n, name, version, dl.verify),
                            dl.verify * 1.5)
+        if bad:
+            self._undo_commits(targets, name, version, sorted(done), bad, t0)
         replies = {n: done[n].model_copy(update={"nbytes": staged[n].nbytes}) for n in done}
         result = AdapterFleetResult(
-            name=name, version=version, ok=not bad, committed=tuple(sorted(done)),
-            failed={n: str(err) for n, err in bad.items()}, uncommitted=tuple(sorted(bad)),
+            name=name, version=version, ok=True, committed=tuple(sorted(done)),
             replies=replies, seconds=time.perf_counter() - t0)
-        if bad:
-            raise AdapterSyncFailedError(
-                f"adapter {name}@v{version}: committed on {list(result.committed)} but the "
-                f"commit failed on {result.failed}: the fleet is split (those still serve "
-                f"v{version - 1}) until the next sync of {name!r}", result=result)
         logger.info("adapter %s@v%d committed on %s", name, version, list(result.committed))
         return result
+
+    def _undo_commits(self, targets: Sequence[str], name: str, version: int,
+                      committed: list[str], bad: dict[str, WeightSyncError],
+                      t0: float) -> NoReturn:
+        """The commit failed on ``bad`` after ``committed`` committed: undo vN everywhere
+        (staged or committed); fence an engine that cannot be asked (what it serves is
+        unknown); raise."""
+        e, dl = self.reach.engines, self.reach.deadlines
+        self.reach.phase("adapter:undo", None)
+        undone, undo_bad = e.each(targets, lambda n: e.abort_adapter(n, name, version,
+                                                                     dl.verify),
+                                  dl.verify * 1.5)
+        fenced = sorted(undo_bad)
+        if fenced:
+            e.each(fenced, lambda n: e.fence(
+                n, f"adapter {name}@v{version}: its commit and its undo failed "
+                   f"({undo_bad[n]}): what it serves as {name!r} is unknown"), dl.verify)
+        failed = {n: str(err) for n, err in bad.items()}
+        failed.update({n: f"undo failed: {err}" for n, err in undo_bad.items()})
+        result = AdapterFleetResult(
+            name=name, version=version, ok=False, failed=failed,
+            aborted=tuple(sorted(n for n, was in undone.items() if was)),
+            uncommitted=tuple(fenced), seconds=time.perf_counter() - t0)
+        where = f"every engine but {fenced} (fenced)" if fenced else "every engine"
+        raise AdapterSyncFailedError(
+            f"adapter {name}@v{version}: the commit failed on {sorted(bad)} "
+            f"({'; '.join(failed[n] for n in sorted(bad))}) after {committed} committed; "
+            f"undone on {list(result.aborted)}: {name!r} resolves to v{version - 1} on "
+            f"{where}", engine=next(iter(bad)), result=result)
 
     def _abort(self, targets: Sequence[str], name: str, version: int,
                bad: dict[str, WeightSyncError], t0: float) -> NoReturn:

@@ -6,6 +6,12 @@ makes it what ``<name>`` resolves to (``commit``), or unloads it again (``abort`
 sync (``SyncCoordinator.sync_adapter``) stages the same N on every engine and commits only
 if all staged; ``sync`` is both phases on one engine.
 
+A fleet commit can be undone (``abort`` of the committed version) until the name's next
+stage: ``<name>`` resolves to its previous version again, with the versions that commit
+retired kept loaded until then, so a commit that failed on another engine leaves every
+engine as it was. A committed number is never used again here (vLLM's prefix cache is keyed
+by the adapter's name, and requests ran on it); a number only staged is (nothing ran on it).
+
 The last ``keep`` versions of a name stay loaded (pinned), so a request that named an older
 one, or started on it, finishes there; older ones are unloaded once no request of this host
 uses them. Each version has its own vLLM name and id, so vLLM's prefix cache,
@@ -70,7 +76,8 @@ class AdapterVersion:
 class Adapters:
     """The engine's adapter versions. Invariants: ``_latest[name]`` is in ``_loaded``; every
     version in ``_loaded`` or ``_retired`` is loaded in every worker; a retired version is no
-    longer resolvable and is unloaded once ``_in_use`` of it is 0; ids are never reused."""
+    longer resolvable and is unloaded once ``_in_use`` of it is 0 and no undo holds it
+    (``_undo``); ids are never reused, and neither is a version number once committed."""
 
     def __init__(self, spec: EngineSpec, calls: WorkerCalls) -> None:
         self.engine_name = spec.name
@@ -87,6 +94,10 @@ class Adapters:
         self._retired: dict[str, AdapterVersion] = {}
         self._staged: dict[str, AdapterVersion] = {}  # by name: loaded, not yet committed
         self._in_use: Counter[str] = Counter()
+        # by name, what undoing its last fleet commit restores: the version it displaced and
+        # the versions it retired (held loaded), until the name's next stage
+        self._undo: dict[str, tuple[AdapterVersion | None, list[AdapterVersion]]] = {}
+        self._committed: dict[str, int] = {}  # by name, the highest version ever committed
         self._lock = asyncio.Lock()
         self._listeners: list[Callable[[], None]] = []
 
@@ -139,9 +150,10 @@ class Adapters:
         return {n: v.served_as for n, v in self._latest.items()}
 
     def highest(self, name: str) -> int:
-        """The highest version of ``name`` here: kept, retired or staged (0: none)."""
+        """The highest version of ``name`` here: kept, retired, staged or ever committed (0:
+        none)."""
         held = [*self._loaded.values(), *self._retired.values(), *self._staged.values()]
-        return max((v.version for v in held if v.name == name), default=0)
+        return max([self._committed.get(name, 0), *(v.version for v in held if v.name == name)])
 
     async def state(self, deadline_s: float) -> AdapterState:
         """What this engine holds, the workers asked for the vLLM ids they hold."""
@@ -159,7 +171,8 @@ class Adapters:
         async with self._lock:
             staged = await self._stage(manifest, buf, self.highest(manifest.name) + 1,
                                        deadline_s)
-            done = await self._commit(manifest.name, staged.version, deadline_s)
+            done = await self._commit(manifest.name, staged.version, deadline_s,
+                                      undoable=False)
         return done.model_copy(update={"nbytes": staged.nbytes,
                                        "seconds": staged.seconds + done.seconds})
 
@@ -176,21 +189,45 @@ class Adapters:
 
     async def commit(self, name: str, version: int, deadline_s: float) -> AdapterSyncReply:
         """Phase two: ``<name>`` resolves to the staged ``version``; the versions beyond
-        ``keep`` are retired and those no request holds unloaded."""
+        ``keep`` are retired (no longer resolvable) and stay loaded until the name's next
+        stage, so that ``abort`` can undo this commit."""
         async with self._lock:
-            return await self._commit(name, version, deadline_s)
+            return await self._commit(name, version, deadline_s, undoable=True)
 
     async def abort(self, name: str, version: int, deadline_s: float) -> bool:
-        """Unload the staged ``<name>@v<version>``; False if it is not staged (never was,
-        or already aborted or committed): idempotent."""
+        """Undo ``<name>@v<version>`` wherever it got to: unload it if staged; if it is the
+        committed version and its commit is still undoable (no stage of the name since),
+        ``<name>`` resolves to its previous version again (none before v1), the versions the
+        commit retired are kept again, and ``version`` is retired. False if there was nothing
+        to undo (never staged, already undone, or a later stage came): idempotent."""
         async with self._lock:
             v = self._staged.get(name)
-            if v is None or v.version != version:
+            if v is not None and v.version == version:
+                del self._staged[name]
+                await self._unload(v.lora_int_id, deadline_s)
+                logger.info("engine %s: staged adapter %s aborted", self.engine_name,
+                            v.served_as)
+                return True
+            latest = self._latest.get(name)
+            if latest is None or latest.version != version or name not in self._undo:
                 return False
-            del self._staged[name]
-            await self._unload(v.lora_int_id, deadline_s)
-        logger.info("engine %s: staged adapter %s aborted", self.engine_name, v.served_as)
+            await self._uncommit(latest, deadline_s)
         return True
+
+    async def _uncommit(self, v: AdapterVersion, deadline_s: float) -> None:
+        previous, retired = self._undo.pop(v.name)
+        self._retired[v.served_as] = self._loaded.pop(v.served_as)
+        for old in retired:  # held loaded by the undo: kept again
+            self._loaded[old.served_as] = self._retired.pop(old.served_as)
+        if previous is None:
+            del self._latest[v.name]
+        else:
+            self._latest[v.name] = previous
+        removed = await self._sweep(deadline_s)
+        self._changed()
+        logger.info("engine %s: adapter %s undone: %r resolves to %s again; unloaded %s",
+                    self.engine_name, v.served_as, v.name,
+                    previous.served_as if previous else "nothing", removed)
 
     async def _stage(self, manifest: AdapterManifest, buf: Any, version: int,
                      deadline_s: float) -> AdapterSyncReply:
@@ -203,6 +240,11 @@ class Adapters:
         stale = self._staged.pop(name, None)
         if stale is not None:  # staged by a sync that never committed it
             await self._unload(stale.lora_int_id, deadline_s)
+        if self._undo.pop(name, None) is not None:  # the last commit stands: let go of what
+            await self._sweep(deadline_s)  # it retired before counting the slots
+        if self._pinned() >= self._slots and self._undo:  # other names' undos give way
+            self._undo.clear()
+            await self._sweep(deadline_s)
         self._check_ready()
         load = AdapterLoad(manifest=manifest, lora_int_id=self._next_id, version=version)
         self._next_id += 1  # (a failed load's id is not reused either)
@@ -221,7 +263,8 @@ class Adapters:
                                 lora_int_id=v.lora_int_id, nbytes=int(buf.numel()),
                                 removed=(), seconds=time.perf_counter() - t0)
 
-    async def _commit(self, name: str, version: int, deadline_s: float) -> AdapterSyncReply:
+    async def _commit(self, name: str, version: int, deadline_s: float, *,
+                      undoable: bool) -> AdapterSyncReply:
         t0 = time.perf_counter()
         v = self._staged.get(name)
         if v is None or v.version != version:
@@ -229,10 +272,16 @@ class Adapters:
                                     f"{sorted(s.served_as for s in self._staged.values())})",
                                     engine=self.engine_name)
         del self._staged[name]
-        previous = [p for p in self._loaded.values() if p.name == name]
+        displaced = self._latest.get(name)
+        previous = sorted((p for p in self._loaded.values() if p.name == name),
+                          key=lambda p: p.version)  # (an undo re-inserts older ones)
         self._loaded[v.served_as] = self._latest[name] = v
-        for old in previous[:max(0, len(previous) + 1 - self.keep)]:
+        self._committed[name] = max(self._committed.get(name, 0), version)
+        retired = previous[:max(0, len(previous) + 1 - self.keep)]
+        for old in retired:
             self._retired[old.served_as] = self._loaded.pop(old.served_as)
+        if undoable:
+            self._undo[name] = (displaced, retired)
         removed = await self._sweep(deadline_s)
         self._changed()
         logger.info("engine %s: adapter %s committed; unloaded %s", self.engine_name,
@@ -259,6 +308,7 @@ class Adapters:
         for table in (self._loaded, self._retired, self._staged):
             for key in [k for k, v in table.items() if v.lora_int_id not in ids]:
                 del table[key]
+        self._undo.clear()  # the weights under every adapter changed: no commit is undone
         self._latest = {n: v for n, v in self._latest.items() if v.served_as in self._loaded}
         self._changed()
 
@@ -267,16 +317,21 @@ class Adapters:
             raise ManifestError("the engine was started without LoRA: start it with "
                                 "engine_args {'enable_lora': true, 'max_lora_rank': ..., "
                                 "'max_loras': ...}", engine=self.engine_name)
-        pinned = len(self._loaded) + len(self._retired) + len(self._staged) + 1
+        pinned = self._pinned() + 1
         if pinned > self._slots:
             raise ConfigError(f"an adapter sync needs {pinned} adapter slots here (the kept "
                               f"versions, {self.keep} per name, and the new one): the engine "
                               f"has max_loras/max_cpu_loras {self._slots}",
                               engine=self.engine_name)
 
+    def _pinned(self) -> int:
+        return len(self._loaded) + len(self._retired) + len(self._staged)
+
     async def _sweep(self, deadline_s: float) -> list[str]:
-        """Unload the retired versions no request holds."""
-        gone = [v for name, v in self._retired.items() if not self._in_use[name]]
+        """Unload the retired versions no request and no undo holds."""
+        held = {v.served_as for _, retired in self._undo.values() for v in retired}
+        gone = [v for name, v in self._retired.items()
+                if not self._in_use[name] and name not in held]
         for v in gone:
             await self._unload(v.lora_int_id, deadline_s)
             del self._retired[v.served_as]
