@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from weightsync.errors import ManifestError, VerificationError
 from weightsync.transport.packing import checksum, pack_bucket, plan_buckets, spec_of, unpack_bucket
-from weightsync.types import Bucket, TensorSpec
+from weightsync.types import Bucket, TensorSpec, TransferPlan
 
 NAME = r"^[A-Za-z0-9_.-]+$"  # an adapter's name; its versions are "<name>@v<N>"
 
@@ -87,19 +87,52 @@ class AdapterManifest(BaseModel):
     checksum: int
 
 
+class OverGroup(BaseModel):
+    """How a worker receives an adapter's bytes from the trainer's transfer group instead of
+    in its call (``AdapterLoad.over_group``): the deadline of the receive and, for a chain,
+    its chunk size (``BroadcastSettings.chain_chunk_bytes``; 0: a broadcast)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    deadline_s: float = Field(gt=0)
+    chain_chunk: int = Field(default=0, ge=0)
+
+
 class AdapterLoad(BaseModel):
     """What a worker is told to load (``ws_load_adapter``), besides the bytes themselves: the
-    manifest, the version the host gave it and its vLLM id (never reused)."""
+    manifest, the version the host gave it and its vLLM id (never reused); ``over_group``:
+    the bytes come through the transfer group the worker is in (``wire_plan``), not in the
+    call."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     manifest: AdapterManifest
     version: int = Field(ge=1)
     lora_int_id: int = Field(ge=1)
+    over_group: OverGroup | None = None
 
     @property
     def versioned(self) -> str:
         return f"{self.manifest.name}@v{self.version}"
+
+    def wire_plan(self) -> TransferPlan:
+        """The plan of the one bucket both ends of a group derive from the load
+        (``wire_plan``); only for a load ``over_group``."""
+        if self.over_group is None:
+            raise ValueError("the bytes of this load come in its call")
+        return wire_plan(self.manifest, self.version, self.over_group.chain_chunk)
+
+
+def wire_plan(manifest: AdapterManifest, version: int, chain_chunk: int = 0) -> TransferPlan:
+    """An adapter's packed bytes as a transfer plan (one bucket holding one uint8 tensor,
+    ``WIRE_NAME``): what a group leg sends from ``{WIRE_NAME: payload.buf}`` and every worker
+    receives, byte for byte the payload's (so its checksum is the manifest's)."""
+    n = manifest.bucket.nbytes
+    plan = plan_buckets([TensorSpec(name=WIRE_NAME, dtype="uint8", shape=(n,))], n, version)
+    return plan.model_copy(update={"chain_chunk": chain_chunk}) if chain_chunk else plan
+
+
+WIRE_NAME = "adapter"
 
 
 class AdapterLoaded(BaseModel):
@@ -137,7 +170,8 @@ class AdapterState(BaseModel):
     """What one engine holds of its adapters (``EngineHost.adapter_state``): ``served`` each
     name -> the version it resolves to; ``kept`` the versions servable by ``<name>@v<N>``;
     ``staged`` loaded but not committed (not servable); ``highest`` each name's highest
-    version here, staged included; ``held_ids`` the vLLM ids the workers hold now."""
+    version here, staged included; ``held_ids`` the vLLM ids the workers hold now;
+    ``group_id`` the trainer's transfer group its workers are in, if any."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -146,6 +180,8 @@ class AdapterState(BaseModel):
     staged: tuple[str, ...]
     highest: dict[str, int]
     held_ids: tuple[int, ...]
+    group_id: str | None = None  # the transfer group its workers are in (engine.group)
+    serving: bool = True  # whether it would stage an adapter now (not paused, syncing, ...)
 
 
 class AdapterFleetResult(BaseModel):

@@ -108,7 +108,7 @@ class SyncCoordinator:
         self._book = VersionBook(self.owner, max(s.version for s in statuses))
         self._plans = LayoutNegotiator(self._reach)
         self._colocation = Colocation(self._reach, self._statuses, self._book, self._beat)
-        self._adapters = AdapterFlip(self._reach)
+        self._adapters = AdapterFlip(self._reach, self._leg)
         self._lock = threading.Lock()
         self._legs: dict[str, SenderLeg] = {}
         self._takeover = False  # the sync in progress may take engines from a silent owner
@@ -236,14 +236,20 @@ class SyncCoordinator:
                                                     pause_mode, sleep_level, t0))
 
     def sync_adapter(self, adapter: AdapterPayload | Any, *, name: str | None = None,
-                     engines: Sequence[str] | None = None) -> AdapterFleetResult:
+                     engines: Sequence[str] | None = None,
+                     leg: str | None = None) -> AdapterFleetResult:
         """Sync a LoRA adapter to the fleet as its next version ``<name>@v<N>``, all or
         nothing: ``adapter`` an ``AdapterPayload`` or a peft model (then ``name`` is
         required). N is 1 + the highest version of the name on any engine; every engine
         stages vN (loaded, not served), then all commit (``<name>`` resolves to vN) or, if
         any refused or failed, all abort and ``AdapterSyncFailedError`` names them: ``<name>``
         stays on v(N-1) everywhere (``coordination.adapter_flip``, which also says what a
-        commit failing part-way leaves)."""
+        commit failing part-way leaves).
+
+        The bytes travel in the engine calls (Ray's object store) or, ``leg="broadcast"``,
+        over the coordinator's transfer group with every engine's workers (a broadcast, or a
+        chain per ``TransferConfig.broadcast``), opened for the first sync that needs it and
+        shared with full syncs."""
         if isinstance(adapter, AdapterPayload):
             if name is not None and name != adapter.manifest.name:
                 raise ConfigError(f"name {name!r} differs from the payload's "
@@ -254,7 +260,7 @@ class SyncCoordinator:
         else:
             payload = AdapterPayload.from_peft(name, adapter)
         with self._exclusive():
-            return self._adapters.run(self._targets(engines), payload)
+            return self._adapters.run(self._targets(engines), payload, leg)
 
     def adapter_states(self, engines: Sequence[str] | None = None) -> dict[str, AdapterState]:
         """What each engine holds of its LoRA adapters (``EngineHost.adapter_state``)."""

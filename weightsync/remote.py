@@ -233,9 +233,10 @@ class Engines:
         return self._start(name, "adapter_state", deadline_s=deadline_s)
 
     def stage_adapter(self, name: str, manifest_json: str, buf: Any, version: int,
-                      deadline_s: float) -> Pending[AdapterSyncReply]:
+                      deadline_s: float, chain_chunk: int = 0) -> Pending[AdapterSyncReply]:
+        """``buf`` None: the bytes come over the transfer group (``EngineHost.stage_adapter``)."""
         return self._start(name, "stage_adapter", manifest_json, buf, version,
-                           deadline_s=deadline_s)
+                           deadline_s=deadline_s, chain_chunk=chain_chunk)
 
     def commit_adapter(self, name: str, adapter: str, version: int,
                        deadline_s: float) -> Pending[AdapterSyncReply]:

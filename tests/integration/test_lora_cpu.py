@@ -30,13 +30,13 @@ def lora_fleet(ray_session, tiny_model):
     from weightsync.engine.actor import start_engines, stop_engines
     from weightsync.testing.engines import cold_adapter_engine
 
-    # max_loras 26: the kept versions of the tests' eleven names (pinned, 22 at most), the one
+    # max_loras 32: the kept versions of the tests' fourteen names (pinned, 28 at most), the one
     # being loaded, room for the cold oracle's adapter (vLLM loads it unpinned, in test 1),
     # and a version a fleet commit retired, held for its undo until the name's next stage
     specs = [EngineSpec(name=f"engine-lora-{x}", model=str(tiny_model), dtype="float32",
                         max_model_len=512, enforce_eager=True,
                         engine_args={"enable_lora": True, "max_lora_rank": 16,
-                                     "max_loras": 26})
+                                     "max_loras": 32})
              for x in "ab"]
     actors = start_engines(specs, make_engine=cold_adapter_engine)
     yield actors
@@ -299,6 +299,96 @@ def test_a_commit_that_fails_on_one_engine_is_undone_on_the_other(lora_fleet, ti
         assert (again.ok, again.version) == (True, 4)
         assert generate(a, lora="undo")[1] == {"undo@v4"}
         assert generate(b, lora="undo") == generate(a, lora="undo")
+    finally:
+        coord.close()
+
+
+@pytest.mark.parametrize("mode", ["collective", "chain"])
+def test_an_adapter_moves_over_the_transfer_group_as_it_does_in_the_calls(lora_fleet,
+                                                                          tiny_model, mode):
+    """``sync_adapter(leg="broadcast")``: both engines join the coordinator's gloo group
+    while serving (no pause) and receive the adapter's bytes from it, by broadcast or by a
+    chain in 64 KiB chunks; the group stays open for the next sync. What they serve is bit
+    for bit what the same adapter sent in the engine calls serves."""
+    from weightsync.config import BroadcastSettings, TransferConfig
+    from weightsync.coordinator import SyncCoordinator
+
+    a, b = lora_fleet
+    name = f"wire{mode[:2]}"
+    coord = SyncCoordinator(lora_fleet, TransferConfig(broadcast=BroadcastSettings(
+        mode=mode, chain_chunk_bytes=64 * 1024)))
+    try:
+        payload = AdapterPayload.from_peft(name, peft_lora(tiny_model, seed=61))
+        first = coord.sync_adapter(payload, leg="broadcast")
+        assert (first.ok, first.version) == (True, 1)
+        assert {r.nbytes for r in first.replies.values()} == {payload.buf.numel()}
+        groups = {state(x).group_id for x in (a, b)}
+        assert len(groups) == 1 and None not in groups  # one group, both engines in it
+        over_group = generate(a, lora=name)
+        assert over_group[1] == {f"{name}@v1"} and generate(b, lora=name) == over_group
+
+        in_calls = coord.sync_adapter(payload)  # the same bytes, in the engine calls: v2
+        assert in_calls.version == 2
+        assert generate(a, lora=name)[0] == over_group[0]
+        assert generate(b, lora=name)[0] == over_group[0]
+
+        again = coord.sync_adapter(AdapterPayload.from_peft(name, peft_lora(tiny_model, 62)),
+                                   leg="broadcast")
+        assert again.version == 3 and {state(x).group_id for x in (a, b)} == groups  # kept
+        assert generate(a, lora=name)[0] != over_group[0]
+        assert generate(b, lora=name) == generate(a, lora=name)
+    finally:
+        coord.close()
+
+
+def test_an_engine_that_refuses_an_adapter_over_the_group_still_takes_its_bytes(
+        lora_fleet, tiny_model):
+    """A chain (64 KiB chunks): A, first in it, must forward every chunk to B. Another caller
+    stages v2 on A after the coordinator counted versions: A refuses the coordinator's v2
+    (not above its highest) but still takes the bytes and forwards them, so B receives and
+    stages them: only A fails, within seconds (without the drain, B fails too, its chain
+    broken when A leaves the group; a sender whose collective needs every rank, NCCL's,
+    would wait out its deadline). v2 is undone everywhere, and the next sync opens a group
+    again and makes v2 everywhere (a number never committed is free again)."""
+    import time
+
+    from weightsync.config import BroadcastSettings, Deadlines, TransferConfig
+    from weightsync.coordinator import SyncCoordinator
+    from weightsync.errors import AdapterSyncFailedError
+
+    a, b = lora_fleet
+    coord = SyncCoordinator(lora_fleet, TransferConfig(
+        broadcast=BroadcastSettings(mode="chain", chain_chunk_bytes=64 * 1024),
+        deadlines=Deadlines(transfer=30)))
+    other = AdapterPayload.from_peft("drain", peft_lora(tiny_model, seed=72))
+    try:
+        assert coord.sync_adapter(peft_lora(tiny_model, seed=71), name="drain",
+                                  leg="broadcast").version == 1
+        before = generate(a, lora="drain")
+
+        def interpose(phase, _engine):
+            if phase == "adapter:stage":
+                ray.get(a.stage_adapter.remote(other.manifest.model_dump_json(), other.buf, 2),
+                        timeout=TIMEOUT)
+
+        coord.on_phase = interpose
+        t = time.monotonic()
+        try:
+            with pytest.raises(AdapterSyncFailedError, match="not above 2") as err:
+                coord.sync_adapter(other, leg="broadcast")
+        finally:
+            coord.on_phase = None
+        assert time.monotonic() - t < 15
+        assert set(err.value.result.failed) == {"engine-lora-a"}
+        # (the flip undoes v2 everywhere: B's, and A's that the other caller staged)
+        assert err.value.result.aborted == ("engine-lora-a", "engine-lora-b")
+        for x in (a, b):
+            assert state(x).served["drain"] == "drain@v1" and state(x).staged == ()
+            assert generate(x, lora="drain") == before
+
+        done = coord.sync_adapter(other, leg="broadcast")
+        assert (done.ok, done.version) == (True, 2)
+        assert generate(b, lora="drain") == generate(a, lora="drain") != before
     finally:
         coord.close()
 

@@ -59,6 +59,30 @@ def test_the_payload_carries_the_tensors_and_the_checksum_of_their_bytes():
     assert p.manifest.checksum == checksum(p.buf)
 
 
+def test_the_wire_plan_carries_the_payloads_bytes_as_they_are():
+    """What a group leg sends (``wire_plan``: one uint8 tensor in one bucket), packed and
+    unpacked as the sender and every worker do, is the payload's bytes: the manifest's
+    checksum holds on arrival; a chain's plan differs only in its chunk size."""
+    from weightsync.adapters import WIRE_NAME, wire_plan
+    from weightsync.transport.packing import pack_bucket, unpack_bucket
+
+    p = AdapterPayload.from_tensors("pol", _tensors(), CONFIG)
+    plan = wire_plan(p.manifest, 3)
+    (bucket,) = plan.buckets
+    assert plan.version == 3 and bucket.nbytes >= p.buf.numel() and plan.chain_chunk == 0
+    wire = pack_bucket(bucket, {WIRE_NAME: p.buf}, "cpu")
+    ((name, got),) = list(unpack_bucket(bucket, wire))
+    assert name == WIRE_NAME and torch.equal(got, p.buf)
+    assert checksum(got) == p.manifest.checksum
+    chain = wire_plan(p.manifest, 3, 65536)
+    assert chain.chain_chunk == 65536 and chain.buckets == plan.buckets
+    load = AdapterLoad(manifest=p.manifest, version=3, lora_int_id=1,
+                       over_group={"deadline_s": 5, "chain_chunk": 65536})
+    assert load.wire_plan() == chain
+    with pytest.raises(ValueError, match="in its call"):
+        AdapterLoad(manifest=p.manifest, version=3, lora_int_id=1).wire_plan()
+
+
 @pytest.mark.parametrize("name", ["", "a@v1", "a b", "a/b"])
 def test_adapter_names_are_plain(name):
     with pytest.raises(ManifestError):

@@ -25,12 +25,27 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NoReturn
 
-from weightsync.adapters import AdapterFleetResult, AdapterPayload
+from weightsync.adapters import (
+    WIRE_NAME,
+    AdapterFleetResult,
+    AdapterPayload,
+    AdapterState,
+    AdapterSyncReply,
+    wire_plan,
+)
 from weightsync.coordination.reach import Reach, raise_refusal
-from weightsync.errors import AdapterSyncFailedError, ConfigError, WeightSyncError
+from weightsync.errors import (
+    AdapterSyncFailedError,
+    ConfigError,
+    IllegalStateError,
+    TransferError,
+    WeightSyncError,
+)
+from weightsync.transport.legs.base import SenderLeg
+from weightsync.transport.legs.broadcast import BroadcastLeg
 
 logger = logging.getLogger(__name__)
 
@@ -38,25 +53,37 @@ logger = logging.getLogger(__name__)
 class AdapterFlip:
     """Stages, then commits or aborts, one adapter version on a set of engines."""
 
-    def __init__(self, reach: Reach) -> None:
+    def __init__(self, reach: Reach, leg: Callable[[str], SenderLeg]) -> None:
         self.reach = reach
+        self.leg = leg  # the coordinator's sender leg by name (kept across syncs)
 
-    def next_version(self, targets: Sequence[str], name: str) -> int:
-        """1 + the highest version of ``name`` any engine holds (staged included)."""
+    def states(self, targets: Sequence[str]) -> dict[str, AdapterState]:
         e, dl = self.reach.engines, self.reach.deadlines
         states, bad = e.each(targets, lambda n: e.adapter_state(n, dl.verify), dl.verify * 1.5)
         raise_refusal(bad)  # nothing changed anywhere
-        return 1 + max(s.highest.get(name, 0) for s in states.values())
+        return states
 
-    def run(self, targets: Sequence[str], payload: AdapterPayload) -> AdapterFleetResult:
+    def next_version(self, targets: Sequence[str], name: str) -> int:
+        """1 + the highest version of ``name`` any engine holds (staged included)."""
+        return 1 + max(s.highest.get(name, 0) for s in self.states(targets).values())
+
+    def run(self, targets: Sequence[str], payload: AdapterPayload,
+            leg: str | None = None) -> AdapterFleetResult:
+        """``leg``: None, the bytes go in the engine calls; ``"broadcast"``, over the
+        coordinator's transfer group (``stage_over``)."""
         t0 = time.perf_counter()
         e, dl = self.reach.engines, self.reach.deadlines
         name = payload.manifest.name
-        version = self.next_version(targets, name)
+        group_leg = self._group_leg(leg)
+        states = self.states(targets)
+        version = 1 + max(s.highest.get(name, 0) for s in states.values())
         manifest_json = payload.manifest.model_dump_json()
         self.reach.phase("adapter:stage", None)
-        staged, bad = e.each(targets, lambda n: e.stage_adapter(
-            n, manifest_json, payload.buf, version, dl.transfer), dl.transfer + dl.verify)
+        if group_leg is not None:
+            staged, bad = self.stage_over(group_leg, targets, payload, version, states)
+        else:
+            staged, bad = e.each(targets, lambda n: e.stage_adapter(
+                n, manifest_json, payload.buf, version, dl.transfer), dl.transfer + dl.verify)
         if bad:
             return self._abort(targets, name, version, bad, t0)
         self.reach.phase("adapter:commit", None)
@@ -70,6 +97,52 @@ class AdapterFlip:
             replies=replies, seconds=time.perf_counter() - t0)
         logger.info("adapter %s@v%d committed on %s", name, version, list(result.committed))
         return result
+
+    def _group_leg(self, leg: str | None) -> BroadcastLeg | None:
+        if leg is None:
+            return None
+        got = self.leg(leg)  # an unknown leg: ConfigError
+        if not isinstance(got, BroadcastLeg):
+            raise ConfigError(f"an adapter moves in the engine calls or over a transfer group "
+                              f"(leg='broadcast'), not over {leg!r}")
+        return got
+
+    def stage_over(self, leg: BroadcastLeg, targets: Sequence[str], payload: AdapterPayload,
+                   version: int, states: Mapping[str, AdapterState]
+                   ) -> tuple[dict[str, AdapterSyncReply], dict[str, WeightSyncError]]:
+        """Phase one with the bytes sent once over the leg's group (the engines join it if
+        they are not in it already; it stays open): every engine is asked to stage, then the
+        payload's bytes are broadcast (or chained) as one bucket (``adapters.wire_plan``),
+        which every worker receives and checks against the manifest's checksum. An engine
+        that is not serving is refused before any byte moves (a collective needs every
+        rank); one that refuses later still takes the bytes. Any failure closes the group."""
+        e, dl = self.reach.engines, self.reach.deadlines
+        idle: dict[str, WeightSyncError] = {
+            n: IllegalStateError("cannot stage an adapter: the engine is not serving (paused, "
+                                 "syncing, asleep or fenced)", engine=n)
+            for n in targets if not states[n].serving}
+        if idle:
+            return {}, idle
+        sender, bad = leg.sender_for(targets, {n: states[n].group_id for n in targets})
+        if sender is None:
+            return {}, bad
+        chain = leg.cfg.broadcast.chain_chunk_bytes if leg.cfg.broadcast.mode == "chain" else 0
+        manifest_json = payload.manifest.model_dump_json()
+        pending = {n: e.stage_adapter(n, manifest_json, None, version, dl.transfer,
+                                      chain_chunk=chain) for n in targets}
+        send_error: WeightSyncError | None = None
+        try:
+            sender.send(wire_plan(payload.manifest, version, chain), {WIRE_NAME: payload.buf},
+                        dl.transfer)
+        except WeightSyncError as err:
+            send_error = err
+            leg.close()  # receivers fail fast instead of waiting
+        ok, bad = e.wait(pending, dl.transfer * 1.6)
+        if bad and send_error is None:
+            leg.close()  # never reuse a group that failed anyone
+        if send_error is not None and not bad:
+            bad = {n: TransferError(f"sender failed: {send_error}", engine=n) for n in targets}
+        return ok, bad
 
     def _undo_commits(self, targets: Sequence[str], name: str, version: int,
                       committed: list[str], bad: dict[str, WeightSyncError],

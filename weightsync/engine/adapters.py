@@ -39,6 +39,7 @@ from weightsync.adapters import (
     AdapterState,
     AdapterSyncReply,
     LoadedAdapters,
+    OverGroup,
 )
 from weightsync.config import EngineSpec
 from weightsync.engine import vllm_lora
@@ -177,15 +178,18 @@ class Adapters:
                                        "seconds": staged.seconds + done.seconds})
 
     async def stage(self, manifest_json: str, buf: Any, version: int,
-                    deadline_s: float) -> AdapterSyncReply:
+                    deadline_s: float, over_group: OverGroup | None = None
+                    ) -> AdapterSyncReply:
         """Phase one of a fleet-wide sync: load ``<name>@v<version>`` on every worker under a
         new vLLM id, not yet servable (``<name>`` still resolves to its committed version).
         ``version`` is the coordinator's, the same on every engine: refused
         (``StaleVersionError``) unless above every version of the name here. An earlier
-        staged version of the name (its coordinator never committed it) is unloaded first."""
+        staged version of the name (its coordinator never committed it) is unloaded first.
+        ``over_group`` (``buf`` None): the workers receive the bytes from the transfer group
+        they are in, sent by the coordinator once they are called."""
         manifest = AdapterManifest.model_validate_json(manifest_json)
         async with self._lock:
-            return await self._stage(manifest, buf, version, deadline_s)
+            return await self._stage(manifest, buf, version, deadline_s, over_group)
 
     async def commit(self, name: str, version: int, deadline_s: float) -> AdapterSyncReply:
         """Phase two: ``<name>`` resolves to the staged ``version``; the versions beyond
@@ -230,9 +234,41 @@ class Adapters:
                     previous.served_as if previous else "nothing", removed)
 
     async def _stage(self, manifest: AdapterManifest, buf: Any, version: int,
-                     deadline_s: float) -> AdapterSyncReply:
+                     deadline_s: float, over_group: OverGroup | None = None
+                     ) -> AdapterSyncReply:
         t0 = time.perf_counter()
         name = manifest.name
+        load = AdapterLoad(manifest=manifest, lora_int_id=self._next_id, version=version,
+                           over_group=over_group)
+        try:
+            await self._make_room(name, version, deadline_s)
+        except WeightSyncError:
+            # refused; bytes sent over the group are still taken: every rank of a collective
+            # must take part, or its sender waits out its deadline
+            if over_group is not None:
+                await self.calls.rpc("ws_drain_adapter", load.model_dump_json(), reply=Ack,
+                                     timeout=deadline_s)
+            raise
+        self._next_id += 1  # (a failed load's id is not reused either)
+        try:
+            await self.calls.rpc("ws_load_adapter", load.model_dump_json(),
+                                 None if over_group else buf.numpy().tobytes(),
+                                 reply=AdapterLoaded, timeout=deadline_s)
+        except WeightSyncError:
+            if self.calls.engine is not None:  # another worker may have loaded it
+                await self._unload(load.lora_int_id, deadline_s)
+            raise
+        v = self._staged[name] = AdapterVersion(name, version, load.lora_int_id)
+        logger.info("engine %s: adapter %s staged (id %d, %d bytes%s)", self.engine_name,
+                    v.served_as, v.lora_int_id, manifest.bucket.nbytes,
+                    " over the transfer group" if over_group else "")
+        return AdapterSyncReply(name=name, version=version, served_as=v.served_as,
+                                lora_int_id=v.lora_int_id, nbytes=manifest.bucket.nbytes,
+                                removed=(), seconds=time.perf_counter() - t0)
+
+    async def _make_room(self, name: str, version: int, deadline_s: float) -> None:
+        """Refuse a stage that cannot be, and make room for one that can: unload an older
+        stage of the name (its coordinator never committed it) and what an undo holds."""
         highest = self.highest(name)
         if version <= highest:
             raise StaleVersionError(f"adapter {name!r}: version {version} is not above "
@@ -246,22 +282,6 @@ class Adapters:
             self._undo.clear()
             await self._sweep(deadline_s)
         self._check_ready()
-        load = AdapterLoad(manifest=manifest, lora_int_id=self._next_id, version=version)
-        self._next_id += 1  # (a failed load's id is not reused either)
-        try:
-            await self.calls.rpc("ws_load_adapter", load.model_dump_json(),
-                                 buf.numpy().tobytes(), reply=AdapterLoaded,
-                                 timeout=deadline_s)
-        except WeightSyncError:
-            if self.calls.engine is not None:  # another worker may have loaded it
-                await self._unload(load.lora_int_id, deadline_s)
-            raise
-        v = self._staged[name] = AdapterVersion(name, version, load.lora_int_id)
-        logger.info("engine %s: adapter %s staged (id %d, %d bytes)", self.engine_name,
-                    v.served_as, v.lora_int_id, buf.numel())
-        return AdapterSyncReply(name=name, version=version, served_as=v.served_as,
-                                lora_int_id=v.lora_int_id, nbytes=int(buf.numel()),
-                                removed=(), seconds=time.perf_counter() - t0)
 
     async def _commit(self, name: str, version: int, deadline_s: float, *,
                       undoable: bool) -> AdapterSyncReply:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from weightsync.adapters import AdapterState, AdapterSyncReply
+from weightsync.adapters import AdapterState, AdapterSyncReply, OverGroup
 from weightsync.config import EngineSpec
 from weightsync.engine import requests, vllm_compat
 from weightsync.engine.adapters import Adapters
@@ -41,7 +41,13 @@ from weightsync.engine.options import engine_args
 from weightsync.engine.serving import ServingGate
 from weightsync.engine.worker_calls import WorkerCalls
 from weightsync.engine.workers import check_workers, merge_layouts, merge_memory
-from weightsync.errors import ConfigError, EngineError, IllegalStateError, WeightSyncError
+from weightsync.errors import (
+    ConfigError,
+    EngineError,
+    IllegalStateError,
+    TransferError,
+    WeightSyncError,
+)
 from weightsync.messages import (
     Ack,
     ApplyReply,
@@ -245,7 +251,10 @@ class EngineHost:
                          owner: str | None = None) -> JoinReply:
         """Join the trainer's transfer group (``engine.group``). It stays open across syncs
         until a failure or ``leave_group``; ``abort_sync`` ends a join in progress at once."""
-        self._expect(*IN_SYNC, S.FENCED, op="join a transfer group", owner=owner)
+        if self.state == S.SERVING:  # an adapter sync: its bytes go over the group, with no
+            self.lease.check(owner, "join a transfer group")  # pause and nobody holding it
+        else:
+            self._expect(*IN_SYNC, S.FENCED, op="join a transfer group", owner=owner)
         with self.lease.busy():
             return await self.group.join(backend, host, port, rank_offset, world_size,
                                          timeout_s, group_id)
@@ -456,11 +465,25 @@ class EngineHost:
         return await self.adapters.sync(manifest_json, buf, deadline_s)
 
     async def stage_adapter(self, manifest_json: str, buf: Any, version: int, *,
-                            deadline_s: float = 120.0) -> AdapterSyncReply:
+                            deadline_s: float = 120.0,
+                            chain_chunk: int = 0) -> AdapterSyncReply:
         """A fleet flip's phase one: load ``<name>@v<version>``, not served yet; refused like
-        ``sync_adapter``, or ``StaleVersionError`` (``Adapters.stage``)."""
+        ``sync_adapter``, or ``StaleVersionError`` (``Adapters.stage``). ``buf`` None: the
+        workers receive the bytes from the transfer group they are in (``join_group``), by
+        broadcast or, ``chain_chunk`` > 0, a chain; a failed receive leaves the group."""
         self.machine.expect(S.SERVING, op="stage an adapter")
-        return await self.adapters.stage(manifest_json, buf, version, deadline_s)
+        if buf is not None:
+            return await self.adapters.stage(manifest_json, buf, version, deadline_s)
+        if self.group.group_id is None:
+            raise TransferError("an adapter over the transfer group: this engine is in none "
+                                "(join_group first)", engine=self.spec.name)
+        over = OverGroup(deadline_s=deadline_s, chain_chunk=chain_chunk)
+        try:
+            return await self.adapters.stage(manifest_json, None, version, deadline_s * 1.2,
+                                             over)
+        except BaseException:
+            await self.group.leave()  # every worker out: a broken group is never reused
+            raise
 
     async def commit_adapter(self, name: str, version: int, *,
                              deadline_s: float = 120.0) -> AdapterSyncReply:
@@ -471,7 +494,9 @@ class EngineHost:
         return await self.adapters.abort(name, version, deadline_s)
 
     async def adapter_state(self, *, deadline_s: float = 30.0) -> AdapterState:
-        return await self.adapters.state(deadline_s)
+        held = await self.adapters.state(deadline_s)
+        return held.model_copy(update={"group_id": self.group.group_id,
+                                       "serving": self.state == S.SERVING})
 
     async def serve_openai(self, token: str, *, host: str | None = None,
                            owner: str | None = None) -> str:

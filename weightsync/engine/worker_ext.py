@@ -61,7 +61,7 @@ from weightsync.transport.graphs import Replay
 from weightsync.transport.ipc import cuda_uuid
 from weightsync.transport.layout import KernelLayout, derive_layout
 from weightsync.transport.legs import receiver_leg
-from weightsync.transport.packing import checksum, dtype_name
+from weightsync.transport.packing import checksum, dtype_name, unpack_bucket
 from weightsync.transport.ranks import worker_group_rank
 from weightsync.types import CheckpointFiles, ReceiveReport, TensorSpec
 
@@ -373,19 +373,22 @@ class WeightSyncWorkerExtension:
 
     # ---- LoRA adapters (weightsync.adapters; engine.adapters keeps their versions) -----------
     @worker_rpc
-    def ws_load_adapter(self, load_json: str, data: bytes) -> AdapterLoaded:
+    def ws_load_adapter(self, load_json: str, data: bytes | None) -> AdapterLoaded:
         """Load an adapter from memory: its bytes (``data``: vLLM's RPC carries bytes as they
-        are, a tensor as a list) checked against the sender's checksum, its tensors against
-        the model (``check_adapter_shapes``) and vLLM's rules (``vllm_lora.add_adapter``),
-        all before anything is loaded; then added and pinned under the load's id, and what
-        vLLM then holds compared with what was sent (``verify_held``: unloaded again if it
-        differs)."""
+        are, a tensor as a list; None: received from the transfer group, ``load.over_group``)
+        checked against the sender's checksum, its tensors against the model
+        (``check_adapter_shapes``) and vLLM's rules (``vllm_lora.add_adapter``), all before
+        anything is loaded; then added and pinned under the load's id, and what vLLM then
+        holds compared with what was sent (``verify_held``: unloaded again if it differs)."""
         load = AdapterLoad.model_validate_json(load_json)
         m = load.manifest
-        if not isinstance(data, (bytes, bytearray)) or len(data) != m.bucket.nbytes:
+        if load.over_group is not None:
+            buf = self._receive_adapter(load)
+        elif not isinstance(data, (bytes, bytearray)) or len(data) != m.bucket.nbytes:
             raise TransferError(f"adapter {load.versioned}: expected {m.bucket.nbytes} bytes, "
-                                f"got {type(data).__name__} of {len(data)}")
-        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                                f"got {type(data).__name__} of {len(data or b'')}")
+        else:
+            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         got = checksum(buf)
         if got != m.checksum:
             raise VerificationError(f"adapter {load.versioned}: checksum {got:#x} of the bytes "
@@ -402,6 +405,31 @@ class WeightSyncWorkerExtension:
             vllm_lora.remove_adapter(self, load.lora_int_id)
             raise
         return AdapterLoaded(lora_int_id=load.lora_int_id, modules=modules)
+
+    @worker_rpc
+    def ws_drain_adapter(self, load_json: str) -> Ack:
+        """Take an adapter's bytes from the group and drop them: the host refused the load,
+        but every rank of a collective must take part, or its sender waits out its
+        deadline."""
+        self._receive_adapter(AdapterLoad.model_validate_json(load_json))
+        return Ack()
+
+    def _receive_adapter(self, load: AdapterLoad) -> torch.Tensor:
+        """An adapter's bytes from the trainer's group (``wire_plan``: one bucket), on the
+        CPU; a failed receive leaves the group (a broken group is never reused)."""
+        group = self._ws_group()
+        if group is None:
+            raise TransferError(f"adapter {load.versioned}: this worker is in no transfer "
+                                "group")
+        assert load.over_group is not None
+        plan = load.wire_plan()
+        try:
+            (bucket, buf), = group.receive(plan, load.over_group.deadline_s)
+        except BaseException:
+            self._leave_group()
+            raise
+        (_, tensor), = unpack_bucket(bucket, buf)
+        return tensor.cpu()
 
     @worker_rpc
     def ws_remove_adapter(self, lora_int_id: int) -> Ack:

@@ -41,7 +41,7 @@ class BroadcastLeg(SenderLeg):
              begun: Mapping[str, BeginReply], *,
              one_phase: bool = False) -> LegOutcome:
         dl, settings = self.cfg.deadlines, self.cfg.broadcast
-        sender, bad = self._group_for(names, begun)
+        sender, bad = self.sender_for(names, {n: begun[n].group_id for n in names})
         if sender is None:
             return LegOutcome([], {}, bad)
         if settings.mode == "chain":  # engines forward in join (rank) order
@@ -66,14 +66,17 @@ class BroadcastLeg(SenderLeg):
                 bad = {n: TransferError(f"sender failed: {send_error}", engine=n) for n in names}
         return LegOutcome(sums, ok, bad, seconds)
 
-    def _group_for(self, names: Sequence[str], begun: Mapping[str, BeginReply]
+    def sender_for(self, names: Sequence[str], group_ids: Mapping[str, str | None]
                    ) -> tuple[BroadcastSender | None, dict[str, WeightSyncError]]:
-        """The open group when every member still reports it, else a new one."""
+        """The sending end of a group with the engines ``names``: the open one when every
+        member still reports it (``group_ids``: the group each is in now), else a new one
+        (the engines join it): (sender, failures). Full syncs and adapter syncs
+        (``coordination.adapter_flip``) share it."""
         dl, settings = self.cfg.deadlines, self.cfg.broadcast
         members = tuple(names)
         cached = self._group
         if cached and cached[0] == members and \
-                all(begun[n].group_id == cached[1] for n in names):
+                all(group_ids.get(n) == cached[1] for n in names):
             return cached[2], {}
         self.close()
         ranks, bad = self.group_ranks(names)
