@@ -275,6 +275,18 @@ def test_a_fleet_commit_is_undone_until_the_names_next_stage():
     assert _stage(a, 4).served_as == "pol@v4"
 
 
+def test_committed_numbers_are_reported_after_a_weight_load_dropped_every_adapter():
+    """vLLM's reload unloads every adapter; the name's committed numbers are still reported
+    (``state().highest``), so a coordinator counts past them instead of being refused."""
+    a, workers = _adapters()
+    _sync(a), _sync(a)
+    workers.held.clear()
+    asyncio.run(a.weights_replaced(10.0))
+    state = asyncio.run(a.state(10.0))
+    assert state.served == {} and state.highest == {"pol": 2}
+    assert _stage(a, 3).served_as == "pol@v3"
+
+
 def test_a_first_version_undone_leaves_the_name_unserved():
     a, workers = _adapters()
     _stage(a, 1)

@@ -161,6 +161,7 @@ class Adapters:
         held = await self.calls.rpc("ws_loaded_adapters", reply=LoadedAdapters,
                                     timeout=deadline_s) if self.enabled else []
         names = {v.name for t in (self._loaded, self._retired, self._staged) for v in t.values()}
+        names |= self._committed.keys()  # (numbers committed once are never used again)
         return AdapterState(served=self.served(), kept=tuple(sorted(self._loaded)),
                             staged=tuple(sorted(v.served_as for v in self._staged.values())),
                             highest={n: self.highest(n) for n in sorted(names)},
