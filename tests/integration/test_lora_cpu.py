@@ -60,9 +60,14 @@ def generate(actor, prompts=PROMPTS, **kw):
     return [(r.token_ids, r.logprobs) for r in out], {r.adapter for r in out}
 
 
-def test_adapter_synced_from_memory_equals_vllm_loading_it_from_disk(lora_engine, tiny_model,
+def test_adapter_synced_from_memory_equals_vllm_loading_it_from_disk(lora_fleet, tiny_model,
                                                                      tmp_path):
+    """Engine A serves the adapter synced from memory; vLLM loads peft's files from disk
+    through its own path on A and on engine B, which has never held a synced adapter (this
+    test runs first): all three answer alike, bit for bit."""
     from weightsync.testing.engines import COLD_ADAPTER
+
+    lora_engine, other = lora_fleet
 
     model = peft_lora(tiny_model, seed=1)
     model.save_pretrained(tmp_path / "adapter")  # peft's own files: what vLLM reads cold
@@ -80,6 +85,9 @@ def test_adapter_synced_from_memory_equals_vllm_loading_it_from_disk(lora_engine
     base, _ = generate(lora_engine)
     assert served == {"warm@v1"} and cold_served == {None}
     assert warm == cold  # bit for bit: tokens and every logprob
+    assert state(other).held_ids == ()  # B: no adapter of ours loaded, ever
+    assert generate(other, sampling={"extra_args": {COLD_ADAPTER: str(tmp_path / "adapter")}}
+                    )[0] == warm
     assert all(w[1] != b[1] for w, b in zip(warm, base))  # the adapter changes every answer
     # served again (the pinned adapter, not a reload) and after the cold one: the same
     assert generate(lora_engine, lora="warm@v1")[0] == warm
