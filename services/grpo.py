@@ -103,6 +103,8 @@ class GrpoConfig(BaseModel):
     lora: bool = False
     lora_rank: int = Field(16, ge=1, le=512)
     lora_alpha: float = Field(32.0, gt=0)
+    # --lora: the adapter's bytes in the engine calls, or once over the transfer group
+    adapter_leg: Literal["calls", "broadcast"] = "calls"
 
     @model_validator(mode="after")
     def _lora_fits(self) -> GrpoConfig:
@@ -391,7 +393,8 @@ def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Con
             coord = policy.syncing(coord)  # every sync is one ShardedSync across the ranks
         syncer: FullSync | AdapterSync = FullSync(coord, cfg)
         if cfg.lora:  # the untrained adapter first (B = 0: the base's outputs), as v1
-            syncer = AdapterSync(coord, cfg.engines)
+            syncer = AdapterSync(coord, cfg.engines,
+                                 None if cfg.adapter_leg == "calls" else cfg.adapter_leg)
             first = syncer.sync(policy)
             _say(console, f"adapter {ADAPTER}@v{first.version} synced: {first.nbytes} bytes "
                           f"per engine (the base model: {model_bytes(policy)} bytes)")
@@ -504,6 +507,8 @@ def main(
                               "the frozen base and sync only the adapter each step"),
     lora_rank: int = typer.Option(16, min=1, max=512, help="--lora: the adapter's rank"),
     lora_alpha: float = typer.Option(32.0, help="--lora: peft's lora_alpha (scale alpha/rank)"),
+    adapter_leg: str = typer.Option("calls", help="--lora: the adapter's bytes in the engine "
+                                    "calls, or once over the transfer group ('broadcast')"),
 ) -> None:
     import warnings
 
@@ -528,7 +533,8 @@ def main(
                          trainer_ranks=trainer_ranks, rollout=rollout,
                          engine_resources=json.loads(engine_resources),
                          router_host=router_host, router_port=router_port, lora=lora,
-                         lora_rank=lora_rank, lora_alpha=lora_alpha)
+                         lora_rank=lora_rank, lora_alpha=lora_alpha,
+                         adapter_leg=adapter_leg)
         summary = run(cfg, run_dir, name, model_dir, console,
                       router_token=os.environ.get("WEIGHTSYNC_TOKEN"))
     finally:

@@ -80,13 +80,14 @@ class AdapterSync:
 
     lora: str | None = ADAPTER
 
-    def __init__(self, coord: Any, engines: int) -> None:
+    def __init__(self, coord: Any, engines: int, leg: str | None = None) -> None:
         self.coord, self.engines, self.version = coord, engines, 0
+        self.leg = leg  # None: the bytes in the engine calls; "broadcast": over the group
 
     def sync(self, policy: Any) -> Synced:
         from weightsync.errors import VerificationError
 
-        result = self.coord.sync_adapter(policy.model, name=ADAPTER)
+        result = self.coord.sync_adapter(policy.model, name=ADAPTER, leg=self.leg)
         if not (result.ok and len(result.committed) == self.engines):
             raise VerificationError(f"adapter sync {ADAPTER}@v{result.version} did not commit "
                                     f"everywhere: {result.failed}")

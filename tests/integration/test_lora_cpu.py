@@ -401,15 +401,17 @@ def test_an_engine_that_refuses_an_adapter_over_the_group_still_takes_its_bytes(
         coord.close()
 
 
-@pytest.mark.parametrize("rollout", ["ray", "openai"])
+@pytest.mark.parametrize("rollout,adapter_leg", [("ray", "calls"), ("openai", "calls"),
+                                                 ("ray", "broadcast")])
 def test_the_grpo_main_job_trains_an_adapter_and_syncs_only_it(lora_fleet, tiny_model,
-                                                               tmp_path, rollout):
+                                                               tmp_path, rollout, adapter_leg):
     """``services.grpo --lora`` on the first engine (the job's model is the tiny model: same
     factory, same seed): a peft adapter on every linear layer trains on the frozen base; each
     step syncs only the adapter as ``policy@v<N>`` (v1 the untrained one) and samples with it
     by name; the engine's logprobs of its samples are the trainer's (peft's) on the same
     weights. Sampled through Ray's ``generate`` or through the fleet's OpenAI router
-    (``model="policy"``, the version from ``X-Adapter-Version``). Whether it learns is the
+    (``model="policy"``, the version from ``X-Adapter-Version``); the adapter's bytes in the
+    engine calls or over the transfer group (``--adapter-leg``). Whether it learns is the
     40-step run in benchmarks/results/grpo-cpu-lora.json."""
     import io
     import json
@@ -420,7 +422,8 @@ def test_the_grpo_main_job_trains_an_adapter_and_syncs_only_it(lora_fleet, tiny_
     from services.grpo_sync import ADAPTER
 
     cfg = GrpoConfig(steps=2, engines=1, prompts_per_step=2, group_size=4, max_tokens=8,
-                     device="cpu", lora=True, lora_rank=8, rollout=rollout)
+                     device="cpu", lora=True, lora_rank=8, rollout=rollout,
+                     adapter_leg=adapter_leg)
     v = state(lora_fleet[0]).highest.get(ADAPTER, 0)  # (another test may have used the name)
     summary = run(cfg, tmp_path, "lora", tmp_path / "model", Console(file=io.StringIO()),
                   actors=lora_fleet[:1])
@@ -437,6 +440,9 @@ def test_the_grpo_main_job_trains_an_adapter_and_syncs_only_it(lora_fleet, tiny_
     assert summary["sync_bytes_median"] < summary["model_bytes"] / 5
     served = state(lora_fleet[0]).served
     assert served[ADAPTER] == f"{ADAPTER}@v{v + 3}"
+    assert log["config"]["adapter_leg"] == adapter_leg
+    if adapter_leg == "broadcast":  # the job's coordinator opened a group with the engine
+        assert state(lora_fleet[0]).group_id is not None
 
 
 @pytest.mark.parametrize("phase", ["adapter:commit"])
