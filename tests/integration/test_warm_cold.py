@@ -109,6 +109,36 @@ def test_untied_rolling_then_streamed_partial_update_warm_equals_cold(fleet, pol
     coord.close()
 
 
+def test_a_partial_update_that_splits_a_fused_layer_is_refused_and_nothing_changes(
+        fleet, policy, tiny_model, tmp_path):
+    """``q_proj`` alone is a third of vLLM's fused ``qkv_proj``. Before this check, such a
+    sync reported ok, checksums and all, yet the engine then served something other than a
+    cold engine on the resulting weights: vLLM rebuilt the layer from a fresh tensor and
+    left k and v uninitialized. (Whole layers, q/k/v with their biases, matched the cold
+    engine.) Now the sync, and a partial checkpoint reload of the same tensor, are refused
+    before any engine is touched."""
+    from safetensors.torch import save_file
+
+    from weightsync.errors import ManifestError
+
+    q = "model.layers.0.self_attn.q_proj.weight"
+    before = [served(a) for a in fleet]
+    coord = SyncCoordinator(fleet, TransferConfig(bucket_bytes=1 << 20))
+    try:
+        new_q = policy.get_parameter(q).detach().clone() + 0.05
+        with pytest.raises(ManifestError, match="whole layers.*qkv_proj also needs"):
+            coord.sync({q: new_q}, partial=True)
+        (tmp_path / "q-only").mkdir()
+        save_file({q: new_q.contiguous()}, str(tmp_path / "q-only" / "model.safetensors"))
+        with pytest.raises(ManifestError, match="whole layers"):
+            coord.reload_checkpoint(str(tmp_path / "q-only"), partial=True)
+        states = coord.statuses()
+        assert all(s.state == EngineState.SERVING for s in states), states
+    finally:
+        coord.close()
+    assert [served(a) for a in fleet] == before
+
+
 @pytest.mark.parametrize("bad", ["nan", "inf"])
 def test_non_finite_sync_is_refused_and_nothing_changes(tied_engine, tied_dir, bad):
     """A diverged trainer's weights never go live: refused on the engine, in the pass that

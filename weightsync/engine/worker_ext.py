@@ -159,7 +159,7 @@ class WeightSyncWorkerExtension:
                 raise ManifestError(f"kernel-layout dtypes differ from the engine's: {bad[:5]}")
             return Ack()
         validate_plan(plan, self._expected(), dtype_name(vllm_compat.model_config(self).dtype),
-                      self._tied())
+                      self._tied(), vllm_compat.packed_modules(self))
         return Ack()
 
     @worker_rpc
@@ -345,7 +345,7 @@ class WeightSyncWorkerExtension:
         specs = files.specs()
         validate_specs(list(specs.values()), self._expected(),
                        dtype_name(vllm_compat.model_config(self).dtype), self._tied(),
-                       partial=ckpt.partial)
+                       partial=ckpt.partial, packed=vllm_compat.packed_modules(self))
         return sum(s.nbytes for s in specs.values())
 
     @worker_rpc
