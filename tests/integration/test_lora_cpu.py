@@ -386,7 +386,7 @@ def test_an_engine_that_refuses_an_adapter_over_the_group_still_takes_its_bytes(
                 coord.sync_adapter(other, leg="broadcast")
         finally:
             coord.on_phase = None
-        assert time.monotonic() - t < 15
+        assert time.monotonic() - t < 25  # (a receive left waiting: the 30 s deadline, and more)
         assert set(err.value.result.failed) == {"engine-lora-a"}
         # (the flip undoes v2 everywhere: B's, and A's that the other caller staged)
         assert err.value.result.aborted == ("engine-lora-a", "engine-lora-b")
