@@ -41,7 +41,6 @@ from weightsync.errors import (
     AdapterSyncFailedError,
     ConfigError,
     IllegalStateError,
-    TransferError,
     WeightSyncError,
 )
 from weightsync.transport.legs.base import SenderLeg
@@ -62,10 +61,6 @@ class AdapterFlip:
         states, bad = e.each(targets, lambda n: e.adapter_state(n, dl.verify), dl.verify * 1.5)
         raise_refusal(bad)  # nothing changed anywhere
         return states
-
-    def next_version(self, targets: Sequence[str], name: str) -> int:
-        """1 + the highest version of ``name`` any engine holds (staged included)."""
-        return 1 + max(s.highest.get(name, 0) for s in self.states(targets).values())
 
     def run(self, targets: Sequence[str], payload: AdapterPayload,
             leg: str | None = None) -> AdapterFleetResult:
@@ -126,22 +121,13 @@ class AdapterFlip:
         sender, bad = leg.sender_for(targets, {n: states[n].group_id for n in targets})
         if sender is None:
             return {}, bad
-        chain = leg.cfg.broadcast.chain_chunk_bytes if leg.cfg.broadcast.mode == "chain" else 0
         manifest_json = payload.manifest.model_dump_json()
         pending = {n: e.stage_adapter(n, manifest_json, None, version, dl.transfer,
-                                      chain_chunk=chain) for n in targets}
-        send_error: WeightSyncError | None = None
-        try:
-            sender.send(wire_plan(payload.manifest, version, chain), {WIRE_NAME: payload.buf},
-                        dl.transfer)
-        except WeightSyncError as err:
-            send_error = err
-            leg.close()  # receivers fail fast instead of waiting
-        ok, bad = e.wait(pending, dl.transfer * 1.6)
-        if bad and send_error is None:
-            leg.close()  # never reuse a group that failed anyone
-        if send_error is not None and not bad:
-            bad = {n: TransferError(f"sender failed: {send_error}", engine=n) for n in targets}
+                                      chain_chunk=leg.chain_chunk) for n in targets}
+        _, ok, bad, _ = leg.deliver(targets, sender,
+                                    wire_plan(payload.manifest, version, leg.chain_chunk),
+                                    {WIRE_NAME: payload.buf},
+                                    lambda: e.wait(pending, dl.transfer * 1.6))
         return ok, bad
 
     def _undo_commits(self, targets: Sequence[str], name: str, version: int,
@@ -152,9 +138,7 @@ class AdapterFlip:
         unknown); raise."""
         e, dl = self.reach.engines, self.reach.deadlines
         self.reach.phase("adapter:undo", None)
-        undone, undo_bad = e.each(targets, lambda n: e.abort_adapter(n, name, version,
-                                                                     dl.verify),
-                                  dl.verify * 1.5)
+        undone, undo_bad = self._undo_everywhere(targets, name, version)
         fenced = sorted(undo_bad)
         if fenced:
             e.each(fenced, lambda n: e.fence(
@@ -173,15 +157,20 @@ class AdapterFlip:
             f"undone on {list(result.aborted)}: {name!r} resolves to v{version - 1} on "
             f"{where}", engine=next(iter(bad)), result=result)
 
+    def _undo_everywhere(self, targets: Sequence[str], name: str, version: int
+                         ) -> tuple[dict[str, bool], dict[str, WeightSyncError]]:
+        """``Adapters.abort`` of ``<name>@v<version>`` on every engine (idempotent: staged ->
+        unloaded, committed -> undone, nothing -> False): (whether each undid it, failures)."""
+        e, dl = self.reach.engines, self.reach.deadlines
+        return e.each(targets, lambda n: e.abort_adapter(n, name, version, dl.verify),
+                      dl.verify * 1.5)
+
     def _abort(self, targets: Sequence[str], name: str, version: int,
                bad: dict[str, WeightSyncError], t0: float) -> NoReturn:
         """Unload the staged version everywhere (idempotent: an engine that refused, or whose
         stage is still running, answers False or unloads it) and raise."""
-        e, dl = self.reach.engines, self.reach.deadlines
         self.reach.phase("adapter:abort", None)
-        aborted, abort_bad = e.each(targets, lambda n: e.abort_adapter(n, name, version,
-                                                                       dl.verify),
-                                    dl.verify * 1.5)
+        aborted, abort_bad = self._undo_everywhere(targets, name, version)
         failed = {n: str(err) for n, err in bad.items()}
         for n, err in abort_bad.items():
             logger.warning("engine %s: aborting adapter %s@v%d failed: %s", n, name, version,

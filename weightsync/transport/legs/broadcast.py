@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 from weightsync.errors import TransferError, WeightSyncError
 from weightsync.messages import BeginReply, ReceiveRequest
@@ -26,6 +26,7 @@ from weightsync.transport.ranks import GroupRanks
 from weightsync.types import TransferPlan
 
 logger = logging.getLogger(__name__)
+R = TypeVar("R")
 
 
 class BroadcastLeg(SenderLeg):
@@ -40,31 +41,51 @@ class BroadcastLeg(SenderLeg):
     def send(self, names: Sequence[str], plan: TransferPlan, source: Any,
              begun: Mapping[str, BeginReply], *,
              one_phase: bool = False) -> LegOutcome:
-        dl, settings = self.cfg.deadlines, self.cfg.broadcast
         sender, bad = self.sender_for(names, {n: begun[n].group_id for n in names})
         if sender is None:
             return LegOutcome([], {}, bad)
-        if settings.mode == "chain":  # engines forward in join (rank) order
-            plan = plan.model_copy(update={"chain_chunk": settings.chain_chunk_bytes})
+        if self.chain_chunk:  # engines forward in join (rank) order
+            plan = plan.model_copy(update={"chain_chunk": self.chain_chunk})
         pending = self.submit_receive(names, plan, begun, self.request())
+        sums, ok, bad, took = self.deliver(
+            names, sender, plan, source,
+            lambda: self.wait_receipts(pending, self.cfg.deadlines.transfer * 1.6))
+        return LegOutcome(sums, ok, bad, {"trainer_send": took})
+
+    @property
+    def chain_chunk(self) -> int:
+        """The chunk size engines forward in (``mode="chain"``), 0 for a collective."""
+        settings = self.cfg.broadcast
+        return settings.chain_chunk_bytes if settings.mode == "chain" else 0
+
+    def deliver(self, names: Sequence[str], sender: BroadcastSender, plan: TransferPlan,
+                source: Any, wait: Callable[[], tuple[dict[str, R], dict[str, WeightSyncError]]]
+                ) -> tuple[list[int], dict[str, R], dict[str, WeightSyncError], float]:
+        """Send ``plan`` from ``source`` over the group, then ``wait`` for the engines' calls
+        that receive it (submitted before): (sums, replies, failures, seconds sending). A send
+        that fails breaks the group, so receivers fail fast instead of waiting; any failure
+        closes it (never reused); a sender failure nobody else saw fails every engine.
+        Full syncs (``send``) and adapter syncs (``coordination.adapter_flip``) both send
+        this way."""
         sums: list[int] = []
         send_error: WeightSyncError | None = None
         t = time.perf_counter()
         try:
-            sums = sender.send(plan, source, dl.transfer, on_bucket=self.on_bucket)
+            sums = sender.send(plan, source, self.cfg.deadlines.transfer,
+                               on_bucket=self.on_bucket)
         except WeightSyncError as e:
             send_error = e
-            self.close()  # break the group so receivers fail fast instead of waiting
-        seconds = {"trainer_send": time.perf_counter() - t}
-        ok, bad = self.wait_receipts(pending, dl.transfer * 1.6)
+            self.close()
+        took = time.perf_counter() - t
+        ok, bad = wait()
         if bad:
-            self.close()  # never reuse a group that failed anyone
+            self.close()
         if send_error is not None:
             logger.error("broadcast of version %d failed: %s; engines at fault: %s",
                          plan.version, send_error, sorted(bad) or "unknown")
             if not bad:  # nobody else failed: the sender itself is at fault
                 bad = {n: TransferError(f"sender failed: {send_error}", engine=n) for n in names}
-        return LegOutcome(sums, ok, bad, seconds)
+        return sums, ok, bad, took
 
     def sender_for(self, names: Sequence[str], group_ids: Mapping[str, str | None]
                    ) -> tuple[BroadcastSender | None, dict[str, WeightSyncError]]:
