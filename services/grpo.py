@@ -103,15 +103,17 @@ class GrpoConfig(BaseModel):
     lora: bool = False
     lora_rank: int = Field(16, ge=1, le=512)
     lora_alpha: float = Field(32.0, gt=0)
-    # --lora: the adapter's bytes in the engine calls, or once over the transfer group
-    adapter_leg: Literal["calls", "broadcast"] = "calls"
+    # --lora: the adapter's bytes in the engine calls, once over the transfer group, or
+    # shared on the trainer's GPU over CUDA IPC (colocated engines)
+    adapter_leg: Literal["calls", "broadcast", "ipc"] = "calls"
 
     @model_validator(mode="after")
     def _lora_fits(self) -> GrpoConfig:
         if not self.lora:
             return self
-        for flag, why in ((self.colocate, "--colocate (adapter syncs go into serving engines "
-                           "only)"),
+        for flag, why in ((self.colocate and self.sleep_level == 2, "--colocate at "
+                           "--sleep-level 2 (it discards the base weights the adapter needs; "
+                           "level 1 keeps them in host memory)"),
                           (self.trainer_ranks > 1, "--trainer-ranks > 1 (the FSDP2 trainer "
                            "trains every weight)")):
             if flag:
@@ -508,7 +510,8 @@ def main(
     lora_rank: int = typer.Option(16, min=1, max=512, help="--lora: the adapter's rank"),
     lora_alpha: float = typer.Option(32.0, help="--lora: peft's lora_alpha (scale alpha/rank)"),
     adapter_leg: str = typer.Option("calls", help="--lora: the adapter's bytes in the engine "
-                                    "calls, or once over the transfer group ('broadcast')"),
+                                    "calls, once over the transfer group ('broadcast'), or "
+                                    "over CUDA IPC to colocated engines ('ipc')"),
 ) -> None:
     import warnings
 

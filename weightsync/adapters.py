@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from weightsync.errors import ManifestError, VerificationError
+from weightsync.transport.ipc import IpcBucketHandle
 from weightsync.transport.packing import checksum, pack_bucket, plan_buckets, spec_of, unpack_bucket
 from weightsync.types import Bucket, TensorSpec, TransferPlan
 
@@ -102,7 +103,8 @@ class AdapterLoad(BaseModel):
     """What a worker is told to load (``ws_load_adapter``), besides the bytes themselves: the
     manifest, the version the host gave it and its vLLM id (never reused); ``over_group``:
     the bytes come through the transfer group the worker is in (``wire_plan``), not in the
-    call."""
+    call; ``over_ipc``: they are on the worker's GPU, shared by the colocated trainer
+    (``transport.ipc``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -110,6 +112,21 @@ class AdapterLoad(BaseModel):
     version: int = Field(ge=1)
     lora_int_id: int = Field(ge=1)
     over_group: OverGroup | None = None
+    over_ipc: IpcBucketHandle | None = None
+
+    @model_validator(mode="after")
+    def _one_way(self) -> AdapterLoad:
+        if self.over_group is not None and self.over_ipc is not None:
+            raise ValueError("an adapter's bytes come over the group or over IPC, not both")
+        if self.over_ipc is not None and self.over_ipc.nbytes != self.manifest.bucket.nbytes:
+            raise ValueError(f"the IPC buffer holds {self.over_ipc.nbytes} bytes, the adapter "
+                             f"{self.manifest.bucket.nbytes}")
+        return self
+
+    @property
+    def in_call(self) -> bool:
+        """Whether the bytes come in the load's call."""
+        return self.over_group is None and self.over_ipc is None
 
     @property
     def versioned(self) -> str:
@@ -215,20 +232,22 @@ class AdapterPayload:
 
     @classmethod
     def from_tensors(cls, name: str, tensors: Mapping[str, torch.Tensor],
-                     config: AdapterConfig | Mapping[str, Any]) -> AdapterPayload:
+                     config: AdapterConfig | Mapping[str, Any],
+                     device: torch.device | str = "cpu") -> AdapterPayload:
         """``tensors`` under peft's names (``base_model.model.<module>.lora_A.weight``; as
         ``get_peft_model_state_dict`` gives them), ``config`` a peft ``LoraConfig`` as a dict
-        (``to_dict()``) or an ``AdapterConfig``. Copied: later changes to them do not move."""
+        (``to_dict()``) or an ``AdapterConfig``. Copied: later changes to them do not move.
+        ``device``: where ``buf`` is packed (a GPU for ``leg="ipc"``)."""
         if not re.match(NAME, name):
             raise ManifestError(f"adapter name {name!r}: letters, digits, '_', '.', '-' only")
         cfg = config if isinstance(config, AdapterConfig) else AdapterConfig.model_validate(
             dict(config))
         if not tensors:
             raise ManifestError(f"adapter {name!r} has no tensors")
-        cpu = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
-        specs = [spec_of(k, t) for k, t in cpu.items()]
+        src = {k: t.detach().to(device).contiguous() for k, t in tensors.items()}
+        specs = [spec_of(k, t) for k, t in src.items()]
         bucket = plan_buckets(specs, sum(s.nbytes for s in specs) + 1, version=1).buckets[0]
-        buf = pack_bucket(bucket, dict(cpu), "cpu")
+        buf = pack_bucket(bucket, dict(src), device)
         return cls(AdapterManifest(name=name, config=cfg, bucket=bucket, checksum=checksum(buf)),
                    buf)
 
@@ -249,12 +268,20 @@ class AdapterPayload:
         return cls.from_tensors(name, tensors, cfg)  # type: ignore[arg-type]
 
     @classmethod
-    def from_peft(cls, name: str, model: Any, adapter_name: str = "default") -> AdapterPayload:
-        """The adapter ``adapter_name`` of a peft model (``peft.PeftModel``)."""
+    def from_peft(cls, name: str, model: Any, adapter_name: str = "default",
+                  device: torch.device | str = "cpu") -> AdapterPayload:
+        """The adapter ``adapter_name`` of a peft model (``peft.PeftModel``), packed on
+        ``device``."""
         from peft import get_peft_model_state_dict
 
         state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-        return cls.from_tensors(name, state, model.peft_config[adapter_name].to_dict())
+        return cls.from_tensors(name, state, model.peft_config[adapter_name].to_dict(), device)
+
+    def on_gpu(self) -> AdapterPayload:
+        """This payload with ``buf`` on the current GPU (itself if it is there already)."""
+        if self.buf.is_cuda:
+            return self
+        return AdapterPayload(self.manifest, self.buf.to(torch.cuda.current_device()))
 
 
 def unpack_adapter(load: AdapterLoad, buf: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -249,7 +249,12 @@ class SyncCoordinator:
         The bytes travel in the engine calls (Ray's object store) or, ``leg="broadcast"``,
         over the coordinator's transfer group with every engine's workers (a broadcast, or a
         chain per ``TransferConfig.broadcast``), opened for the first sync that needs it and
-        shared with full syncs."""
+        shared with full syncs, or, ``leg="ipc"``, as one CUDA IPC share on the trainer's GPU
+        that colocated engines map (a peft model's adapter is packed there).
+
+        Engines asleep for this coordinator (``sleep`` level 1) take the adapter with their
+        weights woken and serve from the commit on, as after a full sync; level 2 discarded
+        the base the adapter needs, so they refuse it (``IllegalStateError``)."""
         if isinstance(adapter, AdapterPayload):
             if name is not None and name != adapter.manifest.name:
                 raise ConfigError(f"name {name!r} differs from the payload's "
@@ -258,7 +263,12 @@ class SyncCoordinator:
         elif name is None:
             raise ConfigError("sync_adapter of a peft model needs its name")
         else:
-            payload = AdapterPayload.from_peft(name, adapter)
+            import torch
+
+            ipc = leg == "ipc" and torch.cuda.is_available()  # packed where it is shared
+            payload = AdapterPayload.from_peft(
+                name, adapter, device=torch.device("cuda", torch.cuda.current_device()) if ipc
+                else "cpu")
         with self._exclusive():
             return self._adapters.run(self._targets(engines), payload, leg)
 

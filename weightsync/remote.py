@@ -230,17 +230,23 @@ class Engines:
         return self._start(name, "serve_openai", token, signed=True, host=host)
 
     def adapter_state(self, name: str, deadline_s: float) -> Pending[AdapterState]:
-        return self._start(name, "adapter_state", deadline_s=deadline_s)
+        return self._start(name, "adapter_state", signed=True, deadline_s=deadline_s)
 
     def stage_adapter(self, name: str, manifest_json: str, buf: Any, version: int,
-                      deadline_s: float, chain_chunk: int = 0) -> Pending[AdapterSyncReply]:
-        """``buf`` None: the bytes come over the transfer group (``EngineHost.stage_adapter``)."""
-        return self._start(name, "stage_adapter", manifest_json, buf, version,
-                           deadline_s=deadline_s, chain_chunk=chain_chunk)
+                      deadline_s: float, chain_chunk: int = 0,
+                      ipc: str | None = None) -> Pending[AdapterSyncReply]:
+        """``buf`` None: the bytes come over the transfer group or, ``ipc``, over CUDA IPC
+        (``EngineHost.stage_adapter``)."""
+        return self._start(name, "stage_adapter", manifest_json, buf, version, signed=True,
+                           deadline_s=deadline_s, chain_chunk=chain_chunk, ipc=ipc)
 
-    def commit_adapter(self, name: str, adapter: str, version: int,
-                       deadline_s: float) -> Pending[AdapterSyncReply]:
-        return self._start(name, "commit_adapter", adapter, version, deadline_s=deadline_s)
+    def commit_adapter(self, name: str, adapter: str, version: int, deadline_s: float,
+                       settle_s: float | None = None) -> Pending[AdapterSyncReply]:
+        return self._start(name, "commit_adapter", adapter, version, signed=True,
+                           deadline_s=deadline_s, settle_s=settle_s)
+
+    def settle_adapter(self, name: str, adapter: str, version: int) -> Pending[bool]:
+        return self._start(name, "settle_adapter", adapter, version)
 
     def abort_adapter(self, name: str, adapter: str, version: int,
                       deadline_s: float) -> Pending[bool]:

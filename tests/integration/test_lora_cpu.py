@@ -30,13 +30,13 @@ def lora_fleet(ray_session, tiny_model):
     from weightsync.engine.actor import start_engines, stop_engines
     from weightsync.testing.engines import cold_adapter_engine
 
-    # max_loras 32: the kept versions of the tests' fourteen names (pinned, 28 at most), the one
+    # max_loras 40: the kept versions of the tests' sixteen names (pinned, 32 at most), the one
     # being loaded, room for the cold oracle's adapter (vLLM loads it unpinned, in test 1),
     # and a version a fleet commit retired, held for its undo until the name's next stage
     specs = [EngineSpec(name=f"engine-lora-{x}", model=str(tiny_model), dtype="float32",
                         max_model_len=512, enforce_eager=True,
                         engine_args={"enable_lora": True, "max_lora_rank": 16,
-                                     "max_loras": 32})
+                                     "max_loras": 40})
              for x in "ab"]
     actors = start_engines(specs, make_engine=cold_adapter_engine)
     yield actors
@@ -91,6 +91,29 @@ def test_adapter_synced_from_memory_equals_vllm_loading_it_from_disk(lora_fleet,
     assert all(w[1] != b[1] for w, b in zip(warm, base))  # the adapter changes every answer
     # served again (the pinned adapter, not a reload) and after the cold one: the same
     assert generate(lora_engine, lora="warm@v1")[0] == warm
+
+
+def test_a_synced_adapter_serves_what_hf_with_peft_computes(lora_engine, tiny_model,
+                                                            tokenizer):
+    """The other oracle: transformers' model with the peft adapter applied, in fp32. Each
+    greedy token the engine serves after the sync is peft's argmax at that step (teacher
+    forced on the engine's own continuation), and each logprob equals peft's within 1e-4."""
+    model = peft_lora(tiny_model, seed=91).eval()
+    reply = sync(lora_engine, AdapterPayload.from_peft("peftparity", model))
+    got, served = generate(lora_engine, lora="peftparity")
+    assert served == {reply.served_as}
+    assert got != generate(lora_engine)[0]  # the adapter changes what the model says
+    worst = 0.0
+    for prompt, (tokens, logprobs) in zip(PROMPTS, got, strict=True):
+        ids = tokenizer(prompt).input_ids
+        seq = torch.tensor([ids + list(tokens)])
+        with torch.no_grad():
+            rows = torch.log_softmax(model(seq).logits[0, len(ids) - 1:-1].float(), -1)
+        assert rows.argmax(-1).tolist() == list(tokens), prompt
+        ref = rows.gather(1, seq[0, len(ids):, None])[:, 0].tolist()
+        worst = max(worst, *(abs(a - b) for a, b in zip(logprobs, ref, strict=True)))
+    print(f"\nengine vs HF + peft: max logprob gap {worst:.2e}")
+    assert worst < 1e-4
 
 
 def test_versions_resolve_to_the_latest_and_the_last_two_stay_served(lora_engine, tiny_model):
@@ -260,6 +283,40 @@ def test_a_fleet_sync_refused_by_one_engine_changes_no_engine(lora_fleet, tiny_m
         coord.close()
 
 
+def test_an_adapter_syncs_into_engines_asleep_for_the_coordinator_and_they_serve_it(
+        lora_fleet, tiny_model):
+    """The colocated loop with an adapter: the coordinator puts both engines to sleep (on
+    CPU vLLM has no sleep mode: they pause, with the states of a GPU sleep), trains, and
+    syncs the adapter straight into them. Another coordinator is refused while they sleep
+    for the first (``IllegalStateError``, nothing staged); the sleeper's sync wakes them
+    with the new version: both serve ``<name>@v<N>`` and answer alike."""
+    from weightsync.coordinator import SyncCoordinator
+    from weightsync.errors import IllegalStateError, SyncFailedError
+    from weightsync.types import EngineState
+
+    a, b = lora_fleet
+    coord, other = SyncCoordinator(lora_fleet), SyncCoordinator(lora_fleet)
+    try:
+        v = max(state(x).highest.get("sleepy", 0) for x in lora_fleet)
+        coord.sleep(level=1)
+        assert {s.state for s in coord.statuses()} == {EngineState.ASLEEP}
+        with pytest.raises((IllegalStateError, SyncFailedError), match="sleeps for"):
+            other.sync_adapter(peft_lora(tiny_model, seed=81), name="sleepy")
+        assert {s.state for s in coord.statuses()} == {EngineState.ASLEEP}
+        assert all(state(x).staged == () for x in lora_fleet)
+        res = coord.sync_adapter(peft_lora(tiny_model, seed=82), name="sleepy")
+        assert (res.ok, res.version, res.committed) == (
+            True, v + 1, ("engine-lora-a", "engine-lora-b"))
+        statuses = coord.statuses()
+        assert {s.state for s in statuses} == {EngineState.SERVING}, statuses
+        assert all(s.owner is None for s in statuses)
+        answer = generate(a, lora="sleepy")
+        assert answer[1] == {f"sleepy@v{v + 1}"} and generate(b, lora="sleepy") == answer
+    finally:
+        other.close()
+        coord.close()
+
+
 def test_a_commit_that_fails_on_one_engine_is_undone_on_the_other(lora_fleet, tiny_model):
     """Engine B's staged v3 is aborted by another caller just before the commit (as a second
     coordinator would): A commits v3, B refuses to, and A undoes it. Both answer exactly as
@@ -401,18 +458,22 @@ def test_an_engine_that_refuses_an_adapter_over_the_group_still_takes_its_bytes(
         coord.close()
 
 
-@pytest.mark.parametrize("rollout,adapter_leg", [("ray", "calls"), ("openai", "calls"),
-                                                 ("ray", "broadcast")])
+@pytest.mark.parametrize("rollout,adapter_leg,colocate", [
+    ("ray", "calls", False), ("openai", "calls", False), ("ray", "broadcast", False),
+    ("ray", "calls", True)])
 def test_the_grpo_main_job_trains_an_adapter_and_syncs_only_it(lora_fleet, tiny_model,
-                                                               tmp_path, rollout, adapter_leg):
+                                                               tmp_path, rollout, adapter_leg,
+                                                               colocate):
     """``services.grpo --lora`` on the first engine (the job's model is the tiny model: same
     factory, same seed): a peft adapter on every linear layer trains on the frozen base; each
     step syncs only the adapter as ``policy@v<N>`` (v1 the untrained one) and samples with it
     by name; the engine's logprobs of its samples are the trainer's (peft's) on the same
     weights. Sampled through Ray's ``generate`` or through the fleet's OpenAI router
     (``model="policy"``, the version from ``X-Adapter-Version``); the adapter's bytes in the
-    engine calls or over the transfer group (``--adapter-leg``). Whether it learns is the
-    40-step run in benchmarks/results/grpo-cpu-lora.json."""
+    engine calls or over the transfer group (``--adapter-leg``). ``--colocate``: the engine
+    sleeps (on CPU: pauses) for every training step and the adapter syncs into it, which
+    then serves it. Whether it learns is the 40-step run in
+    benchmarks/results/grpo-cpu-lora.json."""
     import io
     import json
 
@@ -423,7 +484,7 @@ def test_the_grpo_main_job_trains_an_adapter_and_syncs_only_it(lora_fleet, tiny_
 
     cfg = GrpoConfig(steps=2, engines=1, prompts_per_step=2, group_size=4, max_tokens=8,
                      device="cpu", lora=True, lora_rank=8, rollout=rollout,
-                     adapter_leg=adapter_leg)
+                     adapter_leg=adapter_leg, colocate=colocate)
     v = state(lora_fleet[0]).highest.get(ADAPTER, 0)  # (another test may have used the name)
     summary = run(cfg, tmp_path, "lora", tmp_path / "model", Console(file=io.StringIO()),
                   actors=lora_fleet[:1])
@@ -443,34 +504,52 @@ def test_the_grpo_main_job_trains_an_adapter_and_syncs_only_it(lora_fleet, tiny_
     assert log["config"]["adapter_leg"] == adapter_leg
     if adapter_leg == "broadcast":  # the job's coordinator opened a group with the engine
         assert state(lora_fleet[0]).group_id is not None
+    if colocate:  # each step slept the engine; the adapter sync woke it serving
+        assert all(s["sleep_seconds"] is not None for s in steps), steps
+        status = ray.get(lora_fleet[0].status.remote(), timeout=TIMEOUT)
+        assert status.state.value == "serving" and status.owner is None
 
 
-@pytest.mark.parametrize("phase", ["adapter:commit"])
-def test_a_trainer_killed_between_stage_and_commit_changes_no_engine(lora_fleet, ray_session,
-                                                                     tiny_model, phase):
-    """A trainer process SIGKILLed once every engine staged its adapter's next version and
-    before it committed: ``<name>`` still answers as before on both engines (the staged
-    version is not servable), and the next trainer's sync unloads the orphan and flips both."""
+@pytest.mark.parametrize("phase", ["adapter:commit", "adapter:settle"])
+def test_a_trainer_killed_mid_flip_changes_no_engine(lora_fleet, ray_session, tiny_model, phase):
+    """A trainer process SIGKILLed mid-flip, ``adapter:commit``: once every engine staged its
+    adapter's next version, before any commit; ``adapter:settle``: once every engine
+    committed it, before it could settle them. Either way, within the settle deadline (the
+    dead trainer's lease) ``<name>`` answers as before on both engines: the staged version
+    is not servable, the committed one undid itself and was unloaded. The next trainer's
+    sync flips both to a version never used before."""
     import subprocess
     import sys
+    import time
     from pathlib import Path
 
     from weightsync.coordinator import SyncCoordinator
+    from weightsync.testing.dying_trainer import LEASE_S
 
     coord = SyncCoordinator(lora_fleet)
     try:
         v = coord.sync_adapter(peft_lora(tiny_model, seed=71), name="dying").version
         before = {x: generate(x, lora="dying") for x in lora_fleet}
+        held = {x: set(state(x).held_ids) for x in lora_fleet}
         proc = subprocess.run(
             [sys.executable, "-m", "weightsync.testing.dying_trainer",
              ray_session.get_runtime_context().gcs_address, "weightsync-tests",
              str(tiny_model), "adapter", phase, "0", "72", "engine-lora-a", "engine-lora-b"],
             cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=300)
+        killed = time.monotonic()
         assert proc.returncode == -9 and f"dying at {phase}" in proc.stdout, \
             proc.stdout + proc.stderr
+        if phase == "adapter:settle":  # every engine committed v+1 and awaits its settle
+            while any(state(x).served["dying"] != f"dying@v{v}" for x in lora_fleet):
+                assert time.monotonic() - killed < LEASE_S + 10, [state(x) for x in lora_fleet]
+                time.sleep(0.2)
+            print(f"\nunsettled commits undone {time.monotonic() - killed:.1f}s after the kill")
         for x in lora_fleet:
             st = state(x)
-            assert st.served["dying"] == f"dying@v{v}" and st.staged == (f"dying@v{v + 1}",)
+            assert st.served["dying"] == f"dying@v{v}", st
+            assert st.staged == ((f"dying@v{v + 1}",) if phase == "adapter:commit" else ()), st
+            if phase == "adapter:settle":  # undone and unloaded: vLLM holds no new id
+                assert set(st.held_ids) <= held[x] and st.highest["dying"] == v + 1, st
             assert generate(x, lora="dying") == before[x]
             with pytest.raises(Exception, match=f"no adapter 'dying@v{v + 1}'"):
                 generate(x, lora=f"dying@v{v + 1}")
@@ -481,10 +560,10 @@ def test_a_trainer_killed_between_stage_and_commit_changes_no_engine(lora_fleet,
         answers = [generate(x, lora="dying") for x in lora_fleet]
         assert answers[0] == answers[1] and answers[0][1] == {f"dying@v{v + 2}"}
         assert answers[0][0] != before[lora_fleet[0]][0]
-        for x in lora_fleet:  # the orphan's vLLM id is gone: unloaded before the new stage
+        for x in lora_fleet:  # an orphan's vLLM id is gone: unloaded before the new stage
             st = state(x)
             assert st.staged == () and len(set(st.held_ids) - orphan_ids[x]) == 1
-            assert len(st.held_ids) == len(orphan_ids[x])
+            assert len(st.held_ids) == len(orphan_ids[x]) + (phase == "adapter:settle")
     finally:
         coord.close()
 

@@ -415,3 +415,50 @@ def test_peft_scales_per_module_and_with_rslora():
     assert lora_scale(cfg, "model.layers.0.self_attn.q_proj", 8) == 2.0
     assert lora_scale(cfg, "model.layers.0.mlp.down_proj", 8) == 4.0
     assert lora_scale(_config(use_rslora=True), "x.q_proj", 16) == 4.0
+
+
+def test_a_commit_not_settled_in_time_undoes_itself_and_a_late_settle_says_so():
+    """A fleet commit carries a settle deadline: its coordinator died mid-commit, so nobody
+    settles it, and it undoes itself (``<name>`` back on v1, v2 retired, its number spent);
+    the settle of a coordinator that only came late answers False (it then undoes it on
+    every engine). A commit settled in time stands, and stays undoable until the next stage."""
+    async def scenario():
+        a, workers = _adapters()
+        await a.sync(*_payload_args(), 10.0)
+        await a.stage(*_payload_args(), 2, 10.0)
+        await a.commit("pol", 2, 10.0, settle_s=0.2)
+        assert a.served() == {"pol": "pol@v2"}
+        await asyncio.sleep(0.5)
+        assert a.served() == {"pol": "pol@v1"} and a.highest("pol") == 2
+        assert await a.settle("pol", 2) is False
+        await a.stage(*_payload_args(), 3, 10.0)
+        await a.commit("pol", 3, 10.0, settle_s=0.2)
+        assert await a.settle("pol", 3) is True
+        await asyncio.sleep(0.5)  # settled: the timer leaves it
+        assert a.served() == {"pol": "pol@v3"}
+        assert await a.settle("pol", 3) is True  # idempotent
+        assert await a.abort("pol", 3, 10.0) is True and a.served() == {"pol": "pol@v1"}
+
+    asyncio.run(scenario())
+
+
+def test_a_new_stage_of_a_name_undoes_its_unsettled_commit_first():
+    """A second coordinator stages the name while a dead one's commit is still unsettled on
+    this engine: that commit is undone first (as its timer would), so whatever the new flip
+    does, no engine keeps the dead coordinator's half-flipped version."""
+    async def scenario():
+        a, workers = _adapters()
+        await a.sync(*_payload_args(), 10.0)
+        await a.stage(*_payload_args(), 2, 10.0)
+        await a.commit("pol", 2, 60.0, settle_s=60.0)
+        await a.stage(*_payload_args(), 3, 10.0)
+        assert a.served() == {"pol": "pol@v1"} and await a.settle("pol", 2) is False
+        await a.abort("pol", 3, 10.0)  # the new flip failed elsewhere: v1 everywhere
+        assert a.served() == {"pol": "pol@v1"}
+
+    asyncio.run(scenario())
+
+
+def _payload_args():
+    p = AdapterPayload.from_tensors("pol", _tensors(), CONFIG)
+    return p.manifest.model_dump_json(), p.buf

@@ -11,11 +11,12 @@ from services.grpo_sync import lora_args
 
 
 @pytest.mark.parametrize(("extra", "named"), [
-    ({"colocate": True}, "--colocate"),
+    ({"colocate": True, "sleep_level": 2}, "--sleep-level 2"),
     ({"trainer_ranks": 2}, "--trainer-ranks"),
 ])
 def test_lora_refuses_what_it_does_not_combine_with_and_says_which(extra, named):
     GrpoConfig(lora=True, rollout="openai")  # the router serves adapters by name
+    GrpoConfig(lora=True, colocate=True)  # level 1 (the default): the base stays in memory
     with pytest.raises(ValidationError, match=named):
         GrpoConfig(lora=True, **extra)
     GrpoConfig(**extra)  # each is fine without --lora

@@ -6,6 +6,7 @@ One ``AdapterFlip.run`` per ``SyncCoordinator.sync_adapter``:
     -> stage <name>@vN everywhere (loaded, not served) -> all staged: commit everywhere
                                                        -> any failed: abort everywhere
     -> a commit failed anywhere: abort everywhere (the engines that committed undo it)
+    -> all committed: settle everywhere (a commit not settled in time undoes itself)
 
 so a refusal or a failure on any engine leaves ``<name>`` on v(N-1) on every engine, with vN
 unloaded again. Where every engine that failed refused the input itself (``ConfigError``,
@@ -16,9 +17,16 @@ other failure is an ``AdapterSyncFailedError`` naming each engine's.
 A commit only flips the host's table, so one fails after others succeeded when an engine
 stops answering between the two phases, or another coordinator aborted its stage. The
 engines that committed undo it (``Adapters.abort``: ``<name>`` back on v(N-1), vN never
-used again); an engine that cannot be asked to (its state unknown) is fenced. What is not
-closed: a trainer that dies mid-commit leaves the fleet split until the next sync of the
-name, which stages N+1 everywhere.
+used again); an engine that cannot be asked to (its state unknown) is fenced.
+
+A trainer that dies mid-commit cannot undo anything: each commit therefore carries a settle
+deadline (the coordinator's lease, ``Deadlines.lease``) and undoes itself unless the
+coordinator, once every engine committed, settles it in time; a settle that comes too late
+(the engine undid it) fails the flip, which then undoes it everywhere. What stays open: a
+trainer that dies between settling one engine and the next leaves those settled on vN (the
+others undo theirs) until the name's next sync; that window is one round of settle calls.
+Engines asleep for this coordinator (its ``sleep``) stage with their weights woken and serve
+from the commit on, as after a full sync.
 """
 
 from __future__ import annotations
@@ -65,25 +73,37 @@ class AdapterFlip:
     def run(self, targets: Sequence[str], payload: AdapterPayload,
             leg: str | None = None) -> AdapterFleetResult:
         """``leg``: None, the bytes go in the engine calls; ``"broadcast"``, over the
-        coordinator's transfer group (``stage_over``)."""
+        coordinator's transfer group (``stage_over``); ``"ipc"``, shared on the trainer's
+        GPU with colocated engines (``stage_ipc``)."""
         t0 = time.perf_counter()
         e, dl = self.reach.engines, self.reach.deadlines
         name = payload.manifest.name
-        group_leg = self._group_leg(leg)
+        group_leg = None if leg == "ipc" else self._group_leg(leg)
         states = self.states(targets)
         version = 1 + max(s.highest.get(name, 0) for s in states.values())
         manifest_json = payload.manifest.model_dump_json()
         self.reach.phase("adapter:stage", None)
         if group_leg is not None:
             staged, bad = self.stage_over(group_leg, targets, payload, version, states)
+        elif leg == "ipc":
+            staged, bad = self.stage_ipc(targets, payload, version)
         else:
             staged, bad = e.each(targets, lambda n: e.stage_adapter(
                 n, manifest_json, payload.buf, version, dl.transfer), dl.transfer + dl.verify)
         if bad:
             return self._abort(targets, name, version, bad, t0)
         self.reach.phase("adapter:commit", None)
-        done, bad = e.each(targets, lambda n: e.commit_adapter(n, name, version, dl.verify),
+        done, bad = e.each(targets, lambda n: e.commit_adapter(n, name, version, dl.verify,
+                                                               settle_s=dl.lease),
                            dl.verify * 1.5)
+        if bad:
+            self._undo_commits(targets, name, version, sorted(done), bad, t0)
+        self.reach.phase("adapter:settle", None)
+        settled, bad = e.each(targets, lambda n: e.settle_adapter(n, name, version),
+                              dl.verify)
+        bad.update({n: IllegalStateError(
+            f"adapter {name}@v{version} was not settled within {dl.lease}s of its commit: it "
+            "undid itself", engine=n) for n, ok in settled.items() if not ok})
         if bad:
             self._undo_commits(targets, name, version, sorted(done), bad, t0)
         replies = {n: done[n].model_copy(update={"nbytes": staged[n].nbytes}) for n in done}
@@ -98,8 +118,9 @@ class AdapterFlip:
             return None
         got = self.leg(leg)  # an unknown leg: ConfigError
         if not isinstance(got, BroadcastLeg):
-            raise ConfigError(f"an adapter moves in the engine calls or over a transfer group "
-                              f"(leg='broadcast'), not over {leg!r}")
+            raise ConfigError(f"an adapter moves in the engine calls, over a transfer group "
+                              f"(leg='broadcast') or over CUDA IPC (leg='ipc'), not over "
+                              f"{leg!r}")
         return got
 
     def stage_over(self, leg: BroadcastLeg, targets: Sequence[str], payload: AdapterPayload,
@@ -129,6 +150,28 @@ class AdapterFlip:
                                     {WIRE_NAME: payload.buf},
                                     lambda: e.wait(pending, dl.transfer * 1.6))
         return ok, bad
+
+    def stage_ipc(self, targets: Sequence[str], payload: AdapterPayload, version: int
+                  ) -> tuple[dict[str, AdapterSyncReply], dict[str, WeightSyncError]]:
+        """Phase one with the bytes on the trainer's GPU: one CUDA IPC share of the packed
+        adapter (``transport.ipc``), which each colocated engine's workers map and copy; the
+        buffer lives until every stage answered."""
+        import torch
+
+        from weightsync.transport.ipc import share_bucket
+
+        if not torch.cuda.is_available():
+            raise ConfigError("leg='ipc' shares the adapter on the trainer's GPU: this process "
+                              "has none")
+        e, dl = self.reach.engines, self.reach.deadlines
+        on_gpu = payload.on_gpu()
+        torch.cuda.current_stream(on_gpu.buf.device).synchronize()  # packed before shared
+        handle = share_bucket(0, on_gpu.buf).model_dump_json()
+        manifest_json = payload.manifest.model_dump_json()
+        staged = e.each(targets, lambda n: e.stage_adapter(
+            n, manifest_json, None, version, dl.transfer, ipc=handle), dl.transfer + dl.verify)
+        del on_gpu  # (held until here: every worker copied it)
+        return staged
 
     def _undo_commits(self, targets: Sequence[str], name: str, version: int,
                       committed: list[str], bad: dict[str, WeightSyncError],

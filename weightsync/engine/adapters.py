@@ -9,8 +9,12 @@ if all staged; ``sync`` is both phases on one engine.
 A fleet commit can be undone (``abort`` of the committed version) until the name's next
 stage: ``<name>`` resolves to its previous version again, with the versions that commit
 retired kept loaded until then, so a commit that failed on another engine leaves every
-engine as it was. A committed number is never used again here (vLLM's prefix cache is keyed
-by the adapter's name, and requests ran on it); a number only staged is (nothing ran on it).
+engine as it was. A fleet commit must also be settled (``settle``) within its ``settle_s``:
+one that is not (its coordinator died mid-commit, before it learned that every engine
+committed) undoes itself, and a settle that comes after that answers False, so the
+coordinator undoes it everywhere. A committed number is never used again here (vLLM's
+prefix cache is keyed by the adapter's name, and requests ran on it); a number only staged
+is (nothing ran on it).
 
 The last ``keep`` versions of a name stay loaded (pinned), so a request that named an older
 one, or started on it, finishes there; older ones are unloaded once no request of this host
@@ -52,6 +56,7 @@ from weightsync.errors import (
     WeightSyncError,
 )
 from weightsync.messages import Ack
+from weightsync.transport.ipc import IpcBucketHandle
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +104,8 @@ class Adapters:
         # the versions it retired (held loaded), until the name's next stage
         self._undo: dict[str, tuple[AdapterVersion | None, list[AdapterVersion]]] = {}
         self._committed: dict[str, int] = {}  # by name, the highest version ever committed
+        self._unsettled: dict[str, int] = {}  # by name, a fleet commit not settled yet
+        self._timers: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
         self._listeners: list[Callable[[], None]] = []
 
@@ -179,25 +186,60 @@ class Adapters:
                                        "seconds": staged.seconds + done.seconds})
 
     async def stage(self, manifest_json: str, buf: Any, version: int,
-                    deadline_s: float, over_group: OverGroup | None = None
-                    ) -> AdapterSyncReply:
+                    deadline_s: float, over_group: OverGroup | None = None,
+                    over_ipc: IpcBucketHandle | None = None) -> AdapterSyncReply:
         """Phase one of a fleet-wide sync: load ``<name>@v<version>`` on every worker under a
         new vLLM id, not yet servable (``<name>`` still resolves to its committed version).
         ``version`` is the coordinator's, the same on every engine: refused
         (``StaleVersionError``) unless above every version of the name here. An earlier
         staged version of the name (its coordinator never committed it) is unloaded first.
         ``over_group`` (``buf`` None): the workers receive the bytes from the transfer group
-        they are in, sent by the coordinator once they are called."""
+        they are in, sent by the coordinator once they are called; ``over_ipc`` (``buf``
+        None): they are on the workers' GPU, shared by the colocated trainer."""
         manifest = AdapterManifest.model_validate_json(manifest_json)
         async with self._lock:
-            return await self._stage(manifest, buf, version, deadline_s, over_group)
+            return await self._stage(manifest, buf, version, deadline_s, over_group, over_ipc)
 
-    async def commit(self, name: str, version: int, deadline_s: float) -> AdapterSyncReply:
+    async def commit(self, name: str, version: int, deadline_s: float,
+                     settle_s: float | None = None) -> AdapterSyncReply:
         """Phase two: ``<name>`` resolves to the staged ``version``; the versions beyond
         ``keep`` are retired (no longer resolvable) and stay loaded until the name's next
-        stage, so that ``abort`` can undo this commit."""
+        stage, so that ``abort`` can undo this commit. ``settle_s``: unless ``settle`` comes
+        within that many seconds, the commit undoes itself (``abort``)."""
         async with self._lock:
-            return await self._commit(name, version, deadline_s, undoable=True)
+            reply = await self._commit(name, version, deadline_s, undoable=True)
+            if settle_s is not None:
+                self._unsettled[name] = version
+                task = asyncio.create_task(self._expire(name, version, settle_s, deadline_s))
+                self._timers.add(task)
+                task.add_done_callback(self._timers.discard)
+            return reply
+
+    async def settle(self, name: str, version: int) -> bool:
+        """Phase three: every engine committed ``<name>@v<version>``, so the commit stands
+        (still undoable by ``abort`` until the name's next stage). False if it undid itself
+        already (not settled in time) or is not what the name resolves to."""
+        async with self._lock:
+            latest = self._latest.get(name)
+            if self._unsettled.get(name) == version:
+                del self._unsettled[name]
+                return True
+            return latest is not None and latest.version == version
+
+    async def _expire(self, name: str, version: int, settle_s: float,
+                      deadline_s: float) -> None:
+        await asyncio.sleep(settle_s)
+        async with self._lock:
+            if self._unsettled.get(name) != version:
+                return
+            del self._unsettled[name]
+            latest = self._latest.get(name)
+            if latest is None or latest.version != version or name not in self._undo:
+                return
+            logger.warning("engine %s: adapter %s was not settled within %.1fs (its "
+                           "coordinator went silent mid-commit): undoing it", self.engine_name,
+                           latest.served_as, settle_s)
+            await self._uncommit(latest, deadline_s)
 
     async def abort(self, name: str, version: int, deadline_s: float) -> bool:
         """Undo ``<name>@v<version>`` wherever it got to: unload it if staged; if it is the
@@ -220,6 +262,8 @@ class Adapters:
         return True
 
     async def _uncommit(self, v: AdapterVersion, deadline_s: float) -> None:
+        if self._unsettled.get(v.name) == v.version:
+            del self._unsettled[v.name]
         previous, retired = self._undo.pop(v.name)
         self._retired[v.served_as] = self._loaded.pop(v.served_as)
         for old in retired:  # held loaded by the undo: kept again
@@ -235,12 +279,16 @@ class Adapters:
                     previous.served_as if previous else "nothing", removed)
 
     async def _stage(self, manifest: AdapterManifest, buf: Any, version: int,
-                     deadline_s: float, over_group: OverGroup | None = None
-                     ) -> AdapterSyncReply:
+                     deadline_s: float, over_group: OverGroup | None = None,
+                     over_ipc: IpcBucketHandle | None = None) -> AdapterSyncReply:
         t0 = time.perf_counter()
         name = manifest.name
-        load = AdapterLoad(manifest=manifest, lora_int_id=self._next_id, version=version,
-                           over_group=over_group)
+        try:
+            load = AdapterLoad(manifest=manifest, lora_int_id=self._next_id, version=version,
+                               over_group=over_group, over_ipc=over_ipc)
+        except ValueError as e:
+            raise ManifestError(f"adapter {name}@v{version}: {e}",
+                                engine=self.engine_name) from None
         try:
             await self._make_room(name, version, deadline_s)
         except WeightSyncError:
@@ -253,7 +301,7 @@ class Adapters:
         self._next_id += 1  # (a failed load's id is not reused either)
         try:
             await self.calls.rpc("ws_load_adapter", load.model_dump_json(),
-                                 None if over_group else buf.numpy().tobytes(),
+                                 buf.numpy().tobytes() if load.in_call else None,
                                  reply=AdapterLoaded, timeout=deadline_s)
         except WeightSyncError:
             if self.calls.engine is not None:  # another worker may have loaded it
@@ -262,7 +310,8 @@ class Adapters:
         v = self._staged[name] = AdapterVersion(name, version, load.lora_int_id)
         logger.info("engine %s: adapter %s staged (id %d, %d bytes%s)", self.engine_name,
                     v.served_as, v.lora_int_id, manifest.bucket.nbytes,
-                    " over the transfer group" if over_group else "")
+                    " over the transfer group" if over_group else
+                    " over CUDA IPC" if over_ipc else "")
         return AdapterSyncReply(name=name, version=version, served_as=v.served_as,
                                 lora_int_id=v.lora_int_id, nbytes=manifest.bucket.nbytes,
                                 removed=(), seconds=time.perf_counter() - t0)
@@ -277,10 +326,16 @@ class Adapters:
         stale = self._staged.pop(name, None)
         if stale is not None:  # staged by a sync that never committed it
             await self._unload(stale.lora_int_id, deadline_s)
+        unsettled = self._unsettled.get(name)
+        latest = self._latest.get(name)
+        if unsettled is not None and latest is not None and latest.version == unsettled:
+            # its coordinator never settled it (it died mid-commit, or this is a second
+            # coordinator of the name): undone here, as its timer would
+            await self._uncommit(latest, deadline_s)
         if self._undo.pop(name, None) is not None:  # the last commit stands: let go of what
             await self._sweep(deadline_s)  # it retired before counting the slots
-        if self._pinned() >= self._slots and self._undo:  # other names' undos give way
-            self._undo.clear()
+        if self._pinned() >= self._slots and self._undo:  # other names' settled undos give way
+            self._undo = {n: u for n, u in self._undo.items() if n in self._unsettled}
             await self._sweep(deadline_s)
         self._check_ready()
 
@@ -330,6 +385,7 @@ class Adapters:
             for key in [k for k, v in table.items() if v.lora_int_id not in ids]:
                 del table[key]
         self._undo.clear()  # the weights under every adapter changed: no commit is undone
+        self._unsettled.clear()
         self._latest = {n: v for n, v in self._latest.items() if v.served_as in self._loaded}
         self._changed()
 

@@ -26,9 +26,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from weightsync.adapters import AdapterState, AdapterSyncReply, OverGroup
+from weightsync.adapters import AdapterState, AdapterSyncReply
 from weightsync.config import EngineSpec
 from weightsync.engine import requests, vllm_compat
+from weightsync.engine.adapter_gate import AdapterGate
 from weightsync.engine.adapters import Adapters
 from weightsync.engine.channel import SERVED, ChannelServer, ray_node
 from weightsync.engine.dormancy import TAGS, Found, SleepState
@@ -45,7 +46,6 @@ from weightsync.errors import (
     ConfigError,
     EngineError,
     IllegalStateError,
-    TransferError,
     WeightSyncError,
 )
 from weightsync.messages import (
@@ -99,6 +99,8 @@ class EngineHost:
         self.calls = WorkerCalls(spec.name)
         self.group = TransferGroup(self.calls)
         self.adapters = Adapters(spec, self.calls)  # LoRA adapter versions (engine.adapters)
+        self.adapter_gate = AdapterGate(spec.name, self.machine, self.lease, self.dormancy,
+                                        self.group, self.calls, self.adapters)
         self.loads = Loads(spec, self.calls, machine=self.machine, gate=self.gate,
                            dormancy=self.dormancy, lease=self.lease, group=self.group)
         self._sync_started = 0.0
@@ -460,43 +462,47 @@ class EngineHost:
         as ``<name>`` (``engine.adapters``): ``manifest_json`` an ``AdapterManifest``, ``buf``
         its packed bytes (``weightsync.adapters.AdapterPayload``). Refused before anything
         changes (``ManifestError``, ``ConfigError``, ``VerificationError``) if it does not fit.
-        Only into a serving engine (not mid-sync, asleep or fenced: a later slice of #31)."""
+        Only into a serving engine (a fleet's flip, ``stage_adapter``, also goes into sleeping
+        ones)."""
         self.machine.expect(S.SERVING, op="sync an adapter")
         return await self.adapters.sync(manifest_json, buf, deadline_s)
 
     async def stage_adapter(self, manifest_json: str, buf: Any, version: int, *,
-                            deadline_s: float = 120.0,
-                            chain_chunk: int = 0) -> AdapterSyncReply:
+                            deadline_s: float = 120.0, chain_chunk: int = 0,
+                            ipc: str | None = None,
+                            owner: str | None = None) -> AdapterSyncReply:
         """A fleet flip's phase one: load ``<name>@v<version>``, not served yet; refused like
         ``sync_adapter``, or ``StaleVersionError`` (``Adapters.stage``). ``buf`` None: the
         workers receive the bytes from the transfer group they are in (``join_group``), by
-        broadcast or, ``chain_chunk`` > 0, a chain; a failed receive leaves the group."""
-        self.machine.expect(S.SERVING, op="stage an adapter")
-        if buf is not None:
-            return await self.adapters.stage(manifest_json, buf, version, deadline_s)
-        if self.group.group_id is None:
-            raise TransferError("an adapter over the transfer group: this engine is in none "
-                                "(join_group first)", engine=self.spec.name)
-        over = OverGroup(deadline_s=deadline_s, chain_chunk=chain_chunk)
-        try:
-            return await self.adapters.stage(manifest_json, None, version, deadline_s * 1.2,
-                                             over)
-        except BaseException:
-            await self.group.leave()  # every worker out: a broken group is never reused
-            raise
+        broadcast or, ``chain_chunk`` > 0, a chain (a failed receive leaves the group); or,
+        ``ipc`` (an ``IpcBucketHandle`` as JSON), map them on their GPU, shared by the
+        colocated trainer. Into a serving engine or one asleep for ``owner`` at level 1
+        (``engine.adapter_gate``)."""
+        return await self.adapter_gate.stage(manifest_json, buf, version, deadline_s,
+                                             chain_chunk, ipc, owner)
 
-    async def commit_adapter(self, name: str, version: int, *,
-                             deadline_s: float = 120.0) -> AdapterSyncReply:
-        return await self.adapters.commit(name, version, deadline_s)
+    async def commit_adapter(self, name: str, version: int, *, deadline_s: float = 120.0,
+                             settle_s: float | None = None,
+                             owner: str | None = None) -> AdapterSyncReply:
+        """A fleet flip's phase two (``Adapters.commit``; ``settle_s``: it undoes itself unless
+        settled in time). An engine asleep for ``owner`` wakes the rest and serves."""
+        return await self.adapter_gate.commit(name, version, deadline_s, settle_s, owner)
+
+    async def settle_adapter(self, name: str, version: int) -> bool:
+        """A fleet flip's phase three: every engine committed (``Adapters.settle``)."""
+        return await self.adapters.settle(name, version)
 
     async def abort_adapter(self, name: str, version: int, *,
                             deadline_s: float = 120.0) -> bool:
         return await self.adapters.abort(name, version, deadline_s)
 
-    async def adapter_state(self, *, deadline_s: float = 30.0) -> AdapterState:
+    async def adapter_state(self, *, deadline_s: float = 30.0,
+                            owner: str | None = None) -> AdapterState:
+        """What it holds of its adapters; ``serving``: whether it would stage one from
+        ``owner`` now."""
         held = await self.adapters.state(deadline_s)
         return held.model_copy(update={"group_id": self.group.group_id,
-                                       "serving": self.state == S.SERVING})
+                                       "serving": self.adapter_gate.refusal(owner) is None})
 
     async def serve_openai(self, token: str, *, host: str | None = None,
                            owner: str | None = None) -> str:

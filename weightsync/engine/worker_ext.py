@@ -58,7 +58,7 @@ from weightsync.messages import (
 )
 from weightsync.transport.broadcast import BroadcastReceiver, PendingJoin
 from weightsync.transport.graphs import Replay
-from weightsync.transport.ipc import cuda_uuid
+from weightsync.transport.ipc import cuda_uuid, open_bucket
 from weightsync.transport.layout import KernelLayout, derive_layout
 from weightsync.transport.legs import receiver_leg
 from weightsync.transport.packing import checksum, dtype_name, unpack_bucket
@@ -384,6 +384,8 @@ class WeightSyncWorkerExtension:
         m = load.manifest
         if load.over_group is not None:
             buf = self._receive_adapter(load)
+        elif load.over_ipc is not None:  # on this GPU, shared by the colocated trainer: to
+            buf = open_bucket(load.over_ipc).cpu()  # the CPU (vLLM builds from there)
         elif not isinstance(data, (bytes, bytearray)) or len(data) != m.bucket.nbytes:
             raise TransferError(f"adapter {load.versioned}: expected {m.bucket.nbytes} bytes, "
                                 f"got {type(data).__name__} of {len(data or b'')}")
@@ -440,3 +442,4 @@ class WeightSyncWorkerExtension:
     @worker_rpc
     def ws_loaded_adapters(self) -> LoadedAdapters:
         return LoadedAdapters(ids=tuple(sorted(vllm_lora.loaded_adapters(self))))
+
