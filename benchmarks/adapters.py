@@ -12,7 +12,12 @@ the call until it returns, after one untimed warm-up sync of each kind (it opens
 - ``full``: ``coord.sync(model)``, every base weight (what a LoRA trainer ships when it merges
   its adapter), over the broadcast leg (``--ipc``: CUDA IPC, engines on the trainer's GPU);
 - ``adapter-calls``: ``coord.sync_adapter(peft_model)``, the adapter's bytes in the engine calls;
-- ``adapter-group``: the same with ``leg="broadcast"``, the bytes once over the transfer group.
+- ``adapter-group``: the same with ``leg="broadcast"``, the bytes once over the transfer group;
+- ``adapter-ipc`` (``--ipc``): ``leg="ipc"``, packed on the trainer's GPU and mapped there by
+  the colocated engines' workers.
+
+Every adapter sync is timed with its packing (``sync_adapter`` of the peft model: read peft's
+state dict, pack, checksum), as the full sync is with its own.
 
 Before each sync the trainer changes what it sends (seeded noise on every base weight, or on
 every LoRA B), as a training step would. Bytes: what one engine receives per sync (the
@@ -33,7 +38,8 @@ from benchmarks.baselines import summary
 from benchmarks.meta import commit, run_meta
 
 app = typer.Typer(add_completion=False)
-KINDS = ("full", "adapter-calls", "adapter-group")
+KINDS = ("full", "adapter-calls", "adapter-group", "adapter-ipc")
+LEGS = {"adapter-calls": None, "adapter-group": "broadcast", "adapter-ipc": "ipc"}
 
 
 def _fleet(model_dir: Path, n: int, rank: int, device: str, dtype: str, gpu_util: float):
@@ -67,7 +73,6 @@ def _run(shape: str, engines: int, syncs: int, rank: int, device: str, ipc: bool
     from transformers import AutoModelForCausalLM
 
     from benchmarks.run import SHAPES
-    from weightsync.adapters import AdapterPayload
     from weightsync.config import TransferConfig
     from weightsync.coordinator import SyncCoordinator
     from weightsync.engine.actor import stop_engines
@@ -89,7 +94,8 @@ def _run(shape: str, engines: int, syncs: int, rank: int, device: str, ipc: bool
                                                    lora_dropout=0.0))
     _bump_adapter(peft_model, seed=0)
     coord = SyncCoordinator(actors, TransferConfig(bucket_bytes=256 << 20))
-    times: dict[str, list[float]] = {k: [] for k in KINDS}
+    kinds = [k for k in KINDS if k != "adapter-ipc" or ipc]
+    times: dict[str, list[float]] = {k: [] for k in kinds}
     nbytes: dict[str, int] = {}
     try:
         for i in range(syncs + 1):  # sync 0 of each kind: the warm-up, not timed
@@ -100,11 +106,12 @@ def _run(shape: str, engines: int, syncs: int, rank: int, device: str, ipc: bool
             if i:
                 times["full"].append(took)
             nbytes["full"] = full.nbytes
-            for kind, leg in (("adapter-calls", None), ("adapter-group", "broadcast")):
+            for kind in kinds[1:]:
                 _bump_adapter(peft_model, seed=1000 + i)
-                payload = AdapterPayload.from_peft("policy", peft_model)
+                if device != "cpu":
+                    torch.cuda.synchronize()
                 t = time.perf_counter()
-                res = coord.sync_adapter(payload, leg=leg)
+                res = coord.sync_adapter(peft_model, name="policy", leg=LEGS[kind])
                 took = time.perf_counter() - t
                 if i:
                     times[kind].append(took)
@@ -114,7 +121,7 @@ def _run(shape: str, engines: int, syncs: int, rank: int, device: str, ipc: bool
         stop_engines(actors)
         ray.shutdown()
     out = {k: {"seconds": summary(v), "bytes_per_engine": nbytes[k]} for k, v in times.items()}
-    for k in ("adapter-calls", "adapter-group"):
+    for k in kinds[1:]:
         out[k]["vs_full_p50"] = out[k]["seconds"]["p50"] / out["full"]["seconds"]["p50"]
     return {"shape": shape, "engines": engines, "rank": rank, "dtype": dtype,
             "full_leg": "ipc" if ipc else "broadcast", **out}
@@ -146,16 +153,17 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     run = result["run"]
+    kinds = [k for k in KINDS if k in run]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    p50 = [run[k]["seconds"]["p50"] * 1e3 for k in KINDS]
-    p95 = [run[k]["seconds"]["p95"] * 1e3 for k in KINDS]
-    xs = range(len(KINDS))
+    p50 = [run[k]["seconds"]["p50"] * 1e3 for k in kinds]
+    p95 = [run[k]["seconds"]["p95"] * 1e3 for k in kinds]
+    xs = range(len(kinds))
     axes[0].bar([x - 0.2 for x in xs], p50, 0.4, label="p50")
     axes[0].bar([x + 0.2 for x in xs], p95, 0.4, label="p95")
-    axes[0].set_xticks(list(xs), KINDS)
+    axes[0].set_xticks(list(xs), kinds)
     axes[0].set_title("sync, call to return (ms)")
     axes[0].legend(fontsize=8)
-    axes[1].bar(KINDS, [run[k]["bytes_per_engine"] / 2**20 for k in KINDS])
+    axes[1].bar(kinds, [run[k]["bytes_per_engine"] / 2**20 for k in kinds])
     axes[1].set_title("bytes each engine receives (MiB)")
     axes[1].set_yscale("log")
     fig.suptitle(f"{run['shape']} ({run['dtype']}), LoRA rank {run['rank']} on every linear "

@@ -1,12 +1,14 @@
 """LoRA adapters on the GPU (#31): a rank-16 peft adapter on every linear layer of a
 0.5B-shaped bf16 model (tied embeddings), synced into an engine with CUDA graphs on.
 
-The trainer is this process, its peft model on the GPU. Three adapter versions go in the
-engine calls and a fourth over the transfer group (``leg="broadcast"``, gloo: the packed
-adapter is on the CPU); after each, the engine serves what the trainer sent. Warm == cold,
-bit for bit, against two oracles: the same engine loading peft's ``save_pretrained`` files
-through vLLM's own path (``ColdAdapterEngine``), and a fresh engine of the same spec, started
-after the syncs, loading those files the same way.
+The trainer is this process, its peft model on the GPU. Adapter versions go in the engine
+calls, over CUDA IPC (``leg="ipc"``: packed on the trainer's GPU, mapped by the engine's
+worker), over the transfer group (``leg="broadcast"``, gloo: the packed adapter is on the
+CPU) and, last, over IPC into the engine asleep at level 1 for the coordinator (it wakes
+serving the new version). Warm == cold, bit for bit, against two oracles: the same engine
+loading peft's ``save_pretrained`` files through vLLM's own path (``ColdAdapterEngine``),
+and a fresh engine of the same spec, started after the syncs, loading those files the same
+way. Then sleep level 2 (the base discarded): the adapter sync is refused, nothing staged.
 """
 
 from __future__ import annotations
@@ -67,37 +69,57 @@ def test_adapter_synced_into_a_graphs_engine_equals_a_cold_load(gpu_ray, model_r
     try:
         base_out, _ = _generate(warm)
         syncs = []
-        for i, leg in enumerate([None, None, None, "broadcast"]):
+        for i, leg in enumerate([None, "ipc", "broadcast", None, "ipc", "sleep+ipc"]):
             g = torch.Generator().manual_seed(500 + i)
             with torch.no_grad():
                 for name, p in model.named_parameters():
                     if "lora_B" in name:
                         p.copy_((torch.randn(p.shape, generator=g) * 0.05).to(p))
-            payload = AdapterPayload.from_peft("policy", model)
-            res = coord.sync_adapter(payload, leg=leg)
+            if leg == "sleep+ipc":
+                coord.sleep(level=1)
+                assert {s.state.value for s in coord.statuses()} == {"asleep"}
+            if leg and leg.endswith("ipc"):  # packed on the trainer's GPU, shared over IPC
+                res = coord.sync_adapter(model, name="policy", leg="ipc")
+            else:
+                res = coord.sync_adapter(AdapterPayload.from_peft("policy", model), leg=leg)
             assert res.ok and res.version == i + 1, res
             syncs.append({"leg": leg or "calls", "seconds": res.seconds,
-                          "nbytes": payload.buf.numel()})
+                          "nbytes": next(iter(res.replies.values())).nbytes})
+        assert {s.state.value for s in coord.statuses()} == {"serving"}  # woke with v6
         warm_out, served = _generate(warm, lora="policy")
-        assert served == {"policy@v4"}
+        assert served == {"policy@v6"}
         adapter_dir = tmp_path / "adapter"
         model.save_pretrained(adapter_dir)
         same_engine, _ = _generate(warm, sampling={"extra_args": {COLD_ADAPTER: str(adapter_dir)}})
     finally:
         coord.close()
-    cold = _engine("lora-cold", path)
     try:
-        cold_out, _ = _generate(cold, sampling={"extra_args": {COLD_ADAPTER: str(adapter_dir)}})
-        again, _ = _generate(warm, lora="policy")
+        cold = _engine("lora-cold", path)
+        try:
+            cold_out, _ = _generate(cold,
+                                    sampling={"extra_args": {COLD_ADAPTER: str(adapter_dir)}})
+            again, _ = _generate(warm, lora="policy")
+        finally:
+            stop_engine(cold)
+        data.update(syncs=syncs, max_logprob_diff_same_engine=_max_diff(warm_out, same_engine),
+                    max_logprob_diff_fresh_engine=_max_diff(warm_out, cold_out),
+                    tokens_equal=[w[0] == c[0] for w, c in zip(warm_out, cold_out,
+                                                               strict=True)],
+                    differs_from_base=[w[1] != b[1] for w, b in zip(warm_out, base_out,
+                                                                    strict=True)],
+                    warm_repeatable=again == warm_out)
+        assert again == warm_out, "the warm engine is not repeatable run to run"
+        assert all(data["differs_from_base"]), data
+        assert warm_out == same_engine, data
+        assert warm_out == cold_out, data
+        coord = SyncCoordinator([warm])  # sleep level 2 discards the base: refused
+        try:
+            coord.sleep(level=2)
+            with pytest.raises(Exception, match="level 2") as refused:
+                coord.sync_adapter(model, name="policy", leg="ipc")
+            data["level2_refusal"] = str(refused.value)[:300]
+            assert ray.get(warm.adapter_state.remote(), timeout=60).staged == ()
+        finally:
+            coord.close()
     finally:
-        stop_engine(cold)
         stop_engine(warm)
-    data.update(syncs=syncs, max_logprob_diff_same_engine=_max_diff(warm_out, same_engine),
-                max_logprob_diff_fresh_engine=_max_diff(warm_out, cold_out),
-                tokens_equal=[w[0] == c[0] for w, c in zip(warm_out, cold_out, strict=True)],
-                differs_from_base=[w[1] != b[1] for w, b in zip(warm_out, base_out, strict=True)],
-                warm_repeatable=again == warm_out)
-    assert again == warm_out, "the warm engine is not repeatable run to run"
-    assert all(data["differs_from_base"]), data
-    assert warm_out == same_engine, data
-    assert warm_out == cold_out, data
