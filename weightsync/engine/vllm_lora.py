@@ -8,6 +8,7 @@ worker manager, ``PEFTHelper``) and its ``OpenAIServingModels``.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 
@@ -50,7 +51,6 @@ def add_adapter(worker: Any, lora_int_id: int, tensors: dict[str, Any],
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.peft_helper import PEFTHelper
     from vllm.lora.utils import is_base_embedding_weights, parse_fine_tuned_lora_name
-    from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
     from weightsync.errors import ConfigError, ManifestError
 
@@ -95,7 +95,7 @@ def add_adapter(worker: Any, lora_int_id: int, tensors: dict[str, Any],
         am._validate_token_classification_lora(lora)
     except (ValueError, RuntimeError) as e:
         raise ManifestError(f"vLLM refused the adapter: {e}") from e
-    with gpu_sync_allowed():
+    with _gpu_sync_allowed():
         try:
             if len(am) + 1 > am.capacity:
                 am.remove_oldest_adapter()  # an unpinned one (a request's own adapter)
@@ -147,3 +147,13 @@ def remove_adapter(worker: Any, lora_int_id: int) -> bool:
 
 def loaded_adapters(worker: Any) -> set[int]:
     return set(_lora_manager(worker).list_adapters())
+
+
+def _gpu_sync_allowed() -> Any:
+    """vLLM's guard that lets this block synchronize with the GPU where vLLM has its GPU-sync
+    debug mode (0.32), and nothing where it has none (0.24, the GPU box's)."""
+    try:
+        from vllm.utils.gpu_sync_debug import gpu_sync_allowed
+    except ImportError:
+        return contextlib.nullcontext()
+    return gpu_sync_allowed()
