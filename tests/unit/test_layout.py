@@ -76,6 +76,19 @@ def test_refuses_what_it_cannot_explain(case, match):
         derive_layout(vllm, ckpt, PACKED)
 
 
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "int8"])
+def test_quantized_parameters_are_refused_even_where_their_shapes_would_stack(dtype):
+    """An FP8 (or int8) engine quantizes what it loads: its weight may keep the checkpoint's
+    (out, in) shape, and the kernel layout would then copy bf16 into it, cast and unscaled.
+    The layout is refused by dtype, not left to shapes or scale parameters to trip it
+    (#32; on the H100 an online-FP8 engine's qkv weight was (in, out) and refused by shape)."""
+    vllm, ckpt = _qwen2_like()
+    name = "model.layers.0.self_attn.qkv_proj.weight"
+    vllm[name] = _s(name, vllm[name].shape, dtype)
+    with pytest.raises(LayoutUnavailable, match=f"quantized \\({dtype}\\).*checkpoint format"):
+        derive_layout(vllm, ckpt, PACKED)
+
+
 def test_tied_checkpoint_names_may_be_ignored():
     vllm, ckpt = _qwen2_like()
     ckpt["lm_head.weight"] = _s("lm_head.weight", (32, 8))

@@ -54,6 +54,9 @@ def expert_parts(name: str, experts: Sequence[Expert]) -> list[str] | None:
 
 
 
+_QUANTIZED = frozenset({"float8_e4m3fn", "float8_e5m2", "int8", "uint8"})
+
+
 def derive_layout(vllm_params: dict[str, TensorSpec], checkpoint: dict[str, TensorSpec],
                   packed: dict[str, list[str]], ignored: set[str] = frozenset(),
                   experts: Sequence[Expert] = ()) -> KernelLayout:
@@ -65,6 +68,10 @@ def derive_layout(vllm_params: dict[str, TensorSpec], checkpoint: dict[str, Tens
             raise LayoutUnavailable(f"{name} was repacked by the backend (shape {spec.shape})")
         module, _, leaf = name.rpartition(".")
         prefix, _, mod_leaf = module.rpartition(".")
+        if spec.dtype in _QUANTIZED:  # the engine quantizes on load: bf16 bytes copied in
+            raise LayoutUnavailable(  # would be cast, unscaled (silently wrong weights)
+                f"{name} is quantized ({spec.dtype}): the engine quantizes what it loads, so "
+                "syncs go in the checkpoint format")
         if name in checkpoint:
             parts = [name]
         elif mod_leaf in packed:
