@@ -48,7 +48,7 @@ from rich.progress import (
 
 from services.grpo_plot import write_plot
 from services.grpo_rollouts import OpenAIRollouts, RayRollouts
-from services.grpo_sync import ADAPTER, AdapterSync, FullSync, lora_args, model_bytes
+from services.grpo_sync import ADAPTER, AdapterSync, FullSync, engine_args_of, model_bytes
 from weightsync.local_ray import init_kwargs, ray_env
 from weightsync.types import exclusive_phases
 
@@ -106,6 +106,19 @@ class GrpoConfig(BaseModel):
     # --lora: the adapter's bytes in the engine calls, once over the transfer group, or
     # shared on the trainer's GPU over CUDA IPC (colocated engines)
     adapter_leg: Literal["calls", "broadcast", "ipc"] = "calls"
+    # roll out with the engines quantized (vLLM's online FP8: the bf16 checkpoint quantized at
+    # load and on every sync; GPU only). FP8 rollouts are off-policy by design: the engine vs
+    # trainer logprob gap of each step is recorded, not held to ``max_logprob_gap``
+    quantization: Literal["fp8"] | None = None
+
+    @model_validator(mode="after")
+    def _quantization_fits(self) -> GrpoConfig:
+        from weightsync.engine_args import device_refusal
+
+        why = device_refusal({"quantization": self.quantization}, self.device)
+        if why is not None:
+            raise ValueError(f"--quantization {self.quantization}: {why}")
+        return self
 
     @model_validator(mode="after")
     def _lora_fits(self) -> GrpoConfig:
@@ -307,7 +320,7 @@ def grpo_step(step: int, cfg: GrpoConfig, rollouts: Any, coord: Any, syncer: Any
     engine_lp = torch.zeros_like(old)
     engine_lp[mask] = torch.tensor([lp for _, r in flat for lp in r.logprobs])
     gap = float((engine_lp - old)[mask].abs().mean())
-    if gap > cfg.max_logprob_gap:
+    if cfg.quantization is None and gap > cfg.max_logprob_gap:  # (FP8: off-policy by design)
         raise VerificationError(f"engines sampled v{sampled_version} with logprobs {gap:.3g} "
                                 f"away from the trainer's: they do not serve its weights")
     synced = syncer.sync(policy)
@@ -357,11 +370,13 @@ def run(cfg: GrpoConfig, run_dir: Path, name: str, model_dir: Path, console: Con
     # short prompts and completions: a 512-token context; on CPU, eager (vLLM's default there
     # compiles the model: each engine starts in about twice the time); on a GPU, vLLM's default
     # (CUDA graphs: 2.9x the rollout throughput of eager on the H100)
-    specs = [EngineSpec(name=f"grpo-engine-{i}", model=str(model_dir), dtype="float32",
+    # FP8 kernels take bf16 activations: a quantized engine computes in bf16
+    specs = [EngineSpec(name=f"grpo-engine-{i}", model=str(model_dir),
+                        dtype="bfloat16" if cfg.quantization else "float32",
                         seed=cfg.seed + i, device=device, max_model_len=512,
                         enforce_eager=True if device == "cpu" else None,
                         num_gpus=gpus, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                        resources=cfg.engine_resources, engine_args=lora_args(cfg))
+                        resources=cfg.engine_resources, engine_args=engine_args_of(cfg))
              for i in range(cfg.engines)]
     _say(console, f"starting {cfg.engines} vLLM engine(s) on {device} "
                   f"(model {model_dir}, task {cfg.task!r}: {len(targets)} target tokens) ...")
@@ -512,6 +527,9 @@ def main(
     adapter_leg: str = typer.Option("calls", help="--lora: the adapter's bytes in the engine "
                                     "calls, once over the transfer group ('broadcast'), or "
                                     "over CUDA IPC to colocated engines ('ipc')"),
+    quantization: str = typer.Option("", help="'fp8': roll out on FP8 engines (vLLM's online "
+                                     "FP8, re-quantized on every sync; GPU only), recording "
+                                     "the engine-vs-trainer logprob gap per step"),
 ) -> None:
     import warnings
 
@@ -537,7 +555,7 @@ def main(
                          engine_resources=json.loads(engine_resources),
                          router_host=router_host, router_port=router_port, lora=lora,
                          lora_rank=lora_rank, lora_alpha=lora_alpha,
-                         adapter_leg=adapter_leg)
+                         adapter_leg=adapter_leg, quantization=quantization or None)
         summary = run(cfg, run_dir, name, model_dir, console,
                       router_token=os.environ.get("WEIGHTSYNC_TOKEN"))
     finally:

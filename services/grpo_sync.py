@@ -25,6 +25,14 @@ def lora_args(cfg: GrpoConfig) -> dict[str, Any]:
             "max_lora_rank": next(r for r in LORA_RANKS if r >= cfg.lora_rank)}
 
 
+def engine_args_of(cfg: GrpoConfig) -> dict[str, Any]:
+    """The engines' vLLM arguments: LoRA's (``lora_args``) and the quantization, if any."""
+    args = lora_args(cfg)
+    if cfg.quantization:
+        args["quantization"] = cfg.quantization
+    return args
+
+
 def model_bytes(policy: Any) -> int:
     """The bytes of the base model's weights (what a full sync moves)."""
     model = policy.model.get_base_model() if hasattr(policy.model, "get_base_model") else \

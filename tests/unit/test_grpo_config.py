@@ -27,3 +27,16 @@ def test_lora_engines_get_the_smallest_max_rank_vllm_accepts_and_three_slots(ran
     assert lora_args(GrpoConfig(lora=True, lora_rank=rank)) == {
         "enable_lora": True, "max_loras": 3, "max_lora_rank": max_rank}
     assert lora_args(GrpoConfig()) == {}
+
+
+def test_fp8_rollouts_are_refused_on_cpu_and_ask_vllm_for_online_fp8_in_bf16():
+    """``--quantization fp8`` (#32): a CPU job is refused when it is configured, naming why;
+    on a GPU the engines get vLLM's online FP8 next to any LoRA arguments."""
+    from services.grpo_sync import engine_args_of
+
+    with pytest.raises(ValidationError, match="--quantization fp8: .*needs a CUDA GPU"):
+        GrpoConfig(quantization="fp8", device="cpu")
+    cfg = GrpoConfig(quantization="fp8", device="cuda", lora=True, lora_rank=8)
+    assert engine_args_of(cfg) == {"enable_lora": True, "max_loras": 3, "max_lora_rank": 8,
+                                   "quantization": "fp8"}
+    assert engine_args_of(GrpoConfig()) == {}
