@@ -28,6 +28,34 @@ def stop_engine(actor) -> None:
     stop_engines([actor])
 
 
+def against_cold(warm, warm_out, start_cold) -> dict:
+    """The cold-engine oracle: start it (``start_cold()``), generate ``PROMPTS`` on it and
+    again on the warm engine, stop both. The figures of the comparison with ``warm_out``
+    (``plain`` outputs of the warm engine): the largest logprob difference, whether each
+    prompt's tokens are equal, whether the warm engine repeats itself, and the cold outputs."""
+    cold = start_cold()
+    try:
+        cold_out = plain(engine_generate(cold, PROMPTS))
+        again = plain(engine_generate(warm, PROMPTS))
+    finally:
+        stop_engine(cold)
+        stop_engine(warm)
+    return {"max_logprob_diff": max_diff(warm_out, cold_out),
+            "tokens_equal": [w[0] == c[0] for w, c in zip(warm_out, cold_out, strict=True)],
+            "warm_repeatable": again == warm_out, "cold_out": cold_out}
+
+
+def plain(outs):
+    """Each output as (token ids, logprobs), comparable with ==."""
+    return [(list(o.token_ids), list(o.logprobs)) for o in outs]
+
+
+def max_diff(a, b) -> float:
+    """The largest logprob difference between two ``plain`` outputs, position by position."""
+    return max((abs(x - y) for (_, la), (_, lb) in zip(a, b, strict=True)
+                for x, y in zip(la, lb, strict=False)), default=0.0)
+
+
 def engine_generate(actor, prompts, max_tokens: int = N_TOK):
     import ray
 

@@ -17,8 +17,8 @@ import time
 import pytest
 import torch
 
-from tests.gpu.parity import PROMPTS, engine_generate, start_colocated, stop_engine
-from tests.gpu.test_warm_cold_gpu import _max_diff, _model, _plain, _trainer
+from tests.gpu.parity import PROMPTS, against_cold, engine_generate, plain, start_colocated
+from tests.gpu.test_warm_cold_gpu import _model, _trainer
 from weightsync.config import TransferConfig
 from weightsync.coordinator import SyncCoordinator
 from weightsync.testing.reference import perturb_
@@ -40,7 +40,7 @@ def test_fp8_engine_synced_from_bf16_equals_a_cold_fp8_engine(gpu_ray, model_roo
     coord = SyncCoordinator([warm], TransferConfig(bucket_bytes=256 << 20,
                                                    ipc_reuse_buffers=True))
     try:
-        before = _plain(engine_generate(warm, PROMPTS))
+        before = plain(engine_generate(warm, PROMPTS))
         syncs = []
         for i in range(5):
             perturb_(trainer, scale=0.02, seed=700 + i)
@@ -54,22 +54,15 @@ def test_fp8_engine_synced_from_bf16_equals_a_cold_fp8_engine(gpu_ray, model_roo
                           "phases": res.engines[0].seconds})
             data["syncs"] = syncs
             assert res.ok, res
-        warm_out = _plain(engine_generate(warm, PROMPTS))
+        warm_out = plain(engine_generate(warm, PROMPTS))
         trainer.save_pretrained(path)
     finally:
         coord.close()
-    cold = start_colocated(f"fp8-cold-{kind}", path, "bfloat16", enforce_eager=False,
-                           gpu_memory_utilization=0.25, **fp8)
-    try:
-        cold_out = _plain(engine_generate(cold, PROMPTS))
-        again = _plain(engine_generate(warm, PROMPTS))
-    finally:
-        stop_engine(cold)
-        stop_engine(warm)
-    data.update(max_logprob_diff=_max_diff(warm_out, cold_out),
-                tokens_equal=[w[0] == c[0] for w, c in zip(warm_out, cold_out, strict=True)],
-                changed_by_sync=[w != b for w, b in zip(warm_out, before, strict=True)],
-                warm_repeatable=again == warm_out,
+    found = against_cold(warm, warm_out, lambda: start_colocated(
+        f"fp8-cold-{kind}", path, "bfloat16", enforce_eager=False,
+        gpu_memory_utilization=0.25, **fp8))
+    cold_out = found.pop("cold_out")
+    data.update(found, changed_by_sync=[w != b for w, b in zip(warm_out, before, strict=True)],
                 sync_seconds_p50=sorted(s["seconds"] for s in syncs[1:])[len(syncs[1:]) // 2])
-    assert again == warm_out, "the warm engine is not repeatable run to run"
+    assert data["warm_repeatable"], "the warm engine is not repeatable run to run"
     assert warm_out == cold_out, data

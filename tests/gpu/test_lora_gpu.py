@@ -17,7 +17,7 @@ import pytest
 import ray
 import torch
 
-from tests.gpu.parity import PROMPTS, stop_engine
+from tests.gpu.parity import PROMPTS, max_diff, stop_engine
 from weightsync.adapters import AdapterPayload
 from weightsync.coordinator import SyncCoordinator
 
@@ -47,11 +47,6 @@ def _generate(actor, **kw):
     out = ray.get(actor.generate.remote(PROMPTS, max_tokens=16, logprobs=True, ignore_eos=True,
                                         **kw), timeout=300)
     return [(list(o.token_ids), list(o.logprobs)) for o in out], {o.adapter for o in out}
-
-
-def _max_diff(a, b) -> float:
-    return max((abs(x - y) for (_, la), (_, lb) in zip(a, b, strict=True)
-                for x, y in zip(la, lb, strict=False)), default=0.0)
 
 
 @pytest.mark.timeout(600)  # two LoRA engines with CUDA graphs start in it (300 s was cut)
@@ -105,8 +100,8 @@ def test_adapter_synced_into_a_graphs_engine_equals_a_cold_load(gpu_ray, model_r
             again, _ = _generate(warm, lora="policy")
         finally:
             stop_engine(cold)
-        data.update(syncs=syncs, max_logprob_diff_same_engine=_max_diff(warm_out, same_engine),
-                    max_logprob_diff_fresh_engine=_max_diff(warm_out, cold_out),
+        data.update(syncs=syncs, max_logprob_diff_same_engine=max_diff(warm_out, same_engine),
+                    max_logprob_diff_fresh_engine=max_diff(warm_out, cold_out),
                     tokens_equal=[w[0] == c[0] for w, c in zip(warm_out, cold_out,
                                                                strict=True)],
                     differs_from_base=[w[1] != b[1] for w, b in zip(warm_out, base_out,

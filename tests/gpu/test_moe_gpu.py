@@ -14,7 +14,14 @@ import pytest
 import ray
 import torch
 
-from tests.gpu.parity import PROMPTS, changed, engine_generate, start_colocated, stop_engine
+from tests.gpu.parity import (
+    PROMPTS,
+    changed,
+    engine_generate,
+    plain,
+    start_colocated,
+    stop_engine,
+)
 from weightsync.config import TransferConfig
 from weightsync.coordinator import SyncCoordinator
 from weightsync.testing.reference import perturb_, scored
@@ -48,11 +55,6 @@ def _trainer(moe_model):
     return model
 
 
-def _plain(outs) -> list[tuple[list[int], list[float]]]:
-    """Token ids and logprobs, compared exactly."""
-    return [(list(o.token_ids), list(o.logprobs)) for o in outs]
-
-
 def _gap_to_hf(trainer, moe_model, outputs) -> float:
     """The largest teacher-forced logprob gap to HF (bf16 both sides: recorded, not asserted)."""
     from transformers import AutoTokenizer
@@ -82,16 +84,16 @@ def test_moe_module_syncs_and_equals_the_engines_own_load_of_save_pretrained(
     assert res.ok and all(e.checksum_ok for e in res.engines), res
     synced = engine_generate(moe_engine, PROMPTS)
     data["output_changed"] = changed(original, synced)
-    data["gap_to_hf_after_sync"] = _gap_to_hf(trainer, moe_model, _plain(synced))
+    data["gap_to_hf_after_sync"] = _gap_to_hf(trainer, moe_model, plain(synced))
     assert data["output_changed"]
 
     trainer.save_pretrained(tmp_path / "ckpt")  # per-expert names, written by transformers
     loaded = coord.reload_checkpoint(str(tmp_path / "ckpt"))
-    reloaded = _plain(engine_generate(moe_engine, PROMPTS))
+    reloaded = plain(engine_generate(moe_engine, PROMPTS))
     data.update(fingerprint_reload=loaded.engines[0].fingerprint,
-                bit_identical_to_own_load=reloaded == _plain(synced))
+                bit_identical_to_own_load=reloaded == plain(synced))
     assert loaded.ok
-    assert reloaded == _plain(synced)  # token ids and logprobs: the same weights, loaded two ways
+    assert reloaded == plain(synced)  # token ids and logprobs: the same weights, loaded two ways
     assert res.engines[0].fingerprint == loaded.engines[0].fingerprint  # parameters, bit for bit
     coord.reload_checkpoint(None)
 
@@ -139,4 +141,4 @@ def _kernel_layout_syncs(moe_engine, trainer, auto, ckpt, gpu_results) -> None:
         assert row["packed_because"] is None  # copied from the fused experts where they lie
         # both paths leave bit-identical parameters in the engine
         assert fast.engines[0].fingerprint == slow.engines[0].fingerprint
-        assert _plain(engine_generate(moe_engine, PROMPTS)) == _plain(after)
+        assert plain(engine_generate(moe_engine, PROMPTS)) == plain(after)

@@ -19,7 +19,14 @@ import pytest
 import torch
 
 from benchmarks.graphs_gpu import measure_rollout, measure_sync
-from tests.gpu.parity import PROMPTS, engine_generate, start_colocated, stop_engine
+from tests.gpu.parity import (
+    PROMPTS,
+    against_cold,
+    engine_generate,
+    plain,
+    start_colocated,
+    stop_engine,
+)
 from weightsync.config import TransferConfig
 from weightsync.coordinator import SyncCoordinator
 from weightsync.testing.reference import perturb_
@@ -32,15 +39,6 @@ MLA = dict(hidden=256, layers=2, heads=4, experts=8, top_k=2, moe_intermediate=1
            kv_lora_rank=512, vocab_size=512, dtype="bfloat16")
 MOE = dict(hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64, experts=16, top_k=4,
            moe_intermediate=128, vocab_size=512, dtype="bfloat16")
-
-
-def _plain(outs):
-    return [(list(o.token_ids), list(o.logprobs)) for o in outs]
-
-
-def _max_diff(a, b) -> float:
-    return max((abs(x - y) for (_, la), (_, lb) in zip(a, b, strict=True)
-                for x, y in zip(la, lb, strict=False)), default=0.0)
 
 
 def _model(kind: str, root):
@@ -86,22 +84,16 @@ def test_warm_engine_equals_cold_engine(gpu_ray, model_root, tmp_path, gpu_resul
             layouts.append(res.layout)
             rebuilt += [n for e in res.engines for n in e.rebuilt]
         data.update(layouts=layouts, rebuilt=sorted(set(rebuilt)))
-        warm_out = _plain(engine_generate(warm, PROMPTS))
+        warm_out = plain(engine_generate(warm, PROMPTS))
         trainer.save_pretrained(path)
     finally:
         coord.close()
-    cold = start_colocated(f"cold-{kind}-{mode}", path, "bfloat16", enforce_eager=eager,
-                           gpu_memory_utilization=0.25)
-    try:
-        cold_out = _plain(engine_generate(cold, PROMPTS))
-        again = _plain(engine_generate(warm, PROMPTS))
-    finally:
-        stop_engine(cold)
-        stop_engine(warm)
-    data.update(max_logprob_diff=_max_diff(warm_out, cold_out),
-                tokens_equal=[w[0] == c[0] for w, c in zip(warm_out, cold_out, strict=True)],
-                warm_repeatable=again == warm_out)
-    assert again == warm_out, "the warm engine is not repeatable run to run"
+    found = against_cold(warm, warm_out, lambda: start_colocated(
+        f"cold-{kind}-{mode}", path, "bfloat16", enforce_eager=eager,
+        gpu_memory_utilization=0.25))
+    cold_out = found.pop("cold_out")
+    data.update(found)
+    assert data["warm_repeatable"], "the warm engine is not repeatable run to run"
     assert warm_out == cold_out, data
 
 
