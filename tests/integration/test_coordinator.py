@@ -172,10 +172,19 @@ def _kill_and_wait(actor, timeout=30.0):
     ray.kill(actor, no_restart=True)
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in procs):
+        if all(_gone(p) for p in procs):
             return
         time.sleep(0.1)
     raise AssertionError("engine processes still alive after kill")
+
+
+def _gone(p: psutil.Process) -> bool:
+    """Exited, or a zombie; one that exits (and is reaped) between the two reads is gone too
+    (psutil raised NoSuchProcess from status() after is_running() said yes: a CI flake)."""
+    try:
+        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def test_engine_killed_mid_transfer_fails_fast_and_resyncs(fleet, engine_c, policy, tokenizer):
