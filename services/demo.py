@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from weightsync.local_ray import init_kwargs, ray_env
+from weightsync.local_ray import init_kwargs, prepare_environ
 
 app = typer.Typer(add_completion=False)
 
@@ -24,7 +23,7 @@ app = typer.Typer(add_completion=False)
 def main(engines: int = typer.Option(1, min=1), syncs: int = typer.Option(3, min=1),
          workdir: Path = typer.Option(Path("runs/demo")),
          bucket_mib: int = typer.Option(4, min=1)) -> None:
-    os.environ.update(ray_env(None, os.environ))  # token authentication, before Ray's import
+    prepare_environ(None)  # token authentication, before Ray's import
     import ray
     import torch
     from transformers import AutoTokenizer

@@ -49,7 +49,7 @@ from rich.progress import (
 from services.grpo_plot import write_plot
 from services.grpo_rollouts import OpenAIRollouts, RayRollouts
 from services.grpo_sync import ADAPTER, AdapterSync, FullSync, engine_args_of, model_bytes
-from weightsync.local_ray import init_kwargs, ray_env
+from weightsync.local_ray import init_kwargs, prepare_environ
 from weightsync.types import exclusive_phases
 
 logger = logging.getLogger(__name__)
@@ -533,7 +533,7 @@ def main(
 ) -> None:
     import warnings
 
-    os.environ.update(ray_env(ray_address, os.environ))  # own Ray: token auth, before import
+    prepare_environ(ray_address)  # own Ray: token auth, before its import
     import ray
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

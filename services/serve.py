@@ -9,23 +9,22 @@ Binds 127.0.0.1:8765 by default; a non-loopback ``WEIGHTSYNC_HOST`` needs ``WEIG
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from weightsync.config import Settings
 from weightsync.errors import ConfigError
-from weightsync.local_ray import ray_env
+from weightsync.local_ray import prepare_environ
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = Settings()
-    os.environ.update(ray_env(settings.ray_address, os.environ))  # before Ray's import
+    environ = prepare_environ(settings.ray_address)  # before Ray's import
     from weightsync.api.server import serve
 
     try:
-        serve(settings, os.environ)
+        serve(settings, environ)
     except ConfigError as e:
         logging.getLogger("services.serve").error("refusing to start: %s", e)
         return 2

@@ -101,9 +101,8 @@ def serve(host: Annotated[str | None, typer.Option(help="Bind address")] = None,
                    "(WEIGHTSYNC_ENGINE_ARGS)")] = None) -> None:
     """Run the control plane (starting any missing engines as detached Ray actors)."""
     import json
-    import os
 
-    from weightsync.local_ray import ray_env
+    from weightsync.local_ray import prepare_environ
 
     overrides = {k: v for k, v in dict(host=host, port=port, model=model, engines=engines,
                                         namespace=namespace).items() if v is not None}
@@ -114,12 +113,12 @@ def serve(host: Annotated[str | None, typer.Option(help="Bind address")] = None,
             err_console.print(f"[red]--engine-args is not JSON[/red]: {e}")
             raise typer.Exit(2) from None
     settings = load_settings().model_copy(update=overrides)
-    os.environ.update(ray_env(settings.ray_address, os.environ))  # before Ray's import
+    environ = prepare_environ(settings.ray_address)  # before Ray's import
     from weightsync.api.server import serve as run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
-        run_server(settings, os.environ)
+        run_server(settings, environ)
     except WeightSyncError as e:
         err_console.print(f"[red]refusing to start[/red] {type(e).__name__}: {e}")
         raise typer.Exit(2) from None

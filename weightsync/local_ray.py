@@ -10,11 +10,11 @@ token that only that process and the processes Ray starts for it inherit, and th
 (whose job API runs code as this user) stays off. A driver without the token is refused when it
 connects.
 
-Ray reads ``RAY_AUTH_MODE`` when it is imported: the entrypoint adds ``ray_env``'s variables to
-its environment before anything imports ``ray`` (``check_driver`` refuses to go on otherwise,
-instead of a driver that cannot reach the Ray it started). This module decides what Ray's
-environment must hold; it never reads or writes the process's own: entrypoints pass it in
-(``os.environ``, read once there) and apply what comes back.
+Ray reads ``RAY_AUTH_MODE`` when it is imported: every entrypoint (the CLI, ``services.*``)
+calls ``prepare_environ`` before anything imports ``ray`` (``check_driver`` refuses to go on
+otherwise, instead of a driver that cannot reach the Ray it started). This module decides what
+Ray's environment must hold (``ray_env``, a pure function of an environment given to it) and is
+the one place that applies it to the process, as ``engine.vllm_compat`` is for vLLM's.
 
 For a cluster the user provides (an address), nothing changes: Ray's own security model applies
 (it assumes a trusted network; ``RAY_AUTH_MODE=token`` on the cluster and its drivers requires
@@ -23,6 +23,7 @@ a token). This module never imports ``ray`` itself.
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Mapping
 
@@ -50,6 +51,14 @@ def ray_env(address: str | None, environ: Mapping[str, str]) -> dict[str, str]:
     will start Ray itself (``address``), Ray's token authentication for it and its children,
     unless the user chose a mode; nothing for a cluster the user provides."""
     return own_ray_env(environ) if starts_own_ray(address) else {}
+
+
+def prepare_environ(address: str | None) -> Mapping[str, str]:
+    """For an entrypoint, before it imports Ray: add ``ray_env``'s variables to this process's
+    environment (its children inherit them) and return the environment, for the callees that
+    read Ray's authentication mode from it (``api.server.serve``)."""
+    os.environ.update(ray_env(address, os.environ))
+    return os.environ
 
 
 def auth_mode(environ: Mapping[str, str]) -> str | None:

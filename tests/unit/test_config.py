@@ -93,6 +93,21 @@ def test_own_ray_gets_token_auth_unless_the_user_chose_a_mode():
     assert ray_env("h:6379", {}) == {} and ray_env("local", {})["RAY_AUTH_MODE"] == "token"
 
 
+def test_prepare_environ_applies_ray_env_to_this_process_only_for_its_own_ray(monkeypatch):
+    import os
+
+    from weightsync.local_ray import prepare_environ
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    assert "RAY_AUTH_MODE" not in prepare_environ("h:6379")  # a cluster the user provides
+    env = prepare_environ(None)
+    assert env is os.environ and os.environ["RAY_AUTH_MODE"] == "token"
+    token = os.environ["RAY_AUTH_TOKEN"]
+    prepare_environ(None)  # the user's (or an earlier call's) choice stands
+    assert os.environ["RAY_AUTH_TOKEN"] == token
+
+
 def test_serve_refuses_http_beyond_loopback_next_to_an_unauthenticated_own_ray():
     from weightsync.api.server import serve
     from weightsync.config import Settings

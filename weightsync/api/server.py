@@ -99,7 +99,7 @@ def serve(settings: Settings, environ: Mapping[str, str]) -> None:
     """Blocks until the server stops (SIGINT/SIGTERM: uvicorn shuts down gracefully), then
     stops the engines it started unless they should outlive it. Refuses unsafe settings
     before touching Ray. ``environ``: the process's environment as the entrypoint set it up
-    (``local_ray.ray_env`` applied), read for Ray's authentication mode."""
+    (``local_ray.prepare_environ`` applied), read for Ray's authentication mode."""
     import ray
     import uvicorn
 
