@@ -86,7 +86,7 @@ class AdapterFlip:
         if group_leg is not None:
             staged, bad = self.stage_over(group_leg, targets, payload, version, states)
         elif leg == "ipc":
-            staged, bad = self.stage_ipc(targets, payload, version)
+            staged, bad = self.stage_ipc(targets, payload, manifest_json, version)
         else:
             staged, bad = e.each(targets, lambda n: e.stage_adapter(
                 n, manifest_json, payload.buf, version, dl.transfer), dl.transfer + dl.verify)
@@ -151,11 +151,12 @@ class AdapterFlip:
                                     lambda: e.wait(pending, dl.transfer * 1.6))
         return ok, bad
 
-    def stage_ipc(self, targets: Sequence[str], payload: AdapterPayload, version: int
+    def stage_ipc(self, targets: Sequence[str], payload: AdapterPayload, manifest_json: str,
+                  version: int
                   ) -> tuple[dict[str, AdapterSyncReply], dict[str, WeightSyncError]]:
         """Phase one with the bytes on the trainer's GPU: one CUDA IPC share of the packed
         adapter (``transport.ipc``), which each colocated engine's workers map and copy; the
-        buffer lives until every stage answered."""
+        buffer (``on_gpu``) lives until every stage answered."""
         import torch
 
         from weightsync.transport.ipc import share_bucket
@@ -167,11 +168,8 @@ class AdapterFlip:
         on_gpu = payload.on_gpu()
         torch.cuda.current_stream(on_gpu.buf.device).synchronize()  # packed before shared
         handle = share_bucket(0, on_gpu.buf).model_dump_json()
-        manifest_json = payload.manifest.model_dump_json()
-        staged = e.each(targets, lambda n: e.stage_adapter(
+        return e.each(targets, lambda n: e.stage_adapter(
             n, manifest_json, None, version, dl.transfer, ipc=handle), dl.transfer + dl.verify)
-        del on_gpu  # (held until here: every worker copied it)
-        return staged
 
     def _undo_commits(self, targets: Sequence[str], name: str, version: int,
                       committed: list[str], bad: dict[str, WeightSyncError],

@@ -220,10 +220,10 @@ class Adapters:
         (still undoable by ``abort`` until the name's next stage). False if it undid itself
         already (not settled in time) or is not what the name resolves to."""
         async with self._lock:
-            latest = self._latest.get(name)
             if self._unsettled.get(name) == version:
                 del self._unsettled[name]
                 return True
+            latest = self._latest.get(name)
             return latest is not None and latest.version == version
 
     async def _expire(self, name: str, version: int, settle_s: float,
