@@ -135,12 +135,15 @@ class EngineWorkers(_Message):
 
 class GpuMemory(_Message):
     """``torch.cuda.mem_get_info`` (device-wide) and the worker's allocator counters; all
-    ``None`` on CPU."""
+    ``None`` on CPU. ``peak_allocated``: the most the worker's allocator held at once since
+    the previous reading (or the engine's start): a sync's extra device memory is that less
+    ``allocated`` before it."""
 
     free: int | None = None
     total: int | None = None
     allocated: int | None = None
     reserved: int | None = None
+    peak_allocated: int | None = None
 
 
 class LayoutStatus(_Message):

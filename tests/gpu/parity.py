@@ -9,8 +9,9 @@ N_TOK = 8
 LOGPROB_TOL = 1e-2  # |engine - HF| per generated token, same weights
 
 
-def start_colocated(name: str, model, dtype: str, **spec_kw):
-    """One engine sharing the GPU with the trainer (this process), v2 runner, half the GPU."""
+def start_colocated(name: str, model, dtype: str, make_engine=None, **spec_kw):
+    """One engine sharing the GPU with the trainer (this process), v2 runner, half the GPU
+    (``make_engine``: ``start_engines``'s, for a test engine)."""
     from weightsync.config import EngineSpec
     from weightsync.engine.actor import start_engines
 
@@ -18,7 +19,8 @@ def start_colocated(name: str, model, dtype: str, **spec_kw):
     spec_kw.setdefault("enforce_eager", True)  # as the suite was measured; graphs: say so
     spec_kw.setdefault("max_model_len", 512)
     spec = EngineSpec(name=name, model=str(model), dtype=dtype, num_gpus=0.5, **spec_kw)
-    (actor,) = start_engines([spec], timeout_s=240)
+    kw = {} if make_engine is None else {"make_engine": make_engine}
+    (actor,) = start_engines([spec], timeout_s=240, **kw)
     return actor
 
 

@@ -6,7 +6,10 @@ What this measures, before any FP8-specific code: whether weightsync's checkpoin
 sync (vLLM's layerwise reload re-quantizes on arrival) leaves the engine bit-identical to a
 cold FP8 engine started from ``save_pretrained`` of the same weights; which layout each sync
 took (the kernel layout must not be derived for quantized weights); what had to be restored
-or rebuilt; and the sync time next to the same model's bf16 engine. Five syncs each.
+or rebuilt; the sync time; and the engine's device memory above its level before each sync
+(its allocator's peak: the buckets are the trainer's, mapped). Five syncs each. The second
+test takes two FP8 engines through a load that fails part-way on one of them and a sync into
+both asleep at level 2.
 """
 
 from __future__ import annotations
@@ -15,9 +18,17 @@ import shutil
 import time
 
 import pytest
+import ray
 import torch
 
-from tests.gpu.parity import PROMPTS, against_cold, engine_generate, plain, start_colocated
+from tests.gpu.parity import (
+    PROMPTS,
+    against_cold,
+    engine_generate,
+    plain,
+    start_colocated,
+    stop_engine,
+)
 from tests.gpu.test_warm_cold_gpu import _model, _trainer
 from weightsync.config import TransferConfig
 from weightsync.coordinator import SyncCoordinator
@@ -45,13 +56,19 @@ def test_fp8_engine_synced_from_bf16_equals_a_cold_fp8_engine(gpu_ray, model_roo
         for i in range(5):
             perturb_(trainer, scale=0.02, seed=700 + i)
             torch.cuda.synchronize()
+            mem0 = ray.get(warm.gpu_memory.remote(), timeout=60)  # (resets the peak)
             t = time.perf_counter()
             res = coord.sync(trainer, ipc=True)
             took = time.perf_counter() - t
+            mem1 = ray.get(warm.gpu_memory.remote(), timeout=60)
             syncs.append({"ok": res.ok, "layout": res.layout, "note": res.layout_note,
                           "seconds": took,
                           "rebuilt": sorted({n for e in res.engines for n in e.rebuilt}),
-                          "phases": res.engines[0].seconds})
+                          "phases": res.engines[0].seconds,
+                          # the engine's allocator above its level before the sync (the
+                          # buckets are the trainer's, mapped: not counted here)
+                          "engine_extra_bytes": mem1.peak_allocated - mem0.allocated,
+                          "engine_allocated_after": mem1.allocated})
             data["syncs"] = syncs
             assert res.ok, res
         warm_out = plain(engine_generate(warm, PROMPTS))
@@ -66,3 +83,65 @@ def test_fp8_engine_synced_from_bf16_equals_a_cold_fp8_engine(gpu_ray, model_roo
                 sync_seconds_p50=sorted(s["seconds"] for s in syncs[1:])[len(syncs[1:]) // 2])
     assert data["warm_repeatable"], "the warm engine is not repeatable run to run"
     assert warm_out == cold_out, data
+
+
+def test_fp8_engine_after_a_failed_load_and_a_level2_sleep_equals_a_cold_one(
+        gpu_ray, model_root, tmp_path, gpu_results):
+    """Two online-FP8 engines with CUDA graphs, the second one's loader failing part-way
+    through its second load (``weightsync.testing.failing_load``: vLLM has re-quantized the
+    layers it completed when the error comes). Sync 2 fails on that engine alone: it is
+    fenced with the loader's error and serves nothing, while the other takes v2. Sync 3
+    brings it back. Then both sleep at level 2 (vLLM discards the FP8 weights and scales) and
+    sync 4 goes into them: both wake serving. Both then equal a cold FP8 engine started from
+    ``save_pretrained`` of the trainer's weights, bit for bit."""
+    from weightsync.errors import SyncFailedError
+    from weightsync.testing.failing_load import failing_load_engine
+
+    path = tmp_path / "model"
+    shutil.copytree(_model("dense-tied", model_root), path)
+    trainer = _trainer("dense-tied", path)
+    spec = {"engine_args": {"quantization": "fp8"}, "enforce_eager": False,
+            "gpu_memory_utilization": 0.2}
+    a = start_colocated("fp8-a", path, "bfloat16", **spec)
+    b = start_colocated("fp8-b", path, "bfloat16", **spec,
+                        make_engine=failing_load_engine(load=2, after=40))
+    data = gpu_results.setdefault("fp8", {})["failed-load-and-level2"] = {}
+    coord = SyncCoordinator([a, b], TransferConfig(bucket_bytes=256 << 20,
+                                                   ipc_reuse_buffers=True))
+    try:
+        assert coord.sync(trainer, ipc=True).ok
+        perturb_(trainer, scale=0.02, seed=801)
+        with pytest.raises(SyncFailedError) as failed:
+            coord.sync(trainer, ipc=True)
+        by = {r.engine: r for r in failed.value.result.engines}
+        data["failed_sync"] = {n: {"ok": r.ok, "fenced": r.fenced, "error": r.error}
+                               for n, r in by.items()}
+        assert by["fp8-a"].ok and not by["fp8-a"].fenced, by
+        assert by["fp8-b"].fenced and "injected: load 2" in (by["fp8-b"].error or ""), by
+        st_b = ray.get(b.status.remote(), timeout=60)
+        assert st_b.state.value == "fenced" and "injected" in (st_b.fenced_reason or "")
+        with pytest.raises(Exception, match="fenced"):
+            engine_generate(b, PROMPTS)
+        assert ray.get(a.status.remote(), timeout=60).version == failed.value.result.version
+        perturb_(trainer, scale=0.02, seed=802)
+        res = coord.sync(trainer, ipc=True)
+        assert res.ok, res
+        data["resync"] = {"layout": res.layout, "rebuilt": sorted(
+            {x for e in res.engines for x in e.rebuilt})}
+        coord.sleep(level=2)
+        perturb_(trainer, scale=0.02, seed=803)
+        res = coord.sync(trainer, ipc=True)
+        assert res.ok and {s.state.value for s in coord.statuses()} == {"serving"}, res
+        data["level2_sync"] = {"layout": res.layout, "seconds": res.seconds,
+                               "rebuilt": sorted({x for e in res.engines for x in e.rebuilt})}
+        out_a, out_b = plain(engine_generate(a, PROMPTS)), plain(engine_generate(b, PROMPTS))
+        trainer.save_pretrained(path)
+    finally:
+        coord.close()
+    stop_engine(b)
+    found = against_cold(a, out_a, lambda: start_colocated("fp8-cold-2", path, "bfloat16",
+                                                           **spec))
+    cold_out = found.pop("cold_out")
+    data.update(found, b_equals_a=out_b == out_a)
+    assert out_b == out_a, data
+    assert out_a == cold_out, data

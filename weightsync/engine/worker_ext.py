@@ -120,13 +120,17 @@ class WeightSyncWorkerExtension:
 
     @worker_rpc
     def ws_gpu_memory(self) -> GpuMemory:
-        """``torch.cuda.mem_get_info`` (device-wide) plus this process's allocator counters."""
+        """``torch.cuda.mem_get_info`` (device-wide) plus this process's allocator counters;
+        the allocator's peak is reset after it is read (the next reading's peak is since now)."""
         if self.device.type != "cuda":
             return GpuMemory()
         free, total = torch.cuda.mem_get_info(self.device)
-        return GpuMemory(free=int(free), total=int(total),
-                         allocated=int(torch.cuda.memory_allocated(self.device)),
-                         reserved=int(torch.cuda.memory_reserved(self.device)))
+        reading = GpuMemory(free=int(free), total=int(total),
+                            allocated=int(torch.cuda.memory_allocated(self.device)),
+                            reserved=int(torch.cuda.memory_reserved(self.device)),
+                            peak_allocated=int(torch.cuda.max_memory_allocated(self.device)))
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return reading
 
     def _expected(self) -> dict[str, TensorSpec]:
         """The model's checkpoint tensors as recorded at start (``ws_info``)."""

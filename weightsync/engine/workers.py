@@ -85,7 +85,8 @@ def merge_fingerprints(prints: Sequence[Fingerprint], workers: EngineWorkers | N
 def merge_memory(readings: Sequence[GpuMemory], workers: EngineWorkers | None) -> GpuMemory:
     """The engine's device memory over all its workers: ``free``/``total`` once per GPU (they
     are device-wide: two workers on one GPU see the same), ``allocated``/``reserved`` summed
-    (each worker's own process). A tensor-parallel engine's sleep frees memory on every GPU it
+    (each worker's own process; ``peak_allocated`` too, an upper bound: the workers' peaks
+    need not coincide). A tensor-parallel engine's sleep frees memory on every GPU it
     spans, and its report must count all of them."""
     if len(readings) == 1:
         return readings[0]
@@ -97,7 +98,8 @@ def merge_memory(readings: Sequence[GpuMemory], workers: EngineWorkers | None) -
     return GpuMemory(free=sum(r.free for r in per_gpu.values()),
                      total=sum(r.total for r in per_gpu.values()),
                      allocated=sum(r.allocated or 0 for r in readings),
-                     reserved=sum(r.reserved or 0 for r in readings))
+                     reserved=sum(r.reserved or 0 for r in readings),
+                     peak_allocated=sum(r.peak_allocated or 0 for r in readings))
 
 
 def merge_layouts(statuses: Sequence[LayoutStatus], workers: EngineWorkers | None
