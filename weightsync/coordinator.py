@@ -236,8 +236,8 @@ class SyncCoordinator:
                                                     pause_mode, sleep_level, t0))
 
     def sync_adapter(self, adapter: AdapterPayload | Any, *, name: str | None = None,
-                     engines: Sequence[str] | None = None,
-                     leg: str | None = None) -> AdapterFleetResult:
+                     engines: Sequence[str] | None = None, leg: str | None = None,
+                     wave_size: int | None = None) -> AdapterFleetResult:
         """Sync a LoRA adapter to the fleet as its next version ``<name>@v<N>``, all or
         nothing: ``adapter`` an ``AdapterPayload`` or a peft model (then ``name`` is
         required). N is 1 + the highest version of the name on any engine; every engine
@@ -254,7 +254,11 @@ class SyncCoordinator:
 
         Engines asleep for this coordinator (``sleep`` level 1) take the adapter with their
         weights woken and serve from the commit on, as after a full sync; level 2 discarded
-        the base the adapter needs, so they refuse it (``IllegalStateError``)."""
+        the base the adapter needs, so they refuse it (``IllegalStateError``).
+
+        ``wave_size`` turns on rolling mode: vN flips that many engines at a time, each wave
+        all or nothing; a failed wave stops the rollout, leaving the waves before it on vN and
+        the rest on v(N-1) (``AdapterSyncFailedError`` says which)."""
         if isinstance(adapter, AdapterPayload):
             if name is not None and name != adapter.manifest.name:
                 raise ConfigError(f"name {name!r} differs from the payload's "
@@ -270,7 +274,7 @@ class SyncCoordinator:
                 name, adapter, device=torch.device("cuda", torch.cuda.current_device()) if ipc
                 else "cpu")
         with self._exclusive():
-            return self._adapters.run(self._targets(engines), payload, leg)
+            return self._adapters.run(self._targets(engines), payload, leg, wave_size)
 
     def adapter_states(self, engines: Sequence[str] | None = None) -> dict[str, AdapterState]:
         """What each engine holds of its LoRA adapters (``EngineHost.adapter_state``)."""

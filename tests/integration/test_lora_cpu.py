@@ -30,7 +30,7 @@ def lora_fleet(ray_session, tiny_model):
     from weightsync.engine.actor import start_engines, stop_engines
     from weightsync.testing.engines import cold_adapter_engine
 
-    # max_loras 40: the kept versions of the tests' sixteen names (pinned, 32 at most), the one
+    # max_loras 40: the kept versions of the tests' seventeen names (pinned, 34 at most), the one
     # being loaded, room for the cold oracle's adapter (vLLM loads it unpinned, in test 1),
     # and a version a fleet commit retired, held for its undo until the name's next stage
     specs = [EngineSpec(name=f"engine-lora-{x}", model=str(tiny_model), dtype="float32",
@@ -279,6 +279,67 @@ def test_a_fleet_sync_refused_by_one_engine_changes_no_engine(lora_fleet, tiny_m
         v3 = generate(a, lora="fleet")
         assert v3[1] == {"fleet@v3"} and generate(b, lora="fleet") == v3
         assert v3[0] != before[a][0][0]
+    finally:
+        coord.close()
+
+
+def test_a_rolling_adapter_sync_flips_one_wave_at_a_time_and_stops_at_a_failed_wave(
+        lora_fleet, tiny_model):
+    """``wave_size=1``: engine A flips to vN (staged, committed, settled) before B stages it,
+    so while B's wave runs A serves vN and B still v(N-1). Then a rollout whose second wave
+    fails (B paused as its wave begins): A keeps v(N+1), B stays on vN, and the error says
+    so; the next sync, rolling again, brings both to v(N+2)."""
+    from weightsync.coordinator import SyncCoordinator
+    from weightsync.errors import AdapterSyncFailedError
+
+    a, b = lora_fleet
+    seen: list[tuple[str, str]] = []
+    pause_b = []
+
+    def on_phase(phase, engine):
+        if phase == "adapter:stage":  # each wave's stage: what each engine serves now
+            served = [state(x).served.get("rolling", "") for x in (a, b)]
+            seen.append((served[0], served[1]))
+            if pause_b and len(seen) == pause_b[0]:
+                ray.get(b.pause.remote(), timeout=TIMEOUT)
+
+    coord = SyncCoordinator(lora_fleet, on_phase=on_phase)
+    try:
+        v = coord.sync_adapter(peft_lora(tiny_model, seed=61), name="rolling").version
+        seen.clear()
+        res = coord.sync_adapter(peft_lora(tiny_model, seed=62), name="rolling", wave_size=1)
+        assert (res.ok, res.version, res.committed) == (
+            True, v + 1, ("engine-lora-a", "engine-lora-b"))
+        assert seen == [(f"rolling@v{v}", f"rolling@v{v}"),  # wave 1 (A) begins
+                        (f"rolling@v{v + 1}", f"rolling@v{v}")], seen  # wave 2 (B) begins
+        served_v1 = generate(a, lora="rolling")
+        assert generate(b, lora="rolling") == served_v1
+
+        seen.clear()
+        pause_b.append(2)  # B is paused as the second wave begins: it refuses to stage
+        try:
+            with pytest.raises(AdapterSyncFailedError, match="stopped at the wave") as err:
+                coord.sync_adapter(peft_lora(tiny_model, seed=63), name="rolling",
+                                   wave_size=1)
+        finally:
+            ray.get(b.resume.remote(), timeout=TIMEOUT)
+        result = err.value.result
+        assert (result.ok, result.version, result.committed) == (False, v + 2,
+                                                                 ("engine-lora-a",))
+        assert set(result.failed) == {"engine-lora-b"} and "paused" in result.failed[
+            "engine-lora-b"]
+        assert f"v{v + 1}" in str(err.value)
+        assert state(a).served["rolling"] == f"rolling@v{v + 2}"
+        assert state(b).served["rolling"] == f"rolling@v{v + 1}" and state(b).staged == ()
+        assert generate(b, lora="rolling") == served_v1  # B exactly as before
+        assert generate(a, lora="rolling")[0] != served_v1[0]
+
+        pause_b.clear()
+        again = coord.sync_adapter(peft_lora(tiny_model, seed=64), name="rolling",
+                                   wave_size=1)
+        assert (again.ok, again.version) == (True, v + 3)
+        answer = generate(a, lora="rolling")
+        assert answer[1] == {f"rolling@v{v + 3}"} and generate(b, lora="rolling") == answer
     finally:
         coord.close()
 

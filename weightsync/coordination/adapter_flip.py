@@ -26,7 +26,8 @@ coordinator, once every engine committed, settles it in time; a settle that come
 trainer that dies between settling one engine and the next leaves those settled on vN (the
 others undo theirs) until the name's next sync; that window is one round of settle calls.
 Engines asleep for this coordinator (its ``sleep``) stage with their weights woken and serve
-from the commit on, as after a full sync.
+from the commit on, as after a full sync. Rolling (``wave_size``), each wave is such a flip of
+the same version, settled before the next wave stages; a failed wave stops the rollout.
 """
 
 from __future__ import annotations
@@ -70,17 +71,68 @@ class AdapterFlip:
         raise_refusal(bad)  # nothing changed anywhere
         return states
 
-    def run(self, targets: Sequence[str], payload: AdapterPayload,
-            leg: str | None = None) -> AdapterFleetResult:
+    def run(self, targets: Sequence[str], payload: AdapterPayload, leg: str | None = None,
+            wave_size: int | None = None) -> AdapterFleetResult:
         """``leg``: None, the bytes go in the engine calls; ``"broadcast"``, over the
         coordinator's transfer group (``stage_over``); ``"ipc"``, shared on the trainer's
-        GPU with colocated engines (``stage_ipc``)."""
+        GPU with colocated engines (``stage_ipc``).
+
+        ``wave_size`` (rolling): the same version flips ``wave_size`` engines at a time, each
+        wave all or nothing and settled before the next begins; a wave that fails is undone
+        and stops the rollout, so the waves before it serve vN and the rest v(N-1)
+        (``AdapterSyncFailedError``, its result's ``committed`` naming the former)."""
+        if wave_size is not None and wave_size < 1:
+            raise ConfigError(f"wave_size must be at least 1, not {wave_size}")
         t0 = time.perf_counter()
-        e, dl = self.reach.engines, self.reach.deadlines
         name = payload.manifest.name
         group_leg = None if leg == "ipc" else self._group_leg(leg)
         states = self.states(targets)
         version = 1 + max(s.highest.get(name, 0) for s in states.values())
+        size = wave_size or len(targets)
+        waves = [list(targets[i:i + size]) for i in range(0, len(targets), size)]
+        done: list[AdapterFleetResult] = []
+        for i, wave in enumerate(waves):
+            try:
+                if i:  # (an engine's state may have moved while the waves before it flipped)
+                    states = self.states(wave)
+                done.append(self._flip(wave, payload, leg, group_leg, version, states, t0))
+            except WeightSyncError as err:
+                if not done:  # nothing committed anywhere: the error as it is
+                    raise
+                self._stopped(done, waves[i:], err, name, version, t0)
+        replies = {n: r for res in done for n, r in res.replies.items()}
+        result = AdapterFleetResult(
+            name=name, version=version, ok=True, replies=replies,
+            committed=tuple(sorted(replies)), seconds=time.perf_counter() - t0)
+        logger.info("adapter %s@v%d committed on %s", name, version, list(result.committed))
+        return result
+
+    def _stopped(self, done: list[AdapterFleetResult], rest: list[list[str]],
+                 err: WeightSyncError, name: str, version: int, t0: float) -> NoReturn:
+        """A rolling flip's wave failed after earlier waves committed: say where each
+        version is served and raise."""
+        committed = tuple(sorted(n for res in done for n in res.committed))
+        failed_wave = err.result if isinstance(err, AdapterSyncFailedError) else None
+        result = AdapterFleetResult(
+            name=name, version=version, ok=False, committed=committed,
+            failed=failed_wave.failed if failed_wave is not None else {
+                n: str(err) for n in rest[0]},
+            aborted=failed_wave.aborted if failed_wave is not None else (),
+            uncommitted=failed_wave.uncommitted if failed_wave is not None else (),
+            replies={n: r for res in done for n, r in res.replies.items()},
+            seconds=time.perf_counter() - t0)
+        untouched = sorted(n for wave in rest[1:] for n in wave)
+        raise AdapterSyncFailedError(
+            f"rolling adapter sync of {name}@v{version} stopped at the wave {rest[0]}: {err}; "
+            f"{committed} serve v{version}, {sorted(rest[0])} and the waves after it "
+            f"({untouched}) v{version - 1}", engine=err.engine or rest[0][0], result=result)
+
+    def _flip(self, targets: Sequence[str], payload: AdapterPayload, leg: str | None,
+              group_leg: BroadcastLeg | None, version: int,
+              states: Mapping[str, AdapterState], t0: float) -> AdapterFleetResult:
+        """One wave: stage everywhere, then commit and settle everywhere, or undo."""
+        e, dl = self.reach.engines, self.reach.deadlines
+        name = payload.manifest.name
         manifest_json = payload.manifest.model_dump_json()
         self.reach.phase("adapter:stage", None)
         if group_leg is not None:
@@ -107,11 +159,9 @@ class AdapterFlip:
         if bad:
             self._undo_commits(targets, name, version, sorted(done), bad, t0)
         replies = {n: done[n].model_copy(update={"nbytes": staged[n].nbytes}) for n in done}
-        result = AdapterFleetResult(
+        return AdapterFleetResult(
             name=name, version=version, ok=True, committed=tuple(sorted(done)),
             replies=replies, seconds=time.perf_counter() - t0)
-        logger.info("adapter %s@v%d committed on %s", name, version, list(result.committed))
-        return result
 
     def _group_leg(self, leg: str | None) -> BroadcastLeg | None:
         if leg is None:
