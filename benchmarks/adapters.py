@@ -47,6 +47,8 @@ def _fleet(model_dir: Path, n: int, rank: int, device: str, dtype: str, gpu_util
     from weightsync.engine.actor import start_engines
 
     lora = {"enable_lora": True, "max_lora_rank": rank, "max_loras": 4}
+    if device != "cpu":  # vLLM captures LoRA graphs per batch size up to it: 256 took ~2 min
+        lora["max_num_seqs"] = 16
     specs = [EngineSpec(name=f"lora-{i}", model=str(model_dir), dtype=dtype, max_model_len=512,
                         enforce_eager=device == "cpu", cpu_kvcache_gib=0.25,
                         gpu_memory_utilization=gpu_util,
