@@ -241,9 +241,10 @@ class Engines:
                            deadline_s=deadline_s, chain_chunk=chain_chunk, ipc=ipc)
 
     def commit_adapter(self, name: str, adapter: str, version: int, deadline_s: float,
-                       settle_s: float | None = None) -> Pending[AdapterSyncReply]:
+                       settle_s: float | None = None,
+                       peers: Sequence[str] = ()) -> Pending[AdapterSyncReply]:
         return self._start(name, "commit_adapter", adapter, version, signed=True,
-                           deadline_s=deadline_s, settle_s=settle_s)
+                           deadline_s=deadline_s, settle_s=settle_s, peers=tuple(peers))
 
     def settle_adapter(self, name: str, adapter: str, version: int) -> Pending[bool]:
         return self._start(name, "settle_adapter", adapter, version)

@@ -577,8 +577,9 @@ def test_a_trainer_killed_mid_flip_changes_no_engine(lora_fleet, ray_session, ti
     adapter's next version, before any commit; ``adapter:settle``: once every engine
     committed it, before it could settle them. Either way, within the settle deadline (the
     dead trainer's lease) ``<name>`` answers as before on both engines: the staged version
-    is not servable, the committed one undid itself and was unloaded. The next trainer's
-    sync flips both to a version never used before."""
+    is not servable, the committed one undid itself (each engine asked the other, neither
+    was settled) and was unloaded. The next trainer's sync flips both to a version never
+    used before."""
     import subprocess
     import sys
     import time
@@ -627,6 +628,41 @@ def test_a_trainer_killed_mid_flip_changes_no_engine(lora_fleet, ray_session, ti
             assert len(st.held_ids) == len(orphan_ids[x]) + (phase == "adapter:settle")
     finally:
         coord.close()
+
+
+def test_a_trainer_killed_part_way_through_the_settle_round_leaves_every_engine_on_vn(
+        lora_fleet, ray_session, tiny_model):
+    """The trainer settles engine A's commit, then is SIGKILLed before it settles B's. When
+    B's settle deadline passes, B asks A what became of it, A answers settled, and B keeps
+    the version too: both serve vN, alike, rather than A vN and B v(N-1)."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from weightsync.coordinator import SyncCoordinator
+    from weightsync.testing.dying_trainer import LEASE_S
+
+    coord = SyncCoordinator(lora_fleet)
+    try:
+        v = coord.sync_adapter(peft_lora(tiny_model, seed=73), name="dying").version
+        before = generate(lora_fleet[0], lora="dying")
+    finally:
+        coord.close()
+    proc = subprocess.run(
+        [sys.executable, "-m", "weightsync.testing.dying_trainer",
+         ray_session.get_runtime_context().gcs_address, "weightsync-tests", str(tiny_model),
+         "adapter", "adapter:settle-one", "0", "74", "engine-lora-a", "engine-lora-b"],
+        cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9 and f"settled dying@v{v + 1} on the first" in proc.stdout, \
+        proc.stdout + proc.stderr
+    time.sleep(LEASE_S + 3)  # B's deadline passed: it asked A
+    for x in lora_fleet:
+        st = state(x)
+        assert st.served["dying"] == f"dying@v{v + 1}" and st.staged == (), st
+    answers = [generate(x, lora="dying") for x in lora_fleet]
+    assert answers[0] == answers[1] and answers[0][1] == {f"dying@v{v + 1}"}
+    assert answers[0][0] != before[0]
 
 
 def test_adapters_are_served_by_name_through_the_fleets_openai_router(lora_fleet, tiny_model):

@@ -98,6 +98,8 @@ def test_a_tensor_parallel_engines_memory_counts_every_gpu_once():
     b = GpuMemory(free=12 * gib, total=80 * gib, allocated=gib, reserved=3 * gib)
     assert merge_memory([a, b], two_gpus) == GpuMemory(free=22 * gib, total=160 * gib,
                                                        allocated=2 * gib, reserved=5 * gib)
+    peaks = [r.model_copy(update={"peak_allocated": p * gib}) for r, p in ((a, 3), (b, 4))]
+    assert merge_memory(peaks, two_gpus).peak_allocated == 7 * gib  # each worker's, summed
     one_gpu = two_gpus.model_copy(update={"device_uuids": ("GPU-a", "GPU-a")})
     assert merge_memory([a, a], one_gpu).free == 10 * gib  # one GPU's free memory, once
     assert merge_memory([a], None) == a

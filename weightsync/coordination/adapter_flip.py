@@ -22,9 +22,11 @@ used again); an engine that cannot be asked to (its state unknown) is fenced.
 A trainer that dies mid-commit cannot undo anything: each commit therefore carries a settle
 deadline (the coordinator's lease, ``Deadlines.lease``) and undoes itself unless the
 coordinator, once every engine committed, settles it in time; a settle that comes too late
-(the engine undid it) fails the flip, which then undoes it everywhere. What stays open: a
-trainer that dies between settling one engine and the next leaves those settled on vN (the
-others undo theirs) until the name's next sync; that window is one round of settle calls.
+(the engine undid it) fails the flip, which then undoes it everywhere. An engine whose
+deadline passed asks the flip's other engines first (``Adapters.outcome``): a trainer that
+died part-way through the settle round settled some, and their answer keeps vN on the rest;
+an engine asked while unsettled undoes its commit at once, so no engine is settled on a
+version another one undid.
 Engines asleep for this coordinator (its ``sleep``) stage with their weights woken and serve
 from the commit on, as after a full sync. Rolling (``wave_size``), each wave is such a flip of
 the same version, settled before the next wave stages; a failed wave stops the rollout.
@@ -145,9 +147,9 @@ class AdapterFlip:
         if bad:
             return self._abort(targets, name, version, bad, t0)
         self.reach.phase("adapter:commit", None)
-        done, bad = e.each(targets, lambda n: e.commit_adapter(n, name, version, dl.verify,
-                                                               settle_s=dl.lease),
-                           dl.verify * 1.5)
+        done, bad = e.each(targets, lambda n: e.commit_adapter(
+            n, name, version, dl.verify, settle_s=dl.lease,
+            peers=[p for p in targets if p != n]), dl.verify * 1.5)
         if bad:
             self._undo_commits(targets, name, version, sorted(done), bad, t0)
         self.reach.phase("adapter:settle", None)

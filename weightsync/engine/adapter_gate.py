@@ -13,6 +13,7 @@ methods; ``engine.adapters.Adapters`` keeps the versions.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from weightsync.adapters import AdapterSyncReply, OverGroup
@@ -77,10 +78,11 @@ class AdapterGate:
             raise
 
     async def commit(self, name: str, version: int, deadline_s: float,
-                     settle_s: float | None, owner: str | None) -> AdapterSyncReply:
+                     settle_s: float | None, owner: str | None,
+                     peers: Sequence[str] = ()) -> AdapterSyncReply:
         """``EngineHost.commit_adapter``; an engine asleep for ``owner`` then wakes the rest
         and serves."""
-        reply = await self.adapters.commit(name, version, deadline_s, settle_s)
+        reply = await self.adapters.commit(name, version, deadline_s, settle_s, peers)
         if self.machine.state in (S.ASLEEP, S.WEIGHTS_AWAKE) and self.lease.is_holder(owner):
             with self.lease.busy():
                 await self.dormancy.wake_and_resume(self.calls.engine, deadline_s)

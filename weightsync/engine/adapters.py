@@ -12,7 +12,11 @@ retired kept loaded until then, so a commit that failed on another engine leaves
 engine as it was. A fleet commit must also be settled (``settle``) within its ``settle_s``:
 one that is not (its coordinator died mid-commit, before it learned that every engine
 committed) undoes itself, and a settle that comes after that answers False, so the
-coordinator undoes it everywhere. A committed number is never used again here (vLLM's
+coordinator undoes it everywhere. Before undoing itself it asks the other engines of the flip
+(``outcome``): if any was settled, every engine committed and the commit stands here too (its
+coordinator died part-way through the settle round); an engine asked while its own commit is
+unsettled undoes it at once, so a settle reaching it later fails and no engine keeps a
+version another one undid. A committed number is never used again here (vLLM's
 prefix cache is keyed by the adapter's name, and requests ran on it); a number only staged
 is (nothing ran on it).
 
@@ -31,7 +35,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +51,7 @@ from weightsync.adapters import (
 )
 from weightsync.config import EngineSpec
 from weightsync.engine import vllm_lora
+from weightsync.engine.peers import ask_outcome
 from weightsync.engine.worker_calls import WorkerCalls
 from weightsync.errors import (
     ConfigError,
@@ -59,6 +64,9 @@ from weightsync.messages import Ack
 from weightsync.transport.ipc import IpcBucketHandle
 
 logger = logging.getLogger(__name__)
+
+# (peer engine, name, version, seconds to wait) -> its ``outcome``, None if it cannot answer
+AskPeer = Callable[[str, str, int, float], Awaitable[str | None]]
 
 _MEMORY = "weightsync-memory://"  # the path vLLM is given: never read (loaded from memory)
 
@@ -85,9 +93,11 @@ class Adapters:
     longer resolvable and is unloaded once ``_in_use`` of it is 0 and no undo holds it
     (``_undo``); ids are never reused, and neither is a version number once committed."""
 
-    def __init__(self, spec: EngineSpec, calls: WorkerCalls) -> None:
+    def __init__(self, spec: EngineSpec, calls: WorkerCalls,
+                 ask_peer: AskPeer = ask_outcome) -> None:
         self.engine_name = spec.name
         self.calls = calls
+        self._ask_peer = ask_peer  # another engine of a flip: what became of its commit
         args = spec.engine_args
         self.enabled = bool(args.get("enable_lora", False))
         self.keep = spec.lora_versions_kept
@@ -201,16 +211,19 @@ class Adapters:
             return await self._stage(manifest, buf, version, deadline_s, over_group, over_ipc)
 
     async def commit(self, name: str, version: int, deadline_s: float,
-                     settle_s: float | None = None) -> AdapterSyncReply:
+                     settle_s: float | None = None,
+                     peers: Sequence[str] = ()) -> AdapterSyncReply:
         """Phase two: ``<name>`` resolves to the staged ``version``; the versions beyond
         ``keep`` are retired (no longer resolvable) and stay loaded until the name's next
         stage, so that ``abort`` can undo this commit. ``settle_s``: unless ``settle`` comes
-        within that many seconds, the commit undoes itself (``abort``)."""
+        within that many seconds, the commit undoes itself (``abort``) unless one of
+        ``peers`` (the flip's other engines) says it was settled there."""
         async with self._lock:
             reply = await self._commit(name, version, deadline_s, undoable=True)
             if settle_s is not None:
                 self._unsettled[name] = version
-                task = asyncio.create_task(self._expire(name, version, settle_s, deadline_s))
+                task = asyncio.create_task(self._expire(name, version, settle_s, deadline_s,
+                                                        tuple(peers)))
                 self._timers.add(task)
                 task.add_done_callback(self._timers.discard)
             return reply
@@ -226,15 +239,44 @@ class Adapters:
             latest = self._latest.get(name)
             return latest is not None and latest.version == version
 
-    async def _expire(self, name: str, version: int, settle_s: float,
-                      deadline_s: float) -> None:
+    async def outcome(self, name: str, version: int, deadline_s: float) -> str:
+        """Another engine of the flip of ``<name>@v<version>`` asks, its settle deadline
+        passed: ``"settled"`` (it stands here); ``"undone"`` (never committed here, undone,
+        or unsettled until now: undone at once, and a settle after this answers False)."""
+        async with self._lock:
+            latest = self._latest.get(name)
+            if latest is None or latest.version != version:
+                return "undone"
+            if self._unsettled.get(name) != version:
+                return "settled"
+            if name in self._undo:
+                logger.warning("engine %s: a peer asked about adapter %s, not settled here "
+                               "yet: undoing it", self.engine_name, latest.served_as)
+                await self._uncommit(latest, deadline_s)
+            else:
+                del self._unsettled[name]
+            return "undone"
+
+    async def _expire(self, name: str, version: int, settle_s: float, deadline_s: float,
+                      peers: tuple[str, ...]) -> None:
         await asyncio.sleep(settle_s)
+        if self._unsettled.get(name) != version:
+            return
+        wait = min(deadline_s, settle_s)
+        answers = await asyncio.gather(*(self._ask_peer(p, name, version, wait)
+                                         for p in peers))
         async with self._lock:
             if self._unsettled.get(name) != version:
                 return
             del self._unsettled[name]
             latest = self._latest.get(name)
             if latest is None or latest.version != version or name not in self._undo:
+                return
+            settled = [p for p, a in zip(peers, answers, strict=True) if a == "settled"]
+            if settled:  # every engine committed: its coordinator died mid-settle round
+                logger.warning("engine %s: adapter %s was not settled within %.1fs, but %s "
+                               "settled it: it stands", self.engine_name, latest.served_as,
+                               settle_s, settled)
                 return
             logger.warning("engine %s: adapter %s was not settled within %.1fs (its "
                            "coordinator went silent mid-commit): undoing it", self.engine_name,

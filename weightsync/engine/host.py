@@ -482,15 +482,23 @@ class EngineHost:
                                              chain_chunk, ipc, owner)
 
     async def commit_adapter(self, name: str, version: int, *, deadline_s: float = 120.0,
-                             settle_s: float | None = None,
-                             owner: str | None = None) -> AdapterSyncReply:
+                             settle_s: float | None = None, owner: str | None = None,
+                             peers: Sequence[str] = ()) -> AdapterSyncReply:
         """A fleet flip's phase two (``Adapters.commit``; ``settle_s``: it undoes itself unless
-        settled in time). An engine asleep for ``owner`` wakes the rest and serves."""
-        return await self.adapter_gate.commit(name, version, deadline_s, settle_s, owner)
+        settled in time or by one of ``peers``, the flip's other engines). An engine asleep
+        for ``owner`` wakes the rest and serves."""
+        return await self.adapter_gate.commit(name, version, deadline_s, settle_s, owner,
+                                              peers)
 
     async def settle_adapter(self, name: str, version: int) -> bool:
         """A fleet flip's phase three: every engine committed (``Adapters.settle``)."""
         return await self.adapters.settle(name, version)
+
+    async def adapter_outcome(self, name: str, version: int, *,
+                              deadline_s: float = 30.0) -> str:
+        """Another engine of a flip whose settle deadline passed asks what became of
+        ``<name>@v<version>`` here (``Adapters.outcome``)."""
+        return await self.adapters.outcome(name, version, deadline_s)
 
     async def abort_adapter(self, name: str, version: int, *,
                             deadline_s: float = 120.0) -> bool:

@@ -99,7 +99,8 @@ def merge_memory(readings: Sequence[GpuMemory], workers: EngineWorkers | None) -
                      total=sum(r.total for r in per_gpu.values()),
                      allocated=sum(r.allocated or 0 for r in readings),
                      reserved=sum(r.reserved or 0 for r in readings),
-                     peak_allocated=sum(r.peak_allocated or 0 for r in readings))
+                     peak_allocated=None if any(r.peak_allocated is None for r in readings)
+                     else sum(r.peak_allocated or 0 for r in readings))
 
 
 def merge_layouts(statuses: Sequence[LayoutStatus], workers: EngineWorkers | None

@@ -6,8 +6,10 @@ point of the sync: what an out-of-memory kill or a preemption looks like to the 
         [SEED] [ENGINE ...]
 
 APPLY ``adapter`` syncs a LoRA adapter named ``dying`` (rank 8 on every linear layer, B drawn
-from SEED) with ``sync_adapter`` instead of the model (PHASE ``adapter:stage`` or
-``adapter:commit``). DELAY is the seconds between reaching PHASE and the SIGKILL, or
+from SEED) with ``sync_adapter`` instead of the model (PHASE ``adapter:stage``,
+``adapter:commit``, ``adapter:settle``, or ``adapter:settle-one``: at the settle round it
+settles the first ENGINE itself, then dies before settling the others). DELAY is the
+seconds between reaching PHASE and the SIGKILL, or
 ``stop``: the trainer SIGSTOPs itself there instead (a bucket held past its deadline: a long
 GC pause, a swapped-out or debugged process) and goes on when it gets SIGCONT; a sync that
 failed then exits with code 3.
@@ -43,6 +45,12 @@ def main(gcs: str, namespace: str, model_dir: str, apply: str, phase: str, delay
                          apply="staged" if apply == "adapter" else apply)
 
     def die(p: str, engine) -> None:
+        if phase == "adapter:settle-one" and p == "adapter:settle":
+            served = ray.get(engines[0].adapter_state.remote(), timeout=d).served["dying"]
+            version = int(served.rsplit("@v", 1)[1])  # committed, not yet settled
+            assert ray.get(engines[0].settle_adapter.remote("dying", version), timeout=d)
+            print(f"dying at {phase}: settled {served} on the first engine", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
         if p == phase and delay == "stop":
             print(f"stalling at {p}", flush=True)
             os.kill(os.getpid(), signal.SIGSTOP)  # every thread, heartbeats included
