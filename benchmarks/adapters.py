@@ -16,6 +16,7 @@ the call until it returns, after one untimed warm-up sync of each kind (it opens
 - ``adapter-ipc`` (``--ipc``): ``leg="ipc"``, packed on the trainer's GPU and mapped there by
   the colocated engines' workers.
 
+Each adapter kind also records the p50 of the flip's steps (``AdapterFleetResult.phases``).
 Every adapter sync is timed with its packing (``sync_adapter`` of the peft model: read peft's
 state dict, pack, checksum), as the full sync is with its own.
 
@@ -98,6 +99,7 @@ def _run(shape: str, engines: int, syncs: int, rank: int, device: str, ipc: bool
     coord = SyncCoordinator(actors, TransferConfig(bucket_bytes=256 << 20))
     kinds = [k for k in KINDS if k != "adapter-ipc" or ipc]
     times: dict[str, list[float]] = {k: [] for k in kinds}
+    phases: dict[str, dict[str, list[float]]] = {k: {} for k in kinds[1:]}
     nbytes: dict[str, int] = {}
     try:
         for i in range(syncs + 1):  # sync 0 of each kind: the warm-up, not timed
@@ -117,6 +119,8 @@ def _run(shape: str, engines: int, syncs: int, rank: int, device: str, ipc: bool
                 took = time.perf_counter() - t
                 if i:
                     times[kind].append(took)
+                    for p, v in res.phases.items():
+                        phases[kind].setdefault(p, []).append(v)
                 nbytes[kind] = max(r.nbytes for r in res.replies.values())
     finally:
         coord.close()
@@ -125,6 +129,7 @@ def _run(shape: str, engines: int, syncs: int, rank: int, device: str, ipc: bool
     out = {k: {"seconds": summary(v), "bytes_per_engine": nbytes[k]} for k, v in times.items()}
     for k in kinds[1:]:
         out[k]["vs_full_p50"] = out[k]["seconds"]["p50"] / out["full"]["seconds"]["p50"]
+        out[k]["phases_p50"] = {p: summary(v)["p50"] for p, v in phases[k].items()}
     return {"shape": shape, "engines": engines, "rank": rank, "dtype": dtype,
             "full_leg": "ipc" if ipc else "broadcast", **out}
 

@@ -206,7 +206,10 @@ class AdapterFleetResult(BaseModel):
     engines now serving ``<name>@v<version>``; ``failed`` engine -> why it failed (staging or
     commit); ``aborted`` the engines on which the version was undone (unloaded from staging,
     or its commit undone after a commit failed elsewhere); ``uncommitted`` the engines that
-    could not be asked to undo it after a failed commit: fenced, what they serve unknown."""
+    could not be asked to undo it after a failed commit: fenced, what they serve unknown.
+    ``phases``: the coordinator's seconds in each step of a sync that went through
+    (``states``, ``stage``, ``commit``, ``settle``; ``stage_on_engine``: the slowest engine's
+    own stage time, in ``stage``), summed over rolling waves."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -219,6 +222,7 @@ class AdapterFleetResult(BaseModel):
     uncommitted: tuple[str, ...] = ()
     replies: dict[str, AdapterSyncReply] = {}
     seconds: float = 0.0
+    phases: dict[str, float] = {}
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,7 @@ class AdapterFlip:
         name = payload.manifest.name
         group_leg = None if leg == "ipc" else self._group_leg(leg)
         states = self.states(targets)
+        asked = time.perf_counter() - t0
         version = 1 + max(s.highest.get(name, 0) for s in states.values())
         size = wave_size or len(targets)
         waves = [list(targets[i:i + size]) for i in range(0, len(targets), size)]
@@ -103,9 +104,13 @@ class AdapterFlip:
                     raise
                 self._stopped(done, waves[i:], err, name, version, t0)
         replies = {n: r for res in done for n, r in res.replies.items()}
+        phases = {"states": asked}
+        for res in done:  # (each wave's, summed)
+            for k, v in res.phases.items():
+                phases[k] = phases.get(k, 0.0) + v
         result = AdapterFleetResult(
             name=name, version=version, ok=True, replies=replies,
-            committed=tuple(sorted(replies)), seconds=time.perf_counter() - t0)
+            committed=tuple(sorted(replies)), seconds=time.perf_counter() - t0, phases=phases)
         logger.info("adapter %s@v%d committed on %s", name, version, list(result.committed))
         return result
 
@@ -136,6 +141,7 @@ class AdapterFlip:
         e, dl = self.reach.engines, self.reach.deadlines
         name = payload.manifest.name
         manifest_json = payload.manifest.model_dump_json()
+        t = time.perf_counter()
         self.reach.phase("adapter:stage", None)
         if group_leg is not None:
             staged, bad = self.stage_over(group_leg, targets, payload, version, states)
@@ -146,12 +152,17 @@ class AdapterFlip:
                 n, manifest_json, payload.buf, version, dl.transfer), dl.transfer + dl.verify)
         if bad:
             return self._abort(targets, name, version, bad, t0)
+        phases = {"stage": time.perf_counter() - t,
+                  "stage_on_engine": max(r.seconds for r in staged.values())}
+        t = time.perf_counter()
         self.reach.phase("adapter:commit", None)
         done, bad = e.each(targets, lambda n: e.commit_adapter(
             n, name, version, dl.verify, settle_s=dl.lease,
             peers=[p for p in targets if p != n]), dl.verify * 1.5)
         if bad:
             self._undo_commits(targets, name, version, sorted(done), bad, t0)
+        phases["commit"] = time.perf_counter() - t
+        t = time.perf_counter()
         self.reach.phase("adapter:settle", None)
         settled, bad = e.each(targets, lambda n: e.settle_adapter(n, name, version),
                               dl.verify)
@@ -160,10 +171,11 @@ class AdapterFlip:
             "undid itself", engine=n) for n, ok in settled.items() if not ok})
         if bad:
             self._undo_commits(targets, name, version, sorted(done), bad, t0)
+        phases["settle"] = time.perf_counter() - t
         replies = {n: done[n].model_copy(update={"nbytes": staged[n].nbytes}) for n in done}
         return AdapterFleetResult(
             name=name, version=version, ok=True, committed=tuple(sorted(done)),
-            replies=replies, seconds=time.perf_counter() - t0)
+            replies=replies, seconds=time.perf_counter() - t0, phases=phases)
 
     def _group_leg(self, leg: str | None) -> BroadcastLeg | None:
         if leg is None:
