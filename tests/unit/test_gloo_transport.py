@@ -166,3 +166,22 @@ def test_a_receive_that_timed_out_does_not_hold_its_group_past_the_deadline(grou
     finally:
         sender.kill()
         sender.join(10)
+
+
+def test_a_store_port_is_drawn_outside_the_ephemeral_range_and_binds():
+    """``free_port`` draws the group store's port below the kernel's ephemeral range, where
+    no outgoing connection takes a local port between the draw and the store's listen (the
+    EADDRINUSE seen once in CI was a port bind(0) had handed out), and above Ray's worker
+    ports; each one it gives binds."""
+    import socket
+
+    from weightsync.transport.broadcast import _store_ports, free_port
+
+    ports = _store_ports()
+    assert ports is not None and ports.start == 20000 and ports.stop <= 32768
+    got = {free_port("127.0.0.1") for _ in range(20)}
+    assert all(p in ports for p in got) and len(got) > 1
+    for p in got:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", p))
+    assert free_port("127.0.0.1", 23456) == 23456  # a port given is kept

@@ -9,6 +9,7 @@ deadline: a dead peer surfaces as ``TransferError``/``DeadlineExceeded``, never 
 from __future__ import annotations
 
 import logging
+import random
 import socket
 import threading
 import time
@@ -30,8 +31,29 @@ _DIAL_TIMEOUT_S = 1.0  # one dial's own limit (a host that drops the connection 
 _OP_GRACE = 1.5  # a gloo broadcast's own timeout, in deadlines
 
 
+# Group stores listen on a port drawn from here: above Ray's worker ports (10002-19999 by
+# default) and below the kernel's ephemeral range, where every outgoing connection of every
+# process takes its local port (a port handed out by bind(0) can be taken that way before the
+# store listens on it: EADDRINUSE, seen once in CI).
+_STORE_PORTS = (20000, 32768)
+_EPHEMERAL = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
+def _store_ports() -> range | None:
+    """Where to draw a store's port from: up to the ephemeral range's start (Linux says
+    where), or None where that leaves too few (then the kernel picks, ``bind(0)``)."""
+    low = _STORE_PORTS[1]
+    try:
+        with open(_EPHEMERAL) as f:
+            low = min(low, int(f.read().split()[0]))
+    except (OSError, ValueError, IndexError):  # not Linux: keep the default range's end
+        pass
+    return range(_STORE_PORTS[0], low) if low - _STORE_PORTS[0] >= 1000 else None
+
+
 def free_port(host: str, port: int = 0) -> int:
-    """A port for the group's store (``port`` itself when non-zero).
+    """A port for the group's store (``port`` itself when non-zero): one that binds now,
+    drawn at random outside the ephemeral range (``_STORE_PORTS``).
 
     The store is created by the rendezvous from a port number, not from a pre-bound socket:
     handing a socket's fd to torch's TCPStore double-closes it when the rendezvous times out,
@@ -39,9 +61,18 @@ def free_port(host: str, port: int = 0) -> int:
     """
     if port:
         return port
+    ports = _store_ports()
+    draw = random.SystemRandom()  # (not the random module's state, which tests seed)
+    for _ in range(64 if ports is not None else 0):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, draw.choice(ports or range(1))))
+            except OSError:  # taken: draw again
+                continue
+            return int(s.getsockname()[1])
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 class _Group:
