@@ -97,6 +97,8 @@ def test_adapter_synced_into_a_graphs_engine_equals_a_cold_load(gpu_ray, model_r
             if i == 0:  # the engine's own spread, before anything else loads
                 first = _generate(warm, lora="policy")[0]
                 data["repeatable_after_sync1"] = _generate(warm, lora="policy")[0] == first
+                print(f"\nrepeatable after sync 1: {data['repeatable_after_sync1']}; "
+                      f"phases {res.phases}", flush=True)
         assert {s.state.value for s in coord.statuses()} == {"serving"}  # woke with v6
         warm_out, served = _generate(warm, lora="policy")
         assert served == {"policy@v6"}
@@ -120,6 +122,7 @@ def test_adapter_synced_into_a_graphs_engine_equals_a_cold_load(gpu_ray, model_r
                     differs_from_base=[w[1] != b[1] for w, b in zip(warm_out, base_out,
                                                                     strict=True)],
                     warm_repeatable=again == warm_out)
+        print(f"\nlora: { {k: v for k, v in data.items() if k != 'syncs'} }", flush=True)
         coord = SyncCoordinator([warm])  # sleep level 2 discards the base: refused
         try:
             coord.sleep(level=2)
@@ -137,6 +140,7 @@ def test_adapter_synced_into_a_graphs_engine_equals_a_cold_load(gpu_ray, model_r
                 result = getattr(e, "result", None)
                 data["full_sync"] = {"ok": False, "error": str(e)[:1000], "engines": [
                     r.error for r in result.engines] if result is not None else None}
+            print(f"\nfull sync into the LoRA engine: {data['full_sync']}", flush=True)
         finally:
             coord.close()
         assert again == warm_out, "the warm engine is not repeatable run to run"
