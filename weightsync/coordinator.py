@@ -76,9 +76,14 @@ def _check_sleep_level(level: int) -> None:
 
 
 def _raise_unless_ok(result: SyncResult) -> SyncResult:
+    """``result``, or ``SyncFailedError`` naming each failed engine, what became of it and
+    why (the error as the engine reported it, cut at 500 characters)."""
     if not result.ok:
-        raise SyncFailedError(f"sync to version {result.version} failed on {result.failed}",
-                              result=result)
+        why = "; ".join(
+            f"{e.engine} ({'fenced' if e.fenced else 'not fenced'}): {(e.error or '?')[:500]}"
+            for e in result.engines if not e.ok)
+        raise SyncFailedError(f"sync to version {result.version} failed on {result.failed}: "
+                              f"{why}", result=result)
     return result
 
 
