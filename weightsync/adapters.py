@@ -153,12 +153,15 @@ WIRE_NAME = "adapter"
 
 
 class AdapterLoaded(BaseModel):
-    """A worker's reply: the adapter is loaded and pinned under ``lora_int_id``."""
+    """A worker's reply: the adapter is loaded and pinned under ``lora_int_id``; ``seconds``
+    each step took there (``receive``, ``checksum``, ``check``, ``add``: vLLM's build and
+    load, ``verify``: ``verify_held``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     lora_int_id: int
     modules: int  # vLLM modules the adapter changes (packed ones counted once)
+    seconds: dict[str, float] = {}
 
 
 class LoadedAdapters(BaseModel):
@@ -181,6 +184,7 @@ class AdapterSyncReply(BaseModel):
     nbytes: int
     removed: tuple[str, ...]  # older versions unloaded by this sync (beyond the kept ones)
     seconds: float
+    steps: dict[str, float] = {}  # a stage's: its worker steps (the slowest worker's each)
 
 
 class AdapterState(BaseModel):
@@ -209,7 +213,8 @@ class AdapterFleetResult(BaseModel):
     could not be asked to undo it after a failed commit: fenced, what they serve unknown.
     ``phases``: the coordinator's seconds in each step of a sync that went through
     (``states``, ``stage``, ``commit``, ``settle``; ``stage_on_engine``: the slowest engine's
-    own stage time, in ``stage``), summed over rolling waves."""
+    own stage time, in ``stage``, and ``stage_on_engine.<step>`` its steps,
+    ``AdapterSyncReply.steps``), summed over rolling waves."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

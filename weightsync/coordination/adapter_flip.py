@@ -152,8 +152,9 @@ class AdapterFlip:
                 n, manifest_json, payload.buf, version, dl.transfer), dl.transfer + dl.verify)
         if bad:
             return self._abort(targets, name, version, bad, t0)
-        phases = {"stage": time.perf_counter() - t,
-                  "stage_on_engine": max(r.seconds for r in staged.values())}
+        slowest = max(staged.values(), key=lambda r: r.seconds)
+        phases = {"stage": time.perf_counter() - t, "stage_on_engine": slowest.seconds,
+                  **{f"stage_on_engine.{k}": v for k, v in slowest.steps.items()}}
         t = time.perf_counter()
         self.reach.phase("adapter:commit", None)
         done, bad = e.each(targets, lambda n: e.commit_adapter(

@@ -342,9 +342,11 @@ class Adapters:
             raise
         self._next_id += 1  # (a failed load's id is not reused either)
         try:
-            await self.calls.rpc("ws_load_adapter", load.model_dump_json(),
-                                 buf.numpy().tobytes() if load.in_call else None,
-                                 reply=AdapterLoaded, timeout=deadline_s)
+            t_rpc = time.perf_counter()
+            loaded = await self.calls.rpc("ws_load_adapter", load.model_dump_json(),
+                                          buf.numpy().tobytes() if load.in_call else None,
+                                          reply=AdapterLoaded, timeout=deadline_s)
+            t_rpc = time.perf_counter() - t_rpc
         except WeightSyncError:
             if self.calls.engine is not None:  # another worker may have loaded it
                 await self._unload(load.lora_int_id, deadline_s)
@@ -354,9 +356,12 @@ class Adapters:
                     v.served_as, v.lora_int_id, manifest.bucket.nbytes,
                     " over the transfer group" if over_group else
                     " over CUDA IPC" if over_ipc else "")
+        keys = loaded[0].seconds if loaded else {}
+        steps = {k: max(w.seconds.get(k, 0.0) for w in loaded) for k in keys}
+        steps["worker_rpc"] = t_rpc  # the workers' steps and vLLM's RPC there and back
         return AdapterSyncReply(name=name, version=version, served_as=v.served_as,
                                 lora_int_id=v.lora_int_id, nbytes=manifest.bucket.nbytes,
-                                removed=(), seconds=time.perf_counter() - t0)
+                                removed=(), seconds=time.perf_counter() - t0, steps=steps)
 
     async def _make_room(self, name: str, version: int, deadline_s: float) -> None:
         """Refuse a stage that cannot be, and make room for one that can: unload an older

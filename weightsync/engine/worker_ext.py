@@ -386,6 +386,7 @@ class WeightSyncWorkerExtension:
         holds compared with what was sent (``verify_held``: unloaded again if it differs)."""
         load = AdapterLoad.model_validate_json(load_json)
         m = load.manifest
+        marks = [time.perf_counter()]
         if load.over_group is not None:
             buf = self._receive_adapter(load)
         elif load.over_ipc is not None:  # on this GPU, shared by the colocated trainer: to
@@ -395,14 +396,18 @@ class WeightSyncWorkerExtension:
                                 f"got {type(data).__name__} of {len(data or b'')}")
         else:
             buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        marks.append(time.perf_counter())
         got = checksum(buf)
         if got != m.checksum:
             raise VerificationError(f"adapter {load.versioned}: checksum {got:#x} of the bytes "
                                     f"received, {m.checksum:#x} as sent: nothing loaded")
+        marks.append(time.perf_counter())
         check_adapter_shapes(list(m.bucket.slots), self._expected(), m.config)
         tensors = unpack_adapter(load, buf)
         require_finite(tensors.items(), f"adapter {load.versioned}")  # a diverged trainer's
+        marks.append(time.perf_counter())
         modules = vllm_lora.add_adapter(self, load.lora_int_id, tensors, m.config.peft_dict())
+        marks.append(time.perf_counter())
         try:  # after vLLM's load: what it holds is what was sent, alpha/r applied once
             verify_held(tensors, vllm_lora.adapter_held(self, load.lora_int_id),
                         functools.partial(vllm_lora.adapter_module, self), m.config,
@@ -410,7 +415,10 @@ class WeightSyncWorkerExtension:
         except BaseException:
             vllm_lora.remove_adapter(self, load.lora_int_id)
             raise
-        return AdapterLoaded(lora_int_id=load.lora_int_id, modules=modules)
+        marks.append(time.perf_counter())
+        steps = ("receive", "checksum", "check", "add", "verify")
+        return AdapterLoaded(lora_int_id=load.lora_int_id, modules=modules, seconds={
+            k: b - a for k, a, b in zip(steps, marks[:-1], marks[1:], strict=True)})
 
     @worker_rpc
     def ws_drain_adapter(self, load_json: str) -> Ack:
