@@ -293,6 +293,52 @@ class AdapterPayload:
         return AdapterPayload(self.manifest, self.buf.to(torch.cuda.current_device()))
 
 
+class AdapterPacker:
+    """Packs one peft model's adapter sync after sync (``SyncCoordinator.sync_adapter`` keeps
+    one per name and model). peft's state-dict walk (``get_peft_model_state_dict``: module
+    walks, and a read of the base model's config to see whether the vocabulary changed; ~20
+    ms a call on a 2-core box) runs once, here, to learn which parameters hold the adapter
+    under which of peft's names; ``pack`` then reads those parameters' current values, through
+    the modules that own them (a parameter replaced in its module is followed; a module
+    replaced is not: make a new packer after changing the model's adapters). Where a tensor of
+    peft's state dict is not a parameter's own memory, every ``pack`` is ``from_peft``."""
+
+    def __init__(self, name: str, model: Any, adapter_name: str = "default") -> None:
+        from peft import get_peft_model_state_dict
+
+        self.name, self.model, self.adapter_name = name, model, adapter_name
+        state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        owners = {p.data_ptr(): (m, attr) for m in model.modules()
+                  for attr, p in m._parameters.items() if p is not None and p.numel()}
+        where = {k: owners.get(t.data_ptr()) for k, t in state.items()}
+        self._where: dict[str, tuple[torch.nn.Module, str]] | None = None
+        if all(w is not None and w[0]._parameters[w[1]] is not None and
+               w[0]._parameters[w[1]].shape == state[k].shape
+               for k, w in where.items()):
+            self._where = {k: w for k, w in where.items() if w is not None}
+        self.config = AdapterConfig.model_validate(
+            model.peft_config[adapter_name].to_dict())
+
+    @property
+    def direct(self) -> bool:
+        """Whether ``pack`` reads the parameters themselves (False: every pack is
+        ``from_peft``)."""
+        return self._where is not None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors now, under peft's names."""
+        if self._where is None:
+            from peft import get_peft_model_state_dict
+
+            return dict(get_peft_model_state_dict(self.model, adapter_name=self.adapter_name))
+        return {k: m._parameters[a].detach() for k, (m, a) in  # type: ignore[union-attr]
+                self._where.items()}
+
+    def pack(self, device: torch.device | str = "cpu") -> AdapterPayload:
+        """``AdapterPayload.from_peft`` of the model as it is now, packed on ``device``."""
+        return AdapterPayload.from_tensors(self.name, self.tensors(), self.config, device)
+
+
 def unpack_adapter(load: AdapterLoad, buf: torch.Tensor) -> dict[str, torch.Tensor]:
     """The adapter's tensors: views of ``buf`` (``vllm_lora.add_adapter`` builds from copies
     of them: vLLM scales B by alpha/r in place)."""

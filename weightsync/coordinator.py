@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from weightsync.adapters import AdapterFleetResult, AdapterPayload, AdapterState
+from weightsync.adapters import AdapterFleetResult, AdapterPacker, AdapterPayload, AdapterState
 from weightsync.config import TransferConfig
 from weightsync.coordination.adapter_flip import AdapterFlip
 from weightsync.coordination.attempt import SyncAttempt
@@ -114,6 +114,7 @@ class SyncCoordinator:
         self._plans = LayoutNegotiator(self._reach)
         self._colocation = Colocation(self._reach, self._statuses, self._book, self._beat)
         self._adapters = AdapterFlip(self._reach, self._leg)
+        self._packers: dict[str, AdapterPacker] = {}  # by adapter name: its peft model's
         self._lock = threading.Lock()
         self._legs: dict[str, SenderLeg] = {}
         self._takeover = False  # the sync in progress may take engines from a silent owner
@@ -275,11 +276,18 @@ class SyncCoordinator:
             import torch
 
             ipc = leg == "ipc" and torch.cuda.is_available()  # packed where it is shared
-            payload = AdapterPayload.from_peft(
-                name, adapter, device=torch.device("cuda", torch.cuda.current_device()) if ipc
-                else "cpu")
+            payload = self._packer(name, adapter).pack(
+                torch.device("cuda", torch.cuda.current_device()) if ipc else "cpu")
         with self._exclusive():
             return self._adapters.run(self._targets(engines), payload, leg, wave_size)
+
+    def _packer(self, name: str, model: Any) -> AdapterPacker:
+        """The packer of ``name``'s peft model (``adapters.AdapterPacker``), made for the
+        first sync of that model under that name and kept while it is the model synced."""
+        packer = self._packers.get(name)
+        if packer is None or packer.model is not model:
+            packer = self._packers[name] = AdapterPacker(name, model)
+        return packer
 
     def adapter_states(self, engines: Sequence[str] | None = None) -> dict[str, AdapterState]:
         """What each engine holds of its LoRA adapters (``EngineHost.adapter_state``)."""

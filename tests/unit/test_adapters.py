@@ -462,3 +462,36 @@ def test_a_new_stage_of_a_name_undoes_its_unsettled_commit_first():
 def _payload_args():
     p = AdapterPayload.from_tensors("pol", _tensors(), CONFIG)
     return p.manifest.model_dump_json(), p.buf
+
+
+def test_a_packer_packs_what_from_peft_packs_after_every_update(tmp_path):
+    """``AdapterPacker`` (peft's state-dict walk once, then the same parameters read each
+    time) gives the payload ``from_peft`` gives, byte for byte, after in-place updates (an
+    optimizer step), after a parameter replaced in its module, and after ``.data`` moved to
+    new memory; it never returns an old value."""
+    from weightsync.adapters import AdapterPacker, AdapterPayload
+    from weightsync.testing.models import build_text_model, peft_lora
+
+    model = peft_lora(build_text_model(tmp_path / "m"), seed=3)
+    packer = AdapterPacker("p", model)
+    assert packer.direct  # every tensor of peft's state dict is a parameter's own memory
+
+    def same() -> bool:
+        got, want = packer.pack(), AdapterPayload.from_peft("p", model)
+        return got.manifest == want.manifest and torch.equal(got.buf, want.buf)
+
+    assert same()
+    lora = [(m, n) for m in model.modules() for n, p in m._parameters.items()
+            if p is not None and isinstance(m, torch.nn.Linear) and p.shape[0] == 8]
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5)  # in place
+    assert same()
+    module, attr = lora[0]
+    setattr(module, attr, torch.nn.Parameter(torch.randn_like(getattr(module, attr))))
+    assert same()  # a new Parameter object in the module is followed
+    with torch.no_grad():
+        p = getattr(lora[1][0], lora[1][1])
+        p.data = p.data.clone() + 1.0  # new memory under the same Parameter
+    assert same()
