@@ -163,6 +163,10 @@ _TYPED_ARGS = ("dtype", "max_model_len", "seed", "enforce_eager", "tensor_parall
                "gpu_memory_utilization", "limit_mm_per_prompt")
 
 
+BATCH_INVARIANT_CPU = ("batch_invariant needs a CUDA GPU (vLLM's batch-invariant kernels are "
+                       "CUDA's; on CPU its ops are deterministic already)")
+
+
 class EngineSpec(_Frozen):
     """How to start one vLLM engine. The same spec starts it on CPU or GPU."""
 
@@ -206,6 +210,12 @@ class EngineSpec(_Frozen):
     # the latest included, so requests on an older one finish there (engine.adapters); the
     # engine's max_loras must leave room for them and the one being loaded
     lora_versions_kept: int = Field(2, ge=1)
+    # vLLM's batch-invariant kernels (VLLM_BATCH_INVARIANT=1 in the engine's processes; CUDA
+    # only): a request's tokens and logprobs do not depend on what else is batched with it,
+    # and LoRA's shrink kernel stops summing split parts with atomic adds, so an adapter's
+    # answers repeat run to run (without it they do not on a GPU: docs/guides/lora.md).
+    # Slower kernels; what a bit-for-bit comparison or a reproducible rollout needs.
+    batch_invariant: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -240,6 +250,8 @@ class EngineSpec(_Frozen):
     def _gpu_consistent(self) -> EngineSpec:
         if self.device == "cpu" and self.num_gpus:
             raise ValueError("a cpu engine asks for no GPUs")
+        if self.device == "cpu" and self.batch_invariant:
+            raise ValueError(BATCH_INVARIANT_CPU)
         if self.engine_args:
             from weightsync.engine_args import device_refusal
 

@@ -10,7 +10,7 @@ loading peft's ``save_pretrained`` files through vLLM's own path (``ColdAdapterE
 and a fresh engine of the same spec, started after the syncs, loading those files the same
 way. Then sleep level 2 (the base discarded): the adapter sync is refused, nothing staged.
 
-The engines run with ``VLLM_BATCH_INVARIANT=1`` (set for their actors only). Without it vLLM
+The engines run with ``EngineSpec.batch_invariant`` (``VLLM_BATCH_INVARIANT=1``). Without it vLLM
 0.24's LoRA shrink kernel splits K 64 ways for batches under 128 and sums the parts with
 ``tl.atomic_add`` (``lora/ops/triton_ops/kernel_utils.py``, ``utils.get_lora_op_configs``), so
 the same engine, adapter and prompts answer differently run to run: measured on an H100 at
@@ -46,9 +46,8 @@ def _engine(name: str, path):
                       # max_num_seqs 8: vLLM captures graphs for batch sizes up to it (with LoRA
                       # the default 256 made each engine take ~2 min to start on an H100)
                       engine_args={"enable_lora": True, "max_lora_rank": RANK, "max_loras": 4,
-                                   "max_num_seqs": 8})
-    (actor,) = start_engines([spec], timeout_s=300, make_engine=cold_adapter_engine,
-                             runtime_env={"env_vars": {"VLLM_BATCH_INVARIANT": "1"}})
+                                   "max_num_seqs": 8}, batch_invariant=True)
+    (actor,) = start_engines([spec], timeout_s=300, make_engine=cold_adapter_engine)
     return actor
 
 

@@ -153,3 +153,40 @@ def test_fp8_on_an_auto_engine_that_lands_on_cpu_is_refused_before_vllm_starts()
     with pytest.raises(ConfigError, match=r"\[e\] quantization 'fp8' needs a CUDA GPU"):
         asyncio.run(host.start())
     assert host.engine is None  # nothing was started
+
+
+# ---- batch-invariant kernels: CUDA only, refused before anything starts ---------------------
+def test_batch_invariant_on_a_cpu_engine_is_refused_when_made_or_started():
+    import asyncio
+
+    import torch
+    from pydantic import ValidationError
+
+    from weightsync.config import EngineSpec
+    from weightsync.engine.host import EngineHost
+    from weightsync.errors import ConfigError
+
+    with pytest.raises(ValidationError, match="batch_invariant needs a CUDA GPU"):
+        EngineSpec(name="e", model="/m", device="cpu", batch_invariant=True)
+    assert EngineSpec(name="e", model="/m", device="cuda", batch_invariant=True).batch_invariant
+    if torch.cuda.is_available():
+        return  # an auto engine lands on the GPU here
+    host = EngineHost(EngineSpec(name="e", model="/m", batch_invariant=True))
+    with pytest.raises(ConfigError, match=r"\[e\] batch_invariant needs a CUDA GPU"):
+        asyncio.run(host.start())
+    assert host.engine is None  # nothing was started
+
+
+@pytest.mark.parametrize("asked", [True, False])
+def test_batch_invariant_sets_vllms_variable_for_a_cuda_engine_only_when_asked(monkeypatch,
+                                                                                asked):
+    import os
+
+    from weightsync.engine import vllm_compat
+
+    monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
+    for name in ("VLLM_WORKER_MULTIPROC_METHOD", "VLLM_ENABLE_V1_MULTIPROCESSING",
+                 "VLLM_USE_V2_MODEL_RUNNER", "VLLM_USE_FLASHINFER_SAMPLER"):
+        monkeypatch.setenv(name, "kept")  # (restored after the test)
+    vllm_compat.prepare_process_env("cuda", batch_invariant=asked)
+    assert os.environ.get("VLLM_BATCH_INVARIANT") == ("1" if asked else None)

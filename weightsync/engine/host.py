@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from weightsync.adapters import AdapterState, AdapterSyncReply
-from weightsync.config import EngineSpec
+from weightsync.config import BATCH_INVARIANT_CPU, EngineSpec
 from weightsync.engine import requests, vllm_compat
 from weightsync.engine.adapter_gate import AdapterGate
 from weightsync.engine.adapters import Adapters
@@ -120,11 +120,13 @@ class EngineHost:
     async def start(self, *, owner: str | None = None) -> EngineStatus:
         self.lease.check(owner, "start")
         why = vllm_compat.quantization_refusal(self.spec.engine_args, self.device)
+        if why is None and self.spec.batch_invariant and self.device != "cuda":
+            why = BATCH_INVARIANT_CPU  # (device "auto" that came out CPU)
         if why is not None:  # before vLLM starts anything
             raise ConfigError(why, engine=self.spec.name)
         await self.openai_server.close()  # (a restart: the next serve_openai builds a fresh app)
         vllm_compat.prepare_process_env(self.device, self.spec.tensor_parallel_size,
-                                        self.spec.cpu_threads_bind)
+                                        self.spec.cpu_threads_bind, self.spec.batch_invariant)
         sleep = self.device == "cuda" and vllm_compat.sleep_mode_available()
         t0 = time.perf_counter()
         self.engine = self._make_engine(**engine_args(self.spec, self.device, sleep))

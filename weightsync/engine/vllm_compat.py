@@ -31,18 +31,22 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def prepare_process_env(device: str, workers: int = 1, cpu_bind: str | None = None) -> None:
+def prepare_process_env(device: str, workers: int = 1, cpu_bind: str | None = None,
+                        batch_invariant: bool = False) -> None:
     """Set vLLM's environment for the engine process (before vLLM is imported there).
 
     Must run in the process that builds the engine; its workers inherit it. ``workers``: the
     engine's worker count (tensor x pipeline parallel); ``cpu_bind``: the engine's own
-    ``VLLM_CPU_OMP_THREADS_BIND`` (``EngineSpec.cpu_threads_bind``), if it names one.
+    ``VLLM_CPU_OMP_THREADS_BIND`` (``EngineSpec.cpu_threads_bind``), if it names one;
+    ``batch_invariant``: ``EngineSpec.batch_invariant`` (``VLLM_BATCH_INVARIANT``, CUDA).
     """
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # fork hangs with CUDA/Ray
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     if device == "cuda":
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "1")
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+        if batch_invariant:  # (otherwise the process's own setting, if any, stands)
+            os.environ["VLLM_BATCH_INVARIANT"] = "1"
     elif cpu_bind is not None:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind
     elif workers == 1:
