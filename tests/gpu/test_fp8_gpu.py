@@ -21,14 +21,7 @@ import pytest
 import ray
 import torch
 
-from tests.gpu.parity import (
-    PROMPTS,
-    against_cold,
-    engine_generate,
-    plain,
-    start_colocated,
-    stop_engine,
-)
+from tests.gpu.parity import PROMPTS, against_cold, engine_generate, plain, start_colocated, stop_engine
 from tests.gpu.test_warm_cold_gpu import _model, _trainer
 from weightsync.config import TransferConfig
 from weightsync.coordinator import SyncCoordinator
