@@ -36,7 +36,8 @@ class InjectedLoadFailure(RuntimeError):
 
 
 class FailingCheckpointApplier(CheckpointApplier):
-    """``CheckpointApplier`` whose ``load``-th apply stops after ``after`` tensors."""
+    """``CheckpointApplier`` whose ``load``-th apply stops after ``after`` tensors (at the
+    load's end if it has fewer: that load fails either way)."""
 
     def __init__(self, worker: Any, state: WorkerSyncState, load: int, after: int) -> None:
         super().__init__(worker, state)
