@@ -423,9 +423,11 @@ def main(rate: float = typer.Option(20.0, min=1.0, help="probes per second, per 
                                                  "while it is late (perturbs the timings)"),
          shape: str = typer.Option("tiny", help="model shape (benchmarks.run.SHAPES)"),
          workdir: Path = typer.Option(Path("runs/control-latency"))) -> None:
-    from weightsync.local_ray import init_kwargs, ray_env
+    from weightsync.config import Settings
+    from weightsync.local_ray import init_kwargs
+    from weightsync.ray_compat import prepare
 
-    os.environ.update(ray_env(None, os.environ))  # token authentication, set before Ray's import
+    prepare(None, Settings().ray_auth_mode)  # token authentication, set before Ray's import
     import ray
 
     from benchmarks.run import SHAPES

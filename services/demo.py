@@ -14,7 +14,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from weightsync.local_ray import init_kwargs, prepare_environ
+from weightsync.config import Settings
+from weightsync.local_ray import init_kwargs
+from weightsync.ray_compat import prepare
 
 app = typer.Typer(add_completion=False)
 
@@ -23,7 +25,7 @@ app = typer.Typer(add_completion=False)
 def main(engines: int = typer.Option(1, min=1), syncs: int = typer.Option(3, min=1),
          workdir: Path = typer.Option(Path("runs/demo")),
          bucket_mib: int = typer.Option(4, min=1)) -> None:
-    prepare_environ(None)  # token authentication, before Ray's import
+    prepare(None, Settings().ray_auth_mode)  # token authentication, before Ray's import
     import ray
     import torch
     from transformers import AutoTokenizer

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from collections import Counter
@@ -49,7 +48,9 @@ from rich.progress import (
 from services.grpo_plot import write_plot
 from services.grpo_rollouts import OpenAIRollouts, RayRollouts
 from services.grpo_sync import ADAPTER, AdapterSync, FullSync, engine_args_of, model_bytes
-from weightsync.local_ray import init_kwargs, prepare_environ
+from weightsync.config import Settings
+from weightsync.local_ray import init_kwargs
+from weightsync.ray_compat import prepare
 from weightsync.types import exclusive_phases
 
 logger = logging.getLogger(__name__)
@@ -533,7 +534,8 @@ def main(
 ) -> None:
     import warnings
 
-    prepare_environ(ray_address)  # own Ray: token auth, before its import
+    settings = Settings()  # the process's environment, read once
+    prepare(ray_address, settings.ray_auth_mode)  # own Ray: token auth, before its import
     import ray
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -557,7 +559,7 @@ def main(
                          lora_rank=lora_rank, lora_alpha=lora_alpha,
                          adapter_leg=adapter_leg, quantization=quantization or None)
         summary = run(cfg, run_dir, name, model_dir, console,
-                      router_token=os.environ.get("WEIGHTSYNC_TOKEN"))
+                      router_token=settings.token)
     finally:
         ray.shutdown()
     _say(console, f"reward: first {summary['first_steps']} steps {summary['first_reward_mean']:.3f}"

@@ -13,18 +13,18 @@ import sys
 
 from weightsync.config import Settings
 from weightsync.errors import ConfigError
-from weightsync.local_ray import prepare_environ
+from weightsync.ray_compat import prepare
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = Settings()
-    environ = prepare_environ(settings.ray_address)  # before Ray's import
+    mode = prepare(settings.ray_address, settings.ray_auth_mode)  # before Ray's import
     from weightsync.api.server import serve
 
     try:
-        serve(settings, environ)
+        serve(settings, mode)
     except ConfigError as e:
         logging.getLogger("services.serve").error("refusing to start: %s", e)
         return 2

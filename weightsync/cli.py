@@ -102,7 +102,7 @@ def serve(host: Annotated[str | None, typer.Option(help="Bind address")] = None,
     """Run the control plane (starting any missing engines as detached Ray actors)."""
     import json
 
-    from weightsync.local_ray import prepare_environ
+    from weightsync import ray_compat
 
     overrides = {k: v for k, v in dict(host=host, port=port, model=model, engines=engines,
                                         namespace=namespace).items() if v is not None}
@@ -113,12 +113,12 @@ def serve(host: Annotated[str | None, typer.Option(help="Bind address")] = None,
             err_console.print(f"[red]--engine-args is not JSON[/red]: {e}")
             raise typer.Exit(2) from None
     settings = load_settings().model_copy(update=overrides)
-    environ = prepare_environ(settings.ray_address)  # before Ray's import
+    mode = ray_compat.prepare(settings.ray_address, settings.ray_auth_mode)  # before Ray's import
     from weightsync.api.server import serve as run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
-        run_server(settings, environ)
+        run_server(settings, mode)
     except WeightSyncError as e:
         err_console.print(f"[red]refusing to start[/red] {type(e).__name__}: {e}")
         raise typer.Exit(2) from None

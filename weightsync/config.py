@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1 << 20
@@ -272,6 +272,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WEIGHTSYNC_", env_file=None, extra="ignore")
 
     ray_address: str | None = None
+    # Ray's own RAY_AUTH_MODE as the user set it (None: unset; a Ray the process starts then
+    # gets token authentication, weightsync.local_ray)
+    ray_auth_mode: str | None = Field(None, validation_alias=AliasChoices("RAY_AUTH_MODE",
+                                                                          "ray_auth_mode"))
     namespace: str = "weightsync"
     host: str = "127.0.0.1"
     port: int = 8765

@@ -11,10 +11,12 @@ token that only that process and the processes Ray starts for it inherit, and th
 connects.
 
 Ray reads ``RAY_AUTH_MODE`` when it is imported: every entrypoint (the CLI, ``services.*``)
-calls ``prepare_environ`` before anything imports ``ray`` (``check_driver`` refuses to go on
-otherwise, instead of a driver that cannot reach the Ray it started). This module decides what
-Ray's environment must hold (``ray_env``, a pure function of an environment given to it) and is
-the one place that applies it to the process, as ``engine.vllm_compat`` is for vLLM's.
+reads ``Settings`` once (``Settings.ray_auth_mode`` is the user's ``RAY_AUTH_MODE``) and calls
+``ray_compat.prepare`` with it before anything imports ``ray`` (``ray_compat.check_driver``
+refuses to go on otherwise, instead of a driver that cannot reach the Ray it started). This
+module decides, from values given to it, what Ray's environment must hold (``ray_env``) and
+which mode that Ray runs under (``own_auth_mode``); ``weightsync.ray_compat`` is the one place
+that applies it to the process, as ``engine.vllm_compat`` is for vLLM's.
 
 For a cluster the user provides (an address), nothing changes: Ray's own security model applies
 (it assumes a trusted network; ``RAY_AUTH_MODE=token`` on the cluster and its drivers requires
@@ -23,11 +25,7 @@ a token). This module never imports ``ray`` itself.
 
 from __future__ import annotations
 
-import os
 import secrets
-from collections.abc import Mapping
-
-from weightsync.errors import ConfigError
 
 AUTH_MODE = "RAY_AUTH_MODE"
 AUTH_TOKEN = "RAY_AUTH_TOKEN"
@@ -38,50 +36,27 @@ def starts_own_ray(address: str | None) -> bool:
     return address in (None, "", "local")
 
 
-def own_ray_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """What to add to the environment before this process imports Ray and starts its own:
-    token authentication with a fresh token, unless the user chose a mode (then nothing)."""
-    if environ.get(AUTH_MODE):
+def ray_env(address: str | None, auth_mode: str | None) -> dict[str, str]:
+    """What the entrypoint adds to its environment before it imports Ray: when it will start
+    Ray itself (``address``), token authentication with a fresh token for it and its
+    children, unless the user chose a mode (``auth_mode``, their ``RAY_AUTH_MODE``); nothing
+    for a cluster the user provides."""
+    if not starts_own_ray(address) or auth_mode:
         return {}
     return {AUTH_MODE: "token", AUTH_TOKEN: secrets.token_hex(32)}
 
 
-def ray_env(address: str | None, environ: Mapping[str, str]) -> dict[str, str]:
-    """What the entrypoint adds to its environment ``environ`` before it imports Ray: when it
-    will start Ray itself (``address``), Ray's token authentication for it and its children,
-    unless the user chose a mode; nothing for a cluster the user provides."""
-    return own_ray_env(environ) if starts_own_ray(address) else {}
+def own_auth_mode(address: str | None, auth_mode: str | None) -> str | None:
+    """The ``RAY_AUTH_MODE`` the process runs Ray under once ``ray_env`` is applied: the
+    user's, else ``"token"`` for a Ray it starts; None for a cluster the user provides with
+    none set."""
+    return auth_mode or ray_env(address, auth_mode).get(AUTH_MODE)
 
 
-def prepare_environ(address: str | None) -> Mapping[str, str]:
-    """For an entrypoint, before it imports Ray: add ``ray_env``'s variables to this process's
-    environment (its children inherit them) and return the environment, for the callees that
-    read Ray's authentication mode from it (``api.server.serve``)."""
-    os.environ.update(ray_env(address, os.environ))
-    return os.environ
-
-
-def auth_mode(environ: Mapping[str, str]) -> str | None:
-    """``RAY_AUTH_MODE`` in ``environ`` (None: unset, Ray's default, no token)."""
-    return environ.get(AUTH_MODE)
-
-
-def unauthenticated(environ: Mapping[str, str]) -> bool:
-    """Whether a Ray started under ``environ`` takes drivers without a token."""
-    return environ.get(AUTH_MODE, "disabled").strip().lower() != "token"
-
-
-def check_driver(environ: Mapping[str, str]) -> None:
-    """Refuse to start Ray when ``environ`` (this process's) asks for token authentication but
-    the process imported Ray before it was set (Ray would start authenticated and refuse its
-    own driver)."""
-    if unauthenticated(environ):
-        return
-    from ray._private.authentication.authentication_utils import is_token_auth_enabled
-
-    if not is_token_auth_enabled():
-        raise ConfigError(f"{AUTH_MODE}=token was set after Ray was imported in this process; "
-                          "set it in the environment before the process starts")
+def unauthenticated(auth_mode: str | None) -> bool:
+    """Whether a Ray started under ``RAY_AUTH_MODE=auth_mode`` takes drivers without a
+    token."""
+    return (auth_mode or "disabled").strip().lower() != "token"
 
 
 def init_kwargs() -> dict[str, object]:

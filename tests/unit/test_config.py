@@ -80,31 +80,42 @@ def test_settings_take_engine_args_as_json(monkeypatch):
     assert Settings().engine_args == {"max_num_seqs": 4}
 
 
-# ---- the Ray a weightsync entrypoint starts itself (weightsync.local_ray) -----------------
+# ---- the Ray a weightsync entrypoint starts itself (weightsync.local_ray, ray_compat) -------
 def test_own_ray_gets_token_auth_unless_the_user_chose_a_mode():
-    from weightsync.local_ray import own_ray_env, ray_env, starts_own_ray, unauthenticated
+    from weightsync.local_ray import own_auth_mode, ray_env, starts_own_ray, unauthenticated
 
-    env = own_ray_env({})
+    env = ray_env(None, None)
     assert env["RAY_AUTH_MODE"] == "token" and len(env["RAY_AUTH_TOKEN"]) == 64
-    assert own_ray_env({})["RAY_AUTH_TOKEN"] != env["RAY_AUTH_TOKEN"]  # fresh each time
-    assert own_ray_env({"RAY_AUTH_MODE": "disabled"}) == {}
-    assert not unauthenticated(env) and unauthenticated({"RAY_AUTH_MODE": "disabled"})
+    assert ray_env(None, None)["RAY_AUTH_TOKEN"] != env["RAY_AUTH_TOKEN"]  # fresh each time
+    assert ray_env(None, "disabled") == {} and ray_env("h:6379", None) == {}
+    assert ray_env("local", None)["RAY_AUTH_MODE"] == "token"
+    assert not unauthenticated("token") and unauthenticated("disabled") and unauthenticated(None)
     assert starts_own_ray(None) and starts_own_ray("local") and not starts_own_ray("h:6379")
-    assert ray_env("h:6379", {}) == {} and ray_env("local", {})["RAY_AUTH_MODE"] == "token"
+    assert own_auth_mode(None, None) == "token" and own_auth_mode(None, "disabled") == "disabled"
+    assert own_auth_mode("h:6379", None) is None
 
 
-def test_prepare_environ_applies_ray_env_to_this_process_only_for_its_own_ray(monkeypatch):
+def test_settings_read_rays_auth_mode_as_the_user_set_it(monkeypatch):
+    from weightsync.config import Settings
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    assert Settings().ray_auth_mode is None
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert Settings().ray_auth_mode == "disabled"
+
+
+def test_prepare_applies_ray_env_to_this_process_only_for_its_own_ray(monkeypatch):
     import os
 
-    from weightsync.local_ray import prepare_environ
+    from weightsync.ray_compat import prepare
 
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
-    assert "RAY_AUTH_MODE" not in prepare_environ("h:6379")  # a cluster the user provides
-    env = prepare_environ(None)
-    assert env is os.environ and os.environ["RAY_AUTH_MODE"] == "token"
+    assert prepare("h:6379", None) is None  # a cluster the user provides: nothing set
+    assert "RAY_AUTH_MODE" not in os.environ
+    assert prepare(None, None) == "token" and os.environ["RAY_AUTH_MODE"] == "token"
     token = os.environ["RAY_AUTH_TOKEN"]
-    prepare_environ(None)  # the user's (or an earlier call's) choice stands
+    assert prepare(None, "token") == "token"  # the user's (or an earlier call's) choice stands
     assert os.environ["RAY_AUTH_TOKEN"] == token
 
 
@@ -114,7 +125,7 @@ def test_serve_refuses_http_beyond_loopback_next_to_an_unauthenticated_own_ray()
     from weightsync.errors import ConfigError
 
     with pytest.raises(ConfigError, match="without authentication"):
-        serve(Settings(host="0.0.0.0", token="t0ken", model="/m"), {"RAY_AUTH_MODE": "disabled"})
+        serve(Settings(host="0.0.0.0", token="t0ken", model="/m"), "disabled")
 
 
 def test_unset_engine_fields_leave_vllms_defaults():

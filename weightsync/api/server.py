@@ -13,20 +13,14 @@ from __future__ import annotations
 import copy
 import logging
 import signal
-from collections.abc import Mapping
 from typing import Any
 
 from weightsync.api.app import check_bind, create_app, is_loopback
 from weightsync.api.gate import redact_url_credentials
 from weightsync.config import EngineSpec, Settings
 from weightsync.errors import ConfigError
-from weightsync.local_ray import (
-    auth_mode,
-    check_driver,
-    init_kwargs,
-    starts_own_ray,
-    unauthenticated,
-)
+from weightsync.local_ray import init_kwargs, starts_own_ray, unauthenticated
+from weightsync.ray_compat import check_driver
 
 logger = logging.getLogger(__name__)
 
@@ -95,11 +89,11 @@ def ensure_engines(settings: Settings, *, timeout_s: float = 900.0) -> tuple[lis
     return actors, started
 
 
-def serve(settings: Settings, environ: Mapping[str, str]) -> None:
+def serve(settings: Settings, auth_mode: str | None) -> None:
     """Blocks until the server stops (SIGINT/SIGTERM: uvicorn shuts down gracefully), then
     stops the engines it started unless they should outlive it. Refuses unsafe settings
-    before touching Ray. ``environ``: the process's environment as the entrypoint set it up
-    (``local_ray.prepare_environ`` applied), read for Ray's authentication mode."""
+    before touching Ray. ``auth_mode``: the ``RAY_AUTH_MODE`` Ray runs under, as the
+    entrypoint's ``ray_compat.prepare`` returned it."""
     import ray
     import uvicorn
 
@@ -107,21 +101,19 @@ def serve(settings: Settings, environ: Mapping[str, str]) -> None:
     own_ray = starts_own_ray(settings.ray_address)  # this process starts Ray
     extra: dict[str, Any] = {}
     if own_ray:  # token-authenticated, no dashboard (weightsync.local_ray)
-        mode = auth_mode(environ)
-        if unauthenticated(environ) and \
-                not is_loopback(settings.host):
+        if unauthenticated(auth_mode) and not is_loopback(settings.host):
             raise ConfigError(f"refusing to bind {settings.host!r} next to a Ray this process "
-                              f"starts without authentication (RAY_AUTH_MODE={mode!r}): "
+                              f"starts without authentication (RAY_AUTH_MODE={auth_mode!r}): "
                               "anyone who reaches its "
                               "ports could drive the engines. Leave RAY_AUTH_MODE unset "
                               "(weightsync turns Ray's token authentication on) or bind "
                               "127.0.0.1")
-        check_driver(environ)
+        check_driver(auth_mode)
         extra = init_kwargs()
     ray.init(address=settings.ray_address, namespace=settings.namespace,
              ignore_reinit_error=True, log_to_driver=False, **extra)
     logger.info("Ray at %s (%s)", ray.get_runtime_context().gcs_address,
-                f"started here, RAY_AUTH_MODE={auth_mode(environ)}" if own_ray
+                f"started here, RAY_AUTH_MODE={auth_mode}" if own_ray
                 else "an existing cluster: its own authentication applies")
     keep = settings.keep_engines if settings.keep_engines is not None else not own_ray
     started: list[Any] = []
