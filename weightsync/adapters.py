@@ -308,14 +308,12 @@ class AdapterPacker:
 
         self.name, self.model, self.adapter_name = name, model, adapter_name
         state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-        owners = {p.data_ptr(): (m, attr) for m in model.modules()
-                  for attr, p in m._parameters.items() if p is not None and p.numel()}
+        owners = {p.data_ptr(): (m, attr, p) for m in model.modules()
+                  for attr, p in m.named_parameters(recurse=False) if p.numel()}
         where = {k: owners.get(t.data_ptr()) for k, t in state.items()}
         self._where: dict[str, tuple[torch.nn.Module, str]] | None = None
-        if all(w is not None and w[0]._parameters[w[1]] is not None and
-               w[0]._parameters[w[1]].shape == state[k].shape
-               for k, w in where.items()):
-            self._where = {k: w for k, w in where.items() if w is not None}
+        if all(w is not None and w[2].shape == state[k].shape for k, w in where.items()):
+            self._where = {k: (w[0], w[1]) for k, w in where.items() if w is not None}
         self.config = AdapterConfig.model_validate(
             model.peft_config[adapter_name].to_dict())
 
@@ -331,8 +329,7 @@ class AdapterPacker:
             from peft import get_peft_model_state_dict
 
             return dict(get_peft_model_state_dict(self.model, adapter_name=self.adapter_name))
-        return {k: m._parameters[a].detach() for k, (m, a) in  # type: ignore[union-attr]
-                self._where.items()}
+        return {k: getattr(m, a).detach() for k, (m, a) in self._where.items()}
 
     def pack(self, device: torch.device | str = "cpu") -> AdapterPayload:
         """``AdapterPayload.from_peft`` of the model as it is now, packed on ``device``."""

@@ -62,14 +62,15 @@ def free_port(host: str, port: int = 0) -> int:
     if port:
         return port
     ports = _store_ports()
-    draw = random.SystemRandom()  # (not the random module's state, which tests seed)
-    for _ in range(64 if ports is not None else 0):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((host, draw.choice(ports or range(1))))
-            except OSError:  # taken: draw again
-                continue
-            return int(s.getsockname()[1])
+    if ports is not None:
+        draw = random.SystemRandom()  # (not the random module's state, which tests seed)
+        for _ in range(64):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, draw.choice(ports)))
+                except OSError:  # taken: draw again
+                    continue
+                return int(s.getsockname()[1])
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
