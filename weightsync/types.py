@@ -111,6 +111,11 @@ class KernelParam(BaseModel):
     dtype: str
     shape: tuple[int, ...]
     parts: tuple[tuple[str, int], ...]  # (checkpoint name, rows), in order
+    # A parameter vLLM quantizes on load (online FP8, per tensor): ``dtype``/``shape`` are then
+    # what travels (the unquantized stack vLLM's loader builds, e.g. bf16 ``[N, K]``) and the
+    # engine quantizes it into the parameter (its FP8 ``[K, N]`` transposed view) and into
+    # this scale parameter, as vLLM's own ``process_weights_after_loading`` does.
+    fp8_scale: str | None = None
 
 
 class KernelLayout(BaseModel):

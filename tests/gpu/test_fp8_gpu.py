@@ -2,14 +2,18 @@
 (``engine_args={"quantization": "fp8"}``: bf16 checkpoint, weights quantized at load) with
 CUDA graphs on, synced over IPC from the bf16 trainer in this process.
 
-What this measures, before any FP8-specific code: whether weightsync's checkpoint-format
-sync (vLLM's layerwise reload re-quantizes on arrival) leaves the engine bit-identical to a
-cold FP8 engine started from ``save_pretrained`` of the same weights; which layout each sync
-took (the kernel layout must not be derived for quantized weights); what had to be restored
-or rebuilt; the sync time; and the engine's device memory above its level before each sync
-(its allocator's peak: the buckets are the trainer's, mapped). Five syncs each. The second
-test takes two FP8 engines through a load that fails part-way on one of them and a sync into
-both asleep at level 2.
+The first sync goes in the checkpoint format (vLLM's layerwise reload re-quantizes on
+arrival) and verifies the kernel layout, online-FP8 weights included (``transport.layout``:
+each travels as its bf16 stack and the engine quantizes it into its parameter with vLLM's
+``scaled_fp8_quant``); a dense model's later syncs take that layout, a MoE model's stay in
+the checkpoint format (its FP8 experts are not in the layout). After five syncs the engine
+must be bit-identical to a cold FP8 engine started from ``save_pretrained`` of the same
+weights, and a checkpoint-format sync of the same weights must leave the same parameters
+(fingerprint) as the last sync did. Also recorded: what had to be restored or rebuilt, the
+sync time and phases, and the engine's device memory above its level before each sync (its
+allocator's peak: the buckets are the trainer's, mapped). The second test takes two FP8
+engines through a load that fails part-way on one of them and a sync into both asleep at
+level 2.
 """
 
 from __future__ import annotations
@@ -65,9 +69,24 @@ def test_fp8_engine_synced_from_bf16_equals_a_cold_fp8_engine(gpu_ray, model_roo
             data["syncs"] = syncs
             assert res.ok, res
         warm_out = plain(engine_generate(warm, PROMPTS))
+        # the same weights through vLLM's own loader (layerwise reload, re-quantizing)
+        ckpt = SyncCoordinator([warm], TransferConfig(bucket_bytes=256 << 20,
+                                                      layout="checkpoint"))
+        try:
+            slow = ckpt.sync(trainer, ipc=True)
+        finally:
+            ckpt.close()
+        data["same_fingerprint_as_checkpoint_format"] = \
+            slow.engines[0].fingerprint == res.engines[0].fingerprint
+        print(f"fp8 {kind}: layouts {[x['layout'] for x in syncs]}, seconds "
+              f"{[round(x['seconds'], 4) for x in syncs]}, same fingerprint as the checkpoint "
+              f"format {data['same_fingerprint_as_checkpoint_format']}", flush=True)
         trainer.save_pretrained(path)
     finally:
         coord.close()
+    if kind.startswith("dense"):
+        assert [x["layout"] for x in syncs[1:]] == ["kernel"] * 4, syncs
+    assert slow.ok and data["same_fingerprint_as_checkpoint_format"], data
     found = against_cold(warm, warm_out, lambda: start_colocated(
         f"fp8-cold-{kind}", path, "bfloat16", enforce_eager=False,
         gpu_memory_utilization=0.25, **fp8))

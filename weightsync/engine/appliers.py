@@ -8,7 +8,8 @@ receive (``choose``) from the plan's format and how its buckets arrive:
   (``engine.derived.ModelStorage``); a staged load also verifies the kernel layout
   (``LayoutCheck.calibrate``). Checkpoint files (``ws_reload_files``) load through it too.
 - ``KernelApplier`` (``"kernel"``): tensors already in vLLM's layout, copied straight into its
-  parameters (``engine.copy_program``), a kept program replayed as one CUDA graph.
+  parameters (``engine.copy_program``), a kept program replayed as one CUDA graph; online FP8
+  weights arrive as their unquantized stacks and are quantized into the parameters there.
 - ``CheckedByCopyApplier`` (``"checked-by-copy"``): the sender's own memory (direct IPC pieces)
   copied into the parameters by the launch that checksums every piece as it reads it, compared
   with the sender's checksums after: what is verified is exactly what was written.
@@ -32,7 +33,7 @@ from weightsync.engine import vllm_compat
 from weightsync.engine.copy_program import kernel_targets
 from weightsync.engine.sync_state import WorkerSyncState
 from weightsync.errors import ReloadError, TransferError
-from weightsync.transport.packing import copy_tensors, fold_spans, unpack_bucket
+from weightsync.transport.packing import fold_spans, unpack_bucket
 from weightsync.types import Bucket
 
 logger = logging.getLogger(__name__)
@@ -155,7 +156,9 @@ class CheckpointApplier(Applier):
 @register_applier
 class KernelApplier(Applier):
     """Kernel-layout tensors copied straight into vLLM's parameters (``engine.copy_program``):
-    staged buckets by a kept program, replayed as one graph while it stays the same."""
+    staged buckets by a kept program, replayed as one graph while it stays the same. Weights
+    vLLM's online FP8 quantized on load are quantized from their stacks into the parameters,
+    in the same program (``copy_program.Fp8Write``)."""
 
     name = layout = "kernel"
 
@@ -163,17 +166,18 @@ class KernelApplier(Applier):
         st = self.state
         t0 = time.perf_counter()
         program = graph_key = None
+        fp8 = st.layout.fp8_scales()
         if load.staged is not None:
-            program = st.programs.program(load.staged, load.key, self.params)
+            program = st.programs.program(load.staged, load.key, self.params, fp8)
             graph_key = st.programs.graph_key(program)
         st.rebuilt = ()
         with torch.no_grad():
             if program is not None and graph_key is not None:  # the same as last sync
-                st.graph("kernel-layout copy").run(graph_key, lambda: copy_tensors(*program))
+                st.graph("kernel-layout copy").run(graph_key, program.run)
             elif program is not None:
-                copy_tensors(*program)
+                program.run()
             else:  # streaming: resolved as the buckets arrive
-                copy_tensors(*kernel_targets(self.params(), load.weights()))
+                kernel_targets(self.params(), load.weights(), fp8).run()
         self.synchronize()
         return AppliedReport(reload_s=time.perf_counter() - t0)
 

@@ -19,40 +19,77 @@ import torch
 from weightsync.engine.finite import require_finite, typed_pieces
 from weightsync.errors import ConfigError, ReloadError, TransferError
 from weightsync.transport.digest_cuda import ManyDigests
-from weightsync.transport.packing import Spans, copy_split, span_targets, unpack_bucket
+from weightsync.transport.packing import (
+    Spans,
+    copy_split,
+    copy_tensors,
+    span_targets,
+    unpack_bucket,
+)
 from weightsync.types import Bucket
 
 Params = Callable[[], Mapping[str, torch.Tensor]]
 ProgramKey = tuple[str, tuple[int, ...]]  # (the plan's key, the buffers' addresses)
 
 
+class Fp8Write(NamedTuple):
+    """One online-FP8 weight written from its unquantized stack: ``src`` (``[N, K]``, the
+    model's dtype) quantized into ``weight`` (the ``[N, K]`` view of the parameter's storage:
+    vLLM keeps its transpose) and its scale copied into ``scale``."""
+
+    src: torch.Tensor
+    weight: torch.Tensor
+    scale: torch.Tensor
+
+
 class CopyProgram(NamedTuple):
     """Destinations (parameter views), sources, and how they are launched: ``copy_split``'s
     batching for packed buckets, or a ``ManyDigests`` that copies direct pieces as it
-    checksums them. ``copy_tensors(*program)`` runs a packed one."""
+    checksums them; and the FP8 weights quantized from packed buckets (``fp8``). ``run()``
+    runs a packed one."""
 
     dsts: list[torch.Tensor]
     srcs: list[torch.Tensor]
     launch: Any
+    fp8: tuple[Fp8Write, ...] = ()
+
+    def run(self) -> None:
+        """Copy, then quantize each FP8 weight in place (one ``scaled_fp8_quant`` each, as
+        vLLM's own load does, straight into the parameter's storage)."""
+        copy_tensors(self.dsts, self.srcs, self.launch)
+        if self.fp8:
+            from weightsync.engine import vllm_compat
+
+            for w in self.fp8:
+                _, scale = vllm_compat.fp8_quantize(w.src, w.weight)
+                w.scale.copy_(scale.view(w.scale.shape), non_blocking=True)
 
 
 def kernel_targets(params: Mapping[str, torch.Tensor],
-                   weights: Iterable[tuple[str, torch.Tensor]]
-                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(parameters, tensors) for kernel-layout tensors copied straight into vLLM's
-    parameters. Only used once a checkpoint-format load verified the layout bit for bit
+                   weights: Iterable[tuple[str, torch.Tensor]],
+                   fp8: Mapping[str, str] | None = None) -> CopyProgram:
+    """The program that loads kernel-layout tensors straight into vLLM's parameters. Only
+    used once a checkpoint-format load verified the layout bit for bit
     (``LayoutCheck.calibrate``), and every plan was checked against the live parameters'
     names, shapes and dtypes (``ws_validate``). Measured on an H100 (0.5B shape, 170
-    parameters): 0.9 ms batched vs 1.2 ms one ``copy_`` each."""
-    dsts, srcs = [], []
+    parameters): 0.9 ms batched vs 1.2 ms one ``copy_`` each. ``fp8``: the weights vLLM's
+    online FP8 quantized on load, by name, with their scale parameters'
+    (``vllm_compat.fp8_targets``): each arrives as its unquantized ``[N, K]`` stack and is
+    quantized into the parameter (``Fp8Write``)."""
+    fp8 = fp8 or {}
+    dsts, srcs, writes = [], [], []
     for name, t in weights:
         p = params.get(name)
+        if p is not None and name in fp8 and fp8[name] in params and \
+                tuple(p.shape) == tuple(reversed(t.shape)) and t.dim() == 2:
+            writes.append(Fp8Write(t, p.data.t(), params[fp8[name]].data))
+            continue
         if p is None or p.shape != t.shape or p.dtype != t.dtype:
             raise ReloadError(f"kernel-layout tensor {name} {tuple(t.shape)} {t.dtype} does "
                               "not match the engine's parameter")
         dsts.append(p.data)
         srcs.append(t)
-    return dsts, srcs
+    return CopyProgram(dsts, srcs, copy_split(dsts, srcs), tuple(writes))
 
 
 class CopyPrograms:
@@ -68,15 +105,20 @@ class CopyPrograms:
         self._finite: tuple[CopyProgram, list[tuple[str, torch.Tensor]]] | None = None
 
     def program(self, staged: list[tuple[Bucket, Any]], key: str | None,
-                params: Params) -> CopyProgram:
+                params: Params, fp8: Mapping[str, str] | None = None) -> CopyProgram:
         """``kernel_targets`` for staged buckets (or ``span_targets`` for direct ones), kept
         while ``key`` (None: not kept) and the buffers stay the same. ``params()``: the live
-        parameters by name (read only when the program is resolved)."""
+        parameters by name (read only when the program is resolved); ``fp8``: the weights
+        quantized on load (``kernel_targets``), which direct pieces cannot fill."""
         ck = (key, tuple(buf.data_ptr() for _, buf in staged)) if key is not None else None
         kept = self._kept
         if ck is not None and kept is not None and kept[0] == ck:
             return kept[1]
         if any(isinstance(buf, Spans) for _, buf in staged):  # direct: from the trainer's
+            if fp8:  # (its pieces would be copied, unquantized, into the FP8 weights)
+                raise TransferError("the engine quantizes its weights on load (online FP8): "
+                                    "direct IPC pieces cannot be quantized as they are "
+                                    "copied; sync packed IPC buckets instead")
             live = {n: p.data for n, p in params().items()}  # memory, piece by piece
             dsts, srcs = [], []
             try:
@@ -89,9 +131,8 @@ class CopyPrograms:
             # copied by the launch that checksums them (CheckedByCopyApplier)
             program = CopyProgram(dsts, srcs, ManyDigests(srcs, copy_to=dsts))
         else:
-            dsts, srcs = kernel_targets(params(), (t for b, buf in staged
-                                                 for t in unpack_bucket(b, buf)))
-            program = CopyProgram(dsts, srcs, copy_split(dsts, srcs))
+            program = kernel_targets(params(), (t for b, buf in staged
+                                                for t in unpack_bucket(b, buf)), fp8)
         self._made += 1
         self._kept = (ck, program) if ck is not None else None
         return program

@@ -3,7 +3,8 @@
 A layout derived from the model's mappings (``transport.layout.derive_layout``) is only a
 candidate until a checkpoint-format load shows that vLLM's own loader produces exactly our
 stacking of the tensors it was sent (``LayoutCheck.calibrate``, after a staged or atomic
-checkpoint-format sync of every parameter). A checkpoint reload from files drops it (re-derived
+checkpoint-format sync of every parameter); for a weight vLLM quantizes on load (online FP8),
+exactly our quantization of that stack, weight and scale. A checkpoint reload from files drops it (re-derived
 and re-verified on the next sync).
 """
 
@@ -24,10 +25,19 @@ class LayoutCheck:
     """One worker's kernel layout and its status. ``derive()`` derives the layout from the
     model as loaded (``LayoutUnavailable`` when it cannot be explained)."""
 
-    def __init__(self, derive: Callable[[], KernelLayout]) -> None:
+    def __init__(self, derive: Callable[[], KernelLayout],
+                 quantize: Callable[[Any], tuple[Any, Any]] | None = None) -> None:
         self._derive = derive
+        self._quantize = quantize  # the engine's FP8 quantizer (vllm_compat.fp8_quantize)
         self.layout: KernelLayout | None = None
         self._status: LayoutStatus | None = None
+
+    def fp8_scales(self) -> dict[str, str]:
+        """The layout's online-FP8 weights, by name, with their scale parameters' names:
+        these arrive unquantized and are quantized on the engine."""
+        if self.layout is None:
+            return {}
+        return {p.name: p.fp8_scale for p in self.layout.params if p.fp8_scale is not None}
 
     def status(self) -> tuple[LayoutStatus, KernelLayout | None]:
         """The status (derived on first use) and the layout, if one was derived."""
@@ -51,7 +61,7 @@ class LayoutCheck:
         sent = {n: t for b, buf in staged for n, t in unpack_bucket(b, buf)}
         if any(name not in sent for p in layout.params for name, _ in p.parts):
             return  # a partial sync cannot verify every parameter; wait for a full one
-        mismatch = first_mismatch(layout, sent, dict(params()))
+        mismatch = first_mismatch(layout, sent, dict(params()), self._quantize)
         self._status = LayoutStatus(candidate=True, verified=True, reason="verified") \
             if mismatch is None else LayoutStatus(
                 candidate=False, verified=False,

@@ -500,6 +500,47 @@ def packed_modules(worker: Any) -> dict[str, list[str]]:
     return dict(getattr(model(worker), "packed_modules_mapping", {}) or {})
 
 
+def fp8_targets(worker: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The linear weights vLLM's online FP8 quantized per tensor on load
+    (``Fp8PerTensorOnlineLinearMethod.process_weights_after_loading`` in 0.24:
+    ``scaled_fp8_quant(weight)``, the weight kept as the FP8 result's transpose ``[K, N]`` and
+    its scale as ``weight_scale``), by name: ``(scale name, the unquantized [N, K] shape)``.
+    Only weights laid out as that leaves them (dense transposed, a one-element scale, no
+    Marlin repack, no padding) are listed; any other quantized weight keeps a sync in the
+    checkpoint format."""
+    try:
+        from vllm.model_executor.layers.quantization.online.fp8 import (
+            Fp8PerTensorOnlineLinearMethod,
+        )
+    except ImportError:  # (a vLLM without online FP8 methods)
+        return {}
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for prefix, module in model(worker).named_modules():
+        method = getattr(module, "quant_method", None)
+        if not isinstance(method, Fp8PerTensorOnlineLinearMethod) or method.use_marlin or \
+                not getattr(module, "_already_called_process_weights_after_loading", False):
+            continue
+        w, scale = getattr(module, "weight", None), getattr(module, "weight_scale", None)
+        n, k = (getattr(module, "output_size_per_partition", None),
+                getattr(module, "input_size_per_partition", None))
+        if w is None or scale is None or w.dim() != 2 or tuple(w.shape) != (k, n) or \
+                not w.t().is_contiguous() or scale.numel() != 1:
+            continue
+        head = f"{prefix}." if prefix else ""
+        out[f"{head}weight"] = (f"{head}weight_scale", (int(n), int(k)))
+    return out
+
+
+def fp8_quantize(src: Any, out: Any | None = None) -> tuple[Any, Any]:
+    """``src`` (``[N, K]``, the model's dtype) quantized to FP8 with one dynamic scale, as vLLM's
+    online FP8 quantizes a weight on load (``_custom_ops.scaled_fp8_quant``, scale None), into
+    ``out`` if given: (the FP8 tensor, its scale)."""
+    from vllm import _custom_ops as ops
+
+    q, scale = ops.scaled_fp8_quant(src, scale=None, output=out)
+    return q, scale
+
+
 def expert_mapping(worker: Any) -> list[tuple[str, str, int, str]]:
     """The model's MoE expert mapping, as its ``load_weights`` uses it: ``(fused parameter
     prefix, checkpoint prefix, expert id, shard)`` — e.g. ``("experts.routed_experts.w13_",

@@ -59,7 +59,7 @@ from weightsync.messages import (
 from weightsync.transport.broadcast import BroadcastReceiver, PendingJoin
 from weightsync.transport.graphs import Replay
 from weightsync.transport.ipc import cuda_uuid, open_bucket
-from weightsync.transport.layout import KernelLayout, derive_layout
+from weightsync.transport.layout import Fp8Target, KernelLayout, derive_layout
 from weightsync.transport.legs import receiver_leg
 from weightsync.transport.packing import checksum, dtype_name, unpack_bucket
 from weightsync.transport.ranks import worker_group_rank
@@ -91,7 +91,8 @@ class WeightSyncWorkerExtension:
     def _ws_state(self) -> WorkerSyncState:
         st = getattr(self, "_ws", None)
         if st is None:  # (vLLM's Worker constructor is not ours: made on first use)
-            st = self._ws = WorkerSyncState(layout=LayoutCheck(self._derive_layout))
+            st = self._ws = WorkerSyncState(layout=LayoutCheck(self._derive_layout,
+                                                               vllm_compat.fp8_quantize))
         return st
 
     # ---- introspection -------------------------------------------------------------------
@@ -147,6 +148,20 @@ class WeightSyncWorkerExtension:
         return {n: TensorSpec(name=n, dtype=dtype_name(p.dtype), shape=tuple(p.shape))
                 for n, p in self._params().items()}
 
+    def _fp8(self) -> dict[str, Fp8Target]:
+        """The weights vLLM's online FP8 quantized on load (``vllm_compat.fp8_targets``)."""
+        dtype = dtype_name(vllm_compat.model_config(self).dtype)
+        return {n: Fp8Target(scale, TensorSpec(name=n, dtype=dtype, shape=shape))
+                for n, (scale, shape) in vllm_compat.fp8_targets(self).items()}
+
+    def _kernel_specs(self) -> dict[str, TensorSpec]:
+        """The parameters as kernel-layout plans carry them: an online-FP8 weight as its
+        unquantized stack, its scale not at all (both made on the engine)."""
+        fp8 = self._fp8()
+        scales = {t.scale for t in fp8.values()}
+        return {n: fp8[n].source if n in fp8 else s
+                for n, s in self._vllm_specs().items() if n not in scales}
+
     def _tied(self) -> set[str]:
         hf = vllm_compat.hf_text_config(self)
         return {"lm_head.weight"} if getattr(hf, "tie_word_embeddings", False) else set()
@@ -156,7 +171,7 @@ class WeightSyncWorkerExtension:
         """Check the plan a ``PlanMessage`` carries or names against the model."""
         plan = self._ws_state().held_plan.plan(message)
         if plan.format == "kernel":
-            live = self._vllm_specs()
+            live = self._kernel_specs()
             validate_plan(plan, live, "", set())
             bad = [s.name for s in plan.specs if s.dtype != live[s.name].dtype]
             if bad:
@@ -341,7 +356,7 @@ class WeightSyncWorkerExtension:
         """The kernel layout of the model as loaded (``LayoutUnavailable`` if unexplained)."""
         packed = vllm_compat.packed_modules(self)
         return derive_layout(self._vllm_specs(), self._expected(), packed, self._tied(),
-                             vllm_compat.expert_mapping(self))
+                             vllm_compat.expert_mapping(self), self._fp8())
 
     # ---- checkpoints ------------------------------------------------------------------------
     def _check_files(self, ckpt: CheckpointFiles, files: PinnedFiles) -> int:

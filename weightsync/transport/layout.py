@@ -15,19 +15,23 @@ and the engine copies them straight into its parameters (what
 
 A derived layout is only a candidate: the engine verifies it bit for bit against what vLLM's
 own loader produced on a checkpoint-format sync (see ``worker_ext``) before it is used.
-Anything it cannot explain (quantized or repacked weights, renamed modules, interleaved
-shards) means no layout, and syncs keep the checkpoint-format path.
+Anything it cannot explain (repacked weights, renamed modules, interleaved shards, quantized
+weights other than online FP8's per-tensor ones) means no layout, and syncs keep the
+checkpoint-format path. Online FP8 (per tensor) weights travel as the unquantized stack vLLM's
+loader builds, and the engine quantizes each into its parameter and scale in place
+(``engine.copy_program``), as vLLM's ``process_weights_after_loading`` does.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 from weightsync.types import KernelLayout, KernelParam, TensorSpec
 
-__all__ = ["Expert", "KernelLayout", "KernelParam", "LayoutUnavailable", "derive_layout",
-           "expert_parts", "first_mismatch"]
+__all__ = ["Expert", "Fp8Target", "KernelLayout", "KernelParam", "LayoutUnavailable",
+           "derive_layout", "expert_parts", "first_mismatch"]
 
 
 class LayoutUnavailable(ValueError):
@@ -57,13 +61,33 @@ def expert_parts(name: str, experts: Sequence[Expert]) -> list[str] | None:
 _QUANTIZED = frozenset({"float8_e4m3fn", "float8_e5m2", "int8", "uint8"})
 
 
+class Fp8Target(NamedTuple):
+    """A parameter vLLM's online FP8 quantizes per tensor on load (``vllm_compat.fp8_targets``):
+    its scale parameter, and what it holds before quantizing (``source``: the model's dtype in
+    the unquantized ``[N, K]`` layout its loader fills)."""
+
+    scale: str
+    source: TensorSpec
+
+
 def derive_layout(vllm_params: dict[str, TensorSpec], checkpoint: dict[str, TensorSpec],
                   packed: dict[str, list[str]], ignored: set[str] = frozenset(),
-                  experts: Sequence[Expert] = ()) -> KernelLayout:
-    """Explain every vLLM parameter as a row-stack of checkpoint tensors, or raise why not."""
+                  experts: Sequence[Expert] = (),
+                  fp8: Mapping[str, Fp8Target] | None = None) -> KernelLayout:
+    """Explain every vLLM parameter as a row-stack of checkpoint tensors, or raise why not.
+
+    ``fp8``: the parameters vLLM quantizes per tensor on load, by name. Each is explained by
+    its ``source`` (the stack travels unquantized and the engine quantizes it); its scale is
+    derived from it, so it needs no checkpoint source. Any other quantized parameter means no
+    layout."""
+    fp8 = fp8 or {}
+    scales = {t.scale for t in fp8.values()}
     used: set[str] = set()
     params = []
-    for name, spec in vllm_params.items():
+    for name, live in vllm_params.items():
+        if name in scales:
+            continue
+        spec = fp8[name].source if name in fp8 else live
         if 0 in spec.shape and spec.shape != ():
             raise LayoutUnavailable(f"{name} was repacked by the backend (shape {spec.shape})")
         module, _, leaf = name.rpartition(".")
@@ -93,7 +117,8 @@ def derive_layout(vllm_params: dict[str, TensorSpec], checkpoint: dict[str, Tens
             raise LayoutUnavailable(f"{name}: parts have {sum(r for _, r in rows)} rows, "
                                     f"parameter has {total}")
         used.update(parts)
-        params.append(KernelParam(name=name, dtype=spec.dtype, shape=spec.shape, parts=tuple(rows)))
+        params.append(KernelParam(name=name, dtype=spec.dtype, shape=spec.shape, parts=tuple(rows),
+                                  fp8_scale=fp8[name].scale if name in fp8 else None))
     unused = set(checkpoint) - used - set(ignored)
     if unused:
         raise LayoutUnavailable(f"checkpoint tensors with no vLLM parameter: {sorted(unused)[:5]}")
@@ -116,16 +141,28 @@ def _rows_in(name: str, shape: tuple[int, ...], part: str, part_shape: tuple[int
     return part_shape[0] if part_shape else 1
 
 
-def first_mismatch(layout: KernelLayout, sent: dict, live: dict) -> str | None:
+def first_mismatch(layout: KernelLayout, sent: dict, live: dict,
+                   quantize: Callable[[Any], tuple[Any, Any]] | None = None) -> str | None:
     """Compare vLLM's own load (``live`` parameters) with a plain row stack of the checkpoint
     tensors ``sent`` (every part of every parameter), bit for bit: the first parameter that
-    differs, or None."""
+    differs, or None. A parameter with an ``fp8_scale`` is compared as ``quantize`` (the
+    engine's FP8 quantizer: stack -> (FP8 ``[N, K]``, scale)) makes it: its weight, whose
+    transpose vLLM keeps, and its scale."""
     import torch
 
     for p in layout.params:
         want = live[p.name]
-        stacked = torch.cat([sent[name].to(want.dtype) for name, _ in p.parts]) \
-            if len(p.parts) > 1 else sent[p.parts[0][0]].to(want.dtype)
-        if not torch.equal(stacked.view(want.shape), want.data):
+        dtype = getattr(torch, p.dtype) if p.fp8_scale is not None else want.dtype
+        stacked = torch.cat([sent[name].to(dtype) for name, _ in p.parts]) \
+            if len(p.parts) > 1 else sent[p.parts[0][0]].to(dtype)
+        if p.fp8_scale is None:
+            if not torch.equal(stacked.view(want.shape), want.data):
+                return p.name
+            continue
+        if quantize is None:
+            return p.name
+        q, scale = quantize(stacked.reshape(p.shape).contiguous())
+        if not (torch.equal(q.view(torch.uint8), want.data.t().view(torch.uint8))
+                and torch.equal(scale.view(-1), live[p.fp8_scale].data.view(-1))):
             return p.name
     return None
