@@ -28,6 +28,7 @@ import torch
 from tests.gpu.parity import PROMPTS, max_diff, stop_engine
 from weightsync.adapters import AdapterPayload
 from weightsync.coordinator import SyncCoordinator
+from weightsync.errors import ConfigError
 
 pytestmark = pytest.mark.gpu
 
@@ -129,16 +130,17 @@ def test_adapter_synced_into_a_graphs_engine_equals_a_cold_load(gpu_ray, model_r
                 coord.sync_adapter(model, name="policy", leg="ipc")
             data["level2_refusal"] = str(refused.value)[:300]
             staged = ray.get(warm.adapter_state.remote(), timeout=60).staged
-            # then a full sync of the base into the LoRA engine asleep at level 2
+            # then a full sync of the base into the LoRA engine asleep at level 2: vLLM 0.24's
+            # in-place reload cannot load into LoRA-wrapped layers (it raised a KeyError on
+            # qkv_proj.weight at e0b5133), so the engine refuses it before anything changes
             plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda()
             try:
                 full = coord.sync(plain, ipc=True)
                 data["full_sync"] = {"ok": full.ok, "layout": full.layout,
                                      "seconds": full.engines[0].seconds}
-            except Exception as e:  # noqa: BLE001 - recorded, asserted below
-                result = getattr(e, "result", None)
-                data["full_sync"] = {"ok": False, "error": str(e)[:1000], "engines": [
-                    r.error for r in result.engines] if result is not None else None}
+            except ConfigError as e:
+                data["full_sync"] = {"ok": False, "refused": str(e)[:500], "states_after": [
+                    s.state.value for s in coord.statuses()]}
             print(f"\nfull sync into the LoRA engine: {data['full_sync']}", flush=True)
         finally:
             coord.close()
@@ -147,6 +149,8 @@ def test_adapter_synced_into_a_graphs_engine_equals_a_cold_load(gpu_ray, model_r
         assert warm_out == same_engine, data
         assert warm_out == cold_out, data
         assert staged == ()
-        assert data["full_sync"]["ok"], data["full_sync"]
+        full = data["full_sync"]
+        assert full["ok"] or ("LoRA" in full["refused"] and full["states_after"] == ["asleep"]), \
+            full
     finally:
         stop_engine(warm)

@@ -500,6 +500,48 @@ def packed_modules(worker: Any) -> dict[str, list[str]]:
     return dict(getattr(model(worker), "packed_modules_mapping", {}) or {})
 
 
+def reload_refusal(worker: Any) -> str | None:
+    """Why this vLLM cannot be trusted to load new weights into this model in place, or None.
+    A sync (or a checkpoint reload) into such an engine is refused before anything changes.
+
+    - MoE experts vLLM quantizes to FP8 (``Fp8MoEMethod``, the online FP8 MoE methods): on an
+      H100 with vLLM 0.24 (e0b5133), a Qwen3-MoE-shaped online-FP8 engine with CUDA graphs,
+      batch invariant, after 5 verified syncs answered 3 prompts with the cold engine's
+      tokens but logprobs up to 0.089 apart, though its parameters equalled vLLM's own
+      reload of the same weights (fingerprint): something the MoE kernel reads was not
+      refreshed (``Fp8MoEMethod._setup_kernel`` rebuilds its quant config from the
+      reload's temporary tensors). Dense FP8 layers are bit-identical to a cold engine.
+    - LoRA enabled on a vLLM whose in-place reload does not see through its LoRA layers
+      (0.24: a model's ``load_weights`` looks ``qkv_proj.weight`` up where LoRA registered
+      ``qkv_proj.base_layer.weight``; 0.32 resolves it, ``reload.inplace``). Adapter syncs
+      are not affected."""
+    from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
+
+    for prefix, module in model(worker).named_modules():
+        method = getattr(module, "quant_method", None)
+        if isinstance(method, FusedMoEMethodBase) and "Fp8" in type(method).__name__:
+            return (f"{prefix} holds MoE experts quantized to FP8 on load "
+                    f"({type(method).__name__}): vLLM {vllm_version()}'s in-place reload does "
+                    "not leave such an engine equal to a cold one (measured on an H100: "
+                    "logprobs 0.089 apart after verified syncs), so weights are not synced "
+                    "into it; start it without quantization, or quantize dense layers only")
+    if getattr(worker.model_runner, "lora_manager", None) is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm.model_executor.model_loader.reload.inplace") is None:
+            return (f"the engine has LoRA enabled and vLLM {vllm_version()}'s in-place reload "
+                    "cannot load base weights into its LoRA-wrapped layers (vLLM 0.32 can): "
+                    "sync adapters into it (sync_adapter), or the base into an engine "
+                    "started without LoRA")
+    return None
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return str(getattr(vllm, "__version__", "?"))
+
+
 def fp8_targets(worker: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
     """The linear weights vLLM's online FP8 quantized per tensor on load
     (``Fp8PerTensorOnlineLinearMethod.process_weights_after_loading`` in 0.24:

@@ -41,7 +41,13 @@ from weightsync.engine.intake import Intake
 from weightsync.engine.layout_check import LayoutCheck
 from weightsync.engine.manifest import validate_plan, validate_specs
 from weightsync.engine.sync_state import WorkerSyncState
-from weightsync.errors import ManifestError, TransferError, VerificationError, WeightSyncError
+from weightsync.errors import (
+    ConfigError,
+    ManifestError,
+    TransferError,
+    VerificationError,
+    WeightSyncError,
+)
 from weightsync.messages import (
     Ack,
     ApplyReply,
@@ -168,8 +174,10 @@ class WeightSyncWorkerExtension:
 
     @worker_rpc
     def ws_validate(self, message: str) -> Ack:
-        """Check the plan a ``PlanMessage`` carries or names against the model."""
+        """Check the plan a ``PlanMessage`` carries or names against the model (and that
+        vLLM can load weights into it in place: ``vllm_compat.reload_refusal``)."""
         plan = self._ws_state().held_plan.plan(message)
+        self._refuse_unreloadable()
         if plan.format == "kernel":
             live = self._kernel_specs()
             validate_plan(plan, live, "", set())
@@ -359,8 +367,14 @@ class WeightSyncWorkerExtension:
                              vllm_compat.expert_mapping(self), self._fp8())
 
     # ---- checkpoints ------------------------------------------------------------------------
+    def _refuse_unreloadable(self) -> None:
+        why = vllm_compat.reload_refusal(self)
+        if why is not None:
+            raise ConfigError(why)
+
     def _check_files(self, ckpt: CheckpointFiles, files: PinnedFiles) -> int:
         """Check the open files' headers against the model; returns their tensor bytes."""
+        self._refuse_unreloadable()
         specs = files.specs()
         validate_specs(list(specs.values()), self._expected(),
                        dtype_name(vllm_compat.model_config(self).dtype), self._tied(),

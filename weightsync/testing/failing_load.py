@@ -1,10 +1,11 @@
-"""TEST ONLY: a real vLLM engine whose checkpoint-format load fails part-way, once.
+"""TEST ONLY: a real vLLM engine whose load fails part-way, once.
 
 ``failing_load_engine(load=N, after=K)`` is a ``make_engine`` (``start_engines(...,
 make_engine=...)``): vLLM's ``AsyncLLM`` with ``FailingLoadWorkerExtension`` as its workers'
-extension instead of weightsync's own. That extension is weightsync's, except that its
-checkpoint applier (``engine.appliers.CheckpointApplier``) hands vLLM's loader K tensors of the
-N-th load it is given and then raises: vLLM has written those K tensors (and, with online
+extension instead of weightsync's own. That extension is weightsync's, except that the N-th
+load it is given, checkpoint format (``engine.appliers.CheckpointApplier``: vLLM's loader gets
+K tensors) or kernel layout (``KernelApplier``: K tensors are copied in), stops after K tensors
+and raises: vLLM has written those K tensors (and, with online
 quantization, processed whatever layers they completed) when the error reaches the host, so
 the engine's weights are half-written, as after a device fault or a loader bug mid-load. Every
 other load is the applier's own. The setting reaches the workers, which vLLM starts in their
@@ -23,7 +24,8 @@ from typing import Any
 import torch
 
 from weightsync.engine import vllm_compat
-from weightsync.engine.appliers import AppliedReport, CheckpointApplier, Load
+from weightsync.engine.appliers import AppliedReport, CheckpointApplier, KernelApplier, Load
+from weightsync.engine.copy_program import kernel_targets
 from weightsync.engine.sync_state import WorkerSyncState
 from weightsync.engine.worker_ext import WeightSyncWorkerExtension
 
@@ -35,39 +37,71 @@ class InjectedLoadFailure(RuntimeError):
     """The failure this module injects (its message says so)."""
 
 
-class FailingCheckpointApplier(CheckpointApplier):
-    """``CheckpointApplier`` whose ``load``-th apply stops after ``after`` tensors (at the
-    load's end if it has fewer: that load fails either way)."""
+class Injector:
+    """Counts a worker's loads, whatever their format, and fails the ``load``-th after
+    ``after`` tensors (at the load's end if it has fewer: that load fails either way)."""
 
-    def __init__(self, worker: Any, state: WorkerSyncState, load: int, after: int) -> None:
-        super().__init__(worker, state)
+    def __init__(self, load: int, after: int) -> None:
         self.fail_load, self.after, self.loads = load, after, 0
 
-    def apply(self, load: Load) -> AppliedReport:
+    def fails_now(self) -> bool:
         self.loads += 1
-        if self.loads != self.fail_load:
+        return self.loads == self.fail_load
+
+    def failing(self, weights: Iterator[tuple[str, torch.Tensor]]
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from itertools.islice(weights, self.after)
+        raise self.error()
+
+    def error(self) -> InjectedLoadFailure:
+        return InjectedLoadFailure(f"injected: load {self.fail_load} failed after "
+                                   f"{self.after} tensors (weightsync.testing.failing_load)")
+
+
+class FailingCheckpointApplier(CheckpointApplier):
+    """``CheckpointApplier`` whose injected load hands vLLM's loader ``after`` tensors, then
+    raises."""
+
+    def __init__(self, worker: Any, state: WorkerSyncState, injector: Injector) -> None:
+        super().__init__(worker, state)
+        self.injector = injector
+
+    def apply(self, load: Load) -> AppliedReport:
+        if not self.injector.fails_now():
             return super().apply(load)
-        return super().apply(Load(tensors=self._failing(load.weights()),
+        return super().apply(Load(tensors=self.injector.failing(load.weights()),
                                   check_finite=load.check_finite))
 
-    def _failing(self, weights: Iterator[tuple[str, torch.Tensor]]
-                 ) -> Iterator[tuple[str, torch.Tensor]]:
-        yield from itertools.islice(weights, self.after)
-        raise InjectedLoadFailure(f"injected: load {self.fail_load} failed after "
-                                  f"{self.after} tensors (weightsync.testing.failing_load)")
+
+class FailingKernelApplier(KernelApplier):
+    """``KernelApplier`` whose injected load writes ``after`` tensors into the parameters
+    (quantizing online-FP8 weights as the real one does), then raises."""
+
+    def __init__(self, worker: Any, state: WorkerSyncState, injector: Injector) -> None:
+        super().__init__(worker, state)
+        self.injector = injector
+
+    def apply(self, load: Load) -> AppliedReport:
+        if not self.injector.fails_now():
+            return super().apply(load)
+        with torch.no_grad():
+            kernel_targets(self.params(), itertools.islice(load.weights(), self.injector.after),
+                           self.state.layout.fp8_scales()).run()
+        self.synchronize()
+        raise self.injector.error()
 
 
 class FailingLoadWorkerExtension(WeightSyncWorkerExtension):
-    """weightsync's worker extension with ``FailingCheckpointApplier`` as its checkpoint
-    applier (``FAIL_ENV`` gives N and K)."""
+    """weightsync's worker extension with failing checkpoint and kernel appliers, sharing one
+    count of loads (``FAIL_ENV`` gives N and K)."""
 
     def _ws_state(self) -> WorkerSyncState:
         fresh = getattr(self, "_ws", None) is None
         st = super()._ws_state()
         if fresh:
-            load, after = (int(x) for x in os.environ[FAIL_ENV].split(":"))
-            st.appliers[CheckpointApplier.name] = FailingCheckpointApplier(self, st, load,
-                                                                           after)
+            injector = Injector(*(int(x) for x in os.environ[FAIL_ENV].split(":")))
+            st.appliers[CheckpointApplier.name] = FailingCheckpointApplier(self, st, injector)
+            st.appliers[KernelApplier.name] = FailingKernelApplier(self, st, injector)
         return st
 
 
@@ -77,6 +111,6 @@ def _make(load: int, after: int, **engine_args: Any) -> Any:
 
 
 def failing_load_engine(*, load: int, after: int) -> Any:
-    """``make_engine`` for vLLM's engine whose ``load``-th checkpoint-format load fails after
+    """``make_engine`` for vLLM's engine whose ``load``-th load (any format) fails after
     ``after`` tensors were loaded (picklable: it crosses into the engine's actor)."""
     return functools.partial(_make, load, after)
