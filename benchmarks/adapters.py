@@ -10,7 +10,10 @@ same weights with a peft LoRA of rank ``--rank`` on every linear layer. Each syn
 the call until it returns, after one untimed warm-up sync of each kind (it opens the group):
 
 - ``full``: ``coord.sync(model)``, every base weight (what a LoRA trainer ships when it merges
-  its adapter), over the broadcast leg (``--ipc``: CUDA IPC, engines on the trainer's GPU);
+  its adapter), over the broadcast leg (``--ipc``: CUDA IPC, engines on the trainer's GPU),
+  into the LoRA engines (``--full-into same``, CPU's default) or into as many engines of the
+  same model without LoRA (``plain``, the GPU's default: vLLM 0.24 refuses base weights into
+  LoRA-wrapped layers, ``vllm_compat.reload_refusal``), sharing the GPU with them;
 - ``adapter-calls``: ``coord.sync_adapter(peft_model)``, the adapter's bytes in the engine calls;
 - ``adapter-group``: the same with ``leg="broadcast"``, the bytes once over the transfer group;
 - ``adapter-ipc`` (``--ipc``): ``leg="ipc"``, packed on the trainer's GPU and mapped there by
@@ -43,17 +46,21 @@ KINDS = ("full", "adapter-calls", "adapter-group", "adapter-ipc")
 LEGS = {"adapter-calls": None, "adapter-group": "broadcast", "adapter-ipc": "ipc"}
 
 
-def _fleet(model_dir: Path, n: int, rank: int, device: str, dtype: str, gpu_util: float):
+def _fleet(model_dir: Path, n: int, rank: int | None, device: str, dtype: str,
+           gpu_util: float, share: int = 1):
+    """``n`` engines of the model, LoRA-enabled up to ``rank`` (None: without LoRA, named
+    ``plain-<i>``); ``share``: how many such fleets share the GPU."""
     from weightsync.config import EngineSpec
     from weightsync.engine.actor import start_engines
 
-    lora = {"enable_lora": True, "max_lora_rank": rank, "max_loras": 4}
+    args: dict = {} if rank is None else {"enable_lora": True, "max_lora_rank": rank,
+                                          "max_loras": 4}
     if device != "cpu":  # vLLM captures LoRA graphs per batch size up to it: 256 took ~2 min
-        lora["max_num_seqs"] = 16
-    specs = [EngineSpec(name=f"lora-{i}", model=str(model_dir), dtype=dtype, max_model_len=512,
-                        enforce_eager=device == "cpu", cpu_kvcache_gib=0.25,
-                        gpu_memory_utilization=gpu_util,
-                        num_gpus=0.0 if device == "cpu" else 1.0 / n, engine_args=lora)
+        args["max_num_seqs"] = 16
+    specs = [EngineSpec(name=f"{'plain' if rank is None else 'lora'}-{i}", model=str(model_dir),
+                        dtype=dtype, max_model_len=512, enforce_eager=device == "cpu",
+                        cpu_kvcache_gib=0.25, gpu_memory_utilization=gpu_util / share,
+                        num_gpus=0.0 if device == "cpu" else 1.0 / (n * share), engine_args=args)
              for i in range(n)]
     return start_engines(specs)
 
@@ -69,7 +76,7 @@ def _bump_adapter(model, seed: int) -> None:
 
 
 def _run(shape: str, engines: int, syncs: int, rank: int, device: str, ipc: bool,
-         gpu_util: float, workdir: Path) -> dict:
+         gpu_util: float, workdir: Path, full_into: str) -> dict:
     import ray
     import torch
     from peft import LoraConfig, get_peft_model
@@ -86,7 +93,10 @@ def _run(shape: str, engines: int, syncs: int, rank: int, device: str, ipc: bool
     model_dir = build_text_model(workdir / f"qwen2-{shape}-{dtype}", dtype=dtype,
                                  device=device, **SHAPES[shape])
     ray.init(include_dashboard=False, log_to_driver=False)
-    actors = _fleet(model_dir, engines, rank, device, dtype, gpu_util)
+    share = 2 if full_into == "plain" else 1
+    actors = _fleet(model_dir, engines, rank, device, dtype, gpu_util, share)
+    plain = _fleet(model_dir, engines, None, device, dtype, gpu_util, share) \
+        if full_into == "plain" else actors
     def load():
         return AutoModelForCausalLM.from_pretrained(model_dir,
                                                     dtype=getattr(torch, dtype)).to(device)
@@ -97,6 +107,8 @@ def _run(shape: str, engines: int, syncs: int, rank: int, device: str, ipc: bool
                                                    lora_dropout=0.0))
     _bump_adapter(peft_model, seed=0)
     coord = SyncCoordinator(actors, TransferConfig(bucket_bytes=256 << 20))
+    full_coord = coord if plain is actors else SyncCoordinator(
+        plain, TransferConfig(bucket_bytes=256 << 20))
     kinds = [k for k in KINDS if k != "adapter-ipc" or ipc]
     times: dict[str, list[float]] = {k: [] for k in kinds}
     phases: dict[str, dict[str, list[float]]] = {k: {} for k in kinds[1:]}
@@ -105,7 +117,7 @@ def _run(shape: str, engines: int, syncs: int, rank: int, device: str, ipc: bool
         for i in range(syncs + 1):  # sync 0 of each kind: the warm-up, not timed
             perturb_(base, scale=1e-3, seed=i)  # the adapter's base weights: what a merge sends
             t = time.perf_counter()
-            full = coord.sync(base, ipc=ipc)
+            full = full_coord.sync(base, ipc=ipc)
             took = time.perf_counter() - t
             if i:
                 times["full"].append(took)
@@ -124,6 +136,9 @@ def _run(shape: str, engines: int, syncs: int, rank: int, device: str, ipc: bool
                 nbytes[kind] = max(r.nbytes for r in res.replies.values())
     finally:
         coord.close()
+        if full_coord is not coord:
+            full_coord.close()
+            stop_engines(plain)
         stop_engines(actors)
         ray.shutdown()
     out = {k: {"seconds": summary(v), "bytes_per_engine": nbytes[k]} for k, v in times.items()}
@@ -131,7 +146,7 @@ def _run(shape: str, engines: int, syncs: int, rank: int, device: str, ipc: bool
         out[k]["vs_full_p50"] = out[k]["seconds"]["p50"] / out["full"]["seconds"]["p50"]
         out[k]["phases_p50"] = {p: summary(v)["p50"] for p, v in phases[k].items()}
     return {"shape": shape, "engines": engines, "rank": rank, "dtype": dtype,
-            "full_leg": "ipc" if ipc else "broadcast", **out}
+            "full_leg": "ipc" if ipc else "broadcast", "full_into": full_into, **out}
 
 
 @app.command()
@@ -139,10 +154,17 @@ def main(shape: str = typer.Option("tiny"), engines: int = typer.Option(2, min=1
          syncs: int = typer.Option(10, min=1), rank: int = typer.Option(16, min=1),
          device: str = typer.Option("cpu"), ipc: bool = typer.Option(False),
          gpu_util: float = typer.Option(0.3), out: Path | None = typer.Option(None),
-         workdir: Path = typer.Option(Path("runs/bench"))) -> None:
+         workdir: Path = typer.Option(Path("runs/bench")),
+         full_into: str | None = typer.Option(
+             None, help="same: the full sync goes into the LoRA engines (CPU default); "
+                        "plain: into engines of the same model without LoRA (GPU default: "
+                        "vLLM 0.24 cannot reload base weights into LoRA-wrapped layers)")) -> None:
     where = "cpu" if device == "cpu" else "gpu"
     out = out or Path(f"benchmarks/results/adapters-{where}-{shape}.json")
-    run = _run(shape, engines, syncs, rank, device, ipc, gpu_util, workdir)
+    full_into = full_into or ("same" if device == "cpu" else "plain")
+    if full_into not in ("same", "plain"):
+        raise typer.BadParameter(f"--full-into is same or plain, not {full_into!r}")
+    run = _run(shape, engines, syncs, rank, device, ipc, gpu_util, workdir, full_into)
     result = {"meta": run_meta(f"adapters-{where}-{shape}", device=device),
               "commit": commit(), "python": platform.python_version(), "syncs": syncs,
               "run": run}
