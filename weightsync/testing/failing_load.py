@@ -60,11 +60,9 @@ class Injector:
 
 class FailingCheckpointApplier(CheckpointApplier):
     """``CheckpointApplier`` whose injected load hands vLLM's loader ``after`` tensors, then
-    raises."""
+    raises (``injector`` set by the extension)."""
 
-    def __init__(self, worker: Any, state: WorkerSyncState, injector: Injector) -> None:
-        super().__init__(worker, state)
-        self.injector = injector
+    injector: Injector
 
     def apply(self, load: Load) -> AppliedReport:
         if not self.injector.fails_now():
@@ -77,9 +75,7 @@ class FailingKernelApplier(KernelApplier):
     """``KernelApplier`` whose injected load writes ``after`` tensors into the parameters
     (quantizing online-FP8 weights as the real one does), then raises."""
 
-    def __init__(self, worker: Any, state: WorkerSyncState, injector: Injector) -> None:
-        super().__init__(worker, state)
-        self.injector = injector
+    injector: Injector
 
     def apply(self, load: Load) -> AppliedReport:
         if not self.injector.fails_now():
@@ -100,8 +96,9 @@ class FailingLoadWorkerExtension(WeightSyncWorkerExtension):
         st = super()._ws_state()
         if fresh:
             injector = Injector(*(int(x) for x in os.environ[FAIL_ENV].split(":")))
-            st.appliers[CheckpointApplier.name] = FailingCheckpointApplier(self, st, injector)
-            st.appliers[KernelApplier.name] = FailingKernelApplier(self, st, injector)
+            for applier in (FailingCheckpointApplier(self, st), FailingKernelApplier(self, st)):
+                applier.injector = injector
+                st.appliers[applier.name] = applier
         return st
 
 
