@@ -93,7 +93,7 @@ def device_refusal(args: dict[str, Any], device: str) -> str | None:
     """Why an engine on ``device`` ("cpu", "cuda"; "auto" is decided later) cannot take these
     engine arguments, or None. FP8 quantization (``quantization`` "fp8", "fbgemm_fp8", ...)
     needs a CUDA GPU: vLLM's CPU backend has no FP8 kernels. (On a GPU, the method's own
-    minimum compute capability applies: ``vllm_compat.quantization_refusal``.)"""
+    minimum compute capability applies: ``vllm_fp8.quantization_refusal``.)"""
     method = str(args.get("quantization") or "")
     if "fp8" in method and device == "cpu":
         return (f"quantization {method!r} needs a CUDA GPU (vLLM's CPU backend has no FP8 "

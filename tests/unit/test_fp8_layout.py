@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weightsync.engine import vllm_compat
+from weightsync.engine import vllm_fp8
 from weightsync.engine.copy_program import kernel_targets
 from weightsync.transport.layout import Fp8Target, LayoutUnavailable, derive_layout, first_mismatch
 from weightsync.transport.packing import pack_bucket, plan_buckets, unpack_bucket
@@ -79,7 +79,7 @@ def test_the_calibration_compares_weight_and_scale_as_quantized():
 
 
 def test_a_kernel_load_quantizes_into_the_parameters_storage(monkeypatch):
-    monkeypatch.setattr(vllm_compat, "fp8_quantize", reference_quantize)
+    monkeypatch.setattr(vllm_fp8, "fp8_quantize", reference_quantize)
     live, ckpt, fp8 = _model()
     layout = derive_layout(live, ckpt, PACKED, fp8=fp8)
     _, params = _loaded((live, ckpt, fp8))

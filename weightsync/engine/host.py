@@ -28,7 +28,7 @@ from typing import Any
 
 from weightsync.adapters import AdapterState, AdapterSyncReply
 from weightsync.config import BATCH_INVARIANT_CPU, EngineSpec
-from weightsync.engine import requests, vllm_compat
+from weightsync.engine import requests, vllm_compat, vllm_fp8
 from weightsync.engine.adapter_gate import AdapterGate
 from weightsync.engine.adapters import Adapters
 from weightsync.engine.channel import SERVED, ChannelServer, ray_node
@@ -119,7 +119,7 @@ class EngineHost:
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self, *, owner: str | None = None) -> EngineStatus:
         self.lease.check(owner, "start")
-        why = vllm_compat.quantization_refusal(self.spec.engine_args, self.device)
+        why = vllm_fp8.quantization_refusal(self.spec.engine_args, self.device)
         if why is None and self.spec.batch_invariant and self.device != "cuda":
             why = BATCH_INVARIANT_CPU  # (device "auto" that came out CPU)
         if why is not None:  # before vLLM starts anything

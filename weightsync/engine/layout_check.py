@@ -28,7 +28,7 @@ class LayoutCheck:
     def __init__(self, derive: Callable[[], KernelLayout],
                  quantize: Callable[[Any], tuple[Any, Any]] | None = None) -> None:
         self._derive = derive
-        self._quantize = quantize  # the engine's FP8 quantizer (vllm_compat.fp8_quantize)
+        self._quantize = quantize  # the engine's FP8 quantizer (vllm_fp8.fp8_quantize)
         self.layout: KernelLayout | None = None
         self._status: LayoutStatus | None = None
 

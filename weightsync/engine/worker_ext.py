@@ -32,7 +32,7 @@ from weightsync.adapters import (
     verify_held,
 )
 from weightsync.checkpoint import PinnedFiles, read_checkpoint
-from weightsync.engine import vllm_compat, vllm_lora
+from weightsync.engine import vllm_compat, vllm_fp8, vllm_lora
 from weightsync.engine.appliers import Load, choose
 from weightsync.engine.derived import ModelStorage
 from weightsync.engine.fingerprint import Fingerprinter
@@ -98,7 +98,7 @@ class WeightSyncWorkerExtension:
         st = getattr(self, "_ws", None)
         if st is None:  # (vLLM's Worker constructor is not ours: made on first use)
             st = self._ws = WorkerSyncState(layout=LayoutCheck(self._derive_layout,
-                                                               vllm_compat.fp8_quantize))
+                                                               vllm_fp8.fp8_quantize))
         return st
 
     # ---- introspection -------------------------------------------------------------------
@@ -155,10 +155,10 @@ class WeightSyncWorkerExtension:
                 for n, p in self._params().items()}
 
     def _fp8(self) -> dict[str, Fp8Target]:
-        """The weights vLLM's online FP8 quantized on load (``vllm_compat.fp8_targets``)."""
+        """The weights vLLM's online FP8 quantized on load (``vllm_fp8.fp8_targets``)."""
         dtype = dtype_name(vllm_compat.model_config(self).dtype)
         return {n: Fp8Target(scale, TensorSpec(name=n, dtype=dtype, shape=shape))
-                for n, (scale, shape) in vllm_compat.fp8_targets(self).items()}
+                for n, (scale, shape) in vllm_fp8.fp8_targets(self).items()}
 
     def _kernel_specs(self) -> dict[str, TensorSpec]:
         """The parameters as kernel-layout plans carry them: an online-FP8 weight as its

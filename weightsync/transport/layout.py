@@ -62,7 +62,7 @@ _QUANTIZED = frozenset({"float8_e4m3fn", "float8_e5m2", "int8", "uint8"})
 
 
 class Fp8Target(NamedTuple):
-    """A parameter vLLM's online FP8 quantizes per tensor on load (``vllm_compat.fp8_targets``):
+    """A parameter vLLM's online FP8 quantizes per tensor on load (``vllm_fp8.fp8_targets``):
     its scale parameter, and what it holds before quantizing (``source``: the model's dtype in
     the unquantized ``[N, K]`` layout its loader fills)."""
 
