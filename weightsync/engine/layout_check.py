@@ -4,8 +4,8 @@ A layout derived from the model's mappings (``transport.layout.derive_layout``) 
 candidate until a checkpoint-format load shows that vLLM's own loader produces exactly our
 stacking of the tensors it was sent (``LayoutCheck.calibrate``, after a staged or atomic
 checkpoint-format sync of every parameter); for a weight vLLM quantizes on load (online FP8),
-exactly our quantization of that stack, weight and scale. A checkpoint reload from files drops it (re-derived
-and re-verified on the next sync).
+exactly our quantization of that stack, weight and scale. A checkpoint reload from files drops
+it (re-derived and re-verified on the next sync).
 """
 
 from __future__ import annotations

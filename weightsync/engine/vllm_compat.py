@@ -495,6 +495,8 @@ def reload_refusal(worker: Any) -> str | None:
       are not affected."""
     from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
 
+    from weightsync.engine_args import vllm_version
+
     for prefix, module in model(worker).named_modules():
         method = getattr(module, "quant_method", None)
         if isinstance(method, FusedMoEMethodBase) and "Fp8" in type(method).__name__:
@@ -512,12 +514,6 @@ def reload_refusal(worker: Any) -> str | None:
                     "sync adapters into it (sync_adapter), or the base into an engine "
                     "started without LoRA")
     return None
-
-
-def vllm_version() -> str:
-    import vllm
-
-    return str(getattr(vllm, "__version__", "?"))
 
 
 def expert_mapping(worker: Any) -> list[tuple[str, str, int, str]]:

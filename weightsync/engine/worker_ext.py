@@ -65,7 +65,7 @@ from weightsync.messages import (
 from weightsync.transport.broadcast import BroadcastReceiver, PendingJoin
 from weightsync.transport.graphs import Replay
 from weightsync.transport.ipc import cuda_uuid, open_bucket
-from weightsync.transport.layout import Fp8Target, KernelLayout, derive_layout
+from weightsync.transport.layout import Fp8Target, KernelLayout, derive_layout, kernel_specs
 from weightsync.transport.legs import receiver_leg
 from weightsync.transport.packing import checksum, dtype_name, unpack_bucket
 from weightsync.transport.ranks import worker_group_rank
@@ -161,12 +161,8 @@ class WeightSyncWorkerExtension:
                 for n, (scale, shape) in vllm_fp8.fp8_targets(self).items()}
 
     def _kernel_specs(self) -> dict[str, TensorSpec]:
-        """The parameters as kernel-layout plans carry them: an online-FP8 weight as its
-        unquantized stack, its scale not at all (both made on the engine)."""
-        fp8 = self._fp8()
-        scales = {t.scale for t in fp8.values()}
-        return {n: fp8[n].source if n in fp8 else s
-                for n, s in self._vllm_specs().items() if n not in scales}
+        """The parameters as kernel-layout plans carry them (``layout.kernel_specs``)."""
+        return kernel_specs(self._vllm_specs(), self._fp8())
 
     def _tied(self) -> set[str]:
         hf = vllm_compat.hf_text_config(self)

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 from weightsync.types import KernelLayout, KernelParam, TensorSpec
 
 __all__ = ["Expert", "Fp8Target", "KernelLayout", "KernelParam", "LayoutUnavailable",
-           "derive_layout", "expert_parts", "first_mismatch"]
+           "derive_layout", "expert_parts", "first_mismatch", "kernel_specs"]
 
 
 class LayoutUnavailable(ValueError):
@@ -70,6 +70,16 @@ class Fp8Target(NamedTuple):
     source: TensorSpec
 
 
+def kernel_specs(vllm_params: Mapping[str, TensorSpec],
+                 fp8: Mapping[str, Fp8Target]) -> dict[str, TensorSpec]:
+    """The parameters as kernel-layout plans carry them: an online-FP8 weight as its
+    unquantized stack (``Fp8Target.source``), its scale not at all (both made on the
+    engine)."""
+    scales = {t.scale for t in fp8.values()}
+    return {n: fp8[n].source if n in fp8 else s
+            for n, s in vllm_params.items() if n not in scales}
+
+
 def derive_layout(vllm_params: dict[str, TensorSpec], checkpoint: dict[str, TensorSpec],
                   packed: dict[str, list[str]], ignored: set[str] = frozenset(),
                   experts: Sequence[Expert] = (),
@@ -81,13 +91,9 @@ def derive_layout(vllm_params: dict[str, TensorSpec], checkpoint: dict[str, Tens
     derived from it, so it needs no checkpoint source. Any other quantized parameter means no
     layout."""
     fp8 = fp8 or {}
-    scales = {t.scale for t in fp8.values()}
     used: set[str] = set()
     params = []
-    for name, live in vllm_params.items():
-        if name in scales:
-            continue
-        spec = fp8[name].source if name in fp8 else live
+    for name, spec in kernel_specs(vllm_params, fp8).items():
         if 0 in spec.shape and spec.shape != ():
             raise LayoutUnavailable(f"{name} was repacked by the backend (shape {spec.shape})")
         module, _, leaf = name.rpartition(".")
