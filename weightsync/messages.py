@@ -117,6 +117,15 @@ class Fingerprint(_Message):
     rebuilt: tuple[str, ...] = ()  # what the worker restored or rebuilt after its last load
 
 
+class TensorDigests(_Message):
+    """Every tensor an engine's kernels read, by name, as ``dtype[shape]:checksum``
+    (``engine.kernel_reads``); ``unregistered``: those held by kernel objects whose storage is
+    no parameter's or buffer's."""
+
+    digests: dict[str, str]
+    unregistered: tuple[str, ...] = ()
+
+
 class EngineWorkers(_Message):
     """An engine's workers as vLLM started them: how many join a transfer group, and the
     parallel shape that decides which slice of every parameter each holds."""

@@ -43,6 +43,7 @@ from weightsync.messages import (
     LayoutStatus,
     ReloadReply,
     SleepReply,
+    TensorDigests,
 )
 from weightsync.types import CanaryReply, EngineStatus, FinishReply, PauseMode, ReceiveReport
 
@@ -156,6 +157,10 @@ class Engines:
 
     def kernel_layout(self, name: str) -> Pending[LayoutStatus]:
         return self._start(name, "kernel_layout")
+
+    def tensor_digests(self, name: str) -> Pending[TensorDigests]:
+        """Every tensor the engine's kernels read, with its checksum (``engine.kernel_reads``)."""
+        return self._start(name, "tensor_digests")
 
     def validate(self, name: str, plan: str) -> Pending[None]:
         """Check ``plan`` (a ``plan_wire.PlanMessage``) against the engine's model."""

@@ -35,19 +35,45 @@ def stop_engine(actor) -> None:
 
 def against_cold(warm, warm_out, start_cold) -> dict:
     """The cold-engine oracle: start it (``start_cold()``), generate ``PROMPTS`` on it and
-    again on the warm engine, stop both. The figures of the comparison with ``warm_out``
+    again on the warm engine, compare every tensor the two engines' kernels read
+    (``tensors``: ``engine.kernel_reads.differing``, and the warm engine's tensors that no
+    parameter or buffer holds), stop both. The figures of the comparison with ``warm_out``
     (``plain`` outputs of the warm engine): the largest logprob difference, whether each
     prompt's tokens are equal, whether the warm engine repeats itself, and the cold outputs."""
+    import ray
+
+    from weightsync.errors import WeightSyncError
+
     cold = start_cold()
     try:
         cold_out = plain(engine_generate(cold, PROMPTS))
         again = plain(engine_generate(warm, PROMPTS))
+        try:
+            tensors = tensor_diff(warm, cold)
+        except (ray.exceptions.RayError, WeightSyncError) as e:  # the outputs stand without it
+            tensors = {"error": repr(e)[:400]}
     finally:
         stop_engine(cold)
         stop_engine(warm)
     return {"max_logprob_diff": max_diff(warm_out, cold_out),
             "tokens_equal": [w[0] == c[0] for w, c in zip(warm_out, cold_out, strict=True)],
-            "warm_repeatable": again == warm_out, "cold_out": cold_out}
+            "warm_repeatable": again == warm_out, "tensors": tensors, "cold_out": cold_out}
+
+
+def tensor_diff(warm, cold) -> dict:
+    """Which tensors the two engines' kernels read differ (names, at most 40 of each kind),
+    and what the warm engine holds outside its parameters and buffers."""
+    import ray
+
+    from weightsync.engine.kernel_reads import differing
+
+    a, b = (ray.get(e.tensor_digests.remote(), timeout=300) for e in (warm, cold))
+    found = differing(a, b)
+    return {"compared": len(a.digests.keys() & b.digests.keys()),
+            **{k: v[:40] for k, v in found.items()},
+            "counts": {k: len(v) for k, v in found.items()},
+            "unregistered_warm": list(a.unregistered[:40]),
+            "unregistered_cold": list(b.unregistered[:40])}
 
 
 def plain(outs):

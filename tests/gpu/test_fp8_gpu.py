@@ -130,6 +130,52 @@ def test_an_fp8_moe_engine_refuses_a_sync_before_anything_changes(gpu_ray, model
         stop_engine(engine)
 
 
+@pytest.mark.parametrize("mode", ["eager", "graphs"])
+def test_fp8_moe_engine_synced_with_the_refusal_lifted_against_a_cold_one(
+        gpu_ray, model_root, tmp_path, gpu_results, mode):
+    """The measurement behind the FP8 MoE refusal, repeated tensor by tensor: a Qwen3-MoE-
+    shaped online-FP8 engine (batch invariant) that takes syncs anyway
+    (``weightsync.testing.unguarded``), 3 syncs in the checkpoint format (vLLM's layerwise
+    reload), then a cold FP8 engine of the same spec on the same weights. Recorded: the
+    outputs' difference and every tensor the two engines' kernels read that differs
+    (``engine.kernel_reads``), eager and with CUDA graphs. Asserted: what the refusal
+    assumes, that the warm engine is not equal to the cold one; when vLLM fixes its reload,
+    this fails and the refusal can go."""
+    from weightsync.testing.unguarded import unguarded_engine
+
+    path = tmp_path / "model"
+    shutil.copytree(_model("moe", model_root), path)
+    trainer = _trainer("moe", path)
+    spec = {"enforce_eager": mode == "eager", "gpu_memory_utilization": 0.25,
+            "batch_invariant": True, "engine_args": {"quantization": "fp8"}}
+    warm = start_colocated(f"fp8-moe-lifted-{mode}", path, "bfloat16",
+                           make_engine=unguarded_engine(), **spec)
+    data = gpu_results.setdefault("fp8", {})[f"moe-refusal-lifted-{mode}"] = {}
+    coord = SyncCoordinator([warm], TransferConfig(bucket_bytes=256 << 20,
+                                                   ipc_reuse_buffers=True))
+    try:
+        before = plain(engine_generate(warm, PROMPTS))
+        syncs = []
+        for i in range(3):
+            perturb_(trainer, scale=0.02, seed=900 + i)
+            torch.cuda.synchronize()
+            res = coord.sync(trainer, ipc=True)
+            syncs.append({"ok": res.ok, "layout": res.layout, "rebuilt": sorted(
+                {n for e in res.engines for n in e.rebuilt})})
+            data["syncs"] = syncs
+            assert res.ok, res
+        warm_out = plain(engine_generate(warm, PROMPTS))
+        trainer.save_pretrained(path)
+    finally:
+        coord.close()
+    found = against_cold(warm, warm_out, lambda: start_colocated(
+        f"fp8-moe-lifted-cold-{mode}", path, "bfloat16", **spec))
+    cold_out = found.pop("cold_out")
+    data.update(found, changed_by_sync=[w != b for w, b in zip(warm_out, before, strict=True)])
+    print(f"fp8 moe, refusal lifted, {mode}: {data}", flush=True)
+    assert warm_out != cold_out, data
+
+
 def test_fp8_engine_after_a_failed_load_and_a_level2_sleep_equals_a_cold_one(
         gpu_ray, model_root, tmp_path, gpu_results):
     """Two online-FP8 engines with CUDA graphs, the second one's loader failing part-way

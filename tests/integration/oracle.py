@@ -9,6 +9,8 @@ import ray
 
 from weightsync.config import EngineSpec
 from weightsync.engine.actor import start_engines, stop_engines
+from weightsync.engine.kernel_reads import differing
+from weightsync.messages import TensorDigests
 
 PROMPTS = ["hello world", "the quick brown fox", "one two three", "yes no maybe"]
 N_TOK = 8
@@ -34,12 +36,23 @@ def save_weights(model, out: Path, tokenizer_dir: Path) -> Path:
 
 def cold(spec: EngineSpec, model_dir) -> Served:
     """What a cold engine of ``spec`` started from ``model_dir`` serves (then stopped)."""
+    return cold_with_tensors(spec, model_dir)[0]
+
+
+def cold_with_tensors(spec: EngineSpec, model_dir) -> tuple[Served, TensorDigests]:
+    """``cold``, and every tensor the cold engine's kernels read (``engine.kernel_reads``)."""
     cold_spec = spec.model_copy(update={"name": f"{spec.name}-cold", "model": str(model_dir)})
     [actor] = start_engines([cold_spec])
     try:
-        return served(actor)
+        return served(actor), ray.get(actor.tensor_digests.remote(), timeout=120)
     finally:
         stop_engines([actor], timeout_s=30)
+
+
+def assert_same_tensors(warm, oracle: TensorDigests, what: str) -> None:
+    """Every tensor the ``warm`` engine's kernels read equals the cold engine's, by name."""
+    found = differing(ray.get(warm.tensor_digests.remote(), timeout=120), oracle)
+    assert found == {"differ": [], "only_first": [], "only_second": []}, f"{what}: {found}"
 
 
 def assert_same(warm: Served, oracle: Served, what: str) -> None:

@@ -14,7 +14,14 @@ import pytest
 import ray
 import torch
 
-from tests.integration.oracle import assert_same, cold, save_weights, served
+from tests.integration.oracle import (
+    assert_same,
+    assert_same_tensors,
+    cold,
+    cold_with_tensors,
+    save_weights,
+    served,
+)
 from weightsync.config import EngineSpec, TransferConfig
 from weightsync.coordinator import SyncCoordinator
 from weightsync.engine.actor import start_engines, stop_engines
@@ -67,8 +74,10 @@ def test_tied_head_warm_equals_cold_after_sync_and_checkpoint_reload(tied_engine
     warm_v1 = served(tied_engine)
     assert [w[0] for w in warm_v1] != [b[0] for b in before]  # the weights did change
     v1_dir = save_weights(policy, tmp_path / "v1", tied_dir)
-    oracle = cold(tied_spec, v1_dir)
+    oracle, oracle_tensors = cold_with_tensors(tied_spec, v1_dir)
     assert_same(warm_v1, oracle, "tied head after a sync")
+    # below the outputs: every tensor the kernels read, the head's packed copy included
+    assert_same_tensors(tied_engine, oracle_tensors, "tied head after a sync")
     # a second sync, then the first sync's weights back from disk
     perturb_(policy, scale=0.3, seed=6)
     assert coord.sync(policy).ok
@@ -76,6 +85,7 @@ def test_tied_head_warm_equals_cold_after_sync_and_checkpoint_reload(tied_engine
     res = coord.reload_checkpoint(str(v1_dir))
     assert res.ok
     assert_same(served(tied_engine), oracle, "tied head after reload_checkpoint")
+    assert_same_tensors(tied_engine, oracle_tensors, "tied head after reload_checkpoint")
     # what the sync rebuilt is said, not hidden
     assert any("lm_head" in note for e in res.engines for note in e.rebuilt), res.engines
     coord.close()

@@ -41,7 +41,12 @@ from weightsync.engine.openai_server import OpenAIServer
 from weightsync.engine.options import engine_args
 from weightsync.engine.serving import ServingGate
 from weightsync.engine.worker_calls import WorkerCalls
-from weightsync.engine.workers import check_workers, merge_layouts, merge_memory
+from weightsync.engine.workers import (
+    check_workers,
+    merge_layouts,
+    merge_memory,
+    merge_tensor_digests,
+)
 from weightsync.errors import (
     ConfigError,
     EngineError,
@@ -59,6 +64,7 @@ from weightsync.messages import (
     LayoutStatus,
     ReloadReply,
     SleepReply,
+    TensorDigests,
     WorkerInfo,
 )
 from weightsync.types import (
@@ -426,6 +432,13 @@ class EngineHost:
         """The engine's kernel layout (fast path) and whether it has been verified."""
         return merge_layouts(await self.calls.rpc("ws_kernel_layout", reply=LayoutStatus,
                                                   timeout=120), self.loads.workers)
+
+    async def tensor_digests(self) -> TensorDigests:
+        """Every tensor the engine's kernels read, each with its checksum, by name (worker
+        ``w<rank>/`` before each name where there are several): compare two engines of one
+        spec tensor by tensor (``engine.kernel_reads.differing``)."""
+        return merge_tensor_digests(await self.calls.rpc("ws_tensor_digests",
+                                                         reply=TensorDigests, timeout=300))
 
     async def runner_class(self) -> str:
         return self.info.runner if self.info is not None else ""

@@ -425,6 +425,23 @@ def model(worker: Any) -> Any:
     return worker.model_runner.get_model()
 
 
+_RUNTIME_STATE = {"kv_cache"}  # what attention layers hold per request, not weights
+
+
+def kernel_objects(worker: Any) -> list[tuple[str, Any]]:
+    """What the model's modules hold besides their parameters, buffers and submodules
+    (``engine.kernel_reads``), as ``(path, object)``: each quantization method (with the
+    quant configs and kernels its ``process_weights_after_loading`` built) and any other
+    attribute loading left (``cpu_linear``'s packed GEMM weights), without torch's own module
+    internals and the attention layers' KV cache."""
+    import torch
+
+    internal = set(vars(torch.nn.Module())) | _RUNTIME_STATE
+    return [(f"{prefix}.{attr}" if prefix else attr, value)
+            for prefix, module in model(worker).named_modules()
+            for attr, value in vars(module).items() if attr not in internal]
+
+
 def post_load(module: Any) -> Any:
     """The module's post-load hook (``quant_method.process_weights_after_loading``, bound to
     nothing: call it with the module), or None. vLLM runs it once per module after loading:

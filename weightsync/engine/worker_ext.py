@@ -38,6 +38,7 @@ from weightsync.engine.derived import ModelStorage
 from weightsync.engine.fingerprint import Fingerprinter
 from weightsync.engine.finite import require_finite
 from weightsync.engine.intake import Intake
+from weightsync.engine.kernel_reads import tensor_digests
 from weightsync.engine.layout_check import LayoutCheck
 from weightsync.engine.manifest import validate_plan, validate_specs
 from weightsync.engine.sync_state import WorkerSyncState
@@ -58,6 +59,7 @@ from weightsync.messages import (
     LayoutStatus,
     ReceiveRequest,
     ReloadReply,
+    TensorDigests,
     WorkerError,
     WorkerInfo,
     WorkerReply,
@@ -188,6 +190,12 @@ class WeightSyncWorkerExtension:
     @worker_rpc
     def ws_fingerprint(self) -> Fingerprint:
         return Fingerprint(digest=self._fingerprint(), rebuilt=self._ws_state().rebuilt)
+
+    @worker_rpc
+    def ws_tensor_digests(self) -> TensorDigests:
+        """Every tensor this worker's kernels read, each with its checksum
+        (``engine.kernel_reads``)."""
+        return tensor_digests(vllm_compat.model(self), vllm_compat.kernel_objects(self))
 
     @worker_rpc
     def ws_import_legs(self, modules: list[str]) -> Ack:

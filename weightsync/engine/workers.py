@@ -20,6 +20,7 @@ from weightsync.messages import (
     Fingerprint,
     GpuMemory,
     LayoutStatus,
+    TensorDigests,
     WorkerInfo,
 )
 from weightsync.types import FinishReply, ReceiveReport
@@ -80,6 +81,16 @@ def merge_fingerprints(prints: Sequence[Fingerprint], workers: EngineWorkers | N
     rebuilt = tuple(dict.fromkeys(n for p in prints for n in p.rebuilt))
     return FinishReply(fingerprint="|".join(digests), fingerprints=digests, shape=shape,
                        seconds=seconds, skipped=skipped, rebuilt=rebuilt)
+
+
+def merge_tensor_digests(replies: Sequence[TensorDigests]) -> TensorDigests:
+    """One engine's ``TensorDigests``: a single worker's as it is, several workers' with
+    ``w<rank>/`` before each name."""
+    if len(replies) == 1:
+        return replies[0]
+    return TensorDigests(
+        digests={f"w{i}/{n}": d for i, r in enumerate(replies) for n, d in r.digests.items()},
+        unregistered=tuple(f"w{i}/{n}" for i, r in enumerate(replies) for n in r.unregistered))
 
 
 def merge_memory(readings: Sequence[GpuMemory], workers: EngineWorkers | None) -> GpuMemory:
