@@ -39,7 +39,8 @@ def against_cold(warm, warm_out, start_cold) -> dict:
     (``tensors``: ``engine.kernel_reads.differing``, and the warm engine's tensors that no
     parameter or buffer holds), stop both. The figures of the comparison with ``warm_out``
     (``plain`` outputs of the warm engine): the largest logprob difference, whether each
-    prompt's tokens are equal, whether the warm engine repeats itself, and the cold outputs."""
+    prompt's tokens are equal, whether each engine repeats itself (the same prompts again),
+    and the cold outputs."""
     import ray
 
     from weightsync.errors import WeightSyncError
@@ -48,6 +49,7 @@ def against_cold(warm, warm_out, start_cold) -> dict:
     try:
         cold_out = plain(engine_generate(cold, PROMPTS))
         again = plain(engine_generate(warm, PROMPTS))
+        cold_again = plain(engine_generate(cold, PROMPTS))
         try:
             tensors = tensor_diff(warm, cold)
         except (ray.exceptions.RayError, WeightSyncError) as e:  # the outputs stand without it
@@ -57,7 +59,14 @@ def against_cold(warm, warm_out, start_cold) -> dict:
         stop_engine(warm)
     return {"max_logprob_diff": max_diff(warm_out, cold_out),
             "tokens_equal": [w[0] == c[0] for w, c in zip(warm_out, cold_out, strict=True)],
-            "warm_repeatable": again == warm_out, "tensors": tensors, "cold_out": cold_out}
+            "warm_repeatable": again == warm_out, "cold_repeatable": cold_again == cold_out,
+            "tensors": tensors, "cold_out": cold_out}
+
+
+def same_tensors(found: dict) -> bool:
+    """Whether ``against_cold`` found every tensor the two engines' kernels read equal."""
+    counts = found["tensors"].get("counts")
+    return counts is not None and not any(counts.values())
 
 
 def tensor_diff(warm, cold) -> dict:

@@ -5,7 +5,8 @@ The oracle is a cold engine of the same spec — the same model path, so vLLM's 
 (keyed by the model's path) hands it the same compiled kernels — started after the trainer's
 weights were written there by ``save_pretrained``. After 4 colocated IPC syncs (checkpoint
 format first, kernel layout after; in ``graphs-sleep`` into the engine asleep, at levels 1,
-2, 1, 2), the warm engine's greedy tokens and logprobs must equal the cold one's bit for bit.
+2, 1, 2), every tensor the warm engine's kernels read must equal the cold one's
+(``engine.kernel_reads``), and its greedy tokens and logprobs the cold one's bit for bit.
 Each sync's report says what the engine had to restore or rebuild (``engine.derived``).
 ``test_graphs_vs_eager`` measures the sync time and rollout throughput of an eager and a
 CUDA-graph engine side by side (``benchmarks.graphs_gpu``).
@@ -24,6 +25,7 @@ from tests.gpu.parity import (
     against_cold,
     engine_generate,
     plain,
+    same_tensors,
     start_colocated,
     stop_engine,
 )
@@ -63,10 +65,8 @@ def _trainer(kind: str, path):
                                        ("moe", "eager"), ("moe", "graphs-checkpoint")])
 def test_warm_engine_equals_cold_engine(gpu_ray, model_root, tmp_path, gpu_results, kind, mode):
     """``graphs-checkpoint``: every sync in the checkpoint format (vLLM's layerwise reload),
-    where the other modes take the kernel layout after the first. A MoE model's last sync has
-    never been a layerwise reload in the cases above (``gpu-warm-cold.json``), and an FP8 MoE
-    engine, whose syncs all are, answered 0.089 apart from a cold one (``gpu-fp8.json``):
-    this case and ``moe-eager`` tell whether the bf16 MoE reload has the same fault."""
+    where the other modes take the kernel layout after the first: the case that shows a
+    MoE model's reload leaves nothing stale (bit for bit at e13edc2, as ``moe-eager``)."""
     src = _model(kind, model_root)
     path = tmp_path / "model"  # the engines' own copy: overwritten with the synced weights
     shutil.copytree(src, path)
@@ -100,6 +100,7 @@ def test_warm_engine_equals_cold_engine(gpu_ray, model_root, tmp_path, gpu_resul
         gpu_memory_utilization=0.25))
     cold_out = found.pop("cold_out")
     data.update(found)
+    assert same_tensors(found), data  # every tensor the kernels read, as the cold engine's
     assert data["warm_repeatable"], "the warm engine is not repeatable run to run"
     assert warm_out == cold_out, data
 

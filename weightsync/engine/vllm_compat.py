@@ -425,7 +425,14 @@ def model(worker: Any) -> Any:
     return worker.model_runner.get_model()
 
 
-_RUNTIME_STATE = {"kv_cache"}  # what attention layers hold per request, not weights
+# what attention layers hold per request, and torch.compile's own artifacts: not weights
+_RUNTIME_STATE = {"kv_cache", "aot_compiled_fn"}
+# an attention layer's activation ranges, read only to calculate its KV-cache scales, once
+# (``Attention.calc_kv_scales``, the first forward with ``calculate_kv_scales``). They are
+# plain attributes, not buffers, so vLLM's level-2 sleep does not keep them (measured: they
+# read back as garbage after a level-2 sleep and wake, at e13edc2); a layer that does not
+# calculate its scales never reads them again.
+_KV_SCALE_RANGES = {"q_range", "k_range", "v_range"}
 
 
 def kernel_objects(worker: Any) -> list[tuple[str, Any]]:
@@ -433,13 +440,19 @@ def kernel_objects(worker: Any) -> list[tuple[str, Any]]:
     (``engine.kernel_reads``), as ``(path, object)``: each quantization method (with the
     quant configs and kernels its ``process_weights_after_loading`` built) and any other
     attribute loading left (``cpu_linear``'s packed GEMM weights), without torch's own module
-    internals and the attention layers' KV cache."""
+    internals, the attention layers' KV cache, torch.compile's artifacts (the example inputs
+    a compiled graph keeps) and the activation ranges of layers that no longer calculate
+    their KV-cache scales."""
     import torch
 
     internal = set(vars(torch.nn.Module())) | _RUNTIME_STATE
-    return [(f"{prefix}.{attr}" if prefix else attr, value)
-            for prefix, module in model(worker).named_modules()
-            for attr, value in vars(module).items() if attr not in internal]
+    found = []
+    for prefix, module in model(worker).named_modules():
+        skip = internal if getattr(module, "calculate_kv_scales", True) else \
+            internal | _KV_SCALE_RANGES
+        found += [(f"{prefix}.{attr}" if prefix else attr, value)
+                  for attr, value in vars(module).items() if attr not in skip]
+    return found
 
 
 def post_load(module: Any) -> Any:
@@ -499,29 +512,20 @@ def reload_refusal(worker: Any) -> str | None:
     """Why this vLLM cannot be trusted to load new weights into this model in place, or None.
     A sync (or a checkpoint reload) into such an engine is refused before anything changes.
 
-    - MoE experts vLLM quantizes to FP8 (``Fp8MoEMethod``, the online FP8 MoE methods): on an
-      H100 with vLLM 0.24 (e0b5133), a Qwen3-MoE-shaped online-FP8 engine with CUDA graphs,
-      batch invariant, after 5 verified syncs answered 3 prompts with the cold engine's
-      tokens but logprobs up to 0.089 apart, though its parameters equalled vLLM's own
-      reload of the same weights (fingerprint): something the MoE kernel reads was not
-      refreshed (``Fp8MoEMethod._setup_kernel`` rebuilds its quant config from the
-      reload's temporary tensors). Dense FP8 layers are bit-identical to a cold engine.
     - LoRA enabled on a vLLM whose in-place reload does not see through its LoRA layers
       (0.24: a model's ``load_weights`` looks ``qkv_proj.weight`` up where LoRA registered
       ``qkv_proj.base_layer.weight``; 0.32 resolves it, ``reload.inplace``). Adapter syncs
-      are not affected."""
-    from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
+      are not affected.
 
+    MoE experts quantized to FP8 were refused here from f04f8de to e13edc2, on a measurement
+    that was misread: a Qwen3-MoE-shaped online-FP8 engine answered apart from a cold one
+    after syncs. Compared tensor by tensor (``engine.kernel_reads``, H100, vLLM 0.24, eager
+    and CUDA graphs), every tensor its kernels read equalled the cold engine's after 3 syncs;
+    and an FP8 MoE engine that was never synced did not repeat its own answers to the same
+    prompts either (``benchmarks/results/gpu-fp8.json``): vLLM's FP8 MoE forward is not
+    reproducible run to run, whatever the weights' history."""
     from weightsync.engine_args import vllm_version
 
-    for prefix, module in model(worker).named_modules():
-        method = getattr(module, "quant_method", None)
-        if isinstance(method, FusedMoEMethodBase) and "Fp8" in type(method).__name__:
-            return (f"{prefix} holds MoE experts quantized to FP8 on load "
-                    f"({type(method).__name__}): vLLM {vllm_version()}'s in-place reload does "
-                    "not leave such an engine equal to a cold one (measured on an H100: "
-                    "logprobs 0.089 apart after verified syncs), so weights are not synced "
-                    "into it; start it without quantization, or quantize dense layers only")
     if getattr(worker.model_runner, "lora_manager", None) is not None:
         import importlib.util
 
