@@ -120,10 +120,12 @@ class Fingerprint(_Message):
 class TensorDigests(_Message):
     """Every tensor an engine's kernels read, by name, as ``dtype[shape]:checksum``
     (``engine.kernel_reads``); ``unregistered``: those held by kernel objects whose storage is
-    no parameter's or buffer's."""
+    no parameter's or buffer's; ``opaque``: objects the kernels hold whose state cannot be
+    read (C++ handles), named and not compared."""
 
     digests: dict[str, str]
     unregistered: tuple[str, ...] = ()
+    opaque: tuple[str, ...] = ()
 
 
 class EngineWorkers(_Message):

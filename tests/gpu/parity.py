@@ -82,7 +82,8 @@ def tensor_diff(warm, cold) -> dict:
             **{k: v[:40] for k, v in found.items()},
             "counts": {k: len(v) for k, v in found.items()},
             "unregistered_warm": list(a.unregistered[:40]),
-            "unregistered_cold": list(b.unregistered[:40])}
+            "unregistered_cold": list(b.unregistered[:40]),
+            "opaque_warm": list(a.opaque[:40]), "opaque_cold": list(b.opaque[:40])}
 
 
 def plain(outs):

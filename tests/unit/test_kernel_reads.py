@@ -68,3 +68,24 @@ def test_a_permuted_view_is_read_in_memory_order_and_depth_is_bounded():
     other.register_buffer("t", weight.t().contiguous())
     # the same values in another memory order are another layout: they differ
     assert differing(tensor_digests(model, []), tensor_digests(other, []))["differ"] == ["t"]
+
+
+class _Handle:
+    """Like vLLM's CPU oneDNN GEMM handler: a C++ object's address in an int64 tensor."""
+
+    def __init__(self) -> None:
+        self.handler_tensor = torch.tensor(id(self), dtype=torch.int64)
+
+
+def test_closures_are_looked_into_and_handles_are_named_not_read():
+    packed = torch.ones(2, 2)
+    handle = _Handle()
+    model = torch.nn.Linear(2, 2)
+    model.cpu_linear = lambda x, weight, bias: x @ packed  # vLLM's sgl path: a closure
+    model.other_linear = lambda x, weight, bias: (handle, x)  # its oneDNN path
+    found = tensor_digests(model, [("cpu_linear", model.cpu_linear),
+                                   ("other_linear", model.other_linear)], (_Handle,))
+    assert "cpu_linear.packed" in found.digests and found.unregistered == ("cpu_linear.packed",)
+    # an address differs from engine to engine: named as opaque, never compared
+    assert found.opaque == ("other_linear.handle",)
+    assert not any(n.startswith("other_linear") for n in found.digests)

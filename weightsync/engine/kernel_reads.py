@@ -17,13 +17,18 @@ tensors a reload created and left there. So ``tensor_digests`` lists:
   sync that writes the parameters does not reach.
 
 Two engines of one spec and the same weights give the same names and the same digests; the
-names whose digests differ say where a reload went wrong.
+names whose digests differ say where a reload went wrong. What Python cannot see into is
+named, not compared (``opaque``): vLLM's CPU GEMMs over oneDNN keep their packed weights in a
+C++ handle, so a stale packed copy there (a tied head's, after the embedding changed) shows
+only in the outputs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
+import itertools
 import types
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -35,27 +40,46 @@ from weightsync.messages import TensorDigests
 from weightsync.transport.packing import checksums, dtype_name
 
 _MAX_DEPTH = 4  # quant method -> config -> descriptor -> tensor, and one more
-_NOT_STATE = (types.FunctionType, types.MethodType, types.BuiltinFunctionType, type,
-              torch.nn.Module, str, bytes, int, float, bool)
+# what holds no tensor: walked past, never reported
+_PLAIN = (types.MethodType, types.BuiltinFunctionType, types.ModuleType, type, torch.nn.Module,
+          torch.dtype, torch.device, enum.Enum, str, bytes, int, float, bool, complex, range,
+          slice)
 
 
-def _children(obj: Any) -> Iterator[tuple[str, Any]]:
+def _children(obj: Any) -> Iterator[tuple[str, Any]] | None:
+    """What ``obj`` holds, by name; None for an object whose state Python cannot see (a
+    C++ handle: vLLM's CPU oneDNN GEMM keeps its packed weights in one)."""
     if isinstance(obj, functools.partial):  # a kernel bound to its packed weights
-        yield from ((f"args.{i}", v) for i, v in enumerate(obj.args))
-        yield from obj.keywords.items()
-    elif isinstance(obj, dict):
-        yield from ((str(k), v) for k, v in obj.items())
-    elif isinstance(obj, (list, tuple)):
-        yield from ((str(i), v) for i, v in enumerate(obj))
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        yield from ((f.name, getattr(obj, f.name, None)) for f in dataclasses.fields(obj))
-    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
-        yield from vars(obj).items()
+        return itertools.chain(((f"args.{i}", v) for i, v in enumerate(obj.args)),
+                               obj.keywords.items())
+    if isinstance(obj, types.FunctionType):  # a closure over packed weights, or nothing
+        cells = obj.__closure__ or ()
+        return ((name, _cell(c)) for name, c in zip(obj.__code__.co_freevars, cells,
+                                                    strict=False))
+    if isinstance(obj, dict):
+        return ((str(k), v) for k, v in obj.items())
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return ((str(i), v) for i, v in enumerate(obj))
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return ((f.name, getattr(obj, f.name, None)) for f in dataclasses.fields(obj))
+    if hasattr(obj, "__dict__"):
+        return iter(vars(obj).items())
+    return None
 
 
-def held_tensors(root: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _cell(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
+
+
+def held_tensors(root: Any, prefix: str, opaque: list[str] | None = None,
+                 handles: tuple[type, ...] = ()) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors ``root`` holds through its attributes (dicts, lists, dataclasses, plain
-    objects; not through modules, whose tensors are the model's own), each once, by path."""
+    objects, partials and closures; not through modules, whose tensors are the model's own),
+    each once, by path. The paths of objects whose state cannot be seen go to ``opaque``:
+    those Python cannot look into, and ``handles`` (wrappers of a C++ object's address)."""
     seen: set[int] = set()
     stack: list[tuple[str, Any, int]] = [(prefix, root, 0)]
     while stack:
@@ -66,17 +90,21 @@ def held_tensors(root: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
         if isinstance(obj, torch.Tensor):
             yield path, obj
             continue
-        if depth >= _MAX_DEPTH:
+        if obj is None or isinstance(obj, _PLAIN) or depth >= _MAX_DEPTH:
             continue
-        for name, child in _children(obj):
-            if child is not None and not isinstance(child, _NOT_STATE):
-                stack.append((f"{path}.{name}", child, depth + 1))
+        children = None if isinstance(obj, handles) else _children(obj)
+        if children is None:
+            if opaque is not None:
+                opaque.append(path)
+            continue
+        stack.extend((f"{path}.{name}", child, depth + 1) for name, child in children)
 
 
-def tensor_digests(model: torch.nn.Module, kernel_objects: Iterable[tuple[str, Any]]
-                   ) -> TensorDigests:
+def tensor_digests(model: torch.nn.Module, kernel_objects: Iterable[tuple[str, Any]],
+                   handles: tuple[type, ...] = ()) -> TensorDigests:
     """Checksums of the model's parameters and buffers and of the tensors its kernel objects
-    hold (``kernel_objects``: ``(path, object)`` pairs), each as ``dtype[shape]:checksum``."""
+    hold (``kernel_objects``: ``(path, object)`` pairs), each as ``dtype[shape]:checksum``;
+    ``handles``: types that wrap a C++ object (named as opaque, not looked into)."""
     named: dict[str, torch.Tensor] = {}
     registered: set[int] = set()  # the parameter and buffer objects themselves
     storages: set[int] = set()
@@ -87,9 +115,10 @@ def tensor_digests(model: torch.nn.Module, kernel_objects: Iterable[tuple[str, A
                     named[f"{mname}.{attr}" if mname else attr] = t
                     registered.add(id(t))
                     storages.add(t.untyped_storage().data_ptr())
-    unregistered = []
+    unregistered: list[str] = []
+    opaque: list[str] = []
     for path, obj in kernel_objects:
-        for name, t in held_tensors(obj, path):
+        for name, t in held_tensors(obj, path, opaque, handles):
             if t.device.type == "meta" or id(t) in registered or name in named:
                 continue
             named[name] = t
@@ -102,7 +131,7 @@ def tensor_digests(model: torch.nn.Module, kernel_objects: Iterable[tuple[str, A
     return TensorDigests(
         digests={n: f"{dtype_name(named[n].dtype)}{list(named[n].shape)}:{s}"
                  for n, s in zip(order, sums, strict=True)},
-        unregistered=tuple(sorted(unregistered)))
+        unregistered=tuple(sorted(unregistered)), opaque=tuple(sorted(opaque)))
 
 
 def differing(a: TensorDigests, b: TensorDigests) -> dict[str, list[str]]:

@@ -455,6 +455,17 @@ def kernel_objects(worker: Any) -> list[tuple[str, Any]]:
     return found
 
 
+def kernel_handles() -> tuple[type, ...]:
+    """The types vLLM wraps a C++ kernel object in, whose state Python cannot read
+    (``engine.kernel_reads`` names them as opaque): the CPU oneDNN GEMM's handler, which holds
+    the packed weights behind an address kept in an int64 tensor."""
+    try:
+        from vllm._custom_ops import CPUDNNLGEMMHandler
+    except ImportError:
+        return ()
+    return (CPUDNNLGEMMHandler,)
+
+
 def post_load(module: Any) -> Any:
     """The module's post-load hook (``quant_method.process_weights_after_loading``, bound to
     nothing: call it with the module), or None. vLLM runs it once per module after loading:

@@ -195,7 +195,8 @@ class WeightSyncWorkerExtension:
     def ws_tensor_digests(self) -> TensorDigests:
         """Every tensor this worker's kernels read, each with its checksum
         (``engine.kernel_reads``)."""
-        return tensor_digests(vllm_compat.model(self), vllm_compat.kernel_objects(self))
+        return tensor_digests(vllm_compat.model(self), vllm_compat.kernel_objects(self),
+                              vllm_compat.kernel_handles())
 
     @worker_rpc
     def ws_import_legs(self, modules: list[str]) -> Ack:

@@ -90,7 +90,8 @@ def merge_tensor_digests(replies: Sequence[TensorDigests]) -> TensorDigests:
         return replies[0]
     return TensorDigests(
         digests={f"w{i}/{n}": d for i, r in enumerate(replies) for n, d in r.digests.items()},
-        unregistered=tuple(f"w{i}/{n}" for i, r in enumerate(replies) for n in r.unregistered))
+        unregistered=tuple(f"w{i}/{n}" for i, r in enumerate(replies) for n in r.unregistered),
+        opaque=tuple(f"w{i}/{n}" for i, r in enumerate(replies) for n in r.opaque))
 
 
 def merge_memory(readings: Sequence[GpuMemory], workers: EngineWorkers | None) -> GpuMemory:
