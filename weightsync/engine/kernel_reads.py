@@ -9,7 +9,7 @@ objects built after loading (an FP8 MoE's ``moe_quant_config`` holds its weight 
 tensors a reload created and left there. So ``tensor_digests`` lists:
 
 - every parameter and buffer of the model, by its name;
-- every other tensor a module holds (``vllm_compat.kernel_objects``: its quantization method
+- every other tensor a module holds (``vllm_kernels.kernel_objects``: its quantization method
   and whatever else loading left on it), found by walking those objects' attributes, named by
   the path to it
   (``<module>.quant_method.moe_quant_config._w1.scale``), and marked *unregistered* when its
@@ -63,7 +63,8 @@ def _children(obj: Any) -> Iterator[tuple[str, Any]] | None:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return ((f.name, getattr(obj, f.name, None)) for f in dataclasses.fields(obj))
     if hasattr(obj, "__dict__"):
-        return iter(vars(obj).items())
+        attrs: dict[str, Any] = vars(obj)
+        return iter(attrs.items())
     return None
 
 

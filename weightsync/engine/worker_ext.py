@@ -32,7 +32,7 @@ from weightsync.adapters import (
     verify_held,
 )
 from weightsync.checkpoint import PinnedFiles, read_checkpoint
-from weightsync.engine import vllm_compat, vllm_fp8, vllm_lora
+from weightsync.engine import vllm_compat, vllm_fp8, vllm_kernels, vllm_lora
 from weightsync.engine.appliers import Load, choose
 from weightsync.engine.derived import ModelStorage
 from weightsync.engine.fingerprint import Fingerprinter
@@ -195,8 +195,8 @@ class WeightSyncWorkerExtension:
     def ws_tensor_digests(self) -> TensorDigests:
         """Every tensor this worker's kernels read, each with its checksum
         (``engine.kernel_reads``)."""
-        return tensor_digests(vllm_compat.model(self), vllm_compat.kernel_objects(self),
-                              vllm_compat.kernel_handles())
+        return tensor_digests(vllm_compat.model(self), vllm_kernels.kernel_objects(self),
+                              vllm_kernels.kernel_handles())
 
     @worker_rpc
     def ws_import_legs(self, modules: list[str]) -> Ack:
