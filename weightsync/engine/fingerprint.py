@@ -34,6 +34,12 @@ def in_memory_order(t: torch.Tensor) -> torch.Tensor:
     return t.permute(order)
 
 
+def memory_bytes(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bytes as one flat uint8 tensor, in memory order (``in_memory_order``): read in
+    place where ``t`` is dense, copied otherwise."""
+    return in_memory_order(t.detach()).contiguous().view(-1).view(torch.uint8)
+
+
 class Fingerprinter:
     """One worker's fingerprints, with the views, names' hash and kernel kept while the
     parameters stay where they are. ``replay(key, run)`` runs ``run`` as a graph kept under
@@ -53,8 +59,7 @@ class Fingerprinter:
             for name in order:
                 p = params[name]
                 head.update(f"{name}:{dtype_name(p.dtype)}{tuple(p.shape)};".encode())
-            flats = [in_memory_order(params[n].detach()).contiguous().view(-1).view(torch.uint8)
-                     for n in order]
+            flats = [memory_bytes(params[n]) for n in order]
             many = ManyDigests(flats) if flats and flats[0].is_cuda and \
                 all(k[3] for k in key) else None
             kept = self._kept = (key, head, flats, many)

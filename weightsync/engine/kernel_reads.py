@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from weightsync.engine.fingerprint import in_memory_order
+from weightsync.engine.fingerprint import memory_bytes
 from weightsync.messages import TensorDigests
 from weightsync.transport.packing import checksums, dtype_name
 
@@ -127,8 +127,7 @@ def tensor_digests(model: torch.nn.Module, kernel_objects: Iterable[tuple[str, A
                 unregistered.append(name)
     order = sorted(named)
     with torch.no_grad():  # one checksum per tensor (a diagnosis, not the sync's hot path)
-        sums = checksums([in_memory_order(named[n].detach()).contiguous().view(-1)
-                          .view(torch.uint8) for n in order])
+        sums = checksums([memory_bytes(named[n]) for n in order])
     return TensorDigests(
         digests={n: f"{dtype_name(named[n].dtype)}{list(named[n].shape)}:{s}"
                  for n, s in zip(order, sums, strict=True)},
