@@ -8,7 +8,8 @@
 # results go to $OUT (the device tool's folder) or runs/gpu: pytest.log, gpu-results.json
 # (device, versions, per-test outcome, per-phase timings, memory per cycle, parity), and
 # the engines' Ray logs. WS_GPU_FILES="tests/gpu/a.py tests/gpu/b.py" runs only those files,
-# in that order, instead of the whole suite.
+# in that order, instead of the whole suite. WS_GPU_STREAMS=N runs the tests that do not
+# measure the device N at a time (tests/gpu/streams.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-runs/gpu}
@@ -33,12 +34,44 @@ else  # the core proofs first, then every other test file under tests/gpu
   for f in tests/gpu/test_*.py; do [[ " ${files[*]} " == *" $f "* ]] || files+=("$f"); done
 fi
 echo "test files: ${files[*]}"
-timeout --signal=INT "${WS_GPU_TIMEOUT:-$((570 - SECONDS))}" python3 -m pytest -m gpu -p no:cacheprovider \
-  -s -v -rA --timeout 300 "${files[@]}" "$@" 2>&1 | tee "$out/pytest.log"
-rc=${PIPESTATUS[0]}
+budget=${WS_GPU_TIMEOUT:-$((570 - SECONDS))}
+deadline=$((SECONDS + budget))
+streams=${WS_GPU_STREAMS:-1}
+pytest_args=(-p no:cacheprovider -s -v -rA)
+if [ "$streams" -le 1 ]; then
+  timeout --signal=INT "$budget" python3 -m pytest -m gpu "${pytest_args[@]}" --timeout 300 \
+    "${files[@]}" "$@" 2>&1 | tee "$out/pytest.log"
+  rc=${PIPESTATUS[0]}
+else
+  # WS_GPU_STREAMS=N (tests/gpu/streams.py): the gpu_exclusive tests first, alone; then the
+  # others in N pytest processes at once, each with its own Ray and compile caches (so no
+  # two processes write one autotuning result), per-test timeout raised for the sharing
+  work=/tmp/ws-streams && rm -rf "$work" && mkdir -p "$work"
+  WS_GPU_RESULTS=$work/results-exclusive.json timeout --signal=INT "$budget" python3 -m pytest \
+    -m "gpu and gpu_exclusive" "${pytest_args[@]}" --timeout 300 "${files[@]}" "$@" \
+    >"$work/log-exclusive.txt" 2>&1
+  rc=$?; [ "$rc" -eq 5 ] && rc=0  # 5: no exclusive test among these files
+  python3 -m pytest --collect-only -q -p no:cacheprovider -m "gpu and not gpu_exclusive" \
+    "${files[@]}" "$@" 2>/dev/null | python3 -m tests.gpu.streams plan "$streams" "$work"
+  pids=()
+  for plan in "$work"/stream-*.txt; do
+    i=$(basename "$plan" .txt); mapfile -t ids <"$plan"
+    mkdir -p "$work/$i/triton" "$work/$i/inductor" "$work/$i/vllm"
+    WS_GPU_RESULTS=$work/results-$i.json TRITON_CACHE_DIR=$work/$i/triton \
+      TORCHINDUCTOR_CACHE_DIR=$work/$i/inductor VLLM_CACHE_ROOT=$work/$i/vllm \
+      timeout --signal=INT "$((deadline - SECONDS))" python3 -m pytest \
+      -m "gpu and not gpu_exclusive" "${pytest_args[@]}" --timeout 540 \
+      --basetemp "$work/$i/tmp" "${ids[@]}" \
+      >"$work/log-$i.txt" 2>&1 &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid"; s=$?; [ "$s" -ne 0 ] && rc=$s; done
+  for log in "$work"/log-*.txt; do echo "===== $log"; cat "$log"; done >"$out/pytest.log"
+  grep -hE "^(PASSED|FAILED|ERROR) |^=+ .*(passed|failed|error)" "$work"/log-*.txt || true
+  python3 -m tests.gpu.streams merge "$WS_GPU_RESULTS" "$work"/results-*.json
+fi
 # The engines' own logs (vLLM in Ray actors), for whatever failed.
-logs=$(ls -d /tmp/ray/session_latest/logs 2>/dev/null) && \
-  tar czf "$out/ray-logs.tgz" -C "$logs" . 2>/dev/null && \
+tar czf "$out/ray-logs.tgz" -C /tmp/ray --wildcards 'session_2*/logs' 2>/dev/null && \
   [ "$(stat -c %s "$out/ray-logs.tgz")" -lt 15000000 ] || rm -f "$out/ray-logs.tgz"
 echo "gpu suite exit code: $rc"
 exit "$rc"

@@ -27,7 +27,7 @@ from weightsync.config import TransferConfig
 from weightsync.coordinator import SyncCoordinator
 from weightsync.testing.reference import perturb_
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.gpu_exclusive]  # device-wide memory and timings
 
 V2_RUNNER = "vllm.v1.worker.gpu.model_runner.GPUModelRunner"
 CYCLES = 20
@@ -44,7 +44,7 @@ def trainer(text_model):
 
 @pytest.fixture(scope="module")
 def engine(gpu_ray, text_model, trainer):
-    actor = start_colocated("gpu-text", text_model, "float32")
+    actor = start_colocated("gpu-text", text_model, "float32", kv_cache_bytes=None)
     yield actor
     stop_engine(actor)
 

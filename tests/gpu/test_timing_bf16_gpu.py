@@ -14,7 +14,7 @@ from weightsync.config import TransferConfig
 from weightsync.coordinator import SyncCoordinator
 from weightsync.testing.reference import perturb_
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.gpu_exclusive]  # device-wide memory and timings
 
 LEVELS = [2, 1, 2, 1, 2, 1]
 
@@ -28,7 +28,7 @@ def bf16_trainer(text_model):
 
 @pytest.fixture(scope="module")
 def bf16_engine(gpu_ray, text_model, bf16_trainer):
-    actor = start_colocated("gpu-bf16", text_model, "bfloat16")
+    actor = start_colocated("gpu-bf16", text_model, "bfloat16", kv_cache_bytes=None)
     yield actor
     stop_engine(actor)
 

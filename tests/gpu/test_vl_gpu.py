@@ -24,6 +24,7 @@ from tests.gpu.parity import (
     compare_with_hf,
     engine_generate,
     parity_ok,
+    shared_kv,
     stop_engine,
     summary,
 )
@@ -77,7 +78,7 @@ def vl_trainer(vl_model):
 def _vl_spec(name: str, vl_model) -> EngineSpec:
     return EngineSpec(name=name, model=str(vl_model), dtype="float32", num_gpus=0.5,
                       gpu_memory_utilization=0.25, limit_mm_per_prompt={"image": 1, "video": 0},
-                      max_model_len=512, enforce_eager=True)
+                      max_model_len=512, enforce_eager=True, engine_args=shared_kv())
 
 
 @pytest.fixture(scope="module")

@@ -105,6 +105,7 @@ def test_warm_engine_equals_cold_engine(gpu_ray, model_root, tmp_path, gpu_resul
     assert warm_out == cold_out, data
 
 
+@pytest.mark.gpu_exclusive  # a measurement: nothing else on the GPU
 def test_graphs_vs_eager(gpu_ray, model_root, tmp_path, gpu_results):
     """The 0.5B colocated sync into an eager and a CUDA-graph engine, both alive, 30 rounds
     interleaved; then each one's rollout throughput. Recorded, not asserted (a benchmark)."""
@@ -116,7 +117,7 @@ def test_graphs_vs_eager(gpu_ray, model_root, tmp_path, gpu_results):
             path = tmp_path / mode
             shutil.copytree(src, path)
             engines[mode] = start_colocated(f"perf-{mode}", path, "bfloat16",
-                                            enforce_eager=mode == "eager",
+                                            enforce_eager=mode == "eager", kv_cache_bytes=None,
                                             gpu_memory_utilization=0.25)
             coords[mode] = SyncCoordinator([engines[mode]], TransferConfig(
                 bucket_bytes=256 << 20, ipc_reuse_buffers=True))
