@@ -1,25 +1,22 @@
 """CUDA graphs vs eager on the GPU: the colocated sync's time and rollout throughput.
 
-Measured by ``tests/gpu/test_warm_cold_gpu.py`` (one engine per mode, both alive at once, the
-same 0.5B-shaped bf16 model, the trainer in the test process): ``measure_sync`` times the
-colocated IPC syncs of both, interleaved, ``measure_rollout`` the generated tokens per second
-of a batch of sampled requests. The test puts both into the GPU suite's results
-(``gpu-results.json``, ``data["graphs_vs_eager"]``); this module's ``main`` turns that into
-``benchmarks/results/graphs-gpu.{json,png}``:
+One engine per mode, both alive at once, on the same 0.5B-shaped bf16 model, the trainer in
+this process: ``measure_sync`` times the colocated IPC syncs of both, interleaved,
+``measure_rollout`` the generated tokens per second of a batch of sampled requests. Writes
+``graphs-gpu.{json,png}`` (on the lent GPU: ``scripts/gpu_bench.sh graphs``):
 
-    python -m benchmarks.graphs_gpu path/to/gpu-results.json
+    python -m benchmarks.graphs_gpu --out runs/gpu-bench/graphs-gpu.json
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.meta import PACKAGES, run_meta
+from benchmarks.meta import run_meta
 
 ROLLOUT_PROMPTS = 64
 ROLLOUT_TOKENS = 128
@@ -75,22 +72,71 @@ def measure_rollout(actor: Any) -> dict[str, Any]:
     return {"rollout_s": seconds, "rollout_tokens": tokens, "tokens_per_s": tokens / seconds}
 
 
-def main(results_path: str) -> None:
+QWEN05_BF16 = dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864,
+                   vocab_size=151936, tie_word_embeddings=True, dtype="bfloat16")
+
+
+def measure(workdir: Path, rounds: int) -> dict[str, Any]:
+    """Both engines started (vLLM's memory share 0.25 each, graphs for batches up to 16 as in
+    the GPU suite, the sampled batch of 64 run eagerly above that), ``rounds`` syncs, then each
+    one's rollout throughput."""
+    import shutil
+
+    import ray
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from weightsync.config import EngineSpec, TransferConfig
+    from weightsync.coordinator import SyncCoordinator
+    from weightsync.engine.actor import start_engines, stop_engines
+    from weightsync.testing.models import build_text_model
+    from weightsync.testing.reference import perturb_
+
+    src = build_text_model(workdir / "qwen2.5-0.5b-shaped-bf16", **QWEN05_BF16)
+    trainer = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).cuda().eval()
+    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, namespace="weightsync-bench")
+    engines: dict[str, Any] = {}
+    coords: dict[str, Any] = {}
+    try:
+        for mode in ("eager", "graphs"):
+            path = workdir / mode
+            shutil.copytree(src, path, dirs_exist_ok=True)
+            spec = EngineSpec(name=f"perf-{mode}", model=str(path), dtype="bfloat16",
+                              num_gpus=0.5, gpu_memory_utilization=0.25, max_model_len=512,
+                              enforce_eager=mode == "eager", engine_args={"max_num_seqs": 16})
+            (engines[mode],) = start_engines([spec], timeout_s=300)
+            coords[mode] = SyncCoordinator([engines[mode]], TransferConfig(
+                bucket_bytes=256 << 20, ipc_reuse_buffers=True))
+        perf = measure_sync(coords, trainer, rounds, perturb_)
+        for mode, actor in engines.items():
+            perf[mode].update(measure_rollout(actor))
+        return perf
+    finally:
+        for coord in coords.values():
+            coord.close()
+        stop_engines(list(engines.values()))
+        ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    src = json.loads(Path(results_path).read_text())
-    data = src["data"]["graphs_vs_eager"]
-    out = Path(__file__).parent / "results"
-    run = src["meta"]  # the GPU run's own commit, device, date and versions
-    doc = {"meta": run_meta("graphs-gpu", **{
-        **{k: v for k, v in run.items() if k != "benchmark"}, "cpus": run.get("cpus"),
-        "versions": run.get("versions") or {k: run[k] for k in ("python", *PACKAGES)
-                                            if run.get(k)},
-        "source": "tests/gpu/test_warm_cold_gpu.py (gpu-results.json)"}), "results": data}
-    (out / "graphs-gpu.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench-graphs"))
+    args = ap.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    data = measure(args.workdir, args.rounds)
+    doc = {"meta": run_meta("graphs-gpu", shape="0.5b-bf16", rounds=args.rounds),
+           "results": data}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1, sort_keys=True))
     modes = sorted(data)
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     a.bar(modes, [data[m]["sync_p50_s"] * 1e3 for m in modes], color=["#4c72b0", "#dd8452"])
@@ -100,8 +146,8 @@ def main(results_path: str) -> None:
     fig.suptitle(f"{doc['meta'].get('device')}: 0.5B bf16, eager vs CUDA graphs "
                  f"({doc['meta'].get('commit')})")
     fig.tight_layout()
-    fig.savefig(out / "graphs-gpu.png", dpi=110)
+    fig.savefig(args.out.with_suffix(".png"), dpi=110)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main()

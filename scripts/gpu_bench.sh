@@ -15,7 +15,8 @@
 # packed (the trainer copies into IPC buckets first); adapters-<shape>: a rank-16 LoRA adapter
 # synced in the engine calls and over the group vs the full sync over IPC (benchmarks/adapters.py);
 # fp8-<shape>: a bf16 and an online-FP8 engine of the shape, sync time and rollout throughput
-# (benchmarks/fp8_gpu.py).
+# (benchmarks/fp8_gpu.py); graphs: the colocated sync and rollout throughput of an eager and a
+# CUDA-graph engine side by side (benchmarks/graphs_gpu.py).
 # The device tool brings back at most 8 files from $OUT: each job writes a JSON and a PNG and
 # all share bench.log, so a call with the GPU suite too (3 files) has room for 2 jobs.
 set -uo pipefail
@@ -34,6 +35,7 @@ for job in "$@"; do
     fp8-*) s=${job#fp8-}  # bf16 vs online-FP8 engines: sync time and rollout tokens/s (#32)
       python3 -m benchmarks.fp8_gpu --shape "$s" --syncs 10 --workdir /tmp/bench \
         --out "$out/fp8-gpu-$s.json" ;;
+    graphs) python3 -m benchmarks.graphs_gpu --out "$out/graphs-gpu.json" ;;  # eager vs graphs
     kernels) python3 -m benchmarks.kernels --shape 0.5b --rounds 20 --out "$out/kernels-0.5b.json" ;;
     digest) python3 -m benchmarks.digest --gib 2 --out "$out/digest-gpu.json" ;;
     colocated-*) s=${job#colocated-}; util=0.4; [[ $s == *@* ]] && util=${s#*@} s=${s%@*}

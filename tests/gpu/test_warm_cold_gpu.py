@@ -8,8 +8,8 @@ format first, kernel layout after; in ``graphs-sleep`` into the engine asleep, a
 2, 1, 2), every tensor the warm engine's kernels read must equal the cold one's
 (``engine.kernel_reads``), and its greedy tokens and logprobs the cold one's bit for bit.
 Each sync's report says what the engine had to restore or rebuild (``engine.derived``).
-``test_graphs_vs_eager`` measures the sync time and rollout throughput of an eager and a
-CUDA-graph engine side by side (``benchmarks.graphs_gpu``).
+The sync time and rollout throughput of an eager and a CUDA-graph engine side by side are a
+benchmark: ``scripts/gpu_bench.sh graphs`` (``benchmarks/graphs_gpu.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import shutil
 import pytest
 import torch
 
-from benchmarks.graphs_gpu import measure_rollout, measure_sync
 from tests.gpu.parity import (
     PROMPTS,
     against_cold,
@@ -27,7 +26,6 @@ from tests.gpu.parity import (
     plain,
     same_tensors,
     start_colocated,
-    stop_engine,
 )
 from weightsync.config import TransferConfig
 from weightsync.coordinator import SyncCoordinator
@@ -103,30 +101,3 @@ def test_warm_engine_equals_cold_engine(gpu_ray, model_root, tmp_path, gpu_resul
     assert same_tensors(found), data  # every tensor the kernels read, as the cold engine's
     assert data["warm_repeatable"], "the warm engine is not repeatable run to run"
     assert warm_out == cold_out, data
-
-
-@pytest.mark.gpu_exclusive  # a measurement: nothing else on the GPU
-def test_graphs_vs_eager(gpu_ray, model_root, tmp_path, gpu_results):
-    """The 0.5B colocated sync into an eager and a CUDA-graph engine, both alive, 30 rounds
-    interleaved; then each one's rollout throughput. Recorded, not asserted (a benchmark)."""
-    src = _model("dense-tied", model_root)
-    trainer = _trainer("dense-tied", src)
-    engines, coords = {}, {}
-    try:
-        for mode in ("eager", "graphs"):
-            path = tmp_path / mode
-            shutil.copytree(src, path)
-            engines[mode] = start_colocated(f"perf-{mode}", path, "bfloat16",
-                                            enforce_eager=mode == "eager", kv_cache_bytes=None,
-                                            gpu_memory_utilization=0.25)
-            coords[mode] = SyncCoordinator([engines[mode]], TransferConfig(
-                bucket_bytes=256 << 20, ipc_reuse_buffers=True))
-        perf = measure_sync(coords, trainer, 30, perturb_)
-        for mode, actor in engines.items():
-            perf[mode].update(measure_rollout(actor))
-        gpu_results["graphs_vs_eager"] = perf
-    finally:
-        for coord in coords.values():
-            coord.close()
-        for actor in engines.values():
-            stop_engine(actor)
