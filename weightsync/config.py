@@ -183,6 +183,10 @@ class EngineSpec(_Frozen):
     # every worker of a tensor-parallel engine joins the transfer group (transport.ranks)
     tensor_parallel_size: int = Field(1, ge=1)
     cpu_kvcache_gib: float = Field(1.0, gt=0)  # CPU engines' KV cache (fractions allowed)
+    # GPU engines' KV cache. None: vLLM sizes it from gpu_memory_utilization by profiling the
+    # device, which fails when another process (a colocated trainer, another engine) frees
+    # GPU memory meanwhile; a fixed size skips that profiling
+    gpu_kvcache_gib: float | None = Field(None, gt=0)
     # CPU engines: vLLM's VLLM_CPU_OMP_THREADS_BIND for this engine's workers ("nobind",
     # "auto", or one core list per worker: "0-3|4-7"). None: "nobind" for one worker; for
     # several, the environment's value if it fits, else the cores split between them
@@ -243,7 +247,8 @@ class EngineSpec(_Frozen):
         if args:
             from weightsync.engine_args import check_engine_args
 
-            check_engine_args(args, {"kv_cache_memory_bytes": "cpu_kvcache_gib (CPU engines)"})
+            check_engine_args(args, {"kv_cache_memory_bytes": "cpu_kvcache_gib (CPU engines) or "
+                                                               "gpu_kvcache_gib (GPU engines)"})
         return args
 
     @model_validator(mode="after")

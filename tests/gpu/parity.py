@@ -13,13 +13,13 @@ LOGPROB_TOL = 1e-2  # |engine - HF| per generated token, same weights
 # tests in streams side by side): a fixed size, so vLLM skips its memory profiling, which
 # measures the whole device and fails when another process frees memory meanwhile
 # (gpu_worker.determine_available_memory). 1 GiB holds 40k tokens of the fp32 0.5B shape.
-SHARED_KV_BYTES = 1 << 30
+SHARED_KV_GIB = 1.0
 
 
 def start_colocated(name: str, model, dtype: str, make_engine=None,
-                    kv_cache_bytes: int | None = SHARED_KV_BYTES, **spec_kw):
+                    kv_cache_gib: float | None = SHARED_KV_GIB, **spec_kw):
     """One engine sharing the GPU with the trainer (this process), v2 runner
-    (``make_engine``: ``start_engines``'s, for a test engine). ``kv_cache_bytes=None``: the
+    (``make_engine``: ``start_engines``'s, for a test engine). ``kv_cache_gib=None``: the
     KV cache from vLLM's profiling of ``gpu_memory_utilization``, for ``gpu_exclusive``
     tests, which measure the device's memory."""
     from weightsync.config import EngineSpec
@@ -30,17 +30,12 @@ def start_colocated(name: str, model, dtype: str, make_engine=None,
     spec_kw.setdefault("max_model_len", 512)
     # CUDA graphs captured for batches up to 16 (the tests send 3 prompts), not vLLM's 35
     # sizes up to 256: each graphs engine starts sooner, so the suite fits a device session
-    spec_kw["engine_args"] = {"max_num_seqs": 16, **shared_kv(kv_cache_bytes),
-                              **spec_kw.get("engine_args", {})}
+    spec_kw["engine_args"] = {"max_num_seqs": 16, **spec_kw.get("engine_args", {})}
+    spec_kw.setdefault("gpu_kvcache_gib", kv_cache_gib)
     spec = EngineSpec(name=name, model=str(model), dtype=dtype, num_gpus=0.5, **spec_kw)
     kw = {} if make_engine is None else {"make_engine": make_engine}
     (actor,) = start_engines([spec], timeout_s=240, **kw)
     return actor
-
-
-def shared_kv(kv_cache_bytes: int | None = SHARED_KV_BYTES) -> dict:
-    """The engine arguments of a KV cache of that size (none for ``None``)."""
-    return {} if kv_cache_bytes is None else {"kv_cache_memory_bytes": kv_cache_bytes}
 
 
 def stop_engine(actor) -> None:

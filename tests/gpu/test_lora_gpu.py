@@ -25,7 +25,7 @@ import pytest
 import ray
 import torch
 
-from tests.gpu.parity import PROMPTS, max_diff, shared_kv, stop_engine
+from tests.gpu.parity import PROMPTS, SHARED_KV_GIB, max_diff, stop_engine
 from weightsync.adapters import AdapterPayload
 from weightsync.coordinator import SyncCoordinator
 from weightsync.errors import ConfigError
@@ -47,7 +47,8 @@ def _engine(name: str, path):
                       # max_num_seqs 8: vLLM captures graphs for batch sizes up to it (with LoRA
                       # the default 256 made each engine take ~2 min to start on an H100)
                       engine_args={"enable_lora": True, "max_lora_rank": RANK, "max_loras": 4,
-                                   "max_num_seqs": 8, **shared_kv()}, batch_invariant=True)
+                                   "max_num_seqs": 8}, batch_invariant=True,
+                      gpu_kvcache_gib=SHARED_KV_GIB)
     (actor,) = start_engines([spec], timeout_s=300, make_engine=cold_adapter_engine)
     return actor
 

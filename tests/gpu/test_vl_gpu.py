@@ -20,11 +20,11 @@ import ray
 import torch
 
 from tests.gpu.parity import (
+    SHARED_KV_GIB,
     changed,
     compare_with_hf,
     engine_generate,
     parity_ok,
-    shared_kv,
     stop_engine,
     summary,
 )
@@ -78,7 +78,7 @@ def vl_trainer(vl_model):
 def _vl_spec(name: str, vl_model) -> EngineSpec:
     return EngineSpec(name=name, model=str(vl_model), dtype="float32", num_gpus=0.5,
                       gpu_memory_utilization=0.25, limit_mm_per_prompt={"image": 1, "video": 0},
-                      max_model_len=512, enforce_eager=True, engine_args=shared_kv())
+                      max_model_len=512, enforce_eager=True, gpu_kvcache_gib=SHARED_KV_GIB)
 
 
 @pytest.fixture(scope="module")

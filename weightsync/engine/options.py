@@ -17,6 +17,10 @@ def engine_args(spec: EngineSpec, device: str, sleep_mode: bool) -> dict[str, An
         enforce_eager=spec.enforce_eager, tensor_parallel_size=spec.tensor_parallel_size,
         gpu_memory_utilization=spec.gpu_memory_utilization, enable_sleep_mode=sleep_mode,
         worker_extension_cls=WORKER_EXTENSION, limit_mm_per_prompt=spec.limit_mm_per_prompt,
-        kv_cache_bytes=int(spec.cpu_kvcache_gib * (1 << 30)) if device == "cpu" else None,
+        kv_cache_bytes=_gib(spec.cpu_kvcache_gib if device == "cpu" else spec.gpu_kvcache_gib),
         engine_args=spec.engine_args,
     )
+
+
+def _gib(size: float | None) -> int | None:
+    return None if size is None else int(size * (1 << 30))
