@@ -10,11 +10,13 @@ from weightsync.engine import vllm_compat, vllm_lora
 
 
 class CacheKeepingEngine:
-    """vLLM's engine whose cache clears and resets do nothing: a sync then neither clears its
-    prefix, multimodal and encoder caches at the pause nor resets them after the load, so a
-    test can show that stale caches are real (``tests/gpu/test_vl_gpu.py``). Sleep levels 1
-    and 2 still clear them inside vLLM: such a test syncs with ``sleep_level=0``. Everything
-    else is the engine's own."""
+    """vLLM's engine whose cache clears and resets do nothing during a sync: a sync then
+    neither clears its prefix, multimodal and encoder caches at the pause nor resets them
+    after the load, so a test can show that stale caches are real (``tests/gpu/
+    test_vl_gpu.py``). Between syncs (from the resume to the next pause) a reset is vLLM's
+    own, so the host's ``reset_caches`` shows the reset alone brings the new weights in.
+    Sleep levels 1 and 2 still clear the caches inside vLLM: such a test syncs with
+    ``sleep_level=0``. Everything else is the engine's own."""
 
     # without these, vllm_compat.pause_generation goes through pause_generation below
     engine_core = None
@@ -22,21 +24,30 @@ class CacheKeepingEngine:
 
     def __init__(self, engine: Any) -> None:
         self._engine = engine
+        self._syncing = False  # paused for a sync: resets do nothing until the resume
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
     async def pause_generation(self, *, mode: str = "abort", clear_cache: bool = True) -> None:
+        self._syncing = True
         await self._engine.pause_generation(mode=mode, clear_cache=False)
 
+    async def resume_generation(self) -> None:
+        await self._engine.resume_generation()
+        self._syncing = False
+
     async def reset_prefix_cache(self, *args: Any, **kwargs: Any) -> bool:
-        return True
+        return True if self._syncing else bool(
+            await self._engine.reset_prefix_cache(*args, **kwargs))
 
     async def reset_mm_cache(self) -> None:
-        return None
+        if not self._syncing:
+            await self._engine.reset_mm_cache()
 
     async def reset_encoder_cache(self) -> None:
-        return None
+        if not self._syncing:
+            await self._engine.reset_encoder_cache()
 
 
 def cache_keeping_engine(**engine_args: Any) -> CacheKeepingEngine:
