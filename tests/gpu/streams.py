@@ -71,7 +71,7 @@ def merge(parts: list[dict]) -> dict:
     for part in parts:
         out["tests"].update(part.get("tests", {}))
         _merge_into(out["data"], part.get("data", {}))
-    out["meta"]["streams"] = len(parts)
+    out["meta"]["result_parts"] = len(parts)  # the streams', and the exclusive tests' run
     out["summary"] = summarize(out)
     return out
 

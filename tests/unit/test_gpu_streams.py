@@ -32,5 +32,5 @@ def test_merge_keeps_every_outcome_and_merges_data_key_by_key():
     out = merge([a, b])
     assert out["tests"].keys() == {"t1", "t2"}
     assert out["data"]["warm_cold"] == {"a": {"ok": 1}, "b": {"ok": 2}}
-    assert out["meta"] == {"commit": "x", "streams": 2}
+    assert out["meta"] == {"commit": "x", "result_parts": 2}
     assert out["summary"]["tests"] == {"passed": 1, "skipped": 0, "failed": 1}
