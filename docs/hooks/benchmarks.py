@@ -179,10 +179,12 @@ def _tests(d: dict) -> tuple[str, str]:
     rows = [[f"`{name.split('::')[-1]}`", t.get("outcome", "?"),
              f"{t.get('seconds', 0):.0f}"] for name, t in tests.items()]
     body = _table(["test", "outcome", "seconds"], rows)
-    wc = d.get("warm_cold")
-    if isinstance(wc, dict):
-        body += "\n\nWarm == cold: " + "; ".join(
-            f"{k}: max logprob diff {_num(v.get('max_logprob_diff'))}" for k, v in wc.items())
+    data = d.get("data") or {}
+    for key, title in (("warm_cold", "Warm == cold"), ("fp8", "FP8 warm == cold")):
+        if isinstance(data.get(key), dict):
+            body += f"\n\n{title}: " + "; ".join(
+                f"{k}: max logprob diff {_num(v.get('max_logprob_diff'))}"
+                for k, v in data[key].items() if isinstance(v, dict))
     return ", ".join(f"{n} {k}" for k, n in sorted(counts.items())), body
 
 
@@ -226,7 +228,7 @@ def _flat(d: dict) -> tuple[str, str]:
 RENDER: dict[str, Callable[[dict], tuple[str, str]]] = {
     "sync": _sync, "transport": _transport, "soak": _soak, "tp-cpu": _tp, "sharded": _sharded,
     "kernels": _kernels, "digest": _digest, "grpo": _grpo, "gpu-suite": _tests,
-    "gpu-warm-cold": _tests, "graphs-gpu": _graphs, "control-latency": _control,
+    "graphs-gpu": _graphs, "control-latency": _control,
     "host-overhead": _probe, "probe-wake": _probe,
 }
 

@@ -10,7 +10,7 @@ experts stay in the checkpoint format. After five syncs every tensor the engine'
 read (``engine.kernel_reads``: weights, scales, quant configs) must equal a cold FP8 engine's
 started from ``save_pretrained`` of the same weights, and its greedy tokens and logprobs
 must be the cold engine's bit for bit where the cold engine repeats itself (vLLM 0.24's FP8
-MoE forward does not: measured at e13edc2, ``gpu-fp8.json``); a checkpoint-format sync of the
+MoE forward does not: measured at e13edc2 and 26e8953, ``gpu-suite.json``); a checkpoint-format sync of the
 same weights must leave the same parameters (fingerprint) as the last sync did. Also
 recorded: what had to be restored or rebuilt, the
 sync time and phases, and the engine's device memory above its level before each sync (its

@@ -1,7 +1,7 @@
 """Engines whose in-place reload vLLM gets wrong refuse syncs before anything changes
 (``vllm_compat.reload_refusal``): LoRA-enabled engines on a vLLM that cannot reload base
 weights into LoRA-wrapped layers (0.24). MoE experts quantized to FP8 are not refused: their
-tensors equal a cold engine's after syncs (``benchmarks/results/gpu-fp8.json``; the GPU suite's
+tensors equal a cold engine's after syncs (``benchmarks/results/gpu-suite.json``; the GPU suite's
 ``test_fp8_engine_synced_from_bf16_equals_a_cold_fp8_engine[moe]``). The module tree here
 stands in for a worker's model; vLLM's own method classes are used, so the check is the one a
 real engine runs."""

@@ -492,7 +492,7 @@ def reload_refusal(worker: Any) -> str | None:
     after syncs. Compared tensor by tensor (``engine.kernel_reads``, H100, vLLM 0.24, eager
     and CUDA graphs), every tensor its kernels read equalled the cold engine's after 3 syncs;
     and an FP8 MoE engine that was never synced did not repeat its own answers to the same
-    prompts either (``benchmarks/results/gpu-fp8.json``): vLLM's FP8 MoE forward is not
+    prompts either (``benchmarks/results/gpu-suite.json``): vLLM's FP8 MoE forward is not
     reproducible run to run, whatever the weights' history."""
     from weightsync.engine_args import vllm_version
 
