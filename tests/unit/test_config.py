@@ -45,7 +45,7 @@ def test_engine_args_pass_what_vllm_accepts():
     ({"worker_extension_cls": "x.Y"}, "weightsync sets this itself"),
     ({"enable_sleep_mode": False}, "weightsync sets this itself"),
     ({"distributed_executor_backend": "ray"}, "weightsync sets this itself"),
-    ({"kv_cache_memory_bytes": 1 << 30}, "set EngineSpec.cpu_kvcache_gib"),
+    ({"kv_cache_memory_bytes": 1 << 30}, "or gpu_kvcache_gib (GPU engines)"),
 ])
 def test_engine_args_vllm_refuses_are_refused_with_the_reason(args, says):
     from pydantic import ValidationError
@@ -55,6 +55,23 @@ def test_engine_args_vllm_refuses_are_refused_with_the_reason(args, says):
     with pytest.raises(ValidationError) as e:
         EngineSpec(name="e", model="/m", engine_args=args)
     assert says in str(e.value)
+
+
+def test_the_kv_cache_size_goes_to_vllm_for_the_engines_device():
+    """CPU engines always get ``cpu_kvcache_gib``; GPU engines ``gpu_kvcache_gib`` when set
+    (vLLM then skips profiling the device), else nothing: vLLM sizes it from
+    ``gpu_memory_utilization``."""
+    from pydantic import ValidationError
+
+    from weightsync.config import EngineSpec
+    from weightsync.engine.options import engine_args
+
+    spec = EngineSpec(name="e", model="/m", cpu_kvcache_gib=0.25, gpu_kvcache_gib=1.5)
+    assert engine_args(spec, "cpu", False)["kv_cache_bytes"] == 1 << 28
+    assert engine_args(spec, "cuda", True)["kv_cache_bytes"] == 3 << 29
+    assert engine_args(EngineSpec(name="e", model="/m"), "cuda", True)["kv_cache_bytes"] is None
+    with pytest.raises(ValidationError, match="greater than 0"):
+        EngineSpec(name="e", model="/m", gpu_kvcache_gib=0)
 
 
 def test_engine_args_with_a_field_of_their_own_become_that_field():
