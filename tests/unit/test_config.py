@@ -155,7 +155,7 @@ def test_unset_engine_fields_leave_vllms_defaults():
 
 
 # ---- FP8 needs a GPU (#32): refused before anything starts, with the reason ---------------
-@pytest.mark.parametrize("method", ["fp8", "fbgemm_fp8"])
+@pytest.mark.parametrize("method", ["fp8", "fbgemm_fp8", "fp8_per_block", "fp8_per_channel"])
 def test_fp8_on_a_cpu_engine_is_refused_when_the_spec_is_made(method):
     from pydantic import ValidationError
 
