@@ -57,7 +57,9 @@ else
   left=$((deadline - SECONDS))
   shopt -s nullglob  # no plan (every test exclusive): no stream
   plans=("$work"/stream-*.txt)
-  [ "$left" -ge 30 ] || { [ ${#plans[@]} -eq 0 ] || { echo "no time left for the streams"; rc=124; }; plans=(); }
+  if [ "$left" -lt 30 ] && [ ${#plans[@]} -gt 0 ]; then
+    echo "no time left for the streams"; rc=124; plans=()
+  fi
   for plan in "${plans[@]}"; do
     i=$(basename "$plan" .txt); mapfile -t ids <"$plan"
     mkdir -p "$work/$i/triton" "$work/$i/inductor" "$work/$i/vllm"

@@ -16,12 +16,11 @@ LOGPROB_TOL = 1e-2  # |engine - HF| per generated token, same weights
 SHARED_KV_GIB = 1.0
 
 
-def start_colocated(name: str, model, dtype: str, make_engine=None,
-                    kv_cache_gib: float | None = SHARED_KV_GIB, **spec_kw):
+def start_colocated(name: str, model, dtype: str, make_engine=None, **spec_kw):
     """One engine sharing the GPU with the trainer (this process), v2 runner
-    (``make_engine``: ``start_engines``'s, for a test engine). ``kv_cache_gib=None``: the
-    KV cache from vLLM's profiling of ``gpu_memory_utilization``, for ``gpu_exclusive``
-    tests, which measure the device's memory."""
+    (``make_engine``: ``start_engines``'s, for a test engine), its KV cache
+    ``SHARED_KV_GIB`` unless ``gpu_kvcache_gib`` says otherwise (None: from vLLM's profiling
+    of ``gpu_memory_utilization``, for ``gpu_exclusive`` tests, which measure the device)."""
     from weightsync.config import EngineSpec
     from weightsync.engine.actor import start_engines
 
@@ -31,7 +30,7 @@ def start_colocated(name: str, model, dtype: str, make_engine=None,
     # CUDA graphs captured for batches up to 16 (the tests send 3 prompts), not vLLM's 35
     # sizes up to 256: each graphs engine starts sooner, so the suite fits a device session
     spec_kw["engine_args"] = {"max_num_seqs": 16, **spec_kw.get("engine_args", {})}
-    spec_kw.setdefault("gpu_kvcache_gib", kv_cache_gib)
+    spec_kw.setdefault("gpu_kvcache_gib", SHARED_KV_GIB)
     spec = EngineSpec(name=name, model=str(model), dtype=dtype, num_gpus=0.5, **spec_kw)
     kw = {} if make_engine is None else {"make_engine": make_engine}
     (actor,) = start_engines([spec], timeout_s=240, **kw)

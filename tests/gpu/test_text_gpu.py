@@ -44,7 +44,7 @@ def trainer(text_model):
 
 @pytest.fixture(scope="module")
 def engine(gpu_ray, text_model, trainer):
-    actor = start_colocated("gpu-text", text_model, "float32", kv_cache_gib=None)
+    actor = start_colocated("gpu-text", text_model, "float32", gpu_kvcache_gib=None)
     yield actor
     stop_engine(actor)
 

@@ -28,7 +28,7 @@ def bf16_trainer(text_model):
 
 @pytest.fixture(scope="module")
 def bf16_engine(gpu_ray, text_model, bf16_trainer):
-    actor = start_colocated("gpu-bf16", text_model, "bfloat16", kv_cache_gib=None)
+    actor = start_colocated("gpu-bf16", text_model, "bfloat16", gpu_kvcache_gib=None)
     yield actor
     stop_engine(actor)
 
