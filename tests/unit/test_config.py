@@ -121,19 +121,26 @@ def test_settings_read_rays_auth_mode_as_the_user_set_it(monkeypatch):
     assert Settings().ray_auth_mode == "disabled"
 
 
-def test_prepare_applies_ray_env_to_this_process_only_for_its_own_ray(monkeypatch):
+def test_prepare_applies_ray_env_to_this_process_only_for_its_own_ray():
     import os
+    from unittest import mock
 
     from weightsync.ray_compat import prepare
 
-    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
-    assert prepare("h:6379", None) is None  # a cluster the user provides: nothing set
-    assert "RAY_AUTH_MODE" not in os.environ
-    assert prepare(None, None) == "token" and os.environ["RAY_AUTH_MODE"] == "token"
-    token = os.environ["RAY_AUTH_TOKEN"]
-    assert prepare(None, "token") == "token"  # the user's (or an earlier call's) choice stands
-    assert os.environ["RAY_AUTH_TOKEN"] == token
+    # the whole environment restored after (monkeypatch would restore only what it set itself,
+    # leaving prepare's RAY_AUTH_MODE=token to a Ray started later in this process: its driver,
+    # imported before, has no token and is refused by its own GCS)
+    before = dict(os.environ)
+    with mock.patch.dict(os.environ):
+        os.environ.pop("RAY_AUTH_MODE", None)
+        os.environ.pop("RAY_AUTH_TOKEN", None)
+        assert prepare("h:6379", None) is None  # a cluster the user provides: nothing set
+        assert "RAY_AUTH_MODE" not in os.environ
+        assert prepare(None, None) == "token" and os.environ["RAY_AUTH_MODE"] == "token"
+        token = os.environ["RAY_AUTH_TOKEN"]
+        assert prepare(None, "token") == "token"  # the user's (or an earlier call's) choice
+        assert os.environ["RAY_AUTH_TOKEN"] == token
+    assert dict(os.environ) == before
 
 
 def test_serve_refuses_http_beyond_loopback_next_to_an_unauthenticated_own_ray():
