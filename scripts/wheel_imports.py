@@ -52,7 +52,7 @@ def _imports(tree: ast.Module, module: str, is_pkg: bool, deep: bool) -> list[st
 def reached(wheel: str, start: str, deep: list[str], skip: list[str]) -> dict[str, str]:
     """Each third-party top-level name reached from ``start`` -> a module importing it."""
     with zipfile.ZipFile(wheel) as z:
-        files = {n: n for n in z.namelist() if n.endswith(".py")}
+        files = {n for n in z.namelist() if n.endswith(".py")}
         package = start.split(".")[0]
         seen: set[str] = set()
         third: dict[str, str] = {}
@@ -66,8 +66,8 @@ def reached(wheel: str, start: str, deep: list[str], skip: list[str]) -> dict[st
             todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))
             path = mod.replace(".", "/")
             is_pkg = f"{path}/__init__.py" in files
-            source = files.get(f"{path}.py") or files.get(f"{path}/__init__.py")
-            if source is None:
+            source = f"{path}/__init__.py" if is_pkg else f"{path}.py"
+            if source not in files:  # a name imported from a module, or not in the wheel
                 continue
             try:
                 tree = ast.parse(z.read(source))

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 FILES = {
     "pkg/__init__.py": "",
     "pkg/app.py": (
-        "import os\nimport uvloop\nfrom . import routers\n"
+        "import os\nimport uvloop\nfrom . import engine, routers\n"
         "def build_app():\n    from .serve import register\n    register()\n"),
     "pkg/routers.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import mcp\n",
     "pkg/serve/__init__.py": (
@@ -23,7 +23,7 @@ FILES = {
     "pkg/serve/metrics.py": (
         "def attach():\n    from prometheus_fastapi_instrumentator import Instrumentator\n"
         "try:\n    import xxhash\nexcept ImportError:\n    xxhash = None\n"),
-    "pkg/engine.py": "def later():\n    import never_reached_unless_deep\n",
+    "pkg/engine.py": "def later():\n    import lazy_dep\n",
 }
 
 
@@ -40,10 +40,15 @@ def _scan(tmp_path: Path, *args: str) -> dict[str, str]:
 def test_function_level_imports_are_followed_only_under_deep_prefixes(tmp_path):
     assert _scan(tmp_path) == {"uvloop": "pkg.app"}
     assert _scan(tmp_path, "--deep", "pkg") == {
+        "uvloop": "pkg.app", "prometheus_fastapi_instrumentator": "pkg.serve.metrics",
+        "lazy_dep": "pkg.engine"}
+    # build_app's and register's imports followed, not pkg.engine's function-level one
+    assert _scan(tmp_path, "--deep", "pkg.app", "--deep", "pkg.serve") == {
         "uvloop": "pkg.app", "prometheus_fastapi_instrumentator": "pkg.serve.metrics"}
 
 
 def test_have_and_skip_leave_names_and_modules_out(tmp_path):
-    assert _scan(tmp_path, "--deep", "pkg", "--have", "uvloop") == {
+    assert _scan(tmp_path, "--deep", "pkg", "--have", "uvloop", "lazy_dep") == {
         "prometheus_fastapi_instrumentator": "pkg.serve.metrics"}
-    assert _scan(tmp_path, "--deep", "pkg", "--skip", "pkg.serve") == {"uvloop": "pkg.app"}
+    assert _scan(tmp_path, "--deep", "pkg", "--skip", "pkg.serve") == {
+        "uvloop": "pkg.app", "lazy_dep": "pkg.engine"}
