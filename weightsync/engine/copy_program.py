@@ -60,8 +60,8 @@ class CopyProgram(NamedTuple):
         if self.fp8:
             from weightsync.engine import vllm_fp8
 
-            for w in self.fp8:
-                _, scale = vllm_fp8.fp8_quantize(w.src, w.weight)
+            for w in self.fp8:  # (a gloo bucket is in host memory: quantized on the device)
+                _, scale = vllm_fp8.fp8_quantize(w.src.to(w.weight.device), w.weight)
                 w.scale.copy_(scale.view(w.scale.shape), non_blocking=True)
 
 

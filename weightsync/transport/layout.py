@@ -159,8 +159,10 @@ def first_mismatch(layout: KernelLayout, sent: dict, live: dict,
     for p in layout.params:
         want = live[p.name]
         dtype = getattr(torch, p.dtype) if p.fp8_scale is not None else want.dtype
-        stacked = torch.cat([sent[name].to(dtype) for name, _ in p.parts]) \
-            if len(p.parts) > 1 else sent[p.parts[0][0]].to(dtype)
+        # on the parameter's device: over gloo the buckets arrive in host memory while a GPU
+        # engine's parameters are on the GPU (compared, and quantized, where they live)
+        parts = [sent[name].to(want.device, dtype) for name, _ in p.parts]
+        stacked = torch.cat(parts) if len(parts) > 1 else parts[0]
         if p.fp8_scale is None:
             if not torch.equal(stacked.view(want.shape), want.data):
                 return p.name
