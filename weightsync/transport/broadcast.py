@@ -196,6 +196,20 @@ class _Pending:
             time.sleep(0.0005)
 
 
+# NCCL's answer when two ranks of one group are on the same GPU (measured on the lent H100:
+# the GRPO job's trainer and engines on one GPU with --backend nccl)
+_NCCL_SAME_GPU = (" (most often two ranks of one NCCL group on the same GPU, which NCCL refuses: "
+                  "a trainer sharing a GPU with an engine syncs it over CUDA IPC, ipc=True, or "
+                  "over gloo)")
+
+
+def rendezvous_failed(backend: str, where: str, e: BaseException) -> TransferError:
+    """The error for a rendezvous that raised ``e``, with what NCCL's "invalid usage" most
+    often means."""
+    hint = _NCCL_SAME_GPU if backend == "nccl" and "invalid usage" in str(e) else ""
+    return TransferError(f"{where} failed: {e}{hint}")
+
+
 def open_group(backend: str, host: str, port: int, rank: int, world_size: int,
                timeout_s: float) -> _Group:
     """Join (rank > 0) or host (rank 0) a stateless group; raises within ``timeout_s``."""
@@ -219,7 +233,8 @@ def open_group(backend: str, host: str, port: int, rank: int, world_size: int,
         raise DeadlineExceeded(f"rendezvous {host}:{port} rank {rank}/{world_size} "
                                f"incomplete after {timeout_s:.1f}s")
     if "e" in result:
-        raise TransferError(f"rendezvous {host}:{port} rank {rank}/{world_size} failed: {result['e']}")
+        raise rendezvous_failed(backend, f"rendezvous {host}:{port} rank {rank}/{world_size}",
+                                result["e"])
     return _Group(backend, result["g"], device, rank, world_size, timeout_s)
 
 
