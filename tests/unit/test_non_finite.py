@@ -35,7 +35,10 @@ def test_a_non_finite_update_is_refused_and_names_the_tensor(local_fleet, apply,
     coord = SyncCoordinator(engines, cfg)
     assert coord.sync(TinyModel.seeded(1), leg=leg).ok
     if direct:  # the direct path takes the kernel layout, verified by a first load
-        assert coord.sync(TinyModel.seeded(2), leg=leg).ok
+        res = coord.sync(TinyModel.seeded(2), leg=leg)
+        assert res.ok and res.layout == "kernel", res
+        took = res.engines[0].seconds  # the check is timed, inside the load it precedes
+        assert 0 < took["transfer.finite"] <= took["reload"], sorted(took)
     before = engines.weights("a")
     with pytest.raises(SyncFailedError) as e:
         coord.sync(_poisoned(3, value), leg=leg)

@@ -72,6 +72,7 @@ class AppliedReport:
     rebuilt: tuple[str, ...] = ()
     checksums: tuple[int, ...] | None = None
     nbytes: int = 0
+    finite_s: float = 0.0  # of reload_s: the finite check of pieces checked inside the load
 
 
 class Applier(ABC):
@@ -204,8 +205,11 @@ class CheckedByCopyApplier(Applier):
         program = st.programs.program(staged, load.key, self.params)
         graph_key = st.programs.graph_key(program)
         many = program.launch
+        finite_s = 0.0
         if load.check_finite:  # the sender's pieces, before anything is copied from them
+            t = time.perf_counter()
             st.programs.require_finite(program, self.params)
+            finite_s = time.perf_counter() - t
         with torch.no_grad():
             if graph_key is not None:  # the same pieces and parameters as last sync
                 terms = st.graph("kernel-layout copy").run(graph_key, many.terms)
@@ -223,4 +227,4 @@ class CheckedByCopyApplier(Applier):
                               "the engine's weights are not the sender's")
         st.rebuilt = ()
         return AppliedReport(reload_s=reload_s, checksums=tuple(sums),
-                             nbytes=sum(buf.numel() for _, buf in staged))
+                             nbytes=sum(buf.numel() for _, buf in staged), finite_s=finite_s)

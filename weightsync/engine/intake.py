@@ -116,6 +116,8 @@ class Intake:
                                     expected_terms=incoming.expected_terms,
                                     check_finite=request.check_finite))
         seconds = {"reload": report.reload_s}
+        if request.check_finite:  # (part of the reload here: checked before the copy)
+            seconds["finite"] = report.finite_s
         fingerprint = self.timed_fingerprint(seconds)
         return ReceiveReport(nbytes=report.nbytes, checksums=report.checksums or (),
                              applied=True, fingerprint=fingerprint, seconds=seconds)
