@@ -72,6 +72,11 @@ def merge(parts: list[dict]) -> dict:
         out["tests"].update(part.get("tests", {}))
         _merge_into(out["data"], part.get("data", {}))
     out["meta"]["result_parts"] = len(parts)  # the streams', and the exclusive tests' run
+    # where parts come from runs at different commits, which test ran where (a later part's
+    # outcome replaces an earlier one's for the same test)
+    out["meta"]["parts"] = [{"commit": p.get("meta", {}).get("commit"),
+                             "date": p.get("meta", {}).get("date"),
+                             "tests": sorted(p.get("tests", {}))} for p in parts]
     out["summary"] = summarize(out)
     return out
 

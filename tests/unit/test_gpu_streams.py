@@ -27,10 +27,15 @@ def test_plan_splits_per_test_files_keeps_module_engines_together_and_balances()
 def test_merge_keeps_every_outcome_and_merges_data_key_by_key():
     a = {"meta": {"commit": "x"}, "tests": {"t1": {"outcome": "passed"}},
          "data": {"warm_cold": {"a": {"ok": 1}}, "fp8": [1]}}
-    b = {"meta": {"commit": "x"}, "tests": {"t2": {"outcome": "failed"}},
+    b = {"meta": {"commit": "y", "date": "d"}, "tests": {"t2": {"outcome": "failed"}},
          "data": {"warm_cold": {"b": {"ok": 2}}}}
     out = merge([a, b])
     assert out["tests"].keys() == {"t1", "t2"}
     assert out["data"]["warm_cold"] == {"a": {"ok": 1}, "b": {"ok": 2}}
-    assert out["meta"] == {"commit": "x", "result_parts": 2}
+    assert out["meta"] == {"commit": "x", "result_parts": 2, "parts": [
+        {"commit": "x", "date": None, "tests": ["t1"]},
+        {"commit": "y", "date": "d", "tests": ["t2"]}]}  # which test ran at which commit
     assert out["summary"]["tests"] == {"passed": 1, "skipped": 0, "failed": 1}
+    # a later run of the same test replaces its outcome
+    again = merge([a, b, {"meta": {"commit": "z"}, "tests": {"t2": {"outcome": "passed"}}}])
+    assert again["summary"]["tests"] == {"passed": 2, "skipped": 0, "failed": 0}
