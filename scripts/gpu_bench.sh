@@ -26,6 +26,15 @@ mkdir -p "$out"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 export VLLM_WORKER_MULTIPROC_METHOD=spawn VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_USE_V2_MODEL_RUNNER=1
 common=(--ipc --ipc-reuse --sleep-level 1 --bucket-mib 2048 --engines 1 --workdir /tmp/bench)
+# A job whose engines failed to start says only "see root cause above": the cause is in the
+# engines' own logs (vLLM in Ray actors, not this console). Keep their error lines in bench.log.
+engine_errors() {
+  { echo "== $1: error lines of the engines' Ray logs (latest session) =="
+    grep -hE "Error|error:|CUDA out of memory|Traceback|ValueError|RuntimeError" \
+      /tmp/ray/session_latest/logs/worker-*.err /tmp/ray/session_latest/logs/worker-*.out \
+      2>/dev/null | grep -v FutureWarning | tail -n 60
+  } >>"$out/bench.log"
+}
 rc=0
 for job in "$@"; do
   case $job in
@@ -53,7 +62,7 @@ for job in "$@"; do
       python3 -m benchmarks.run --shape "$s" --syncs 10 --native "${common[@]}" \
         --out "$out/sync-gpu-$s.json" ;;
     *) python3 -m benchmarks.run --shape "$job" --syncs 5 "${common[@]}" --out "$out/sync-gpu-$job.json" ;;
-  esac >>"$out/bench.log" 2>&1 || { rc=$?; echo "$job failed ($rc)"; }
+  esac >>"$out/bench.log" 2>&1 || { rc=$?; echo "$job failed ($rc)"; engine_errors "$job"; }
   tail -n 3 "$out/bench.log"
 done
 exit $rc
