@@ -5,7 +5,9 @@ Writes a JSON (``meta``: the new tree's run's, benchmark ``noslowdown``) and a P
 
     python -m benchmarks.noslowdown RESULTS_DIR OUT.json colocated-0.5b moe-30b-a3b-4l
 
-``RESULTS_DIR`` holds ``new/*.json`` and ``old/*.json`` (``benchmarks.run`` results files).
+``RESULTS_DIR`` holds ``new/*.json`` and ``old/*.json`` (``benchmarks.run`` results files), and
+``unchecked/*.json`` where this tree also ran with the finite check off (``--no-check-finite``:
+3959233 had no such check), compared with the old tree as ``ratio_unchecked_over_old_p50``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ def summarize(res: Path, jobs: list[str]) -> dict[str, Any]:
     """Each results file found in both trees: p50/p95 of the sync total, the ratio, and every
     phase's p50 in both (the phases that exist in either)."""
     runs: dict[str, dict[str, dict]] = {}
-    for tree in ("new", "old"):
+    for tree in ("new", "old", "unchecked"):
         for path in sorted((res / tree).glob("*.json")):
             runs.setdefault(path.name, {})[tree] = json.loads(path.read_text())
     results: dict[str, Any] = {}
@@ -41,6 +43,9 @@ def summarize(res: Path, jobs: list[str]) -> dict[str, Any]:
             new, old = row["new"]["phases_p50_s"], row["old"]["phases_p50_s"]
             row["phase_delta_p50_s"] = {p: new.get(p, 0.0) - old.get(p, 0.0)
                                         for p in sorted(set(new) | set(old))}
+        if "unchecked" in row and "old" in row:  # this tree without the finite check
+            row["ratio_unchecked_over_old_p50"] = \
+                row["unchecked"]["total_p50_s"] / row["old"]["total_p50_s"]
         results[name] = row
     for per_job in ("shape", "colocated"):  # (each job's own, in its results)
         meta.pop(per_job, None)
@@ -83,7 +88,8 @@ def main(argv: list[str]) -> int:
     summary = summarize(res, jobs)
     out.write_text(json.dumps(summary, indent=1, sort_keys=True))
     plot(summary, out.with_suffix(".png"))
-    print(json.dumps({k: v.get("ratio_new_over_old_p50")
+    print(json.dumps({k: {r: v[r] for r in ("ratio_new_over_old_p50",
+                                            "ratio_unchecked_over_old_p50") if r in v}
                       for k, v in summary["results"].items()}))
     return 0
 

@@ -121,6 +121,9 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
          broadcast: str = typer.Option("collective", help="gloo: collective | chain"),
          colocated: bool = typer.Option(False, help="sleep the fleet before every sync (at "
                                         "--sleep-level, 1 if 0) and sync into it"),
+         check_finite: bool = typer.Option(True, help="the engines' finite check "
+                                           "(TransferConfig.check_finite); off only to "
+                                           "measure what it costs"),
          out: Path = typer.Option(None), workdir: Path = typer.Option(Path("runs/bench"))) -> None:
     import ray
     import torch
@@ -146,7 +149,7 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
     boot = time.perf_counter() - t
     device = "cuda" if gpu else "cpu"
     policy = load_trainer_model(model_dir, dtype=getattr(torch, dtype)).to(device)
-    cfg = TransferConfig(bucket_bytes=bucket_mib << 20, apply=apply,
+    cfg = TransferConfig(bucket_bytes=bucket_mib << 20, apply=apply, check_finite=check_finite,
                          ipc=IpcSettings(reuse_buffers=ipc_reuse, direct=ipc_direct),
                          broadcast=BroadcastSettings(
                              backend="nccl" if gpu and not ipc else "gloo",
@@ -160,6 +163,7 @@ def main(shape: str = typer.Option("small"), engines: str = typer.Option("1,2,4"
                                            for n, _ in policy.named_parameters()),
               "ipc_reuse_buffers": ipc_reuse, "ipc_direct": ipc_direct,
               "sleep_level": sleep_level, "apply": apply, "bucket_mib": bucket_mib,
+              "check_finite": check_finite,
               "colocated": colocated, "gpu_memory_utilization": gpu_util if gpu else None,
               "broadcast": cfg.broadcast.mode,
               "syncs": syncs, "engine_boot_s": boot, "runs": runs,

@@ -26,6 +26,8 @@ mkdir -p "$out"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 export VLLM_WORKER_MULTIPROC_METHOD=spawn VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_USE_V2_MODEL_RUNNER=1
 common=(--ipc --ipc-reuse --sleep-level 1 --bucket-mib 2048 --engines 1 --workdir /tmp/bench)
+# WS_BENCH_ARGS: extra arguments for every benchmarks.run job (e.g. --no-check-finite)
+read -r -a run_args <<<"${WS_BENCH_ARGS:-}"
 # A job whose engines failed to start says only "see root cause above": the cause is in the
 # engines' own logs (vLLM in Ray actors, not this console). Keep their error lines in bench.log.
 engine_errors() {
@@ -48,20 +50,20 @@ for job in "$@"; do
     kernels) python3 -m benchmarks.kernels --shape 0.5b --rounds 20 --out "$out/kernels-0.5b.json" ;;
     digest) python3 -m benchmarks.digest --gib 2 --out "$out/digest-gpu.json" ;;
     colocated-*) s=${job#colocated-}; util=0.4; [[ $s == *@* ]] && util=${s#*@} s=${s%@*}
-      python3 -m benchmarks.run --shape "$s" --syncs 10 --colocated --ipc --ipc-reuse \
+      python3 -m benchmarks.run "${run_args[@]}" --shape "$s" --syncs 10 --colocated --ipc --ipc-reuse \
         --sleep-level 2 --bucket-mib 2048 --engines 1 --workdir /tmp/bench --gpu-util "$util" \
         --out "$out/colocated-gpu-$s-util$util.json" ;;
     moe-*-packed) s=${job%-packed}
-      python3 -m benchmarks.run --shape "$s" --syncs 10 --ipc --ipc-reuse --sleep-level 0 \
+      python3 -m benchmarks.run "${run_args[@]}" --shape "$s" --syncs 10 --ipc --ipc-reuse --sleep-level 0 \
         --bucket-mib 2048 --engines 1 --gpu-util 0.4 --workdir /tmp/bench \
         --out "$out/sync-gpu-$s-packed.json" ;;
-    moe-*) python3 -m benchmarks.run --shape "$job" --syncs 30 --ipc --ipc-reuse --ipc-direct \
+    moe-*) python3 -m benchmarks.run "${run_args[@]}" --shape "$job" --syncs 30 --ipc --ipc-reuse --ipc-direct \
         --sleep-level 0 --bucket-mib 2048 --engines 1 --gpu-util 0.4 --workdir /tmp/bench \
         --out "$out/sync-gpu-$job.json" ;;
     *-native) s=${job%-native}
-      python3 -m benchmarks.run --shape "$s" --syncs 10 --native "${common[@]}" \
+      python3 -m benchmarks.run "${run_args[@]}" --shape "$s" --syncs 10 --native "${common[@]}" \
         --out "$out/sync-gpu-$s.json" ;;
-    *) python3 -m benchmarks.run --shape "$job" --syncs 5 "${common[@]}" --out "$out/sync-gpu-$job.json" ;;
+    *) python3 -m benchmarks.run "${run_args[@]}" --shape "$job" --syncs 5 "${common[@]}" --out "$out/sync-gpu-$job.json" ;;
   esac >>"$out/bench.log" 2>&1 || { rc=$?; echo "$job failed ($rc)"; engine_errors "$job"; }
   tail -n 3 "$out/bench.log"
 done

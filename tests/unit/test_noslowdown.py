@@ -23,12 +23,14 @@ def test_the_ratio_and_the_phases_that_moved(tmp_path):
     _run(tmp_path / "new", "moe.json", 0.021, {"reload": 0.0095, "transfer.finite": 0.0036},
          meta)
     _run(tmp_path / "old", "moe.json", 0.0175, {"reload": 0.0056})
+    _run(tmp_path / "unchecked", "moe.json", 0.0175 * 1.05, {"reload": 0.0058})
     _run(tmp_path / "new", "only-new.json", 0.01, {}, meta)  # (no old run: no ratio)
     out = summarize(tmp_path, ["moe-30b-a3b-4l"])
     row = out["results"]["moe.json"]
     assert abs(row["ratio_new_over_old_p50"] - 1.2) < 1e-9
     assert abs(row["phase_delta_p50_s"]["reload"] - 0.0039) < 1e-9
     assert row["phase_delta_p50_s"]["transfer.finite"] == 0.0036  # new in this tree
+    assert abs(row["ratio_unchecked_over_old_p50"] - 1.05) < 1e-9  # the check off
     assert "ratio_new_over_old_p50" not in out["results"]["only-new.json"]
     # the new run's meta (what test_results_meta requires), without one job's own settings
     assert out["meta"] == {"commit": "abc1234", "device": "H100", "date": "d",
