@@ -4,7 +4,8 @@ A diverged trainer sends NaN or Inf; vLLM would load them and answer token 0 wit
 under a version that verified (the checksums of NaN bytes agree perfectly). So the worker
 checks what it received before it applies it, with one fused reduction per group of tensors
 (``torch._foreach_norm`` with ``ord=inf``: the largest magnitude of each tensor, NaN where it
-holds a NaN, inf where it holds an inf) and one read-back, and names the tensors at fault.
+holds a NaN, inf where it holds an inf; on the CPU, which has no fused kernel for it, each
+tensor's ``aminmax``) and one read-back, and names the tensors at fault.
 """
 
 from __future__ import annotations
@@ -41,12 +42,17 @@ def _nonfinite_batch(named: list[tuple[str, torch.Tensor]]) -> list[str]:
     for name, t in named:
         groups.setdefault((t.device, t.dtype), []).append((name, t))
     names: list[str] = []
-    norms = []
-    for members in groups.values():
-        norms.append(torch.stack(torch._foreach_norm([t for _, t in members], float("inf")))
-                     .float().to(named[0][1].device))
+    flags = []  # per group: whether each tensor is finite, on the first tensor's device
+    for (device, _), members in groups.items():
+        ts = [t for _, t in members]
+        if device.type == "cpu":  # (no fused kernel there: _foreach_norm is one norm per
+            # tensor, 6x slower than aminmax on a 0.5B-shaped rank-16 bf16 adapter)
+            ext = torch.stack([torch.stack(torch.aminmax(t)) for t in ts])  # [n, 2]
+        else:
+            ext = torch.stack(torch._foreach_norm(ts, float("inf"))).unsqueeze(1)  # [n, 1]
+        flags.append(torch.isfinite(ext).all(dim=1).to(named[0][1].device))
         names += [n for n, _ in members]
-    finite = torch.isfinite(torch.cat(norms)).tolist()  # (the one read-back)
+    finite = torch.cat(flags).tolist()  # (the one read-back)
     return [n for n, ok in zip(names, finite, strict=True) if not ok]
 
 
