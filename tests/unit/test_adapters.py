@@ -356,12 +356,14 @@ def test_a_new_stage_replaces_one_never_committed():
 
 
 # ---- what vLLM holds after a load, against what was sent (verify_held) -----------------------
-def _sent_and_held(scale_folded: bool, alpha: float = 16, r: int = 8):
+def _sent_and_held(scale_folded: bool, alpha: float = 16, r: int = 8,
+                   dtype: torch.dtype = torch.float32):
     g = torch.Generator().manual_seed(0)
     sent, held = {}, {}
     for m, (out, inp) in {"model.layers.0.self_attn.q_proj": (16, 8),
                           "model.layers.0.mlp.down_proj": (8, 32)}.items():
-        a, b = torch.randn(r, inp, generator=g), torch.randn(out, r, generator=g)
+        a = torch.randn(r, inp, generator=g).to(dtype)
+        b = torch.randn(out, r, generator=g).to(dtype)
         sent[f"base_model.model.{m}.lora_A.weight"] = a
         sent[f"base_model.model.{m}.lora_B.weight"] = b
         scale = alpha / r
@@ -381,12 +383,22 @@ def _config(**kw):
     return AdapterConfig(**{"r": 8, "lora_alpha": 16, "target_modules": "all-linear", **kw})
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("folded", [True, False])
-def test_what_vllm_holds_equals_what_was_sent_scaled_once(folded):
+def test_what_vllm_holds_equals_what_was_sent_scaled_once(folded, dtype):
+    """Held as vLLM makes it (``b * scale`` in the adapter's dtype: alpha 12 / r 8 = 1.5
+    rounds), verified bit for bit, in every dtype: one ulp apart is a difference."""
     from weightsync.adapters import verify_held
 
-    sent, held = _sent_and_held(folded)
-    verify_held(sent, held, _module_of, _config(), "a@v1")  # no error
+    sent, held = _sent_and_held(folded, alpha=12, dtype=dtype)
+    verify_held(sent, held, _module_of, _config(lora_alpha=12), "a@v1")  # no error
+    m = "model.layers.0.self_attn.q_proj"
+    a, b, s = held[m]
+    flipped = a.clone()  # one ulp apart: its lowest bit flipped
+    flipped.view({2: torch.int16, 4: torch.int32}[a.element_size()]).view(-1)[5] ^= 1
+    held[m] = (flipped, b, s)
+    with pytest.raises(VerificationError, match="q_proj: A differs"):
+        verify_held(sent, held, _module_of, _config(lora_alpha=12), "a@v1")
 
 
 def test_an_adapter_scaled_twice_a_stale_one_and_a_missing_module_are_named():
