@@ -269,7 +269,8 @@ def test_schemathesis_every_phase_and_check_zero_5xx(service, client, tiny_model
         if case.operation.path == "/reload" and isinstance(case.body, dict) and \
                 case.body.get("path") in run.malformed:
             # a fleet the fuzzer paused or put to sleep answers 409 before any file is read
-            # (at c75e380 all 5 malformed-file calls met one): serving, so the file is
+            # (at c75e380 all 5 malformed-file calls met one): make it serve, so the file is
+            # read and refused
             restore(client)
         if case.operation.path == "/sessions/{session}/commit" and isinstance(case.body, dict) \
                 and isinstance(case.body.get("checksums"), list):
