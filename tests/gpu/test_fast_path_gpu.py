@@ -25,6 +25,7 @@ def fast_engine(gpu_ray, text_model):
 def _phases(res):
     s = res.engines[0].seconds
     return {"transfer": s.get("transfer"), "reload": s.get("reload"),
+            "finite": s.get("transfer.finite"),
             "transfer+reload": s.get("transfer+reload"),
             "total": res.seconds.get("total"), "layout": res.layout}
 
@@ -106,3 +107,37 @@ def test_ipc_bucket_that_differs_from_the_senders_checksum_is_refused_or_fenced(
         assert [o.token_ids for o in engine_generate(fast_engine, PROMPTS)] == \
             [o.token_ids for o in before]
     assert coord.sync(trainer, ipc=True).ok  # and the next sync goes through
+
+
+def test_a_nan_in_the_trainers_tensors_is_refused_before_the_direct_copy(fast_engine,
+                                                                        text_model):
+    """Direct IPC (the engine copies from the trainer's own tensors): a NaN in one weight is
+    found by the sender's checksum launch (the same reads) and refused by the engine before
+    it copies anything: it still serves its version, token for token, and names the weight."""
+    from weightsync.errors import SyncFailedError
+
+    trainer = load_trainer_model(text_model, torch.bfloat16).cuda()
+    coord = SyncCoordinator([fast_engine], TransferConfig(bucket_bytes=256 << 20,
+                                                          ipc_direct=True))
+    assert coord.sync(trainer, ipc=True).ok
+    res = coord.sync(trainer, ipc=True)
+    assert res.ok and res.layout == "kernel" and coord._leg("ipc").direct_note is None
+    assert 0 <= res.engines[0].seconds["transfer.finite"] <= res.engines[0].seconds["reload"]
+    before = engine_generate(fast_engine, PROMPTS)
+    version = ray.get(fast_engine.status.remote()).version
+    name, param = next((n, p) for n, p in trainer.named_parameters() if "mlp" in n)
+    with torch.no_grad():
+        param.view(-1)[param.numel() // 2] = float("nan")
+    with pytest.raises(SyncFailedError) as info:
+        coord.sync(trainer, ipc=True)
+    rep = info.value.result.engines[0]
+    assert not rep.ok and not rep.fenced and "non-finite" in rep.error, rep.error
+    assert "mlp" in rep.error  # (the engine's weight it would have gone into)
+    assert coord._leg("ipc").direct_note is None  # (it was the direct path that refused)
+    status = ray.get(fast_engine.status.remote())
+    assert status.state.value == "serving" and status.version == version
+    assert [o.token_ids for o in engine_generate(fast_engine, PROMPTS)] == \
+        [o.token_ids for o in before]
+    with torch.no_grad():
+        param.view(-1)[param.numel() // 2] = 0.0
+    assert coord.sync(trainer, ipc=True).ok

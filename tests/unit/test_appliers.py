@@ -185,3 +185,40 @@ def test_checked_by_copy_applier_writes_the_senders_memory_and_checks_what_it_wr
     with pytest.raises(VerificationError, match="non-finite"):  # refused before anything is copied
         applier.apply(Load(staged=staged, expected_terms=terms))
     assert not torch.isnan(worker.model_runner.model.proj.weight).any()
+
+
+def test_checked_by_copy_refuses_what_the_sender_flagged_and_reads_only_what_it_did_not():
+    """The sender's finite flags (``ManyDigests`` with dtypes, from the reads its checksums
+    came from) decide without the engine reading the pieces again: a flagged piece is refused
+    with its parameter named, its bytes finite or not; -1 (an encoding the sender does not
+    check) makes the engine read them itself; flags for other pieces are a transfer error."""
+    from weightsync.errors import TransferError
+    from weightsync.transport.digest_cuda import ManyDigests
+    from weightsync.transport.packing import piece_dtypes
+
+    worker, state = _worker()
+    weights = _new_weights()
+    plan = plan_buckets([spec_of(n, t) for n, t in weights.items()], bucket_bytes=200,
+                        version=1)
+    storages, pieces = direct_pieces(plan, weights, torch.device("cpu"))
+    spans = piece_views(storages, pieces)
+    staged = list(zip(plan.buckets, spans, strict=True))
+    sent = ManyDigests(span_views(spans), dtypes=piece_dtypes(plan, pieces)).terms()
+    terms, flags = sent[:, :3], sent[:, 3]
+    assert flags.tolist() == [0] * len(flags)
+    applier = choose(worker, state, "kernel", checked_by_copy=True)
+    before = {n: p.clone() for n, p in worker.model_runner.model.named_parameters()}
+    lying = flags.clone()
+    lying[-1] = 1  # the last piece, as if the sender had seen a NaN in it
+    with pytest.raises(VerificationError, match="non-finite.*norm.bias"):
+        applier.apply(Load(staged=staged, expected_terms=terms, sender_nonfinite=lying))
+    after = dict(worker.model_runner.model.named_parameters())
+    assert all(torch.equal(after[n], before[n]) for n in before)  # nothing copied
+    with pytest.raises(TransferError, match="cover"):
+        applier.apply(Load(staged=staged, expected_terms=terms, sender_nonfinite=flags[:-1]))
+    assert applier.apply(Load(staged=staged, expected_terms=terms, sender_nonfinite=flags))
+    assert _loaded(worker, weights)
+    weights["proj.weight"][0, 0] = float("inf")
+    unknown = torch.full_like(flags, -1)
+    with pytest.raises(VerificationError, match="non-finite.*proj.weight"):
+        applier.apply(Load(staged=staged, expected_terms=terms, sender_nonfinite=unknown))

@@ -44,14 +44,17 @@ class Load:
     """What an applier loads: a plan's buckets, all at hand (``staged``, in plan order) or as
     they arrive (``stream``), or a checkpoint's tensors (``tensors``). ``key``: stable while
     the plan and the buffers are (kept copy programs); ``expected_terms``: the sender's
-    checksum terms of every direct piece (checked-by-copy); ``check_finite``: refuse NaN or
-    Inf before anything is copied (where the intake has not checked it already)."""
+    checksum terms of every direct piece (checked-by-copy), and ``sender_nonfinite`` whether
+    each holds NaN or Inf by the same reads (``Incoming.sender_nonfinite``); ``check_finite``:
+    refuse NaN or Inf before anything is copied (where the intake has not checked it
+    already)."""
 
     staged: list[tuple[Bucket, Any]] | None = None
     stream: Iterable[tuple[Bucket, Any]] | None = None
     tensors: Iterable[tuple[str, torch.Tensor]] | None = None
     key: str | None = None
     expected_terms: torch.Tensor | None = None
+    sender_nonfinite: torch.Tensor | None = None
     check_finite: bool = True
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -208,7 +211,7 @@ class CheckedByCopyApplier(Applier):
         finite_s = 0.0
         if load.check_finite:  # the sender's pieces, before anything is copied from them
             t = time.perf_counter()
-            st.programs.require_finite(program, self.params)
+            st.programs.require_finite(program, self.params, load.sender_nonfinite)
             finite_s = time.perf_counter() - t
         with torch.no_grad():
             if graph_key is not None:  # the same pieces and parameters as last sync

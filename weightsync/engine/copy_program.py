@@ -16,8 +16,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from weightsync.engine.finite import require_finite, typed_pieces
-from weightsync.errors import ConfigError, ReloadError, TransferError
+from weightsync.engine.finite import non_finite_message, require_finite, typed_pieces
+from weightsync.errors import ConfigError, ReloadError, TransferError, VerificationError
 from weightsync.transport.digest_cuda import ManyDigests
 from weightsync.transport.packing import (
     Spans,
@@ -146,12 +146,29 @@ class CopyPrograms:
             return None
         return (self._made, kept[0], tuple(d.data_ptr() for d in program.dsts))
 
-    def require_finite(self, program: CopyProgram, params: Params) -> None:
-        """Refuse direct pieces holding NaN or Inf before any is copied (``typed_pieces``)."""
+    def require_finite(self, program: CopyProgram, params: Params,
+                       flags: torch.Tensor | None = None) -> None:
+        """Refuse direct pieces holding NaN or Inf before any is copied: as the sender found
+        them when it checksummed them (``flags``, ``Incoming.sender_nonfinite``: one read-back,
+        and what is copied is then checked against those checksums), or, where it did not
+        look, by reading them here (``typed_pieces``)."""
+        seen = flags.tolist() if flags is not None else None
+        if seen is not None and len(seen) != len(program.srcs):
+            raise TransferError(f"the sender's finite flags cover {len(seen)} pieces, "
+                                f"not {len(program.srcs)}")
+        if seen is not None and min(seen, default=0) >= 0:
+            if any(seen):  # (names, in order, once each: pieces of one parameter share it)
+                bad = list(dict.fromkeys(n for (n, _), f in zip(
+                    self._typed(program, params), seen, strict=True) if f))
+                raise VerificationError(non_finite_message(bad, "the sender's tensors"))
+            return
+        require_finite(self._typed(program, params), "the sender's tensors")
+
+    def _typed(self, program: CopyProgram, params: Params) -> list[tuple[str, torch.Tensor]]:
         kept = self._finite
         if kept is None or kept[0] is not program:
             kept = self._finite = (program, typed_pieces(params(), program.dsts, program.srcs))
-        require_finite(kept[1], "the sender's tensors")
+        return kept[1]
 
     def forget(self) -> None:
         """The buffers the kept program points into are gone."""

@@ -61,9 +61,14 @@ def require_finite(named: Iterable[tuple[str, torch.Tensor]], what: str) -> None
     (``VerificationError``: refused like a checksum mismatch, nothing applied from it)."""
     bad = nonfinite(named)
     if bad:
-        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise VerificationError(f"non-finite values (NaN or Inf) in {what}: "
-                                f"{', '.join(bad[:5])}{more}; nothing applied from them")
+        raise VerificationError(non_finite_message(bad, what))
+
+
+def non_finite_message(bad: Sequence[str], what: str) -> str:
+    """Why ``what`` is refused: the first few tensors of ``bad`` named."""
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return (f"non-finite values (NaN or Inf) in {what}: {', '.join(bad[:5])}{more}; "
+            "nothing applied from them")
 
 
 def typed_pieces(params: Mapping[str, torch.Tensor], dsts: Sequence[torch.Tensor],

@@ -114,6 +114,7 @@ class Intake:
             raise TransferError(f"received {len(staged)} of {len(plan.buckets)} buckets")
         report = applier.apply(Load(staged=staged, key=key,
                                     expected_terms=incoming.expected_terms,
+                                    sender_nonfinite=incoming.sender_nonfinite,
                                     check_finite=request.check_finite))
         seconds = {"reload": report.reload_s}
         if request.check_finite:  # (part of the reload here: checked before the copy)

@@ -57,7 +57,9 @@ class CorruptOneRankReceiver(GroupReceiver):
 
 
 def _false_terms(bufs: Any, many: Any = None) -> Any:
-    return bucket_terms(bufs, many) ^ 1  # what the engines are told: not what was shared
+    terms = bucket_terms(bufs, many).clone()
+    terms[:, :3] ^= 1  # what the engines are told: not what was shared (flags left true)
+    return terms
 
 
 class FalseChecksumsIpcLeg(IpcLeg):

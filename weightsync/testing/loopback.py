@@ -18,16 +18,17 @@ import torch
 
 from weightsync.errors import TransferError
 from weightsync.messages import BeginReply, ReceiveRequest
+from weightsync.transport.digest_cuda import ManyDigests
 from weightsync.transport.legs.base import Incoming, LegOutcome, ReceiverLeg, SenderLeg
 from weightsync.transport.packing import (
     NotDirect,
     Spans,
     checksum,
-    digest_terms,
     direct_pieces,
     fold_spans,
     named_tensors,
     pack_bucket,
+    piece_dtypes,
     piece_views,
     span_views,
 )
@@ -56,9 +57,10 @@ class LoopbackLeg(SenderLeg):
             except NotDirect:
                 direct = None
         if direct is not None:
-            bufs = piece_views(*direct)  # each piece digested where it lies
-            terms = digest_terms(span_views(bufs))
-            sums = fold_spans(bufs, terms.tolist())
+            bufs = piece_views(*direct)  # each piece digested where it lies, and checked
+            # for NaN or Inf by the same reads (as the IPC leg's sender)
+            terms = ManyDigests(span_views(bufs), dtypes=piece_dtypes(plan, direct[1])).terms()
+            sums = fold_spans(bufs, terms[:, :3].tolist())
         else:
             bufs, sums = [], []
             for bucket in plan.buckets:
@@ -102,8 +104,8 @@ class LoopbackReceiver(ReceiverLeg):
             if corrupt is not None and corrupt < len(bufs) and bufs[corrupt].views:
                 with torch.no_grad():
                     bufs[corrupt].views[0][0] ^= 0xFF
-            return Incoming(zip(plan.buckets, bufs, strict=True), expected_terms=terms,
-                            checked_by_copy=True)
+            return Incoming(zip(plan.buckets, bufs, strict=True), expected_terms=terms[:, :3],
+                            sender_nonfinite=terms[:, 3], checked_by_copy=True)
 
         def buckets():
             for bucket, buf in zip(plan.buckets, bufs, strict=True):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 
 import torch
 
@@ -81,10 +82,12 @@ def _many_kernel():
 
     @triton.jit
     def band_terms(addr_ptr, words_ptr, item_buf_ptr, item_row_ptr, part_ptr, dst_ptr,
-                   BAND: tl.constexpr, TILE: tl.constexpr, C: tl.constexpr,
-                   COPY: tl.constexpr):
+                   exp_ptr, low_ptr, high_ptr, BAND: tl.constexpr, TILE: tl.constexpr,
+                   C: tl.constexpr, COPY: tl.constexpr, FINITE: tl.constexpr,
+                   W: tl.constexpr):
         # one band of BAND rows of one buffer: its share of the buffer's three terms (COPY:
-        # and the band written to the buffer's destination, from the same loads)
+        # and the band written to the buffer's destination, from the same loads; FINITE: and
+        # how many of its words hold an element whose exponent bits are all set, NaN or Inf)
         pid = tl.program_id(0)
         buf = tl.load(item_buf_ptr + pid)
         row0 = tl.load(item_row_ptr + pid)
@@ -95,6 +98,12 @@ def _many_kernel():
         row_acc = tl.zeros([TILE], dtype=tl.int64)
         weighted = tl.zeros([TILE], dtype=tl.int64)
         col_acc = tl.zeros([C], dtype=tl.int64)
+        bad_acc = tl.zeros([TILE], dtype=tl.int64)
+        if FINITE:  # per buffer: its elements' exponent mask in every lane of a word, and
+            # each lane's lowest and highest bit (no mask: not a floating dtype, unchecked)
+            emask = tl.load(exp_ptr + buf)
+            low = tl.load(low_ptr + buf)
+            high = tl.load(high_ptr + buf)
         for r in range(0, BAND, TILE):
             rows = row0 + r + tl.arange(0, TILE).to(tl.int64)
             idx = rows[:, None] * C + cols[None, :]
@@ -105,9 +114,17 @@ def _many_kernel():
             row_acc += sums
             weighted += sums * (rows + 1)
             col_acc += tl.sum(tile, axis=0)
-        tl.store(part_ptr + pid * 3, tl.sum(row_acc))
-        tl.store(part_ptr + pid * 3 + 1, tl.sum(weighted))
-        tl.store(part_ptr + pid * 3 + 2, tl.sum(col_acc * (cols + 1)))
+            if FINITE:  # a lane of y is zero where all its exponent bits are set; y's lanes
+                # never have their top bit set (the sign is not in the mask), so the
+                # zero-lane test below borrows only out of a zero lane: exact
+                y = (tile & emask) ^ emask
+                hit = ((y - low) & ~y & high) != 0
+                bad_acc += tl.sum(hit.to(tl.int64), axis=1)
+        tl.store(part_ptr + pid * W, tl.sum(row_acc))
+        tl.store(part_ptr + pid * W + 1, tl.sum(weighted))
+        tl.store(part_ptr + pid * W + 2, tl.sum(col_acc * (cols + 1)))
+        if FINITE:
+            tl.store(part_ptr + pid * W + 3, tl.where(emask != 0, tl.sum(bad_acc), 0))
 
     return band_terms
 
@@ -125,15 +142,22 @@ class ManyDigests:
 
     ``copy_to``: a destination byte buffer per buffer, as long; ``terms()`` then also writes
     every buffer to its destination from the same loads — one read of the bytes for both —
-    and its terms are those of the bytes written."""
+    and its terms are those of the bytes written.
+
+    ``dtypes``: each buffer's element dtype; ``terms()`` then has a fourth column, from the
+    same loads: 0 where every element is finite, above 0 where one is NaN or Inf (integer
+    dtypes: 0), -1 where the dtype's encoding is not one this checks (``finite_masks``)."""
 
     def __init__(self, bufs: list[torch.Tensor], band: int | None = None,
                  copy_to: list[torch.Tensor] | None = None, tile: int | None = None,
-                 warps: int | None = None, kernel_off_gpu: bool = False) -> None:
+                 warps: int | None = None, kernel_off_gpu: bool = False,
+                 dtypes: Sequence[torch.dtype] | None = None) -> None:
         from weightsync.transport.packing import _ROW_WORDS
 
         if copy_to is not None and [d.numel() for d in copy_to] != [b.numel() for b in bufs]:
             raise ValueError("every buffer needs a destination as long as itself")
+        if dtypes is not None and len(dtypes) != len(bufs):
+            raise ValueError("every buffer needs its element dtype")
         self.bufs = bufs
         self.copy_to = copy_to
         self.band = band or (_COPY_BAND_ROWS if copy_to is not None else _BAND_ROWS)
@@ -158,17 +182,31 @@ class ManyDigests:
         self.item_buf, self.item_row = as_tensor(items_buf), as_tensor(items_row)
         self.fast_index, self.rest_index = as_tensor(self.fast), as_tensor(self.rest)
         self.columns = _ROW_WORDS
+        self.dtypes = list(dtypes) if dtypes is not None else None
+        self.width = 3 if dtypes is None else 4  # (the terms, and the finite count)
+        masks = [finite_masks(d) for d in dtypes] if dtypes is not None else []
+        # (-1: not checked)
+        self.unchecked = as_tensor([i for i, m in enumerate(masks) if m is None])
+        self.masks = [as_tensor([(masks[i] or (0, 0, 0))[k] for i in self.fast])
+                      for k in range(3)] if dtypes is not None else [self.addrs] * 3
         # Triton missing, or no GPU: torch's launches, same values (``kernel_off_gpu``: the
         # kernel anyway — Triton's interpreter on CPU, in tests)
         self.broken = device.type != "cuda" and not kernel_off_gpu
 
     def terms(self) -> torch.Tensor:
         """``(n, 3)`` int64 on the device: ``digest_terms(bufs)`` (with ``copy_to``: of the
-        destinations, once every buffer was written to its own)."""
+        destinations, once every buffer was written to its own; with ``dtypes``: ``(n, 4)``,
+        the fourth column whether each buffer holds a non-finite element)."""
+        out = self._terms()
+        if self.unchecked.numel():
+            out[:, 3].index_fill_(0, self.unchecked, -1)
+        return out
+
+    def _terms(self) -> torch.Tensor:
         if self.broken:
             return self._eager(range(len(self.bufs)))
         device = self.addrs.device
-        out = torch.zeros((len(self.bufs), 3), dtype=torch.int64, device=device)
+        out = torch.zeros((len(self.bufs), self.width), dtype=torch.int64, device=device)
         try:
             kernel = _many_kernel()
         except Exception as e:  # noqa: BLE001 - no Triton: torch's reductions, same values
@@ -176,12 +214,15 @@ class ManyDigests:
             self.broken = True
             return self._eager(range(len(self.bufs)))
         if self.fast:
-            parts = torch.empty((self.item_buf.numel(), 3), dtype=torch.int64, device=device)
+            parts = torch.empty((self.item_buf.numel(), self.width), dtype=torch.int64,
+                                device=device)
             kernel[(self.item_buf.numel(),)](
                 self.addrs, self.words, self.item_buf, self.item_row, parts, self.dsts,
-                BAND=self.band, TILE=self.tile, C=self.columns,
-                COPY=self.copy_to is not None, num_warps=self.warps)
-            shares = torch.zeros((len(self.fast), 3), dtype=torch.int64, device=device)
+                *self.masks, BAND=self.band, TILE=self.tile, C=self.columns,
+                COPY=self.copy_to is not None, FINITE=self.dtypes is not None,
+                W=self.width, num_warps=self.warps)
+            shares = torch.zeros((len(self.fast), self.width), dtype=torch.int64,
+                                 device=device)
             shares.index_add_(0, self.item_buf, parts)
             out.index_copy_(0, self.fast_index, shares)
         if self.rest:
@@ -192,8 +233,41 @@ class ManyDigests:
         """``terms`` of some buffers by torch's own launches (copied first, if asked)."""
         from weightsync.transport.packing import digest_terms
 
-        if self.copy_to is None:
-            return digest_terms([self.bufs[i] for i in which])
-        for i in which:
-            self.copy_to[i].copy_(self.bufs[i])
-        return digest_terms([self.copy_to[i] for i in which])
+        which = list(which)
+        if self.copy_to is not None:
+            for i in which:
+                self.copy_to[i].copy_(self.bufs[i])
+        read = self.copy_to if self.copy_to is not None else self.bufs
+        terms = digest_terms([read[i] for i in which])
+        if self.dtypes is None:
+            return terms
+        bad = [torch.zeros((), dtype=torch.int64, device=terms.device)]
+        for i in which:  # (integer dtypes: never non-finite)
+            dt, b = self.dtypes[i], read[i]
+            bad.append((~torch.isfinite(b.view(dt))).sum() if dt.is_floating_point and
+                       b.numel() else bad[0])
+        return torch.cat([terms, torch.stack(bad[1:]).view(-1, 1)], dim=1)
+
+
+def finite_masks(dtype: torch.dtype) -> tuple[int, int, int] | None:
+    """For a 64-bit word of ``dtype`` elements, as int64: the exponent mask in every lane
+    (an element is NaN or Inf where all of its bits are set; float8_e4m3fn, which has no
+    infinity: exponent and mantissa, its NaN), each lane's lowest bit, each lane's highest.
+    (0, 0, 0) for integer dtypes (nothing to check); None for a floating encoding not
+    listed here (fp8 "fnuz": NaN is the negative zero)."""
+    if not dtype.is_floating_point:
+        return (0, 0, 0)
+    lane = _EXPONENT_MASKS.get(dtype)
+    if lane is None:
+        return None
+    bits, mask = lane
+    lanes = range(64 // bits)
+    signed = lambda v: v - (1 << 64) if v >= 1 << 63 else v  # noqa: E731
+    return (signed(sum(mask << (bits * k) for k in lanes)),
+            signed(sum(1 << (bits * k) for k in lanes)),
+            signed(sum(1 << (bits * k + bits - 1) for k in lanes)))
+
+
+_EXPONENT_MASKS = {torch.bfloat16: (16, 0x7F80), torch.float16: (16, 0x7C00),
+                   torch.float32: (32, 0x7F800000), torch.float64: (64, 0x7FF0000000000000),
+                   torch.float8_e5m2: (8, 0x7C), torch.float8_e4m3fn: (8, 0x7F)}

@@ -299,6 +299,12 @@ def span_views(spans: Sequence[Spans]) -> list[torch.Tensor]:
     return [v for s in spans for v in s.views]
 
 
+def piece_dtypes(plan: TransferPlan, pieces: list[list[list[Piece]]]) -> list[torch.dtype]:
+    """Each piece's element dtype (its slot's), in ``span_views``' order."""
+    return [torch_dtype(slot.dtype) for bucket, slots in zip(plan.buckets, pieces, strict=True)
+            for slot, ps in zip(bucket.slots, slots, strict=True) for _ in ps]
+
+
 def piece_views(storages: Sequence[torch.Tensor], pieces: list[list[list[Piece]]]
                 ) -> list[Spans]:
     """Every bucket's ``Spans`` over ``storages`` (flat uint8 tensors)."""

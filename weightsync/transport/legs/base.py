@@ -156,11 +156,16 @@ class Incoming:
     read back with the receiver's own in one host sync) against those of the bytes written,
     so what is verified is what was loaded (checking them first would verify a read of memory
     its owner may write again before the copy). A mismatch is then found after the
-    parameters were overwritten: the engine is fenced."""
+    parameters were overwritten: the engine is fenced. ``sender_nonfinite``: per piece, from
+    the same reads as its terms, 0 where every element is finite (``ManyDigests``'
+    ``dtypes``); the engine refuses a piece flagged non-finite before it copies anything
+    (the bytes it then copies are checked against the same terms), and checks pieces itself
+    only when the sender did not (None, or -1)."""
 
     buckets: Iterator[tuple[Bucket, torch.Tensor]]
     expected: list[int] | None = None
     expected_terms: torch.Tensor | None = None
+    sender_nonfinite: torch.Tensor | None = None
     known: list[int] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     cache_key: str | None = None

@@ -45,6 +45,7 @@ from weightsync.transport.packing import (
     fold_spans,
     fold_terms,
     pack_bucket,
+    piece_dtypes,
     piece_views,
     span_views,
 )
@@ -53,12 +54,14 @@ from weightsync.types import TransferPlan
 
 def bucket_terms(bufs: Sequence[Any], many: ManyDigests | None = None) -> Any:
     """The sender's checksum terms of its IPC buckets, on the device (``digest_terms``, or
-    ``many``: the same as one launch). ``IpcLeg`` takes another function in its place where
+    ``many``: the same as one launch; direct pieces: a fourth column, whether each holds NaN
+    or Inf, ``ManyDigests``' ``dtypes``). ``IpcLeg`` takes another function in its place where
     a test falsifies what the engines are told (``weightsync.testing.faulty``)."""
     return many.terms() if many is not None else digest_terms(bufs)
 
 
 TermsFn = Callable[..., Any]  # (bufs, many=None) -> the checksum terms, as bucket_terms
+DIRECT_TERMS = 4  # int64 per direct piece shared with the engines: 3 terms, the finite flag
 
 
 class _DeviceBuckets:
@@ -120,7 +123,8 @@ class _DeviceBuckets:
             flat = span_views(views)
             n = len(flat)
             with torch.cuda.device(device):
-                terms = torch.empty(24 * n, dtype=torch.uint8, device=device)
+                # per piece its three checksum terms and whether it holds NaN or Inf
+                terms = torch.empty(8 * DIRECT_TERMS * n, dtype=torch.uint8, device=device)
                 if self.event is None:
                     self.event = interprocess_event()
                 share = IpcDeviceShare(
@@ -131,16 +135,18 @@ class _DeviceBuckets:
                                        for slot in bucket) for bucket in pieces),
                     terms=share_bucket(-1, terms, reusable=reuse), event=self.event.ipc_handle())
                 # every piece's terms in one launch (a MoE's few dozen pieces as
-                # digest_terms each: a dozen small launches apiece, even replayed)
-                many = ManyDigests(flat) if flat else None
+                # digest_terms each: a dozen small launches apiece, even replayed), and
+                # from the same loads the finite check the engine would read them again for
+                many = ManyDigests(flat, dtypes=piece_dtypes(plan, pieces)) if flat else None
             self.direct = (key, views, terms, share, many)
         self.direct_held = held
         _, views, terms, share, many = self.direct
         flat = many.bufs if many is not None else []
-        rows = terms.view(torch.int64).view(len(flat), 3)
+        rows = terms.view(torch.int64).view(len(flat), DIRECT_TERMS)
         with torch.cuda.device(device):
-            self.graph.run(("direct", key, terms.data_ptr()),
-                           lambda: rows.copy_(self.checksum_terms(flat, many)))
+            if flat:
+                self.graph.run(("direct", key, terms.data_ptr()),
+                               lambda: rows.copy_(self.checksum_terms(flat, many)))
             self.event.record()
         self.share = share
         return None
@@ -213,7 +219,8 @@ class _DeviceBuckets:
 
         if self.direct is not None:  # (packing forgets it)
             _, views, terms, _, _ = self.direct
-            return fold_spans(views, terms.view(torch.int64).view(-1, 3).tolist())
+            rows = terms.view(torch.int64).view(-1, DIRECT_TERMS)[:, :3]
+            return fold_spans(views, rows.tolist())
         sizes = [b.numel() for b in self.keepalive or ()]
         return fold_terms(sizes, self.terms.view(torch.int64).view(len(sizes), 3).tolist())
 
@@ -422,7 +429,8 @@ class IpcReceiver(ReceiverLeg):
         else:
             self._spans = None
             bufs = spans = mapped[:-1]
-        sender_terms = mapped[-1].view(torch.int64).view(-1, 3)
+        sender_terms = mapped[-1].view(torch.int64).view(
+            -1, DIRECT_TERMS if share.storages else 3)
         if sender_terms.shape[0] != len(bufs):
             raise TransferError("the sender's checksum terms do not match what it shared")
         if share.event not in self._events:
@@ -431,8 +439,9 @@ class IpcReceiver(ReceiverLeg):
         torch.cuda.current_stream().wait_event(self._events[share.event])
         opened = time.perf_counter() - t0
         if share.storages:  # direct: checked as the engine copies it (Incoming)
-            return Incoming(zip(plan.buckets, spans, strict=True), expected_terms=sender_terms,
-                            seconds={"ipc_open": opened},
+            return Incoming(zip(plan.buckets, spans, strict=True),
+                            expected_terms=sender_terms[:, :3],
+                            sender_nonfinite=sender_terms[:, 3], seconds={"ipc_open": opened},
                             cache_key="ipc" if reused else None, checked_by_copy=True)
         t0 = time.perf_counter()
         where = tuple((b.data_ptr(), b.numel()) for b in bufs)
