@@ -44,8 +44,10 @@ for job in "$@"; do
       python3 -m benchmarks.adapters --shape "$s" --device cuda --engines 1 --ipc --syncs 10 \
         --workdir /tmp/bench --out "$out/adapters-gpu-$s.json" ;;
     fp8-*) s=${job#fp8-}  # bf16 vs online-FP8 engines: sync time and rollout tokens/s (#32)
+      # (7b: 15.2 GB of bf16 weights per engine, and the trainer's beside them: 0.35 of an
+      # 80 GB card each leaves the trainer ~24 GB; 0.25 left the engines ~5 GB for the rest)
       python3 -m benchmarks.fp8_gpu --shape "$s" --syncs 10 --workdir /tmp/bench \
-        --out "$out/fp8-gpu-$s.json" ;;
+        --gpu-util "$([ "$s" = 7b ] && echo 0.35 || echo 0.25)" --out "$out/fp8-gpu-$s.json" ;;
     graphs) python3 -m benchmarks.graphs_gpu --out "$out/graphs-gpu.json" ;;  # eager vs graphs
     kernels) python3 -m benchmarks.kernels --shape 0.5b --rounds 20 --out "$out/kernels-0.5b.json" ;;
     digest) python3 -m benchmarks.digest --gib 2 --out "$out/digest-gpu.json" ;;
