@@ -99,11 +99,11 @@ def _many_kernel():
         weighted = tl.zeros([TILE], dtype=tl.int64)
         col_acc = tl.zeros([C], dtype=tl.int64)
         bad_acc = tl.zeros([TILE], dtype=tl.int64)
-        if FINITE:  # per buffer: its elements' exponent mask in every lane of a word, and
-            # each lane's lowest and highest bit (no mask: not a floating dtype, unchecked)
-            emask = tl.load(exp_ptr + buf)
-            low = tl.load(low_ptr + buf)
-            high = tl.load(high_ptr + buf)
+        # per buffer: its elements' exponent mask in every lane of a word, and each lane's
+        # lowest and highest bit (no mask: not a floating dtype; read but unused unless FINITE)
+        emask = tl.load(exp_ptr + buf)
+        low = tl.load(low_ptr + buf)
+        high = tl.load(high_ptr + buf)
         for r in range(0, BAND, TILE):
             rows = row0 + r + tl.arange(0, TILE).to(tl.int64)
             idx = rows[:, None] * C + cols[None, :]
