@@ -164,14 +164,20 @@ def test_kernel_applier_refuses_a_tensor_that_is_not_the_parameter():
         programs.program(staged, None, lambda: dict(worker.model_runner.model.named_parameters()))
 
 
-def test_checked_by_copy_applier_writes_the_senders_memory_and_checks_what_it_wrote():
-    worker, state = _worker()
-    weights = _new_weights()
+def _direct(weights: dict[str, torch.Tensor]):
+    """``weights`` as the direct path shares them: (plan, pieces, their spans per bucket,
+    the staged (bucket, spans) pairs)."""
     plan = plan_buckets([spec_of(n, t) for n, t in weights.items()], bucket_bytes=200,
                         version=1)
     storages, pieces = direct_pieces(plan, weights, torch.device("cpu"))
     spans = piece_views(storages, pieces)
-    staged = list(zip(plan.buckets, spans, strict=True))
+    return plan, pieces, spans, list(zip(plan.buckets, spans, strict=True))
+
+
+def test_checked_by_copy_applier_writes_the_senders_memory_and_checks_what_it_wrote():
+    worker, state = _worker()
+    weights = _new_weights()
+    plan, _, spans, staged = _direct(weights)
     terms = digest_terms(span_views(spans))
     applier = choose(worker, state, "kernel", checked_by_copy=True)
     report = applier.apply(Load(staged=staged, expected_terms=terms))
@@ -198,11 +204,7 @@ def test_checked_by_copy_refuses_what_the_sender_flagged_and_reads_only_what_it_
 
     worker, state = _worker()
     weights = _new_weights()
-    plan = plan_buckets([spec_of(n, t) for n, t in weights.items()], bucket_bytes=200,
-                        version=1)
-    storages, pieces = direct_pieces(plan, weights, torch.device("cpu"))
-    spans = piece_views(storages, pieces)
-    staged = list(zip(plan.buckets, spans, strict=True))
+    plan, pieces, spans, staged = _direct(weights)
     sent = ManyDigests(span_views(spans), dtypes=piece_dtypes(plan, pieces)).terms()
     terms, flags = sent[:, :3], sent[:, 3]
     assert flags.tolist() == [0] * len(flags)
