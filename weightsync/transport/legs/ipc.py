@@ -408,6 +408,9 @@ class IpcReceiver(ReceiverLeg):
             if len(share.pieces) != len(plan.buckets) or any(
                     len(b) != len(bucket.slots) for b, bucket in zip(share.pieces, plan.buckets)):
                 raise TransferError("the shared pieces do not match the plan's buckets")
+            if share.terms.nbytes != 8 * DIRECT_TERMS * sum(len(s) for b in share.pieces
+                                                            for s in b):
+                raise TransferError("the sender's checksum terms do not match its pieces")
         elif share.terms.nbytes != 24 * len(plan.buckets):
             raise TransferError("the sender's checksum terms do not match the plan's buckets")
         handles = (*(share.storages or share.buckets), share.terms)
