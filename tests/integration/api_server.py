@@ -42,8 +42,9 @@ def outputs(actor):
 def assert_matches_hf(outs, ref) -> None:
     """Engine results equal HF's greedy ``ref`` (``greedy``): tokens, and logprobs to 1e-3."""
     for o, (toks, lps) in zip(outs, ref, strict=True):
-        assert list(o.token_ids) == toks
-        assert max(abs(a - b) for a, b in zip(o.logprobs, lps, strict=True)) < 1e-3
+        assert list(o.token_ids) == toks, (o.token_ids, toks)
+        diff = max(abs(a - b) for a, b in zip(o.logprobs, lps, strict=True))
+        assert diff < 1e-3, f"max |logprob diff| {diff:.3g} against HF (tokens equal)"
 
 
 def assert_parity(fleet, model, tokenizer, version: int) -> None:

@@ -30,6 +30,19 @@ N_TOK = 8
 
 
 @pytest.fixture(scope="module")
+def policy(tiny_model):
+    """This module's own trainer model, fresh from the tiny model. The session's ``policy``
+    arrives here perturbed by every test before this module (absolute noise, 0.05-0.3 a step),
+    and its HF comparison, which allows 1e-3 of logprob between TP=2's fp32 partial sums and
+    HF's single matmul, then depends on that history: on an AMD EPYC box (2026-12-07) the
+    collective case failed in the whole suite and passed alone. A fresh model keeps the
+    comparison about the sync."""
+    from weightsync.testing.reference import load_trainer_model
+
+    return load_trainer_model(tiny_model)
+
+
+@pytest.fixture(scope="module")
 def tp_fleet(fleet, tiny_model):
     """{"tp2-a", "tp2-b": TP=2 engines, "engine-a": the session fleet's TP=1 engine} -> actor."""
     specs = [EngineSpec(name=n, model=str(tiny_model), dtype="float32", cpu_kvcache_gib=0.25,
