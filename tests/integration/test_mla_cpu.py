@@ -19,8 +19,7 @@ Which of two outcomes is right depends on the CPU, and the test asserts the one 
   decide. Of six pairs of cold engines started from one checkpoint, three answered apart, while
   each engine repeated its own answers. Synced engines answered apart from a cold one in six of
   seven runs, with every kernel-read tensor equal. The cause is not traced: the kernels'
-  numerics may depend on where the weights lie, or on state that no tensor shows. The GPU
-  proves warm == cold for this model by answers as well.
+  numerics may depend on where the weights lie, or on state that no tensor shows.
 
 Warm == cold for MLA is also proved on the GPU (vLLM 0.24, ``tests/gpu/test_warm_cold_gpu.py``).
 """
