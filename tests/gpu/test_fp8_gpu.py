@@ -6,13 +6,16 @@ the broadcast leg, gloo, the buckets in host memory).
 The first sync goes in the checkpoint format (vLLM's layerwise reload re-quantizes on
 arrival) and verifies the kernel layout, online-FP8 weights included (``transport.layout``:
 each travels as its bf16 stack and the engine quantizes it into its parameter with vLLM's
-``scaled_fp8_quant``); a dense model's later syncs take that layout, a MoE model's FP8
-experts stay in the checkpoint format. After five syncs every tensor the engine's kernels
+``scaled_fp8_quant``, experts one by one); later syncs take that layout, except where vLLM
+repacks (Marlin's MoE, ``moe-marlin``) or quantizes by blocks (``dense-block``): those stay in
+the checkpoint format. After five syncs every tensor the engine's kernels
 read (``engine.kernel_reads``: weights, scales, quant configs) must equal a cold FP8 engine's
 started from ``save_pretrained`` of the same weights, and its greedy tokens and logprobs
 must be the cold engine's bit for bit where the cold engine repeats itself (vLLM 0.24's FP8
 MoE forward does not: measured at e13edc2 and 26e8953, ``gpu-suite.json``); a checkpoint-format sync of the
-same weights must leave the same parameters (fingerprint) as the last sync did. Also
+same weights must leave the same parameters (fingerprint), and every tensor the kernels
+read the same (``kernel_reads``: an FP8 MoE's quant config, read by eager forwards, holds its
+own scales), as the last sync did. Also
 recorded: what had to be restored or rebuilt, the
 sync time and phases, and the engine's device memory above its level before each sync (its
 allocator's peak: the buckets are the trainer's, mapped). The second test takes two FP8
@@ -34,6 +37,7 @@ from tests.gpu.parity import PROMPTS, against_cold, engine_generate, plain, star
 from tests.gpu.test_warm_cold_gpu import _model, _trainer
 from weightsync.config import TransferConfig
 from weightsync.coordinator import SyncCoordinator
+from weightsync.engine.kernel_reads import differing
 from weightsync.testing.reference import perturb_
 
 pytestmark = pytest.mark.gpu
@@ -84,6 +88,7 @@ def test_fp8_engine_synced_from_bf16_equals_a_cold_fp8_engine(gpu_ray, model_roo
             data["syncs"] = syncs
             assert res.ok, res
         warm_out = plain(engine_generate(warm, PROMPTS))
+        synced = ray.get(warm.tensor_digests.remote(), timeout=300)
         # the same weights through vLLM's own loader (layerwise reload, re-quantizing)
         ckpt = SyncCoordinator([warm], TransferConfig(bucket_bytes=256 << 20,
                                                       layout="checkpoint"))
@@ -93,15 +98,20 @@ def test_fp8_engine_synced_from_bf16_equals_a_cold_fp8_engine(gpu_ray, model_roo
             ckpt.close()
         data["same_fingerprint_as_checkpoint_format"] = \
             slow.engines[0].fingerprint == res.engines[0].fingerprint
+        # every tensor the kernels read, eager forwards' included (an FP8 MoE's quant config
+        # holds its own scale tensors: vllm_fp8.scale_mirrors), as vLLM's own reload left them
+        moved = differing(synced, ray.get(warm.tensor_digests.remote(), timeout=300))
+        data["kernel_reads_vs_checkpoint_format"] = {k: v[:20] for k, v in moved.items()}
         print(f"fp8 {kind}: layouts {[x['layout'] for x in syncs]}, seconds "
               f"{[round(x['seconds'], 4) for x in syncs]}, same fingerprint as the checkpoint "
               f"format {data['same_fingerprint_as_checkpoint_format']}", flush=True)
         trainer.save_pretrained(path)
     finally:
         coord.close()
-    if kind in ("dense-tied", "dense-gloo"):
+    if kind in ("dense-tied", "dense-gloo", "moe"):
         assert [x["layout"] for x in syncs[1:]] == ["kernel"] * 4, syncs
     assert slow.ok and data["same_fingerprint_as_checkpoint_format"], data
+    assert not any(moved.values()), data
     found = against_cold(warm, warm_out, lambda: start_colocated(
         f"fp8-cold-{kind}", path, "bfloat16", enforce_eager=False,
         gpu_memory_utilization=0.25, **fp8))

@@ -97,3 +97,101 @@ def test_a_kernel_load_quantizes_into_the_parameters_storage(monkeypatch):
     assert torch.equal(params[QKV].data.t().view(torch.uint8), want_q.view(torch.uint8))
     assert torch.equal(params[SCALE].data, want_scale)
     assert first_mismatch(layout, new, params, reference_quantize) is None
+
+
+# ---- fused experts (Fp8OnlineMoEMethod: one scale per expert, kept stacked [E, N, K]) ----------
+M = "model.layers.0.mlp.experts.routed_experts"
+W13, W2 = f"{M}.w13_weight", f"{M}.w2_weight"
+S13, S2 = f"{M}.w13_weight_scale", f"{M}.w2_weight_scale"
+
+
+def _experts(e=3, h=8, inter=4):
+    """A MoE layer as vLLM's online FP8 leaves it (FP8 ``[E, N, K]`` and one fp32 scale per
+    expert), its per-expert checkpoint tensors, and vLLM's expert mapping."""
+    from tests.unit.test_layout import _moe_like
+
+    vllm, ckpt, mapping = _moe_like(experts=e, h=h, inter=inter)
+    fp8 = {W13: Fp8Target(S13, vllm[W13]), W2: Fp8Target(S2, vllm[W2])}
+    live = {n: (s.model_copy(update={"dtype": "float8_e4m3fn"}) if n in fp8 else s)
+            for n, s in vllm.items()}
+    live |= {S13: _s(S13, (e,), "float32"), S2: _s(S2, (e,), "float32")}
+    return live, ckpt, mapping, fp8
+
+
+def _quantized_experts(stack):
+    qs, scales = zip(*(reference_quantize(x) for x in stack), strict=True)
+    return torch.stack(qs), torch.cat(scales)
+
+
+def _expert_tensors(seed, e=3, h=8, inter=4):
+    g = torch.Generator().manual_seed(seed)
+    gate_up = torch.randn(e, 2 * inter, h, generator=g).to(torch.bfloat16)
+    down = torch.randn(e, h, inter, generator=g).to(torch.bfloat16)
+    gate_up[1] *= 9  # experts of other ranges: other scales
+    router = torch.randn(e, h, generator=g).to(torch.bfloat16)
+    sent = {"model.layers.0.mlp.gate.weight": router}
+    for x in range(e):
+        sent[f"model.layers.0.mlp.experts.{x}.gate_proj.weight"] = gate_up[x, :inter]
+        sent[f"model.layers.0.mlp.experts.{x}.up_proj.weight"] = gate_up[x, inter:]
+        sent[f"model.layers.0.mlp.experts.{x}.down_proj.weight"] = down[x]
+    return sent, gate_up, down
+
+
+def _loaded_experts(seed=0):
+    sent, gate_up, down = _expert_tensors(seed)
+    (q13, s13), (q2, s2) = _quantized_experts(gate_up), _quantized_experts(down)
+    params = {n: torch.nn.Parameter(t, requires_grad=False) for n, t in {
+        W13: q13, W2: q2, S13: s13, S2: s2,
+        "model.layers.0.mlp.gate.weight": sent["model.layers.0.mlp.gate.weight"]}.items()}
+    return sent, params
+
+
+def test_online_fp8_experts_are_planned_as_their_unquantized_stacks():
+    live, ckpt, mapping, fp8 = _experts()
+    by = {p.name: p for p in derive_layout(live, ckpt, PACKED, experts=mapping, fp8=fp8).params}
+    assert (by[W13].dtype, by[W13].shape, by[W13].fp8_scale) == ("bfloat16", (3, 8, 8), S13)
+    assert (by[W2].dtype, by[W2].shape, by[W2].fp8_scale) == ("bfloat16", (3, 8, 4), S2)
+    assert S13 not in by and S2 not in by  # made on the engine
+    with pytest.raises(LayoutUnavailable, match="quantized"):  # experts no method quantizes
+        derive_layout(live, ckpt, PACKED, experts=mapping)
+
+
+def test_the_calibration_compares_each_experts_weight_and_scale():
+    live, ckpt, mapping, fp8 = _experts()
+    layout = derive_layout(live, ckpt, PACKED, experts=mapping, fp8=fp8)
+    sent, params = _loaded_experts()
+    assert first_mismatch(layout, sent, params, reference_quantize) is None
+    params[S2].data[2] *= 2  # one expert's scale
+    assert first_mismatch(layout, sent, params, reference_quantize) == W2
+    sent, params = _loaded_experts()
+    params[W13].data[1, 0, 0] = torch.tensor(0.0).to(torch.float8_e4m3fn)  # one element
+    assert first_mismatch(layout, sent, params, reference_quantize) == W13
+
+
+def test_a_kernel_load_quantizes_each_expert_into_storage_and_updates_the_kernels_scales(
+        monkeypatch):
+    """Each expert quantized into its slice of the parameter, its scale into the scale
+    parameter and into the tensor vLLM's MoE kernel reads it from after a checkpoint-format
+    reload (``vllm_fp8.scale_mirrors``), all in place."""
+    monkeypatch.setattr(vllm_fp8, "fp8_quantize", reference_quantize)
+    live, ckpt, mapping, fp8 = _experts()
+    layout = derive_layout(live, ckpt, PACKED, experts=mapping, fp8=fp8)
+    _, params = _loaded_experts(seed=0)
+    held = params[S13].data.clone()  # the reload's own copy, which eager forwards read
+    at = {n: params[n].data_ptr() for n in (W13, W2, S13, S2)}
+    new, gate_up, down = _expert_tensors(seed=5)
+    plan = plan_buckets([layout.spec(p) for p in layout.params], 1 << 20, 1)
+    (bucket,) = plan.buckets
+    buf = pack_bucket(bucket, {p.name: [new[n] for n, _ in p.parts] for p in layout.params}, "cpu")
+    program = kernel_targets(params, unpack_bucket(bucket, buf), {W13: S13, W2: S2},
+                             {S13: [held]})
+    assert len(program.dsts) == 1 and len(program.fp8) == 2  # the router copied, experts quantized
+    program.run()
+    assert {n: params[n].data_ptr() for n in at} == at
+    for w, s, stack in ((W13, S13, gate_up), (W2, S2, down)):
+        want_q, want_s = _quantized_experts(stack)
+        assert torch.equal(params[w].data.view(torch.uint8), want_q.view(torch.uint8)), w
+        assert torch.equal(params[s].data, want_s), s
+    assert torch.equal(held, params[S13].data)
+    assert len(set(params[S13].data.tolist())) == 3  # one scale per expert, not one for all
+    assert first_mismatch(layout, new, params, reference_quantize) is None

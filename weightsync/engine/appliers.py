@@ -101,6 +101,13 @@ class Applier(ABC):
     def params(self) -> dict[str, torch.nn.Parameter]:
         return dict(vllm_compat.model(self.worker).named_parameters())
 
+    def scale_mirrors(self) -> dict[str, list[torch.Tensor]]:
+        """Where vLLM's kernels read FP8 scales besides the scale parameters
+        (``vllm_fp8.scale_mirrors``)."""
+        from weightsync.engine import vllm_fp8
+
+        return vllm_fp8.scale_mirrors(self.worker)
+
     def synchronize(self) -> None:
         """Wait for the device's copies (CUDA), so the load's seconds are the load's."""
         if getattr(self.worker, "device", torch.device("cpu")).type == "cuda":
@@ -146,6 +153,8 @@ class CheckpointApplier(Applier):
         with torch.no_grad():
             marks = storage.marks() if storage is not None else {}
             vllm_compat.reload_weights(self.worker, load.weights(), is_checkpoint_format=True)
+            if st.layout.fp8_scales():  # vLLM re-quantized: its MoE kernels now read this
+                st.programs.forget()  # reload's scale tensors (vllm_fp8.scale_mirrors)
             if storage is not None:  # nothing derived left behind (engine.derived)
                 st.rebuilt = tuple(storage.after_load(marks))
                 for note in st.rebuilt:
@@ -172,7 +181,8 @@ class KernelApplier(Applier):
         program = graph_key = None
         fp8 = st.layout.fp8_scales()
         if load.staged is not None:
-            program = st.programs.program(load.staged, load.key, self.params, fp8)
+            program = st.programs.program(load.staged, load.key, self.params, fp8,
+                                          self.scale_mirrors)
             graph_key = st.programs.graph_key(program)
         st.rebuilt = ()
         with torch.no_grad():
@@ -181,7 +191,8 @@ class KernelApplier(Applier):
             elif program is not None:
                 program.run()
             else:  # streaming: resolved as the buckets arrive
-                kernel_targets(self.params(), load.weights(), fp8).run()
+                kernel_targets(self.params(), load.weights(), fp8,
+                               self.scale_mirrors() if fp8 else None).run()
         self.synchronize()
         return AppliedReport(reload_s=time.perf_counter() - t0)
 

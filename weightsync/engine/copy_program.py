@@ -11,7 +11,7 @@ checkpoint reload drops them anyway. This is the rare path's cache, kept out of 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -19,6 +19,7 @@ import torch
 from weightsync.engine.finite import non_finite_message, require_finite, typed_pieces
 from weightsync.errors import ConfigError, ReloadError, TransferError, VerificationError
 from weightsync.transport.digest_cuda import ManyDigests
+from weightsync.transport.layout import fp8_views
 from weightsync.transport.packing import (
     Spans,
     copy_split,
@@ -33,13 +34,26 @@ ProgramKey = tuple[str, tuple[int, ...]]  # (the plan's key, the buffers' addres
 
 
 class Fp8Write(NamedTuple):
-    """One online-FP8 weight written from its unquantized stack: ``src`` (``[N, K]``, the
-    model's dtype) quantized into ``weight`` (the ``[N, K]`` view of the parameter's storage:
-    vLLM keeps its transpose) and its scale copied into ``scale``."""
+    """One online-FP8 weight written from its unquantized stack: ``src`` (the model's dtype:
+    ``[N, K]``, or experts' ``[E, N, K]``) quantized into ``weight`` (the parameter's data:
+    ``transport.layout.fp8_views`` pairs them, one scale each) and its scales copied into
+    ``scales`` (the scale parameter, then any other tensor vLLM's kernels read the same
+    scales from: ``vllm_fp8.scale_mirrors``)."""
 
     src: torch.Tensor
     weight: torch.Tensor
-    scale: torch.Tensor
+    scales: tuple[torch.Tensor, ...]
+
+    def run(self) -> None:
+        """One ``scaled_fp8_quant`` per view, as vLLM's own load does, straight into the
+        parameter's storage (a gloo bucket is in host memory: quantized on the device)."""
+        from weightsync.engine import vllm_fp8
+
+        views = fp8_views(self.src.to(self.weight.device), self.weight)
+        made = [vllm_fp8.fp8_quantize(src, out)[1].view(-1) for src, out in views]
+        scale = made[0] if len(made) == 1 else torch.cat(made)
+        for dst in self.scales:
+            dst.copy_(scale.view(dst.shape), non_blocking=True)
 
 
 class CopyProgram(NamedTuple):
@@ -54,35 +68,35 @@ class CopyProgram(NamedTuple):
     fp8: tuple[Fp8Write, ...] = ()
 
     def run(self) -> None:
-        """Copy, then quantize each FP8 weight in place (one ``scaled_fp8_quant`` each, as
-        vLLM's own load does, straight into the parameter's storage)."""
+        """Copy, then quantize each FP8 weight in place (``Fp8Write.run``)."""
         copy_tensors(self.dsts, self.srcs, self.launch)
-        if self.fp8:
-            from weightsync.engine import vllm_fp8
-
-            for w in self.fp8:  # (a gloo bucket is in host memory: quantized on the device)
-                _, scale = vllm_fp8.fp8_quantize(w.src.to(w.weight.device), w.weight)
-                w.scale.copy_(scale.view(w.scale.shape), non_blocking=True)
+        for w in self.fp8:
+            w.run()
 
 
 def kernel_targets(params: Mapping[str, torch.Tensor],
                    weights: Iterable[tuple[str, torch.Tensor]],
-                   fp8: Mapping[str, str] | None = None) -> CopyProgram:
+                   fp8: Mapping[str, str] | None = None,
+                   mirrors: Mapping[str, Sequence[torch.Tensor]] | None = None) -> CopyProgram:
     """The program that loads kernel-layout tensors straight into vLLM's parameters. Only
     used once a checkpoint-format load verified the layout bit for bit
     (``LayoutCheck.calibrate``), and every plan was checked against the live parameters'
     names, shapes and dtypes (``ws_validate``). Measured on an H100 (0.5B shape, 170
     parameters): 0.9 ms batched vs 1.2 ms one ``copy_`` each. ``fp8``: the weights vLLM's
     online FP8 quantized on load, by name, with their scale parameters'
-    (``vllm_fp8.fp8_targets``): each arrives as its unquantized ``[N, K]`` stack and is
-    quantized into the parameter (``Fp8Write``)."""
-    fp8 = fp8 or {}
+    (``vllm_fp8.fp8_targets``): each arrives as its unquantized stack (a linear weight's
+    ``[N, K]``, the transpose of its parameter; experts' ``[E, N, K]``, its parameter's shape)
+    and is quantized into the parameter (``Fp8Write``); ``mirrors``: by scale name, the other
+    tensors vLLM's kernels read that scale from (``vllm_fp8.scale_mirrors``)."""
+    fp8, mirrors = fp8 or {}, mirrors or {}
     dsts, srcs, writes = [], [], []
     for name, t in weights:
         p = params.get(name)
-        if p is not None and name in fp8 and fp8[name] in params and \
-                tuple(p.shape) == tuple(reversed(t.shape)) and t.dim() == 2:
-            writes.append(Fp8Write(t, p.data.t(), params[fp8[name]].data))
+        if p is not None and name in fp8 and fp8[name] in params and (
+                (t.dim() == 2 and tuple(p.shape) == tuple(reversed(t.shape)))
+                or (t.dim() == 3 and p.shape == t.shape)):
+            scale = fp8[name]
+            writes.append(Fp8Write(t, p.data, (params[scale].data, *mirrors.get(scale, ()))))
             continue
         if p is None or p.shape != t.shape or p.dtype != t.dtype:
             raise ReloadError(f"kernel-layout tensor {name} {tuple(t.shape)} {t.dtype} does "
@@ -105,11 +119,15 @@ class CopyPrograms:
         self._finite: tuple[CopyProgram, list[tuple[str, torch.Tensor]]] | None = None
 
     def program(self, staged: list[tuple[Bucket, Any]], key: str | None,
-                params: Params, fp8: Mapping[str, str] | None = None) -> CopyProgram:
+                params: Params, fp8: Mapping[str, str] | None = None,
+                mirrors: Callable[[], Mapping[str, Sequence[torch.Tensor]]] | None = None
+                ) -> CopyProgram:
         """``kernel_targets`` for staged buckets (or ``span_targets`` for direct ones), kept
         while ``key`` (None: not kept) and the buffers stay the same. ``params()``: the live
         parameters by name (read only when the program is resolved); ``fp8``: the weights
-        quantized on load (``kernel_targets``), which direct pieces cannot fill."""
+        quantized on load (``kernel_targets``), which direct pieces cannot fill; ``mirrors()``:
+        the other tensors their scales are read from (read only when the program is
+        resolved)."""
         ck = (key, tuple(buf.data_ptr() for _, buf in staged)) if key is not None else None
         kept = self._kept
         if ck is not None and kept is not None and kept[0] == ck:
@@ -132,7 +150,8 @@ class CopyPrograms:
             program = CopyProgram(dsts, srcs, ManyDigests(srcs, copy_to=dsts))
         else:
             program = kernel_targets(params(), (t for b, buf in staged
-                                                for t in unpack_bucket(b, buf)), fp8)
+                                                for t in unpack_bucket(b, buf)), fp8,
+                                     mirrors() if fp8 and mirrors is not None else None)
         self._made += 1
         self._kept = (ck, program) if ck is not None else None
         return program

@@ -1,8 +1,10 @@
 """vLLM's FP8 quantization, the one place weightsync touches it (a compat module beside
 ``weightsync.engine.vllm_compat``, as ``vllm_lora`` is for LoRA): whether this GPU can run an
-engine's ``quantization``, which weights vLLM's online FP8 quantized on load, and vLLM's own
-quantizer, which the FP8 kernel layout runs on the engine (``engine.copy_program.Fp8Write``).
-Read against vLLM 0.24's ``quantization/online/fp8.py`` and ``_custom_ops.scaled_fp8_quant``.
+engine's ``quantization``, which weights vLLM's online FP8 quantized on load (linear weights
+and fused experts), where else its kernels read their scales, and vLLM's own quantizer, which
+the FP8 kernel layout runs on the engine (``engine.copy_program.Fp8Write``). Read against vLLM
+0.24's ``quantization/online/fp8.py``, ``quantization/fp8.py`` (``Fp8OnlineMoEMethod``),
+``fused_moe/oracle/fp8.py`` and ``_custom_ops.scaled_fp8_quant``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from weightsync.engine.vllm_compat import model
+from weightsync.errors import ReloadError
 
 
 def quantization_refusal(args: dict[str, Any], device: str) -> str | None:
@@ -35,22 +38,82 @@ def quantization_refusal(args: dict[str, Any], device: str) -> str | None:
     return None
 
 
+def _online_moe_methods() -> tuple[type, ...]:
+    """vLLM's online FP8 MoE methods that quantize each expert with one dynamic scale
+    (0.24: ``Fp8OnlineMoEMethod`` for ``"fp8"``, ``Fp8PerTensorOnlineMoEMethod`` for
+    ``"fp8_per_tensor"``; the same ``process_weights_after_loading``)."""
+    found: list[type] = []
+    try:
+        from vllm.model_executor.layers.quantization.fp8 import Fp8OnlineMoEMethod
+        found.append(Fp8OnlineMoEMethod)
+    except ImportError:
+        pass
+    try:
+        from vllm.model_executor.layers.quantization.online.fp8 import (
+            Fp8PerTensorOnlineMoEMethod,
+        )
+        found.append(Fp8PerTensorOnlineMoEMethod)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+# the FP8 MoE backends whose kernel format is the quantized stack as is
+# (``convert_to_fp8_moe_kernel_format`` in 0.24: the identity for these; Marlin, FlashInfer,
+# DeepGEMM and AITER repack, so their experts keep syncs in the checkpoint format)
+_PLAIN_MOE_BACKENDS = frozenset({"TRITON", "BATCHED_TRITON", "VLLM_CUTLASS",
+                                 "BATCHED_VLLM_CUTLASS"})
+_EXPERT_WEIGHTS = ("w13", "w2")
+
+
+def _plain_moe(module: Any, moe: tuple[type, ...]) -> bool:
+    """Whether ``module`` holds experts vLLM's online FP8 quantized per expert on load and
+    kept in the plain layout: ``[E, N, K]`` FP8, one fp32 scale per expert."""
+    method = getattr(module, "quant_method", None)
+    backend = getattr(getattr(method, "fp8_backend", None), "value", None)
+    if not moe or not isinstance(method, moe) or backend not in _PLAIN_MOE_BACKENDS or \
+            not getattr(module, "_already_called_process_weights_after_loading", False):
+        return False
+    for w in _EXPERT_WEIGHTS:
+        weight = module._parameters.get(f"{w}_weight")
+        scale = module._parameters.get(f"{w}_weight_scale")
+        if weight is None or scale is None or weight.dim() != 3 or \
+                not weight.is_contiguous() or tuple(scale.shape) != (weight.shape[0],) or \
+                weight.shape[0] != getattr(module, "local_num_experts", -1):
+            return False
+    return True
+
+
 def fp8_targets(worker: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """The linear weights vLLM's online FP8 quantized per tensor on load
-    (``Fp8PerTensorOnlineLinearMethod.process_weights_after_loading`` in 0.24:
-    ``scaled_fp8_quant(weight)``, the weight kept as the FP8 result's transpose ``[K, N]`` and
-    its scale as ``weight_scale``), by name: ``(scale name, the unquantized [N, K] shape)``.
-    Only weights laid out as that leaves them (dense transposed, a one-element scale, no
-    Marlin repack, no padding) are listed; any other quantized weight keeps a sync in the
-    checkpoint format."""
+    """The weights vLLM's online FP8 quantized on load, by name: ``(scale name, the
+    unquantized shape)``.
+
+    - Linear weights quantized per tensor
+      (``Fp8PerTensorOnlineLinearMethod.process_weights_after_loading`` in 0.24:
+      ``scaled_fp8_quant(weight)``, the weight kept as the FP8 result's transpose ``[K, N]``
+      and its scale as ``weight_scale``): the shape is ``[N, K]``. Only weights laid out as
+      that leaves them (dense transposed, a one-element scale, no Marlin repack, no padding).
+    - Fused experts quantized per expert (``Fp8OnlineMoEMethod``: ``scaled_fp8_quant`` of each
+      expert's ``[N, K]``, kept stacked ``[E, N, K]``, one scale per expert in
+      ``w13_weight_scale``/``w2_weight_scale``), where the backend keeps that layout
+      (``_PLAIN_MOE_BACKENDS``): the shape is the parameter's.
+
+    Any other quantized weight keeps a sync in the checkpoint format."""
     try:
         from vllm.model_executor.layers.quantization.online.fp8 import (
             Fp8PerTensorOnlineLinearMethod,
         )
     except ImportError:  # (a vLLM without online FP8 methods)
         return {}
+    moe = _online_moe_methods()
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
     for prefix, module in model(worker).named_modules():
+        head = f"{prefix}." if prefix else ""
+        if _plain_moe(module, moe):
+            for w in _EXPERT_WEIGHTS:
+                out[f"{head}{w}_weight"] = (f"{head}{w}_weight_scale",
+                                            tuple(module._parameters[f"{w}_weight"].shape))
+            continue
         method = getattr(module, "quant_method", None)
         if not isinstance(method, Fp8PerTensorOnlineLinearMethod) or method.use_marlin or \
                 not getattr(module, "_already_called_process_weights_after_loading", False):
@@ -61,8 +124,34 @@ def fp8_targets(worker: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
         if w is None or scale is None or w.dim() != 2 or tuple(w.shape) != (k, n) or \
                 not w.t().is_contiguous() or scale.numel() != 1:
             continue
-        head = f"{prefix}." if prefix else ""
         out[f"{head}weight"] = (f"{head}weight_scale", (int(n), int(k)))
+    return out
+
+
+def scale_mirrors(worker: Any) -> dict[str, list[Any]]:
+    """By scale parameter name: the other tensors vLLM's kernels read the same scales from,
+    which a kernel-layout write must update too. vLLM 0.24's FP8 MoE methods build their
+    ``moe_quant_config`` (which the experts kernel reads on every eager forward) over the
+    scale tensors ``process_weights_after_loading`` made; after a checkpoint-format reload
+    those are that reload's temporaries, while the parameters (which CUDA graphs read) are
+    the originals, refilled with equal values (``reload/layerwise.py``). Writing the
+    parameters alone would leave eager forwards on the old scales."""
+    moe = _online_moe_methods()
+    out: dict[str, list[Any]] = {}
+    for prefix, module in model(worker).named_modules():
+        if not _plain_moe(module, moe):
+            continue
+        head = f"{prefix}." if prefix else ""
+        config = getattr(module.quant_method, "moe_quant_config", None)
+        for w, held in zip(_EXPERT_WEIGHTS, (getattr(config, "w1_scale", None),
+                                             getattr(config, "w2_scale", None)), strict=True):
+            live = module._parameters[f"{w}_weight_scale"]
+            if held is not None and held.data_ptr() != live.data_ptr():
+                if held.shape != live.shape or held.dtype != live.dtype:
+                    raise ReloadError(f"{head}{w}_weight_scale: the MoE kernel reads scales "
+                                      f"of shape {tuple(held.shape)} {held.dtype}, not the "
+                                      "parameter's")
+                out[f"{head}{w}_weight_scale"] = [held]
     return out
 
 

@@ -81,8 +81,9 @@ class FailingKernelApplier(KernelApplier):
         if not self.injector.fails_now():
             return super().apply(load)
         with torch.no_grad():
+            fp8 = self.state.layout.fp8_scales()
             kernel_targets(self.params(), itertools.islice(load.weights(), self.injector.after),
-                           self.state.layout.fp8_scales()).run()
+                           fp8, self.scale_mirrors() if fp8 else None).run()
         self.synchronize()
         raise self.injector.error()
 

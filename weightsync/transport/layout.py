@@ -16,8 +16,8 @@ and the engine copies them straight into its parameters (what
 A derived layout is only a candidate: the engine verifies it bit for bit against what vLLM's
 own loader produced on a checkpoint-format sync (see ``worker_ext``) before it is used.
 Anything it cannot explain (repacked weights, renamed modules, interleaved shards, quantized
-weights other than online FP8's per-tensor ones) means no layout, and syncs keep the
-checkpoint-format path. Online FP8 (per tensor) weights travel as the unquantized stack vLLM's
+weights other than online FP8's per-tensor and per-expert ones) means no layout, and syncs
+keep the checkpoint-format path. Online FP8 weights travel as the unquantized stack vLLM's
 loader builds, and the engine quantizes each into its parameter and scale in place
 (``engine.copy_program``), as vLLM's ``process_weights_after_loading`` does.
 """
@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 from weightsync.types import KernelLayout, KernelParam, TensorSpec
 
 __all__ = ["Expert", "Fp8Target", "KernelLayout", "KernelParam", "LayoutUnavailable",
-           "derive_layout", "expert_parts", "first_mismatch", "kernel_specs"]
+           "derive_layout", "expert_parts", "first_mismatch", "fp8_views", "kernel_specs"]
 
 
 class LayoutUnavailable(ValueError):
@@ -62,9 +62,10 @@ _QUANTIZED = frozenset({"float8_e4m3fn", "float8_e5m2", "int8", "uint8"})
 
 
 class Fp8Target(NamedTuple):
-    """A parameter vLLM's online FP8 quantizes per tensor on load (``vllm_fp8.fp8_targets``):
-    its scale parameter, and what it holds before quantizing (``source``: the model's dtype in
-    the unquantized ``[N, K]`` layout its loader fills)."""
+    """A parameter vLLM's online FP8 quantizes on load (``vllm_fp8.fp8_targets``), one
+    dynamic scale per tensor or per expert (``fp8_views``): its scale parameter, and what it
+    holds before quantizing (``source``: the model's dtype in the unquantized layout its
+    loader fills, ``[N, K]`` or experts' ``[E, N, K]``)."""
 
     scale: str
     source: TensorSpec
@@ -86,7 +87,7 @@ def derive_layout(vllm_params: dict[str, TensorSpec], checkpoint: dict[str, Tens
                   fp8: Mapping[str, Fp8Target] | None = None) -> KernelLayout:
     """Explain every vLLM parameter as a row-stack of checkpoint tensors, or raise why not.
 
-    ``fp8``: the parameters vLLM quantizes per tensor on load, by name. Each is explained by
+    ``fp8``: the parameters vLLM quantizes on load (online FP8), by name. Each is explained by
     its ``source`` (the stack travels unquantized and the engine quantizes it); its scale is
     derived from it, so it needs no checkpoint source. Any other quantized parameter means no
     layout."""
@@ -147,13 +148,24 @@ def _rows_in(name: str, shape: tuple[int, ...], part: str, part_shape: tuple[int
     return part_shape[0] if part_shape else 1
 
 
+def fp8_views(src: Any, weight: Any) -> list[tuple[Any, Any]]:
+    """The (unquantized ``[N, K]`` source, ``[N, K]`` view of the FP8 parameter) pairs vLLM's
+    online FP8 quantizes with one dynamic scale each, in the order of its scales: a linear
+    weight (2-D, kept as the transpose ``[K, N]`` of its quantized stack) is one pair; fused
+    experts (3-D ``[E, N, K]``, quantized expert by expert and kept as stacked:
+    ``Fp8OnlineMoEMethod``) are one pair per expert."""
+    if weight.dim() == 2:
+        return [(src, weight.t())]
+    return [(src[e], weight[e]) for e in range(weight.shape[0])]
+
+
 def first_mismatch(layout: KernelLayout, sent: dict, live: dict,
                    quantize: Callable[[Any], tuple[Any, Any]] | None = None) -> str | None:
     """Compare vLLM's own load (``live`` parameters) with a plain row stack of the checkpoint
     tensors ``sent`` (every part of every parameter), bit for bit: the first parameter that
     differs, or None. A parameter with an ``fp8_scale`` is compared as ``quantize`` (the
-    engine's FP8 quantizer: stack -> (FP8 ``[N, K]``, scale)) makes it: its weight, whose
-    transpose vLLM keeps, and its scale."""
+    engine's FP8 quantizer: ``[N, K]`` -> (FP8 ``[N, K]``, scale)) makes it, view by view
+    (``fp8_views``): its weight and its scales."""
     import torch
 
     for p in layout.params:
@@ -169,8 +181,13 @@ def first_mismatch(layout: KernelLayout, sent: dict, live: dict,
             continue
         if quantize is None:
             return p.name
-        q, scale = quantize(stacked.reshape(p.shape).contiguous())
-        if not (torch.equal(q.view(torch.uint8), want.data.t().view(torch.uint8))
-                and torch.equal(scale.view(-1), live[p.fp8_scale].data.view(-1))):
+        views = fp8_views(stacked.reshape(p.shape), want.data)
+        scales = []
+        for src, kept in views:
+            q, scale = quantize(src.contiguous())
+            if not torch.equal(q.view(torch.uint8), kept.view(torch.uint8)):
+                return p.name
+            scales.append(scale.view(-1))
+        if not torch.equal(torch.cat(scales), live[p.fp8_scale].data.view(-1)):
             return p.name
     return None
