@@ -108,10 +108,10 @@ def test_fp8_engine_synced_from_bf16_equals_a_cold_fp8_engine(gpu_ray, model_roo
         trainer.save_pretrained(path)
     finally:
         coord.close()
-    if kind in ("dense-tied", "dense-gloo", "moe"):
-        assert [x["layout"] for x in syncs[1:]] == ["kernel"] * 4, syncs
     assert slow.ok and data["same_fingerprint_as_checkpoint_format"], data
-    assert not any(moved.values()), data
+    if kind in ("dense-tied", "dense-gloo", "moe"):  # (vLLM's own reloads only elsewhere)
+        assert [x["layout"] for x in syncs[1:]] == ["kernel"] * 4, syncs
+        assert not any(moved.values()), data
     found = against_cold(warm, warm_out, lambda: start_colocated(
         f"fp8-cold-{kind}", path, "bfloat16", enforce_eager=False,
         gpu_memory_utilization=0.25, **fp8))
