@@ -39,12 +39,22 @@ def cold(spec: EngineSpec, model_dir) -> Served:
     return cold_with_tensors(spec, model_dir)[0]
 
 
-def cold_with_tensors(spec: EngineSpec, model_dir) -> tuple[Served, TensorDigests]:
-    """``cold``, and every tensor the cold engine's kernels read (``engine.kernel_reads``)."""
+def served_alone(actor) -> Served:
+    """``served``, one prompt at a time: each request alone in the engine, so every step's
+    batch is the same on every engine compared (for kernels whose results depend on the
+    batch, see ``tests/integration/test_mla_cpu.py``)."""
+    outs = [ray.get(actor.generate.remote([p], max_tokens=N_TOK, logprobs=True,
+                                          ignore_eos=True), timeout=120)[0] for p in PROMPTS]
+    return [(o.token_ids, o.logprobs) for o in outs]
+
+
+def cold_with_tensors(spec: EngineSpec, model_dir, serve=served) -> tuple[Served, TensorDigests]:
+    """``cold`` (as ``serve`` asks it), and every tensor the cold engine's kernels read
+    (``engine.kernel_reads``)."""
     cold_spec = spec.model_copy(update={"name": f"{spec.name}-cold", "model": str(model_dir)})
     [actor] = start_engines([cold_spec])
     try:
-        return served(actor), ray.get(actor.tensor_digests.remote(), timeout=120)
+        return serve(actor), ray.get(actor.tensor_digests.remote(), timeout=120)
     finally:
         stop_engines([actor], timeout_s=30)
 
