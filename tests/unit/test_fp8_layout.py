@@ -13,6 +13,7 @@ import torch
 
 from weightsync.engine import vllm_fp8
 from weightsync.engine.copy_program import kernel_targets
+from weightsync.errors import TransferError
 from weightsync.transport.layout import Fp8Target, LayoutUnavailable, derive_layout, first_mismatch
 from weightsync.transport.packing import pack_bucket, plan_buckets, unpack_bucket
 from weightsync.types import TensorSpec
@@ -195,3 +196,71 @@ def test_a_kernel_load_quantizes_each_expert_into_storage_and_updates_the_kernel
     assert torch.equal(held, params[S13].data)
     assert len(set(params[S13].data.tolist())) == 3  # one scale per expert, not one for all
     assert first_mismatch(layout, new, params, reference_quantize) is None
+
+
+# ---- which FP8 expert layers the kernel layout may write (vllm_fp8._plain_moe) ------------------
+class _Backend:
+    def __init__(self, value):
+        self.value = value
+
+
+class _Config:  # as vLLM's FusedMoEQuantConfig exposes them
+    def __init__(self, w1_scale, w2_scale):
+        self.w1_scale, self.w2_scale = w1_scale, w2_scale
+
+
+class _Method:  # stands for vLLM's online FP8 MoE method (its type is passed as the one known)
+    def __init__(self, backend, config):
+        self.fp8_backend, self.moe_quant_config = _Backend(backend), config
+
+
+def _moe_module(e=3, backend="TRITON", held="params"):
+    """A module laid out as vLLM's online FP8 experts: FP8 ``[E, N, K]`` weights, one scale per
+    expert, its quant method's config holding the scale parameters themselves (``held=
+    "params"``, as after the first load) or copies (``"copies"``, as after a checkpoint-format
+    reload)."""
+    m = torch.nn.Module()
+    for w, shape in (("w13", (e, 8, 4)), ("w2", (e, 4, 4))):
+        m.register_parameter(f"{w}_weight", torch.nn.Parameter(
+            torch.zeros(shape).to(torch.float8_e4m3fn), requires_grad=False))
+        m.register_parameter(f"{w}_weight_scale", torch.nn.Parameter(
+            torch.ones(e), requires_grad=False))
+    m.local_num_experts = e
+    m._already_called_process_weights_after_loading = True
+    scales = (m.w13_weight_scale, m.w2_weight_scale)
+    if held == "copies":
+        scales = tuple(s.detach().clone() for s in scales)
+    m.quant_method = _Method(backend, _Config(*scales))
+    return m
+
+
+def test_fp8_experts_are_written_only_where_every_copy_of_their_scales_is_known(monkeypatch):
+    plain = vllm_fp8._plain_moe
+    assert plain(_moe_module(), (_Method,)) == {}  # the config reads the parameters
+    m = _moe_module(held="copies")
+    config = m.quant_method.moe_quant_config
+    assert {n: id(t) for n, t in plain(m, (_Method,)).items()} == {
+        "w13_weight_scale": id(config.w1_scale), "w2_weight_scale": id(config.w2_scale)}
+    assert plain(_moe_module(backend="MARLIN"), (_Method,)) is None  # repacked
+    assert plain(_moe_module(), ()) is None  # no online FP8 MoE method known
+    m = _moe_module()
+    m.quant_method.kernel_scales = torch.ones(3)  # a copy no write would reach
+    assert plain(m, (_Method,)) is None
+    m = _moe_module()
+    m.quant_method.moe_quant_config.w2_scale = None
+    assert plain(m, (_Method,)) is None
+
+    class Worker:  # (vllm_compat.model reads worker.model_runner.get_model())
+        def __init__(self, model):
+            self.model_runner = type("Runner", (), {"get_model": lambda _: model})()
+
+    root = torch.nn.Module()
+    root.experts = _moe_module(held="copies")
+    monkeypatch.setattr(vllm_fp8, "_online_moe_methods", lambda: (_Method,))
+    worker = Worker(root)
+    assert sorted(vllm_fp8.scale_mirrors(worker, {"experts.w13_weight_scale"})) == [
+        "experts.w13_weight_scale", "experts.w2_weight_scale"]
+    assert vllm_fp8.scale_mirrors(worker, set()) == {}
+    root.experts.quant_method.fp8_backend = _Backend("MARLIN")  # changed since the layout
+    with pytest.raises(TransferError, match="no longer"):
+        vllm_fp8.scale_mirrors(worker, {"experts.w13_weight_scale"})

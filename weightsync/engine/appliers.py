@@ -102,11 +102,11 @@ class Applier(ABC):
         return dict(vllm_compat.model(self.worker).named_parameters())
 
     def scale_mirrors(self) -> dict[str, list[torch.Tensor]]:
-        """Where vLLM's kernels read FP8 scales besides the scale parameters
-        (``vllm_fp8.scale_mirrors``)."""
+        """Where vLLM's kernels read the FP8 scales the layout writes besides the scale
+        parameters (``vllm_fp8.scale_mirrors``)."""
         from weightsync.engine import vllm_fp8
 
-        return vllm_fp8.scale_mirrors(self.worker)
+        return vllm_fp8.scale_mirrors(self.worker, set(self.state.layout.fp8_scales().values()))
 
     def synchronize(self) -> None:
         """Wait for the device's copies (CUDA), so the load's seconds are the load's."""

@@ -9,10 +9,14 @@ the FP8 kernel layout runs on the engine (``engine.copy_program.Fp8Write``). Rea
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
+import torch
+
+from weightsync.engine.kernel_reads import held_tensors
 from weightsync.engine.vllm_compat import model
-from weightsync.errors import ReloadError
+from weightsync.errors import TransferError
 
 
 def quantization_refusal(args: dict[str, Any], device: str) -> str | None:
@@ -66,22 +70,39 @@ _PLAIN_MOE_BACKENDS = frozenset({"TRITON", "BATCHED_TRITON", "VLLM_CUTLASS",
 _EXPERT_WEIGHTS = ("w13", "w2")
 
 
-def _plain_moe(module: Any, moe: tuple[type, ...]) -> bool:
-    """Whether ``module`` holds experts vLLM's online FP8 quantized per expert on load and
-    kept in the plain layout: ``[E, N, K]`` FP8, one fp32 scale per expert."""
+def _plain_moe(module: Any, moe: tuple[type, ...]) -> dict[str, Any] | None:
+    """If ``module`` holds experts vLLM's online FP8 quantized per expert on load and kept in
+    the plain layout (``[E, N, K]`` FP8, one fp32 scale per expert): the scale tensors its
+    quant config holds apart from the scale parameters, by parameter name (``scale_mirrors``);
+    else None. Also None, so that its experts keep the checkpoint format, when the quant
+    method holds any other tensor shaped as one of its FP8 weights or scales: a copy a
+    kernel-layout write would not reach."""
     method = getattr(module, "quant_method", None)
     backend = getattr(getattr(method, "fp8_backend", None), "value", None)
     if not moe or not isinstance(method, moe) or backend not in _PLAIN_MOE_BACKENDS or \
             not getattr(module, "_already_called_process_weights_after_loading", False):
-        return False
-    for w in _EXPERT_WEIGHTS:
+        return None
+    config = getattr(method, "moe_quant_config", None)
+    mirrors: dict[str, Any] = {}
+    for w, held in zip(_EXPERT_WEIGHTS, (getattr(config, "w1_scale", None),
+                                         getattr(config, "w2_scale", None)), strict=True):
         weight = module._parameters.get(f"{w}_weight")
         scale = module._parameters.get(f"{w}_weight_scale")
         if weight is None or scale is None or weight.dim() != 3 or \
                 not weight.is_contiguous() or tuple(scale.shape) != (weight.shape[0],) or \
-                weight.shape[0] != getattr(module, "local_num_experts", -1):
-            return False
-    return True
+                weight.shape[0] != getattr(module, "local_num_experts", -1) or \
+                not isinstance(held, torch.Tensor) or held.shape != scale.shape or \
+                held.dtype != scale.dtype:
+            return None
+        if held.data_ptr() != scale.data_ptr():
+            mirrors[f"{w}_weight_scale"] = held
+    ours = [t for t in module._parameters.values() if t is not None] + list(mirrors.values())
+    known = {t.data_ptr() for t in ours}
+    shapes = {(t.dtype, tuple(t.shape)) for t in ours}
+    for _, t in held_tensors(method, "quant_method"):
+        if (t.dtype, tuple(t.shape)) in shapes and t.data_ptr() not in known:
+            return None
+    return mirrors
 
 
 def fp8_targets(worker: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -109,7 +130,7 @@ def fp8_targets(worker: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
     for prefix, module in model(worker).named_modules():
         head = f"{prefix}." if prefix else ""
-        if _plain_moe(module, moe):
+        if _plain_moe(module, moe) is not None:
             for w in _EXPERT_WEIGHTS:
                 out[f"{head}{w}_weight"] = (f"{head}{w}_weight_scale",
                                             tuple(module._parameters[f"{w}_weight"].shape))
@@ -128,30 +149,28 @@ def fp8_targets(worker: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
     return out
 
 
-def scale_mirrors(worker: Any) -> dict[str, list[Any]]:
+def scale_mirrors(worker: Any, scales: Collection[str]) -> dict[str, list[Any]]:
     """By scale parameter name: the other tensors vLLM's kernels read the same scales from,
-    which a kernel-layout write must update too. vLLM 0.24's FP8 MoE methods build their
-    ``moe_quant_config`` (which the experts kernel reads on every eager forward) over the
-    scale tensors ``process_weights_after_loading`` made; after a checkpoint-format reload
-    those are that reload's temporaries, while the parameters (which CUDA graphs read) are
-    the originals, refilled with equal values (``reload/layerwise.py``). Writing the
-    parameters alone would leave eager forwards on the old scales."""
+    which a kernel-layout write must update too, for the ``scales`` a plan writes. vLLM
+    0.24's FP8 MoE methods build their ``moe_quant_config`` (which the experts kernel reads
+    on every eager forward) over the scale tensors ``process_weights_after_loading`` made;
+    after a checkpoint-format reload those are that reload's temporaries, while the
+    parameters (which CUDA graphs read) are the originals, refilled with equal values
+    (``reload/layerwise.py``). Writing the parameters alone would leave eager forwards on the
+    old scales. ``TransferError`` (before anything is written) if a layer whose scales the
+    plan writes no longer holds them as ``_plain_moe`` requires."""
     moe = _online_moe_methods()
     out: dict[str, list[Any]] = {}
     for prefix, module in model(worker).named_modules():
-        if not _plain_moe(module, moe):
-            continue
         head = f"{prefix}." if prefix else ""
-        config = getattr(module.quant_method, "moe_quant_config", None)
-        for w, held in zip(_EXPERT_WEIGHTS, (getattr(config, "w1_scale", None),
-                                             getattr(config, "w2_scale", None)), strict=True):
-            live = module._parameters[f"{w}_weight_scale"]
-            if held is not None and held.data_ptr() != live.data_ptr():
-                if held.shape != live.shape or held.dtype != live.dtype:
-                    raise ReloadError(f"{head}{w}_weight_scale: the MoE kernel reads scales "
-                                      f"of shape {tuple(held.shape)} {held.dtype}, not the "
-                                      "parameter's")
-                out[f"{head}{w}_weight_scale"] = [held]
+        names = [f"{head}{w}_weight_scale" for w in _EXPERT_WEIGHTS]
+        if not any(n in scales for n in names):
+            continue
+        mirrors = _plain_moe(module, moe)
+        if mirrors is None:
+            raise TransferError(f"{prefix}: its FP8 experts are no longer laid out as the "
+                                "kernel layout was verified for; sync in the checkpoint format")
+        out |= {f"{head}{n}": [t] for n, t in mirrors.items()}
     return out
 
 
